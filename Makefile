@@ -1,0 +1,48 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+# Both create .venv, install the Python dependencies, build the extension, then run.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+# Cargo builds live outside the clone so a fresh clone (CI) builds incrementally.
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/cellmap-data/target
+# One build profile for demo and tests (dev with opt-level 1); `make bench` builds release.
+PROFILE ?= dev
+
+.PHONY: demo test build build-release bench test-rust test-python test-notebooks lint clean
+
+$(VENV)/.deps-installed: requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+build: $(VENV)/.deps-installed
+	VIRTUAL_ENV=$(VENV) $(VENV)/bin/maturin develop --profile $(PROFILE) -q
+
+build-release: $(VENV)/.deps-installed
+	VIRTUAL_ENV=$(VENV) $(VENV)/bin/maturin develop --release -q
+
+demo: build
+	$(PY) -m cellmap_data demo
+
+test: build test-rust test-python test-notebooks
+
+test-rust:
+	cargo test -p cellmap-engine --profile $(PROFILE) -q
+
+test-python: build
+	$(PY) -m pytest -q
+
+test-notebooks: build
+	@if ls notebooks/*.ipynb >/dev/null 2>&1; then $(PY) -m pytest -q --nbmake notebooks/ -p no:cacheprovider; else echo "no notebooks"; fi
+
+bench: build-release
+	$(PY) -m cellmap_data bench
+
+lint:
+	cargo fmt --all --check
+	cargo clippy --all-targets -- -D warnings
+
+clean:
+	rm -rf $(VENV) cellmap_data/*.so

@@ -1,0 +1,42 @@
+"""cellmap_data: training patches from OME-NGFF electron-microscopy volumes for PyTorch.
+
+A Rust engine reads, resamples and augments patches a whole batch at a time (no worker
+processes, no pickling, a bounded chunk cache); this package keeps the public API of the
+``cellmap-data`` library so existing training scripts run unchanged.
+
+Public classes are imported lazily so that ``import cellmap_data`` (and the ``synth`` command)
+stays quick.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+try:
+    __version__ = version("cellmap-data")
+except PackageNotFoundError:  # running from a source tree
+    __version__ = "uninstalled"
+
+_LAZY = {
+    "CellMapImage": ".image",
+    "EmptyImage": ".image",
+    "CellMapDataset": ".dataset",
+    "CellMapError": ".exceptions",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cellmap_data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

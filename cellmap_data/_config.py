@@ -1,0 +1,118 @@
+"""Normalisation of user-facing configuration (array specs, centres, transforms) into the
+plain, fully 3D (z, y, x) form the engine takes as JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .exceptions import ConfigError
+
+SPATIAL_AXES = ("z", "y", "x")
+
+
+def check_axis_order(axis_order: str) -> str:
+    """Only z/y/x axis orders are supported; a shorter order (e.g. ``"yx"``) means 2D."""
+    if not isinstance(axis_order, str) or not axis_order or any(a not in "zyx" for a in axis_order) or len(set(axis_order)) != len(axis_order):
+        raise ConfigError(f"axis_order must be made of distinct 'z', 'y', 'x' letters, not {axis_order!r}")
+    return axis_order
+
+
+def spec_to_3d(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"shape": (..), "scale": (..)}`` → ``{"name", "shape": [z, y, x], "scale": [z, y, x]}``.
+
+    Two-element specs are 2D slices: a singleton z is prepended and the first scale value
+    replicated (the reference library's rule).
+    """
+    if not isinstance(spec, Mapping) or "shape" not in spec or "scale" not in spec:
+        raise ConfigError(f"array '{name}' must be a dict with 'shape' and 'scale', not {spec!r}")
+    shape = list(spec["shape"])
+    scale = list(spec["scale"])
+    if len(shape) != len(scale) or not 1 <= len(shape) <= 3:
+        raise ConfigError(f"array '{name}': shape {shape} and scale {scale} must both have 2 or 3 entries")
+    try:
+        shape = [int(s) for s in shape]
+        scale = [float(s) for s in scale]
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"array '{name}': shape and scale must be numbers ({error})") from None
+    while len(shape) < 3:
+        shape.insert(0, 1)
+        scale.insert(0, scale[0])
+    if any(s <= 0 for s in shape):
+        raise ConfigError(f"array '{name}': shape {shape} must be positive")
+    if any(not (math.isfinite(s) and s > 0) for s in scale):
+        raise ConfigError(f"array '{name}': scale {scale} must be positive and finite")
+    return {"name": name, "shape": shape, "scale": scale}
+
+
+def arrays_to_3d(arrays: Mapping[str, Mapping[str, Any]] | None, what: str) -> list[dict[str, Any]]:
+    """Normalises an ``input_arrays`` / ``target_arrays`` dict."""
+    if arrays is None:
+        return []
+    if not isinstance(arrays, Mapping):
+        raise ConfigError(f"{what} must be a dict of {{name: {{'shape': ..., 'scale': ...}}}}, not {type(arrays).__name__}")
+    return [spec_to_3d(name, spec) for name, spec in arrays.items()]
+
+
+def centre_to_zyx(centre: Mapping[str, Any]) -> list[float]:
+    """``{"z": .., "y": .., "x": ..}`` (values may be sequences: their mean is used) → [z, y, x]."""
+    out = []
+    for axis in SPATIAL_AXES:
+        if axis not in centre:
+            raise ConfigError(f"centre {dict(centre)!r} has no '{axis}' coordinate")
+        value = centre[axis]
+        if isinstance(value, (int, float)):
+            out.append(float(value))
+        else:
+            try:
+                import numpy as np
+
+                out.append(float(np.mean(np.asarray(value, dtype=float))))
+            except (TypeError, ValueError):
+                raise ConfigError(f"centre['{axis}'] must be a number, not {value!r}") from None
+    return out
+
+
+def to_json(value: Any) -> str:
+    """JSON without NaN (the engine reads ``null`` pad values as NaN)."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and math.isnan(v):
+            return None
+        if isinstance(v, Mapping):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(value), allow_nan=False)
+
+
+def spatial_transforms_json(config: Mapping[str, Any] | None) -> Any:
+    """Checks the spatial transform config is JSON-able (the engine validates the contents)."""
+    if config is None:
+        return None
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"spatial_transforms must be a dict, not {type(config).__name__}")
+
+    def plain(v: Any, key: str) -> Any:
+        if isinstance(v, Mapping):
+            return {str(k): plain(x, f"{key}['{k}']") for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x, key) for x in v]
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"spatial_transforms{key} must be finite, not {v}")
+        if hasattr(v, "item") and callable(v.item):  # numpy / torch scalars
+            return v.item()
+        return v
+
+    return plain(config, "")
+
+
+def as_sequence(value: Any) -> Sequence[Any]:
+    """A list from a scalar or sequence."""
+    if isinstance(value, (list, tuple)):
+        return value
+    return [value]

@@ -1,0 +1,239 @@
+"""Single multiscale arrays: :class:`CellMapImage` (read a patch at a world centre) and
+:class:`EmptyImage` (a class with no annotation: a constant, NaN by default)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from . import _engine
+from ._config import SPATIAL_AXES, centre_to_zyx, check_axis_order
+from .exceptions import ConfigError
+
+__all__ = ["CellMapImage", "EmptyImage"]
+
+
+def _left_pad(values: Any, length: int, fill: Any, what: str) -> list:
+    values = list(values) if isinstance(values, (list, tuple)) else [values]
+    if len(values) > length:
+        raise ConfigError(f"{what} {values} has more entries than the axis order has axes ({length})")
+    return [fill(values)] * (length - len(values)) + values
+
+
+class CellMapImage:
+    """One multiscale image (raw EM or one label class) read by the engine.
+
+    ``img[{"z": .., "y": .., "x": ..}]`` returns a float32 tensor of ``target_voxel_shape``
+    voxels of ``target_scale`` nm centred at that world position (nm), read from the level
+    closest to ``target_scale`` (finer on ties). Voxels outside the array are ``pad_value``
+    when ``pad`` is true; otherwise the read is moved inside the array.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        target_class: str,
+        target_scale: Any,
+        target_voxel_shape: Any,
+        pad: bool = False,
+        pad_value: float = math.nan,
+        interpolation: str = "nearest",
+        axis_order: str = "zyx",
+        value_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        context: Any = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        check_axis_order(axis_order)
+        if interpolation not in ("nearest", "linear"):
+            raise ConfigError(f"interpolation must be 'nearest' or 'linear', not {interpolation!r}")
+        self.path = str(path)
+        self.label_class = target_class
+        self.axes = axis_order
+        # Short specs are left-padded to the axis order (scale with its first value, shape with 1).
+        scale = _left_pad(target_scale, len(axis_order), lambda v: v[0], "target_scale")
+        shape = _left_pad(target_voxel_shape, len(axis_order), lambda v: 1, "target_voxel_shape")
+        self._scale_zyx = [float(scale[axis_order.index(a)]) if a in axis_order else float(scale[0]) for a in SPATIAL_AXES]
+        self._shape_zyx = [int(shape[axis_order.index(a)]) if a in axis_order else 1 for a in SPATIAL_AXES]
+        self.pad = bool(pad)
+        self.pad_value = float(pad_value)
+        self.interpolation = interpolation
+        self.value_transform = value_transform
+        self.device = torch.device(device) if device is not None else None
+        self._spatial: dict[str, Any] | None = None
+        self._volume = _engine.Volume(self.path)
+        self._levels = self._volume.levels
+
+    # -- geometry -----------------------------------------------------------------------
+    @property
+    def scale(self) -> dict[str, float]:
+        """Requested voxel size per axis (nm)."""
+        return dict(zip(SPATIAL_AXES, self._scale_zyx))
+
+    @property
+    def output_shape(self) -> dict[str, int]:
+        """Requested patch shape per axis (voxels)."""
+        return dict(zip(SPATIAL_AXES, self._shape_zyx))
+
+    @property
+    def output_size(self) -> dict[str, float]:
+        """Requested patch extent per axis (nm)."""
+        return {a: s * n for a, s, n in zip(SPATIAL_AXES, self._scale_zyx, self._shape_zyx)}
+
+    @property
+    def scale_level(self) -> int:
+        """Index of the level read for the requested scale."""
+        return self._volume.pick_level(self._scale_zyx)
+
+    @property
+    def _level_info(self) -> list[tuple[str, list[float], list[float]]]:
+        """(path, voxel size, origin) per level, as the reference exposes it."""
+        return [(lv["path"], lv["voxel_size"], lv["translation"]) for lv in self._levels]
+
+    @property
+    def bounding_box(self) -> dict[str, tuple[float, float]]:
+        """World box (nm, voxel edges) of the finest level."""
+        lo, hi = self._levels[0]["world_box"]
+        return {a: (lo[k], hi[k]) for k, a in enumerate(SPATIAL_AXES)}
+
+    @property
+    def sampling_box(self) -> dict[str, tuple[float, float]] | None:
+        """Box of centres whose patch stays inside the image; ``None`` when the patch does not
+        fit and ``pad`` is false (a padded image collapses to its centre on such axes)."""
+        box = {}
+        for a, (lo, hi) in self.bounding_box.items():
+            half = self.output_size[a] / 2
+            if hi - half >= lo + half:
+                box[a] = (lo + half, hi - half)
+            elif self.pad:
+                c = (lo + hi) / 2
+                box[a] = (c, c)
+            else:
+                return None
+        return box
+
+    def get_center(self, idx: int) -> dict[str, float]:
+        """World centre of sample ``idx`` on a grid with the requested voxel spacing over the
+        sampling box."""
+        box = self.sampling_box
+        if box is None:
+            raise ConfigError(f"{self.path}: the patch does not fit in the image and pad is False")
+        counts = [int((box[a][1] - box[a][0]) / s + 1e-9) + 1 for a, s in zip(SPATIAL_AXES, self._scale_zyx)]
+        total = counts[0] * counts[1] * counts[2]
+        if not 0 <= idx < total:
+            raise IndexError(f"index {idx} out of range for {total} centres")
+        ijk = (idx // (counts[1] * counts[2]), (idx // counts[2]) % counts[1], idx % counts[2])
+        out = {}
+        for k, a in enumerate(SPATIAL_AXES):
+            lo, hi = box[a]
+            used = (counts[k] - 1) * self._scale_zyx[k]
+            out[a] = lo + (hi - lo - used) / 2 + ijk[k] * self._scale_zyx[k]
+        return out
+
+    # -- reading ------------------------------------------------------------------------
+    def set_spatial_transforms(self, transforms: Mapping[str, Any] | None) -> None:
+        """Sets a concrete transform for following reads: ``{"mirror": ["x"], "transpose":
+        ["z", "x", "y"], "rotate": {"z": 30.0}}`` (any subset), or ``None`` for none."""
+        if transforms is not None and not isinstance(transforms, Mapping):
+            raise ConfigError("spatial transforms must be a dict or None")
+        unknown = set(transforms or {}) - {"mirror", "transpose", "rotate"}
+        if unknown:
+            raise ConfigError(f"unknown spatial transform(s) {sorted(unknown)}")
+        self._spatial = dict(transforms) if transforms else None
+
+    def _draw_arguments(self) -> dict[str, Any]:
+        t = self._spatial or {}
+        mirror = [a in t.get("mirror", ()) for a in SPATIAL_AXES]
+        order = list(t.get("transpose", SPATIAL_AXES))
+        if sorted(order) != sorted(SPATIAL_AXES):
+            raise ConfigError(f"transpose must list z, y and x once each, not {order}")
+        permutation = [SPATIAL_AXES.index(a) for a in order]
+        rotation = [float(t.get("rotate", {}).get(a, 0.0)) for a in SPATIAL_AXES]
+        return {"mirror": mirror, "permutation": permutation, "rotation_deg": rotation}
+
+    def __getitem__(self, center: Mapping[str, Any]) -> torch.Tensor:
+        centre = centre_to_zyx(center)
+        tensor = self._volume.read(
+            centre,
+            self._shape_zyx,
+            self._scale_zyx,
+            pad=self.pad,
+            pad_value=self.pad_value,
+            interpolation=self.interpolation,
+            **self._draw_arguments(),
+        )
+        data = torch.from_dlpack(tensor)
+        if len(self.axes) < 3:
+            data = data.reshape([self.output_shape[a] for a in self.axes])
+        if self.value_transform is not None:
+            data = self.value_transform(data)
+        if self.device is not None:
+            data = data.to(self.device)
+        return data
+
+    def to(self, device: str | torch.device, non_blocking: bool = True) -> "CellMapImage":
+        """Returns tensors on ``device`` from now on."""
+        self.device = torch.device(device)
+        return self
+
+    def __repr__(self) -> str:
+        return (
+            f"CellMapImage({self.path!r}, class={self.label_class!r}, scale={self._scale_zyx}, "
+            f"shape={self._shape_zyx}, level={self.scale_level})"
+        )
+
+
+class EmptyImage:
+    """A class that is not annotated: every read is a constant (NaN by default).
+
+    Accepts the current signature ``(path, target_class, target_scale, target_voxel_shape,
+    ...)`` and the older ``(label_class, scale, voxel_shape, store=None, axis_order="zyx",
+    empty_value=nan)`` one.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        names_new = ["path", "target_class", "target_scale", "target_voxel_shape", "pad", "pad_value", "interpolation", "axis_order", "value_transform", "context", "device"]
+        names_old = ["label_class", "scale", "voxel_shape", "store", "axis_order", "empty_value"]
+        old_style = (len(args) >= 2 and not isinstance(args[1], str)) or "label_class" in kwargs or "voxel_shape" in kwargs
+        bound = dict(zip(names_old if old_style else names_new, args))
+        bound.update(kwargs)
+        if old_style:
+            self.label_class = bound.get("label_class")
+            scale, shape = bound.get("scale"), bound.get("voxel_shape")
+            self.pad_value = float(bound.get("empty_value", math.nan))
+            self.path = None
+        else:
+            self.label_class = bound.get("target_class")
+            scale, shape = bound.get("target_scale"), bound.get("target_voxel_shape")
+            self.pad_value = float(bound.get("pad_value", math.nan))
+            self.path = bound.get("path")
+        self.axes = check_axis_order(bound.get("axis_order", "zyx"))
+        if scale is None or shape is None:
+            raise ConfigError("EmptyImage needs a scale and a voxel shape")
+        if isinstance(scale, Mapping):
+            scale = [scale[a] for a in self.axes]
+        if isinstance(shape, Mapping):
+            shape = [shape[a] for a in self.axes]
+        self.scale = dict(zip(self.axes[-len(scale):], map(float, scale)))
+        self.output_shape = dict(zip(self.axes[-len(shape):], map(int, shape)))
+        self.device = bound.get("device")
+        self.bounding_box = None
+        self.sampling_box = None
+        self.total_voxels = 0
+        self.class_counts = {self.label_class: 0}
+
+    def __getitem__(self, center: Mapping[str, Any]) -> torch.Tensor:
+        return torch.full(list(self.output_shape.values()), self.pad_value, dtype=torch.float32, device=self.device)
+
+    def set_spatial_transforms(self, transforms: Any) -> None:
+        """No-op: an empty image looks the same however it is turned."""
+
+    def to(self, device: str | torch.device, non_blocking: bool = True) -> "EmptyImage":
+        """Returns tensors on ``device`` from now on."""
+        self.device = torch.device(device)
+        return self
+
+    def __repr__(self) -> str:
+        return f"EmptyImage(class={self.label_class!r}, shape={list(self.output_shape.values())})"

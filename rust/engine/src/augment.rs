@@ -1,0 +1,434 @@
+//! Spatial augmentation: the user's transform config, the per-sample random draw (mirror,
+//! transpose, rotation) turned into one orientation matrix, the counter-based RNG every draw
+//! comes from, and the resampling kernels of the general (non axis-aligned) read path.
+
+use rand::rngs::Xoshiro256PlusPlus;
+use rand::{RngExt, SeedableRng};
+use rayon::prelude::*;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::geometry::{matmul, Affine, Mat3, AXES, IDENTITY};
+
+/// How to interpolate between source voxels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interpolation {
+    /// Nearest voxel (labels).
+    Nearest,
+    /// Trilinear (raw).
+    Linear,
+}
+
+impl Interpolation {
+    /// Parses `"nearest"` / `"linear"` (also `"trilinear"`, `"bilinear"`).
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "nearest" => Ok(Interpolation::Nearest),
+            "linear" | "trilinear" | "bilinear" => Ok(Interpolation::Linear),
+            other => Err(Error::invalid(format!("interpolation must be 'nearest' or 'linear', not '{other}'"))),
+        }
+    }
+}
+
+/// The parsed spatial-transform configuration.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SpatialConfig {
+    /// Mirror probability per axis (z, y, x).
+    pub mirror: [f64; 3],
+    /// Axes that may be permuted among themselves.
+    pub transpose: Vec<usize>,
+    /// Rotation angle range in degrees about each axis (z, y, x); `None` = no rotation.
+    pub rotate: [Option<(f64, f64)>; 3],
+}
+
+fn axis_index(name: &str, key: &str) -> Result<usize> {
+    AXES.iter().position(|a| *a == name).ok_or_else(|| {
+        Error::invalid(format!("spatial_transforms['{key}']: unknown axis '{name}' (the data has axes z, y, x)"))
+    })
+}
+
+fn finite_number(v: &Value, what: &str) -> Result<f64> {
+    match v.as_f64() {
+        Some(x) if x.is_finite() => Ok(x),
+        Some(_) => Err(Error::invalid(format!("{what} must be a finite number"))),
+        None => Err(Error::invalid(format!("{what} must be a number, not {v}"))),
+    }
+}
+
+/// `{"axes": {...}}` or the flat form `{...}`.
+fn axes_member<'a>(v: &'a Value) -> &'a Value {
+    match v.get("axes") {
+        Some(inner) if v.as_object().is_some_and(|o| o.len() == 1) => inner,
+        _ => v,
+    }
+}
+
+impl SpatialConfig {
+    /// Parses the user's config (already converted to JSON). Errors name the offending key.
+    pub fn parse(config: &Value) -> Result<SpatialConfig> {
+        let mut out = SpatialConfig::default();
+        let obj = match config {
+            Value::Null => return Ok(out),
+            Value::Object(o) => o,
+            _ => return Err(Error::invalid("spatial_transforms must be a dict like {'mirror': {'axes': {'x': 0.5}}}")),
+        };
+        for (key, value) in obj {
+            match key.as_str() {
+                "mirror" => out.mirror = parse_mirror(value)?,
+                "transpose" => out.transpose = parse_transpose(value)?,
+                "rotate" => out.rotate = parse_rotate(value)?,
+                other => {
+                    return Err(Error::invalid(format!(
+                        "spatial_transforms: unknown transform '{other}' (expected 'mirror', 'transpose' or 'rotate')"
+                    )))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether the config changes anything.
+    pub fn is_identity(&self) -> bool {
+        self.mirror.iter().all(|p| *p == 0.0) && self.transpose.len() < 2 && self.rotate.iter().all(Option::is_none)
+    }
+
+    /// Draws one sample's transform. With `planar_axis = Some(a)` (2D patches with a singleton
+    /// on axis `a`) rotation is in-plane only (about `a`) and `a` is never transposed.
+    pub fn draw(&self, rng: &mut SampleRng, planar_axis: Option<usize>) -> SpatialDraw {
+        let mut d = SpatialDraw::default();
+        // Fixed draw order keeps samples reproducible whatever the config contains.
+        for k in 0..3 {
+            let u: f64 = rng.0.random();
+            d.mirror[k] = u < self.mirror[k] && Some(k) != planar_axis;
+        }
+        let axes: Vec<usize> = self.transpose.iter().copied().filter(|a| Some(*a) != planar_axis).collect();
+        let mut shuffled = axes.clone();
+        for i in (1..shuffled.len()).rev() {
+            let j = rng.0.random_range(0..=i);
+            shuffled.swap(i, j);
+        }
+        for (from, to) in axes.iter().zip(&shuffled) {
+            d.permutation[*from] = *to;
+        }
+        for k in 0..3 {
+            let u: f64 = rng.0.random();
+            if let Some((lo, hi)) = self.rotate[k] {
+                if planar_axis.is_none() || planar_axis == Some(k) {
+                    d.angles_deg[k] = lo + u * (hi - lo);
+                }
+            }
+        }
+        d
+    }
+}
+
+fn parse_mirror(value: &Value) -> Result<[f64; 3]> {
+    if let Some(b) = value.as_bool() {
+        return Ok(if b { [0.5; 3] } else { [0.0; 3] });
+    }
+    let axes = axes_member(value)
+        .as_object()
+        .ok_or_else(|| Error::invalid("spatial_transforms['mirror'] must map axis names to probabilities"))?;
+    let mut p = [0.0; 3];
+    for (name, prob) in axes {
+        let k = axis_index(name, "mirror")?;
+        let v = finite_number(prob, &format!("spatial_transforms['mirror']['{name}']"))?;
+        if !(0.0..=1.0).contains(&v) {
+            return Err(Error::invalid(format!("spatial_transforms['mirror']['{name}'] must be a probability in [0, 1], not {v}")));
+        }
+        p[k] = v;
+    }
+    Ok(p)
+}
+
+fn parse_transpose(value: &Value) -> Result<Vec<usize>> {
+    if let Some(b) = value.as_bool() {
+        return Ok(if b { vec![0, 1, 2] } else { vec![] });
+    }
+    let list = axes_member(value)
+        .as_array()
+        .ok_or_else(|| Error::invalid("spatial_transforms['transpose'] must be {'axes': ['x', 'y']}"))?;
+    let mut axes = Vec::new();
+    for item in list {
+        let name = item
+            .as_str()
+            .ok_or_else(|| Error::invalid(format!("spatial_transforms['transpose']: axis names must be strings, not {item}")))?;
+        let k = axis_index(name, "transpose")?;
+        if !axes.contains(&k) {
+            axes.push(k);
+        }
+    }
+    Ok(axes)
+}
+
+fn parse_rotate(value: &Value) -> Result<[Option<(f64, f64)>; 3]> {
+    let axes = axes_member(value)
+        .as_object()
+        .ok_or_else(|| Error::invalid("spatial_transforms['rotate'] must map axis names to angle ranges in degrees"))?;
+    let mut r = [None; 3];
+    for (name, range) in axes {
+        let k = axis_index(name, "rotate")?;
+        let what = format!("spatial_transforms['rotate']['{name}']");
+        let (lo, hi) = match range {
+            Value::Array(pair) if pair.len() == 2 => (finite_number(&pair[0], &what)?, finite_number(&pair[1], &what)?),
+            Value::Array(_) => return Err(Error::invalid(format!("{what} must be [low, high] in degrees"))),
+            other => {
+                let m = finite_number(other, &what)?.abs();
+                (-m, m)
+            }
+        };
+        if lo > hi {
+            return Err(Error::invalid(format!("{what}: low {lo} is greater than high {hi}")));
+        }
+        r[k] = Some((lo, hi));
+    }
+    Ok(r)
+}
+
+/// One sample's spatial draw; recorded in the sample metadata.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SpatialDraw {
+    /// Whether each axis (z, y, x) is mirrored.
+    pub mirror: [bool; 3],
+    /// Output axis `k` walks world axis `permutation[k]`.
+    pub permutation: [usize; 3],
+    /// Rotation angles about z, y, x in degrees.
+    pub angles_deg: [f64; 3],
+}
+
+impl Default for SpatialDraw {
+    fn default() -> Self {
+        SpatialDraw { mirror: [false; 3], permutation: [0, 1, 2], angles_deg: [0.0; 3] }
+    }
+}
+
+impl SpatialDraw {
+    /// World offset = orientation · output-frame offset (rotate ∘ transpose ∘ mirror).
+    pub fn orientation(&self) -> Mat3 {
+        let mut mirror = IDENTITY;
+        for k in 0..3 {
+            if self.mirror[k] {
+                mirror[k][k] = -1.0;
+            }
+        }
+        let mut transpose = [[0.0; 3]; 3];
+        for k in 0..3 {
+            transpose[self.permutation[k]][k] = 1.0;
+        }
+        matmul(&rotation_matrix(self.angles_deg), &matmul(&transpose, &mirror))
+    }
+}
+
+/// Rotation by `angles_deg` about z, then y, then x (applied x first). Rotating about an axis
+/// turns the plane of the two other axes: about z, the y–x plane.
+pub fn rotation_matrix(angles_deg: [f64; 3]) -> Mat3 {
+    let mut r = IDENTITY;
+    for axis in (0..3).rev() {
+        let a = angles_deg[axis].to_radians();
+        if a == 0.0 {
+            continue;
+        }
+        let (s, c) = a.sin_cos();
+        let (p, q) = match axis {
+            0 => (1, 2),
+            1 => (0, 2),
+            _ => (0, 1),
+        };
+        let mut m = IDENTITY;
+        m[p][p] = c;
+        m[p][q] = -s;
+        m[q][p] = s;
+        m[q][q] = c;
+        r = matmul(&m, &r);
+    }
+    r
+}
+
+/// The random stream of one sample, keyed by (seed, epoch, rank, sample index) so that a
+/// sample's draws never depend on thread scheduling or on other samples.
+pub struct SampleRng(Xoshiro256PlusPlus);
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl SampleRng {
+    /// The stream for one sample.
+    pub fn new(seed: u64, epoch: u64, rank: u64, index: u64) -> Self {
+        let key = splitmix(splitmix(splitmix(splitmix(seed) ^ epoch) ^ rank) ^ index);
+        SampleRng(Xoshiro256PlusPlus::seed_from_u64(key))
+    }
+
+    /// A uniform float in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        self.0.random()
+    }
+
+    /// A uniform integer in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0.random_range(0..n)
+    }
+
+    /// A 63-bit seed for value transforms (fits torch's int64 generator seeds).
+    pub fn next_seed(&mut self) -> u64 {
+        self.0.random::<u64>() >> 1
+    }
+}
+
+/// Resamples `block` (C order, shape `block_shape`, whose element 0 is source voxel
+/// `block_lo`) onto the output grid through `affine`. The block must contain every source voxel
+/// the kernel touches, so the inner loop does no bounds tests beyond a clamp at the far edge.
+pub fn resample(
+    block: &[f32],
+    block_shape: [usize; 3],
+    block_lo: [i64; 3],
+    affine: &Affine,
+    out_shape: [usize; 3],
+    interpolation: Interpolation,
+    out: &mut [f32],
+) {
+    let [_, ny, nx] = out_shape;
+    if nx == 0 || ny == 0 {
+        return;
+    }
+    let sy = block_shape[2];
+    let sz = block_shape[1] * block_shape[2];
+    let max_idx: [i64; 3] = std::array::from_fn(|k| block_shape[k] as i64 - 1);
+    let step = [affine.m[0][2], affine.m[1][2], affine.m[2][2]];
+    out.par_chunks_mut(nx).with_min_len(4).enumerate().for_each(|(row, line)| {
+        let (z, y) = (row / ny, row % ny);
+        let s0 = affine.apply([z as f64, y as f64, 0.0]);
+        let mut s: [f64; 3] = std::array::from_fn(|k| s0[k] - block_lo[k] as f64);
+        match interpolation {
+            Interpolation::Nearest => {
+                for value in line.iter_mut() {
+                    let i: [i64; 3] = std::array::from_fn(|k| ((s[k] + 0.5).floor() as i64).clamp(0, max_idx[k]));
+                    *value = block[i[0] as usize * sz + i[1] as usize * sy + i[2] as usize];
+                    for k in 0..3 {
+                        s[k] += step[k];
+                    }
+                }
+            }
+            Interpolation::Linear => {
+                for value in line.iter_mut() {
+                    *value = trilinear(block, sz, sy, max_idx, s);
+                    for k in 0..3 {
+                        s[k] += step[k];
+                    }
+                }
+            }
+        }
+    });
+}
+
+#[inline(always)]
+fn lerp(a: f32, b: f32, t: f32) -> f32 {
+    // Skipping zero weights keeps a NaN neighbour (padding) from leaking into exact samples.
+    if t == 0.0 {
+        a
+    } else if t == 1.0 {
+        b
+    } else {
+        a + t * (b - a)
+    }
+}
+
+#[inline(always)]
+fn trilinear(block: &[f32], sz: usize, sy: usize, max_idx: [i64; 3], s: [f64; 3]) -> f32 {
+    let mut i0 = [0usize; 3];
+    let mut i1 = [0usize; 3];
+    let mut t = [0f32; 3];
+    for k in 0..3 {
+        let f = s[k].floor();
+        let base = (f as i64).clamp(0, max_idx[k]);
+        let frac = if (f as i64) < 0 || (f as i64) > max_idx[k] { 0.0 } else { (s[k] - f) as f32 };
+        i0[k] = base as usize;
+        i1[k] = (base + 1).min(max_idx[k]) as usize;
+        t[k] = frac;
+    }
+    let at = |z: usize, y: usize, x: usize| block[z * sz + y * sy + x];
+    let plane = |z: usize| {
+        let a = lerp(at(z, i0[1], i0[2]), at(z, i0[1], i1[2]), t[2]);
+        if t[1] == 0.0 {
+            return a;
+        }
+        let b = lerp(at(z, i1[1], i0[2]), at(z, i1[1], i1[2]), t[2]);
+        lerp(a, b, t[1])
+    };
+    let a = plane(i0[0]);
+    if t[0] == 0.0 {
+        return a;
+    }
+    lerp(a, plane(i1[0]), t[0])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn parses_nested_and_flat_forms() {
+        let c = SpatialConfig::parse(&json!({
+            "mirror": {"axes": {"x": 0.5, "y": 0.5, "z": 0.1}},
+            "transpose": {"axes": ["x", "y"]},
+            "rotate": {"axes": {"z": [-180, 180], "y": [-15, 15]}}})).unwrap();
+        assert_eq!(c.mirror, [0.1, 0.5, 0.5]);
+        assert_eq!(c.transpose, vec![2, 1]);
+        assert_eq!(c.rotate, [Some((-180.0, 180.0)), Some((-15.0, 15.0)), None]);
+        let flat = SpatialConfig::parse(&json!({"mirror": {"x": 0.5}, "rotate": {"z": 45}})).unwrap();
+        assert_eq!(flat.mirror, [0.0, 0.0, 0.5]);
+        assert_eq!(flat.rotate[0], Some((-45.0, 45.0)));
+    }
+
+    #[test]
+    fn rejects_bad_config_naming_the_key() {
+        let e = SpatialConfig::parse(&json!({"shear": {}})).unwrap_err().to_string();
+        assert!(e.contains("'shear'"), "{e}");
+        let e = SpatialConfig::parse(&json!({"rotate": {"z": ["a", "b"]}})).unwrap_err().to_string();
+        assert!(e.contains("['rotate']['z']"), "{e}");
+        let e = SpatialConfig::parse(&json!({"mirror": {"axes": {"t": 0.5}}})).unwrap_err().to_string();
+        assert!(e.contains("'t'"), "{e}");
+    }
+
+    #[test]
+    fn rotation_about_z_turns_the_yx_plane() {
+        let r = rotation_matrix([90.0, 0.0, 0.0]);
+        assert!((r[0][0] - 1.0).abs() < 1e-12);
+        assert!(r[1][2].abs() > 0.99 && r[2][1].abs() > 0.99);
+    }
+
+    #[test]
+    fn draws_are_keyed_not_sequential() {
+        let cfg = SpatialConfig::parse(&json!({"mirror": {"x": 0.5}, "rotate": {"z": 180}, "transpose": ["y", "x"]})).unwrap();
+        let a = cfg.draw(&mut SampleRng::new(1, 0, 0, 5), None);
+        let b = cfg.draw(&mut SampleRng::new(1, 0, 0, 5), None);
+        assert_eq!(a, b);
+        let others: Vec<_> = (0..20).map(|i| cfg.draw(&mut SampleRng::new(1, 0, 0, i), None)).collect();
+        assert!(others.iter().any(|d| d.angles_deg != a.angles_deg));
+    }
+
+    #[test]
+    fn planar_draw_rotates_in_plane_only() {
+        let cfg = SpatialConfig::parse(&json!({"rotate": {"x": 90, "z": 90}, "transpose": ["z", "y", "x"]})).unwrap();
+        for i in 0..50 {
+            let d = cfg.draw(&mut SampleRng::new(3, 0, 0, i), Some(0));
+            assert_eq!(d.angles_deg[2], 0.0);
+            assert_eq!(d.permutation[0], 0);
+        }
+    }
+
+    #[test]
+    fn linear_resample_of_a_ramp_is_exact() {
+        // block value = x index; a half-voxel shift must give x + 0.5.
+        let shape = [2, 2, 8];
+        let block: Vec<f32> = (0..32).map(|i| (i % 8) as f32).collect();
+        let affine = Affine { m: IDENTITY, b: [0.0, 0.0, 0.5] };
+        let mut out = vec![0.0; 4];
+        resample(&block, shape, [0, 0, 0], &affine, [1, 1, 4], Interpolation::Linear, &mut out);
+        assert_eq!(out, vec![0.5, 1.5, 2.5, 3.5]);
+    }
+}

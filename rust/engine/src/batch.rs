@@ -1,0 +1,220 @@
+//! Batch assembly: reads a list of sample requests in parallel into one float32 buffer per
+//! array, and exposes the result as an Arrow RecordBatch (one fixed-shape-tensor column per
+//! array plus metadata columns). Buffers are tracked so tests can see memory being released.
+
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use arrow_array::builder::{BooleanBuilder, Float64Builder, StringBuilder, UInt64Builder, UInt8Builder};
+use arrow_array::{ArrayRef, FixedSizeListArray, Float32Array, RecordBatch};
+use arrow_buffer::{Buffer, ScalarBuffer};
+use arrow_schema::extension::FixedShapeTensor;
+use arrow_schema::{DataType, Field, Schema};
+use rayon::prelude::*;
+
+use crate::augment::SpatialDraw;
+use crate::dataset::Dataset;
+use crate::error::{Error, Result};
+use crate::geometry::AXES;
+
+static LIVE_BATCH_BYTES: AtomicI64 = AtomicI64::new(0);
+
+/// Bytes of batch tensor memory currently alive (engine- or Python-owned).
+pub fn live_batch_bytes() -> i64 {
+    LIVE_BATCH_BYTES.load(Ordering::SeqCst)
+}
+
+/// A float32 vector whose size is counted in [`live_batch_bytes`] until dropped.
+#[derive(Debug)]
+pub struct TrackedVec(Vec<f32>);
+
+impl TrackedVec {
+    /// A zeroed vector of `len` floats.
+    pub fn zeros(len: usize) -> TrackedVec {
+        LIVE_BATCH_BYTES.fetch_add((len * 4) as i64, Ordering::SeqCst);
+        TrackedVec(vec![0.0; len])
+    }
+
+    /// Moves the vector into an Arrow buffer without copying; the buffer frees it.
+    pub fn into_buffer(self) -> Buffer {
+        let owner = Arc::new(self);
+        let ptr = NonNull::new(owner.0.as_ptr() as *mut u8).unwrap_or(NonNull::dangling());
+        let len = owner.0.len() * 4;
+        // SAFETY: the pointer and length describe `owner`'s live allocation, which the buffer
+        // keeps alive through the Arc for as long as any clone of the buffer exists.
+        unsafe { Buffer::from_custom_allocation(ptr, len, owner) }
+    }
+}
+
+impl std::ops::Deref for TrackedVec {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for TrackedVec {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.0
+    }
+}
+
+impl Drop for TrackedVec {
+    fn drop(&mut self) {
+        LIVE_BATCH_BYTES.fetch_sub((self.0.len() * 4) as i64, Ordering::SeqCst);
+    }
+}
+
+/// One sample to read: where, how it is turned, and the seed of its value transforms.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampleRequest {
+    /// Sample index within its dataset.
+    pub index: u64,
+    /// World centre (nm).
+    pub centre: [f64; 3],
+    /// Spatial draw.
+    pub draw: SpatialDraw,
+    /// Seed for value transforms applied later (in torch).
+    pub value_seed: u64,
+}
+
+/// One array of a batch: `[batch, *sample_shape]` float32, C order.
+#[derive(Debug)]
+pub struct TensorColumn {
+    /// Array name (the sample dict key).
+    pub name: String,
+    /// Per-sample shape (channel first, singleton spatial axes squeezed).
+    pub sample_shape: Vec<usize>,
+    /// Axis names of the per-sample shape.
+    pub dim_names: Vec<String>,
+    /// The values.
+    pub data: TrackedVec,
+}
+
+/// A batch of samples from one dataset.
+#[derive(Debug)]
+pub struct Batch {
+    /// Inputs then targets.
+    pub columns: Vec<TensorColumn>,
+    /// The requests, in batch order.
+    pub samples: Vec<SampleRequest>,
+    /// Raw path of the dataset each sample came from.
+    pub dataset_labels: Vec<String>,
+    /// Levels used by each array (same order as columns; targets report the raw-free label level
+    /// of their first annotated class, or -1).
+    pub levels: Vec<i64>,
+}
+
+impl Batch {
+    /// Reads `requests` from `dataset` in parallel.
+    pub fn read(dataset: &Dataset, requests: &[SampleRequest]) -> Result<Batch> {
+        let shapes = dataset.sample_shapes();
+        let specs: Vec<_> = dataset.config.inputs.iter().chain(&dataset.config.targets).collect();
+        let per_sample: Vec<usize> = shapes.iter().map(|(_, s)| s.iter().product()).collect();
+        let mut buffers: Vec<TrackedVec> = per_sample.iter().map(|n| TrackedVec::zeros(n * requests.len())).collect();
+        {
+            let mut per_request: Vec<Vec<&mut [f32]>> = (0..requests.len()).map(|_| Vec::new()).collect();
+            for (buf, &n) in buffers.iter_mut().zip(&per_sample) {
+                for (slot, chunk) in per_request.iter_mut().zip(buf.chunks_mut(n.max(1))) {
+                    slot.push(chunk);
+                }
+            }
+            per_request
+                .into_par_iter()
+                .zip(requests.par_iter())
+                .try_for_each(|(mut outs, req)| dataset.read_sample(req.centre, &req.draw, &mut outs))?;
+        }
+        let columns = shapes
+            .into_iter()
+            .zip(buffers)
+            .zip(&specs)
+            .map(|(((name, sample_shape), data), spec)| TensorColumn {
+                name,
+                sample_shape,
+                dim_names: Dataset::dim_names(&spec.patch),
+                data,
+            })
+            .collect();
+        let label = dataset.config.raw_path.display().to_string();
+        let mut levels: Vec<i64> = dataset.input_levels.iter().map(|&l| l as i64).collect();
+        levels.extend(
+            dataset
+                .target_levels
+                .iter()
+                .map(|per_class| per_class.iter().flatten().next().map_or(-1, |&l| l as i64)),
+        );
+        Ok(Batch {
+            columns,
+            samples: requests.to_vec(),
+            dataset_labels: vec![label; requests.len()],
+            levels,
+        })
+    }
+
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    /// Whether the batch has no sample.
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    /// Converts into an Arrow RecordBatch without copying tensor data.
+    pub fn into_record_batch(self) -> Result<RecordBatch> {
+        let n = self.samples.len();
+        let mut fields = Vec::new();
+        let mut arrays: Vec<ArrayRef> = Vec::new();
+        for column in self.columns {
+            let size: usize = column.sample_shape.iter().product();
+            let ext = FixedShapeTensor::try_new(DataType::Float32, column.sample_shape.clone(), Some(column.dim_names.clone()), None)
+                .map_err(|e| Error::invalid(format!("array '{}': {e}", column.name)))?;
+            let item = Arc::new(Field::new("item", DataType::Float32, true));
+            let values = Float32Array::new(ScalarBuffer::new(column.data.into_buffer(), 0, size * n), None);
+            let list = FixedSizeListArray::try_new(item.clone(), size as i32, Arc::new(values), None)
+                .map_err(|e| Error::invalid(format!("array '{}': {e}", column.name)))?;
+            let field = Field::new(&column.name, DataType::FixedSizeList(item, size as i32), false)
+                .try_with_extension_type(ext)
+                .map_err(|e| Error::invalid(format!("array '{}': {e}", column.name)))?;
+            fields.push(field);
+            arrays.push(Arc::new(list));
+        }
+        let mut push = |name: &str, array: ArrayRef| {
+            fields.push(Field::new(name, array.data_type().clone(), false));
+            arrays.push(array);
+        };
+        let mut dataset = StringBuilder::new();
+        self.dataset_labels.iter().for_each(|d| dataset.append_value(d));
+        push("dataset", Arc::new(dataset.finish()));
+        let mut idx = UInt64Builder::new();
+        self.samples.iter().for_each(|s| idx.append_value(s.index));
+        push("idx", Arc::new(idx.finish()));
+        for (k, axis) in AXES.iter().enumerate() {
+            let mut c = Float64Builder::new();
+            self.samples.iter().for_each(|s| c.append_value(s.centre[k]));
+            push(&format!("centre_{axis}"), Arc::new(c.finish()));
+        }
+        for (k, axis) in AXES.iter().enumerate() {
+            let mut m = BooleanBuilder::new();
+            self.samples.iter().for_each(|s| m.append_value(s.draw.mirror[k]));
+            push(&format!("mirror_{axis}"), Arc::new(m.finish()));
+        }
+        for (k, axis) in AXES.iter().enumerate() {
+            let mut p = UInt8Builder::new();
+            self.samples.iter().for_each(|s| p.append_value(s.draw.permutation[k] as u8));
+            push(&format!("transpose_{axis}"), Arc::new(p.finish()));
+        }
+        for (k, axis) in AXES.iter().enumerate() {
+            let mut r = Float64Builder::new();
+            self.samples.iter().for_each(|s| r.append_value(s.draw.angles_deg[k]));
+            push(&format!("rotate_{axis}"), Arc::new(r.finish()));
+        }
+        let mut seeds = UInt64Builder::new();
+        self.samples.iter().for_each(|s| seeds.append_value(s.value_seed));
+        push("value_seed", Arc::new(seeds.finish()));
+        let schema = Arc::new(Schema::new(fields));
+        RecordBatch::try_new(schema, arrays).map_err(|e| Error::invalid(format!("building the batch: {e}")))
+    }
+}

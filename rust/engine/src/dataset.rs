@@ -1,0 +1,332 @@
+//! One training dataset: a raw volume plus one crop's per-class label volumes, the arrays
+//! requested from them, the boxes where samples may be centred, and the per-sample read.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use crate::augment::{Interpolation, SpatialConfig, SpatialDraw};
+use crate::cache::ChunkCache;
+use crate::error::{Error, Result};
+use crate::extract::{read_patch, PatchSpec, ReadOptions};
+use crate::geometry::{WorldBox, AXES};
+use crate::volume::{ValueMode, Volume};
+
+/// A named array request (`input_arrays` / `target_arrays` entry).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArraySpec {
+    /// Key of the array in each sample.
+    pub name: String,
+    /// Shape and voxel size.
+    pub patch: PatchSpec,
+}
+
+/// Where one requested class comes from in this crop.
+#[derive(Debug, Clone)]
+pub enum ClassSource {
+    /// Annotated: a label volume.
+    Annotated(Arc<Volume>),
+    /// Not annotated in this crop: all NaN.
+    Empty,
+}
+
+/// Everything needed to open a dataset.
+#[derive(Debug, Clone)]
+pub struct DatasetConfig {
+    /// Raw multiscale group.
+    pub raw_path: PathBuf,
+    /// Requested classes with the label group of each annotated one (`None` = unannotated).
+    pub classes: Vec<(String, Option<PathBuf>)>,
+    /// Input arrays (read from raw).
+    pub inputs: Vec<ArraySpec>,
+    /// Target arrays (one channel per class).
+    pub targets: Vec<ArraySpec>,
+    /// Whether patches may extend outside the data (padded) or must stay inside.
+    pub pad: bool,
+    /// Value of raw voxels outside the raw volume.
+    pub raw_pad_value: f32,
+    /// Raw interpolation for resampled reads.
+    pub raw_interpolation: Interpolation,
+    /// Spatial augmentation.
+    pub spatial: SpatialConfig,
+}
+
+/// An opened dataset.
+pub struct Dataset {
+    /// Its configuration.
+    pub config: DatasetConfig,
+    /// The raw volume.
+    pub raw: Arc<Volume>,
+    /// Per requested class, its source.
+    pub sources: Vec<ClassSource>,
+    /// Level of the raw volume used by each input array.
+    pub input_levels: Vec<usize>,
+    /// Per target array, per class, the label level used (None for Empty classes).
+    pub target_levels: Vec<Vec<Option<usize>>>,
+    /// Intersection of the raw and annotated label boxes.
+    pub bounding_box: WorldBox,
+    /// Box of valid sample centres (`None`: no patch fits and `pad` is false).
+    pub sampling_box: Option<WorldBox>,
+    /// Sample grid: count per axis and spacing (nm).
+    pub grid: [usize; 3],
+    grid_step: [f64; 3],
+    /// Singleton axis shared by every array (2D patches), if any.
+    pub planar_axis: Option<usize>,
+}
+
+impl std::fmt::Debug for Dataset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dataset").field("raw", &self.config.raw_path).field("len", &self.len()).finish()
+    }
+}
+
+impl Dataset {
+    /// Opens the raw and label volumes and checks the request against them.
+    pub fn open(config: DatasetConfig, cache: Arc<ChunkCache>) -> Result<Dataset> {
+        if config.inputs.is_empty() {
+            return Err(Error::invalid("input_arrays is empty: at least one input array is required"));
+        }
+        let raw = Arc::new(Volume::open(&config.raw_path, cache.clone())?);
+        let mut sources = Vec::with_capacity(config.classes.len());
+        for (class, path) in &config.classes {
+            sources.push(match path {
+                Some(p) => {
+                    let vol = Volume::open(p, cache.clone()).map_err(|e| match e {
+                        Error::NotFound { path, .. } => Error::NotFound {
+                            path,
+                            detail: format!(" (label folder of class '{class}')"),
+                        },
+                        other => other,
+                    })?;
+                    if vol.levels.iter().any(|l| l.dtype.is_float()) {
+                        return Err(Error::metadata(
+                            &vol.path,
+                            format!("class '{class}': labels must be integer masks or instance ids, not floating point"),
+                        ));
+                    }
+                    ClassSource::Annotated(Arc::new(vol))
+                }
+                None => ClassSource::Empty,
+            });
+        }
+        let input_levels = config.inputs.iter().map(|a| raw.pick_level(a.patch.voxel_size)).collect();
+        let target_levels = config
+            .targets
+            .iter()
+            .map(|a| {
+                sources
+                    .iter()
+                    .map(|s| match s {
+                        ClassSource::Annotated(v) => Some(v.pick_level(a.patch.voxel_size)),
+                        ClassSource::Empty => None,
+                    })
+                    .collect()
+            })
+            .collect();
+
+        let mut bbox = raw.levels[0].world_box();
+        for ((class, _), source) in config.classes.iter().zip(&sources) {
+            if let ClassSource::Annotated(v) = source {
+                bbox = bbox.intersect(&v.levels[0].world_box()).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "labels of class '{class}' at {} do not overlap the raw volume {}",
+                        v.path.display(),
+                        raw.path.display()
+                    ))
+                })?;
+            }
+        }
+        let all_arrays: Vec<&ArraySpec> = config.inputs.iter().chain(&config.targets).collect();
+        let mut patch_size = [0.0f64; 3];
+        for a in &all_arrays {
+            let s = a.patch.world_size();
+            for k in 0..3 {
+                patch_size[k] = patch_size[k].max(s[k]);
+            }
+        }
+        let (centres, fits) = bbox.centres_for_patch(patch_size);
+        let sampling_box = (config.pad || fits.iter().all(|f| *f)).then_some(centres);
+        // Samples lie on a grid at the first target's (else first input's) voxel size.
+        let grid_array = config.targets.first().unwrap_or(&config.inputs[0]);
+        let grid_step = grid_array.patch.voxel_size;
+        let grid = match &sampling_box {
+            Some(b) => std::array::from_fn(|k| ((b.hi[k] - b.lo[k]) / grid_step[k] + 1e-9).floor() as usize + 1),
+            None => [0; 3],
+        };
+        let planar_axis = (0..3).find(|&k| all_arrays.iter().all(|a| a.patch.shape[k] == 1));
+        Ok(Dataset {
+            config,
+            raw,
+            sources,
+            input_levels,
+            target_levels,
+            bounding_box: bbox,
+            sampling_box,
+            grid,
+            grid_step,
+            planar_axis,
+        })
+    }
+
+    /// Number of grid samples.
+    pub fn len(&self) -> usize {
+        self.grid.iter().product()
+    }
+
+    /// Whether there is no sample.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// World centre of grid sample `index` (centred grid over the sampling box).
+    pub fn centre(&self, index: usize) -> Result<[f64; 3]> {
+        let b = self
+            .sampling_box
+            .ok_or_else(|| Error::invalid(format!("{}: no sample fits in this dataset (pad=False)", self.config.raw_path.display())))?;
+        if index >= self.len() {
+            return Err(Error::invalid(format!("sample index {index} is out of range for a dataset of {} samples", self.len())));
+        }
+        let idx = [index / (self.grid[1] * self.grid[2]), (index / self.grid[2]) % self.grid[1], index % self.grid[2]];
+        Ok(std::array::from_fn(|k| {
+            let used = (self.grid[k] - 1) as f64 * self.grid_step[k];
+            b.lo[k] + (b.hi[k] - b.lo[k] - used) / 2.0 + idx[k] as f64 * self.grid_step[k]
+        }))
+    }
+
+    /// Number of target channels (requested classes).
+    pub fn n_classes(&self) -> usize {
+        self.sources.len()
+    }
+
+    /// Reads every array of one sample into `outputs` (inputs first, then targets; each
+    /// target buffer holds `n_classes` channels).
+    pub fn read_sample(&self, centre: [f64; 3], draw: &SpatialDraw, outputs: &mut [&mut [f32]]) -> Result<()> {
+        let n_inputs = self.config.inputs.len();
+        let raw_options = ReadOptions {
+            interpolation: self.config.raw_interpolation,
+            mode: ValueMode::Raw,
+            pad: self.config.pad,
+            pad_value: self.config.raw_pad_value,
+        };
+        let label_options = ReadOptions {
+            interpolation: Interpolation::Nearest,
+            mode: ValueMode::Foreground,
+            pad: self.config.pad,
+            pad_value: f32::NAN,
+        };
+        let (input_bufs, target_bufs) = outputs.split_at_mut(n_inputs);
+        input_bufs.par_iter_mut().enumerate().try_for_each(|(i, buf)| {
+            let spec = &self.config.inputs[i];
+            read_patch(&self.raw, self.input_levels[i], &spec.patch, centre, draw, &raw_options, buf).map(|_| ())
+        })?;
+        for (t, buf) in target_bufs.iter_mut().enumerate() {
+            let spec = &self.config.targets[t];
+            let n = spec.patch.len();
+            buf.par_chunks_mut(n).enumerate().try_for_each(|(c, channel)| match &self.sources[c] {
+                ClassSource::Annotated(vol) => {
+                    let level = self.target_levels[t][c].expect("annotated class has a level");
+                    read_patch(vol, level, &spec.patch, centre, draw, &label_options, channel).map(|_| ())
+                }
+                ClassSource::Empty => {
+                    channel.fill(f32::NAN);
+                    Ok(())
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Per-sample tensor shape of each array (inputs then targets): channel first, singleton
+    /// spatial axes squeezed (so `(1, 256, 256)` gives `[1, 256, 256]` inputs).
+    pub fn sample_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let squeeze = |channels: usize, spec: &PatchSpec| {
+            let mut s = vec![channels];
+            s.extend(spec.shape.iter().copied().filter(|&n| n != 1));
+            s
+        };
+        self.config
+            .inputs
+            .iter()
+            .map(|a| (a.name.clone(), squeeze(1, &a.patch)))
+            .chain(self.config.targets.iter().map(|a| (a.name.clone(), squeeze(self.n_classes(), &a.patch))))
+            .collect()
+    }
+
+    /// Axis names of a sample tensor of array `spec` (channel + non-singleton spatial axes).
+    pub fn dim_names(spec: &PatchSpec) -> Vec<String> {
+        let mut names = vec!["c".to_string()];
+        names.extend((0..3).filter(|&k| spec.shape[k] != 1).map(|k| AXES[k].to_string()));
+        names
+    }
+}
+
+fn json_triple<T: Copy>(value: &serde_json::Value, what: &str, conv: impl Fn(&serde_json::Value) -> Option<T>) -> Result<[T; 3]> {
+    let list = value
+        .as_array()
+        .ok_or_else(|| Error::invalid(format!("{what} must be a list of 3 numbers (z, y, x), not {value}")))?;
+    if list.len() != 3 {
+        return Err(Error::invalid(format!("{what} must have 3 entries (z, y, x), not {}", list.len())));
+    }
+    let mut out = Vec::with_capacity(3);
+    for v in list {
+        out.push(conv(v).ok_or_else(|| Error::invalid(format!("{what} must hold numbers, not {v}")))?);
+    }
+    Ok([out[0], out[1], out[2]])
+}
+
+impl ArraySpec {
+    /// Parses `{"name": ..., "shape": [z, y, x], "scale": [z, y, x]}` (already 3D).
+    pub fn from_json(value: &serde_json::Value) -> Result<ArraySpec> {
+        let name = value
+            .get("name")
+            .and_then(serde_json::Value::as_str)
+            .ok_or_else(|| Error::invalid("array spec needs a 'name'"))?
+            .to_string();
+        let shape = json_triple(value.get("shape").unwrap_or(&serde_json::Value::Null), &format!("array '{name}' shape"), |v| {
+            v.as_u64().map(|n| n as usize)
+        })?;
+        let scale = json_triple(value.get("scale").unwrap_or(&serde_json::Value::Null), &format!("array '{name}' scale"), |v| v.as_f64())?;
+        let patch = PatchSpec::new(shape, scale).map_err(|e| Error::invalid(format!("array '{name}': {e}")))?;
+        Ok(ArraySpec { name, patch })
+    }
+}
+
+impl DatasetConfig {
+    /// Parses the configuration the Python layer sends (see `cellmap_data/_config.py`).
+    /// `raw_pad_value: null` means NaN (JSON has no NaN).
+    pub fn from_json(value: &serde_json::Value) -> Result<DatasetConfig> {
+        use serde_json::Value;
+        let raw_path = value
+            .get("raw_path")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::invalid("dataset config needs 'raw_path'"))?;
+        let mut classes = Vec::new();
+        for item in value.get("classes").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default() {
+            let name = item.get(0).and_then(Value::as_str).ok_or_else(|| Error::invalid("class entries are [name, path or null]"))?;
+            let path = item.get(1).and_then(Value::as_str).map(PathBuf::from);
+            classes.push((name.to_string(), path));
+        }
+        let arrays = |key: &str| -> Result<Vec<ArraySpec>> {
+            value
+                .get(key)
+                .and_then(Value::as_array)
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .map(ArraySpec::from_json)
+                .collect()
+        };
+        let interpolation = value.get("raw_interpolation").and_then(Value::as_str).unwrap_or("linear");
+        Ok(DatasetConfig {
+            raw_path: PathBuf::from(raw_path),
+            classes,
+            inputs: arrays("inputs")?,
+            targets: arrays("targets")?,
+            pad: value.get("pad").and_then(Value::as_bool).unwrap_or(true),
+            raw_pad_value: value.get("raw_pad_value").and_then(Value::as_f64).map_or(f32::NAN, |v| v as f32),
+            raw_interpolation: Interpolation::parse(interpolation)?,
+            spatial: SpatialConfig::parse(value.get("spatial").unwrap_or(&Value::Null))?,
+        })
+    }
+}

@@ -1,0 +1,135 @@
+//! The engine's single error type. Every variant names the file, array or key involved so
+//! that a message read in a notebook says where to look.
+
+use std::path::Path;
+
+/// Everything that can go wrong inside the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A path (group, array, CSV, label folder) does not exist.
+    #[error("{path}: no such file or directory{detail}")]
+    NotFound {
+        /// The missing path.
+        path: String,
+        /// Optional extra context, starting with a separator.
+        detail: String,
+    },
+    /// Metadata exists but is malformed or not understood (JSON, multiscales, axes...).
+    #[error("{path}: {message}")]
+    Metadata {
+        /// The file or group whose metadata is bad.
+        path: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A chunk could not be read or decoded (corrupt bytes, unknown codec...).
+    #[error("{path}: {message}")]
+    Decode {
+        /// The array (and chunk) involved.
+        path: String,
+        /// The decoder's complaint.
+        message: String,
+    },
+    /// The caller asked for something that cannot be done (bad shape, unknown key...).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// An operating-system error on a path (permissions, disk full...).
+    #[error("{path}: {source}")]
+    Io {
+        /// The path the operation was on.
+        path: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The operation was cancelled (e.g. Ctrl-C or a stopped loader).
+    #[error("operation interrupted")]
+    Interrupted,
+}
+
+/// Result alias used throughout the engine.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// A `NotFound` for `path` with no extra detail.
+    pub fn not_found(path: impl AsRef<Path>) -> Self {
+        Error::NotFound {
+            path: path.as_ref().display().to_string(),
+            detail: String::new(),
+        }
+    }
+
+    /// A `NotFound` with an explanation appended (e.g. which class listed it).
+    pub fn not_found_because(path: impl AsRef<Path>, why: impl std::fmt::Display) -> Self {
+        Error::NotFound {
+            path: path.as_ref().display().to_string(),
+            detail: format!(" ({why})"),
+        }
+    }
+
+    /// A `Metadata` error on `path`.
+    pub fn metadata(path: impl AsRef<Path>, message: impl std::fmt::Display) -> Self {
+        Error::Metadata {
+            path: path.as_ref().display().to_string(),
+            message: message.to_string(),
+        }
+    }
+
+    /// A `Decode` error on `path`.
+    pub fn decode(path: impl AsRef<Path>, message: impl std::fmt::Display) -> Self {
+        Error::Decode {
+            path: path.as_ref().display().to_string(),
+            message: message.to_string(),
+        }
+    }
+
+    /// An `InvalidArgument` error.
+    pub fn invalid(message: impl std::fmt::Display) -> Self {
+        Error::InvalidArgument(message.to_string())
+    }
+
+    /// An `Io` error on `path`; a missing file becomes `NotFound`.
+    pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            return Error::not_found(path);
+        }
+        Error::Io {
+            path: path.as_ref().display().to_string(),
+            source,
+        }
+    }
+
+    /// The Python-facing category of this error (used by the binding to pick an exception).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::NotFound { .. } => ErrorKind::NotFound,
+            Error::Metadata { .. } => ErrorKind::Metadata,
+            Error::Decode { .. } => ErrorKind::Decode,
+            Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => {
+                ErrorKind::PermissionDenied
+            }
+            Error::Io { .. } => ErrorKind::Io,
+            Error::Interrupted => ErrorKind::Interrupted,
+        }
+    }
+}
+
+/// Coarse error categories, one per Python exception class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// `FileNotFoundError`
+    NotFound,
+    /// `ValueError` (bad metadata)
+    Metadata,
+    /// `OSError`-like decode failure
+    Decode,
+    /// `ValueError` (bad argument)
+    InvalidArgument,
+    /// `PermissionError`
+    PermissionDenied,
+    /// `OSError`
+    Io,
+    /// `KeyboardInterrupt`
+    Interrupted,
+}

@@ -1,0 +1,144 @@
+//! Reads one patch of one array: composes the single affine map for the request, then takes
+//! the fast path (strided copy straight from decoded chunks) when that map is axis-aligned at
+//! the level's resolution, else the general path (gather the source box once, resample).
+
+use crate::augment::{resample, Interpolation, SpatialDraw};
+use crate::error::{Error, Result};
+use crate::geometry::Affine;
+use crate::volume::{ValueMode, Volume};
+
+/// What to read: output shape (z, y, x; a 1 marks a 2D slice) and voxel size in nm.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PatchSpec {
+    /// Output voxels per axis.
+    pub shape: [usize; 3],
+    /// Output voxel size per axis (nm).
+    pub voxel_size: [f64; 3],
+}
+
+impl PatchSpec {
+    /// Validates and builds a spec.
+    pub fn new(shape: [usize; 3], voxel_size: [f64; 3]) -> Result<PatchSpec> {
+        if shape.contains(&0) {
+            return Err(Error::invalid(format!("array shape {shape:?} has a zero-length axis")));
+        }
+        if voxel_size.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
+            return Err(Error::invalid(format!("array scale {voxel_size:?} must be positive and finite")));
+        }
+        Ok(PatchSpec { shape, voxel_size })
+    }
+
+    /// Number of voxels.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Whether the patch is empty (never true for a validated spec).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// World extent in nm.
+    pub fn world_size(&self) -> [f64; 3] {
+        std::array::from_fn(|k| self.shape[k] as f64 * self.voxel_size[k])
+    }
+}
+
+/// How values are read and what fills voxels outside the array.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReadOptions {
+    /// Interpolation for the general path.
+    pub interpolation: Interpolation,
+    /// Value conversion (raw value or foreground mask).
+    pub mode: ValueMode,
+    /// Fill outside the array with `pad_value` (true) or move the read inside (false).
+    pub pad: bool,
+    /// Value for voxels outside the array.
+    pub pad_value: f32,
+}
+
+/// What a read did (for metadata and tests).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReadInfo {
+    /// Level read.
+    pub level: usize,
+    /// Whether the strided-copy fast path was used.
+    pub fast_path: bool,
+}
+
+/// Reads the patch centred at `centre` (nm) into `out` (C order, `spec.len()` values).
+pub fn read_patch(
+    volume: &Volume,
+    level: usize,
+    spec: &PatchSpec,
+    centre: [f64; 3],
+    draw: &SpatialDraw,
+    options: &ReadOptions,
+    out: &mut [f32],
+) -> Result<ReadInfo> {
+    debug_assert_eq!(out.len(), spec.len());
+    let lvl = &volume.levels[level];
+    let mut affine = Affine::compose(spec.shape, spec.voxel_size, centre, &draw.orientation(), lvl.voxel_size, lvl.translation);
+    if let Some(axes) = affine.axis_aligned_unit() {
+        // Snap to the source grid: an axis-aligned read at the level's resolution is a copy.
+        let b: [i64; 3] = std::array::from_fn(|j| affine.b[j].round() as i64);
+        let mut start = [0i64; 3];
+        let mut region = [0usize; 3];
+        let mut strides = [0isize; 3];
+        let mut base = 0isize;
+        let out_strides = [(spec.shape[1] * spec.shape[2]) as isize, spec.shape[2] as isize, 1];
+        for (k, &(j, sign)) in axes.iter().enumerate() {
+            let n = spec.shape[k];
+            region[j] = n;
+            if sign > 0 {
+                start[j] = b[j];
+                strides[j] = out_strides[k];
+            } else {
+                start[j] = b[j] - (n as i64 - 1);
+                strides[j] = -out_strides[k];
+                base += (n as isize - 1) * out_strides[k];
+            }
+        }
+        if !options.pad {
+            for j in 0..3 {
+                start[j] = clamp_start(start[j], region[j], lvl.shape[j]);
+            }
+        }
+        volume.gather(level, start, region, out, base, strides, options.mode, options.pad_value)?;
+        return Ok(ReadInfo { level, fast_path: true });
+    }
+    let (lo, hi) = affine.source_bounds(spec.shape);
+    let mut block_lo = [0i64; 3];
+    let mut block_shape = [0usize; 3];
+    for k in 0..3 {
+        let (a, b) = match options.interpolation {
+            Interpolation::Nearest => ((lo[k] + 0.5).floor() as i64, (hi[k] + 0.5).floor() as i64),
+            Interpolation::Linear => (lo[k].floor() as i64, hi[k].floor() as i64 + 1),
+        };
+        block_lo[k] = a;
+        block_shape[k] = (b - a + 1) as usize;
+    }
+    if !options.pad {
+        for k in 0..3 {
+            let moved = clamp_start(block_lo[k], block_shape[k], lvl.shape[k]);
+            affine.b[k] += (moved - block_lo[k]) as f64;
+            block_lo[k] = moved;
+        }
+    }
+    let block_len: usize = block_shape.iter().product();
+    let mut block = vec![0f32; block_len];
+    let strides = [(block_shape[1] * block_shape[2]) as isize, block_shape[2] as isize, 1];
+    volume.gather(level, block_lo, block_shape, &mut block, 0, strides, options.mode, options.pad_value)?;
+    resample(&block, block_shape, block_lo, &affine, spec.shape, options.interpolation, out);
+    Ok(ReadInfo { level, fast_path: false })
+}
+
+/// Moves a run of `len` voxels starting at `start` inside `[0, size)` when it fits.
+fn clamp_start(start: i64, len: usize, size: u64) -> i64 {
+    let (len, size) = (len as i64, size as i64);
+    if len >= size {
+        // Does not fit: centre it (the excess is padded on both sides).
+        return -((len - size) / 2);
+    }
+    start.clamp(0, size - len)
+}

@@ -1,0 +1,221 @@
+//! World-space geometry: boxes in nm, the output-voxel → source-voxel affine map, and tiling.
+
+/// Axis names in the engine's fixed order.
+pub const AXES: [&str; 3] = ["z", "y", "x"];
+
+/// An axis-aligned box in world coordinates (nm), `lo` inclusive, `hi` exclusive.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WorldBox {
+    /// Lower corner (z, y, x).
+    pub lo: [f64; 3],
+    /// Upper corner (z, y, x).
+    pub hi: [f64; 3],
+}
+
+impl WorldBox {
+    /// Intersection of two boxes; `None` when they do not overlap.
+    pub fn intersect(&self, other: &WorldBox) -> Option<WorldBox> {
+        let lo = std::array::from_fn(|k| self.lo[k].max(other.lo[k]));
+        let hi = std::array::from_fn(|k| self.hi[k].min(other.hi[k]));
+        let b = WorldBox { lo, hi };
+        (!b.is_empty()).then_some(b)
+    }
+
+    /// Whether any extent is non-positive.
+    pub fn is_empty(&self) -> bool {
+        (0..3).any(|k| self.hi[k] <= self.lo[k])
+    }
+
+    /// Centre point.
+    pub fn centre(&self) -> [f64; 3] {
+        std::array::from_fn(|k| (self.lo[k] + self.hi[k]) / 2.0)
+    }
+
+    /// Extent per axis.
+    pub fn extent(&self) -> [f64; 3] {
+        std::array::from_fn(|k| self.hi[k] - self.lo[k])
+    }
+
+    /// The box of centres from which a patch of world size `size` stays inside this box.
+    /// Axes where the patch does not fit collapse to the box centre (`fits` is false there).
+    pub fn centres_for_patch(&self, size: [f64; 3]) -> (WorldBox, [bool; 3]) {
+        let mut lo = [0.0; 3];
+        let mut hi = [0.0; 3];
+        let mut fits = [true; 3];
+        for k in 0..3 {
+            let a = self.lo[k] + size[k] / 2.0;
+            let b = self.hi[k] - size[k] / 2.0;
+            if b >= a - 1e-9 {
+                lo[k] = a;
+                hi[k] = b.max(a);
+            } else {
+                let c = (self.lo[k] + self.hi[k]) / 2.0;
+                lo[k] = c;
+                hi[k] = c;
+                fits[k] = false;
+            }
+        }
+        (WorldBox { lo, hi }, fits)
+    }
+}
+
+/// 3×3 matrix, row major.
+pub type Mat3 = [[f64; 3]; 3];
+
+/// The identity matrix.
+pub const IDENTITY: Mat3 = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
+
+/// Matrix product `a · b`.
+pub fn matmul(a: &Mat3, b: &Mat3) -> Mat3 {
+    std::array::from_fn(|i| std::array::from_fn(|j| (0..3).map(|k| a[i][k] * b[k][j]).sum()))
+}
+
+/// Matrix-vector product `a · v`.
+pub fn matvec(a: &Mat3, v: [f64; 3]) -> [f64; 3] {
+    std::array::from_fn(|i| (0..3).map(|k| a[i][k] * v[k]).sum())
+}
+
+/// Affine map from output voxel index `o` to continuous source voxel index `m · o + b`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Affine {
+    /// Linear part.
+    pub m: Mat3,
+    /// Offset.
+    pub b: [f64; 3],
+}
+
+impl Affine {
+    /// Applies the map to an output index.
+    pub fn apply(&self, o: [f64; 3]) -> [f64; 3] {
+        let v = matvec(&self.m, o);
+        std::array::from_fn(|k| v[k] + self.b[k])
+    }
+
+    /// Composes `output voxel → world → source voxel` for a patch of `shape` voxels of
+    /// `out_voxel` nm centred at `centre` (nm), turned by `orientation` (world offset =
+    /// orientation · output-frame offset), read from a level with `src_voxel` nm voxels whose
+    /// voxel 0 centre is at `src_origin` nm.
+    pub fn compose(
+        shape: [usize; 3],
+        out_voxel: [f64; 3],
+        centre: [f64; 3],
+        orientation: &Mat3,
+        src_voxel: [f64; 3],
+        src_origin: [f64; 3],
+    ) -> Affine {
+        let scale_out: Mat3 = std::array::from_fn(|i| std::array::from_fn(|j| if i == j { out_voxel[i] } else { 0.0 }));
+        let inv_src: Mat3 = std::array::from_fn(|i| std::array::from_fn(|j| if i == j { 1.0 / src_voxel[i] } else { 0.0 }));
+        let m = matmul(&inv_src, &matmul(orientation, &scale_out));
+        let half: [f64; 3] = std::array::from_fn(|k| (shape[k] as f64 - 1.0) / 2.0);
+        let mh = matvec(&m, half);
+        let b = std::array::from_fn(|k| (centre[k] - src_origin[k]) / src_voxel[k] - mh[k]);
+        Affine { m, b }
+    }
+
+    /// When the linear part is a signed axis permutation with unit scale, returns for each
+    /// output axis `k` the source axis it walks and the direction (±1).
+    pub fn axis_aligned_unit(&self) -> Option<[(usize, i64); 3]> {
+        const TOL: f64 = 1e-6;
+        let mut result = [(0usize, 1i64); 3];
+        let mut used = [false; 3];
+        for k in 0..3 {
+            let mut found = None;
+            for j in 0..3 {
+                let v = self.m[j][k];
+                if (v.abs() - 1.0).abs() < TOL {
+                    if found.is_some() {
+                        return None;
+                    }
+                    found = Some((j, if v > 0.0 { 1 } else { -1 }));
+                } else if v.abs() > TOL {
+                    return None;
+                }
+            }
+            let (j, s) = found?;
+            if used[j] {
+                return None;
+            }
+            used[j] = true;
+            result[k] = (j, s);
+        }
+        Some(result)
+    }
+
+    /// Bounding box (continuous source indices) of the images of all output voxel centres.
+    pub fn source_bounds(&self, shape: [usize; 3]) -> ([f64; 3], [f64; 3]) {
+        let mut lo = [f64::INFINITY; 3];
+        let mut hi = [f64::NEG_INFINITY; 3];
+        for corner in 0..8 {
+            let o: [f64; 3] = std::array::from_fn(|k| if corner >> k & 1 == 1 { shape[k] as f64 - 1.0 } else { 0.0 });
+            let s = self.apply(o);
+            for k in 0..3 {
+                lo[k] = lo[k].min(s[k]);
+                hi[k] = hi[k].max(s[k]);
+            }
+        }
+        (lo, hi)
+    }
+}
+
+/// Start positions of tiles of length `tile` covering `[0, extent)` without gaps; the last
+/// tile is shifted back so it ends exactly at `extent` (it may overlap its neighbour) instead
+/// of being dropped. With `extent <= tile` a single tile starts at 0.
+pub fn tile_starts(extent: usize, tile: usize) -> Vec<usize> {
+    assert!(tile > 0, "tile length must be positive");
+    if extent <= tile {
+        return vec![0];
+    }
+    let mut starts: Vec<usize> = (0..extent).step_by(tile).collect();
+    let last = extent - tile;
+    if let Some(s) = starts.last_mut() {
+        if *s > last {
+            *s = last;
+        }
+    }
+    starts.dedup();
+    starts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_map_is_a_translation() {
+        let a = Affine::compose([4, 4, 4], [8.0; 3], [100.0, 100.0, 100.0], &IDENTITY, [8.0; 3], [4.0; 3]);
+        assert_eq!(a.axis_aligned_unit(), Some([(0, 1), (1, 1), (2, 1)]));
+        // voxel 0 of the patch: centre - 1.5 voxels = 88 nm -> source index (88-4)/8 = 10.5
+        assert!((a.apply([0.0; 3])[0] - 10.5).abs() < 1e-12);
+    }
+
+    #[test]
+    fn rescale_is_not_unit() {
+        let a = Affine::compose([4, 4, 4], [8.0; 3], [0.0; 3], &IDENTITY, [4.0; 3], [0.0; 3]);
+        assert_eq!(a.axis_aligned_unit(), None);
+        assert!((a.m[0][0] - 2.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn tiles_cover_far_edge() {
+        assert_eq!(tile_starts(10, 4), vec![0, 4, 6]);
+        assert_eq!(tile_starts(8, 4), vec![0, 4]);
+        assert_eq!(tile_starts(3, 4), vec![0]);
+        for (extent, tile) in [(1000, 128), (257, 256), (400, 128)] {
+            let starts = tile_starts(extent, tile);
+            assert_eq!(starts.last().unwrap() + tile, extent);
+            for w in starts.windows(2) {
+                assert!(w[1] <= w[0] + tile);
+            }
+        }
+    }
+
+    #[test]
+    fn centres_for_patch_collapses_when_too_big() {
+        let b = WorldBox { lo: [0.0; 3], hi: [100.0, 10.0, 100.0] };
+        let (c, fits) = b.centres_for_patch([20.0, 20.0, 20.0]);
+        assert_eq!(fits, [true, false, true]);
+        assert_eq!(c.lo[1], 5.0);
+        assert_eq!(c.lo[0], 10.0);
+        assert_eq!(c.hi[0], 90.0);
+    }
+}

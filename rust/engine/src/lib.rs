@@ -1,0 +1,17 @@
+//! cellmap-engine: reads training patches from OME-NGFF Zarr volumes (the CellMap/COSEM
+//! layout) with one affine map per array per sample, through a shared decoded-chunk cache, and
+//! assembles batches as Arrow record batches. No Python here: the `cellmap-python` crate binds it.
+#![deny(missing_docs)]
+
+pub mod augment;
+pub mod batch;
+pub mod cache;
+pub mod dataset;
+pub mod error;
+pub mod extract;
+pub mod geometry;
+pub mod ngff;
+pub mod sampler;
+pub mod volume;
+
+pub use error::{Error, ErrorKind, Result};

@@ -1,0 +1,457 @@
+//! One multiscale image (raw EM or one label class): every level opened with zarrs, the level
+//! choice for a requested voxel size, world boxes, and region reads through the chunk cache.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use rayon::prelude::*;
+use zarrs::array::data_type::{
+    Float32DataType, Float64DataType, Int16DataType, Int32DataType, Int64DataType, Int8DataType,
+    UInt16DataType, UInt32DataType, UInt64DataType, UInt8DataType,
+};
+use zarrs::array::Array;
+use zarrs::filesystem::FilesystemStore;
+
+use crate::cache::{Chunk, ChunkCache, ChunkData, ChunkKey};
+use crate::error::{Error, Result};
+use crate::geometry::WorldBox;
+use crate::ngff::{read_multiscale, Multiscale};
+
+/// Element types the engine reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    /// uint8
+    U8,
+    /// uint16
+    U16,
+    /// uint32
+    U32,
+    /// uint64
+    U64,
+    /// int8
+    I8,
+    /// int16
+    I16,
+    /// int32
+    I32,
+    /// int64
+    I64,
+    /// float32
+    F32,
+    /// float64
+    F64,
+}
+
+impl DType {
+    /// numpy-style name.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::U8 => "uint8",
+            DType::U16 => "uint16",
+            DType::U32 => "uint32",
+            DType::U64 => "uint64",
+            DType::I8 => "int8",
+            DType::I16 => "int16",
+            DType::I32 => "int32",
+            DType::I64 => "int64",
+            DType::F32 => "float32",
+            DType::F64 => "float64",
+        }
+    }
+
+    /// Whether values are floating point.
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F32 | DType::F64)
+    }
+}
+
+/// How stored values become output values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueMode {
+    /// The stored value, as float32.
+    Raw,
+    /// 1 where the stored value is non-zero (mask or instance id), else 0.
+    Foreground,
+}
+
+/// One opened resolution level.
+pub struct Level {
+    /// Cache identity of this level.
+    pub id: u64,
+    /// Filesystem path of the level's array (for messages).
+    pub path: PathBuf,
+    array: Array<FilesystemStore>,
+    /// Number of leading non-spatial axes (each of size 1).
+    leading: usize,
+    /// Spatial shape (z, y, x) in voxels.
+    pub shape: [u64; 3],
+    /// Regular chunk shape (z, y, x).
+    pub chunk_shape: [u64; 3],
+    /// Voxel size (z, y, x) in world units (nm).
+    pub voxel_size: [f64; 3],
+    /// World coordinate of the centre of voxel 0 (z, y, x).
+    pub translation: [f64; 3],
+    /// Element type.
+    pub dtype: DType,
+}
+
+impl Level {
+    /// World box covered by the level's voxels (voxel edges, not centres).
+    pub fn world_box(&self) -> WorldBox {
+        let mut b = WorldBox { lo: [0.0; 3], hi: [0.0; 3] };
+        for k in 0..3 {
+            b.lo[k] = self.translation[k] - self.voxel_size[k] / 2.0;
+            b.hi[k] = b.lo[k] + self.shape[k] as f64 * self.voxel_size[k];
+        }
+        b
+    }
+
+    /// Continuous voxel index of a world coordinate (voxel centres at integers).
+    pub fn world_to_voxel(&self, world: [f64; 3]) -> [f64; 3] {
+        std::array::from_fn(|k| (world[k] - self.translation[k]) / self.voxel_size[k])
+    }
+
+    fn decode_chunk(&self, index: [u64; 3]) -> Result<Chunk> {
+        let mut full_index = vec![0u64; self.leading];
+        full_index.extend_from_slice(&index);
+        let where_ = || format!("{} chunk {:?}", self.path.display(), index);
+        let shape = self.array.chunk_shape(&full_index).map_err(|e| Error::decode(where_(), e))?;
+        let shape: Vec<usize> = shape.iter().map(|s| s.get() as usize).collect();
+        let spatial: [usize; 3] = [shape[self.leading], shape[self.leading + 1], shape[self.leading + 2]];
+        macro_rules! get {
+            ($t:ty, $variant:ident) => {
+                ChunkData::$variant(
+                    self.array
+                        .retrieve_chunk::<Vec<$t>>(&full_index)
+                        .map_err(|e| Error::decode(where_(), e))?,
+                )
+            };
+        }
+        let data = match self.dtype {
+            DType::U8 => get!(u8, U8),
+            DType::U16 => get!(u16, U16),
+            DType::U32 => get!(u32, U32),
+            DType::U64 => get!(u64, U64),
+            DType::I8 => get!(i8, I8),
+            DType::I16 => get!(i16, I16),
+            DType::I32 => get!(i32, I32),
+            DType::I64 => get!(i64, I64),
+            DType::F32 => get!(f32, F32),
+            DType::F64 => get!(f64, F64),
+        };
+        // Leading axes have size 1, so the spatial block is the whole chunk.
+        Ok(Chunk { data, shape: spatial })
+    }
+}
+
+static NEXT_LEVEL_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A multiscale image with all its levels open.
+pub struct Volume {
+    /// The image group path.
+    pub path: PathBuf,
+    /// Its parsed metadata.
+    pub multiscale: Multiscale,
+    /// Levels in metadata order (finest first in CellMap data).
+    pub levels: Vec<Level>,
+    cache: Arc<ChunkCache>,
+}
+
+impl std::fmt::Debug for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Volume").field("path", &self.path).field("levels", &self.levels.len()).finish()
+    }
+}
+
+fn data_type_of(array: &Array<FilesystemStore>, path: &Path) -> Result<DType> {
+    let dt = array.data_type();
+    Ok(if dt.is::<UInt8DataType>() {
+        DType::U8
+    } else if dt.is::<UInt16DataType>() {
+        DType::U16
+    } else if dt.is::<UInt32DataType>() {
+        DType::U32
+    } else if dt.is::<UInt64DataType>() {
+        DType::U64
+    } else if dt.is::<Int8DataType>() {
+        DType::I8
+    } else if dt.is::<Int16DataType>() {
+        DType::I16
+    } else if dt.is::<Int32DataType>() {
+        DType::I32
+    } else if dt.is::<Int64DataType>() {
+        DType::I64
+    } else if dt.is::<Float32DataType>() {
+        DType::F32
+    } else if dt.is::<Float64DataType>() {
+        DType::F64
+    } else {
+        return Err(Error::metadata(path, "unsupported data type (expected an integer or float32/float64 array)"));
+    })
+}
+
+impl Volume {
+    /// Opens the image group at `path` and every level its multiscales metadata lists.
+    pub fn open(path: impl AsRef<Path>, cache: Arc<ChunkCache>) -> Result<Volume> {
+        let path = path.as_ref().to_path_buf();
+        if !path.exists() {
+            return Err(Error::not_found(&path));
+        }
+        let multiscale = read_multiscale(&path)?;
+        let spatial: Vec<usize> = (0..multiscale.axes.len()).filter(|&i| multiscale.axes[i].is_spatial()).collect();
+        let names: Vec<&str> = spatial.iter().map(|&i| multiscale.axes[i].name.as_str()).collect();
+        if names != ["z", "y", "x"] {
+            return Err(Error::metadata(
+                &path,
+                format!("expected spatial axes z, y, x (in that order) but the metadata has {names:?}"),
+            ));
+        }
+        let leading = multiscale.axes.len() - 3;
+        if spatial != [leading, leading + 1, leading + 2] {
+            return Err(Error::metadata(&path, "non-spatial axes must come before the spatial axes"));
+        }
+        let store = Arc::new(FilesystemStore::new(&path).map_err(|e| Error::metadata(&path, e))?);
+        let mut levels = Vec::with_capacity(multiscale.levels.len());
+        for meta in &multiscale.levels {
+            let level_path = path.join(&meta.path);
+            if !level_path.exists() {
+                return Err(Error::not_found_because(
+                    &level_path,
+                    format!("listed as level '{}' in the multiscales metadata of {}", meta.path, path.display()),
+                ));
+            }
+            let key = format!("/{}", meta.path.trim_matches('/'));
+            let array = Array::open(store.clone(), &key).map_err(|e| Error::metadata(&level_path, e))?;
+            let full_shape = array.shape().to_vec();
+            if full_shape.len() != multiscale.axes.len() {
+                return Err(Error::metadata(
+                    &level_path,
+                    format!("array has {} dimensions but the multiscales metadata has {} axes", full_shape.len(), multiscale.axes.len()),
+                ));
+            }
+            if let Some(k) = (0..leading).find(|&k| full_shape[k] != 1) {
+                return Err(Error::metadata(
+                    &level_path,
+                    format!("non-spatial axis '{}' has size {}; only size 1 is supported", multiscale.axes[k].name, full_shape[k]),
+                ));
+            }
+            let chunk0 = array
+                .chunk_shape(&vec![0; full_shape.len()])
+                .map_err(|e| Error::metadata(&level_path, e))?;
+            let dtype = data_type_of(&array, &level_path)?;
+            let s = |v: &[f64]| [v[leading], v[leading + 1], v[leading + 2]];
+            levels.push(Level {
+                id: NEXT_LEVEL_ID.fetch_add(1, Ordering::Relaxed),
+                path: level_path,
+                leading,
+                shape: [full_shape[leading], full_shape[leading + 1], full_shape[leading + 2]],
+                chunk_shape: [chunk0[leading].get(), chunk0[leading + 1].get(), chunk0[leading + 2].get()],
+                voxel_size: s(&meta.scale),
+                translation: s(&meta.translation),
+                dtype,
+                array,
+            });
+        }
+        Ok(Volume { path, multiscale, levels, cache })
+    }
+
+    /// The level closest to `voxel_size` (sum of per-axis relative differences); the finer
+    /// level wins a tie.
+    pub fn pick_level(&self, voxel_size: [f64; 3]) -> usize {
+        let mut best = (f64::INFINITY, f64::INFINITY, 0usize);
+        for (i, level) in self.levels.iter().enumerate() {
+            let distance: f64 = (0..3)
+                .map(|k| (level.voxel_size[k] - voxel_size[k]).abs() / voxel_size[k])
+                .sum();
+            let volume: f64 = level.voxel_size.iter().product();
+            let better = distance < best.0 - 1e-9 || ((distance - best.0).abs() <= 1e-9 && volume < best.1);
+            if better {
+                best = (distance, volume, i);
+            }
+        }
+        best.2
+    }
+
+    /// The cache this volume reads through.
+    pub fn cache(&self) -> &Arc<ChunkCache> {
+        &self.cache
+    }
+
+    /// Decoded chunk `index` of `level`, through the cache.
+    pub fn chunk(&self, level: usize, index: [u64; 3]) -> Result<Arc<Chunk>> {
+        let lvl = &self.levels[level];
+        self.cache
+            .get_or_decode(ChunkKey { level_id: lvl.id, index }, || lvl.decode_chunk(index))
+    }
+
+    /// Writes the voxels of region `[start, start + shape)` of `level` (voxel indices, may
+    /// extend outside the array) into `out` as float32: voxel `(z, y, x)` of the region goes to
+    /// `out[base + z*strides[0] + y*strides[1] + x*strides[2]]`. Voxels outside the array get
+    /// `pad_value`. Strides may be negative or permuted, which is how mirrored and transposed
+    /// patches are copied without an intermediate buffer.
+    pub fn gather(
+        &self,
+        level: usize,
+        start: [i64; 3],
+        shape: [usize; 3],
+        out: &mut [f32],
+        base: isize,
+        strides: [isize; 3],
+        mode: ValueMode,
+        pad_value: f32,
+    ) -> Result<()> {
+        let lvl = &self.levels[level];
+        let mut inside_lo = [0i64; 3];
+        let mut inside_hi = [0i64; 3];
+        let mut fully_inside = true;
+        for k in 0..3 {
+            inside_lo[k] = start[k].max(0);
+            inside_hi[k] = (start[k] + shape[k] as i64).min(lvl.shape[k] as i64);
+            if start[k] < 0 || start[k] + shape[k] as i64 > lvl.shape[k] as i64 {
+                fully_inside = false;
+            }
+        }
+        if !fully_inside {
+            fill_region(out, base, strides, shape, pad_value);
+        }
+        if (0..3).any(|k| inside_hi[k] <= inside_lo[k]) {
+            return Ok(());
+        }
+        let chunk_lo: [u64; 3] = std::array::from_fn(|k| inside_lo[k] as u64 / lvl.chunk_shape[k]);
+        let chunk_hi: [u64; 3] = std::array::from_fn(|k| (inside_hi[k] as u64 - 1) / lvl.chunk_shape[k]);
+        let mut indices = Vec::new();
+        for cz in chunk_lo[0]..=chunk_hi[0] {
+            for cy in chunk_lo[1]..=chunk_hi[1] {
+                for cx in chunk_lo[2]..=chunk_hi[2] {
+                    indices.push([cz, cy, cx]);
+                }
+            }
+        }
+        // Decode in parallel (cache misses dominate cold reads), copy afterwards.
+        let chunks: Vec<(usize, Arc<Chunk>)> = indices
+            .par_iter()
+            .enumerate()
+            .map(|(i, &index)| self.chunk(level, index).map(|c| (i, c)))
+            .collect::<Result<_>>()?;
+        for (i, chunk) in chunks {
+            let index = indices[i];
+            let origin: [i64; 3] = std::array::from_fn(|k| (index[k] * lvl.chunk_shape[k]) as i64);
+            let lo: [i64; 3] = std::array::from_fn(|k| inside_lo[k].max(origin[k]));
+            let hi: [i64; 3] = std::array::from_fn(|k| inside_hi[k].min(origin[k] + chunk.shape[k] as i64));
+            copy_chunk_part(&chunk, origin, lo, hi, start, out, base, strides, mode);
+        }
+        Ok(())
+    }
+}
+
+fn fill_region(out: &mut [f32], base: isize, strides: [isize; 3], shape: [usize; 3], value: f32) {
+    for z in 0..shape[0] {
+        for y in 0..shape[1] {
+            let row = base + z as isize * strides[0] + y as isize * strides[1];
+            for x in 0..shape[2] {
+                out[(row + x as isize * strides[2]) as usize] = value;
+            }
+        }
+    }
+}
+
+trait ToF32: Copy {
+    fn to_f32(self) -> f32;
+    fn is_nonzero(self) -> bool;
+}
+
+macro_rules! impl_to_f32 {
+    ($($t:ty),*) => {$(
+        impl ToF32 for $t {
+            #[inline(always)]
+            fn to_f32(self) -> f32 { self as f32 }
+            #[inline(always)]
+            #[allow(clippy::float_cmp)]
+            fn is_nonzero(self) -> bool { self != (0 as $t) }
+        }
+    )*};
+}
+impl_to_f32!(u8, u16, u32, u64, i8, i16, i32, i64, f32, f64);
+
+#[allow(clippy::too_many_arguments)]
+fn copy_chunk_part(
+    chunk: &Chunk,
+    origin: [i64; 3],
+    lo: [i64; 3],
+    hi: [i64; 3],
+    region_start: [i64; 3],
+    out: &mut [f32],
+    base: isize,
+    strides: [isize; 3],
+    mode: ValueMode,
+) {
+    macro_rules! run {
+        ($v:expr) => {
+            copy_typed($v, chunk.shape, origin, lo, hi, region_start, out, base, strides, mode)
+        };
+    }
+    match &chunk.data {
+        ChunkData::U8(v) => run!(v),
+        ChunkData::U16(v) => run!(v),
+        ChunkData::U32(v) => run!(v),
+        ChunkData::U64(v) => run!(v),
+        ChunkData::I8(v) => run!(v),
+        ChunkData::I16(v) => run!(v),
+        ChunkData::I32(v) => run!(v),
+        ChunkData::I64(v) => run!(v),
+        ChunkData::F32(v) => run!(v),
+        ChunkData::F64(v) => run!(v),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn copy_typed<T: ToF32>(
+    data: &[T],
+    chunk_shape: [usize; 3],
+    origin: [i64; 3],
+    lo: [i64; 3],
+    hi: [i64; 3],
+    region_start: [i64; 3],
+    out: &mut [f32],
+    base: isize,
+    strides: [isize; 3],
+    mode: ValueMode,
+) {
+    let run = (hi[2] - lo[2]) as usize;
+    for z in lo[0]..hi[0] {
+        for y in lo[1]..hi[1] {
+            let src0 = (((z - origin[0]) as usize * chunk_shape[1]) + (y - origin[1]) as usize) * chunk_shape[2]
+                + (lo[2] - origin[2]) as usize;
+            let src = &data[src0..src0 + run];
+            let dst0 = base
+                + (z - region_start[0]) as isize * strides[0]
+                + (y - region_start[1]) as isize * strides[1]
+                + (lo[2] - region_start[2]) as isize * strides[2];
+            if strides[2] == 1 {
+                let dst = &mut out[dst0 as usize..dst0 as usize + run];
+                match mode {
+                    ValueMode::Raw => dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f32()),
+                    ValueMode::Foreground => {
+                        dst.iter_mut().zip(src).for_each(|(d, s)| *d = if s.is_nonzero() { 1.0 } else { 0.0 })
+                    }
+                }
+            } else {
+                for (i, s) in src.iter().enumerate() {
+                    let v = match mode {
+                        ValueMode::Raw => s.to_f32(),
+                        ValueMode::Foreground => {
+                            if s.is_nonzero() {
+                                1.0
+                            } else {
+                                0.0
+                            }
+                        }
+                    };
+                    out[(dst0 + i as isize * strides[2]) as usize] = v;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! `Dataset` and `Batch`: one raw volume + one crop, read a batch at a time.
+
+use std::sync::Arc;
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::Float32Type;
+use arrow_array::{Array, RecordBatch};
+use cellmap_engine::batch::Batch as EngineBatch;
+use cellmap_engine::cache::ChunkCache;
+use cellmap_engine::dataset::{Dataset as EngineDataset, DatasetConfig};
+use cellmap_engine::sampler::{request, StreamKey};
+use cellmap_engine::Error;
+use pyo3::exceptions::PyKeyError;
+use pyo3::prelude::*;
+use pyo3_arrow::PyRecordBatch;
+
+use crate::convert::{parse_json, run, to_pyerr};
+use crate::tensor::Tensor;
+
+/// One raw volume with one crop's labels, as configured by `CellMapDataset`.
+#[pyclass(module = "cellmap_data._engine", frozen)]
+pub struct Dataset {
+    inner: Arc<EngineDataset>,
+}
+
+type BoxTuple = (Vec<f64>, Vec<f64>);
+
+#[pymethods]
+impl Dataset {
+    /// Opens a dataset from its JSON configuration (built by `cellmap_data._config`).
+    #[new]
+    fn new(py: Python<'_>, config_json: &str) -> PyResult<Self> {
+        let value = parse_json(py, config_json)?;
+        let inner = run(py, move || {
+            let config = DatasetConfig::from_json(&value)?;
+            EngineDataset::open(config, ChunkCache::global())
+        })?;
+        Ok(Dataset { inner: Arc::new(inner) })
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+
+    /// World centre (z, y, x nm) of grid sample `index`.
+    fn centre(&self, py: Python<'_>, index: usize) -> PyResult<[f64; 3]> {
+        self.inner.centre(index).map_err(|e| to_pyerr(py, e))
+    }
+
+    /// Intersection of the raw and annotated label boxes, as (lo, hi).
+    #[getter]
+    fn bounding_box(&self) -> BoxTuple {
+        let b = self.inner.bounding_box;
+        (b.lo.to_vec(), b.hi.to_vec())
+    }
+
+    /// Box of valid sample centres, or None when no patch fits.
+    #[getter]
+    fn sampling_box(&self) -> Option<BoxTuple> {
+        self.inner.sampling_box.map(|b| (b.lo.to_vec(), b.hi.to_vec()))
+    }
+
+    /// Samples per axis of the sample grid.
+    #[getter]
+    fn grid(&self) -> [usize; 3] {
+        self.inner.grid
+    }
+
+    /// Raw level read by each input array.
+    #[getter]
+    fn input_levels(&self) -> Vec<usize> {
+        self.inner.input_levels.clone()
+    }
+
+    /// Per target array, per class, the label level read (None: unannotated).
+    #[getter]
+    fn target_levels(&self) -> Vec<Vec<Option<usize>>> {
+        self.inner.target_levels.clone()
+    }
+
+    /// Per-sample tensor shape of each array, in output order.
+    #[getter]
+    fn sample_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        self.inner.sample_shapes()
+    }
+
+    /// Singleton axis shared by all arrays (2D patches), if any.
+    #[getter]
+    fn planar_axis(&self) -> Option<usize> {
+        self.inner.planar_axis
+    }
+
+    /// Reads the grid samples `indices` as one batch. With `augment`, each sample's spatial
+    /// draw comes from the stream keyed by (seed, epoch, rank, stream index), where the stream
+    /// index is `stream_indices[i]` when given, else the sample index.
+    #[pyo3(signature = (indices, *, seed=0, epoch=0, rank=0, augment=false, stream_indices=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn read_batch(
+        &self,
+        py: Python<'_>,
+        indices: Vec<usize>,
+        seed: u64,
+        epoch: u64,
+        rank: u64,
+        augment: bool,
+        stream_indices: Option<Vec<u64>>,
+    ) -> PyResult<Batch> {
+        if let Some(s) = &stream_indices {
+            if s.len() != indices.len() {
+                return Err(to_pyerr(py, Error::invalid("stream_indices must have one entry per index")));
+            }
+        }
+        let inner = self.inner.clone();
+        let key = StreamKey { seed, epoch, rank };
+        let batch = run(py, move || {
+            let requests = indices
+                .iter()
+                .enumerate()
+                .map(|(i, &index)| {
+                    let stream = stream_indices.as_ref().map_or(index as u64, |s| s[i]);
+                    request(&inner, index, key, stream, augment)
+                })
+                .collect::<cellmap_engine::Result<Vec<_>>>()?;
+            let batch = EngineBatch::read(&inner, &requests)?;
+            let shapes = batch.columns.iter().map(|c| (c.name.clone(), c.sample_shape.clone())).collect();
+            Ok((batch.into_record_batch()?, shapes))
+        })?;
+        Ok(Batch { record_batch: batch.0, shapes: batch.1 })
+    }
+}
+
+/// A batch read by the engine: an Arrow record batch whose tensor columns can be taken as
+/// zero-copy DLPack tensors.
+#[pyclass(module = "cellmap_data._engine", frozen)]
+pub struct Batch {
+    record_batch: RecordBatch,
+    shapes: Vec<(String, Vec<usize>)>,
+}
+
+#[pymethods]
+impl Batch {
+    fn __len__(&self) -> usize {
+        self.record_batch.num_rows()
+    }
+
+    /// Names of the tensor columns (inputs then targets).
+    #[getter]
+    fn tensor_names(&self) -> Vec<String> {
+        self.shapes.iter().map(|(n, _)| n.clone()).collect()
+    }
+
+    /// The tensor column `name` as a `[batch, *sample_shape]` DLPack tensor (no copy).
+    fn tensor(&self, name: &str) -> PyResult<Tensor> {
+        let (_, sample_shape) = self
+            .shapes
+            .iter()
+            .find(|(n, _)| n == name)
+            .ok_or_else(|| PyKeyError::new_err(format!("no tensor column '{name}'")))?;
+        let column = self.record_batch.column_by_name(name).expect("tensor column exists");
+        let values = column.as_fixed_size_list().values().as_primitive::<Float32Type>();
+        let buffer = values.values().inner().clone();
+        let mut shape = vec![self.record_batch.num_rows()];
+        shape.extend(sample_shape);
+        debug_assert_eq!(values.offset(), 0);
+        Tensor::new(buffer, shape)
+    }
+
+    /// The whole batch as an Arrow record batch (Arrow PyCapsule interface).
+    fn record_batch(&self) -> PyRecordBatch {
+        PyRecordBatch::new(self.record_batch.clone())
+    }
+}

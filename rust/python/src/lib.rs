@@ -1,0 +1,66 @@
+//! `cellmap_data._engine`: the thin PyO3 shell over `cellmap-engine`. Arguments are converted
+//! here, heavy calls release the GIL, engine errors become `cellmap_data.exceptions` classes and
+//! no Rust panic reaches Python as anything but a `CellMapError`.
+
+mod convert;
+mod dataset;
+mod tensor;
+mod volume;
+
+use pyo3::prelude::*;
+
+use cellmap_engine::cache::ChunkCache;
+
+/// Counters of the shared decoded-chunk cache.
+#[pyfunction]
+fn cache_stats(py: Python<'_>) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
+    let s = ChunkCache::global().stats();
+    let d = pyo3::types::PyDict::new(py);
+    d.set_item("hits", s.hits)?;
+    d.set_item("misses", s.misses)?;
+    d.set_item("bytes", s.bytes)?;
+    d.set_item("budget", s.budget)?;
+    d.set_item("entries", s.entries)?;
+    Ok(d)
+}
+
+/// Sets the byte budget of the shared decoded-chunk cache.
+#[pyfunction]
+fn set_cache_budget(bytes: u64) {
+    ChunkCache::global().set_budget(bytes);
+}
+
+/// Drops every cached chunk and resets the hit/miss counters.
+#[pyfunction]
+fn clear_cache() {
+    let cache = ChunkCache::global();
+    cache.clear();
+    cache.reset_counters();
+}
+
+/// Bytes of batch tensor memory currently alive (in the engine or held by Python tensors).
+#[pyfunction]
+fn live_batch_bytes() -> i64 {
+    cellmap_engine::batch::live_batch_bytes()
+}
+
+/// Whether the extension was compiled with optimisations.
+#[pyfunction]
+fn is_optimized_build() -> bool {
+    !cfg!(debug_assertions)
+}
+
+#[pymodule]
+fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(cache_stats, m)?)?;
+    m.add_function(wrap_pyfunction!(set_cache_budget, m)?)?;
+    m.add_function(wrap_pyfunction!(clear_cache, m)?)?;
+    m.add_function(wrap_pyfunction!(live_batch_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(is_optimized_build, m)?)?;
+    m.add_class::<volume::Volume>()?;
+    m.add_class::<dataset::Dataset>()?;
+    m.add_class::<dataset::Batch>()?;
+    m.add_class::<tensor::Tensor>()?;
+    m.add_class::<pyo3_arrow::PyRecordBatch>()?;
+    Ok(())
+}

@@ -1,0 +1,127 @@
+//! `Volume`: one multiscale image, for `CellMapImage` and inspection.
+
+use std::sync::Arc;
+
+use cellmap_engine::augment::{Interpolation, SpatialDraw};
+use cellmap_engine::batch::TrackedVec;
+use cellmap_engine::cache::ChunkCache;
+use cellmap_engine::extract::{read_patch, PatchSpec, ReadOptions};
+use cellmap_engine::volume::{ValueMode, Volume as EngineVolume};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::convert::{run, to_pyerr};
+use crate::tensor::Tensor;
+
+/// A multiscale OME-NGFF image opened by the engine.
+#[pyclass(module = "cellmap_data._engine", frozen)]
+pub struct Volume {
+    inner: Arc<EngineVolume>,
+}
+
+#[pymethods]
+impl Volume {
+    /// Opens the image group at `path` (e.g. `.../recon-1/em/fibsem-uint8`).
+    #[new]
+    fn new(py: Python<'_>, path: String) -> PyResult<Self> {
+        let inner = run(py, || EngineVolume::open(&path, ChunkCache::global()))?;
+        Ok(Volume { inner: Arc::new(inner) })
+    }
+
+    /// The image group path.
+    #[getter]
+    fn path(&self) -> String {
+        self.inner.path.display().to_string()
+    }
+
+    /// OME-NGFF version of the metadata.
+    #[getter]
+    fn ngff_version(&self) -> String {
+        self.inner.multiscale.version.clone()
+    }
+
+    /// Axes as (name, type, unit) tuples.
+    #[getter]
+    fn axes(&self) -> Vec<(String, Option<String>, Option<String>)> {
+        self.inner.multiscale.axes.iter().map(|a| (a.name.clone(), a.kind.clone(), a.unit.clone())).collect()
+    }
+
+    /// One dict per level: path, shape, chunks, voxel_size, translation, dtype, world box.
+    #[getter]
+    fn levels<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        self.inner
+            .levels
+            .iter()
+            .zip(&self.inner.multiscale.levels)
+            .map(|(l, meta)| {
+                let d = PyDict::new(py);
+                d.set_item("path", &meta.path)?;
+                d.set_item("shape", l.shape.to_vec())?;
+                d.set_item("chunks", l.chunk_shape.to_vec())?;
+                d.set_item("voxel_size", l.voxel_size.to_vec())?;
+                d.set_item("translation", l.translation.to_vec())?;
+                d.set_item("dtype", l.dtype.name())?;
+                let b = l.world_box();
+                d.set_item("world_box", (b.lo.to_vec(), b.hi.to_vec()))?;
+                Ok(d)
+            })
+            .collect()
+    }
+
+    /// Index of the level closest to `voxel_size` (z, y, x nm); ties go to the finer level.
+    fn pick_level(&self, voxel_size: [f64; 3]) -> usize {
+        self.inner.pick_level(voxel_size)
+    }
+
+    /// Reads a patch of `shape` voxels of `voxel_size` nm centred at `centre` (nm, z y x).
+    /// Returns a float32 tensor exported through DLPack.
+    #[pyo3(signature = (centre, shape, voxel_size, *, level=None, pad=true, pad_value=f32::NAN,
+                        interpolation="nearest", foreground=false, mirror=[false; 3],
+                        permutation=[0, 1, 2], rotation_deg=[0.0; 3]))]
+    #[allow(clippy::too_many_arguments)]
+    fn read(
+        &self,
+        py: Python<'_>,
+        centre: [f64; 3],
+        shape: [usize; 3],
+        voxel_size: [f64; 3],
+        level: Option<usize>,
+        pad: bool,
+        pad_value: f32,
+        interpolation: &str,
+        foreground: bool,
+        mirror: [bool; 3],
+        permutation: [usize; 3],
+        rotation_deg: [f64; 3],
+    ) -> PyResult<Tensor> {
+        let interpolation = Interpolation::parse(interpolation).map_err(|e| to_pyerr(py, e))?;
+        let spec = PatchSpec::new(shape, voxel_size).map_err(|e| to_pyerr(py, e))?;
+        let level = level.unwrap_or_else(|| self.inner.pick_level(voxel_size));
+        if level >= self.inner.levels.len() {
+            return Err(to_pyerr(py, cellmap_engine::Error::invalid(format!("level {level} does not exist"))));
+        }
+        let mut sorted = permutation;
+        sorted.sort_unstable();
+        if sorted != [0, 1, 2] {
+            return Err(to_pyerr(py, cellmap_engine::Error::invalid(format!("permutation {permutation:?} is not a permutation of 0, 1, 2"))));
+        }
+        let draw = SpatialDraw { mirror, permutation, angles_deg: rotation_deg };
+        let options = ReadOptions {
+            interpolation,
+            mode: if foreground { ValueMode::Foreground } else { ValueMode::Raw },
+            pad,
+            pad_value,
+        };
+        let volume = self.inner.clone();
+        let data = run(py, move || {
+            let mut out = TrackedVec::zeros(spec.len());
+            read_patch(&volume, level, &spec, centre, &draw, &options, &mut out)?;
+            Ok(out)
+        })?;
+        Tensor::new(data.into_buffer(), shape.to_vec())
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Volume('{}', levels={})", self.inner.path.display(), self.inner.levels.len())
+    }
+}

@@ -1,0 +1,75 @@
+"""Shared fixtures: small OME-NGFF images written with zarr-python (the independent reference)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pytest
+import zarr
+from numcodecs import Zstd
+
+
+def write_ome_image(
+    group_path: Path,
+    levels: Sequence[np.ndarray],
+    scales: Sequence[Sequence[float]],
+    translations: Sequence[Sequence[float]],
+    *,
+    zarr_format: int = 2,
+    chunks: Sequence[int] = (16, 16, 16),
+    axes: Sequence[str] = ("z", "y", "x"),
+    fill_value: float | int = 0,
+) -> Path:
+    """Writes an OME-NGFF multiscale image (0.4 on zarr v2, 0.5 on zarr v3) with zarr-python."""
+    group_path = Path(group_path)
+    group = zarr.open_group(str(group_path), mode="w", zarr_format=zarr_format)
+    datasets = []
+    for i, (data, scale, translation) in enumerate(zip(levels, scales, translations)):
+        kwargs = {"compressors": [Zstd(level=6)]} if zarr_format == 2 else {}
+        array = group.create_array(
+            f"s{i}", shape=data.shape, chunks=tuple(chunks)[-data.ndim:], dtype=data.dtype,
+            fill_value=fill_value, **kwargs,
+        )
+        array[...] = data
+        datasets.append({
+            "path": f"s{i}",
+            "coordinateTransformations": [
+                {"type": "scale", "scale": list(map(float, scale))},
+                {"type": "translation", "translation": list(map(float, translation))},
+            ],
+        })
+    multiscale = {
+        "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in axes],
+        "datasets": datasets,
+    }
+    if zarr_format == 2:
+        multiscale["version"] = "0.4"
+        group.attrs["multiscales"] = [multiscale]
+    else:
+        group.attrs["ome"] = {"version": "0.5", "multiscales": [multiscale]}
+    return group_path
+
+
+def reference_patch(data: np.ndarray, start: Sequence[int], shape: Sequence[int], pad_value: float = np.nan) -> np.ndarray:
+    """numpy slicing of ``data[start:start+shape]`` padded with ``pad_value`` outside."""
+    out = np.full(shape, pad_value, dtype=np.float32)
+    src = tuple(slice(max(s, 0), min(s + n, d)) for s, n, d in zip(start, shape, data.shape))
+    dst = tuple(slice(sl.start - s, sl.stop - s) for sl, s in zip(src, start))
+    if all(sl.stop > sl.start for sl in src):
+        out[dst] = data[src]
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """The tiny synthetic CellMap-layout dataset (zarr v2), generated once per session."""
+    from cellmap_data.synthetic import make_synthetic_data
+
+    return make_synthetic_data(tmp_path_factory.mktemp("tiny"), size="tiny", seed=0)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
