@@ -31,7 +31,7 @@ import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
@@ -62,7 +62,6 @@ LABEL_LEVELS = 2
 # Integer codes of the rendered label volume: 0 is cytosol (no class), class i is i + 1.
 _CYTOSOL = 0
 _CODE = {name: index + 1 for index, name in enumerate(CLASS_NAMES)}
-_ORGANELLE_CLASSES = ("nuc", "er", "mito", "ves")
 
 # Grey values of the raw image (uint8).  Membranes are dark, as in CellMap's FIB-SEM.
 _CYTOSOL_GREY = 150.0
@@ -119,6 +118,14 @@ _PATTERNS: tuple[_DatasetPattern, ...] = (
 )
 # Within each dataset, the crop at this index goes to "validate", the others to "train".
 _VALIDATE_CROP_INDEX = 1
+
+# Independent random streams, so that e.g. the geometry of dataset i does not depend
+# on how many datasets are generated or on how its raw volume is sliced for writing.
+_WORLD_STREAM, _NOISE_STREAM, _CROP_STREAM, _ANNOTATION_STREAM = range(4)
+
+
+def _rng(seed: int, stream: int, index: int = 0) -> np.random.Generator:
+    return np.random.default_rng([seed, stream, index])
 
 
 # ----------------------------------------------------------------------------- results
@@ -180,7 +187,7 @@ def _fibonacci_directions(count: int) -> np.ndarray:
     return np.stack([np.cos(polar), np.sin(polar) * np.sin(azimuth), np.sin(polar) * np.cos(azimuth)], axis=1)
 
 
-_SURFACE_DIRECTIONS = _fibonacci_directions(1000)
+_SURFACE_DIRECTIONS = _fibonacci_directions(400)
 _CONTAINMENT_DIRECTIONS = _fibonacci_directions(300)
 
 
@@ -188,7 +195,7 @@ _CONTAINMENT_DIRECTIONS = _fibonacci_directions(300)
 class _Ellipsoid:
     """A rotated ellipsoid in world coordinates (nm, zyx)."""
 
-    class_name: str | None  # None for a cell
+    class_name: str  # "cell" for a cell, else a name from CLASS_NAMES
     centre: np.ndarray
     radii: np.ndarray
     rotation: np.ndarray  # columns are the principal axes
@@ -201,10 +208,8 @@ class _Ellipsoid:
         self.half_extent = np.sqrt(((self.rotation * self.radii) ** 2).sum(axis=1))
         self.lo = self.centre - self.half_extent
         self.hi = self.centre + self.half_extent
-
-    @property
-    def bounding_radius(self) -> float:
-        return float(self.radii.max())
+        self.bounding_radius = float(self.radii.max())
+        self.min_radius = float(self.radii.min())
 
     def unit_norm(self, point: np.ndarray) -> float:
         """Norm of ``point`` in unit-ball coordinates (< 1 means inside)."""
@@ -224,8 +229,8 @@ class _Ellipsoid:
         centre_norm = self.unit_norm(inner.centre)
         if centre_norm >= 1.0:
             return False
-        reach = 1.0 - margin / float(self.radii.min())
-        if centre_norm + inner.bounding_radius / float(self.radii.min()) <= reach:
+        reach = 1.0 - margin / self.min_radius
+        if centre_norm + inner.bounding_radius / self.min_radius <= reach:
             return True  # even the bounding ball fits: no need to sample
         points = inner.surface_points(_CONTAINMENT_DIRECTIONS)
         norms = np.linalg.norm((points - self.centre) @ self.to_unit.T, axis=1)
@@ -236,8 +241,16 @@ class _Ellipsoid:
 
 
 def _random_rotation(rng: np.random.Generator) -> np.ndarray:
-    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
-    return q * np.sign(np.diag(r))
+    """A uniformly random rotation matrix, from a random unit quaternion."""
+    quaternion = rng.standard_normal(4)
+    w, x, y, z = quaternion / np.linalg.norm(quaternion)
+    return np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ]
+    )
 
 
 class _SpatialHash:
@@ -245,7 +258,10 @@ class _SpatialHash:
 
     def __init__(self, bucket_size: float) -> None:
         self.bucket_size = bucket_size
-        self.buckets: dict[tuple[int, ...], list[_Ellipsoid]] = defaultdict(list)
+        self.buckets: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        self.objects: list[_Ellipsoid] = []
+        self.centres = np.empty((0, 3))
+        self.radii = np.empty(0)
 
     def _key(self, point: np.ndarray) -> tuple[int, ...]:
         return tuple(int(v) for v in np.floor(point / self.bucket_size))
@@ -253,16 +269,29 @@ class _SpatialHash:
     def collides(self, candidate: _Ellipsoid, gap: float) -> bool:
         """Needs the bucket size to be at least twice the largest bounding radius."""
         kz, ky, kx = self._key(candidate.centre)
-        for dz in (-1, 0, 1):
-            for dy in (-1, 0, 1):
-                for dx in (-1, 0, 1):
-                    for other in self.buckets.get((kz + dz, ky + dy, kx + dx), ()):
-                        if _may_overlap(candidate, other, gap) and _ellipsoids_overlap(candidate, other, gap):
-                            return True
-        return False
+        near = [
+            i
+            for dz in (-1, 0, 1)
+            for dy in (-1, 0, 1)
+            for dx in (-1, 0, 1)
+            for i in self.buckets.get((kz + dz, ky + dy, kx + dx), ())
+        ]
+        if not near:
+            return False
+        # Vectorised bounding-ball test first; the exact-ish test only for the close ones.
+        distances = np.linalg.norm(self.centres[near] - candidate.centre, axis=1)
+        close = np.flatnonzero(distances < self.radii[near] + candidate.bounding_radius + gap)
+        return any(_ellipsoids_overlap(candidate, self.objects[near[i]], gap) for i in close)
 
     def add(self, obj: _Ellipsoid) -> None:
-        self.buckets[self._key(obj.centre)].append(obj)
+        self.buckets[self._key(obj.centre)].append(len(self.objects))
+        self.objects.append(obj)
+        if len(self.objects) > len(self.radii):  # grow the arrays geometrically
+            capacity = max(64, 2 * len(self.radii))
+            self.centres = np.resize(self.centres, (capacity, 3))
+            self.radii = np.resize(self.radii, capacity)
+        self.centres[len(self.objects) - 1] = obj.centre
+        self.radii[len(self.objects) - 1] = obj.bounding_radius
 
 
 @dataclass
@@ -272,6 +301,7 @@ class _SmoothField:
     origin: np.ndarray
     spacing: float
     values: np.ndarray  # (Cz, Cy, Cx) float32
+    _plane_cache: tuple | None = field(default=None, init=False, repr=False)
 
     def _weights(self, axis: int, coords: np.ndarray) -> np.ndarray:
         n_nodes = self.values.shape[axis]
@@ -285,11 +315,33 @@ class _SmoothField:
         return weights
 
     def sample(self, zc: np.ndarray, yc: np.ndarray, xc: np.ndarray) -> np.ndarray:
-        along_x = self.values @ self._weights(2, xc).T  # (Cz, Cy, nx)
-        along_y = self._weights(1, yc) @ along_x  # (Cz, ny, nx)
+        planes = self._planes(yc, xc)
         cz = self.values.shape[0]
-        along_z = self._weights(0, zc) @ along_y.reshape(cz, -1)
+        along_z = self._weights(0, zc) @ planes.reshape(cz, -1)
         return along_z.reshape(len(zc), len(yc), len(xc))
+
+    def _planes(self, yc: np.ndarray, xc: np.ndarray) -> np.ndarray:
+        """The lattice interpolated in y and x, (Cz, ny, nx); slabs of one volume share it."""
+        cached = self._plane_cache
+        if cached is not None and np.array_equal(cached[0], yc) and np.array_equal(cached[1], xc):
+            return cached[2]
+        along_x = self.values @ self._weights(2, xc).T  # (Cz, Cy, nx)
+        planes = np.stack([self._weights(1, yc) @ plane for plane in along_x])  # (Cz, ny, nx)
+        self._plane_cache = (yc.copy(), xc.copy(), planes)
+        return planes
+
+
+class _ObjectIndex:
+    """Ellipsoids with their bounding boxes stacked, for vectorised culling."""
+
+    def __init__(self, objects: list[_Ellipsoid]) -> None:
+        self.objects = objects
+        self.lo = np.array([o.lo for o in objects]).reshape(-1, 3)
+        self.hi = np.array([o.hi for o in objects]).reshape(-1, 3)
+
+    def overlapping(self, lo: np.ndarray, hi: np.ndarray) -> list[_Ellipsoid]:
+        hits = np.flatnonzero(np.all(self.lo <= hi, axis=1) & np.all(self.hi >= lo, axis=1))
+        return [self.objects[i] for i in hits]
 
 
 @dataclass
@@ -302,8 +354,14 @@ class _World:
     membrane_width: float
     background: _SmoothField
 
-    def overlapping(self, objects: list[_Ellipsoid], lo: np.ndarray, hi: np.ndarray) -> list[_Ellipsoid]:
-        return [obj for obj in objects if obj.intersects_box(lo, hi)]
+    def __post_init__(self) -> None:
+        self.cell_index = _ObjectIndex(self.cells)
+        self.organelle_index = _ObjectIndex(self.organelles)
+
+    def remove_organelles(self, doomed: list[_Ellipsoid]) -> None:
+        doomed_ids = {id(o) for o in doomed}
+        self.organelles = [o for o in self.organelles if id(o) not in doomed_ids]
+        self.organelle_index = _ObjectIndex(self.organelles)
 
 
 def _build_world(
@@ -316,7 +374,7 @@ def _build_world(
     box_size = float(extent.min())
     # Organelle sizes follow the box up to a cap, so that big volumes hold many
     # organelles of realistic size rather than a few huge ones.
-    feature = min(box_size, 640.0)
+    feature = min(box_size, 800.0)
     voxel = float(raw_voxel_size.max())
     pm_thickness = 3.0 * float(raw_voxel_size.min())
     membrane_width = 1.25 * float(raw_voxel_size.min())
@@ -334,21 +392,22 @@ def _build_world(
     return _World(box_lo, box_hi, cells, organelles, pm_thickness, membrane_width, background)
 
 
-def _may_overlap(a: _Ellipsoid, b: _Ellipsoid, gap: float) -> bool:
-    """Cheap bounding-sphere pre-test for :func:`_ellipsoids_overlap`."""
-    return float(np.linalg.norm(a.centre - b.centre)) < a.bounding_radius + b.bounding_radius + gap
-
-
 def _ellipsoids_overlap(a: _Ellipsoid, b: _Ellipsoid, gap: float) -> bool:
-    """Whether ``a`` and ``b`` come closer than about ``gap``, tested on sampled surface points.
+    """Whether ``a`` and ``b`` come closer than about ``gap``.
 
-    If two ellipsoids intersect (or one holds the other), some surface point of
-    one lies inside the other, so sampling both surfaces catches it.
+    Bounding and inscribed balls settle most cases; otherwise both surfaces are
+    sampled: if two ellipsoids intersect (or one holds the other), some surface
+    point of one lies inside the other.
     """
+    distance = float(np.linalg.norm(a.centre - b.centre))
+    if distance >= a.bounding_radius + b.bounding_radius + gap:
+        return False
+    if distance < a.min_radius + b.min_radius:
+        return True
     for this, other in ((a, b), (b, a)):
         points = this.surface_points(_SURFACE_DIRECTIONS)
         norms = np.linalg.norm((points - other.centre) @ other.to_unit.T, axis=1)
-        if np.any(norms < 1.0 + gap / float(other.radii.min())):
+        if np.any(norms < 1.0 + gap / other.min_radius):
             return True
     return False
 
@@ -375,7 +434,7 @@ def _place_cells(
         else:
             centre = rng.uniform(box_lo - 0.2 * extent, box_hi + 0.2 * extent)
             radii = box_size * rng.uniform(0.4, 0.9, 3)
-        cell = _Ellipsoid(None, centre, radii, _random_rotation(rng))
+        cell = _Ellipsoid("cell", centre, radii, _random_rotation(rng))
         if any(_ellipsoids_overlap(cell, other, gap) for other in cells):
             continue
         cells.append(cell)
@@ -433,7 +492,7 @@ def _place_organelles(
         base_radii = np.maximum(np.array(base) * feature, min_radius)
         target = int(np.clip(volume_fraction * usable_volume / (4.0 / 3.0 * math.pi * np.prod(base_radii)), 3, 3000))
         placed = 0
-        for _ in range(20 * target + 100):
+        for _ in range(10 * target + 100):
             if placed == target:
                 break
             candidate = _Ellipsoid(
@@ -444,7 +503,7 @@ def _place_organelles(
             )
             if not any(cell.contains(candidate, pm_thickness + gap) for cell in cells):
                 continue
-            if any(_may_overlap(candidate, n, gap) and _ellipsoids_overlap(candidate, n, gap) for n in nuclei):
+            if any(_ellipsoids_overlap(candidate, nucleus, gap) for nucleus in nuclei):
                 continue
             if index.collides(candidate, gap):
                 continue
@@ -509,26 +568,25 @@ def _render(
     yc: np.ndarray,
     xc: np.ndarray,
     *,
-    noise_rng: np.random.Generator | None = None,
+    with_image: bool = False,
     instance_class: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Render the world at the voxel centres ``zc x yc x xc`` (nm, increasing).
 
-    Returns the class-code volume, the raw grey image (float32, only when
-    ``noise_rng`` is given) and the world ordinal of every voxel of
-    ``instance_class`` (only when asked for).
+    Returns the class-code volume, the noise-free raw grey image (float32, only
+    ``with_image``) and the world ordinal of every voxel of ``instance_class``
+    (only when asked for).
     """
     axes = (zc, yc, xc)
     shape = (len(zc), len(yc), len(xc))
     lo = np.array([zc[0], yc[0], xc[0]])
     hi = np.array([zc[-1], yc[-1], xc[-1]])
-    with_image = noise_rng is not None
     codes = np.full(shape, _CODE["ecs"], np.uint8)
     image = world.background.sample(zc, yc, xc) + np.float32(_CYTOSOL_GREY) if with_image else None
     ordinals = np.zeros(shape, np.uint32) if instance_class is not None else None
 
     thickness = world.pm_thickness
-    for cell in world.overlapping(world.cells, lo, hi):
+    for cell in world.cell_index.overlapping(lo, hi):
         region = _slices_of(cell, axes)
         if region is None:
             continue
@@ -539,14 +597,14 @@ def _render(
         band, distance = _surface_band(cell, unit, q2, thickness + 3.0 * world.membrane_width)
         in_membrane = (distance <= 0.0) & (distance >= -thickness)
         cell_codes[band] = np.where(in_membrane, _CODE["pm"], cell_codes[band])
-        if with_image:
+        if image is not None:
             profile = np.exp(-(((distance + thickness / 2) / (thickness / 2)) ** 2))
             image[region][band] -= (_PM_DARKENING * profile).astype(np.float32)
-    if with_image:
+    if image is not None:
         image[codes == _CODE["ecs"]] += np.float32(_ECS_OFFSET)
 
     width = world.membrane_width
-    for obj in world.overlapping(world.organelles, lo, hi):
+    for obj in world.organelle_index.overlapping(lo, hi):
         region = _slices_of(obj, axes)
         if region is None:
             continue
@@ -556,7 +614,7 @@ def _render(
         codes[region][inside] = _CODE[obj.class_name]
         if ordinals is not None and obj.class_name == instance_class:
             ordinals[region][inside] = obj.ordinal
-        if not with_image:
+        if image is None:
             continue
         interior = image[region][inside] + np.float32(_INTERIOR_OFFSET[obj.class_name])
         if obj.class_name == "mito":
@@ -569,9 +627,6 @@ def _render(
         band, distance = _surface_band(obj, unit, q2, 4.0 * width)
         profile = np.exp(-(((distance + width) / width) ** 2))
         image[region][band] -= (_MEMBRANE_DARKENING[obj.class_name] * profile).astype(np.float32)
-
-    if with_image:
-        image += noise_rng.standard_normal(shape, dtype=np.float32) * np.float32(_NOISE_SIGMA)
     return codes, image, ordinals
 
 
@@ -595,7 +650,7 @@ def _render_volume(
         z1 = min(shape[0], z0 + step)
         slab_codes, _, slab_ordinals = _render(world, zc[z0:z1], yc, xc, instance_class=instance_class)
         codes[z0:z1] = slab_codes
-        if ordinals is not None:
+        if ordinals is not None and slab_ordinals is not None:
             ordinals[z0:z1] = slab_ordinals
     return codes, ordinals
 
@@ -616,6 +671,11 @@ def _rounded(values) -> list[float]:
     return [round(float(v), 6) for v in values]
 
 
+def _zyx(values) -> tuple[float, float, float]:
+    z, y, x = _rounded(values)
+    return z, y, x
+
+
 def _level_transform(voxel_size: np.ndarray, translation: np.ndarray, level: int) -> tuple[list[float], list[float]]:
     """Scale and translation of pyramid level ``level``; the translation is the centre of voxel 0."""
     factor = 2**level
@@ -625,7 +685,9 @@ def _level_transform(voxel_size: np.ndarray, translation: np.ndarray, level: int
 class _ZarrWriter:
     """Creates groups and arrays of one container in the requested flavour of Zarr."""
 
-    def __init__(self, zarr_format: int, compressor: str, sharded: bool, chunk: int, dimension_separator: str):
+    def __init__(
+        self, zarr_format: Literal[2, 3], compressor: str, sharded: bool, chunk: int, dimension_separator: str
+    ):
         import numcodecs
         import zarr
         from zarr.codecs import BloscCodec, ZstdCodec
@@ -687,7 +749,7 @@ class _ZarrWriter:
         return {"ome": {"version": "0.5", "multiscales": [multiscale]}}
 
     def create_array(self, group, name: str, shape: Sequence[int], dtype, attributes: dict | None = None):
-        options = {}
+        options: dict[str, Any] = {}
         if self.zarr_format == 2:
             options["chunk_key_encoding"] = {"name": "v2", "separator": self.dimension_separator}
         else:
@@ -813,7 +875,7 @@ def _place_crop(
 
 def _plan_dataset(index: int, seed: int, size) -> _DatasetPlan:
     pattern = _PATTERNS[index % len(_PATTERNS)]
-    rng = np.random.default_rng([seed, index])
+    rng = _rng(seed, _WORLD_STREAM, index)
     raw_shape = _raw_shape_for(pattern, size)
     raw_voxel = np.array(pattern.raw_voxel_size)
     raw_translation = (
@@ -829,13 +891,14 @@ def _plan_crops(plans: list[_DatasetPlan], seed: int) -> None:
     """Place every crop and decide which classes it annotates."""
     number = 0
     for plan in plans:
-        rng = np.random.default_rng([seed, plan.index, 2])
+        rng = _rng(seed, _CROP_STREAM, plan.index)
         raw_lo, raw_hi = plan.world.box_lo, plan.world.box_hi
         raw_extent = raw_hi - raw_lo
         for crop_index, spec in enumerate(plan.pattern.crops):
             number += 1
             voxel = np.array(spec.voxel_size)
-            shape = tuple(_even(f * e / v) for f, e, v in zip(spec.extent_fraction, raw_extent, voxel))
+            fz, fy, fx = (f * e / v for f, e, v in zip(spec.extent_fraction, raw_extent, voxel))
+            shape = (_even(fz), _even(fy), _even(fx))
             extent = voxel * np.array(shape)
             must_contain = None
             if plan.index == 0 and crop_index == 0:
@@ -849,7 +912,7 @@ def _plan_crops(plans: list[_DatasetPlan], seed: int) -> None:
             translation = np.array(_rounded(lo + voxel / 2))
             plan.crops.append(_CropPlan(number, plan.index, voxel, shape, translation, usage))
 
-    rng = np.random.default_rng([seed, 1_000_000])
+    rng = _rng(seed, _ANNOTATION_STREAM)
     all_crops = [crop for plan in plans for crop in plan.crops]
     for crop in all_crops:
         count = int(rng.integers(2, len(CLASS_NAMES) + 1))
@@ -863,8 +926,8 @@ def _plan_crops(plans: list[_DatasetPlan], seed: int) -> None:
     first.crops[0].instance_classes = ["mito"]
 
     # Guarantee an annotated-but-absent class: in the last crop of the first dataset,
-    # clear the organelle class that touches it least (never "mito": the instance
-    # crop relies on it) and annotate it there.
+    # clear the organelle class whose removal costs the least volume (often none;
+    # never "mito": the instance crop relies on it) and annotate it there.
     target = first.crops[-1]
     lo, hi = target.box
     candidates = ("ves", "er", "nuc")
@@ -872,9 +935,11 @@ def _plan_crops(plans: list[_DatasetPlan], seed: int) -> None:
         name: [o for o in first.world.organelles if o.class_name == name and o.intersects_box(lo, hi)]
         for name in candidates
     }
-    absent = min(candidates, key=lambda name: (len(touching[name]), candidates.index(name)))
-    removed = {id(o) for o in touching[absent]}
-    first.world.organelles = [o for o in first.world.organelles if id(o) not in removed]
+    absent = min(
+        candidates,
+        key=lambda name: (sum(float(np.prod(o.radii)) for o in touching[name]), candidates.index(name)),
+    )
+    first.world.remove_organelles(touching[absent])
     target.classes.add(absent)
 
 
@@ -896,11 +961,13 @@ def _write_raw(plan: _DatasetPlan, writer: _ZarrWriter, root, noise_rng: np.rand
     for z0 in range(0, len(zc), block_z):
         z1 = min(len(zc), z0 + block_z)
         block = np.empty((z1 - z0, len(yc), len(xc)), np.uint8)
-        for s0 in range(z0, z1, step):
-            s1 = min(z1, s0 + step)
-            _, image, _ = _render(plan.world, zc[s0:s1], yc, xc, noise_rng=noise_rng)
+        for start in range(z0, z1, step):
+            stop = min(z1, start + step)
+            _, image, _ = _render(plan.world, zc[start:stop], yc, xc, with_image=True)
+            assert image is not None
+            image += noise_rng.standard_normal(image.shape, dtype=np.float32) * np.float32(_NOISE_SIGMA)
             np.clip(image, 0, 255, out=image)
-            block[s0 - z0 : s1 - z0] = np.rint(image).astype(np.uint8)
+            block[start - z0 : stop - z0] = np.rint(image).astype(np.uint8)
         levels[0][z0:z1] = block
         downsampled = _downsample_mean(block)
         half[z0 // 2 : z0 // 2 + downsampled.shape[0]] = downsampled
@@ -933,10 +1000,10 @@ def _write_crop(
         shape = tuple(n // factor for n in crop.shape)
         rendered.append(_render_volume(plan.world, translation, scale, shape, instance_class))
 
-    instance_ids = None
+    instance_ids = np.zeros(1, np.uint8)
     if instance_class is not None:
         # Number the instances present in this crop 1..k, consistently across levels.
-        present = np.union1d(*(np.unique(ordinals) for _, ordinals in rendered))
+        present = np.union1d(*(np.unique(ordinals) for _, ordinals in rendered if ordinals is not None))
         present = present[present > 0]
         instance_ids = np.zeros(int(present.max(initial=0)) + 1, np.uint16)
         instance_ids[present] = np.arange(1, len(present) + 1)
@@ -954,7 +1021,7 @@ def _write_crop(
             }
         )
         for level, (codes, ordinals) in enumerate(rendered):
-            if is_instance:
+            if is_instance and ordinals is not None:
                 labels = instance_ids[np.where(codes == _CODE[class_name], ordinals, 0)]
             else:
                 labels = (codes == _CODE[class_name]).view(np.uint8)
@@ -1004,9 +1071,10 @@ def make_synthetic_data(
     Args:
         out_dir: Output folder (created if needed).  Existing ``ds<i>.zarr``
             containers and ``datasplit.csv`` in it are replaced; nothing else is touched.
-        size: ``"tiny"`` (80^3 raw, 32^3 chunks, ~1 s), ``"small"`` (128^3),
-            ``"bench"`` (640^3 raw, 64^3 chunks, ~0.5 GB raw in total) or an explicit
-            ``(z, y, x)`` raw s0 shape.  The anisotropic datasets get 80 % of the z
+        size: ``"tiny"`` (80^3 raw, 32^3 chunks, ~2 s), ``"small"`` (128^3),
+            ``"bench"`` (640^3 raw, 64^3 chunks, ~0.47 G raw voxels over two
+            datasets, ~1 min, ~400 MB on disk) or an explicit ``(z, y, x)`` raw s0
+            shape (each at least 16).  The anisotropic datasets get 80 % of the z
             slices of a named size.
         n_datasets: Number of containers; they cycle through an isotropic 4 nm pattern
             (crops at 4 nm and 8 nm) and an anisotropic (5.24, 4, 4) nm one.
@@ -1041,12 +1109,12 @@ def make_synthetic_data(
     plans = [_plan_dataset(index, seed, raw_size) for index in range(n_datasets)]
     _plan_crops(plans, seed)
 
-    writer = _ZarrWriter(zarr_format, compressor, sharded, chunk, dimension_separator)
+    writer = _ZarrWriter(2 if zarr_format == 2 else 3, compressor, sharded, chunk, dimension_separator)
     datasets = []
     for plan in plans:
         zarr_path = root / f"{plan.name}.zarr"
         group = writer.open_root(zarr_path)
-        _write_raw(plan, writer, group, np.random.default_rng([seed, plan.index, 1]))
+        _write_raw(plan, writer, group, _rng(seed, _NOISE_STREAM, plan.index))
         crops = []
         for crop in plan.crops:
             empty = _write_crop(plan, crop, writer, group, write_counts)
@@ -1057,9 +1125,9 @@ def make_synthetic_data(
                     name=crop.name,
                     path=crop_path,
                     classes=classes,
-                    voxel_size=tuple(_rounded(crop.voxel_size)),
+                    voxel_size=_zyx(crop.voxel_size),
                     shape=crop.shape,
-                    translation=tuple(_rounded(crop.translation)),
+                    translation=_zyx(crop.translation),
                     target_path=f"{crop_path}/[{','.join(classes)}]",
                     usage=crop.usage,
                     instance_classes=list(crop.instance_classes),
@@ -1071,9 +1139,9 @@ def make_synthetic_data(
                 name=plan.name,
                 zarr_path=zarr_path,
                 raw_path=zarr_path / RAW_GROUP,
-                raw_voxel_size=tuple(_rounded(plan.raw_voxel_size)),
+                raw_voxel_size=_zyx(plan.raw_voxel_size),
                 raw_shape=plan.raw_shape,
-                raw_translation=tuple(_rounded(plan.raw_translation)),
+                raw_translation=_zyx(plan.raw_translation),
                 crops=crops,
             )
         )

@@ -165,17 +165,18 @@ impl Batch {
     /// Converts into an Arrow RecordBatch without copying tensor data.
     pub fn into_record_batch(self) -> Result<RecordBatch> {
         let n = self.samples.len();
-        let mut fields = Vec::new();
+        let mut fields: Vec<Field> = Vec::new();
         let mut arrays: Vec<ArrayRef> = Vec::new();
         for column in self.columns {
             let size: usize = column.sample_shape.iter().product();
             let ext = FixedShapeTensor::try_new(DataType::Float32, column.sample_shape.clone(), Some(column.dim_names.clone()), None)
                 .map_err(|e| Error::invalid(format!("array '{}': {e}", column.name)))?;
-            let item = Arc::new(Field::new("item", DataType::Float32, true));
+            let item = Arc::new(Field::new("item", DataType::Float32, false));
             let values = Float32Array::new(ScalarBuffer::new(column.data.into_buffer(), 0, size * n), None);
             let list = FixedSizeListArray::try_new(item.clone(), size as i32, Arc::new(values), None)
                 .map_err(|e| Error::invalid(format!("array '{}': {e}", column.name)))?;
-            let field = Field::new(&column.name, DataType::FixedSizeList(item, size as i32), false)
+            let mut field = Field::new(&column.name, DataType::FixedSizeList(item, size as i32), false);
+            field
                 .try_with_extension_type(ext)
                 .map_err(|e| Error::invalid(format!("array '{}': {e}", column.name)))?;
             fields.push(field);

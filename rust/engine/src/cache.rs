@@ -2,7 +2,7 @@
 //! budget, one decode per chunk even when many threads ask for it at once, and hit/miss counters.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use quick_cache::sync::Cache;
 use quick_cache::Weighter;
@@ -102,6 +102,10 @@ pub struct ChunkCache {
     misses: AtomicU64,
 }
 
+static GLOBAL: Mutex<Option<(u32, Arc<ChunkCache>)>> = Mutex::new(None);
+/// Budget of the process-wide cache, remembered so a forked child's fresh cache keeps it.
+static GLOBAL_BUDGET: AtomicU64 = AtomicU64::new(0);
+
 /// Default budget: 2 GiB, or `CELLMAP_CACHE_BYTES` when set.
 pub fn default_budget() -> u64 {
     std::env::var("CELLMAP_CACHE_BYTES")
@@ -122,10 +126,27 @@ impl ChunkCache {
         }
     }
 
-    /// The process-wide cache used by volumes opened without an explicit one.
+    /// The process-wide cache. A forked child gets a fresh one: the parent's may have been
+    /// locked by a thread that does not exist in the child.
     pub fn global() -> Arc<ChunkCache> {
-        static GLOBAL: OnceLock<Arc<ChunkCache>> = OnceLock::new();
-        GLOBAL.get_or_init(|| Arc::new(ChunkCache::new(default_budget()))).clone()
+        let pid = std::process::id();
+        let mut guard = GLOBAL.lock().unwrap_or_else(|e| e.into_inner());
+        match guard.as_ref() {
+            Some((owner, cache)) if *owner == pid => cache.clone(),
+            _ => {
+                if GLOBAL_BUDGET.load(Ordering::Relaxed) == 0 {
+                    GLOBAL_BUDGET.store(default_budget(), Ordering::Relaxed);
+                }
+                let budget = GLOBAL_BUDGET.load(Ordering::Relaxed);
+                if let Some(old) = guard.take() {
+                    // Never touch the parent's cache in a child (its locks may be held).
+                    std::mem::forget(old);
+                }
+                let cache = Arc::new(ChunkCache::new(budget));
+                *guard = Some((pid, cache.clone()));
+                cache
+            }
+        }
     }
 
     /// Returns the chunk for `key`, decoding it with `decode` if absent. Concurrent callers
@@ -142,6 +163,12 @@ impl ChunkCache {
             self.hits.fetch_add(1, Ordering::Relaxed);
         }
         Ok(chunk)
+    }
+
+    /// Changes the byte budget of the process-wide cache (evicting as needed).
+    pub fn set_global_budget(budget_bytes: u64) {
+        GLOBAL_BUDGET.store(budget_bytes, Ordering::Relaxed);
+        ChunkCache::global().set_budget(budget_bytes);
     }
 
     /// Changes the byte budget (evicting as needed).

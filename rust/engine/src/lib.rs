@@ -11,6 +11,7 @@ pub mod error;
 pub mod extract;
 pub mod geometry;
 pub mod ngff;
+pub mod runtime;
 pub mod sampler;
 pub mod volume;
 

@@ -36,9 +36,10 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "unknown panic".to_string())
 }
 
-/// Runs `work` without the GIL, turning engine errors and panics into Python exceptions.
+/// Runs `work` without the GIL inside the engine's thread pool, turning engine errors and
+/// panics into Python exceptions.
 pub fn run<T: Send>(py: Python<'_>, work: impl FnOnce() -> cellmap_engine::Result<T> + Send) -> PyResult<T> {
-    let outcome = py.detach(|| catch_unwind(AssertUnwindSafe(work)));
+    let outcome = py.detach(|| catch_unwind(AssertUnwindSafe(|| cellmap_engine::runtime::install(work))));
     match outcome {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(error)) => Err(to_pyerr(py, error)),

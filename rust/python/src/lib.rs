@@ -27,7 +27,7 @@ fn cache_stats(py: Python<'_>) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
 /// Sets the byte budget of the shared decoded-chunk cache.
 #[pyfunction]
 fn set_cache_budget(bytes: u64) {
-    ChunkCache::global().set_budget(bytes);
+    ChunkCache::set_global_budget(bytes);
 }
 
 /// Drops every cached chunk and resets the hit/miss counters.

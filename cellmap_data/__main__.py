@@ -1,0 +1,3 @@
+from cellmap_data.cli import main
+
+raise SystemExit(main())
