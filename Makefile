@@ -28,8 +28,10 @@ demo: build
 
 test: build test-rust test-python test-notebooks
 
-test-rust:
-	cargo test -p cellmap-engine --profile $(PROFILE) -q
+# --workspace resolves features exactly as the extension build does, so the engine's tests
+# reuse its compiled dependencies instead of building a second copy.
+test-rust: build
+	cargo test --workspace --profile $(PROFILE) -q
 
 test-python: build
 	$(PY) -m pytest -q

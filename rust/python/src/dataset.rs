@@ -5,7 +5,8 @@ use std::sync::Arc;
 use arrow_array::cast::AsArray;
 use arrow_array::types::Float32Type;
 use arrow_array::{Array, RecordBatch};
-use cellmap_engine::batch::Batch as EngineBatch;
+use cellmap_engine::augment::SpatialDraw;
+use cellmap_engine::batch::{Batch as EngineBatch, SampleRequest};
 use cellmap_engine::cache::ChunkCache;
 use cellmap_engine::dataset::{Dataset as EngineDataset, DatasetConfig};
 use cellmap_engine::sampler::{request, StreamKey};
@@ -121,6 +122,25 @@ impl Dataset {
                     request(&inner, index, key, stream, augment)
                 })
                 .collect::<cellmap_engine::Result<Vec<_>>>()?;
+            let batch = EngineBatch::read(&inner, &requests)?;
+            let shapes = batch.columns.iter().map(|c| (c.name.clone(), c.sample_shape.clone())).collect();
+            Ok((batch.into_record_batch()?, shapes))
+        })?;
+        Ok(Batch { record_batch: batch.0, shapes: batch.1 })
+    }
+    /// Reads patches centred at arbitrary world `centres` (z, y, x nm) without augmentation;
+    /// `indices` label the samples in the batch's `idx` column.
+    fn read_centres(&self, py: Python<'_>, centres: Vec<[f64; 3]>, indices: Vec<u64>) -> PyResult<Batch> {
+        if centres.len() != indices.len() {
+            return Err(to_pyerr(py, Error::invalid("centres and indices must have the same length")));
+        }
+        let inner = self.inner.clone();
+        let batch = run(py, move || {
+            let requests: Vec<SampleRequest> = centres
+                .iter()
+                .zip(&indices)
+                .map(|(&centre, &index)| SampleRequest { index, centre, draw: SpatialDraw::default(), value_seed: 0 })
+                .collect();
             let batch = EngineBatch::read(&inner, &requests)?;
             let shapes = batch.columns.iter().map(|c| (c.name.clone(), c.sample_shape.clone())).collect();
             Ok((batch.into_record_batch()?, shapes))
