@@ -24,6 +24,10 @@ _LAZY = {
     "EmptyImage": ".image",
     "CellMapDataset": ".dataset",
     "CellMapError": ".exceptions",
+    "CellMapMultiDataset": ".multidataset",
+    "CellMapSubset": ".multidataset",
+    "CellMapDataLoader": ".loader",
+    "ClassBalancedSampler": ".loader",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

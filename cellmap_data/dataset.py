@@ -98,7 +98,8 @@ class CellMapDataset(torch.utils.data.Dataset):
         else:
             self.target_template, self.annotated_classes = "", []
         self.spatial_transforms = spatial_transforms_json(spatial_transforms)
-        self._engine = self._open_engine()
+        self._engine_handle = self._open_engine()
+        self._engine_pid = os.getpid()
 
     # -- engine configuration ---------------------------------------------------------------
     def _class_sources(self) -> list[list[str | None]]:
@@ -109,6 +110,8 @@ class CellMapDataset(torch.utils.data.Dataset):
 
     def _engine_config(self) -> dict[str, Any]:
         return {
+            "name": self.raw_path,
+            "crop": self.target_path,
             "raw_path": self.raw_path,
             "classes": self._class_sources(),
             "inputs": self._inputs,
@@ -121,6 +124,30 @@ class CellMapDataset(torch.utils.data.Dataset):
 
     def _open_engine(self) -> Any:
         return _engine.Dataset(to_json(self._engine_config()))
+
+    @property
+    def engine(self) -> Any:
+        """The engine dataset. A forked child process reopens its own (the parent's threads and
+        cache are not usable there)."""
+        if self._engine_pid != os.getpid():
+            self._engine_handle = self._open_engine()
+            self._engine_pid = os.getpid()
+        return self._engine_handle
+
+    # Older code paths and tests use the private name.
+    @property
+    def _engine(self) -> Any:
+        return self.engine
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_engine_handle", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._engine_handle = self._open_engine()
+        self._engine_pid = os.getpid()
 
     # -- size and geometry --------------------------------------------------------------
     def __len__(self) -> int:
@@ -227,12 +254,58 @@ class CellMapDataset(torch.utils.data.Dataset):
     def set_spatial_transforms(self, spatial_transforms: Mapping[str, Any] | None) -> None:
         """Replaces the spatial augmentation config (validated immediately)."""
         self.spatial_transforms = spatial_transforms_json(spatial_transforms)
-        self._engine = self._open_engine()
+        self._engine_handle = self._open_engine()
+        self._engine_pid = os.getpid()
 
     def to(self, device: str | torch.device, non_blocking: bool = True) -> "CellMapDataset":
         """Returns tensors on ``device`` from now on."""
         self.device = torch.device(device)
         return self
+
+    # -- tiles, classes and counts ------------------------------------------------------
+    @property
+    def validation_indices(self) -> list[int]:
+        """Indices of non-overlapping tiles (the first target array's shape) that cover the
+        whole crop, the last tile on each axis shifted back so the far edge is covered."""
+        grid = self.engine.grid
+        if len(self) == 0:
+            return []
+        spec = (self._targets or self._inputs)[0]["shape"]
+        per_axis = []
+        for g, n in zip(grid, spec):
+            positions = list(range(0, g, n))
+            if positions[-1] != g - 1:
+                positions.append(g - 1)
+            per_axis.append(positions)
+        return [(z * grid[1] + y) * grid[2] + x for z in per_axis[0] for y in per_axis[1] for x in per_axis[2]]
+
+    def get_crop_class_matrix(self) -> "np.ndarray":
+        """Bool ``[1, n_classes]``: whether this crop annotates each requested class."""
+        import numpy as np
+
+        return np.array([[c in self.annotated_classes for c in self.classes]], dtype=bool)
+
+    @property
+    def class_counts(self) -> dict[str, dict[str, float]]:
+        """``{"totals": {cls: foreground voxels}, "totals_total": {cls: voxels}}`` at training
+        resolution (read from ``complement_counts`` metadata when present, else counted by the
+        engine and cached outside the data)."""
+        from ._stats import class_counts
+
+        return class_counts(self)
+
+    @property
+    def class_weights(self) -> dict[str, float]:
+        """Per-class background/foreground ratio (finite for classes without foreground)."""
+        from ._stats import class_weights
+
+        return class_weights(self.class_counts)
+
+    def stats(self) -> Any:
+        """Polars table: one row per (crop, class) with sizes, counts, fraction and weight."""
+        from ._stats import stats
+
+        return stats(self)
 
     def verify(self) -> bool:
         """Whether the dataset can produce samples (or ``force_has_data`` is set)."""

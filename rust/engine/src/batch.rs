@@ -3,10 +3,10 @@
 //! array plus metadata columns). Buffers are tracked so tests can see memory being released.
 
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 
-use arrow_array::builder::{BooleanBuilder, Float64Builder, StringBuilder, UInt64Builder, UInt8Builder};
+use arrow_array::builder::{BooleanBuilder, Float64Builder, Int64Builder, StringBuilder, UInt64Builder, UInt8Builder};
 use arrow_array::{ArrayRef, FixedSizeListArray, Float32Array, RecordBatch};
 use arrow_buffer::{Buffer, ScalarBuffer};
 use arrow_schema::extension::FixedShapeTensor;
@@ -92,38 +92,59 @@ pub struct TensorColumn {
     pub data: TrackedVec,
 }
 
-/// A batch of samples from one dataset.
+/// A batch of samples (possibly from several datasets of one collection).
 #[derive(Debug)]
 pub struct Batch {
     /// Inputs then targets.
     pub columns: Vec<TensorColumn>,
     /// The requests, in batch order.
     pub samples: Vec<SampleRequest>,
-    /// Raw path of the dataset each sample came from.
+    /// Name of the dataset each sample came from.
     pub dataset_labels: Vec<String>,
-    /// Levels used by each array (same order as columns; targets report the raw-free label level
-    /// of their first annotated class, or -1).
-    pub levels: Vec<i64>,
+    /// Crop (label group) each sample came from.
+    pub crop_labels: Vec<String>,
+    /// Per sample, the level read for each array (same order as columns; a target reports the
+    /// level of its first annotated class, or -1 when none is annotated).
+    pub levels: Vec<Vec<i64>>,
 }
 
 impl Batch {
     /// Reads `requests` from `dataset` in parallel.
     pub fn read(dataset: &Dataset, requests: &[SampleRequest]) -> Result<Batch> {
-        let shapes = dataset.sample_shapes();
-        let specs: Vec<_> = dataset.config.inputs.iter().chain(&dataset.config.targets).collect();
+        let items: Vec<(&Dataset, SampleRequest)> = requests.iter().map(|r| (dataset, *r)).collect();
+        Batch::read_items(&items, None)
+    }
+
+    /// Reads samples from their datasets in parallel; every dataset must produce the same
+    /// array shapes. With `cancel`, a raised flag stops the read with `Error::Interrupted`.
+    pub fn read_items(items: &[(&Dataset, SampleRequest)], cancel: Option<&AtomicBool>) -> Result<Batch> {
+        let first = items.first().ok_or_else(|| Error::invalid("a batch needs at least one sample"))?.0;
+        let shapes = first.sample_shapes();
+        for (dataset, _) in items {
+            if dataset.sample_shapes() != shapes {
+                return Err(Error::invalid(format!(
+                    "datasets {} and {} produce different array shapes and cannot share a batch",
+                    first.config.name(),
+                    dataset.config.name()
+                )));
+            }
+        }
+        let specs: Vec<_> = first.config.inputs.iter().chain(&first.config.targets).collect();
         let per_sample: Vec<usize> = shapes.iter().map(|(_, s)| s.iter().product()).collect();
-        let mut buffers: Vec<TrackedVec> = per_sample.iter().map(|n| TrackedVec::zeros(n * requests.len())).collect();
+        let mut buffers: Vec<TrackedVec> = per_sample.iter().map(|n| TrackedVec::zeros(n * items.len())).collect();
         {
-            let mut per_request: Vec<Vec<&mut [f32]>> = (0..requests.len()).map(|_| Vec::new()).collect();
+            let mut per_request: Vec<Vec<&mut [f32]>> = (0..items.len()).map(|_| Vec::new()).collect();
             for (buf, &n) in buffers.iter_mut().zip(&per_sample) {
                 for (slot, chunk) in per_request.iter_mut().zip(buf.chunks_mut(n.max(1))) {
                     slot.push(chunk);
                 }
             }
-            per_request
-                .into_par_iter()
-                .zip(requests.par_iter())
-                .try_for_each(|(mut outs, req)| dataset.read_sample(req.centre, &req.draw, &mut outs))?;
+            per_request.into_par_iter().zip(items.par_iter()).try_for_each(|(mut outs, (dataset, req))| {
+                if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                    return Err(Error::Interrupted);
+                }
+                dataset.read_sample(req.centre, &req.draw, &mut outs)
+            })?;
         }
         let columns = shapes
             .into_iter()
@@ -136,19 +157,12 @@ impl Batch {
                 data,
             })
             .collect();
-        let label = dataset.config.raw_path.display().to_string();
-        let mut levels: Vec<i64> = dataset.input_levels.iter().map(|&l| l as i64).collect();
-        levels.extend(
-            dataset
-                .target_levels
-                .iter()
-                .map(|per_class| per_class.iter().flatten().next().map_or(-1, |&l| l as i64)),
-        );
         Ok(Batch {
             columns,
-            samples: requests.to_vec(),
-            dataset_labels: vec![label; requests.len()],
-            levels,
+            samples: items.iter().map(|(_, r)| *r).collect(),
+            dataset_labels: items.iter().map(|(d, _)| d.config.name()).collect(),
+            crop_labels: items.iter().map(|(d, _)| d.config.crop.clone()).collect(),
+            levels: items.iter().map(|(d, _)| d.array_levels()).collect(),
         })
     }
 
@@ -167,6 +181,7 @@ impl Batch {
         let n = self.samples.len();
         let mut fields: Vec<Field> = Vec::new();
         let mut arrays: Vec<ArrayRef> = Vec::new();
+        let array_names: Vec<String> = self.columns.iter().map(|c| c.name.clone()).collect();
         for column in self.columns {
             let size: usize = column.sample_shape.iter().product();
             let ext = FixedShapeTensor::try_new(DataType::Float32, column.sample_shape.clone(), Some(column.dim_names.clone()), None)
@@ -189,6 +204,9 @@ impl Batch {
         let mut dataset = StringBuilder::new();
         self.dataset_labels.iter().for_each(|d| dataset.append_value(d));
         push("dataset", Arc::new(dataset.finish()));
+        let mut crop = StringBuilder::new();
+        self.crop_labels.iter().for_each(|c| crop.append_value(c));
+        push("crop", Arc::new(crop.finish()));
         let mut idx = UInt64Builder::new();
         self.samples.iter().for_each(|s| idx.append_value(s.index));
         push("idx", Arc::new(idx.finish()));
@@ -211,6 +229,11 @@ impl Batch {
             let mut r = Float64Builder::new();
             self.samples.iter().for_each(|s| r.append_value(s.draw.angles_deg[k]));
             push(&format!("rotate_{axis}"), Arc::new(r.finish()));
+        }
+        for (a, name) in array_names.iter().enumerate() {
+            let mut l = Int64Builder::new();
+            self.levels.iter().for_each(|per| l.append_value(per[a]));
+            push(&format!("level_{name}"), Arc::new(l.finish()));
         }
         let mut seeds = UInt64Builder::new();
         self.samples.iter().for_each(|s| seeds.append_value(s.value_seed));

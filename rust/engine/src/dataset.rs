@@ -34,6 +34,10 @@ pub enum ClassSource {
 /// Everything needed to open a dataset.
 #[derive(Debug, Clone)]
 pub struct DatasetConfig {
+    /// Display name (defaults to the raw path).
+    pub label: Option<String>,
+    /// Crop label (e.g. the label group path), recorded with every sample.
+    pub crop: String,
     /// Raw multiscale group.
     pub raw_path: PathBuf,
     /// Requested classes with the label group of each annotated one (`None` = unannotated).
@@ -194,6 +198,11 @@ impl Dataset {
         }))
     }
 
+    /// Whether each requested class is annotated (has a label volume) in this crop.
+    pub fn annotated_classes(&self) -> Vec<bool> {
+        self.sources.iter().map(|s| matches!(s, ClassSource::Annotated(_))).collect()
+    }
+
     /// Number of target channels (requested classes).
     pub fn n_classes(&self) -> usize {
         self.sources.len()
@@ -253,6 +262,13 @@ impl Dataset {
             .collect()
     }
 
+    /// Level read for each array (inputs, then targets: level of the first annotated class or -1).
+    pub fn array_levels(&self) -> Vec<i64> {
+        let mut levels: Vec<i64> = self.input_levels.iter().map(|&l| l as i64).collect();
+        levels.extend(self.target_levels.iter().map(|per_class| per_class.iter().flatten().next().map_or(-1, |&l| l as i64)));
+        levels
+    }
+
     /// Axis names of a sample tensor of array `spec` (channel + non-singleton spatial axes).
     pub fn dim_names(spec: &PatchSpec) -> Vec<String> {
         let mut names = vec!["c".to_string()];
@@ -293,6 +309,11 @@ impl ArraySpec {
 }
 
 impl DatasetConfig {
+    /// The display name: `label` or the raw path.
+    pub fn name(&self) -> String {
+        self.label.clone().unwrap_or_else(|| self.raw_path.display().to_string())
+    }
+
     /// Parses the configuration the Python layer sends (see `cellmap_data/_config.py`).
     /// `raw_pad_value: null` means NaN (JSON has no NaN).
     pub fn from_json(value: &serde_json::Value) -> Result<DatasetConfig> {
@@ -319,6 +340,8 @@ impl DatasetConfig {
         };
         let interpolation = value.get("raw_interpolation").and_then(Value::as_str).unwrap_or("linear");
         Ok(DatasetConfig {
+            label: value.get("name").and_then(Value::as_str).map(str::to_string),
+            crop: value.get("crop").and_then(Value::as_str).unwrap_or_default().to_string(),
             raw_path: PathBuf::from(raw_path),
             classes,
             inputs: arrays("inputs")?,

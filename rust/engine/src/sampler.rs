@@ -4,7 +4,7 @@
 use crate::augment::{SampleRng, SpatialDraw};
 use crate::batch::SampleRequest;
 use crate::dataset::Dataset;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Keys of the random streams: one run = (seed, epoch, rank).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -28,4 +28,149 @@ pub fn request(dataset: &Dataset, index: usize, key: StreamKey, stream_index: u6
         SpatialDraw::default()
     };
     Ok(SampleRequest { index: index as u64, centre, draw, value_seed: rng.next_seed() })
+}
+
+/// One planned sample of an epoch: which dataset of the collection, which grid sample, and the
+/// stream index its random draws are keyed by (its position in the whole epoch's plan, so a
+/// sample is drawn identically whichever rank or worker reads it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlannedSample {
+    /// Dataset index in the collection.
+    pub dataset: usize,
+    /// Grid sample index within the dataset.
+    pub index: usize,
+    /// Stream index for the sample's RNG.
+    pub stream: u64,
+}
+
+fn epoch_rng(seed: u64, epoch: u64, salt: u64) -> SampleRng {
+    // Plan-level draws use a reserved rank value so they never collide with sample streams.
+    SampleRng::new(seed, epoch, u64::MAX - salt, 0)
+}
+
+fn permutation(n: usize, rng: &mut SampleRng) -> Vec<usize> {
+    let mut v: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        v.swap(i, j);
+    }
+    v
+}
+
+fn locate(sizes: &[usize], mut global: usize) -> (usize, usize) {
+    for (d, &n) in sizes.iter().enumerate() {
+        if global < n {
+            return (d, global);
+        }
+        global -= n;
+    }
+    unreachable!("global index within the total size")
+}
+
+/// Uniform plan over the concatenated datasets (`sizes`). `count = None` takes every sample once
+/// (in order unless `shuffle`); `Some(k)` takes `k` samples made of whole random permutations
+/// (each sample at most once per pass over the data), so short epochs still spread evenly.
+pub fn uniform_plan(sizes: &[usize], count: Option<usize>, shuffle: bool, seed: u64, epoch: u64) -> Result<Vec<PlannedSample>> {
+    let total: usize = sizes.iter().sum();
+    if total == 0 {
+        return Err(Error::invalid("cannot sample from an empty dataset (no sample fits: check pad and array shapes)"));
+    }
+    let mut rng = epoch_rng(seed, epoch, 1);
+    let count = count.unwrap_or(total);
+    let mut order = Vec::with_capacity(count);
+    while order.len() < count {
+        let block = if shuffle || count != total { permutation(total, &mut rng) } else { (0..total).collect() };
+        order.extend(block.into_iter().take(count - order.len()));
+    }
+    Ok(order
+        .into_iter()
+        .enumerate()
+        .map(|(pos, g)| {
+            let (dataset, index) = locate(sizes, g);
+            PlannedSample { dataset, index, stream: pos as u64 }
+        })
+        .collect())
+}
+
+/// Class-balanced plan: each step takes the annotated class seen least so far (ties broken at
+/// random), a random dataset (crop) annotating it, and a random sample of that dataset; every
+/// class the chosen crop annotates counts as seen. `annotated[d][c]` says whether dataset `d`
+/// annotates class `c`.
+pub fn class_balanced_plan(sizes: &[usize], annotated: &[Vec<bool>], count: usize, seed: u64, epoch: u64) -> Result<Vec<PlannedSample>> {
+    if sizes.len() != annotated.len() {
+        return Err(Error::invalid("one row of annotated classes is needed per dataset"));
+    }
+    let n_classes = annotated.first().map_or(0, Vec::len);
+    let usable = |d: usize| sizes[d] > 0;
+    let active: Vec<usize> = (0..n_classes).filter(|&c| (0..sizes.len()).any(|d| usable(d) && annotated[d][c])).collect();
+    if active.is_empty() {
+        return Err(Error::invalid("class-balanced sampling needs at least one class annotated in a non-empty dataset"));
+    }
+    let mut rng = epoch_rng(seed, epoch, 2);
+    let mut seen = vec![0u64; n_classes];
+    let mut plan = Vec::with_capacity(count);
+    for pos in 0..count {
+        let least = active.iter().map(|&c| seen[c]).min().expect("active is non-empty");
+        let ties: Vec<usize> = active.iter().copied().filter(|&c| seen[c] == least).collect();
+        let class = ties[rng.below(ties.len() as u64) as usize];
+        let crops: Vec<usize> = (0..sizes.len()).filter(|&d| usable(d) && annotated[d][class]).collect();
+        let dataset = crops[rng.below(crops.len() as u64) as usize];
+        for (c, s) in seen.iter_mut().enumerate() {
+            if annotated[dataset][c] {
+                *s += 1;
+            }
+        }
+        let index = rng.below(sizes[dataset] as u64) as usize;
+        plan.push(PlannedSample { dataset, index, stream: pos as u64 });
+    }
+    Ok(plan)
+}
+
+/// Disjoint shard `part` of `parts` of a plan (positions part, part + parts, ...), keeping each
+/// sample's stream index so the union of all shards equals the unsharded plan.
+pub fn shard(plan: &[PlannedSample], part: usize, parts: usize) -> Result<Vec<PlannedSample>> {
+    if parts == 0 || part >= parts {
+        return Err(Error::invalid(format!("shard {part} of {parts} does not exist")));
+    }
+    Ok(plan.iter().skip(part).step_by(parts).copied().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uniform_plan_covers_every_sample_once_per_pass() {
+        let plan = uniform_plan(&[3, 5], Some(8), true, 7, 0).unwrap();
+        let mut seen: Vec<(usize, usize)> = plan.iter().map(|p| (p.dataset, p.index)).collect();
+        seen.sort();
+        assert_eq!(seen, vec![(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (1, 3), (1, 4)]);
+        assert_ne!(plan, uniform_plan(&[3, 5], Some(8), true, 7, 1).unwrap());
+        assert_eq!(plan, uniform_plan(&[3, 5], Some(8), true, 7, 0).unwrap());
+    }
+
+    #[test]
+    fn sequential_plan_is_in_order() {
+        let plan = uniform_plan(&[2, 2], None, false, 0, 0).unwrap();
+        assert_eq!(plan.iter().map(|p| (p.dataset, p.index)).collect::<Vec<_>>(), vec![(0, 0), (0, 1), (1, 0), (1, 1)]);
+    }
+
+    #[test]
+    fn class_balanced_plan_balances_rare_classes() {
+        // class 1 is annotated only in dataset 2.
+        let annotated = vec![vec![true, false], vec![true, false], vec![true, true]];
+        let plan = class_balanced_plan(&[10, 10, 10], &annotated, 100, 1, 0).unwrap();
+        let from_rare = plan.iter().filter(|p| p.dataset == 2).count();
+        assert!(from_rare >= 45, "{from_rare}");
+    }
+
+    #[test]
+    fn shards_are_disjoint_and_complete() {
+        let plan = uniform_plan(&[7, 6], Some(13), true, 3, 2).unwrap();
+        let a = shard(&plan, 0, 2).unwrap();
+        let b = shard(&plan, 1, 2).unwrap();
+        let mut union: Vec<_> = a.iter().chain(&b).copied().collect();
+        union.sort_by_key(|p| p.stream);
+        assert_eq!(union, plan);
+    }
 }

@@ -26,6 +26,13 @@ pub struct Dataset {
 
 type BoxTuple = (Vec<f64>, Vec<f64>);
 
+impl Dataset {
+    /// The engine dataset.
+    pub fn engine(&self) -> Arc<EngineDataset> {
+        self.inner.clone()
+    }
+}
+
 #[pymethods]
 impl Dataset {
     /// Opens a dataset from its JSON configuration (built by `cellmap_data._config`).
@@ -155,6 +162,15 @@ impl Dataset {
 pub struct Batch {
     record_batch: RecordBatch,
     shapes: Vec<(String, Vec<usize>)>,
+}
+
+impl Batch {
+    /// Converts an engine batch (into Arrow, without copying tensors).
+    pub fn from_engine(py: Python<'_>, batch: EngineBatch) -> PyResult<Batch> {
+        let shapes = batch.columns.iter().map(|c| (c.name.clone(), c.sample_shape.clone())).collect();
+        let record_batch = batch.into_record_batch().map_err(|e| to_pyerr(py, e))?;
+        Ok(Batch { record_batch, shapes })
+    }
 }
 
 #[pymethods]

@@ -1,0 +1,347 @@
+"""`CellMapDataLoader`: batches read by engine threads (no worker processes, nothing pickled)
+into a bounded prefetch queue, optionally moved to the GPU one step ahead on a side stream."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from .exceptions import ConfigError
+from .multidataset import as_multi
+
+__all__ = ["CellMapDataLoader", "ClassBalancedSampler", "distributed_context"]
+
+_PLAN = tuple[int, int, int]
+
+
+def distributed_context(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world size): given values, else torch.distributed's when initialised, else (0, 1)."""
+    if rank is None or world_size is None:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            rank = dist.get_rank() if rank is None else rank
+            world_size = dist.get_world_size() if world_size is None else world_size
+    rank = 0 if rank is None else int(rank)
+    world_size = 1 if world_size is None else int(world_size)
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} is outside a world of {world_size}")
+    return rank, world_size
+
+
+def _seed_of(rng: Any, seed: int | None, dataset: Any) -> int:
+    if seed is not None:
+        return int(seed) & ((1 << 63) - 1)
+    if isinstance(rng, torch.Generator):
+        return int(rng.initial_seed()) & ((1 << 63) - 1)
+    first = getattr(dataset, "datasets", [dataset])
+    if first and hasattr(first[0], "seed"):
+        return int(first[0].seed)
+    return int(torch.initial_seed()) & ((1 << 63) - 1)
+
+
+class ClassBalancedSampler(torch.utils.data.Sampler[int]):
+    """Class-balanced sampling, usable with a plain ``torch.utils.data.DataLoader``.
+
+    Each step takes the annotated class seen least so far (ties at random), a crop annotating
+    it, and a random sample of that crop. Draws are made by the engine from ``seed`` and the
+    epoch (which advances at every iteration), so runs are reproducible.
+    """
+
+    def __init__(self, dataset: Any, samples_per_epoch: int | None = None, seed: int = 42) -> None:
+        self.multi, self.subset = as_multi(dataset)
+        if self.subset is not None:
+            raise ConfigError("ClassBalancedSampler needs a dataset, not a subset")
+        self.samples_per_epoch = int(samples_per_epoch) if samples_per_epoch is not None else len(self.multi)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def plan(self, epoch: int | None = None) -> list[_PLAN]:
+        """The (dataset, index, stream) plan of an epoch."""
+        e = self.epoch if epoch is None else epoch
+        return self.multi.engine_collection().plan_balanced(self.samples_per_epoch, self.seed, e)
+
+    def __iter__(self) -> Iterator[int]:
+        plan = self.plan()
+        self.epoch += 1
+        return iter([self.multi.offset(d) + i for d, i, _ in plan])
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+
+class _Stream:
+    """Null-or-CUDA stream helper so the prefetch code path is the same on CPU and GPU."""
+
+    def __init__(self, device: torch.device | None) -> None:
+        self.cuda = device is not None and device.type == "cuda" and torch.cuda.is_available()
+        self.side = torch.cuda.Stream(device=device) if self.cuda else None
+
+    def context(self) -> Any:
+        return torch.cuda.stream(self.side) if self.cuda else contextlib.nullcontext()
+
+    def wait(self) -> None:
+        if self.cuda:
+            torch.cuda.current_stream().wait_stream(self.side)
+
+    def pin(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.pin_memory() if self.cuda else tensor
+
+
+class CellMapDataLoader:
+    """Loads batches of ``{"idx", <input>: [B, 1, ...], <target>: [B, n_classes, ...]}``.
+
+    ``num_workers`` is the number of engine threads (0: one per core); nothing is pickled and no
+    worker process is started. ``iterations_per_epoch`` counts batches. Every iteration draws a
+    new epoch (``refresh()`` does the same explicitly). Under ``torch.distributed`` (or with
+    ``rank``/``world_size``) each rank reads a disjoint shard of every epoch.
+    Extra keyword arguments of torch's DataLoader (``pin_memory``, ``prefetch_factor``,
+    ``persistent_workers``, ``shuffle``, ``drop_last``...) are accepted; ``prefetch_factor``
+    sets the prefetch depth, ``drop_last`` is honoured, the rest have no meaning here.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        classes: Sequence[str] | None = None,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        weighted_sampler: bool = False,
+        sampler: Any = None,
+        is_train: bool = True,
+        rng: Any = None,
+        device: str | torch.device | None = None,
+        iterations_per_epoch: int | None = None,
+        *,
+        seed: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        return_metadata: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if int(batch_size) < 1:
+            raise ConfigError(f"batch_size must be at least 1, not {batch_size}")
+        if iterations_per_epoch is not None and int(iterations_per_epoch) < 1:
+            raise ConfigError(f"iterations_per_epoch must be at least 1, not {iterations_per_epoch}")
+        self.dataset = dataset
+        self.multi, self.subset = as_multi(dataset)
+        if len(self.multi) == 0 or (self.subset is not None and not self.subset):
+            raise ConfigError("the dataset has no samples to load (check pad, array shapes and crops)")
+        self.classes = list(classes) if classes is not None else list(self.multi.classes)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.weighted_sampler = bool(weighted_sampler)
+        self.sampler = sampler
+        self.is_train = bool(is_train)
+        self.iterations_per_epoch = int(iterations_per_epoch) if iterations_per_epoch is not None else None
+        self.device = torch.device(device) if device is not None else None
+        self.seed = _seed_of(rng, seed, self.multi)
+        self._rank_arg, self._world_arg = rank, world_size
+        self.return_metadata = bool(return_metadata)
+        self.drop_last = bool(kwargs.pop("drop_last", False))
+        prefetch = kwargs.pop("prefetch_factor", None)
+        self.prefetch = max(2, int(prefetch)) if prefetch else 2
+        self.loader_kwargs = kwargs  # accepted for compatibility (pin_memory, persistent_workers...)
+        self.epoch = 0
+        self._collection = None
+        self._collection_key: tuple | None = None
+        self.last_plan: list[list[_PLAN]] = []
+
+    # -- sizes ----------------------------------------------------------------------------
+    @property
+    def threads(self) -> int:
+        """Engine threads reading batches."""
+        return self.num_workers if self.num_workers > 0 else (os.cpu_count() or 1)
+
+    def _epoch_samples(self) -> int:
+        if self.iterations_per_epoch is not None:
+            return self.iterations_per_epoch * self.batch_size
+        return len(self.subset) if self.subset is not None else len(self.multi)
+
+    def __len__(self) -> int:
+        if self.iterations_per_epoch is not None:
+            return self.iterations_per_epoch
+        _, world = distributed_context(self._rank_arg, self._world_arg)
+        n = math.ceil(self._epoch_samples() / world)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    @property
+    def loader(self) -> "CellMapDataLoader":
+        """The iterable of batches (this object; kept for code written for the torch-based loader)."""
+        return self
+
+    # -- planning -------------------------------------------------------------------------
+    def collection(self) -> Any:
+        """The engine collection over the loader's datasets (rebuilt when they change or after a fork)."""
+        key = (os.getpid(),) + tuple(id(d.engine) for d in self.multi.datasets)
+        if self._collection is None or key != self._collection_key:
+            self._collection = self.multi.engine_collection()
+            self._collection_key = key
+        return self._collection
+
+    def _global_to_plan(self, indices: Sequence[int]) -> list[_PLAN]:
+        out = []
+        for pos, g in enumerate(indices):
+            d, i = self.multi.locate(int(g))
+            out.append((d, i, pos))
+        return out
+
+    def plan_epoch(self, epoch: int) -> list[list[_PLAN]]:
+        """The batches this rank reads in ``epoch``: lists of (dataset, index, stream)."""
+        collection = self.collection()
+        count = self._epoch_samples()
+        if self.sampler is not None:
+            sampler = self.sampler() if callable(self.sampler) and not isinstance(self.sampler, torch.utils.data.Sampler) else self.sampler
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            indices = list(iter(sampler))
+            if self.subset is not None:
+                indices = [self.subset[i] for i in indices]
+            plan = self._global_to_plan(indices[:count] if self.iterations_per_epoch else indices)
+        elif self.subset is not None:
+            order = list(range(len(self.subset)))
+            if self.is_train:
+                perm = torch.randperm(len(order), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)).tolist()
+                order = [order[p] for p in perm]
+            reps = math.ceil(count / len(order))
+            plan = self._global_to_plan([self.subset[i] for i in (order * reps)[:count]])
+        elif self.weighted_sampler and self.is_train:
+            plan = [tuple(p) for p in collection.plan_balanced(count, self.seed, epoch)]
+        else:
+            plan = [tuple(p) for p in collection.plan_uniform(count if self.iterations_per_epoch else None, self.is_train, self.seed, epoch)]
+        rank, world = distributed_context(self._rank_arg, self._world_arg)
+        if world > 1:
+            plan = [tuple(p) for p in collection.shard(plan, rank, world)]
+        batches = [plan[i:i + self.batch_size] for i in range(0, len(plan), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        if self.iterations_per_epoch is not None:
+            batches = batches[: self.iterations_per_epoch]
+        return batches
+
+    def refresh(self) -> None:
+        """Draws a new epoch for the next iteration (every iteration already does)."""
+        self._collection = None
+
+    # -- iteration ------------------------------------------------------------------------
+    def _stream(self, epoch: int) -> tuple[Any, list[list[_PLAN]]]:
+        batches = self.plan_epoch(epoch)
+        stream = self.collection().stream(
+            [list(b) for b in batches], threads=self.threads, prefetch=self.prefetch,
+            seed=self.seed, epoch=epoch, augment=self.is_train,
+        )
+        return stream, batches
+
+    def iter_arrow(self) -> Iterator[Any]:
+        """Yields the engine's batches as ``pyarrow.RecordBatch`` (tensor columns + metadata)."""
+        import pyarrow as pa
+
+        epoch = self.epoch
+        self.epoch += 1
+        stream, _ = self._stream(epoch)
+        try:
+            for batch in stream:
+                yield pa.record_batch(batch.record_batch())
+        finally:
+            stream.close()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch = self.epoch
+        self.epoch += 1
+        stream, batches = self._stream(epoch)
+        self.last_plan = batches
+        mover = _Stream(self.device)
+        ahead: dict[str, Any] | None = None
+        try:
+            for batch, plan in zip(stream, batches):
+                current = self._prepare(batch, plan, mover)
+                if ahead is not None:
+                    mover.wait()
+                    yield self._finish(ahead)
+                ahead = current
+            if ahead is not None:
+                mover.wait()
+                yield self._finish(ahead)
+        finally:
+            stream.close()
+
+    def _prepare(self, batch: Any, plan: list[_PLAN], mover: _Stream) -> dict[str, Any]:
+        """Starts moving a batch to the device (on the side stream) and keeps what finishing needs."""
+        tensors = {name: torch.from_dlpack(batch.tensor(name)) for name in batch.tensor_names}
+        with mover.context():
+            if self.device is not None:
+                tensors = {k: mover.pin(v).to(self.device, non_blocking=True) for k, v in tensors.items()}
+        return {"tensors": tensors, "batch": batch, "plan": plan}
+
+    def _finish(self, pending: dict[str, Any]) -> dict[str, Any]:
+        """Applies value transforms (on the target device) and assembles the batch dict."""
+        import pyarrow as pa
+
+        batch, plan, tensors = pending["batch"], pending["plan"], pending["tensors"]
+        record = pa.record_batch(batch.record_batch())
+        seeds = torch.as_tensor(record.column("value_seed").to_numpy().astype("int64"))
+        out: dict[str, Any] = {"idx": torch.tensor([self.multi.offset(d) + i for d, i, _ in plan], dtype=torch.int64)}
+        owners = [self.multi.datasets[d] for d, _, _ in plan]
+        input_names = {a["name"] for a in self.multi.datasets[0]._inputs}
+        for name, tensor in tensors.items():
+            kind = "raw" if name in input_names else "target"
+            out[name] = _transform_by_owner(tensor, seeds, owners, kind)
+        if self.return_metadata:
+            out["__metadata__"] = record.drop_columns([n for n in batch.tensor_names]).to_pylist()
+        return out
+
+    def metadata(self, batch: Any) -> Any:
+        """The per-sample metadata of an engine batch as a polars DataFrame."""
+        import polars as pl
+        import pyarrow as pa
+
+        record = pa.record_batch(batch.record_batch())
+        return pl.from_arrow(record.drop_columns(list(batch.tensor_names)))
+
+    def to(self, device: str | torch.device, non_blocking: bool = True) -> "CellMapDataLoader":
+        """Delivers batches on ``device`` from now on."""
+        self.device = torch.device(device)
+        return self
+
+    @staticmethod
+    def collate_fn(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Stacks per-sample dicts into a batch (``__metadata__`` kept as a list)."""
+        out: dict[str, Any] = {}
+        for key in items[0]:
+            values = [item[key] for item in items]
+            out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"CellMapDataLoader({len(self.multi.datasets)} datasets, batch_size={self.batch_size}, "
+            f"batches={len(self)}, threads={self.threads}, device={self.device})"
+        )
+
+
+def _transform_by_owner(tensor: torch.Tensor, seeds: torch.Tensor, owners: list[Any], kind: str) -> torch.Tensor:
+    """Applies each sample's dataset's value transform, once per group of samples sharing it."""
+    attr = "raw_value_transforms" if kind == "raw" else "target_value_transforms"
+    groups: dict[int, list[int]] = {}
+    keyed: dict[int, Any] = {}
+    for row, owner in enumerate(owners):
+        key = id(getattr(owner, attr))
+        groups.setdefault(key, []).append(row)
+        keyed[key] = owner
+    if len(groups) == 1:
+        owner = owners[0]
+        apply: Callable = owner._apply_raw_transform if kind == "raw" else owner._apply_target_transform
+        return apply(tensor, seeds)
+    result = tensor.clone()
+    for key, rows in groups.items():
+        owner = keyed[key]
+        apply = owner._apply_raw_transform if kind == "raw" else owner._apply_target_transform
+        index = torch.tensor(rows, device=tensor.device)
+        result[index] = apply(tensor[index], seeds[rows])
+    return result
+
+

@@ -1,0 +1,188 @@
+"""`CellMapMultiDataset` (datasets concatenated into one index space) and `CellMapSubset`."""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import _engine
+from .dataset import CellMapDataset
+from .exceptions import ConfigError
+
+__all__ = ["CellMapMultiDataset", "CellMapSubset"]
+
+
+class CellMapMultiDataset(torch.utils.data.ConcatDataset):
+    """Several :class:`CellMapDataset` objects behind one index space.
+
+    Accepts the current positional order ``(datasets, classes, input_arrays, target_arrays)``
+    and the older ``(classes, input_arrays, target_arrays, datasets)``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        names_new = ["datasets", "classes", "input_arrays", "target_arrays"]
+        names_old = ["classes", "input_arrays", "target_arrays", "datasets"]
+        old_order = bool(args) and isinstance(args[0], Sequence) and bool(args[0]) and all(isinstance(a, str) for a in args[0])
+        bound = dict(zip(names_old if old_order else names_new, args))
+        overlap = set(bound) & set(kwargs)
+        if overlap:
+            raise TypeError(f"CellMapMultiDataset got multiple values for {sorted(overlap)}")
+        bound.update(kwargs)
+        datasets = list(bound.get("datasets") or [])
+        for d in datasets:
+            if not isinstance(d, (CellMapDataset, CellMapMultiDataset)):
+                raise ConfigError(f"CellMapMultiDataset takes CellMapDataset objects, not {type(d).__name__}")
+        flat: list[CellMapDataset] = []
+        for d in datasets:
+            flat.extend(d.datasets if isinstance(d, CellMapMultiDataset) else [d])
+        self.classes = list(bound.get("classes") or (flat[0].classes if flat else []))
+        self.input_arrays = dict(bound.get("input_arrays") or (flat[0].input_arrays if flat else {}))
+        self.target_arrays = dict(bound.get("target_arrays") or (flat[0].target_arrays if flat else {}))
+        if not flat:
+            # torch's ConcatDataset refuses an empty list; keep an empty, well-defined object.
+            self.datasets = []
+            self.cumulative_sizes = []
+            return
+        super().__init__(flat)
+
+    # -- index space ----------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.cumulative_sizes[-1] if self.cumulative_sizes else 0
+
+    def locate(self, idx: int) -> tuple[int, int]:
+        """(dataset number, index within it) of global index ``idx``."""
+        n = len(self)
+        if idx < 0:
+            idx += n
+        if not 0 <= idx < n:
+            raise IndexError(f"index {idx} out of range for {n} samples")
+        d = bisect.bisect_right(self.cumulative_sizes, idx)
+        return d, idx - (self.cumulative_sizes[d - 1] if d else 0)
+
+    def offset(self, d: int) -> int:
+        """Global index of the first sample of dataset ``d``."""
+        return self.cumulative_sizes[d - 1] if d else 0
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        d, i = self.locate(int(idx))
+        item = self.datasets[d][i]
+        item["idx"] = torch.tensor(int(idx) if idx >= 0 else int(idx) + len(self))
+        return item
+
+    def engine_collection(self) -> Any:
+        """The engine's view of these datasets (one index space, shared reads)."""
+        return _engine.Collection([d.engine for d in self.datasets])
+
+    # -- statistics and tiles -------------------------------------------------------------
+    @property
+    def validation_indices(self) -> list[int]:
+        """Global indices of non-overlapping tiles covering every crop to its far edge."""
+        out: list[int] = []
+        for d, dataset in enumerate(self.datasets):
+            out.extend(self.offset(d) + i for i in dataset.validation_indices)
+        return out
+
+    def get_crop_class_matrix(self) -> np.ndarray:
+        """Bool ``[n_datasets, n_classes]``: whether each crop annotates each class."""
+        if not self.datasets:
+            return np.zeros((0, len(self.classes)), dtype=bool)
+        return np.concatenate([d.get_crop_class_matrix() for d in self.datasets], axis=0)
+
+    @property
+    def class_counts(self) -> dict[str, dict[str, float]]:
+        """Summed ``{"totals": {cls: fg}, "totals_total": {cls: voxels}}`` over datasets."""
+        totals = {c: 0.0 for c in self.classes}
+        totals_total = {c: 0.0 for c in self.classes}
+        for d in self.datasets:
+            counts = d.class_counts
+            for c in self.classes:
+                totals[c] += counts["totals"].get(c, 0.0)
+                totals_total[c] += counts["totals_total"].get(c, 0.0)
+        return {"totals": totals, "totals_total": totals_total}
+
+    @property
+    def class_weights(self) -> dict[str, float]:
+        """Per-class background/foreground ratio over all datasets (finite for empty classes)."""
+        from ._stats import class_weights
+
+        return class_weights(self.class_counts)
+
+    def stats(self) -> Any:
+        """Polars table: one row per (dataset, crop, class)."""
+        from ._stats import stats_for
+
+        return stats_for(self.datasets)
+
+    def verify(self) -> bool:
+        """Whether any dataset can produce samples."""
+        return any(d.verify() for d in self.datasets)
+
+    # -- configuration --------------------------------------------------------------------
+    def set_raw_value_transforms(self, transforms: Any) -> None:
+        """Sets the raw value transforms of every dataset."""
+        for d in self.datasets:
+            d.set_raw_value_transforms(transforms)
+
+    def set_target_value_transforms(self, transforms: Any) -> None:
+        """Sets the target value transforms of every dataset."""
+        for d in self.datasets:
+            d.set_target_value_transforms(transforms)
+
+    def set_spatial_transforms(self, spatial_transforms: Mapping[str, Any] | None) -> None:
+        """Sets the spatial augmentation of every dataset."""
+        for d in self.datasets:
+            d.set_spatial_transforms(spatial_transforms)
+
+    def to(self, device: str | torch.device, non_blocking: bool = True) -> "CellMapMultiDataset":
+        """Returns tensors on ``device`` from now on."""
+        for d in self.datasets:
+            d.to(device, non_blocking=non_blocking)
+        return self
+
+    def __repr__(self) -> str:
+        return f"CellMapMultiDataset({len(self.datasets)} datasets, classes={self.classes}, len={len(self)})"
+
+
+class CellMapSubset(torch.utils.data.Subset):
+    """A subset of a dataset that still answers the dataset's questions (classes, arrays,
+    counts, weights, ``to``) and can be loaded by :class:`CellMapDataLoader`."""
+
+    def __init__(self, dataset: Any, indices: Sequence[int]) -> None:
+        super().__init__(dataset, list(int(i) for i in indices))
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("dataset", "indices"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, idx: int) -> Any:
+        item = self.dataset[self.indices[idx]]
+        return item
+
+    def to(self, device: str | torch.device, non_blocking: bool = True) -> "CellMapSubset":
+        """Moves the underlying dataset's output to ``device``."""
+        self.dataset.to(device, non_blocking=non_blocking)
+        return self
+
+    def __repr__(self) -> str:
+        return f"CellMapSubset({self.dataset!r}, {len(self.indices)} indices)"
+
+
+def as_multi(dataset: Any) -> tuple[CellMapMultiDataset, list[int] | None]:
+    """The multi-dataset behind ``dataset`` and, for subsets, the allowed global indices."""
+    indices: list[int] | None = None
+    if isinstance(dataset, torch.utils.data.Subset):
+        inner, sub = as_multi(dataset.dataset)
+        indices = [sub[i] for i in dataset.indices] if sub is not None else list(dataset.indices)
+        return inner, indices
+    if isinstance(dataset, CellMapMultiDataset):
+        return dataset, None
+    if isinstance(dataset, CellMapDataset):
+        return CellMapMultiDataset([dataset], dataset.classes, dataset.input_arrays, dataset.target_arrays), None
+    raise ConfigError(f"expected a CellMapDataset, CellMapMultiDataset or subset of one, not {type(dataset).__name__}")
+
+

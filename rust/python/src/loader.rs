@@ -1,0 +1,162 @@
+//! `Collection` (datasets sharing one index space: plans and reads) and `BatchStream` (an epoch
+//! read in the background by engine threads).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cellmap_engine::loader::{BatchStream as EngineStream, Collection as EngineCollection, Next, StreamSettings};
+use cellmap_engine::sampler::{class_balanced_plan, shard, uniform_plan, PlannedSample, StreamKey};
+use cellmap_engine::Error;
+use pyo3::exceptions::PyStopIteration;
+use pyo3::prelude::*;
+
+use crate::convert::{run, to_pyerr};
+use crate::dataset::{Batch, Dataset};
+
+type PlanTuple = (usize, usize, u64);
+
+fn to_plan(items: Vec<PlanTuple>) -> Vec<PlannedSample> {
+    items.into_iter().map(|(dataset, index, stream)| PlannedSample { dataset, index, stream }).collect()
+}
+
+fn from_plan(plan: Vec<PlannedSample>) -> Vec<PlanTuple> {
+    plan.into_iter().map(|p| (p.dataset, p.index, p.stream)).collect()
+}
+
+/// Several datasets concatenated into one sample index space.
+#[pyclass(module = "cellmap_data._engine", frozen)]
+pub struct Collection {
+    inner: Arc<EngineCollection>,
+}
+
+#[pymethods]
+impl Collection {
+    /// Builds a collection; every dataset must produce the same arrays.
+    #[new]
+    fn new(py: Python<'_>, datasets: Vec<PyRef<'_, Dataset>>) -> PyResult<Self> {
+        let inner = EngineCollection::new(datasets.iter().map(|d| d.engine()).collect()).map_err(|e| to_pyerr(py, e))?;
+        Ok(Collection { inner: Arc::new(inner) })
+    }
+
+    /// Samples per dataset.
+    #[getter]
+    fn sizes(&self) -> Vec<usize> {
+        self.inner.sizes()
+    }
+
+    /// `[n_datasets][n_classes]`: whether each dataset annotates each class.
+    #[getter]
+    fn annotated(&self) -> Vec<Vec<bool>> {
+        self.inner.datasets.iter().map(|d| d.annotated_classes()).collect()
+    }
+
+    /// Uniform plan: `count` samples (None: all once), shuffled or in order.
+    #[pyo3(signature = (count, shuffle, seed, epoch))]
+    fn plan_uniform(&self, py: Python<'_>, count: Option<usize>, shuffle: bool, seed: u64, epoch: u64) -> PyResult<Vec<PlanTuple>> {
+        uniform_plan(&self.inner.sizes(), count, shuffle, seed, epoch).map(from_plan).map_err(|e| to_pyerr(py, e))
+    }
+
+    /// Class-balanced plan of `count` samples.
+    fn plan_balanced(&self, py: Python<'_>, count: usize, seed: u64, epoch: u64) -> PyResult<Vec<PlanTuple>> {
+        class_balanced_plan(&self.inner.sizes(), &self.annotated(), count, seed, epoch)
+            .map(from_plan)
+            .map_err(|e| to_pyerr(py, e))
+    }
+
+    /// Shard `part` of `parts` of a plan.
+    #[staticmethod]
+    fn shard(py: Python<'_>, plan: Vec<PlanTuple>, part: usize, parts: usize) -> PyResult<Vec<PlanTuple>> {
+        shard(&to_plan(plan), part, parts).map(from_plan).map_err(|e| to_pyerr(py, e))
+    }
+
+    /// Reads one batch of planned samples now.
+    #[pyo3(signature = (samples, *, seed=0, epoch=0, augment=false))]
+    fn read(&self, py: Python<'_>, samples: Vec<PlanTuple>, seed: u64, epoch: u64, augment: bool) -> PyResult<Batch> {
+        let inner = self.inner.clone();
+        let key = StreamKey { seed, epoch, rank: 0 };
+        let batch = run(py, move || inner.read(&to_plan(samples), key, augment, None))?;
+        Batch::from_engine(py, batch)
+    }
+
+    /// Starts reading `batches` in the background on `threads` engine threads, keeping at most
+    /// `prefetch` batches ahead.
+    #[pyo3(signature = (batches, *, threads, prefetch, seed=0, epoch=0, augment=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn stream(
+        &self,
+        py: Python<'_>,
+        batches: Vec<Vec<PlanTuple>>,
+        threads: usize,
+        prefetch: usize,
+        seed: u64,
+        epoch: u64,
+        augment: bool,
+    ) -> PyResult<BatchStream> {
+        if batches.iter().any(Vec::is_empty) {
+            return Err(to_pyerr(py, Error::invalid("a batch needs at least one sample")));
+        }
+        let settings = StreamSettings { threads, prefetch, key: StreamKey { seed, epoch, rank: 0 }, augment };
+        let collection = (*self.inner).clone();
+        let plan = batches.into_iter().map(to_plan).collect();
+        let stream = EngineStream::start(collection, plan, settings).map_err(|e| to_pyerr(py, e))?;
+        Ok(BatchStream { inner: std::sync::Mutex::new(Some(stream)), pid: std::process::id() })
+    }
+}
+
+/// An epoch being read by engine threads; iterate it to get `Batch`es in plan order.
+#[pyclass(module = "cellmap_data._engine")]
+pub struct BatchStream {
+    inner: std::sync::Mutex<Option<EngineStream>>,
+    pid: u32,
+}
+
+#[pymethods]
+impl BatchStream {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Batch> {
+        if std::process::id() != self.pid {
+            return Err(to_pyerr(
+                py,
+                Error::invalid("this batch stream belongs to the parent process; iterate the loader again in this process"),
+            ));
+        }
+        loop {
+            let next = py.detach(|| {
+                let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+                match guard.as_mut() {
+                    Some(stream) => stream.next(Duration::from_millis(50)),
+                    None => Next::Done,
+                }
+            });
+            match next {
+                Next::Batch(Ok(batch)) => return Batch::from_engine(py, batch),
+                Next::Batch(Err(error)) => {
+                    self.close(py);
+                    return Err(to_pyerr(py, error));
+                }
+                Next::Done => {
+                    self.close(py);
+                    return Err(PyStopIteration::new_err(()));
+                }
+                Next::Pending => {
+                    // Ctrl-C while waiting: stop the engine threads, then raise.
+                    if let Err(interrupt) = py.check_signals() {
+                        self.close(py);
+                        return Err(interrupt);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops the background reads and frees queued batches.
+    fn close(&self, py: Python<'_>) {
+        let stream = self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut s) = stream {
+            py.detach(move || s.stop());
+        }
+    }
+}
