@@ -20,6 +20,8 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "uninstalled"
 
 _LAZY = {
+    "CellMapDatasetWriter": ".writer",
+    "ImageWriter": ".writer",
     "CellMapImage": ".image",
     "EmptyImage": ".image",
     "CellMapDataset": ".dataset",
@@ -27,6 +29,7 @@ _LAZY = {
     "CellMapMultiDataset": ".multidataset",
     "CellMapSubset": ".multidataset",
     "CellMapDataLoader": ".loader",
+    "CellMapDataSplit": ".datasplit",
     "ClassBalancedSampler": ".loader",
 }
 

@@ -70,6 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(str(error), file=sys.stderr)
         return USAGE_ERROR
+    except (FileNotFoundError, ValueError, PermissionError) as error:
+        # Bad input (missing paths, malformed metadata, bad configuration): one line, exit 2.
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"cellmap_data: error: {message}", file=sys.stderr)
+        return USAGE_ERROR
 
 
 # ----------------------------------------------------------------------------- synth
@@ -156,3 +161,42 @@ register(
         run=cmd_synth,
     )
 )
+
+
+# ----------------------------------------------------------------------------- demo and bench
+
+
+def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default=None, help="where to write the demo data (default: a temporary folder)")
+    parser.add_argument("--size", default="small", type=_parse_size, help="synthetic data size (default: small)")
+    parser.add_argument("--batches", default=20, type=_positive_int, help="batches to load (default: 20)")
+    parser.add_argument("--batch-size", default=8, type=_positive_int)
+    parser.add_argument("--threads", default=0, type=_non_negative_int, help="engine threads (0: one per core)")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cellmap_data.demo import run_demo
+
+    run_demo(out=args.out, size=args.size, batches=args.batches, batch_size=args.batch_size, threads=args.threads)
+    return 0
+
+
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default=None, help="benchmark data folder (default: generated once under ~/.cache)")
+    parser.add_argument("--size", default="bench", help="synthetic data size (default: bench, ~0.5 GB raw)")
+    parser.add_argument("--batches", default=40, type=_positive_int, help="batches per configuration")
+    parser.add_argument("--threads", default=None, type=_positive_int, action="append", help="engine threads (repeatable)")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from cellmap_data.bench import run
+
+    run(data_dir=args.data, size=args.size, batches=args.batches, threads=args.threads, out=args.json)
+    return 0
+
+
+register(Subcommand(name="demo", help="generate a small dataset and stream training batches from it",
+                    add_arguments=_add_demo_arguments, run=cmd_demo))
+register(Subcommand(name="bench", help="measure sampling and loader throughput against their bounds",
+                    add_arguments=_add_bench_arguments, run=cmd_bench))

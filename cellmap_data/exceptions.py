@@ -15,6 +15,7 @@ __all__ = [
     "ChunkDecodeError",
     "PermissionDeniedError",
     "StorageError",
+    "OutputExistsError",
 ]
 
 
@@ -44,3 +45,7 @@ class PermissionDeniedError(CellMapError, PermissionError):
 
 class StorageError(CellMapError, OSError):
     """Any other operating-system error while reading or writing data."""
+
+
+class OutputExistsError(CellMapError, FileExistsError):
+    """An output image already exists and ``overwrite`` is false."""

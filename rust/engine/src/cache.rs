@@ -93,6 +93,8 @@ pub struct CacheStats {
     pub budget: u64,
     /// Chunks currently held.
     pub entries: u64,
+    /// Total time spent decoding chunks, summed over threads (nanoseconds).
+    pub decode_nanos: u64,
 }
 
 /// The shared decoded-chunk cache.
@@ -100,6 +102,7 @@ pub struct ChunkCache {
     chunks: Cache<ChunkKey, Arc<Chunk>, ByteWeighter>,
     hits: AtomicU64,
     misses: AtomicU64,
+    decode_nanos: AtomicU64,
 }
 
 static GLOBAL: Mutex<Option<(u32, Arc<ChunkCache>)>> = Mutex::new(None);
@@ -123,6 +126,7 @@ impl ChunkCache {
             chunks: Cache::with_weighter(estimated_items, budget_bytes.max(1), ByteWeighter),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            decode_nanos: AtomicU64::new(0),
         }
     }
 
@@ -155,7 +159,10 @@ impl ChunkCache {
         let mut decoded_here = false;
         let chunk = self.chunks.get_or_insert_with(&key, || {
             decoded_here = true;
-            decode().map(Arc::new)
+            let started = std::time::Instant::now();
+            let chunk = decode().map(Arc::new);
+            self.decode_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            chunk
         })?;
         if decoded_here {
             self.misses.fetch_add(1, Ordering::Relaxed);
@@ -185,6 +192,7 @@ impl ChunkCache {
     pub fn reset_counters(&self) {
         self.hits.store(0, Ordering::Relaxed);
         self.misses.store(0, Ordering::Relaxed);
+        self.decode_nanos.store(0, Ordering::Relaxed);
     }
 
     /// Current counters.
@@ -195,6 +203,7 @@ impl ChunkCache {
             bytes: self.chunks.weight(),
             budget: self.chunks.capacity(),
             entries: self.chunks.len() as u64,
+            decode_nanos: self.decode_nanos.load(Ordering::Relaxed),
         }
     }
 }

@@ -10,9 +10,13 @@ pub mod dataset;
 pub mod error;
 pub mod extract;
 pub mod geometry;
+pub mod loader;
+pub mod labels;
 pub mod ngff;
 pub mod runtime;
 pub mod sampler;
+pub mod stats;
 pub mod volume;
+pub mod writer;
 
 pub use error::{Error, ErrorKind, Result};

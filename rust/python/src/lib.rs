@@ -4,8 +4,11 @@
 
 mod convert;
 mod dataset;
+mod loader;
+mod stats;
 mod tensor;
 mod volume;
+mod writer;
 
 use pyo3::prelude::*;
 
@@ -21,6 +24,7 @@ fn cache_stats(py: Python<'_>) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
     d.set_item("bytes", s.bytes)?;
     d.set_item("budget", s.budget)?;
     d.set_item("entries", s.entries)?;
+    d.set_item("decode_seconds", s.decode_nanos as f64 * 1e-9)?;
     Ok(d)
 }
 
@@ -60,7 +64,11 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<volume::Volume>()?;
     m.add_class::<dataset::Dataset>()?;
     m.add_class::<dataset::Batch>()?;
+    m.add_class::<loader::Collection>()?;
+    m.add_class::<loader::BatchStream>()?;
     m.add_class::<tensor::Tensor>()?;
     m.add_class::<pyo3_arrow::PyRecordBatch>()?;
+    m.add_class::<writer::ImageWriter>()?;
+    stats::register(m)?;
     Ok(())
 }

@@ -1,0 +1,842 @@
+"""Writing predictions into OME-NGFF zarr: :class:`CellMapDatasetWriter` (a dataset of input
+tiles over some world bounds that also writes the model's outputs back, class by class) and
+:class:`ImageWriter` (one output image).
+
+The engine does the writing: tiles are accumulated per output chunk, each chunk is encoded and
+written whole (temporary file + rename, so a crash never leaves a torn chunk) as soon as every
+tile touching it has arrived, and ``close()`` writes what is left. Concurrent
+``writer[idx] = ...`` calls from several threads are safe.
+
+Geometry, the half-voxel convention: bounds are voxel **edges** in nm (build them the usual way,
+``translation .. translation + voxel * shape``). The output array has ``ceil((hi - lo) /
+voxel)`` voxels per axis and voxel ``i`` spans ``[lo + i*voxel, lo + (i+1)*voxel)``. OME-NGFF
+places ``translation`` at the **centre** of voxel 0, so the metadata says ``translation = lo +
+voxel / 2``; reading the image back (``CellMapImage``, zarr + OME-NGFF tools) puts every value
+at the world position it was predicted for.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import _engine
+from ._config import SPATIAL_AXES, arrays_to_3d, check_axis_order, to_json
+from .exceptions import ConfigError
+
+__all__ = ["CellMapDatasetWriter", "ImageWriter", "bench_write"]
+
+_TORCH_DTYPES = {
+    torch.float32: "float32",
+    torch.float64: "float64",
+    torch.uint8: "uint8",
+    torch.int8: "int8",
+    torch.int16: "int16",
+    torch.int32: "int32",
+    torch.int64: "int64",
+    torch.uint16: "uint16",
+    torch.uint32: "uint32",
+    torch.uint64: "uint64",
+}
+
+
+def _dtype_name(dtype: Any) -> str:
+    """A numpy-style dtype name from a torch dtype, numpy dtype or string."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _TORCH_DTYPES:
+            raise ConfigError(f"dtype {dtype} cannot be written (use a float or integer type)")
+        return _TORCH_DTYPES[dtype]
+    if isinstance(dtype, str) and dtype.startswith("torch."):
+        dtype = dtype[len("torch."):]
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        raise ConfigError(f"dtype {dtype!r} is not a data type") from None
+    if name not in set(_TORCH_DTYPES.values()):
+        raise ConfigError(f"dtype {name!r} cannot be written (use a float or integer type)")
+    return name
+
+
+def _zyx(value: Any, axis_order: str, what: str, pad: Callable[[list], Any]) -> list:
+    """A per-axis value (dict ``{axis: v}`` or a sequence in ``axis_order``) as [z, y, x]."""
+    if isinstance(value, Mapping):
+        missing = [a for a in axis_order if a not in value]
+        if missing:
+            raise ConfigError(f"{what} {dict(value)!r} has no {missing[0]!r} entry")
+        seq = [value[a] for a in axis_order]
+    elif isinstance(value, (list, tuple)) or (hasattr(value, "__len__") and not isinstance(value, str)):
+        seq = list(value)
+    else:
+        seq = [value] * len(axis_order)
+    if len(seq) > len(axis_order):
+        raise ConfigError(f"{what} {seq} has more entries than the axis order {axis_order!r}")
+    seq = [pad(seq)] * (len(axis_order) - len(seq)) + seq
+    by_axis = dict(zip(axis_order, seq))
+    return [by_axis[a] if a in by_axis else pad(seq) for a in SPATIAL_AXES]
+
+
+def _check_axis_order(axis_order: str) -> str:
+    check_axis_order(axis_order)
+    if not "zyx".endswith(axis_order):
+        raise ConfigError(f"writers store z, y, x arrays; axis_order must be 'zyx' (or 'yx'), not {axis_order!r}")
+    return axis_order
+
+
+def _box_zyx(box: Any, what: str) -> tuple[list[float], list[float]]:
+    """``{axis: (lo, hi)}`` → ([lo z, y, x], [hi z, y, x])."""
+    if not isinstance(box, Mapping):
+        raise ConfigError(f"{what} must be a dict {{axis: [lo, hi]}}, not {type(box).__name__}")
+    unknown = [a for a in box if a not in SPATIAL_AXES]
+    if unknown:
+        raise ConfigError(f"{what} has an unknown axis {unknown[0]!r} (expected z, y, x)")
+    lo, hi = [], []
+    for a in SPATIAL_AXES:
+        if a not in box:
+            raise ConfigError(f"{what} has no {a!r} entry")
+        try:
+            a_lo, a_hi = (float(v) for v in box[a])
+        except (TypeError, ValueError):
+            raise ConfigError(f"{what}[{a!r}] must be a pair [lo, hi] of numbers, not {box[a]!r}") from None
+        if not (math.isfinite(a_lo) and math.isfinite(a_hi) and a_hi > a_lo):
+            raise ConfigError(f"{what}[{a!r}] = [{a_lo}, {a_hi}] must be finite with lo < hi")
+        lo.append(a_lo)
+        hi.append(a_hi)
+    return lo, hi
+
+
+def _overlap_zyx(overlap: Any, tile: Sequence[int]) -> list[int]:
+    """An int applies to every axis on which the tile is longer than one voxel."""
+    if isinstance(overlap, Mapping):
+        values = [int(overlap.get(a, 0)) for a in SPATIAL_AXES]
+    elif isinstance(overlap, (list, tuple)):
+        values = [0] * (3 - len(overlap)) + [int(v) for v in overlap]
+    else:
+        values = [int(overlap) if t > 1 else 0 for t in tile]
+    if len(values) != 3 or any(v < 0 for v in values):
+        raise ConfigError(f"overlap {overlap!r} must be a non-negative int or one per axis")
+    for a, v, t in zip(SPATIAL_AXES, values, tile):
+        if v and v >= t:
+            raise ConfigError(f"overlap {v} on axis {a!r} must be smaller than the tile ({t} voxels)")
+    return values
+
+
+def _as_float32(value: Any, what: str) -> np.ndarray:
+    """A prediction as a C-contiguous float32 numpy array (a copy only when needed)."""
+    if isinstance(value, torch.Tensor):
+        if value.ndim == 0:
+            raise TypeError(f"prediction for {what} is a scalar; write a tensor shaped like the tile")
+        return value.detach().to("cpu", torch.float32).contiguous().numpy()
+    if isinstance(value, np.ndarray):
+        if value.ndim == 0:
+            raise TypeError(f"prediction for {what} is a scalar; write an array shaped like the tile")
+        return np.ascontiguousarray(value, dtype=np.float32)
+    raise TypeError(f"prediction for {what} must be a torch tensor or numpy array, not {type(value).__name__}")
+
+
+def _squeezed(shape: Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(d) for d in shape if d != 1)
+
+
+class ImageWriter:
+    """Writes one multiscale image (one class) tile by tile.
+
+    ``writer[center] = data`` writes a tile of ``write_voxel_shape`` voxels centred at the world
+    position ``center`` (``{"z": .., "y": .., "x": ..}`` in nm; values may be sequences for a
+    batch, then ``data`` is ``[B, *tile]``). The tile starts at voxel ``round((center - lo) /
+    scale - tile / 2)`` and is clipped at the array edge. ``writer[center]`` reads a tile back.
+
+    The image is created at construction: ``<path>/s<scale_level>`` (plus
+    ``downsample_levels`` 2× averaged levels, computed at ``close()``), zarr v2 + OME-NGFF 0.4
+    (``zarr_format=2``, default) or zarr v3 + OME-NGFF 0.5 (``zarr_format=3``), zstd-compressed,
+    chunks = ``write_voxel_shape`` unless ``chunks`` is given; every group from the enclosing
+    ``.zarr`` container down gets group metadata. An existing image raises
+    :class:`~cellmap_data.exceptions.OutputExistsError` (a ``FileExistsError``) unless
+    ``overwrite=True``. See the module docstring for the half-voxel convention.
+
+    A chunk is written as soon as all its voxels were written; ``close()`` (or leaving a
+    ``with`` block) writes partly written chunks (unwritten voxels = ``fill_value``) and the
+    downsampled levels. Integer dtypes store rounded, saturated values.
+
+    With ``overlap`` (keyword only, used by :class:`CellMapDatasetWriter`) the writer also
+    carries a tiling plan: ``len(writer)`` tiles, written with :meth:`write_tiles`, blended
+    with ``blend`` weights when the overlap is positive.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        target_class: str,
+        scale: Any,
+        bounding_box: Mapping[str, Sequence[float]],
+        write_voxel_shape: Any,
+        scale_level: int = 0,
+        axis_order: str = "zyx",
+        context: Any = None,
+        overwrite: bool = False,
+        dtype: Any = torch.float32,
+        fill_value: float = 0,
+        *,
+        chunks: Any = None,
+        zarr_format: int = 2,
+        overlap: Any = None,
+        blend: str = "linear",
+        downsample_levels: int = 0,
+        compression_level: int = 3,
+        fsync: bool = False,
+        protected: Sequence[str | os.PathLike] = (),
+    ) -> None:
+        self._config = self._build_config(
+            path, scale, bounding_box, write_voxel_shape, scale_level, axis_order, overwrite, dtype,
+            fill_value, chunks, zarr_format, overlap, blend, downsample_levels, compression_level,
+            fsync, protected,
+        )
+        self.path = os.fspath(path)
+        self.label_class = target_class
+        self.axes = axis_order
+        self.scale_level = int(scale_level)
+        self.overwrite = bool(overwrite)
+        self.dtype = self._config["dtype"]
+        self.fill_value = fill_value
+        self.context = context
+        self._engine = _engine.ImageWriter(to_json(self._config))
+
+    @staticmethod
+    def _build_config(path, scale, bounding_box, write_voxel_shape, scale_level=0, axis_order="zyx",
+                      overwrite=False, dtype=torch.float32, fill_value=0, chunks=None, zarr_format=2,
+                      overlap=None, blend="linear", downsample_levels=0, compression_level=3,
+                      fsync=False, protected=()) -> dict[str, Any]:
+        _check_axis_order(axis_order)
+        voxel = [float(v) for v in _zyx(scale, axis_order, "scale", lambda s: s[0])]
+        tile = [int(v) for v in _zyx(write_voxel_shape, axis_order, "write_voxel_shape", lambda s: 1)]
+        if any(t <= 0 for t in tile):
+            raise ConfigError(f"write_voxel_shape {tile} must be positive")
+        lo, hi = _box_zyx(bounding_box, "bounding_box")
+        if zarr_format not in (2, 3):
+            raise ConfigError(f"zarr_format must be 2 or 3, not {zarr_format!r}")
+        if int(downsample_levels) < 0 or int(scale_level) < 0:
+            raise ConfigError("scale_level and downsample_levels must be non-negative")
+        config: dict[str, Any] = {
+            "path": os.fspath(path),
+            "voxel_size": voxel,
+            "bounds_lo": lo,
+            "bounds_hi": hi,
+            "write_shape": tile,
+            "chunk_shape": None if chunks is None else [int(c) for c in _zyx(chunks, axis_order, "chunks", lambda s: 1)],
+            "dtype": _dtype_name(dtype),
+            "fill_value": float(fill_value),
+            "zarr_format": int(zarr_format),
+            "overwrite": bool(overwrite),
+            "first_level": int(scale_level),
+            "downsample_levels": int(downsample_levels),
+            "compression_level": int(compression_level),
+            "fsync": bool(fsync),
+            "protected": [os.fspath(p) for p in protected],
+            "tiling": None,
+        }
+        if overlap is not None:
+            if blend not in ("linear", "gaussian"):
+                raise ConfigError(f"blend must be 'linear' or 'gaussian', not {blend!r}")
+            config["tiling"] = {"overlap": _overlap_zyx(overlap, tile), "blend": blend}
+        return config
+
+    # -- geometry -----------------------------------------------------------------------
+    @property
+    def scale(self) -> dict[str, float]:
+        """Voxel size per axis (nm)."""
+        return dict(zip(SPATIAL_AXES, self._config["voxel_size"]))
+
+    @property
+    def write_voxel_shape(self) -> dict[str, int]:
+        """Voxels per write (tile) per axis."""
+        return dict(zip(SPATIAL_AXES, self._config["write_shape"]))
+
+    @property
+    def write_world_shape(self) -> dict[str, float]:
+        """World extent of one write (nm)."""
+        return {a: n * s for a, n, s in zip(SPATIAL_AXES, self._config["write_shape"], self._config["voxel_size"])}
+
+    @property
+    def bounding_box(self) -> dict[str, tuple[float, float]]:
+        """The requested world bounds (nm, voxel edges)."""
+        return {a: (lo, hi) for a, lo, hi in zip(SPATIAL_AXES, self._config["bounds_lo"], self._config["bounds_hi"])}
+
+    @property
+    def offset(self) -> dict[str, float]:
+        """World position (nm) of the lower edge of voxel 0."""
+        return dict(zip(SPATIAL_AXES, self._config["bounds_lo"]))
+
+    @property
+    def translation(self) -> dict[str, float]:
+        """World position (nm) of the centre of voxel 0, as written in the metadata."""
+        return dict(zip(SPATIAL_AXES, self._engine.translation))
+
+    @property
+    def shape(self) -> dict[str, int]:
+        """Array shape per axis (voxels)."""
+        return dict(zip(SPATIAL_AXES, self._engine.shape))
+
+    @property
+    def chunk_shape(self) -> dict[str, int]:
+        """Chunk shape per axis (voxels)."""
+        return dict(zip(SPATIAL_AXES, self._engine.chunks))
+
+    @property
+    def array_path(self) -> str:
+        """Path of the full-resolution array (``<path>/s<scale_level>``)."""
+        return os.path.join(self.path, self._engine.levels[0]["path"])
+
+    @property
+    def levels(self) -> list[dict[str, Any]]:
+        """Per level: path, shape, voxel_size, translation."""
+        return self._engine.levels
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """chunks_written, bytes_written (encoded), pending_chunks."""
+        return self._engine.stats
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._engine.closed
+
+    def __len__(self) -> int:
+        """Number of planned tiles (0 without ``overlap``)."""
+        return len(self._engine)
+
+    # -- writing ------------------------------------------------------------------------
+    def _starts(self, center: Mapping[str, Any]) -> tuple[list[list[int]], bool]:
+        if not isinstance(center, Mapping):
+            raise TypeError(f"writer[center] needs a dict {{axis: nm}}, not {type(center).__name__}")
+        columns = []
+        batched = False
+        for a, lo, v, t in zip(SPATIAL_AXES, self._config["bounds_lo"], self._config["voxel_size"], self._config["write_shape"]):
+            if a not in center:
+                if t == 1 and a not in self.axes:
+                    columns.append(None)
+                    continue
+                raise ConfigError(f"center {dict(center)!r} has no {a!r} coordinate")
+            value = center[a]
+            if isinstance(value, torch.Tensor):
+                value = value.detach().cpu().numpy()
+            arr = np.asarray(value, dtype=float)
+            batched |= arr.ndim > 0
+            columns.append(np.round((arr.reshape(-1) - lo) / v - t / 2).astype(np.int64))
+        n = max((len(c) for c in columns if c is not None), default=1)
+        columns = [np.zeros(n, np.int64) if c is None else (np.repeat(c, n) if len(c) == 1 else c) for c in columns]
+        if any(len(c) != n for c in columns):
+            raise ConfigError(f"center {dict(center)!r}: axes have different numbers of coordinates")
+        return np.stack(columns, axis=1).tolist(), batched
+
+    def _tile_data(self, data: Any, count: int, what: str) -> np.ndarray:
+        array = _as_float32(data, what)
+        tile = self._config["write_shape"]
+        n = int(np.prod(tile))
+        want = _squeezed(tile)
+        shape = array.shape
+        if shape[0] == count and _squeezed(shape[1:]) == want:
+            return array.reshape(count, n)
+        if count == 1 and _squeezed(shape) == want:
+            return array.reshape(1, n)
+        raise ConfigError(
+            f"{what}: data of shape {tuple(shape)} does not match {count} tile(s) of shape {tuple(tile)} (z, y, x)"
+        )
+
+    def __setitem__(self, center: Mapping[str, Any], data: Any) -> None:
+        starts, _ = self._starts(center)
+        values = self._tile_data(data, len(starts), f"{self.path}")
+        self._engine.write_boxes(starts, values)
+
+    def write_tiles(self, indices: Sequence[int], data: Any) -> None:
+        """Writes planned tiles ``indices`` (``data``: ``[len(indices), *tile]``)."""
+        indices = [int(i) for i in indices]
+        values = self._tile_data(data, len(indices), f"{self.path}")
+        self._engine.write_tiles(indices, values)
+
+    def tile_centers(self, indices: Sequence[int] | None = None) -> np.ndarray:
+        """World centres ``[N, 3]`` (z, y, x nm) of planned tiles (all by default)."""
+        if indices is None:
+            indices = range(len(self))
+        return np.asarray(self._engine.tile_centres([int(i) for i in indices]), dtype=float).reshape(-1, 3)
+
+    def __getitem__(self, center: Mapping[str, Any]) -> torch.Tensor:
+        starts, batched = self._starts(center)
+        tile = self._config["write_shape"]
+        tiles = [torch.from_dlpack(self._engine.read_box(s, tile)) for s in starts]
+        out = torch.stack(tiles) if batched else tiles[0]
+        if len(self.axes) < 3:
+            out = out.reshape(*out.shape[: out.ndim - 3], *[self.write_voxel_shape[a] for a in self.axes])
+        return out
+
+    def flush(self) -> None:
+        """Writes every chunk still held in memory."""
+        self._engine.flush()
+
+    def close(self) -> None:
+        """Flushes, writes the downsampled levels, and refuses further writes."""
+        self._engine.close()
+
+    def __enter__(self) -> "ImageWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ImageWriter({self.path!r}, class={self.label_class!r}, shape={list(self._engine.shape)}, dtype={self.dtype})"
+
+
+class _TileLoader:
+    """Batches of writer tiles, read by the engine ``batch_size`` tiles per call; the next batch
+    is read on a background thread while the current one is in use."""
+
+    def __init__(self, writer: "CellMapDatasetWriter", batch_size: int, indices: Sequence[int], prefetch: bool) -> None:
+        if int(batch_size) < 1:
+            raise ConfigError(f"batch_size must be at least 1, not {batch_size}")
+        self.dataset = writer
+        self.batch_size = int(batch_size)
+        self.indices = list(indices)
+        self.prefetch = prefetch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.indices) / self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        groups = [self.indices[i: i + self.batch_size] for i in range(0, len(self.indices), self.batch_size)]
+        if not self.prefetch or len(groups) < 2:
+            for g in groups:
+                yield self.dataset.get_batch(g)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellmap-writer-prefetch") as pool:
+            future = pool.submit(self.dataset.get_batch, groups[0])
+            for g in groups[1:]:
+                batch = future.result()
+                future = pool.submit(self.dataset.get_batch, g)
+                yield batch
+            yield future.result()
+
+
+class CellMapDatasetWriter(torch.utils.data.Dataset):
+    """Input tiles over ``target_bounds`` for a model, and the writer of its predictions.
+
+    ``writer[i]`` is ``{"idx": tensor(i), <input name>: [1, *input shape]}`` (raw read with
+    linear interpolation, padded with 0 outside the volume, ``raw_value_transforms`` applied; the
+    spec's shape is kept as given, singleton axes included). ``writer.loader(batch_size)``
+    yields such dicts stacked into batches. Predictions go back with ``writer[batch["idx"]] =
+    {"output": tensor [B, C, *tile]}`` (channels in ``model_classes`` order, default
+    ``classes``), ``{"output": {class: tensor [B, *tile]}}`` or ``{class: tensor}``; only the
+    classes in ``classes`` are written, each to ``<target_path>/<class>`` (see
+    :class:`ImageWriter` for the layout and the half-voxel convention).
+
+    The tiles (``writer_indices``) cover the whole bounds, far edge included: along each axis
+    they step by the target tile and the last one is shifted back inside the bounds. With
+    ``overlap`` (voxels, beyond the reference library) they step by ``tile - overlap`` and
+    overlapping predictions are blended with ``blend`` ("linear" tent or "gaussian") weights, so
+    tile seams disappear; with the default ``overlap=0`` each output voxel is exactly the value
+    of the one tile that owns it.
+
+    ``target_bounds`` is ``{target array name: {axis: [lo, hi]}}`` in nm (voxel edges); several
+    arrays' bounds are united; ``None`` means the whole raw volume. Bounds must lie inside the
+    raw volume. All target arrays share one output per class, so they must have the same shape
+    and scale. ``close()`` (or leaving a ``with`` block) writes any chunk still in memory.
+    """
+
+    def __init__(
+        self,
+        raw_path: str | os.PathLike,
+        target_path: str | os.PathLike,
+        classes: Sequence[str],
+        input_arrays: Mapping[str, Mapping[str, Any]],
+        target_arrays: Mapping[str, Mapping[str, Any]],
+        target_bounds: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+        overwrite: bool = False,
+        device: str | torch.device | None = None,
+        raw_value_transforms: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        model_classes: Sequence[str] | None = None,
+        axis_order: str = "zyx",
+        context: Any = None,
+        *,
+        overlap: Any = 0,
+        blend: str = "linear",
+        dtype: Any = "float32",
+        zarr_format: int = 2,
+        chunks: Any = None,
+        downsample_levels: int = 0,
+        fill_value: float | None = None,
+        compression_level: int = 3,
+        fsync: bool = False,
+        raw_interpolation: str = "linear",
+        **kwargs: Any,
+    ) -> None:
+        _check_axis_order(axis_order)
+        empty_value = kwargs.pop("empty_value", None)
+        kwargs.pop("rng", None)
+        if kwargs:
+            warnings.warn(f"CellMapDatasetWriter ignores the keyword(s) {sorted(kwargs)}", stacklevel=2)
+        if fill_value is None:
+            fill_value = 0.0 if empty_value is None else float(empty_value)
+        self.raw_path = os.fspath(raw_path)
+        self.target_path = os.fspath(target_path)
+        if isinstance(classes, str) or not classes:
+            raise ConfigError(f"classes must be a non-empty list of class names, not {classes!r}")
+        self.classes = list(classes)
+        self.model_classes = list(model_classes) if model_classes is not None else list(self.classes)
+        for name, names in (("classes", self.classes), ("model_classes", self.model_classes)):
+            if len(set(names)) != len(names):
+                raise ConfigError(f"{name} {names} lists a class twice")
+        missing = [c for c in self.classes if c not in self.model_classes]
+        if missing:
+            raise ConfigError(f"class {missing[0]!r} is in classes but not in model_classes {self.model_classes}")
+        self.input_arrays = dict(input_arrays)
+        self.target_arrays = dict(target_arrays) if target_arrays else {}
+        self.axis_order = axis_order
+        self.context = context
+        self.device = torch.device(device) if device is not None else None
+        self.raw_value_transforms = raw_value_transforms
+        self.overwrite = bool(overwrite)
+        self.overlap = overlap
+        self.blend = blend
+
+        self._inputs = arrays_to_3d(self.input_arrays, "input_arrays")
+        self._targets = arrays_to_3d(self.target_arrays, "target_arrays")
+        if not self._inputs:
+            raise ConfigError("input_arrays is empty: at least one input array is required")
+        if not self._targets:
+            raise ConfigError("target_arrays is empty: the writer needs the output tile shape and scale")
+        first = self._targets[0]
+        for spec in self._targets[1:]:
+            if spec["shape"] != first["shape"] or spec["scale"] != first["scale"]:
+                raise ConfigError(
+                    f"target arrays {first['name']!r} and {spec['name']!r} differ in shape or scale; "
+                    "all target arrays of a writer share one output per class"
+                )
+        self._input_shapes = {name: tuple(int(s) for s in spec["shape"]) for name, spec in self.input_arrays.items()}
+        self._target_names = [spec["name"] for spec in self._targets]
+        self._tile = list(first["shape"])
+        self._voxel = list(first["scale"])
+
+        self._engine = _engine.Dataset(to_json({
+            "raw_path": self.raw_path,
+            "classes": [],
+            "inputs": self._inputs,
+            "targets": [],
+            "pad": True,
+            "raw_pad_value": 0.0,
+            "raw_interpolation": raw_interpolation,
+            "spatial": None,
+        }))
+        raw_lo, raw_hi = self._engine.bounding_box
+        self.target_bounds = self._parse_bounds(target_bounds, raw_lo, raw_hi)
+        lo = [min(b[a][0] for b in self.target_bounds.values()) for a in SPATIAL_AXES]
+        hi = [max(b[a][1] for b in self.target_bounds.values()) for a in SPATIAL_AXES]
+        self._box = (lo, hi)
+
+        box = {a: (lo[k], hi[k]) for k, a in enumerate(SPATIAL_AXES)}
+        common = dict(
+            scale=self._voxel, bounding_box=box, write_voxel_shape=self._tile, overwrite=self.overwrite,
+            dtype=dtype, fill_value=fill_value, chunks=chunks, zarr_format=zarr_format, overlap=overlap,
+            blend=blend, downsample_levels=downsample_levels, compression_level=compression_level,
+            fsync=fsync, protected=[self.raw_path],
+        )
+        # Validate every output before creating any, so bad input leaves nothing behind.
+        for c in self.classes:
+            _engine.ImageWriter.validate(to_json(ImageWriter._build_config(os.path.join(self.target_path, c), **common)))
+        self.writers: dict[str, ImageWriter] = {
+            c: ImageWriter(os.path.join(self.target_path, c), c, **common) for c in self.classes
+        }
+        self._class_set = set(self.classes)
+        self._model_class_set = set(self.model_classes)
+        self._centres = self.writers[self.classes[0]].tile_centers()
+
+    def _parse_bounds(self, target_bounds: Any, raw_lo: Sequence[float], raw_hi: Sequence[float]) -> dict[str, dict[str, tuple[float, float]]]:
+        raw_box = {a: (raw_lo[k], raw_hi[k]) for k, a in enumerate(SPATIAL_AXES)}
+        if target_bounds is None:
+            return {self._target_names[0]: raw_box}
+        if not isinstance(target_bounds, Mapping) or not target_bounds:
+            raise ConfigError(f"target_bounds must be a dict {{target array name: {{axis: [lo, hi]}}}}, not {target_bounds!r}")
+        out = {}
+        for name, box in target_bounds.items():
+            if name not in self._target_names:
+                raise ConfigError(f"target_bounds key {name!r} is not a target array (expected one of {self._target_names})")
+            lo, hi = _box_zyx(box, f"target_bounds[{name!r}]")
+            for k, a in enumerate(SPATIAL_AXES):
+                tol = 1e-6 * max(1.0, abs(raw_lo[k]), abs(raw_hi[k]))
+                if lo[k] < raw_lo[k] - tol or hi[k] > raw_hi[k] + tol:
+                    raise ConfigError(
+                        f"target_bounds[{name!r}][{a!r}] = [{lo[k]}, {hi[k]}] lies outside the raw volume "
+                        f"[{raw_lo[k]}, {raw_hi[k]}] of {self.raw_path}"
+                    )
+            out[name] = {a: (lo[k], hi[k]) for k, a in enumerate(SPATIAL_AXES)}
+        return out
+
+    # -- tiles --------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._centres)
+
+    @property
+    def writer_indices(self) -> list[int]:
+        """Indices of the tiles that together cover the whole bounds."""
+        return list(range(len(self)))
+
+    @property
+    def blocks(self) -> torch.utils.data.Subset:
+        """The tiles as a ``Subset`` of this dataset."""
+        return torch.utils.data.Subset(self, self.writer_indices)
+
+    @property
+    def bounding_box(self) -> dict[str, tuple[float, float]]:
+        """World box written (nm, voxel edges): the union of the target bounds."""
+        lo, hi = self._box
+        return {a: (lo[k], hi[k]) for k, a in enumerate(SPATIAL_AXES)}
+
+    @property
+    def sampling_box(self) -> dict[str, tuple[float, float]]:
+        """Box spanned by the tile centres (nm)."""
+        lo, hi = self._centres.min(axis=0), self._centres.max(axis=0)
+        return {a: (float(lo[k]), float(hi[k])) for k, a in enumerate(SPATIAL_AXES)}
+
+    @property
+    def target_array_writers(self) -> dict[str, dict[str, ImageWriter]]:
+        """``{target array name: {class: ImageWriter}}`` (all arrays share the writers)."""
+        return {name: dict(self.writers) for name in self._target_names}
+
+    def _check_index(self, idx: Any) -> int:
+        i = int(idx)
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"tile index {int(idx)} out of range for a writer of {n} tiles")
+        return i
+
+    def get_center(self, idx: int) -> dict[str, float]:
+        """World centre (nm) of tile ``idx``."""
+        return {a: float(v) for a, v in zip(SPATIAL_AXES, self._centres[self._check_index(idx)])}
+
+    # -- reading inputs -----------------------------------------------------------------
+    def get_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Input tiles ``indices`` as ``{"idx": [B], <input>: [B, 1, *input shape]}``."""
+        checked = [self._check_index(i) for i in indices]
+        centres = [list(map(float, self._centres[i])) for i in checked]
+        batch = self._engine.read_centres(centres, checked)
+        out: dict[str, torch.Tensor] = {"idx": torch.tensor(checked, dtype=torch.int64)}
+        for name in batch.tensor_names:
+            tensor = torch.from_dlpack(batch.tensor(name))
+            tensor = tensor.reshape(len(checked), 1, *self._input_shapes[name])
+            if self.device is not None:
+                tensor = tensor.to(self.device, non_blocking=True)
+            if self.raw_value_transforms is not None:
+                tensor = self.raw_value_transforms(tensor)
+            out[name] = tensor
+        return out
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        batch = self.get_batch([idx])
+        return {k: v[0] for k, v in batch.items()}
+
+    def loader(self, batch_size: int = 1, num_workers: int = 0, **kwargs: Any) -> _TileLoader:
+        """Batches of input tiles in tile order. Reading happens in the engine (``num_workers``
+        and DataLoader keywords are accepted and ignored); the next batch is read while the
+        current one is in use unless ``prefetch=False``."""
+        return _TileLoader(self, batch_size, self.writer_indices, bool(kwargs.get("prefetch", True)))
+
+    # -- writing predictions ------------------------------------------------------------
+    def _indices(self, idx: Any) -> list[int]:
+        if isinstance(idx, torch.Tensor):
+            idx = idx.detach().cpu().numpy()
+        if isinstance(idx, np.ndarray):
+            if idx.ndim == 0:
+                return [self._check_index(idx.item())]
+            return [self._check_index(i) for i in idx.reshape(-1).tolist()]
+        if isinstance(idx, (list, tuple, range)):
+            return [self._check_index(i) for i in idx]
+        if isinstance(idx, (int, np.integer)):
+            return [self._check_index(idx)]
+        raise TypeError(f"writer index must be an int or a sequence of ints, not {type(idx).__name__}")
+
+    def _class_values(self, value: Any, count: int, what: str) -> np.ndarray:
+        array = _as_float32(value, what)
+        n = int(np.prod(self._tile))
+        want = _squeezed(self._tile)
+        shape = array.shape
+        if shape[0] == count and _squeezed(shape[1:]) == want:
+            return array.reshape(count, n)
+        if count == 1 and _squeezed(shape) == want:
+            return array.reshape(1, n)
+        raise ConfigError(
+            f"prediction {what} has shape {tuple(shape)}; expected [{count}, *{tuple(self._tile)}] "
+            f"(batch, tile z, y, x; singleton axes may be dropped)"
+        )
+
+    def _channel_values(self, value: Any, count: int, what: str) -> np.ndarray:
+        array = _as_float32(value, what)
+        n = int(np.prod(self._tile))
+        c = len(self.model_classes)
+        want = _squeezed(self._tile)
+        shape = array.shape
+        if array.ndim >= 2 and shape[0] == count and shape[1] == c and _squeezed(shape[2:]) == want:
+            return array.reshape(count, c, n)
+        if count == 1 and shape[0] == c and _squeezed(shape[1:]) == want:
+            return array.reshape(1, c, n)
+        raise ConfigError(
+            f"prediction {what} has shape {tuple(shape)}; expected [{count}, {c}, *{tuple(self._tile)}] "
+            f"(batch, one channel per model class {self.model_classes}, tile z, y, x)"
+        )
+
+    def _known_class(self, name: Any, what: str) -> None:
+        if name not in self._model_class_set and name not in self._class_set:
+            raise ConfigError(f"unknown class {name!r} in {what}; model classes are {self.model_classes}")
+
+    def __setitem__(self, idx: Any, arrays: Any) -> None:
+        indices = self._indices(idx)
+        count = len(indices)
+        if isinstance(arrays, (torch.Tensor, np.ndarray)):
+            arrays = {self._target_names[0]: arrays}
+        if not isinstance(arrays, Mapping):
+            raise TypeError(
+                f"writer[idx] = ... needs a dict such as {{{self._target_names[0]!r}: tensor}}, not {type(arrays).__name__}"
+            )
+        per_class: dict[str, np.ndarray] = {}
+        # Validate everything before writing anything.
+        for key, value in arrays.items():
+            if key in ("idx", "__metadata__"):
+                continue
+            if key in self._target_names:
+                if isinstance(value, Mapping):
+                    for cls, v in value.items():
+                        self._known_class(cls, f"prediction {key!r}")
+                        if cls in self._class_set:
+                            per_class[cls] = self._class_values(v, count, f"{key!r}[{cls!r}]")
+                else:
+                    data = self._channel_values(value, count, repr(key))
+                    for c, cls in enumerate(self.model_classes):
+                        if cls in self._class_set:
+                            per_class[cls] = data[:, c]
+            elif key in self._model_class_set or key in self._class_set:
+                if key in self._class_set:
+                    per_class[key] = self._class_values(value, count, repr(key))
+            else:
+                raise ConfigError(
+                    f"unknown key {key!r} in the predictions: expected a target array name {self._target_names} "
+                    f"or a class name {self.model_classes}"
+                )
+        for cls, data in per_class.items():
+            self.writers[cls]._engine.write_tiles(indices, np.ascontiguousarray(data))
+
+    # -- life cycle ---------------------------------------------------------------------
+    def flush(self) -> None:
+        """Writes every chunk still held in memory."""
+        for w in self.writers.values():
+            w.flush()
+
+    def close(self) -> None:
+        """Flushes every class's output and refuses further writes."""
+        for w in self.writers.values():
+            w.close()
+
+    def __enter__(self) -> "CellMapDatasetWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def set_raw_value_transforms(self, transforms: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        """Replaces the raw value transforms."""
+        self.raw_value_transforms = transforms
+
+    def to(self, device: str | torch.device, non_blocking: bool = True) -> "CellMapDatasetWriter":
+        """Returns input tensors on ``device`` from now on."""
+        self.device = torch.device(device)
+        return self
+
+    def verify(self) -> bool:
+        """Whether there is at least one tile."""
+        return len(self) > 0
+
+    def __repr__(self) -> str:
+        return (
+            f"CellMapDatasetWriter(raw={self.raw_path!r}, target={self.target_path!r}, classes={self.classes}, "
+            f"tiles={len(self)})"
+        )
+
+
+def bench_write(
+    out_dir: str | os.PathLike | None = None,
+    size: int = 512,
+    tile: int = 128,
+    *,
+    batch_size: int = 4,
+    dtype: Any = "float32",
+    zarr_format: int = 2,
+    overlap: int = 0,
+    blend: str = "linear",
+    keep: bool = False,
+) -> dict[str, Any]:
+    """Writes a ``size``³ float32 prediction volume in ``tile``³ tiles (smooth values, as a
+    model would predict) through the engine and reports the throughput.
+
+    ``mb_per_s`` counts the uncompressed prediction bytes handed to the writer per second of
+    wall time, from the first write to the end of ``close()``. Tile data are generated before
+    the clock starts. Returns the numbers (and prints them).
+    """
+    import shutil
+    import tempfile
+
+    own_dir = out_dir is None
+    root = tempfile.mkdtemp(prefix="cellmap-bench-write-") if own_dir else os.fspath(out_dir)
+    path = os.path.join(root, "bench.zarr", "predictions", "mito")
+    voxel = 8.0
+    box = {a: (0.0, size * voxel) for a in SPATIAL_AXES}
+    writer = ImageWriter(path, "mito", (voxel,) * 3, box, (tile,) * 3, overwrite=True, dtype=dtype,
+                         zarr_format=zarr_format, overlap=overlap, blend=blend)
+    grid = np.indices((tile,) * 3, dtype=np.float32).reshape(3, -1)
+    pool = [
+        (np.sin(grid[0] * 0.05 + s) * np.cos(grid[1] * 0.07 - s) + grid[2] * 1e-3).astype(np.float32).reshape(1, -1)
+        for s in range(8)
+    ]
+    tiles = np.concatenate([pool[i % len(pool)] for i in range(batch_size)])
+    n = len(writer)
+    start = time.perf_counter()
+    for i in range(0, n, batch_size):
+        idx = list(range(i, min(i + batch_size, n)))
+        writer.write_tiles(idx, tiles[: len(idx)])
+    writer.close()
+    seconds = time.perf_counter() - start
+    bytes_in = n * tile ** 3 * 4
+    stats = writer.stats
+    result = {
+        "size": size,
+        "tile": tile,
+        "tiles": n,
+        "overlap": overlap,
+        "zarr_format": zarr_format,
+        "seconds": seconds,
+        "bytes_in": bytes_in,
+        "bytes_written": stats["bytes_written"],
+        "mb_per_s": bytes_in / seconds / 1e6,
+        "optimized_build": _engine.is_optimized_build(),
+        "threads": os.environ.get("CELLMAP_NUM_THREADS") or os.cpu_count(),
+    }
+    print(
+        f"wrote {size}^3 float32 ({bytes_in / 1e6:.0f} MB, {n} tiles of {tile}^3, overlap {overlap}) in "
+        f"{seconds:.2f} s: {result['mb_per_s']:.0f} MB/s ({stats['bytes_written'] / 1e6:.0f} MB on disk, "
+        f"{'release' if result['optimized_build'] else 'debug'} build)"
+    )
+    if own_dir and not keep:
+        shutil.rmtree(root, ignore_errors=True)
+    return result
+
+
+if __name__ == "__main__":  # python -m cellmap_data.writer [size] [tile] [overlap]
+    import sys
+
+    args = [int(a) for a in sys.argv[1:]]
+    bench_write(None, *(args[:2]), **({"overlap": args[2]} if len(args) > 2 else {}))

@@ -1,0 +1,211 @@
+//! `ImageWriter`: one output image written tile by tile by the engine (used by
+//! `cellmap_data.ImageWriter` and `cellmap_data.CellMapDatasetWriter`).
+
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use arrow_buffer::Buffer;
+use cellmap_engine::writer::{ImageWriter as EngineWriter, WriterConfig};
+use cellmap_engine::Error;
+use pyo3::buffer::PyBuffer;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::convert::{parse_json, run, to_pyerr};
+use crate::tensor::Tensor;
+
+/// An output image being written (zarr v2 + OME-NGFF 0.4 or zarr v3 + OME-NGFF 0.5).
+#[pyclass(module = "cellmap_data._engine", frozen)]
+pub struct ImageWriter {
+    inner: Arc<EngineWriter>,
+}
+
+/// A read-only view of a C-contiguous float32 buffer, usable without the GIL.
+struct Values(NonNull<[f32]>);
+// SAFETY: the buffer is kept alive (and its exporter locked) by the `PyBuffer` the caller
+// holds for the whole call; the engine only reads it.
+unsafe impl Send for Values {}
+unsafe impl Sync for Values {}
+
+impl Values {
+    fn of(py: Python<'_>, buffer: &PyBuffer<f32>) -> PyResult<Values> {
+        buffer.as_slice_ptr().map(Values).ok_or_else(|| {
+            to_pyerr(py, Error::invalid("prediction data must be a C-contiguous float32 buffer"))
+        })
+    }
+
+    fn slice(&self) -> &[f32] {
+        // SAFETY: see the Send/Sync note above.
+        unsafe { self.0.as_ref() }
+    }
+}
+
+/// Engine errors, with an existing output raised as `OutputExistsError` (a `FileExistsError`).
+fn writer_err(py: Python<'_>, error: Error) -> PyErr {
+    if let Error::Io { source, .. } = &error {
+        if source.kind() == std::io::ErrorKind::AlreadyExists {
+            let message = error.to_string();
+            if let Ok(instance) = py
+                .import("cellmap_data.exceptions")
+                .and_then(|m| m.getattr("OutputExistsError"))
+                .and_then(|cls| cls.call1((message,)))
+            {
+                return PyErr::from_value(instance);
+            }
+        }
+    }
+    to_pyerr(py, error)
+}
+
+/// Like `convert::run`, with the writer's error mapping.
+fn run_writer<T: Send>(py: Python<'_>, work: impl FnOnce() -> cellmap_engine::Result<T> + Send) -> PyResult<T> {
+    match run(py, move || Ok(work()))? {
+        Ok(value) => Ok(value),
+        Err(error) => Err(writer_err(py, error)),
+    }
+}
+
+fn parse_config(py: Python<'_>, config_json: &str) -> PyResult<WriterConfig> {
+    let value = parse_json(py, config_json)?;
+    WriterConfig::from_json(&value).map_err(|e| to_pyerr(py, e))
+}
+
+#[pymethods]
+impl ImageWriter {
+    /// Creates the output image described by `config_json` (built by `cellmap_data.writer`).
+    #[new]
+    fn new(py: Python<'_>, config_json: &str) -> PyResult<Self> {
+        let config = parse_config(py, config_json)?;
+        let inner = run_writer(py, move || EngineWriter::create(config))?;
+        Ok(ImageWriter { inner: Arc::new(inner) })
+    }
+
+    /// Checks a configuration (values, existing output, write permission) without writing.
+    #[staticmethod]
+    fn validate(py: Python<'_>, config_json: &str) -> PyResult<()> {
+        let config = parse_config(py, config_json)?;
+        run_writer(py, move || EngineWriter::validate(&config))
+    }
+
+    /// The image group path.
+    #[getter]
+    fn path(&self) -> String {
+        self.inner.config().path.display().to_string()
+    }
+
+    /// Array shape of the first level (z, y, x voxels).
+    #[getter]
+    fn shape(&self) -> [u64; 3] {
+        self.inner.shape()
+    }
+
+    /// Chunk shape (z, y, x voxels).
+    #[getter]
+    fn chunks(&self) -> [usize; 3] {
+        self.inner.config().chunk_shape
+    }
+
+    /// Shape of one write (z, y, x voxels).
+    #[getter]
+    fn write_shape(&self) -> [usize; 3] {
+        self.inner.config().write_shape
+    }
+
+    /// World coordinate (nm) of the centre of voxel 0 (the metadata's translation).
+    #[getter]
+    fn translation(&self) -> [f64; 3] {
+        self.inner.translation()
+    }
+
+    /// One dict per level: path, shape, voxel_size, translation.
+    #[getter]
+    fn levels<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        self.inner
+            .levels()
+            .into_iter()
+            .map(|(path, shape, voxel, translation)| {
+                let d = PyDict::new(py);
+                d.set_item("path", path)?;
+                d.set_item("shape", shape.to_vec())?;
+                d.set_item("voxel_size", voxel.to_vec())?;
+                d.set_item("translation", translation.to_vec())?;
+                Ok(d)
+            })
+            .collect()
+    }
+
+    /// Number of planned tiles (0 without a plan).
+    fn __len__(&self) -> usize {
+        self.inner.plan().map_or(0, |p| p.len())
+    }
+
+    /// Per-axis tile starts of the plan (array voxels), or None without a plan.
+    #[getter]
+    fn tile_starts(&self) -> Option<[Vec<i64>; 3]> {
+        self.inner.plan().map(|p| p.starts.clone())
+    }
+
+    /// World centres (z, y, x nm) of planned tiles `indices`.
+    fn tile_centres(&self, py: Python<'_>, indices: Vec<usize>) -> PyResult<Vec<[f64; 3]>> {
+        indices.iter().map(|&i| self.inner.tile_centre(i).map_err(|e| to_pyerr(py, e))).collect()
+    }
+
+    /// Writes planned tiles `indices`: `data` is a C-contiguous float32 buffer holding one tile
+    /// after another.
+    fn write_tiles(&self, py: Python<'_>, indices: Vec<usize>, data: PyBuffer<f32>) -> PyResult<()> {
+        let values = Values::of(py, &data)?;
+        let inner = self.inner.clone();
+        let result = run_writer(py, move || inner.write_tiles(&indices, values.slice()));
+        drop(data);
+        result
+    }
+
+    /// Writes boxes of the write shape at `starts` (array voxels; clipped to the array).
+    fn write_boxes(&self, py: Python<'_>, starts: Vec<[i64; 3]>, data: PyBuffer<f32>) -> PyResult<()> {
+        let values = Values::of(py, &data)?;
+        let inner = self.inner.clone();
+        let result = run_writer(py, move || inner.write_boxes(&starts, values.slice()));
+        drop(data);
+        result
+    }
+
+    /// Reads back `shape` voxels starting at `start` (pending data included).
+    fn read_box(&self, py: Python<'_>, start: [i64; 3], shape: [usize; 3]) -> PyResult<Tensor> {
+        let inner = self.inner.clone();
+        let values = run_writer(py, move || inner.read_box(start, shape))?;
+        Tensor::new(Buffer::from_vec(values), shape.to_vec())
+    }
+
+    /// Writes every pending chunk.
+    fn flush(&self, py: Python<'_>) -> PyResult<()> {
+        let inner = self.inner.clone();
+        run_writer(py, move || inner.flush())
+    }
+
+    /// Flushes, writes the downsampled levels, and refuses further writes.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let inner = self.inner.clone();
+        run_writer(py, move || inner.close())
+    }
+
+    /// Whether `close` was called.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner.is_closed()
+    }
+
+    /// Counters: chunks_written, bytes_written, pending_chunks.
+    #[getter]
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.stats();
+        let d = PyDict::new(py);
+        d.set_item("chunks_written", s.chunks_written)?;
+        d.set_item("bytes_written", s.bytes_written)?;
+        d.set_item("pending_chunks", s.pending_chunks)?;
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("ImageWriter('{}', shape={:?})", self.inner.config().path.display(), self.inner.shape())
+    }
+}
