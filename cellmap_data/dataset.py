@@ -35,6 +35,16 @@ def _seed_from(seed: int | None, rng: Any) -> int:
     return int(torch.initial_seed()) & ((1 << 63) - 1)
 
 
+def expand_compact(tensor: torch.Tensor) -> torch.Tensor:
+    """uint8 compact targets (0, 1, 255 = unknown) → float32 with NaN, on the tensor's device.
+
+    Moving uint8 and expanding on the GPU moves 4× less memory than shipping float32."""
+    if tensor.dtype != torch.uint8:
+        return tensor
+    out = tensor.to(torch.float32)
+    return out.masked_fill_(tensor == 255, float("nan"))
+
+
 class CellMapDataset(torch.utils.data.Dataset):
     """Training samples from one raw volume and one label crop.
 
@@ -70,6 +80,7 @@ class CellMapDataset(torch.utils.data.Dataset):
         empty_value: float = math.nan,
         max_workers: int | None = None,
         raw_interpolation: str = "linear",
+        compact_targets: bool = False,
     ) -> None:
         check_axis_order(axis_order)
         self.raw_path = os.fspath(raw_path)
@@ -89,6 +100,7 @@ class CellMapDataset(torch.utils.data.Dataset):
         self.seed = _seed_from(seed, rng)
         self.epoch = 0
         self.raw_interpolation = raw_interpolation
+        self.compact_targets = bool(compact_targets)
         self._inputs = arrays_to_3d(self.input_arrays, "input_arrays")
         self._targets = arrays_to_3d(self.target_arrays, "target_arrays")
         if not self._inputs:
@@ -100,13 +112,41 @@ class CellMapDataset(torch.utils.data.Dataset):
         self.spatial_transforms = spatial_transforms_json(spatial_transforms)
         self._engine_handle = self._open_engine()
         self._engine_pid = os.getpid()
+        if self._engine_handle.sampling_box is None and not self.force_has_data:
+            raise ConfigError(self._no_fit_message())
+
+    def _no_fit_message(self) -> str:
+        """Which array does not fit along which axis (pad=False)."""
+        lo, hi = self._engine_handle.bounding_box
+        for spec in self._inputs + self._targets:
+            for k, axis in enumerate(SPATIAL_AXES):
+                size = spec["shape"][k] * spec["scale"][k]
+                if size > hi[k] - lo[k] + 1e-9:
+                    return (
+                        f"array '{spec['name']}' spans {size:g} nm along {axis} but the data ({self.raw_path} ∩ "
+                        f"{self.target_path}) spans only {hi[k] - lo[k]:g} nm there and pad=False"
+                    )
+        return f"no patch fits in {self.target_path} with pad=False"
 
     # -- engine configuration ---------------------------------------------------------------
-    def _class_sources(self) -> list[list[str | None]]:
-        return [
-            [c, self.target_template.format(label=c) if c in self.annotated_classes else None]
-            for c in self.classes
-        ]
+    def exclusive_classes(self, cls: str) -> list[str]:
+        """Classes mutually exclusive with ``cls`` per ``class_relation_dict`` (symmetric)."""
+        relations = self.class_relation_dict or {}
+        related = set(relations.get(cls, ()))
+        related.update(other for other, excluded in relations.items() if cls in excluded)
+        related.discard(cls)
+        return sorted(related)
+
+    def _class_sources(self) -> list[list[Any]]:
+        sources = []
+        for c in self.classes:
+            if c in self.annotated_classes:
+                sources.append([c, self.target_template.format(label=c), []])
+            else:
+                # Where an annotated, mutually exclusive class is present, c is a true negative.
+                related = [r for r in self.exclusive_classes(c) if r in self.annotated_classes]
+                sources.append([c, None, [self.target_template.format(label=r) for r in related]])
+        return sources
 
     def _engine_config(self) -> dict[str, Any]:
         return {
@@ -120,6 +160,7 @@ class CellMapDataset(torch.utils.data.Dataset):
             "raw_pad_value": math.nan,
             "raw_interpolation": self.raw_interpolation,
             "spatial": self.spatial_transforms if self.is_train else None,
+            "compact_targets": self.compact_targets,
         }
 
     def _open_engine(self) -> Any:
@@ -208,6 +249,7 @@ class CellMapDataset(torch.utils.data.Dataset):
             tensor = torch.from_dlpack(batch.tensor(name))
             if self.device is not None:
                 tensor = tensor.to(self.device, non_blocking=True)
+            tensor = expand_compact(tensor)
             if name in input_names:
                 tensor = self._apply_raw_transform(tensor, seeds)
             else:

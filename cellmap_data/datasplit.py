@@ -177,8 +177,8 @@ class CellMapDataSplit:
             except (FileNotFoundError, ValueError, OSError) as error:
                 self._skip(usage, row, str(error))
                 continue
-            if not dataset.verify():
-                self._skip(usage, row, "no sample fits in this crop (pad=False and the patch is larger than the crop)")
+            if len(dataset) == 0 and not self.force_has_data:
+                self._skip(usage, row, "no sample fits in this crop")
                 continue
             built.append(dataset)
         return built

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .dataset import expand_compact
 from .exceptions import ConfigError
 from .multidataset import as_multi
 
@@ -288,6 +289,7 @@ class CellMapDataLoader:
         owners = [self.multi.datasets[d] for d, _, _ in plan]
         input_names = {a["name"] for a in self.multi.datasets[0]._inputs}
         for name, tensor in tensors.items():
+            tensor = expand_compact(tensor)
             kind = "raw" if name in input_names else "target"
             out[name] = _transform_by_owner(tensor, seeds, owners, kind)
         if self.return_metadata:

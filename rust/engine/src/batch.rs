@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 
 use arrow_array::builder::{BooleanBuilder, Float64Builder, Int64Builder, StringBuilder, UInt64Builder, UInt8Builder};
-use arrow_array::{ArrayRef, FixedSizeListArray, Float32Array, RecordBatch};
+use arrow_array::{ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, UInt8Array};
 use arrow_buffer::{Buffer, ScalarBuffer};
 use arrow_schema::extension::FixedShapeTensor;
 use arrow_schema::{DataType, Field, Schema};
@@ -25,45 +25,57 @@ pub fn live_batch_bytes() -> i64 {
     LIVE_BATCH_BYTES.load(Ordering::SeqCst)
 }
 
-/// A float32 vector whose size is counted in [`live_batch_bytes`] until dropped.
+/// A vector whose size is counted in [`live_batch_bytes`] until dropped.
 #[derive(Debug)]
-pub struct TrackedVec(Vec<f32>);
+pub struct TrackedVec<T: Copy + Default = f32>(Vec<T>);
 
-impl TrackedVec {
-    /// A zeroed vector of `len` floats.
-    pub fn zeros(len: usize) -> TrackedVec {
-        LIVE_BATCH_BYTES.fetch_add((len * 4) as i64, Ordering::SeqCst);
-        TrackedVec(vec![0.0; len])
+impl<T: Copy + Default + Send + Sync + std::panic::RefUnwindSafe + 'static> TrackedVec<T> {
+    /// A zeroed vector of `len` elements.
+    pub fn zeros(len: usize) -> TrackedVec<T> {
+        LIVE_BATCH_BYTES.fetch_add((len * std::mem::size_of::<T>()) as i64, Ordering::SeqCst);
+        TrackedVec(vec![T::default(); len])
     }
 
     /// Moves the vector into an Arrow buffer without copying; the buffer frees it.
     pub fn into_buffer(self) -> Buffer {
         let owner = Arc::new(self);
         let ptr = NonNull::new(owner.0.as_ptr() as *mut u8).unwrap_or(NonNull::dangling());
-        let len = owner.0.len() * 4;
+        let len = owner.0.len() * std::mem::size_of::<T>();
         // SAFETY: the pointer and length describe `owner`'s live allocation, which the buffer
         // keeps alive through the Arc for as long as any clone of the buffer exists.
         unsafe { Buffer::from_custom_allocation(ptr, len, owner) }
     }
 }
 
-impl std::ops::Deref for TrackedVec {
-    type Target = [f32];
-    fn deref(&self) -> &[f32] {
+impl<T: Copy + Default> std::ops::Deref for TrackedVec<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
         &self.0
     }
 }
 
-impl std::ops::DerefMut for TrackedVec {
-    fn deref_mut(&mut self) -> &mut [f32] {
+impl<T: Copy + Default> std::ops::DerefMut for TrackedVec<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
         &mut self.0
     }
 }
 
-impl Drop for TrackedVec {
+impl<T: Copy + Default> Drop for TrackedVec<T> {
     fn drop(&mut self) {
-        LIVE_BATCH_BYTES.fetch_sub((self.0.len() * 4) as i64, Ordering::SeqCst);
+        LIVE_BATCH_BYTES.fetch_sub((self.0.len() * std::mem::size_of::<T>()) as i64, Ordering::SeqCst);
     }
+}
+
+/// Value of an unknown voxel in compact (uint8) targets.
+pub const COMPACT_UNKNOWN: u8 = 255;
+
+/// A column's values: float32, or compact uint8 targets (0, 1, 255 = unknown).
+#[derive(Debug)]
+pub enum ColumnData {
+    /// float32 values (NaN = unknown).
+    F32(TrackedVec<f32>),
+    /// uint8 values (255 = unknown).
+    U8(TrackedVec<u8>),
 }
 
 /// One sample to read: where, how it is turned, and the seed of its value transforms.
@@ -89,7 +101,7 @@ pub struct TensorColumn {
     /// Axis names of the per-sample shape.
     pub dim_names: Vec<String>,
     /// The values.
-    pub data: TrackedVec,
+    pub data: ColumnData,
 }
 
 /// A batch of samples (possibly from several datasets of one collection).
@@ -130,31 +142,74 @@ impl Batch {
             }
         }
         let specs: Vec<_> = first.config.inputs.iter().chain(&first.config.targets).collect();
+        let n_inputs = first.config.inputs.len();
+        let compact = first.config.compact_targets;
         let per_sample: Vec<usize> = shapes.iter().map(|(_, s)| s.iter().product()).collect();
-        let mut buffers: Vec<TrackedVec> = per_sample.iter().map(|n| TrackedVec::zeros(n * items.len())).collect();
+        let is_compact = |column: usize| compact && column >= n_inputs;
+        let mut float_buffers: Vec<Option<TrackedVec<f32>>> = Vec::new();
+        let mut byte_buffers: Vec<Option<TrackedVec<u8>>> = Vec::new();
+        for (column, n) in per_sample.iter().enumerate() {
+            if is_compact(column) {
+                float_buffers.push(None);
+                byte_buffers.push(Some(TrackedVec::zeros(n * items.len())));
+            } else {
+                float_buffers.push(Some(TrackedVec::zeros(n * items.len())));
+                byte_buffers.push(None);
+            }
+        }
         {
-            let mut per_request: Vec<Vec<&mut [f32]>> = (0..items.len()).map(|_| Vec::new()).collect();
-            for (buf, &n) in buffers.iter_mut().zip(&per_sample) {
-                for (slot, chunk) in per_request.iter_mut().zip(buf.chunks_mut(n.max(1))) {
-                    slot.push(chunk);
+            // Per sample: a float slice per float column, a byte slice per compact column.
+            let mut float_slots: Vec<Vec<&mut [f32]>> = (0..items.len()).map(|_| Vec::new()).collect();
+            let mut byte_slots: Vec<Vec<&mut [u8]>> = (0..items.len()).map(|_| Vec::new()).collect();
+            for ((floats, bytes), n) in float_buffers.iter_mut().zip(byte_buffers.iter_mut()).zip(&per_sample) {
+                if let Some(buf) = floats.as_mut() {
+                    for (slot, chunk) in float_slots.iter_mut().zip(buf.chunks_mut((*n).max(1))) {
+                        slot.push(chunk);
+                    }
+                }
+                if let Some(buf) = bytes.as_mut() {
+                    for (slot, chunk) in byte_slots.iter_mut().zip(buf.chunks_mut((*n).max(1))) {
+                        slot.push(chunk);
+                    }
                 }
             }
-            per_request.into_par_iter().zip(items.par_iter()).try_for_each(|(mut outs, (dataset, req))| {
-                if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
-                    return Err(Error::Interrupted);
-                }
-                dataset.read_sample(req.centre, &req.draw, &mut outs)
-            })?;
+            float_slots
+                .into_par_iter()
+                .zip(byte_slots.into_par_iter())
+                .zip(items.par_iter())
+                .try_for_each(|((mut floats, mut bytes), (dataset, req))| {
+                    if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                        return Err(Error::Interrupted);
+                    }
+                    if bytes.is_empty() {
+                        return dataset.read_sample(req.centre, &req.draw, &mut floats);
+                    }
+                    // Compact targets: read as float, then pack (0, 1, 255 = unknown).
+                    let mut scratch: Vec<Vec<f32>> = bytes.iter().map(|b| vec![0f32; b.len()]).collect();
+                    let mut outs: Vec<&mut [f32]> = floats.into_iter().collect();
+                    outs.extend(scratch.iter_mut().map(|v| v.as_mut_slice()));
+                    dataset.read_sample(req.centre, &req.draw, &mut outs)?;
+                    for (dst, src) in bytes.iter_mut().zip(&scratch) {
+                        for (d, v) in dst.iter_mut().zip(src) {
+                            *d = if v.is_nan() { COMPACT_UNKNOWN } else { *v as u8 };
+                        }
+                    }
+                    Ok(())
+                })?;
         }
         let columns = shapes
             .into_iter()
-            .zip(buffers)
+            .enumerate()
             .zip(&specs)
-            .map(|(((name, sample_shape), data), spec)| TensorColumn {
+            .map(|((column, (name, sample_shape)), spec)| TensorColumn {
                 name,
                 sample_shape,
                 dim_names: Dataset::dim_names(&spec.patch),
-                data,
+                data: match (float_buffers[column].take(), byte_buffers[column].take()) {
+                    (Some(f), _) => ColumnData::F32(f),
+                    (None, Some(b)) => ColumnData::U8(b),
+                    (None, None) => unreachable!("every column has a buffer"),
+                },
             })
             .collect();
         Ok(Batch {
@@ -184,11 +239,14 @@ impl Batch {
         let array_names: Vec<String> = self.columns.iter().map(|c| c.name.clone()).collect();
         for column in self.columns {
             let size: usize = column.sample_shape.iter().product();
-            let ext = FixedShapeTensor::try_new(DataType::Float32, column.sample_shape.clone(), Some(column.dim_names.clone()), None)
+            let (value_type, values): (DataType, ArrayRef) = match column.data {
+                ColumnData::F32(v) => (DataType::Float32, Arc::new(Float32Array::new(ScalarBuffer::new(v.into_buffer(), 0, size * n), None))),
+                ColumnData::U8(v) => (DataType::UInt8, Arc::new(UInt8Array::new(ScalarBuffer::new(v.into_buffer(), 0, size * n), None))),
+            };
+            let ext = FixedShapeTensor::try_new(value_type.clone(), column.sample_shape.clone(), Some(column.dim_names.clone()), None)
                 .map_err(|e| Error::invalid(format!("array '{}': {e}", column.name)))?;
-            let item = Arc::new(Field::new("item", DataType::Float32, false));
-            let values = Float32Array::new(ScalarBuffer::new(column.data.into_buffer(), 0, size * n), None);
-            let list = FixedSizeListArray::try_new(item.clone(), size as i32, Arc::new(values), None)
+            let item = Arc::new(Field::new("item", value_type, false));
+            let list = FixedSizeListArray::try_new(item.clone(), size as i32, values, None)
                 .map_err(|e| Error::invalid(format!("array '{}': {e}", column.name)))?;
             let mut field = Field::new(&column.name, DataType::FixedSizeList(item, size as i32), false);
             field

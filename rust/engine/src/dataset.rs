@@ -27,6 +27,9 @@ pub struct ArraySpec {
 pub enum ClassSource {
     /// Annotated: a label volume.
     Annotated(Arc<Volume>),
+    /// Not annotated in this crop, but mutually exclusive with classes that are: NaN except
+    /// where one of those is present, which is a true negative (0).
+    Inferred(Vec<Arc<Volume>>),
     /// Not annotated in this crop: all NaN.
     Empty,
 }
@@ -42,6 +45,9 @@ pub struct DatasetConfig {
     pub raw_path: PathBuf,
     /// Requested classes with the label group of each annotated one (`None` = unannotated).
     pub classes: Vec<(String, Option<PathBuf>)>,
+    /// Per requested class, label groups of annotated classes mutually exclusive with it
+    /// (used only when the class itself is not annotated).
+    pub exclusive_with: Vec<Vec<PathBuf>>,
     /// Input arrays (read from raw).
     pub inputs: Vec<ArraySpec>,
     /// Target arrays (one channel per class).
@@ -54,6 +60,8 @@ pub struct DatasetConfig {
     pub raw_interpolation: Interpolation,
     /// Spatial augmentation.
     pub spatial: SpatialConfig,
+    /// Ship targets as uint8 (0, 1, 255 = unknown) instead of float32.
+    pub compact_targets: bool,
 }
 
 /// An opened dataset.
@@ -93,24 +101,28 @@ impl Dataset {
         }
         let raw = Arc::new(Volume::open(&config.raw_path, cache.clone())?);
         let mut sources = Vec::with_capacity(config.classes.len());
-        for (class, path) in &config.classes {
+        let open_labels = |class: &str, p: &PathBuf| -> Result<Arc<Volume>> {
+            let vol = Volume::open(p, cache.clone()).map_err(|e| match e {
+                Error::NotFound { path, .. } => Error::NotFound { path, detail: format!(" (label folder of class '{class}')") },
+                other => other,
+            })?;
+            if vol.levels.iter().any(|l| l.dtype.is_float()) {
+                return Err(Error::metadata(
+                    &vol.path,
+                    format!("class '{class}': labels must be integer masks or instance ids, not floating point"),
+                ));
+            }
+            Ok(Arc::new(vol))
+        };
+        for (c, (class, path)) in config.classes.iter().enumerate() {
+            let related = config.exclusive_with.get(c).map(Vec::as_slice).unwrap_or_default();
+            if path.is_none() && !related.is_empty() {
+                let volumes = related.iter().map(|p| open_labels(class, p)).collect::<Result<Vec<_>>>()?;
+                sources.push(ClassSource::Inferred(volumes));
+                continue;
+            }
             sources.push(match path {
-                Some(p) => {
-                    let vol = Volume::open(p, cache.clone()).map_err(|e| match e {
-                        Error::NotFound { path, .. } => Error::NotFound {
-                            path,
-                            detail: format!(" (label folder of class '{class}')"),
-                        },
-                        other => other,
-                    })?;
-                    if vol.levels.iter().any(|l| l.dtype.is_float()) {
-                        return Err(Error::metadata(
-                            &vol.path,
-                            format!("class '{class}': labels must be integer masks or instance ids, not floating point"),
-                        ));
-                    }
-                    ClassSource::Annotated(Arc::new(vol))
-                }
+                Some(p) => ClassSource::Annotated(open_labels(class, p)?),
                 None => ClassSource::Empty,
             });
         }
@@ -123,7 +135,7 @@ impl Dataset {
                     .iter()
                     .map(|s| match s {
                         ClassSource::Annotated(v) => Some(v.pick_level(a.patch.voxel_size)),
-                        ClassSource::Empty => None,
+                        ClassSource::Inferred(_) | ClassSource::Empty => None,
                     })
                     .collect()
             })
@@ -237,6 +249,20 @@ impl Dataset {
                     let level = self.target_levels[t][c].expect("annotated class has a level");
                     read_patch(vol, level, &spec.patch, centre, draw, &label_options, channel).map(|_| ())
                 }
+                ClassSource::Inferred(related) => {
+                    channel.fill(f32::NAN);
+                    let mut present = vec![0f32; n];
+                    for vol in related {
+                        let level = vol.pick_level(spec.patch.voxel_size);
+                        read_patch(vol, level, &spec.patch, centre, draw, &label_options, &mut present)?;
+                        for (value, p) in channel.iter_mut().zip(&present) {
+                            if *p == 1.0 {
+                                *value = 0.0;
+                            }
+                        }
+                    }
+                    Ok(())
+                }
                 ClassSource::Empty => {
                     channel.fill(f32::NAN);
                     Ok(())
@@ -323,10 +349,20 @@ impl DatasetConfig {
             .and_then(Value::as_str)
             .ok_or_else(|| Error::invalid("dataset config needs 'raw_path'"))?;
         let mut classes = Vec::new();
+        let mut exclusive_with = Vec::new();
         for item in value.get("classes").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default() {
-            let name = item.get(0).and_then(Value::as_str).ok_or_else(|| Error::invalid("class entries are [name, path or null]"))?;
+            let name = item
+                .get(0)
+                .and_then(Value::as_str)
+                .ok_or_else(|| Error::invalid("class entries are [name, path or null, [exclusive label paths]]"))?;
             let path = item.get(1).and_then(Value::as_str).map(PathBuf::from);
+            let related = item
+                .get(2)
+                .and_then(Value::as_array)
+                .map(|list| list.iter().filter_map(Value::as_str).map(PathBuf::from).collect())
+                .unwrap_or_default();
             classes.push((name.to_string(), path));
+            exclusive_with.push(related);
         }
         let arrays = |key: &str| -> Result<Vec<ArraySpec>> {
             value
@@ -344,12 +380,14 @@ impl DatasetConfig {
             crop: value.get("crop").and_then(Value::as_str).unwrap_or_default().to_string(),
             raw_path: PathBuf::from(raw_path),
             classes,
+            exclusive_with,
             inputs: arrays("inputs")?,
             targets: arrays("targets")?,
             pad: value.get("pad").and_then(Value::as_bool).unwrap_or(true),
             raw_pad_value: value.get("raw_pad_value").and_then(Value::as_f64).map_or(f32::NAN, |v| v as f32),
             raw_interpolation: Interpolation::parse(interpolation)?,
             spatial: SpatialConfig::parse(value.get("spatial").unwrap_or(&Value::Null))?,
+            compact_targets: value.get("compact_targets").and_then(Value::as_bool).unwrap_or(false),
         })
     }
 }

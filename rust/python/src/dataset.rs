@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use arrow_array::cast::AsArray;
-use arrow_array::types::Float32Type;
+use arrow_array::types::{Float32Type, UInt8Type};
 use arrow_array::{Array, RecordBatch};
 use cellmap_engine::augment::SpatialDraw;
 use cellmap_engine::batch::{Batch as EngineBatch, SampleRequest};
@@ -16,7 +16,7 @@ use pyo3::prelude::*;
 use pyo3_arrow::PyRecordBatch;
 
 use crate::convert::{parse_json, run, to_pyerr};
-use crate::tensor::Tensor;
+use crate::tensor::{Element, Tensor};
 
 /// One raw volume with one crop's labels, as configured by `CellMapDataset`.
 #[pyclass(module = "cellmap_data._engine", frozen)]
@@ -193,12 +193,15 @@ impl Batch {
             .find(|(n, _)| n == name)
             .ok_or_else(|| PyKeyError::new_err(format!("no tensor column '{name}'")))?;
         let column = self.record_batch.column_by_name(name).expect("tensor column exists");
-        let values = column.as_fixed_size_list().values().as_primitive::<Float32Type>();
-        let buffer = values.values().inner().clone();
+        let values = column.as_fixed_size_list().values();
         let mut shape = vec![self.record_batch.num_rows()];
         shape.extend(sample_shape);
-        debug_assert_eq!(values.offset(), 0);
-        Tensor::new(buffer, shape)
+        match values.data_type() {
+            arrow_schema::DataType::UInt8 => {
+                Tensor::with_element(values.as_primitive::<UInt8Type>().values().inner().clone(), shape, Element::U8)
+            }
+            _ => Tensor::new(values.as_primitive::<Float32Type>().values().inner().clone(), shape),
+        }
     }
 
     /// The whole batch as an Arrow record batch (Arrow PyCapsule interface).

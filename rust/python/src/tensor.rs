@@ -12,24 +12,55 @@ use dlpark::{DlpackFlags, Managed, ManagedTensorBase};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-/// A CPU float32 tensor sharing memory with an engine batch.
+/// Element types a batch tensor can have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Element {
+    /// float32
+    F32,
+    /// uint8 (compact targets)
+    U8,
+}
+
+impl Element {
+    fn size(self) -> usize {
+        match self {
+            Element::F32 => 4,
+            Element::U8 => 1,
+        }
+    }
+
+    fn dlpack(self) -> DLDataType {
+        match self {
+            Element::F32 => DLDataType::of::<f32>(),
+            Element::U8 => DLDataType::of::<u8>(),
+        }
+    }
+}
+
+/// A CPU tensor sharing memory with an engine batch.
 #[pyclass(module = "cellmap_data._engine", frozen)]
 pub struct Tensor {
     buffer: Buffer,
     shape: Vec<i64>,
+    element: Element,
 }
 
 impl Tensor {
-    /// A tensor of `shape` over `buffer` (which must hold exactly that many float32 values).
+    /// A float32 tensor of `shape` over `buffer`.
     pub fn new(buffer: Buffer, shape: Vec<usize>) -> PyResult<Tensor> {
+        Tensor::with_element(buffer, shape, Element::F32)
+    }
+
+    /// A tensor of `shape` and `element` type over `buffer` (which must hold exactly that many values).
+    pub fn with_element(buffer: Buffer, shape: Vec<usize>, element: Element) -> PyResult<Tensor> {
         let n: usize = shape.iter().product();
-        if n * 4 != buffer.len() {
+        if n * element.size() != buffer.len() {
             return Err(PyValueError::new_err(format!(
                 "tensor shape {shape:?} does not match a buffer of {} bytes",
                 buffer.len()
             )));
         }
-        Ok(Tensor { buffer, shape: shape.into_iter().map(|s| s as i64).collect() })
+        Ok(Tensor { buffer, shape: shape.into_iter().map(|s| s as i64).collect(), element })
     }
 
     fn export<M: ManagedTensorBase>(&self) -> PyResult<Managed<M>> {
@@ -41,7 +72,7 @@ impl Tensor {
         let data = owner.as_ptr() as *mut c_void;
         let mut initialized = prepared.initialize(owner);
         initialized.set_data(data);
-        initialized.set_dtype(DLDataType::of::<f32>());
+        initialized.set_dtype(self.element.dlpack());
         initialized.set_device(DLDevice::CPU);
         // SAFETY: data, shape and dtype describe the live buffer owned by the context.
         Ok(unsafe { initialized.finish() })
@@ -95,6 +126,15 @@ impl Tensor {
     #[getter]
     fn shape(&self) -> Vec<i64> {
         self.shape.clone()
+    }
+
+    /// Element type name (`float32` or `uint8`).
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        match self.element {
+            Element::F32 => "float32",
+            Element::U8 => "uint8",
+        }
     }
 
     /// Address of the first element (to check sharing).
