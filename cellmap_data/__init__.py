@@ -31,6 +31,7 @@ _LAZY = {
     "CellMapDataLoader": ".loader",
     "CellMapDataSplit": ".datasplit",
     "ClassBalancedSampler": ".loader",
+    "CellMapIterableDataset": ".loader",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -353,6 +353,12 @@ class CellMapDataset(torch.utils.data.Dataset):
         """Whether the dataset can produce samples (or ``force_has_data`` is set)."""
         return len(self) > 0 or self.force_has_data
 
+    def as_iterable(self, batch_size: int = 1, **loader_kwargs: Any) -> Any:
+        """A torch ``IterableDataset`` of batches (see :class:`CellMapIterableDataset`)."""
+        from .loader import CellMapIterableDataset
+
+        return CellMapIterableDataset(self, batch_size=batch_size, **loader_kwargs)
+
     def __repr__(self) -> str:
         return (
             f"CellMapDataset(raw={self.raw_path!r}, target={self.target_path!r}, "

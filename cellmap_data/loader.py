@@ -15,7 +15,7 @@ from .dataset import expand_compact
 from .exceptions import ConfigError
 from .multidataset import as_multi
 
-__all__ = ["CellMapDataLoader", "ClassBalancedSampler", "distributed_context"]
+__all__ = ["CellMapDataLoader", "CellMapIterableDataset", "ClassBalancedSampler", "distributed_context"]
 
 _PLAN = tuple[int, int, int]
 
@@ -122,6 +122,7 @@ class CellMapDataLoader:
         rank: int | None = None,
         world_size: int | None = None,
         return_metadata: bool = False,
+        worker_shard: tuple[int, int] | None = None,
         **kwargs: Any,
     ) -> None:
         if int(batch_size) < 1:
@@ -143,6 +144,9 @@ class CellMapDataLoader:
         self.seed = _seed_of(rng, seed, self.multi)
         self._rank_arg, self._world_arg = rank, world_size
         self.return_metadata = bool(return_metadata)
+        self.worker_shard = worker_shard or (0, 1)
+        if not 0 <= self.worker_shard[0] < self.worker_shard[1]:
+            raise ConfigError(f"worker_shard {worker_shard} must be (worker id, number of workers)")
         self.drop_last = bool(kwargs.pop("drop_last", False))
         prefetch = kwargs.pop("prefetch_factor", None)
         self.prefetch = max(2, int(prefetch)) if prefetch else 2
@@ -160,15 +164,20 @@ class CellMapDataLoader:
 
     def _epoch_samples(self) -> int:
         if self.iterations_per_epoch is not None:
-            return self.iterations_per_epoch * self.batch_size
+            # Every rank reads iterations_per_epoch batches: the epoch plan holds all ranks' shares.
+            _, world = distributed_context(self._rank_arg, self._world_arg)
+            return self.iterations_per_epoch * self.batch_size * world
         return len(self.subset) if self.subset is not None else len(self.multi)
 
     def __len__(self) -> int:
+        worker, workers = self.worker_shard
         if self.iterations_per_epoch is not None:
-            return self.iterations_per_epoch
-        _, world = distributed_context(self._rank_arg, self._world_arg)
-        n = math.ceil(self._epoch_samples() / world)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+            total = self.iterations_per_epoch
+        else:
+            _, world = distributed_context(self._rank_arg, self._world_arg)
+            n = math.ceil(self._epoch_samples() / world)
+            total = n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return len(range(worker, total, workers))
 
     @property
     def loader(self) -> "CellMapDataLoader":
@@ -222,7 +231,8 @@ class CellMapDataLoader:
             batches.pop()
         if self.iterations_per_epoch is not None:
             batches = batches[: self.iterations_per_epoch]
-        return batches
+        worker, workers = self.worker_shard
+        return batches[worker::workers]
 
     def refresh(self) -> None:
         """Draws a new epoch for the next iteration (every iteration already does)."""
@@ -347,3 +357,41 @@ def _transform_by_owner(tensor: torch.Tensor, seeds: torch.Tensor, owners: list[
     return result
 
 
+
+
+class CellMapIterableDataset(torch.utils.data.IterableDataset):
+    """Batches as a torch ``IterableDataset``: use ``torch.utils.data.DataLoader(it,
+    batch_size=None)``. With torch workers, each worker reads a disjoint shard of every epoch
+    (and, under ``torch.distributed``, of its rank's share), so no sample is duplicated.
+
+    Each iteration is one epoch (``epoch`` advances; call ``set_epoch`` to choose it, as with
+    torch's DistributedSampler).
+    """
+
+    def __init__(self, dataset: Any, batch_size: int = 1, **loader_kwargs: Any) -> None:
+        self.dataset = dataset
+        self.batch_size = int(batch_size)
+        self.loader_kwargs = dict(loader_kwargs)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch drawn by the next iteration."""
+        self.epoch = int(epoch)
+
+    def _loader(self) -> CellMapDataLoader:
+        """This rank's loader, restricted to this torch worker's share of the batches."""
+        info = torch.utils.data.get_worker_info()
+        kwargs = dict(self.loader_kwargs)
+        if info is not None:
+            kwargs["worker_shard"] = (info.id, info.num_workers)
+            kwargs.setdefault("num_workers", 1)  # one engine thread per torch worker process
+        return CellMapDataLoader(self.dataset, batch_size=self.batch_size, **kwargs)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        loader = self._loader()
+        loader.epoch = self.epoch
+        self.epoch += 1
+        yield from loader
+
+    def __len__(self) -> int:
+        return len(self._loader())

@@ -143,6 +143,12 @@ class CellMapMultiDataset(torch.utils.data.ConcatDataset):
             d.to(device, non_blocking=non_blocking)
         return self
 
+    def as_iterable(self, batch_size: int = 1, **loader_kwargs: Any) -> Any:
+        """A torch ``IterableDataset`` of batches (see :class:`CellMapIterableDataset`)."""
+        from .loader import CellMapIterableDataset
+
+        return CellMapIterableDataset(self, batch_size=batch_size, **loader_kwargs)
+
     def __repr__(self) -> str:
         return f"CellMapMultiDataset({len(self.datasets)} datasets, classes={self.classes}, len={len(self)})"
 
@@ -158,10 +164,6 @@ class CellMapSubset(torch.utils.data.Subset):
         if name in ("dataset", "indices"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
-
-    def __getitem__(self, idx: int) -> Any:
-        item = self.dataset[self.indices[idx]]
-        return item
 
     def to(self, device: str | torch.device, non_blocking: bool = True) -> "CellMapSubset":
         """Moves the underlying dataset's output to ``device``."""

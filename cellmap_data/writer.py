@@ -342,7 +342,7 @@ class ImageWriter:
         n = int(np.prod(tile))
         want = _squeezed(tile)
         shape = array.shape
-        if shape[0] == count and _squeezed(shape[1:]) == want:
+        if shape[0] == count and (_squeezed(shape[1:]) == want or shape[1:] == (n,)):
             return array.reshape(count, n)
         if count == 1 and _squeezed(shape) == want:
             return array.reshape(1, n)

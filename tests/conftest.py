@@ -73,3 +73,17 @@ def tiny_data(tmp_path_factory):
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache_dir(tmp_path_factory):
+    """Class-count caches of the tests go to a temporary folder, never to ~/.cache."""
+    import os
+
+    previous = os.environ.get("CELLMAP_CACHE_DIR")
+    os.environ["CELLMAP_CACHE_DIR"] = str(tmp_path_factory.mktemp("cellmap-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("CELLMAP_CACHE_DIR", None)
+    else:
+        os.environ["CELLMAP_CACHE_DIR"] = previous

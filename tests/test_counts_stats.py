@@ -202,6 +202,19 @@ def test_metadata_counts_of_synthetic_data_agree_with_a_scan(tiny_data):
         assert meta["foreground"] == scan["foreground"], cls
 
 
+def test_sharded_zarr_v3_scan_agrees_with_metadata(tmp_path):
+    from cellmap_data.synthetic import make_synthetic_data
+
+    data = make_synthetic_data(tmp_path / "v3", size="tiny", n_datasets=1, zarr_format=3, sharded=True)
+    for crop in data.datasets[0].crops:
+        for cls in crop.classes:
+            scan = _stats.label_counts(crop.path / cls, crop.voxel_size, use_metadata=False, cache_dir=False, progress=False)
+            meta = _stats.label_counts(crop.path / cls, crop.voxel_size, progress=False)
+            reference = np.count_nonzero(zarr_level(crop.path / cls, 0))
+            assert scan["foreground"] == meta["foreground"] == reference, (crop.name, cls)
+            assert meta["source"] == "metadata"
+
+
 # -- the count cache ------------------------------------------------------------------------------
 def test_cache_hit_after_first_computation(crop_data, isolated_cache):
     mito = crop_data["crop"] / "mito"

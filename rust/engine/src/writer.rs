@@ -379,16 +379,13 @@ impl WriterConfig {
 
     /// Checks the numbers (no filesystem access).
     pub fn check_values(&self) -> Result<()> {
-        for k in 0..3 {
+        for (k, axis) in AXES.iter().enumerate() {
             let (lo, hi, v) = (self.bounds.lo[k], self.bounds.hi[k], self.voxel_size[k]);
             if !(v.is_finite() && v > 0.0) {
-                return Err(Error::invalid(format!("voxel size on axis '{}' must be positive and finite, not {v}", AXES[k])));
+                return Err(Error::invalid(format!("voxel size on axis '{axis}' must be positive and finite, not {v}")));
             }
             if !(lo.is_finite() && hi.is_finite() && hi > lo) {
-                return Err(Error::invalid(format!(
-                    "bounds on axis '{}' must be finite with lo < hi, not [{lo}, {hi}]",
-                    AXES[k]
-                )));
+                return Err(Error::invalid(format!("bounds on axis '{axis}' must be finite with lo < hi, not [{lo}, {hi}]")));
             }
         }
         if self.write_shape.contains(&0) {
@@ -407,11 +404,11 @@ impl WriterConfig {
             }
         }
         if let Some(t) = &self.tiling {
-            for k in 0..3 {
+            for (k, axis) in AXES.iter().enumerate() {
                 if t.overlap[k] > 0 && t.overlap[k] >= self.write_shape[k] {
                     return Err(Error::invalid(format!(
-                        "overlap {} on axis '{}' must be smaller than the tile ({} voxels)",
-                        t.overlap[k], AXES[k], self.write_shape[k]
+                        "overlap {} on axis '{axis}' must be smaller than the tile ({} voxels)",
+                        t.overlap[k], self.write_shape[k]
                     )));
                 }
             }
@@ -818,6 +815,9 @@ pub struct WriterStats {
     pub pending_chunks: u64,
 }
 
+/// One level of an output image: (path below the image group, shape, voxel size, translation).
+pub type LevelSummary = (String, [u64; 3], [f64; 3], [f64; 3]);
+
 /// One output image being written.
 pub struct ImageWriter {
     config: WriterConfig,
@@ -1020,7 +1020,7 @@ impl ImageWriter {
     }
 
     /// Per level: (path, shape, voxel size, translation).
-    pub fn levels(&self) -> Vec<(String, [u64; 3], [f64; 3], [f64; 3])> {
+    pub fn levels(&self) -> Vec<LevelSummary> {
         self.levels.iter().map(|l| (l.name.clone(), l.shape, l.voxel_size, l.translation)).collect()
     }
 
