@@ -328,6 +328,8 @@ class ImageWriter:
             if isinstance(value, torch.Tensor):
                 value = value.detach().cpu().numpy()
             arr = np.asarray(value, dtype=float)
+            if not np.isfinite(arr).all():
+                raise ConfigError(f"center[{a!r}] = {value!r} must be finite")
             batched |= arr.ndim > 0
             columns.append(np.round((arr.reshape(-1) - lo) / v - t / 2).astype(np.int64))
         n = max((len(c) for c in columns if c is not None), default=1)
@@ -784,7 +786,8 @@ def bench_write(
     model would predict) through the engine and reports the throughput.
 
     ``mb_per_s`` counts the uncompressed prediction bytes handed to the writer per second of
-    wall time, from the first write to the end of ``close()``. Tile data are generated before
+    wall time, from the first write to the end of ``close()``; ``volume_mb_per_s`` counts the
+    output volume instead (smaller when tiles overlap). Tile data are generated before
     the clock starts. Returns the numbers (and prints them).
     """
     import shutil
@@ -822,12 +825,14 @@ def bench_write(
         "bytes_in": bytes_in,
         "bytes_written": stats["bytes_written"],
         "mb_per_s": bytes_in / seconds / 1e6,
+        "volume_mb_per_s": size ** 3 * 4 / seconds / 1e6,
         "optimized_build": _engine.is_optimized_build(),
         "threads": os.environ.get("CELLMAP_NUM_THREADS") or os.cpu_count(),
     }
     print(
         f"wrote {size}^3 float32 ({bytes_in / 1e6:.0f} MB, {n} tiles of {tile}^3, overlap {overlap}) in "
-        f"{seconds:.2f} s: {result['mb_per_s']:.0f} MB/s ({stats['bytes_written'] / 1e6:.0f} MB on disk, "
+        f"{seconds:.2f} s: {result['mb_per_s']:.0f} MB/s of tiles, {result['volume_mb_per_s']:.0f} MB/s of volume "
+        f"({stats['bytes_written'] / 1e6:.0f} MB on disk, "
         f"{'release' if result['optimized_build'] else 'debug'} build)"
     )
     if own_dir and not keep:

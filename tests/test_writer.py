@@ -293,6 +293,23 @@ def test_blending_removes_tile_seams(tmp_path, tiny_data):
     assert results[8] < 0.15, f"blended seams are smooth (largest step {results[8]})"
 
 
+def test_chunks_other_than_the_tile_and_blended_2d(tmp_path, tiny_data):
+    for name, kwargs in (("big", {"chunks": (32, 32, 32)}), ("small", {"chunks": (8, 8, 8), "overlap": 4})):
+        writer, target, _ = make_writer(tmp_path, tiny_data, name=name, classes=["mito"], **kwargs)
+        write_all(writer)
+        assert writer.writers["mito"].stats["pending_chunks"] == 0
+        writer.close()
+        values, multiscale, _ = read_output(target / "mito")
+        assert zarr.open_array(str(target / "mito" / "s0"), mode="r").chunks == kwargs["chunks"]
+        np.testing.assert_allclose(values, expected_from_metadata(values, multiscale, 0), atol=1e-4)
+    writer, target, _ = make_writer(tmp_path, tiny_data, name="flat", tile=(1, 16, 16), inp=(1, 24, 24),
+                                    extent=(3, 40, 33), classes=["mito"], overlap=5, blend="gaussian")
+    write_all(writer)
+    writer.close()
+    values, multiscale, _ = read_output(target / "mito")
+    np.testing.assert_allclose(values, expected_from_metadata(values, multiscale, 0), atol=1e-4)
+
+
 # -- ImageWriter -------------------------------------------------------------------------
 
 
