@@ -145,8 +145,48 @@ def bench_loader(data: Any, config: Config, threads: int, batches: int) -> dict[
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def current_rss_mb() -> float:
+    """Resident set size of this process now (Linux /proc), in MB."""
+    with open("/proc/self/statm") as handle:
+        pages = int(handle.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def bench_soak(data: Any, batches: int = 10_000, threads: int = 2, cache_mb: int = 256) -> dict[str, Any]:
+    """Memory over a long run: RSS is sampled every 500 batches and compared with the bound
+    (RSS after warm-up + chunk-cache budget + prefetch depth × batch size)."""
+    from . import _engine
+    from .loader import CellMapDataLoader
+    from .multidataset import CellMapMultiDataset
+
+    config = Config("soak-3d-32-4cls-augmented", (32, 32, 32), (8, 8, 8), True)
+    _engine.set_cache_budget(cache_mb << 20)
+    _engine.clear_cache()
+    multi = CellMapMultiDataset(build_datasets(data, config), BENCH_CLASSES, None, None)
+    loader = CellMapDataLoader(multi, batch_size=config.batch_size, num_workers=threads,
+                               iterations_per_epoch=batches, weighted_sampler=True, seed=0)
+    batch_mb = config.batch_size * (1 + len(BENCH_CLASSES)) * 32 ** 3 * 4 / 2**20
+    curve = []
+    baseline = None
+    start = time.perf_counter()
+    for i, batch in enumerate(loader):
+        del batch
+        if i == 200:
+            baseline = current_rss_mb()
+        if i % 500 == 0 or i == batches - 1:
+            curve.append((i, round(current_rss_mb(), 1)))
+    elapsed = time.perf_counter() - start
+    baseline = baseline if baseline is not None else curve[0][1]
+    bound = baseline + cache_mb + (loader.prefetch + 2) * batch_mb
+    peak_after_warmup = max(r for i, r in curve if i >= 200) if any(i >= 200 for i, _ in curve) else curve[-1][1]
+    _engine.set_cache_budget(2 << 30)
+    return {"batches": batches, "seconds": elapsed, "curve": curve, "rss_after_warmup_mb": baseline,
+            "peak_after_warmup_mb": peak_after_warmup, "bound_mb": bound, "within_bound": peak_after_warmup <= bound,
+            "live_batch_bytes_after": _engine.live_batch_bytes()}
+
+
 def run(data_dir: Path | None = None, size: str = "bench", batches: int = 40, threads: list[int] | None = None,
-        loader_threads: list[int] | None = None, out: Path | None = None) -> dict[str, Any]:
+        loader_threads: list[int] | None = None, out: Path | None = None, soak: int = 0) -> dict[str, Any]:
     from . import _engine
 
     if not _engine.is_optimized_build():
@@ -172,6 +212,12 @@ def run(data_dir: Path | None = None, size: str = "bench", batches: int = 40, th
             r = bench_loader(data, config, t, batches)
             report["loader"][f"{config.name}@{t}"] = r
             print(f"loader {config.name:<17} threads={t}  {r['batches_per_s']:7.1f} batches/s  {r['samples_per_s']:8.1f} samples/s  peak RSS {r['peak_rss_mb']:.0f} MB")
+    if soak:
+        r = bench_soak(data, batches=soak)
+        report["soak"] = r
+        print(f"soak {r['batches']} batches in {r['seconds']:.0f} s: RSS after warm-up {r['rss_after_warmup_mb']:.0f} MB, "
+              f"peak after warm-up {r['peak_after_warmup_mb']:.0f} MB, bound {r['bound_mb']:.0f} MB "
+              f"({'within' if r['within_bound'] else 'ABOVE'}); curve {r['curve']}")
     if out:
         Path(out).write_text(json.dumps(report, indent=2))
     return report

@@ -187,12 +187,13 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", default=40, type=_positive_int, help="batches per configuration")
     parser.add_argument("--threads", default=None, type=_positive_int, action="append", help="engine threads (repeatable)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--soak", default=0, type=_non_negative_int, help="also run a memory soak of this many batches (e.g. 10000)")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from cellmap_data.bench import run
 
-    run(data_dir=args.data, size=args.size, batches=args.batches, threads=args.threads, out=args.json)
+    run(data_dir=args.data, size=args.size, batches=args.batches, threads=args.threads, out=args.json, soak=args.soak)
     return 0
 
 
