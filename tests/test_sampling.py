@@ -154,3 +154,51 @@ def test_property_linear_reads_match_scipy(smooth_volume, shape, idx_centre, ang
     got = read(v["raw_vol"], centre, shape, out_voxel, interpolation="linear", rotation_deg=list(angles))
     expected = scipy_reference(v["raw"], v["voxel"], v["origin"], shape, out_voxel, centre, orientation(angles=angles), 1)
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=1e-5)
+
+
+def test_several_inputs_at_different_scales_share_the_centre(tmp_path):
+    """raw_4nm and raw_8nm come from their own levels and agree where they overlap."""
+    from cellmap_data import CellMapDataset
+
+    rng = np.random.default_rng(1)
+    s0 = ndimage.gaussian_filter(rng.normal(size=(64, 64, 64)), 3).astype(np.float32) * 1000
+    s1 = s0.reshape(32, 2, 32, 2, 32, 2).mean(axis=(1, 3, 5))
+    root = tmp_path / "d.zarr"
+    raw = write_ome_image(root / "raw", [s0, s1], [(4, 4, 4), (8, 8, 8)], [(2, 2, 2), (4, 4, 4)])
+    labels = write_ome_image(root / "crop" / "a", [np.ones((64, 64, 64), np.uint8)], [(4, 4, 4)], [(2, 2, 2)])
+    ds = CellMapDataset(str(raw), str(labels.parent / "[a]"), ["a"],
+                        {"raw_4nm": {"shape": (16, 16, 16), "scale": (4, 4, 4)}, "raw_8nm": {"shape": (8, 8, 8), "scale": (8, 8, 8)}},
+                        {"gt": {"shape": (8, 8, 8), "scale": (8, 8, 8)}}, pad=True)
+    assert ds.engine.input_levels == [0, 1]
+    idx = len(ds) // 2
+    item = ds[idx]
+    assert item["raw_4nm"].shape == (1, 16, 16, 16) and item["raw_8nm"].shape == (1, 8, 8, 8)
+    centre = ds.get_center(idx)
+    start0 = [round((centre[a] - 2) / 4 - 7.5) for a in "zyx"]
+    start1 = [round((centre[a] - 4) / 8 - 3.5) for a in "zyx"]
+    np.testing.assert_array_equal(item["raw_4nm"][0].numpy(), s0[tuple(slice(s, s + 16) for s in start0)])
+    np.testing.assert_allclose(item["raw_8nm"][0].numpy(), s1[tuple(slice(s, s + 8) for s in start1)], rtol=1e-6)
+
+
+def test_2d_patches_rotate_in_plane_and_transpose_listed_axes(tmp_path):
+    from cellmap_data import CellMapDataset
+
+    data = (np.arange(24 * 40 * 40) % 251).astype(np.uint8).reshape(24, 40, 40)
+    root = tmp_path / "d.zarr"
+    raw = write_ome_image(root / "raw", [data], [(4, 4, 4)], [(0, 0, 0)])
+    labels = write_ome_image(root / "crop" / "a", [np.ones_like(data)], [(4, 4, 4)], [(0, 0, 0)])
+    aug = {"rotate": {"axes": {"z": [-180, 180], "x": [-30, 30]}}, "transpose": {"axes": ["z", "y", "x"]}}
+    ds = CellMapDataset(str(raw), str(labels.parent / "[a]"), ["a"], {"raw": {"shape": (1, 16, 16), "scale": (4, 4, 4)}},
+                        {"gt": {"shape": (1, 16, 16), "scale": (4, 4, 4)}}, pad=True, spatial_transforms=aug, seed=3)
+    import pyarrow as pa
+
+    record = pa.record_batch(ds.read_batch_raw(list(range(0, len(ds), max(1, len(ds) // 20)))).record_batch())
+    assert all(v == 0 for v in record.column("rotate_x").to_pylist())        # out-of-plane rotation dropped
+    assert any(v != 0 for v in record.column("rotate_z").to_pylist())        # in-plane rotation drawn
+    assert all(v == 0 for v in record.column("transpose_z").to_pylist())     # singleton axis stays put
+    item = ds[0]
+    assert item["raw"].shape == (1, 16, 16)
+    # Every voxel of an in-plane rotated slice comes from the slice's own z plane.
+    plane = round(ds.get_center(0)["z"] / 4 - 0.0)
+    values = item["raw"][torch.isfinite(item["raw"])].numpy()
+    assert np.all((values >= data[plane].min()) & (values <= data[plane].max()))
