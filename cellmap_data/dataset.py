@@ -16,7 +16,7 @@ import torch
 
 from . import _engine
 from ._config import SPATIAL_AXES, arrays_to_3d, check_axis_order, spatial_transforms_json, to_json
-from .exceptions import ConfigError
+from .exceptions import ConfigError, NotFoundError
 from .transforms.seeding import sample_seeds
 from .utils.paths import split_target_path
 
@@ -110,6 +110,12 @@ class CellMapDataset(torch.utils.data.Dataset):
         else:
             self.target_template, self.annotated_classes = "", []
         self.spatial_transforms = spatial_transforms_json(spatial_transforms)
+        for c in self.annotated_classes:
+            # Every class the template lists must exist, requested or not: a typo in a CSV
+            # should fail here, not silently turn into an unannotated class.
+            label_path = self.target_template.format(label=c)
+            if not os.path.exists(label_path):
+                raise NotFoundError(f"{label_path}: no such file or directory (class '{c}' listed in {self.target_path})")
         self._engine_handle = self._open_engine()
         self._engine_pid = os.getpid()
         if self._engine_handle.sampling_box is None and not self.force_has_data:
