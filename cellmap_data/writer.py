@@ -90,8 +90,8 @@ def _check_axis_order(axis_order: str) -> str:
     return axis_order
 
 
-def _box_zyx(box: Any, what: str) -> tuple[list[float], list[float]]:
-    """``{axis: (lo, hi)}`` → ([lo z, y, x], [hi z, y, x])."""
+def _box_zyx(box: Any, what: str, defaults: Mapping[str, tuple[float, float]] | None = None) -> tuple[list[float], list[float]]:
+    """``{axis: (lo, hi)}`` → ([lo z, y, x], [hi z, y, x]); ``defaults`` fill axes left out."""
     if not isinstance(box, Mapping):
         raise ConfigError(f"{what} must be a dict {{axis: [lo, hi]}}, not {type(box).__name__}")
     unknown = [a for a in box if a not in SPATIAL_AXES]
@@ -99,6 +99,10 @@ def _box_zyx(box: Any, what: str) -> tuple[list[float], list[float]]:
         raise ConfigError(f"{what} has an unknown axis {unknown[0]!r} (expected z, y, x)")
     lo, hi = [], []
     for a in SPATIAL_AXES:
+        if a not in box and defaults and a in defaults:
+            lo.append(float(defaults[a][0]))
+            hi.append(float(defaults[a][1]))
+            continue
         if a not in box:
             raise ConfigError(f"{what} has no {a!r} entry")
         try:
@@ -218,7 +222,9 @@ class ImageWriter:
         tile = [int(v) for v in _zyx(write_voxel_shape, axis_order, "write_voxel_shape", lambda s: 1)]
         if any(t <= 0 for t in tile):
             raise ConfigError(f"write_voxel_shape {tile} must be positive")
-        lo, hi = _box_zyx(bounding_box, "bounding_box")
+        # Axes outside a 2-letter axis order (e.g. z for "yx") span one voxel from 0.
+        outside = {a: (0.0, v) for a, v in zip(SPATIAL_AXES, voxel) if a not in axis_order}
+        lo, hi = _box_zyx(bounding_box, "bounding_box", outside)
         if zarr_format not in (2, 3):
             raise ConfigError(f"zarr_format must be 2 or 3, not {zarr_format!r}")
         if int(downsample_levels) < 0 or int(scale_level) < 0:

@@ -931,7 +931,12 @@ impl ImageWriter {
             Ok(_) => {
                 let _ = fs::remove_file(&probe);
             }
-            Err(e) => return Err(Error::io(&existing, e)),
+            Err(e) => {
+                return Err(Error::io(
+                    format!("{}: cannot create the output {} here", existing.display(), config.path.display()),
+                    e,
+                ))
+            }
         }
         Ok(())
     }

@@ -1,0 +1,398 @@
+"""Type stubs of ``cellmap_data._engine``, the compiled Rust engine (pyo3 module).
+
+Checked against the built module by ``tests/test_stubs.py`` (``mypy.stubtest``). Values that
+cross the boundary as JSON (dataset and writer configurations) are built by the Python package
+(``cellmap_data._config``, ``cellmap_data.writer``); plans are lists of
+``(dataset, index, stream)`` tuples; boxes are ``(lo, hi)`` pairs of ``[z, y, x]`` lists (nm).
+"""
+
+from collections.abc import Iterator, Sequence
+from os import PathLike
+from pathlib import Path
+from typing import Any, ClassVar, final
+
+from typing_extensions import Self, TypeAlias
+
+_Plan: TypeAlias = tuple[int, int, int]
+_Box: TypeAlias = tuple[list[float], list[float]]
+_Triple: TypeAlias = Sequence[float]
+_StrPath: TypeAlias = str | PathLike[str]
+
+__all__ = [
+    "cache_stats",
+    "set_cache_budget",
+    "clear_cache",
+    "live_batch_bytes",
+    "is_optimized_build",
+    "Volume",
+    "Dataset",
+    "Batch",
+    "Collection",
+    "BatchStream",
+    "Tensor",
+    "RecordBatch",
+    "ImageWriter",
+    "CountProgress",
+    "label_counts",
+    "class_stats",
+    "sample_metadata",
+    "default_count_cache_dir",
+    "class_weight",
+    "CLASS_WEIGHT_CAP",
+]
+
+CLASS_WEIGHT_CAP: float
+"""Largest background/foreground class weight (also the weight of a class with no foreground)."""
+
+# -- shared chunk cache and build ------------------------------------------------------------
+
+def cache_stats() -> dict[str, Any]:
+    """Counters of the shared decoded-chunk cache: hits, misses, bytes, budget, entries,
+    decode_seconds."""
+
+def set_cache_budget(bytes: int) -> None:
+    """Sets the byte budget of the shared decoded-chunk cache."""
+
+def clear_cache() -> None:
+    """Drops every cached chunk and resets the hit/miss counters."""
+
+def live_batch_bytes() -> int:
+    """Bytes of batch tensor memory currently alive (in the engine or held by Python tensors)."""
+
+def is_optimized_build() -> bool:
+    """Whether the extension was compiled with optimisations."""
+
+# -- tensors and batches ---------------------------------------------------------------------
+
+@final
+class Tensor:
+    """A CPU tensor sharing memory with an engine batch (DLPack export, zero copy)."""
+
+    def __dlpack__(
+        self,
+        *,
+        stream: Any | None = None,
+        max_version: tuple[int, int] | None = None,
+        dl_device: tuple[int, int] | None = None,
+        copy: bool | None = None,
+    ) -> Any:
+        """DLPack export (zero copy): a capsule for ``torch.from_dlpack`` / ``numpy.from_dlpack``."""
+    def __dlpack_device__(self) -> tuple[int, int]:
+        """DLPack device: always CPU (device type 1, id 0)."""
+    @property
+    def shape(self) -> list[int]:
+        """Shape of the tensor."""
+    @property
+    def dtype(self) -> str:
+        """Element type name (``float32`` or ``uint8``)."""
+    @property
+    def data_ptr(self) -> int:
+        """Address of the first element (to check sharing)."""
+
+@final
+class RecordBatch:
+    """An Arrow record batch (pyo3-arrow / arro3). Pass it to ``pyarrow.record_batch`` or
+    ``polars.from_arrow`` (Arrow PyCapsule interface) to work with it."""
+
+    __hash__: ClassVar[None]  # type: ignore[assignment]
+    def __new__(
+        cls, data: Any, *, names: Sequence[str] | None = None, schema: Any | None = None, metadata: Any | None = None
+    ) -> Self: ...
+    @classmethod
+    def from_arrays(
+        cls, arrays: Sequence[Any], *, names: Sequence[str] | None = None, schema: Any | None = None, metadata: Any | None = None
+    ) -> Self: ...
+    @classmethod
+    def from_pydict(cls, mapping: dict[str, Any], *, schema: Any | None = None, metadata: Any | None = None) -> Self: ...
+    @classmethod
+    def from_struct_array(cls, struct_array: Any) -> Self: ...
+    @classmethod
+    def from_arrow(cls, input: Any) -> Self: ...
+    @classmethod
+    def from_arrow_pycapsule(cls, schema_capsule: Any, array_capsule: Any) -> Self: ...
+    def __arrow_c_array__(self, requested_schema: Any | None = None) -> tuple[Any, Any]: ...
+    def __arrow_c_schema__(self) -> Any: ...
+    def __eq__(self, value: object, /) -> bool: ...
+    def __ne__(self, value: object, /) -> bool: ...
+    def __lt__(self, value: object, /) -> bool: ...
+    def __le__(self, value: object, /) -> bool: ...
+    def __gt__(self, value: object, /) -> bool: ...
+    def __ge__(self, value: object, /) -> bool: ...
+    def __getitem__(self, key: int | str, /) -> Any: ...
+    def add_column(self, i: int, field: Any, column: Any) -> RecordBatch: ...
+    def append_column(self, field: Any, column: Any) -> RecordBatch: ...
+    def column(self, i: int | str) -> Any: ...
+    def equals(self, other: Any) -> bool: ...
+    def field(self, i: int | str) -> Any: ...
+    def remove_column(self, i: int) -> RecordBatch: ...
+    def select(self, columns: Sequence[int] | Sequence[str]) -> RecordBatch: ...
+    def set_column(self, i: int, field: Any, column: Any) -> RecordBatch: ...
+    def slice(self, offset: int = 0, length: int | None = None) -> RecordBatch: ...
+    def take(self, indices: Any) -> RecordBatch: ...
+    def to_struct_array(self) -> Any: ...
+    def with_schema(self, schema: Any) -> RecordBatch: ...
+    @property
+    def column_names(self) -> list[str]: ...
+    @property
+    def columns(self) -> list[Any]: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def num_columns(self) -> int: ...
+    @property
+    def num_rows(self) -> int: ...
+    @property
+    def schema(self) -> Any: ...
+    @property
+    def shape(self) -> tuple[int, int]: ...
+
+@final
+class Batch:
+    """A batch read by the engine: an Arrow record batch whose tensor columns can be taken as
+    zero-copy DLPack tensors."""
+
+    def __len__(self) -> int: ...
+    @property
+    def tensor_names(self) -> list[str]:
+        """Names of the tensor columns (inputs then targets)."""
+    def tensor(self, name: str) -> Tensor:
+        """The tensor column ``name`` as a ``[batch, *sample_shape]`` DLPack tensor (no copy)."""
+    def record_batch(self) -> RecordBatch:
+        """The whole batch as an Arrow record batch (Arrow PyCapsule interface)."""
+
+# -- images and datasets ---------------------------------------------------------------------
+
+@final
+class Volume:
+    """A multiscale OME-NGFF image opened by the engine."""
+
+    def __new__(cls, path: str) -> Self: ...
+    @property
+    def path(self) -> str:
+        """The image group path."""
+    @property
+    def ngff_version(self) -> str:
+        """OME-NGFF version of the metadata."""
+    @property
+    def axes(self) -> list[tuple[str, str | None, str | None]]:
+        """Axes as (name, type, unit) tuples."""
+    @property
+    def levels(self) -> list[dict[str, Any]]:
+        """One dict per level: path, shape, chunks, voxel_size, translation, dtype, world_box."""
+    def pick_level(self, voxel_size: _Triple) -> int:
+        """Index of the level closest to ``voxel_size`` (z, y, x nm); ties go to the finer level."""
+    def read(
+        self,
+        centre: _Triple,
+        shape: Sequence[int],
+        voxel_size: _Triple,
+        *,
+        level: int | None = None,
+        pad: bool = True,
+        pad_value: float = ...,
+        interpolation: str = "nearest",
+        foreground: bool = False,
+        mirror: Sequence[bool] = ...,
+        permutation: Sequence[int] = ...,
+        rotation_deg: _Triple = ...,
+    ) -> Tensor:
+        """Reads a patch of ``shape`` voxels of ``voxel_size`` nm centred at ``centre`` (nm, z y x)."""
+
+@final
+class Dataset:
+    """One raw volume with one crop's labels, as configured by ``CellMapDataset``."""
+
+    def __new__(cls, config_json: str) -> Self: ...
+    def __len__(self) -> int: ...
+    def centre(self, index: int) -> list[float]:
+        """World centre (z, y, x nm) of grid sample ``index``."""
+    @property
+    def bounding_box(self) -> _Box:
+        """Intersection of the raw and annotated label boxes, as (lo, hi)."""
+    @property
+    def sampling_box(self) -> _Box | None:
+        """Box of valid sample centres, or None when no patch fits."""
+    @property
+    def grid(self) -> list[int]:
+        """Samples per axis of the sample grid."""
+    @property
+    def input_levels(self) -> list[int]:
+        """Raw level read by each input array."""
+    @property
+    def target_levels(self) -> list[list[int | None]]:
+        """Per target array, per class, the label level read (None: unannotated)."""
+    @property
+    def sample_shapes(self) -> list[tuple[str, list[int]]]:
+        """Per-sample tensor shape of each array, in output order."""
+    @property
+    def planar_axis(self) -> int | None:
+        """Singleton axis shared by all arrays (2D patches), if any."""
+    def read_batch(
+        self,
+        indices: Sequence[int],
+        *,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int = 0,
+        augment: bool = False,
+        stream_indices: Sequence[int] | None = None,
+    ) -> Batch:
+        """Reads the grid samples ``indices`` as one batch."""
+    def read_centres(self, centres: Sequence[_Triple], indices: Sequence[int]) -> Batch:
+        """Reads patches centred at arbitrary world ``centres`` (z, y, x nm) without augmentation."""
+
+# -- collections and streams -----------------------------------------------------------------
+
+@final
+class Collection:
+    """Several datasets concatenated into one sample index space."""
+
+    def __new__(cls, datasets: Sequence[Dataset]) -> Self: ...
+    @property
+    def sizes(self) -> list[int]:
+        """Samples per dataset."""
+    @property
+    def annotated(self) -> list[list[bool]]:
+        """``[n_datasets][n_classes]``: whether each dataset annotates each class."""
+    def plan_uniform(self, count: int | None, shuffle: bool, seed: int, epoch: int) -> list[_Plan]:
+        """Uniform plan: ``count`` samples (None: all once), shuffled or in order."""
+    def plan_balanced(self, count: int, seed: int, epoch: int) -> list[_Plan]:
+        """Class-balanced plan of ``count`` samples."""
+    @staticmethod
+    def shard(plan: Sequence[_Plan], part: int, parts: int) -> list[_Plan]:
+        """Shard ``part`` of ``parts`` of a plan."""
+    def read(self, samples: Sequence[_Plan], *, seed: int = 0, epoch: int = 0, augment: bool = False) -> Batch:
+        """Reads one batch of planned samples now."""
+    def stream(
+        self,
+        batches: Sequence[Sequence[_Plan]],
+        *,
+        threads: int,
+        prefetch: int,
+        seed: int = 0,
+        epoch: int = 0,
+        augment: bool = False,
+    ) -> BatchStream:
+        """Starts reading ``batches`` in the background on ``threads`` engine threads."""
+
+@final
+class BatchStream:
+    """An epoch being read by engine threads; iterate it to get ``Batch``es in plan order."""
+
+    def __iter__(self) -> Iterator[Batch]: ...
+    def __next__(self) -> Batch: ...
+    def close(self) -> None:
+        """Stops the background reads and frees queued batches."""
+
+# -- writing ---------------------------------------------------------------------------------
+
+@final
+class ImageWriter:
+    """An output image being written (zarr v2 + OME-NGFF 0.4 or zarr v3 + OME-NGFF 0.5)."""
+
+    def __new__(cls, config_json: str) -> Self: ...
+    @staticmethod
+    def validate(config_json: str) -> None:
+        """Checks a configuration (values, existing output, write permission) without writing."""
+    def __len__(self) -> int: ...
+    @property
+    def path(self) -> str:
+        """The image group path."""
+    @property
+    def shape(self) -> list[int]:
+        """Array shape of the first level (z, y, x voxels)."""
+    @property
+    def chunks(self) -> list[int]:
+        """Chunk shape (z, y, x voxels)."""
+    @property
+    def write_shape(self) -> list[int]:
+        """Shape of one write (z, y, x voxels)."""
+    @property
+    def translation(self) -> list[float]:
+        """World coordinate (nm) of the centre of voxel 0 (the metadata's translation)."""
+    @property
+    def levels(self) -> list[dict[str, Any]]:
+        """One dict per level: path, shape, voxel_size, translation."""
+    @property
+    def tile_starts(self) -> list[list[int]] | None:
+        """Per-axis tile starts of the plan (array voxels), or None without a plan."""
+    @property
+    def closed(self) -> bool:
+        """Whether ``close`` was called."""
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters: chunks_written, bytes_written, pending_chunks."""
+    def tile_centres(self, indices: Sequence[int]) -> list[list[float]]:
+        """World centres (z, y, x nm) of planned tiles ``indices``."""
+    def write_tiles(self, indices: Sequence[int], data: Any) -> None:
+        """Writes planned tiles ``indices``; ``data`` is a C-contiguous float32 buffer."""
+    def write_boxes(self, starts: Sequence[Sequence[int]], data: Any) -> None:
+        """Writes boxes of the write shape at ``starts`` (array voxels; clipped to the array)."""
+    def read_box(self, start: Sequence[int], shape: Sequence[int]) -> Tensor:
+        """Reads back ``shape`` voxels starting at ``start`` (pending data included)."""
+    def flush(self) -> None:
+        """Writes every pending chunk."""
+    def close(self) -> None:
+        """Flushes, writes the downsampled levels, and refuses further writes."""
+
+# -- class counts and statistics -------------------------------------------------------------
+
+@final
+class CountProgress:
+    """Progress of a running count (chunks scanned / announced), shared with the engine threads;
+    ``cancel()`` makes the count stop with ``KeyboardInterrupt``."""
+
+    def __new__(cls) -> Self: ...
+    @property
+    def done(self) -> int:
+        """Chunks scanned so far."""
+    @property
+    def total(self) -> int:
+        """Chunks announced so far (grows as scans start)."""
+    @property
+    def cancelled(self) -> bool:
+        """Whether ``cancel()`` was called."""
+    def cancel(self) -> None:
+        """Asks the running count to stop."""
+
+def label_counts(
+    path: _StrPath,
+    voxel_size: _Triple,
+    *,
+    cache_dir: _StrPath | None = None,
+    use_cache: bool = True,
+    use_metadata: bool = True,
+    progress: CountProgress | None = None,
+) -> dict[str, Any]:
+    """Foreground/total counts of the label group ``path`` at the training ``voxel_size``."""
+
+def class_stats(
+    entries: Sequence[tuple[str, str, str, _StrPath | None, _Triple]],
+    *,
+    cache_dir: _StrPath | None = None,
+    use_cache: bool = True,
+    use_metadata: bool = True,
+    progress: CountProgress | None = None,
+) -> RecordBatch:
+    """The class statistics table of ``entries`` ``(dataset, crop, class, label path or None,
+    training voxel size)``."""
+
+def sample_metadata(
+    dataset: Sequence[str],
+    crop: Sequence[str],
+    idx: Sequence[int],
+    centre: Sequence[_Triple],
+    levels: Sequence[tuple[str, Sequence[int | None]]],
+    mirror: Sequence[Sequence[bool]],
+    transpose: Sequence[Sequence[int]],
+    rotate: Sequence[_Triple],
+    value_seed: Sequence[int],
+    class_weights: Sequence[Sequence[float]],
+) -> RecordBatch:
+    """The per-sample metadata table from per-sample columns."""
+
+def class_weight(foreground: float, total: float) -> float:
+    """Background/foreground weight of a class, capped at ``CLASS_WEIGHT_CAP``."""
+
+def default_count_cache_dir() -> Path | None:
+    """The count cache folder used when none is given (None: caching is off)."""
