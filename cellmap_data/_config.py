@@ -116,3 +116,64 @@ def as_sequence(value: Any) -> Sequence[Any]:
     if isinstance(value, (list, tuple)):
         return value
     return [value]
+
+
+def specs_in_zyx(arrays: Mapping[str, Mapping[str, Any]] | None, axis_order: str) -> Mapping[str, Mapping[str, Any]] | None:
+    """Array specs written in ``axis_order`` (e.g. ``"xyz"``) → the same specs in z, y, x order.
+
+    A spec with as many entries as ``axis_order`` has axes is reordered; an axis missing from a
+    shorter order (``"yx"``) becomes the leading singleton, as :func:`spec_to_3d` does. Specs of
+    another length, and everything under ``"zyx"``, are left as they are.
+    """
+    if arrays is None or axis_order == "zyx" or not isinstance(arrays, Mapping):
+        return arrays
+    out: dict[str, Mapping[str, Any]] = {}
+    for name, spec in arrays.items():
+        if not isinstance(spec, Mapping) or "shape" not in spec or "scale" not in spec:
+            out[name] = spec  # spec_to_3d reports the problem
+            continue
+        shape, scale = list(spec["shape"]), list(spec["scale"])
+        if len(shape) != len(axis_order) or len(scale) != len(axis_order):
+            out[name] = spec
+            continue
+        by_axis = {a: (n, s) for a, n, s in zip(axis_order, shape, scale)}
+        present = [a for a in SPATIAL_AXES if a in by_axis]
+        converted = dict(spec)
+        converted["shape"] = [by_axis[a][0] for a in present]
+        converted["scale"] = [by_axis[a][1] for a in present]
+        out[name] = converted
+    return out
+
+
+def output_permutation(kept_axes: Sequence[str], axis_order: str) -> list[int] | None:
+    """Permutation of the spatial dims ``kept_axes`` (in z, y, x order) into ``axis_order``
+    (axes the order does not name first), or None when nothing moves."""
+    order = sorted(kept_axes, key=lambda a: axis_order.index(a) if a in axis_order else -1)
+    perm = [list(kept_axes).index(a) for a in order]
+    return None if perm == sorted(perm) else perm
+
+
+def accepts_older_positional_order(old_names: Sequence[str], is_old: Any) -> Any:
+    """Decorates an ``__init__`` so that calls written for the reference library's older
+    positional order still work: when ``is_old(args)`` recognises such a call, the positional
+    arguments are bound to ``old_names`` and passed by keyword. The decorated function keeps its
+    signature and docstring."""
+    import functools
+
+    def decorate(init: Any) -> Any:
+        @functools.wraps(init)
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
+            if args and is_old(args):
+                if len(args) > len(old_names):
+                    raise TypeError(f"{type(self).__name__}() takes at most {len(old_names)} positional arguments ({len(args)} given)")
+                bound = dict(zip(old_names, args))
+                repeated = sorted(set(bound) & set(kwargs))
+                if repeated:
+                    raise TypeError(f"{type(self).__name__}() got multiple values for {repeated}")
+                kwargs.update(bound)
+                args = ()
+            init(self, *args, **kwargs)
+
+        return wrapper
+
+    return decorate

@@ -10,12 +10,22 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
+import numpy as np
 import torch
 
 from . import _engine
-from ._config import SPATIAL_AXES, arrays_to_3d, check_axis_order, spatial_transforms_json, to_json
+from ._config import (
+    SPATIAL_AXES,
+    accepts_older_positional_order,
+    arrays_to_3d,
+    check_axis_order,
+    output_permutation,
+    spatial_transforms_json,
+    specs_in_zyx,
+    to_json,
+)
 from .exceptions import ConfigError, NotFoundError
 from .transforms.seeding import sample_seeds
 from .utils.paths import split_target_path
@@ -45,18 +55,78 @@ def expand_compact(tensor: torch.Tensor) -> torch.Tensor:
     return out.masked_fill_(tensor == 255, float("nan"))
 
 
+#: The older positional order of ``CellMapDataset`` (the README's), see ``CellMapDataset``.
+_OLD_DATASET_ORDER = (
+    "raw_path", "target_path", "classes", "input_arrays", "target_arrays", "spatial_transforms",
+    "raw_value_transforms", "target_value_transforms", "class_relation_dict", "is_train", "axis_order",
+    "context", "rng", "force_has_data", "empty_value", "pad", "device", "max_workers",
+)
+
+
+def _is_old_dataset_call(args: tuple) -> bool:
+    # The 6th positional argument is ``pad`` (a bool) now, ``spatial_transforms`` (a dict or
+    # None) in the older order.
+    return len(args) >= 6 and (args[5] is None or isinstance(args[5], Mapping))
+
+
+def sample_metadata_dicts(record: Any, tensor_names: Sequence[str], owners: Sequence["CellMapDataset"]) -> list[dict[str, Any]]:
+    """Per-sample ``"__metadata__"`` dicts of an engine batch: the engine's metadata columns
+    (``dataset``, ``crop``, ``idx`` within the dataset, ``centre_*``, ``mirror_*``,
+    ``transpose_*``, ``rotate_*``, ``level_<array>``, ``value_seed``) plus the keys of the
+    reference library's metadata: ``raw_path``, ``target_path_str``, ``current_idx``,
+    ``current_center`` (``{axis: nm}``) and ``current_spatial_transforms`` (the drawn transform
+    in the form :meth:`CellMapImage.set_spatial_transforms` takes, so a sample can be re-read)."""
+    rows = record.drop_columns([n for n in tensor_names if n in record.column_names]).to_pylist()
+    for row, owner in zip(rows, owners):
+        row["raw_path"] = owner.raw_path
+        row["target_path_str"] = owner.target_path
+        row["current_idx"] = row.get("idx")
+        row["current_center"] = {a: row.get(f"centre_{a}") for a in SPATIAL_AXES}
+        drawn: dict[str, Any] = {}
+        mirrored = [a for a in SPATIAL_AXES if row.get(f"mirror_{a}")]
+        if mirrored:
+            drawn["mirror"] = mirrored
+        order = [row.get(f"transpose_{a}") for a in SPATIAL_AXES]
+        if all(isinstance(o, int) for o in order) and order != [0, 1, 2]:
+            drawn["transpose"] = [SPATIAL_AXES[o] for o in order]
+        angles = {a: row.get(f"rotate_{a}") for a in SPATIAL_AXES if row.get(f"rotate_{a}")}
+        if angles:
+            drawn["rotate"] = angles
+        row["current_spatial_transforms"] = drawn
+    return rows
+
+
 class CellMapDataset(torch.utils.data.Dataset):
     """Training samples from one raw volume and one label crop.
 
     ``ds[i]`` is ``{"idx": tensor(i), <input name>: [1, *spatial], <target name>:
     [n_classes, *spatial]}`` (float32; singleton spatial axes squeezed). A class in
-    ``classes`` that the crop does not annotate is all NaN.
+    ``classes`` that the crop does not annotate is all NaN. With ``classes=None`` (raw only) each
+    target array is a raw read, ``[1, *spatial]``, for self-supervised training.
 
     Both constructor dialects of the reference library are accepted: the current one
     (``pad``, ``seed``) and the older one (``is_train``, ``axis_order``, ``context``, ``rng``,
-    ``empty_value``, ``max_workers``).
+    ``empty_value``, ``max_workers``), including the older positional order
+    ``(raw_path, target_path, classes, input_arrays, target_arrays, spatial_transforms,
+    raw_value_transforms, target_value_transforms, class_relation_dict, is_train, ...)``,
+    recognised by a dict (or None) in sixth place. The older keywords act where they mean
+    something here:
+
+    - ``is_train=False`` turns spatial augmentation off (default: on when configured);
+    - ``axis_order`` (e.g. ``"xyz"``): array shapes and scales are given, and tensors come
+      out, in that order;
+    - ``rng`` (a ``torch.Generator`` or numpy ``Generator``) seeds the sample draws when
+      ``seed`` is not given;
+    - ``empty_value``: value of unknown target voxels (unannotated classes, padding) instead of
+      NaN, as the older library filled them;
+    - ``context`` (a TensorStore context) and ``max_workers`` (a thread pool size) have no
+      meaning here and are ignored: the engine's shared chunk cache and threads replace them.
+
+    With ``return_metadata=True`` every item (and every batch of :meth:`get_batch`) also
+    carries ``"__metadata__"``: a dict per sample (see :func:`sample_metadata_dicts`).
     """
 
+    @accepts_older_positional_order(_OLD_DATASET_ORDER, _is_old_dataset_call)
     def __init__(
         self,
         raw_path: str,
@@ -81,6 +151,7 @@ class CellMapDataset(torch.utils.data.Dataset):
         max_workers: int | None = None,
         raw_interpolation: str = "linear",
         compact_targets: bool = False,
+        return_metadata: bool = False,
     ) -> None:
         check_axis_order(axis_order)
         self.raw_path = os.fspath(raw_path)
@@ -101,8 +172,12 @@ class CellMapDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.raw_interpolation = raw_interpolation
         self.compact_targets = bool(compact_targets)
-        self._inputs = arrays_to_3d(self.input_arrays, "input_arrays")
-        self._targets = arrays_to_3d(self.target_arrays, "target_arrays")
+        self.return_metadata = bool(return_metadata)
+        self.context = context  # accepted for compatibility; the engine has its own cache
+        self.max_workers = max_workers  # accepted for compatibility; the engine has its own threads
+        self._inputs = arrays_to_3d(specs_in_zyx(self.input_arrays, axis_order), "input_arrays")
+        self._targets = arrays_to_3d(specs_in_zyx(self.target_arrays, axis_order), "target_arrays")
+        self._permutations: dict[str, list[int] | None] | None = None
         if not self._inputs:
             raise ConfigError("input_arrays is empty: at least one input array is required")
         if self.target_path:
@@ -144,7 +219,7 @@ class CellMapDataset(torch.utils.data.Dataset):
         return sorted(related)
 
     def _class_sources(self) -> list[list[Any]]:
-        sources = []
+        sources: list[list[Any]] = []
         for c in self.classes:
             if c in self.annotated_classes:
                 sources.append([c, self.target_template.format(label=c), []])
@@ -154,14 +229,23 @@ class CellMapDataset(torch.utils.data.Dataset):
                 sources.append([c, None, [self.target_template.format(label=r) for r in related]])
         return sources
 
+    def _engine_arrays(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(input, target) specs for the engine. Without classes (the older dialect's
+        ``classes=None``: raw only, e.g. for self-supervision) every target array is a raw read
+        of its own shape and scale, returned as ``[1, *spatial]``."""
+        if self.classes or not self._targets:
+            return self._inputs, self._targets
+        return self._inputs + self._targets, []
+
     def _engine_config(self) -> dict[str, Any]:
+        inputs, targets = self._engine_arrays()
         return {
             "name": self.raw_path,
             "crop": self.target_path,
             "raw_path": self.raw_path,
             "classes": self._class_sources(),
-            "inputs": self._inputs,
-            "targets": self._targets,
+            "inputs": inputs,
+            "targets": targets,
             "pad": self.pad,
             "raw_pad_value": math.nan,
             "raw_interpolation": self.raw_interpolation,
@@ -241,8 +325,9 @@ class CellMapDataset(torch.utils.data.Dataset):
             stream_indices=None if stream_indices is None else [int(s) for s in stream_indices],
         )
 
-    def batch_to_tensors(self, batch: Any) -> dict[str, Any]:
-        """Engine batch → ``{"idx", <array>: tensor [B, ...]}`` with value transforms applied."""
+    def batch_to_tensors(self, batch: Any, return_metadata: bool | None = None) -> dict[str, Any]:
+        """Engine batch → ``{"idx", <array>: tensor [B, ...]}`` with value transforms applied
+        (and ``"__metadata__"``, a list of per-sample dicts, with ``return_metadata``)."""
         out: dict[str, Any] = {}
         record = batch.record_batch()
         import pyarrow as pa
@@ -255,21 +340,57 @@ class CellMapDataset(torch.utils.data.Dataset):
             tensor = torch.from_dlpack(batch.tensor(name))
             if self.device is not None:
                 tensor = tensor.to(self.device, non_blocking=True)
-            tensor = expand_compact(tensor)
+            tensor = self.to_axis_order(expand_compact(tensor), name)
             if name in input_names:
                 tensor = self._apply_raw_transform(tensor, seeds)
             else:
                 tensor = self._apply_target_transform(tensor, seeds)
             out[name] = tensor
+        if self.return_metadata if return_metadata is None else return_metadata:
+            out["__metadata__"] = sample_metadata_dicts(table, batch.tensor_names, [self] * table.num_rows)
         return out
 
-    def get_batch(self, indices: Sequence[int], **kwargs: Any) -> dict[str, Any]:
-        """Reads samples ``indices`` as one batch of stacked tensors."""
-        return self.batch_to_tensors(self.read_batch_raw(indices, **kwargs))
+    def get_batch(self, indices: Sequence[int], *, return_metadata: bool | None = None, **kwargs: Any) -> dict[str, Any]:
+        """Reads samples ``indices`` as one batch of stacked tensors (``return_metadata``:
+        include ``"__metadata__"``; default: the dataset's ``return_metadata``)."""
+        return self.batch_to_tensors(self.read_batch_raw(indices, **kwargs), return_metadata=return_metadata)
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
+        """Sample ``idx``: ``{"idx", <input>: [1, ...], <target>: [n_classes, ...]}`` (plus
+        ``"__metadata__"``, one dict, when ``return_metadata`` is set)."""
         batch = self.get_batch([int(idx)])
-        return {k: (v[0] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        return {k: (v[0] if isinstance(v, (torch.Tensor, list)) else v) for k, v in batch.items()}
+
+    def to_axis_order(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        """Batch tensor ``[B, C, *spatial]`` of array ``name`` (spatial axes in z, y, x order, as
+        the engine returns them) with its spatial axes in the dataset's ``axis_order``."""
+        if self.axis_order == "zyx":
+            return tensor
+        if self._permutations is None:
+            self._permutations = self._axis_permutations()
+        perm = self._permutations.get(name)
+        if perm is None:
+            return tensor
+        return tensor.permute(0, 1, *[2 + p for p in perm]).contiguous()
+
+    def _axis_permutations(self) -> dict[str, list[int] | None]:
+        """Per array, how its spatial dims (those the engine kept) move into ``axis_order``."""
+        planar = self.engine.planar_axis
+        out: dict[str, list[int] | None] = {}
+        specs = {s["name"]: s["shape"] for s in self._inputs + self._targets}
+        for name, sample_shape in self.engine.sample_shapes:
+            spatial = len(sample_shape) - 1
+            if spatial == 3:
+                kept = list(SPATIAL_AXES)
+            elif planar is not None and spatial == 2:
+                kept = [a for k, a in enumerate(SPATIAL_AXES) if k != planar]
+            else:
+                kept = [a for a, n in zip(SPATIAL_AXES, specs.get(name, (1, 1, 1))) if n != 1]
+                if len(kept) != spatial:
+                    out[name] = None
+                    continue
+            out[name] = output_permutation(kept, self.axis_order)
+        return out
 
     def _apply_raw_transform(self, tensor: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
         if self.raw_value_transforms is None:
@@ -278,6 +399,9 @@ class CellMapDataset(torch.utils.data.Dataset):
             return self.raw_value_transforms(tensor)
 
     def _apply_target_transform(self, tensor: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        if not math.isnan(self.empty_value):
+            # Older dialect: unknown target voxels hold ``empty_value`` instead of NaN.
+            tensor = torch.nan_to_num(tensor, nan=self.empty_value)
         t = self.target_value_transforms
         if t is None:
             return tensor
@@ -286,9 +410,13 @@ class CellMapDataset(torch.utils.data.Dataset):
                 channels = [t[c](tensor[:, i]) if c in t else tensor[:, i] for i, c in enumerate(self.classes)]
                 return torch.stack(channels, dim=1)
             if isinstance(t, (list, tuple)):
-                channels = [t[i](tensor[:, i]) if i < len(t) and t[i] is not None else tensor[:, i] for i in range(len(self.classes))]
+                per_class: Sequence[ValueTransform | None] = t
+                channels = []
+                for i in range(len(self.classes)):
+                    transform = per_class[i] if i < len(per_class) else None
+                    channels.append(transform(tensor[:, i]) if transform is not None else tensor[:, i])
                 return torch.stack(channels, dim=1)
-            return t(tensor)
+            return cast(ValueTransform, t)(tensor)
 
     # -- configuration setters ------------------------------------------------------------
     def set_raw_value_transforms(self, transforms: ValueTransform | None) -> None:
@@ -327,10 +455,8 @@ class CellMapDataset(torch.utils.data.Dataset):
             per_axis.append(positions)
         return [(z * grid[1] + y) * grid[2] + x for z in per_axis[0] for y in per_axis[1] for x in per_axis[2]]
 
-    def get_crop_class_matrix(self) -> "np.ndarray":
+    def get_crop_class_matrix(self) -> np.ndarray:
         """Bool ``[1, n_classes]``: whether this crop annotates each requested class."""
-        import numpy as np
-
         return np.array([[c in self.annotated_classes for c in self.classes]], dtype=bool)
 
     @property

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ._config import accepts_older_positional_order
 from .dataset import CellMapDataset
 from .exceptions import ConfigError, NotFoundError
 from .multidataset import CellMapMultiDataset, CellMapSubset
@@ -46,6 +47,18 @@ def default_target_transforms() -> Any:
 
 
 _DEFAULT = object()
+
+#: The older positional order of ``CellMapDataSplit``: ``empty_value`` after ``classes``.
+_OLD_SPLIT_ORDER = (
+    "input_arrays", "target_arrays", "classes", "empty_value", "pad", "datasets", "dataset_dict", "csv_path",
+    "spatial_transforms", "train_raw_value_transforms", "val_raw_value_transforms", "target_value_transforms",
+    "class_relation_dict", "force_has_data", "context", "device",
+)
+
+
+def _is_old_split_call(args: tuple) -> bool:
+    # Fourth positional: ``pad`` (bool or split name) now, ``empty_value`` (a float) before.
+    return len(args) >= 4 and isinstance(args[3], float)
 
 
 def read_datasplit_csv(path: str | os.PathLike[str]) -> dict[str, list[dict[str, str]]]:
@@ -85,8 +98,14 @@ class CellMapDataSplit:
     Rows that cannot be used (missing class folder, no sample fits with ``pad=False``...) are
     reported once with the reason (a warning, and ``skipped_rows``) instead of being dropped
     silently; a split with no usable training row raises.
+
+    ``dataset_dict`` is ``{"train": [{"raw": path, "gt": path_with_[classes]}, ...],
+    "validate": [...]}``; ``datasets`` is ``{"train": [CellMapDataset, ...], "validate": [...]}``.
+    The older dialect's ``empty_value`` (keyword, or fourth positional argument) is passed on
+    to the datasets; ``context`` is accepted and ignored.
     """
 
+    @accepts_older_positional_order(_OLD_SPLIT_ORDER, _is_old_split_call)
     def __init__(
         self,
         input_arrays: Mapping[str, Mapping[str, Any]],
@@ -126,6 +145,7 @@ class CellMapDataSplit:
         self.raw_interpolation = raw_interpolation
         self.compact_targets = compact_targets
         self.csv_path = csv_path
+        self.context = context  # accepted for compatibility; the engine has its own cache
         self.skipped_rows: list[dict[str, str]] = []
         self._combined: dict[str, CellMapMultiDataset] = {}
         if datasets is not None:
@@ -134,7 +154,7 @@ class CellMapDataSplit:
             self.validation_datasets = list(datasets.get("validate", datasets.get("val", [])))
         else:
             if dataset_dict is not None:
-                self.dataset_dict = {USAGES.get(k, k): list(v) for k, v in dataset_dict.items()}
+                self.dataset_dict = {USAGES.get(k, k): [dict(row) for row in v] for k, v in dataset_dict.items()}
             elif csv_path is not None:
                 self.dataset_dict = read_datasplit_csv(csv_path)
             else:
@@ -151,6 +171,31 @@ class CellMapDataSplit:
             self.to(self.device)
 
     # -- construction ---------------------------------------------------------------------
+    @staticmethod
+    def from_csv(csv_path: str | os.PathLike[str]) -> dict[str, list[dict[str, str]]]:
+        """The ``dataset_dict`` of a datasplit CSV (see :func:`read_datasplit_csv`)."""
+        return read_datasplit_csv(csv_path)
+
+    def construct(self, dataset_dict: Mapping[str, Sequence[Mapping[str, str]]]) -> None:
+        """(Re)builds the training and validation datasets from ``dataset_dict``."""
+        self.dataset_dict = {USAGES.get(k, k): [dict(row) for row in v] for k, v in dataset_dict.items()}
+        self.train_datasets = self._build("train")
+        self.validation_datasets = self._build("validate")
+        self._combined.clear()
+
+    def verify_datasets(self) -> None:
+        """Drops datasets that cannot produce samples (unless ``force_has_data``)."""
+        if self.force_has_data:
+            return
+        self.train_datasets = [d for d in self.train_datasets if d.verify()]
+        self.validation_datasets = [d for d in self.validation_datasets if d.verify()]
+        self._combined.clear()
+
+    @property
+    def datasets(self) -> dict[str, list[CellMapDataset]]:
+        """``{"train": [...], "validate": [...]}``: the datasets of each split."""
+        return {"train": self.train_datasets, "validate": self.validation_datasets}
+
     def _pad_for(self, usage: str) -> bool:
         if isinstance(self.pad, str):
             return self.pad == usage or (self.pad.startswith("val") and usage == "validate")

@@ -132,6 +132,29 @@ class CellMapImage:
             out[a] = lo + (hi - lo - used) / 2 + ijk[k] * self._scale_zyx[k]
         return out
 
+    # -- counts -------------------------------------------------------------------------
+    def _counts(self) -> dict[str, Any]:
+        from ._stats import label_counts
+
+        return label_counts(self.path, self._scale_zyx, progress=False)
+
+    @property
+    def class_counts(self) -> dict[str, float]:
+        """``{label_class: foreground voxels}`` at the requested scale (from the labels'
+        ``complement_counts`` metadata, the count cache, or a scan; the data is never written)."""
+        return {self.label_class: float(self._counts()["foreground"])}
+
+    @property
+    def total_voxels(self) -> float:
+        """Voxels of the image at the requested scale."""
+        return float(self._counts()["total"])
+
+    @property
+    def bg_count(self) -> float:
+        """Background (non-foreground) voxels at the requested scale."""
+        counts = self._counts()
+        return float(counts["total"] - counts["foreground"])
+
     # -- reading ------------------------------------------------------------------------
     def set_spatial_transforms(self, transforms: Mapping[str, Any] | None) -> None:
         """Sets a concrete transform for following reads: ``{"mirror": ["x"], "transpose":
@@ -154,6 +177,7 @@ class CellMapImage:
         return {"mirror": mirror, "permutation": permutation, "rotation_deg": rotation}
 
     def __getitem__(self, center: Mapping[str, Any]) -> torch.Tensor:
+        """The patch centred at world position ``center`` (``{"z", "y", "x"}`` nm)."""
         centre = centre_to_zyx(center)
         tensor = self._volume.read(
             centre,
@@ -222,9 +246,11 @@ class EmptyImage:
         self.bounding_box = None
         self.sampling_box = None
         self.total_voxels = 0
+        self.bg_count = 0.0
         self.class_counts = {self.label_class: 0}
 
     def __getitem__(self, center: Mapping[str, Any]) -> torch.Tensor:
+        """The constant patch (``empty_value`` / ``pad_value``, NaN by default), wherever ``center`` is."""
         return torch.full(list(self.output_shape.values()), self.pad_value, dtype=torch.float32, device=self.device)
 
     def set_spatial_transforms(self, transforms: Any) -> None:

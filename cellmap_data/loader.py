@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .dataset import expand_compact
+from .dataset import expand_compact, sample_metadata_dicts
 from .exceptions import ConfigError
 from .multidataset import as_multi
 
@@ -86,7 +86,7 @@ class _Stream:
         return torch.cuda.stream(self.side) if self.cuda else contextlib.nullcontext()
 
     def wait(self) -> None:
-        if self.cuda:
+        if self.side is not None:
             torch.cuda.current_stream().wait_stream(self.side)
 
     def pin(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -103,6 +103,11 @@ class CellMapDataLoader:
     Extra keyword arguments of torch's DataLoader (``pin_memory``, ``prefetch_factor``,
     ``persistent_workers``, ``shuffle``, ``drop_last``...) are accepted; ``prefetch_factor``
     sets the prefetch depth, ``drop_last`` is honoured, the rest have no meaning here.
+    The older ``tensorstore_cache_bytes`` sets the byte budget of the engine's shared chunk cache.
+
+    With ``return_metadata=True`` each batch also carries ``"__metadata__"``: one dict per
+    sample (see :func:`cellmap_data.dataset.sample_metadata_dicts`). ``loader[indices]`` reads
+    the given dataset indices as one batch (the older library's indexing).
     """
 
     def __init__(
@@ -147,6 +152,11 @@ class CellMapDataLoader:
         self.worker_shard = worker_shard or (0, 1)
         if not 0 <= self.worker_shard[0] < self.worker_shard[1]:
             raise ConfigError(f"worker_shard {worker_shard} must be (worker id, number of workers)")
+        cache_bytes = kwargs.pop("tensorstore_cache_bytes", None)
+        if cache_bytes is not None:
+            from . import _engine
+
+            _engine.set_cache_budget(int(cache_bytes))
         self.drop_last = bool(kwargs.pop("drop_last", False))
         prefetch = kwargs.pop("prefetch_factor", None)
         self.prefetch = max(2, int(prefetch)) if prefetch else 2
@@ -297,13 +307,36 @@ class CellMapDataLoader:
         seeds = torch.as_tensor(record.column("value_seed").to_numpy().astype("int64"))
         out: dict[str, Any] = {"idx": torch.tensor([self.multi.offset(d) + i for d, i, _ in plan], dtype=torch.int64)}
         owners = [self.multi.datasets[d] for d, _, _ in plan]
-        input_names = {a["name"] for a in self.multi.datasets[0]._inputs}
+        first = self.multi.datasets[0]
+        input_names = {a["name"] for a in first._inputs}
         for name, tensor in tensors.items():
-            tensor = expand_compact(tensor)
+            tensor = first.to_axis_order(expand_compact(tensor), name)
             kind = "raw" if name in input_names else "target"
             out[name] = _transform_by_owner(tensor, seeds, owners, kind)
         if self.return_metadata:
-            out["__metadata__"] = record.drop_columns([n for n in batch.tensor_names]).to_pylist()
+            out["__metadata__"] = sample_metadata_dicts(record, batch.tensor_names, owners)
+        return out
+
+    def __getitem__(self, indices: int | Sequence[int]) -> dict[str, Any]:
+        """The samples ``indices`` (indices into ``dataset``) read now as one collated batch,
+        on the loader's device (the older library's ``loader[idx]``)."""
+        if isinstance(indices, torch.Tensor):
+            indices = indices.reshape(-1).tolist()
+        if isinstance(indices, int) or not isinstance(indices, Sequence):
+            indices = [int(indices)]
+        items = []
+        for index in indices:
+            g = self.subset[int(index)] if self.subset is not None else int(index)
+            d, i = self.multi.locate(g)
+            item = self.multi.datasets[d].get_batch([i], return_metadata=self.return_metadata)
+            item["idx"] = torch.tensor([g], dtype=torch.int64)
+            items.append(item)
+        out: dict[str, Any] = {}
+        for key in items[0]:
+            values = [item[key] for item in items]
+            out[key] = torch.cat(values) if isinstance(values[0], torch.Tensor) else [v for vs in values for v in vs]
+        if self.device is not None:
+            out = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
         return out
 
     def metadata(self, batch: Any) -> Any:
@@ -338,10 +371,10 @@ class CellMapDataLoader:
 def _transform_by_owner(tensor: torch.Tensor, seeds: torch.Tensor, owners: list[Any], kind: str) -> torch.Tensor:
     """Applies each sample's dataset's value transform, once per group of samples sharing it."""
     attr = "raw_value_transforms" if kind == "raw" else "target_value_transforms"
-    groups: dict[int, list[int]] = {}
-    keyed: dict[int, Any] = {}
+    groups: dict[Any, list[int]] = {}
+    keyed: dict[Any, Any] = {}
     for row, owner in enumerate(owners):
-        key = id(getattr(owner, attr))
+        key = (id(getattr(owner, attr)), repr(getattr(owner, "empty_value", None)) if kind == "target" else None)
         groups.setdefault(key, []).append(row)
         keyed[key] = owner
     if len(groups) == 1:

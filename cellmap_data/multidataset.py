@@ -23,6 +23,8 @@ class CellMapMultiDataset(torch.utils.data.ConcatDataset):
     and the older ``(classes, input_arrays, target_arrays, datasets)``.
     """
 
+    datasets: list[CellMapDataset]  # type: ignore[assignment]  # flattened: never nested
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         names_new = ["datasets", "classes", "input_arrays", "target_arrays"]
         names_old = ["classes", "input_arrays", "target_arrays", "datasets"]
@@ -167,7 +169,8 @@ class CellMapSubset(torch.utils.data.Subset):
 
     def to(self, device: str | torch.device, non_blocking: bool = True) -> "CellMapSubset":
         """Moves the underlying dataset's output to ``device``."""
-        self.dataset.to(device, non_blocking=non_blocking)
+        dataset: Any = self.dataset
+        dataset.to(device, non_blocking=non_blocking)
         return self
 
     def __repr__(self) -> str:

@@ -126,11 +126,41 @@ pub fn read_patch(
         }
     }
     let block_len: usize = block_shape.iter().product();
-    let mut block = vec![0f32; block_len];
+    let mut scratch = take_scratch(block_len);
+    let block = &mut scratch[..block_len];
     let strides = [(block_shape[1] * block_shape[2]) as isize, block_shape[2] as isize, 1];
-    volume.gather(level, block_lo, block_shape, &mut block, 0, strides, options.mode, options.pad_value)?;
-    resample(&block, block_shape, block_lo, &affine, spec.shape, options.interpolation, out);
-    Ok(ReadInfo { level, fast_path: false })
+    let gathered = volume.gather(level, block_lo, block_shape, block, 0, strides, options.mode, options.pad_value);
+    if gathered.is_ok() {
+        resample(block, block_shape, block_lo, &affine, spec.shape, options.interpolation, out);
+    }
+    return_scratch(scratch);
+    gathered.map(|_| ReadInfo { level, fast_path: false })
+}
+
+thread_local! {
+    /// Reused source-block buffer: rotated reads gather megabytes per array, and fresh large
+    /// allocations cost a page fault per 4 KiB.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Takes this thread's scratch buffer (at least `len` long). Taking rather than borrowing keeps
+/// it safe when rayon runs another read on this thread while this one waits.
+fn take_scratch(len: usize) -> Vec<f32> {
+    let mut v = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    if v.len() < len {
+        // Every element is overwritten by the gather, so growth is the only fill needed.
+        v.resize(len, 0.0);
+    }
+    v
+}
+
+fn return_scratch(v: Vec<f32>) {
+    SCRATCH.with(|s| {
+        let mut slot = s.borrow_mut();
+        if slot.capacity() < v.capacity() {
+            *slot = v;
+        }
+    });
 }
 
 /// Moves a run of `len` voxels starting at `start` inside `[0, size)` when it fits.
