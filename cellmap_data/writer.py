@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import _engine
-from ._config import SPATIAL_AXES, arrays_to_3d, check_axis_order, to_json
+from ._config import SPATIAL_AXES, accepts_older_positional_order, arrays_to_3d, check_axis_order, to_json
 from .exceptions import ConfigError
 
 __all__ = ["CellMapDatasetWriter", "ImageWriter", "bench_write"]
@@ -322,7 +322,7 @@ class ImageWriter:
     def _starts(self, center: Mapping[str, Any]) -> tuple[list[list[int]], bool]:
         if not isinstance(center, Mapping):
             raise TypeError(f"writer[center] needs a dict {{axis: nm}}, not {type(center).__name__}")
-        columns = []
+        columns: list[Any] = []
         batched = False
         for a, lo, v, t in zip(SPATIAL_AXES, self._config["bounds_lo"], self._config["voxel_size"], self._config["write_shape"]):
             if a not in center:
@@ -432,6 +432,19 @@ class _TileLoader:
             yield future.result()
 
 
+# The older release's positional order: raw_value_transforms came right after target_bounds.
+_OLD_WRITER_ORDER = ("raw_path", "target_path", "classes", "input_arrays", "target_arrays", "target_bounds",
+                     "raw_value_transforms", "axis_order", "context", "rng", "empty_value", "overwrite", "device")
+
+
+def _is_old_writer_call(args: Sequence[Any]) -> bool:
+    """A 7th positional argument that is a transform (or None followed by an axis order) is the
+    older order; in the current order it would be the ``overwrite`` flag."""
+    if len(args) < 7 or isinstance(args[6], bool):
+        return False
+    return callable(args[6]) or (args[6] is None and len(args) >= 8 and isinstance(args[7], str))
+
+
 class CellMapDatasetWriter(torch.utils.data.Dataset):
     """Input tiles over ``target_bounds`` for a model, and the writer of its predictions.
 
@@ -457,6 +470,7 @@ class CellMapDatasetWriter(torch.utils.data.Dataset):
     and scale. ``close()`` (or leaving a ``with`` block) writes any chunk still in memory.
     """
 
+    @accepts_older_positional_order(_OLD_WRITER_ORDER, _is_old_writer_call)
     def __init__(
         self,
         raw_path: str | os.PathLike,
@@ -800,7 +814,7 @@ def bench_write(
     import tempfile
 
     own_dir = out_dir is None
-    root = tempfile.mkdtemp(prefix="cellmap-bench-write-") if own_dir else os.fspath(out_dir)
+    root = tempfile.mkdtemp(prefix="cellmap-bench-write-") if out_dir is None else os.fspath(out_dir)
     path = os.path.join(root, "bench.zarr", "predictions", "mito")
     voxel = 8.0
     box = {a: (0.0, size * voxel) for a in SPATIAL_AXES}
@@ -849,5 +863,6 @@ def bench_write(
 if __name__ == "__main__":  # python -m cellmap_data.writer [size] [tile] [overlap]
     import sys
 
-    args = [int(a) for a in sys.argv[1:]]
-    bench_write(None, *(args[:2]), **({"overlap": args[2]} if len(args) > 2 else {}))
+    numbers = [int(a) for a in sys.argv[1:]]
+    options: dict[str, Any] = {"overlap": numbers[2]} if len(numbers) > 2 else {}
+    bench_write(None, *(numbers[:2]), **options)

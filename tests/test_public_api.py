@@ -549,10 +549,6 @@ def test_dataset_writer_challenge_call_form(tiny_data, tmp_path):
     older.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "writer gap: CellMapDatasetWriter takes the current positional order only; the older "
-    "(..., target_bounds, raw_value_transforms, axis_order, context, rng, empty_value, overwrite, device) "
-    "binds raw_value_transforms to overwrite (silently overwriting, transform dropped)"))
 def test_dataset_writer_older_positional_order(tiny_data, tmp_path):
     CellMapDatasetWriter, _ = _writer_classes()
     ds = tiny_data.datasets[0]
