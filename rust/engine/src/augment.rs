@@ -290,12 +290,68 @@ pub fn resample(
     interpolation: Interpolation,
     out: &mut [f32],
 ) {
+    resample_with(block, block_shape, block_lo, affine, out_shape, interpolation, out, |v| v);
+}
+
+/// Nearest-neighbour resampling of a uint8 mask block (`MASK_OUTSIDE` marks voxels outside the
+/// array, which become `pad_value`).
+pub fn resample_mask(
+    block: &[u8],
+    block_shape: [usize; 3],
+    block_lo: [i64; 3],
+    affine: &Affine,
+    out_shape: [usize; 3],
+    pad_value: f32,
+    out: &mut [f32],
+) {
+    let load = move |v: u8| if v == MASK_OUTSIDE { pad_value } else { v as f32 };
+    resample_with(block, block_shape, block_lo, affine, out_shape, Interpolation::Nearest, out, load);
+}
+
+/// Marker for "outside the array" in uint8 mask blocks (masks hold 0 and 1).
+pub const MASK_OUTSIDE: u8 = 255;
+
+/// Trilinear interpolation of a block whose elements `load` turns into floats (linear reads
+/// are only ever done on float blocks; masks use nearest).
+trait Interpolate: Copy + Send + Sync {
+    fn trilinear_at(block: &[Self], sz: usize, sy: usize, max_idx: [i64; 3], s: [f64; 3], load: &(impl Fn(Self) -> f32 + Sync)) -> f32;
+}
+
+impl Interpolate for f32 {
+    #[inline(always)]
+    fn trilinear_at(block: &[f32], sz: usize, sy: usize, max_idx: [i64; 3], s: [f64; 3], _load: &(impl Fn(f32) -> f32 + Sync)) -> f32 {
+        trilinear(block, sz, sy, max_idx, s)
+    }
+}
+
+impl Interpolate for u8 {
+    #[inline(always)]
+    fn trilinear_at(block: &[u8], sz: usize, sy: usize, max_idx: [i64; 3], s: [f64; 3], load: &(impl Fn(u8) -> f32 + Sync)) -> f32 {
+        // Not used by the engine (masks are read with nearest); kept correct for completeness.
+        let i: [usize; 3] = std::array::from_fn(|k| floor_i(s[k] + 0.5).clamp(0, max_idx[k]) as usize);
+        load(block[i[0] * sz + i[1] * sy + i[2]])
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn resample_with<B: Interpolate>(
+    block: &[B],
+    block_shape: [usize; 3],
+    block_lo: [i64; 3],
+    affine: &Affine,
+    out_shape: [usize; 3],
+    interpolation: Interpolation,
+    out: &mut [f32],
+    load: impl Fn(B) -> f32 + Sync,
+) {
     let [_, ny, nx] = out_shape;
     if nx == 0 || ny == 0 {
         return;
     }
     let sy = block_shape[2];
     let sz = block_shape[1] * block_shape[2];
+    // The kernels index without bounds checks; this makes every clamped index valid.
+    assert!(block.len() >= block_shape.iter().product::<usize>() && block_shape.iter().all(|&n| n > 0));
     let max_idx: [i64; 3] = std::array::from_fn(|k| block_shape[k] as i64 - 1);
     let step = [affine.m[0][2], affine.m[1][2], affine.m[2][2]];
     out.par_chunks_mut(nx).with_min_len(4).enumerate().for_each(|(row, line)| {
@@ -306,7 +362,10 @@ pub fn resample(
             Interpolation::Nearest => {
                 for value in line.iter_mut() {
                     let i: [i64; 3] = std::array::from_fn(|k| floor_i(s[k] + 0.5).clamp(0, max_idx[k]));
-                    *value = block[i[0] as usize * sz + i[1] as usize * sy + i[2] as usize];
+                    let at = i[0] as usize * sz + i[1] as usize * sy + i[2] as usize;
+                    debug_assert!(at < block.len());
+                    // SAFETY: each index is clamped to the block's extent on its axis.
+                    *value = load(unsafe { *block.get_unchecked(at) });
                     for k in 0..3 {
                         s[k] += step[k];
                     }
@@ -314,7 +373,7 @@ pub fn resample(
             }
             Interpolation::Linear => {
                 for value in line.iter_mut() {
-                    *value = trilinear(block, sz, sy, max_idx, s);
+                    *value = B::trilinear_at(block, sz, sy, max_idx, s, &load);
                     for k in 0..3 {
                         s[k] += step[k];
                     }
@@ -345,30 +404,34 @@ fn lerp(a: f32, b: f32, t: f32) -> f32 {
 #[inline(always)]
 fn trilinear(block: &[f32], sz: usize, sy: usize, max_idx: [i64; 3], s: [f64; 3]) -> f32 {
     let mut i0 = [0usize; 3];
-    let mut i1 = [0usize; 3];
+    let mut d = [0usize; 3];
     let mut t = [0f32; 3];
     for k in 0..3 {
         let f = floor_i(s[k]);
-        if f < 0 || f > max_idx[k] {
-            let base = f.clamp(0, max_idx[k]) as usize;
-            i0[k] = base;
-            i1[k] = base;
+        if f < 0 || f >= max_idx[k] {
+            // At (or beyond) the block's far edge: take the edge voxel with no neighbour weight.
+            i0[k] = f.clamp(0, max_idx[k]) as usize;
+            d[k] = 0;
             t[k] = 0.0;
         } else {
             i0[k] = f as usize;
-            i1[k] = (f + 1).min(max_idx[k]) as usize;
+            d[k] = 1;
             t[k] = (s[k] - f as f64) as f32;
         }
     }
-    let (r00, r01) = (i0[0] * sz + i0[1] * sy, i0[0] * sz + i1[1] * sy);
-    let a = lerp(block[r00 + i0[2]], block[r00 + i1[2]], t[2]);
-    let a = if t[1] == 0.0 { a } else { lerp(a, lerp(block[r01 + i0[2]], block[r01 + i1[2]], t[2]), t[1]) };
+    let (dz, dy, dx) = (d[0] * sz, d[1] * sy, d[2]);
+    let base = i0[0] * sz + i0[1] * sy + i0[2];
+    debug_assert!(base + dz + dy + dx < block.len());
+    // SAFETY: every index is clamped to [0, max_idx] per axis above (d is 0 at the far edge),
+    // so base + dz + dy + dx addresses a voxel inside the block.
+    let at = |o: usize| unsafe { *block.get_unchecked(base + o) };
+    let a = lerp(at(0), at(dx), t[2]);
+    let a = if t[1] == 0.0 { a } else { lerp(a, lerp(at(dy), at(dy + dx), t[2]), t[1]) };
     if t[0] == 0.0 {
         return a;
     }
-    let (r10, r11) = (i1[0] * sz + i0[1] * sy, i1[0] * sz + i1[1] * sy);
-    let b = lerp(block[r10 + i0[2]], block[r10 + i1[2]], t[2]);
-    let b = if t[1] == 0.0 { b } else { lerp(b, lerp(block[r11 + i0[2]], block[r11 + i1[2]], t[2]), t[1]) };
+    let b = lerp(at(dz), at(dz + dx), t[2]);
+    let b = if t[1] == 0.0 { b } else { lerp(b, lerp(at(dz + dy), at(dz + dy + dx), t[2]), t[1]) };
     lerp(a, b, t[0])
 }
 

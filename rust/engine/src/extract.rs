@@ -2,7 +2,7 @@
 //! the fast path (strided copy straight from decoded chunks) when that map is axis-aligned at
 //! the level's resolution, else the general path (gather the source box once, resample).
 
-use crate::augment::{resample, Interpolation, SpatialDraw};
+use crate::augment::{resample, resample_mask, Interpolation, SpatialDraw, MASK_OUTSIDE};
 use crate::error::{Error, Result};
 use crate::geometry::Affine;
 use crate::volume::{ValueMode, Volume};
@@ -126,9 +126,27 @@ pub fn read_patch(
         }
     }
     let block_len: usize = block_shape.iter().product();
+    let strides = [(block_shape[1] * block_shape[2]) as isize, block_shape[2] as isize, 1];
+    if options.mode == ValueMode::Foreground && options.interpolation == Interpolation::Nearest {
+        // Label reads: a uint8 mask block is 4× smaller than floats, so resampling hits cache.
+        let mut mask = MASK_SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        if mask.len() < block_len {
+            mask.resize(block_len, 0);
+        }
+        let gathered = volume.gather(level, block_lo, block_shape, &mut mask[..block_len], 0, strides, options.mode, MASK_OUTSIDE);
+        if gathered.is_ok() {
+            resample_mask(&mask[..block_len], block_shape, block_lo, &affine, spec.shape, options.pad_value, out);
+        }
+        MASK_SCRATCH.with(|s| {
+            let mut slot = s.borrow_mut();
+            if slot.capacity() < mask.capacity() {
+                *slot = mask;
+            }
+        });
+        return gathered.map(|_| ReadInfo { level, fast_path: false });
+    }
     let mut scratch = take_scratch(block_len);
     let block = &mut scratch[..block_len];
-    let strides = [(block_shape[1] * block_shape[2]) as isize, block_shape[2] as isize, 1];
     let gathered = volume.gather(level, block_lo, block_shape, block, 0, strides, options.mode, options.pad_value);
     if gathered.is_ok() {
         resample(block, block_shape, block_lo, &affine, spec.shape, options.interpolation, out);
@@ -141,6 +159,7 @@ thread_local! {
     /// Reused source-block buffer: rotated reads gather megabytes per array, and fresh large
     /// allocations cost a page fault per 4 KiB.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static MASK_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Takes this thread's scratch buffer (at least `len` long). Taking rather than borrowing keeps
