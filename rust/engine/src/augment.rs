@@ -308,6 +308,32 @@ pub fn resample_mask(
     resample_with(block, block_shape, block_lo, affine, out_shape, Interpolation::Nearest, out, load);
 }
 
+/// For every output voxel, the flat index of its nearest source voxel in a block of
+/// `block_shape` starting at `block_lo` (indices clamped to the block).
+pub fn nearest_indices(block_shape: [usize; 3], block_lo: [i64; 3], affine: &Affine, out_shape: [usize; 3]) -> Vec<u32> {
+    let [_, ny, nx] = out_shape;
+    let mut index = vec![0u32; out_shape.iter().product()];
+    if nx == 0 || ny == 0 {
+        return index;
+    }
+    assert!(block_shape.iter().product::<usize>() <= u32::MAX as usize, "source block too large");
+    let (sy, sz) = (block_shape[2], block_shape[1] * block_shape[2]);
+    let max_idx: [i64; 3] = std::array::from_fn(|k| block_shape[k] as i64 - 1);
+    let step = [affine.m[0][2], affine.m[1][2], affine.m[2][2]];
+    index.par_chunks_mut(nx).with_min_len(4).enumerate().for_each(|(row, line)| {
+        let s0 = affine.apply([(row / ny) as f64, (row % ny) as f64, 0.0]);
+        let mut s: [f64; 3] = std::array::from_fn(|k| s0[k] - block_lo[k] as f64);
+        for slot in line.iter_mut() {
+            let i: [i64; 3] = std::array::from_fn(|k| floor_i(s[k] + 0.5).clamp(0, max_idx[k]));
+            *slot = (i[0] as usize * sz + i[1] as usize * sy + i[2] as usize) as u32;
+            for k in 0..3 {
+                s[k] += step[k];
+            }
+        }
+    });
+    index
+}
+
 /// Marker for "outside the array" in uint8 mask blocks (masks hold 0 and 1).
 pub const MASK_OUTSIDE: u8 = 255;
 

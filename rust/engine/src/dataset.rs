@@ -9,9 +9,26 @@ use rayon::prelude::*;
 use crate::augment::{Interpolation, SpatialConfig, SpatialDraw};
 use crate::cache::ChunkCache;
 use crate::error::{Error, Result};
-use crate::extract::{read_patch, PatchSpec, ReadOptions};
+use crate::extract::{read_patch, read_patch_group, PatchSpec, ReadOptions};
 use crate::geometry::{WorldBox, AXES};
 use crate::volume::{ValueMode, Volume};
+
+/// Identity of a level's voxel grid (voxel size, origin, shape): levels with equal keys map
+/// world positions to the same voxel indices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct GridKey([u64; 9]);
+
+impl GridKey {
+    fn of(level: &crate::volume::Level) -> GridKey {
+        let mut k = [0u64; 9];
+        for a in 0..3 {
+            k[a] = level.voxel_size[a].to_bits();
+            k[3 + a] = level.translation[a].to_bits();
+            k[6 + a] = level.shape[a];
+        }
+        GridKey(k)
+    }
+}
 
 /// A named array request (`input_arrays` / `target_arrays` entry).
 #[derive(Debug, Clone, PartialEq)]
@@ -244,11 +261,32 @@ impl Dataset {
         for (t, buf) in target_bufs.iter_mut().enumerate() {
             let spec = &self.config.targets[t];
             let n = spec.patch.len();
-            buf.par_chunks_mut(n).enumerate().try_for_each(|(c, channel)| match &self.sources[c] {
-                ClassSource::Annotated(vol) => {
+            let mut channels: Vec<Option<&mut [f32]>> = buf.chunks_mut(n).map(Some).collect();
+            // Annotated classes whose chosen levels share one voxel grid are read together.
+            let mut groups: Vec<(GridKey, Vec<usize>)> = Vec::new();
+            for (c, source) in self.sources.iter().enumerate() {
+                if let ClassSource::Annotated(vol) = source {
                     let level = self.target_levels[t][c].expect("annotated class has a level");
-                    read_patch(vol, level, &spec.patch, centre, draw, &label_options, channel).map(|_| ())
+                    let key = GridKey::of(&vol.levels[level]);
+                    match groups.iter_mut().find(|(k, _)| *k == key) {
+                        Some((_, members)) => members.push(c),
+                        None => groups.push((key, vec![c])),
+                    }
                 }
+            }
+            for (_, members) in &groups {
+                let volumes: Vec<(&Volume, usize)> = members
+                    .iter()
+                    .map(|&c| match &self.sources[c] {
+                        ClassSource::Annotated(vol) => (vol.as_ref(), self.target_levels[t][c].expect("annotated class has a level")),
+                        _ => unreachable!("groups hold annotated classes only"),
+                    })
+                    .collect();
+                let mut outs: Vec<&mut [f32]> = members.iter().map(|&c| channels[c].take().expect("channel used once")).collect();
+                read_patch_group(&volumes, &spec.patch, centre, draw, &label_options, &mut outs)?;
+            }
+            let rest: Vec<(usize, &mut [f32])> = channels.into_iter().enumerate().filter_map(|(c, ch)| ch.map(|ch| (c, ch))).collect();
+            rest.into_par_iter().try_for_each(|(c, channel)| match &self.sources[c] {
                 ClassSource::Inferred(related) => {
                     channel.fill(f32::NAN);
                     let mut present = vec![0f32; n];
@@ -267,6 +305,7 @@ impl Dataset {
                     channel.fill(f32::NAN);
                     Ok(())
                 }
+                ClassSource::Annotated(_) => unreachable!("annotated classes were read in groups"),
             })?;
         }
         Ok(())

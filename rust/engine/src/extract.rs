@@ -2,7 +2,7 @@
 //! the fast path (strided copy straight from decoded chunks) when that map is axis-aligned at
 //! the level's resolution, else the general path (gather the source box once, resample).
 
-use crate::augment::{resample, resample_mask, Interpolation, SpatialDraw, MASK_OUTSIDE};
+use crate::augment::{nearest_indices, resample, resample_mask, Interpolation, SpatialDraw, MASK_OUTSIDE};
 use crate::error::{Error, Result};
 use crate::geometry::Affine;
 use crate::volume::{ValueMode, Volume};
@@ -107,24 +107,7 @@ pub fn read_patch(
         volume.gather(level, start, region, out, base, strides, options.mode, options.pad_value)?;
         return Ok(ReadInfo { level, fast_path: true });
     }
-    let (lo, hi) = affine.source_bounds(spec.shape);
-    let mut block_lo = [0i64; 3];
-    let mut block_shape = [0usize; 3];
-    for k in 0..3 {
-        let (a, b) = match options.interpolation {
-            Interpolation::Nearest => ((lo[k] + 0.5).floor() as i64, (hi[k] + 0.5).floor() as i64),
-            Interpolation::Linear => (lo[k].floor() as i64, hi[k].floor() as i64 + 1),
-        };
-        block_lo[k] = a;
-        block_shape[k] = (b - a + 1) as usize;
-    }
-    if !options.pad {
-        for k in 0..3 {
-            let moved = clamp_start(block_lo[k], block_shape[k], lvl.shape[k]);
-            affine.b[k] += (moved - block_lo[k]) as f64;
-            block_lo[k] = moved;
-        }
-    }
+    let (block_lo, block_shape) = source_block(&mut affine, lvl.shape, spec, options);
     let block_len: usize = block_shape.iter().product();
     let strides = [(block_shape[1] * block_shape[2]) as isize, block_shape[2] as isize, 1];
     if options.mode == ValueMode::Foreground && options.interpolation == Interpolation::Nearest {
@@ -180,6 +163,83 @@ fn return_scratch(v: Vec<f32>) {
             *slot = v;
         }
     });
+}
+
+/// The source box the general path gathers (voxels every output sample may touch), moved
+/// inside the array when `pad` is false (the affine is moved with it).
+fn source_block(affine: &mut Affine, level_shape: [u64; 3], spec: &PatchSpec, options: &ReadOptions) -> ([i64; 3], [usize; 3]) {
+    let (lo, hi) = affine.source_bounds(spec.shape);
+    let mut block_lo = [0i64; 3];
+    let mut block_shape = [0usize; 3];
+    for k in 0..3 {
+        let (a, b) = match options.interpolation {
+            Interpolation::Nearest => ((lo[k] + 0.5).floor() as i64, (hi[k] + 0.5).floor() as i64),
+            Interpolation::Linear => (lo[k].floor() as i64, hi[k].floor() as i64 + 1),
+        };
+        block_lo[k] = a;
+        block_shape[k] = (b - a + 1) as usize;
+    }
+    if !options.pad {
+        for k in 0..3 {
+            let moved = clamp_start(block_lo[k], block_shape[k], level_shape[k]);
+            affine.b[k] += (moved - block_lo[k]) as f64;
+            block_lo[k] = moved;
+        }
+    }
+    (block_lo, block_shape)
+}
+
+/// Reads the same patch from several label volumes whose chosen levels share one voxel grid
+/// (the classes of one crop): the source index of every output voxel is computed once and used
+/// for every class, instead of once per class. Falls back to `read_patch` per volume when the
+/// read is axis-aligned (already a copy) or not a nearest-neighbour mask read.
+pub fn read_patch_group(
+    volumes: &[(&Volume, usize)],
+    spec: &PatchSpec,
+    centre: [f64; 3],
+    draw: &SpatialDraw,
+    options: &ReadOptions,
+    outs: &mut [&mut [f32]],
+) -> Result<()> {
+    let Some(&(first, first_level)) = volumes.first() else { return Ok(()) };
+    let lvl = &first.levels[first_level];
+    let mut affine = Affine::compose(spec.shape, spec.voxel_size, centre, &draw.orientation(), lvl.voxel_size, lvl.translation);
+    let shareable = volumes.len() > 1
+        && options.mode == ValueMode::Foreground
+        && options.interpolation == Interpolation::Nearest
+        && affine.axis_aligned_unit().is_none();
+    if !shareable {
+        for ((volume, level), out) in volumes.iter().zip(outs.iter_mut()) {
+            read_patch(volume, *level, spec, centre, draw, options, out)?;
+        }
+        return Ok(());
+    }
+    let (block_lo, block_shape) = source_block(&mut affine, lvl.shape, spec, options);
+    let block_len: usize = block_shape.iter().product();
+    let strides = [(block_shape[1] * block_shape[2]) as isize, block_shape[2] as isize, 1];
+    let index = nearest_indices(block_shape, block_lo, &affine, spec.shape);
+    let mut mask = MASK_SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    if mask.len() < block_len {
+        mask.resize(block_len, 0);
+    }
+    let mut result = Ok(());
+    for ((volume, level), out) in volumes.iter().zip(outs.iter_mut()) {
+        result = volume.gather(*level, block_lo, block_shape, &mut mask[..block_len], 0, strides, options.mode, MASK_OUTSIDE);
+        if result.is_err() {
+            break;
+        }
+        for (value, &i) in out.iter_mut().zip(&index) {
+            let m = mask[i as usize];
+            *value = if m == MASK_OUTSIDE { options.pad_value } else { m as f32 };
+        }
+    }
+    MASK_SCRATCH.with(|s| {
+        let mut slot = s.borrow_mut();
+        if slot.capacity() < mask.capacity() {
+            *slot = mask;
+        }
+    });
+    result
 }
 
 /// Moves a run of `len` voxels starting at `start` inside `[0, size)` when it fits.
