@@ -57,8 +57,11 @@ def smooth_volume(tmp_path_factory):
     voxel, origin = (5.24, 4.0, 4.0), (100.0, 50.0, 20.0)
     raw_path = write_ome_image(root / "raw", [raw], [voxel], [origin], chunks=(16, 16, 16))
     label_path = write_ome_image(root / "labels", [labels], [voxel], [origin], chunks=(16, 16, 16))
-    return {"raw": raw, "labels": labels, "voxel": voxel, "origin": np.asarray(origin),
-            "raw_vol": _engine.Volume(str(raw_path)), "label_vol": _engine.Volume(str(label_path))}
+    raw_u8 = np.round(raw).astype(np.uint8)
+    u8_path = write_ome_image(root / "raw_u8", [raw_u8], [voxel], [origin], chunks=(16, 16, 16))
+    return {"raw": raw, "labels": labels, "voxel": voxel, "origin": np.asarray(origin), "raw_u8": raw_u8,
+            "raw_vol": _engine.Volume(str(raw_path)), "label_vol": _engine.Volume(str(label_path)),
+            "u8_vol": _engine.Volume(str(u8_path))}
 
 
 def world_centre(v, index_centre):
@@ -76,6 +79,17 @@ def test_rotated_linear_read_matches_scipy(smooth_volume, angles):
     centre = world_centre(v, (24, 28, 32))
     got = read(v["raw_vol"], centre, shape, out_voxel, interpolation="linear", rotation_deg=list(angles))
     expected = scipy_reference(v["raw"], v["voxel"], v["origin"], shape, out_voxel, centre, orientation(angles=angles), 1)
+    np.testing.assert_allclose(got, expected, atol=1e-3, rtol=1e-5)
+
+
+@pytest.mark.parametrize("angles", [(30.0, 0.0, 0.0), (-70.0, 10.0, 25.0)])
+def test_rotated_linear_read_of_integer_data_matches_scipy(smooth_volume, angles):
+    """Integer data read from inside the array takes the branch-free trilinear kernel."""
+    v = smooth_volume
+    shape, out_voxel = (12, 14, 16), (4.0, 4.0, 4.0)
+    centre = world_centre(v, (24, 28, 32))
+    got = read(v["u8_vol"], centre, shape, out_voxel, interpolation="linear", rotation_deg=list(angles))
+    expected = scipy_reference(v["raw_u8"], v["voxel"], v["origin"], shape, out_voxel, centre, orientation(angles=angles), 1)
     np.testing.assert_allclose(got, expected, atol=1e-3, rtol=1e-5)
 
 

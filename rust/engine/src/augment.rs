@@ -281,6 +281,9 @@ impl SampleRng {
 /// Resamples `block` (C order, shape `block_shape`, whose element 0 is source voxel
 /// `block_lo`) onto the output grid through `affine`. The block must contain every source voxel
 /// the kernel touches, so the inner loop does no bounds tests beyond a clamp at the far edge.
+/// `finite` promises the block holds no NaN (integer data read from inside the array), which
+/// lets rows that stay inside the block use a branch-free trilinear kernel.
+#[allow(clippy::too_many_arguments)]
 pub fn resample(
     block: &[f32],
     block_shape: [usize; 3],
@@ -288,9 +291,62 @@ pub fn resample(
     affine: &Affine,
     out_shape: [usize; 3],
     interpolation: Interpolation,
+    finite: bool,
     out: &mut [f32],
 ) {
+    if finite && interpolation == Interpolation::Linear {
+        resample_linear_finite(block, block_shape, block_lo, affine, out_shape, out);
+        return;
+    }
     resample_with(block, block_shape, block_lo, affine, out_shape, interpolation, out, |v| v);
+}
+
+/// Trilinear resampling of a NaN-free block: rows whose samples all have both neighbours inside
+/// the block take a branch-free loop; other rows take the general kernel.
+fn resample_linear_finite(block: &[f32], block_shape: [usize; 3], block_lo: [i64; 3], affine: &Affine, out_shape: [usize; 3], out: &mut [f32]) {
+    let [_, ny, nx] = out_shape;
+    if nx == 0 || ny == 0 {
+        return;
+    }
+    assert!(block.len() >= block_shape.iter().product::<usize>() && block_shape.iter().all(|&n| n > 0));
+    let sy = block_shape[2];
+    let sz = block_shape[1] * block_shape[2];
+    let max_idx: [i64; 3] = std::array::from_fn(|k| block_shape[k] as i64 - 1);
+    let step = [affine.m[0][2], affine.m[1][2], affine.m[2][2]];
+    out.par_chunks_mut(nx).with_min_len(4).enumerate().for_each(|(row, line)| {
+        let s0 = affine.apply([(row / ny) as f64, (row % ny) as f64, 0.0]);
+        let start: [f64; 3] = std::array::from_fn(|k| s0[k] - block_lo[k] as f64);
+        let end: [f64; 3] = std::array::from_fn(|k| start[k] + step[k] * (nx - 1) as f64);
+        // Samples move linearly along a row, so checking both ends checks the whole row.
+        let interior = (0..3).all(|k| {
+            let (lo, hi) = if start[k] <= end[k] { (start[k], end[k]) } else { (end[k], start[k]) };
+            floor_i(lo) >= 0 && floor_i(hi) < max_idx[k]
+        });
+        if !interior {
+            for (x, value) in line.iter_mut().enumerate() {
+                let s: [f64; 3] = std::array::from_fn(|k| start[k] + step[k] * x as f64);
+                *value = trilinear(block, sz, sy, max_idx, s);
+            }
+            return;
+        }
+        for (x, value) in line.iter_mut().enumerate() {
+            let s: [f64; 3] = std::array::from_fn(|k| start[k] + step[k] * x as f64);
+            let f: [i64; 3] = std::array::from_fn(|k| floor_i(s[k]));
+            let t: [f32; 3] = std::array::from_fn(|k| (s[k] - f[k] as f64) as f32);
+            let base = f[0] as usize * sz + f[1] as usize * sy + f[2] as usize;
+            debug_assert!(base + sz + sy + 1 < block.len());
+            // SAFETY: the row check above puts floor(s) in [0, max - 1] on every axis, so all
+            // eight neighbours lie inside the block.
+            let v = |o: usize| unsafe { *block.get_unchecked(base + o) };
+            let c00 = v(0) + t[2] * (v(1) - v(0));
+            let c01 = v(sy) + t[2] * (v(sy + 1) - v(sy));
+            let c10 = v(sz) + t[2] * (v(sz + 1) - v(sz));
+            let c11 = v(sz + sy) + t[2] * (v(sz + sy + 1) - v(sz + sy));
+            let c0 = c00 + t[1] * (c01 - c00);
+            let c1 = c10 + t[1] * (c11 - c10);
+            *value = c0 + t[0] * (c1 - c0);
+        }
+    });
 }
 
 /// Nearest-neighbour resampling of a uint8 mask block (`MASK_OUTSIDE` marks voxels outside the
@@ -524,7 +580,9 @@ mod tests {
         let block: Vec<f32> = (0..32).map(|i| (i % 8) as f32).collect();
         let affine = Affine { m: IDENTITY, b: [0.0, 0.0, 0.5] };
         let mut out = vec![0.0; 4];
-        resample(&block, shape, [0, 0, 0], &affine, [1, 1, 4], Interpolation::Linear, &mut out);
+        resample(&block, shape, [0, 0, 0], &affine, [1, 1, 4], Interpolation::Linear, false, &mut out);
+        assert_eq!(out, vec![0.5, 1.5, 2.5, 3.5]);
+        resample(&block, shape, [0, 0, 0], &affine, [1, 1, 4], Interpolation::Linear, true, &mut out);
         assert_eq!(out, vec![0.5, 1.5, 2.5, 3.5]);
     }
 }

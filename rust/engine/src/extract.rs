@@ -132,7 +132,10 @@ pub fn read_patch(
     let block = &mut scratch[..block_len];
     let gathered = volume.gather(level, block_lo, block_shape, block, 0, strides, options.mode, options.pad_value);
     if gathered.is_ok() {
-        resample(block, block_shape, block_lo, &affine, spec.shape, options.interpolation, out);
+        // Integer data read entirely from inside the array cannot hold NaN.
+        let inside = (0..3).all(|k| block_lo[k] >= 0 && block_lo[k] + block_shape[k] as i64 <= lvl.shape[k] as i64);
+        let finite = inside && !lvl.dtype.is_float() && options.mode == ValueMode::Raw || inside && options.mode == ValueMode::Foreground;
+        resample(block, block_shape, block_lo, &affine, spec.shape, options.interpolation, finite, out);
     }
     return_scratch(scratch);
     gathered.map(|_| ReadInfo { level, fast_path: false })
