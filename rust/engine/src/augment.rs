@@ -303,7 +303,7 @@ pub fn resample(
 
 /// Trilinear resampling of a NaN-free block: rows whose samples all have both neighbours inside
 /// the block take a branch-free loop; other rows take the general kernel.
-fn resample_linear_finite(block: &[f32], block_shape: [usize; 3], block_lo: [i64; 3], affine: &Affine, out_shape: [usize; 3], out: &mut [f32]) {
+fn resample_linear_finite<B: Copy + Send + Sync + Into<f32>>(block: &[B], block_shape: [usize; 3], block_lo: [i64; 3], affine: &Affine, out_shape: [usize; 3], out: &mut [f32]) {
     let [_, ny, nx] = out_shape;
     if nx == 0 || ny == 0 {
         return;
@@ -325,7 +325,7 @@ fn resample_linear_finite(block: &[f32], block_shape: [usize; 3], block_lo: [i64
         if !interior {
             for (x, value) in line.iter_mut().enumerate() {
                 let s: [f64; 3] = std::array::from_fn(|k| start[k] + step[k] * x as f64);
-                *value = trilinear(block, sz, sy, max_idx, s);
+                *value = trilinear_clamped(block, sz, sy, max_idx, s);
             }
             return;
         }
@@ -337,7 +337,7 @@ fn resample_linear_finite(block: &[f32], block_shape: [usize; 3], block_lo: [i64
             debug_assert!(base + sz + sy + 1 < block.len());
             // SAFETY: the row check above puts floor(s) in [0, max - 1] on every axis, so all
             // eight neighbours lie inside the block.
-            let v = |o: usize| unsafe { *block.get_unchecked(base + o) };
+            let v = |o: usize| -> f32 { unsafe { *block.get_unchecked(base + o) }.into() };
             let c00 = v(0) + t[2] * (v(1) - v(0));
             let c01 = v(sy) + t[2] * (v(sy + 1) - v(sy));
             let c10 = v(sz) + t[2] * (v(sz + 1) - v(sz));
@@ -347,6 +347,35 @@ fn resample_linear_finite(block: &[f32], block_shape: [usize; 3], block_lo: [i64
             *value = c0 + t[0] * (c1 - c0);
         }
     });
+}
+
+/// Trilinear resampling of a raw uint8 block known to be inside the array (no padding): the
+/// block is 4× smaller than floats, so the kernel reads from cache.
+pub fn resample_linear_u8(block: &[u8], block_shape: [usize; 3], block_lo: [i64; 3], affine: &Affine, out_shape: [usize; 3], out: &mut [f32]) {
+    resample_linear_finite(block, block_shape, block_lo, affine, out_shape, out);
+}
+
+/// Trilinear sample of a NaN-free block with clamping at its edges (rows that leave the block).
+#[inline(always)]
+fn trilinear_clamped<B: Copy + Into<f32>>(block: &[B], sz: usize, sy: usize, max_idx: [i64; 3], s: [f64; 3]) -> f32 {
+    let mut i0 = [0usize; 3];
+    let mut i1 = [0usize; 3];
+    let mut t = [0f32; 3];
+    for k in 0..3 {
+        let f = floor_i(s[k]);
+        let base = f.clamp(0, max_idx[k]);
+        i0[k] = base as usize;
+        i1[k] = (base + 1).min(max_idx[k]) as usize;
+        t[k] = if f < 0 || f > max_idx[k] { 0.0 } else { (s[k] - f as f64) as f32 };
+    }
+    let v = |z: usize, y: usize, x: usize| -> f32 { block[z * sz + y * sy + x].into() };
+    let c00 = v(i0[0], i0[1], i0[2]) + t[2] * (v(i0[0], i0[1], i1[2]) - v(i0[0], i0[1], i0[2]));
+    let c01 = v(i0[0], i1[1], i0[2]) + t[2] * (v(i0[0], i1[1], i1[2]) - v(i0[0], i1[1], i0[2]));
+    let c10 = v(i1[0], i0[1], i0[2]) + t[2] * (v(i1[0], i0[1], i1[2]) - v(i1[0], i0[1], i0[2]));
+    let c11 = v(i1[0], i1[1], i0[2]) + t[2] * (v(i1[0], i1[1], i1[2]) - v(i1[0], i1[1], i0[2]));
+    let c0 = c00 + t[1] * (c01 - c00);
+    let c1 = c10 + t[1] * (c11 - c10);
+    c0 + t[0] * (c1 - c0)
 }
 
 /// Nearest-neighbour resampling of a uint8 mask block (`MASK_OUTSIDE` marks voxels outside the

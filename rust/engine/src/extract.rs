@@ -2,10 +2,10 @@
 //! the fast path (strided copy straight from decoded chunks) when that map is axis-aligned at
 //! the level's resolution, else the general path (gather the source box once, resample).
 
-use crate::augment::{nearest_indices, resample, resample_mask, Interpolation, SpatialDraw, MASK_OUTSIDE};
+use crate::augment::{nearest_indices, resample, resample_linear_u8, resample_mask, Interpolation, SpatialDraw, MASK_OUTSIDE};
 use crate::error::{Error, Result};
 use crate::geometry::Affine;
-use crate::volume::{ValueMode, Volume};
+use crate::volume::{DType, RawU8, ValueMode, Volume};
 
 /// What to read: output shape (z, y, x; a 1 marks a 2D slice) and voxel size in nm.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -128,12 +128,32 @@ pub fn read_patch(
         });
         return gathered.map(|_| ReadInfo { level, fast_path: false });
     }
+    let inside = (0..3).all(|k| block_lo[k] >= 0 && block_lo[k] + block_shape[k] as i64 <= lvl.shape[k] as i64);
+    if inside && lvl.dtype == DType::U8 && options.mode == ValueMode::Raw && options.interpolation == Interpolation::Linear {
+        // Raw uint8 inside the array: gather a uint8 block (4× smaller) and interpolate from it.
+        let mut raw = RAW_SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        if raw.len() < block_len {
+            raw.resize(block_len, RawU8(0));
+        }
+        let gathered = volume.gather(level, block_lo, block_shape, &mut raw[..block_len], 0, strides, options.mode, RawU8(0));
+        if gathered.is_ok() {
+            // SAFETY: RawU8 is a transparent-layout wrapper of u8 (repr(transparent)).
+            let bytes: &[u8] = unsafe { std::slice::from_raw_parts(raw.as_ptr() as *const u8, block_len) };
+            resample_linear_u8(bytes, block_shape, block_lo, &affine, spec.shape, out);
+        }
+        RAW_SCRATCH.with(|s| {
+            let mut slot = s.borrow_mut();
+            if slot.capacity() < raw.capacity() {
+                *slot = raw;
+            }
+        });
+        return gathered.map(|_| ReadInfo { level, fast_path: false });
+    }
     let mut scratch = take_scratch(block_len);
     let block = &mut scratch[..block_len];
     let gathered = volume.gather(level, block_lo, block_shape, block, 0, strides, options.mode, options.pad_value);
     if gathered.is_ok() {
         // Integer data read entirely from inside the array cannot hold NaN.
-        let inside = (0..3).all(|k| block_lo[k] >= 0 && block_lo[k] + block_shape[k] as i64 <= lvl.shape[k] as i64);
         let finite = inside && !lvl.dtype.is_float() && options.mode == ValueMode::Raw || inside && options.mode == ValueMode::Foreground;
         resample(block, block_shape, block_lo, &affine, spec.shape, options.interpolation, finite, out);
     }
@@ -146,6 +166,7 @@ thread_local! {
     /// allocations cost a page fault per 4 KiB.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     static MASK_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static RAW_SCRATCH: std::cell::RefCell<Vec<RawU8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Takes this thread's scratch buffer (at least `len` long). Taking rather than borrowing keeps

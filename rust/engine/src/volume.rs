@@ -388,6 +388,19 @@ impl OutputElement for f32 {
     }
 }
 
+/// A uint8 value copied unchanged (raw uint8 data gathered into a compact block).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct RawU8(pub u8);
+
+impl OutputElement for RawU8 {
+    #[inline(always)]
+    fn convert<T: ToF32>(value: T, _mode: ValueMode) -> RawU8 {
+        // Only used for uint8 sources, where the conversion is exact.
+        RawU8(value.to_f32() as u8)
+    }
+}
+
 impl OutputElement for u8 {
     #[inline(always)]
     fn convert<T: ToF32>(value: T, _mode: ValueMode) -> u8 {
