@@ -112,44 +112,28 @@ pub fn read_patch(
     let strides = [(block_shape[1] * block_shape[2]) as isize, block_shape[2] as isize, 1];
     if options.mode == ValueMode::Foreground && options.interpolation == Interpolation::Nearest {
         // Label reads: a uint8 mask block is 4× smaller than floats, so resampling hits cache.
-        let mut mask = MASK_SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-        if mask.len() < block_len {
-            mask.resize(block_len, 0);
-        }
+        let mut mask = take_scratch(&MASK_SCRATCH, block_len);
         let gathered = volume.gather(level, block_lo, block_shape, &mut mask[..block_len], 0, strides, options.mode, MASK_OUTSIDE);
         if gathered.is_ok() {
             resample_mask(&mask[..block_len], block_shape, block_lo, &affine, spec.shape, options.pad_value, out);
         }
-        MASK_SCRATCH.with(|s| {
-            let mut slot = s.borrow_mut();
-            if slot.capacity() < mask.capacity() {
-                *slot = mask;
-            }
-        });
+        return_scratch(&MASK_SCRATCH, mask);
         return gathered.map(|_| ReadInfo { level, fast_path: false });
     }
     let inside = (0..3).all(|k| block_lo[k] >= 0 && block_lo[k] + block_shape[k] as i64 <= lvl.shape[k] as i64);
     if inside && lvl.dtype == DType::U8 && options.mode == ValueMode::Raw && options.interpolation == Interpolation::Linear {
         // Raw uint8 inside the array: gather a uint8 block (4× smaller) and interpolate from it.
-        let mut raw = RAW_SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-        if raw.len() < block_len {
-            raw.resize(block_len, RawU8(0));
-        }
+        let mut raw = take_scratch(&RAW_SCRATCH, block_len);
         let gathered = volume.gather(level, block_lo, block_shape, &mut raw[..block_len], 0, strides, options.mode, RawU8(0));
         if gathered.is_ok() {
             // SAFETY: RawU8 is a transparent-layout wrapper of u8 (repr(transparent)).
             let bytes: &[u8] = unsafe { std::slice::from_raw_parts(raw.as_ptr() as *const u8, block_len) };
             resample_linear_u8(bytes, block_shape, block_lo, &affine, spec.shape, out);
         }
-        RAW_SCRATCH.with(|s| {
-            let mut slot = s.borrow_mut();
-            if slot.capacity() < raw.capacity() {
-                *slot = raw;
-            }
-        });
+        return_scratch(&RAW_SCRATCH, raw);
         return gathered.map(|_| ReadInfo { level, fast_path: false });
     }
-    let mut scratch = take_scratch(block_len);
+    let mut scratch = take_scratch(&SCRATCH, block_len);
     let block = &mut scratch[..block_len];
     let gathered = volume.gather(level, block_lo, block_shape, block, 0, strides, options.mode, options.pad_value);
     if gathered.is_ok() {
@@ -157,7 +141,7 @@ pub fn read_patch(
         let finite = inside && !lvl.dtype.is_float() && options.mode == ValueMode::Raw || inside && options.mode == ValueMode::Foreground;
         resample(block, block_shape, block_lo, &affine, spec.shape, options.interpolation, finite, out);
     }
-    return_scratch(scratch);
+    return_scratch(&SCRATCH, scratch);
     gathered.map(|_| ReadInfo { level, fast_path: false })
 }
 
@@ -169,19 +153,22 @@ thread_local! {
     static RAW_SCRATCH: std::cell::RefCell<Vec<RawU8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Takes this thread's scratch buffer (at least `len` long). Taking rather than borrowing keeps
-/// it safe when rayon runs another read on this thread while this one waits.
-fn take_scratch(len: usize) -> Vec<f32> {
-    let mut v = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+type Scratch<T> = std::thread::LocalKey<std::cell::RefCell<Vec<T>>>;
+
+/// Takes this thread's scratch buffer from `pool` (at least `len` long). Taking rather than
+/// borrowing keeps it safe when rayon runs another read on this thread while this one waits.
+fn take_scratch<T: Copy + Default>(pool: &'static Scratch<T>, len: usize) -> Vec<T> {
+    let mut v = pool.with(|s| std::mem::take(&mut *s.borrow_mut()));
     if v.len() < len {
         // Every element is overwritten by the gather, so growth is the only fill needed.
-        v.resize(len, 0.0);
+        v.resize(len, T::default());
     }
     v
 }
 
-fn return_scratch(v: Vec<f32>) {
-    SCRATCH.with(|s| {
+/// Gives a scratch buffer back to `pool`, keeping the larger of the two.
+fn return_scratch<T>(pool: &'static Scratch<T>, v: Vec<T>) {
+    pool.with(|s| {
         let mut slot = s.borrow_mut();
         if slot.capacity() < v.capacity() {
             *slot = v;
@@ -242,10 +229,7 @@ pub fn read_patch_group(
     let block_len: usize = block_shape.iter().product();
     let strides = [(block_shape[1] * block_shape[2]) as isize, block_shape[2] as isize, 1];
     let index = nearest_indices(block_shape, block_lo, &affine, spec.shape);
-    let mut mask = MASK_SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    if mask.len() < block_len {
-        mask.resize(block_len, 0);
-    }
+    let mut mask = take_scratch(&MASK_SCRATCH, block_len);
     let mut result = Ok(());
     for ((volume, level), out) in volumes.iter().zip(outs.iter_mut()) {
         result = volume.gather(*level, block_lo, block_shape, &mut mask[..block_len], 0, strides, options.mode, MASK_OUTSIDE);
@@ -257,12 +241,7 @@ pub fn read_patch_group(
             *value = if m == MASK_OUTSIDE { options.pad_value } else { m as f32 };
         }
     }
-    MASK_SCRATCH.with(|s| {
-        let mut slot = s.borrow_mut();
-        if slot.capacity() < mask.capacity() {
-            *slot = mask;
-        }
-    });
+    return_scratch(&MASK_SCRATCH, mask);
     result
 }
 
