@@ -298,12 +298,12 @@ pub fn resample(
         resample_linear_finite(block, block_shape, block_lo, affine, out_shape, out);
         return;
     }
-    resample_with(block, block_shape, block_lo, affine, out_shape, interpolation, out, |v| v);
+    resample_any(block, block_shape, block_lo, affine, out_shape, interpolation, out);
 }
 
 /// Trilinear resampling of a NaN-free block: rows whose samples all have both neighbours inside
 /// the block take a branch-free loop; other rows take the general kernel.
-fn resample_linear_finite<B: Copy + Send + Sync + Into<f32>>(block: &[B], block_shape: [usize; 3], block_lo: [i64; 3], affine: &Affine, out_shape: [usize; 3], out: &mut [f32]) {
+fn resample_linear_finite(block: &[f32], block_shape: [usize; 3], block_lo: [i64; 3], affine: &Affine, out_shape: [usize; 3], out: &mut [f32]) {
     let [_, ny, nx] = out_shape;
     if nx == 0 || ny == 0 {
         return;
@@ -314,8 +314,7 @@ fn resample_linear_finite<B: Copy + Send + Sync + Into<f32>>(block: &[B], block_
     let max_idx: [i64; 3] = std::array::from_fn(|k| block_shape[k] as i64 - 1);
     let step = [affine.m[0][2], affine.m[1][2], affine.m[2][2]];
     out.par_chunks_mut(nx).with_min_len(4).enumerate().for_each(|(row, line)| {
-        let s0 = affine.apply([(row / ny) as f64, (row % ny) as f64, 0.0]);
-        let start: [f64; 3] = std::array::from_fn(|k| s0[k] - block_lo[k] as f64);
+        let start = row_start(affine, row, ny, block_lo);
         let end: [f64; 3] = std::array::from_fn(|k| start[k] + step[k] * (nx - 1) as f64);
         // Samples move linearly along a row, so checking both ends checks the whole row.
         let interior = (0..3).all(|k| {
@@ -337,7 +336,7 @@ fn resample_linear_finite<B: Copy + Send + Sync + Into<f32>>(block: &[B], block_
             debug_assert!(base + sz + sy + 1 < block.len());
             // SAFETY: the row check above puts floor(s) in [0, max - 1] on every axis, so all
             // eight neighbours lie inside the block.
-            let v = |o: usize| -> f32 { unsafe { *block.get_unchecked(base + o) }.into() };
+            let v = |o: usize| unsafe { *block.get_unchecked(base + o) };
             let c00 = v(0) + t[2] * (v(1) - v(0));
             let c01 = v(sy) + t[2] * (v(sy + 1) - v(sy));
             let c10 = v(sz) + t[2] * (v(sz + 1) - v(sz));
@@ -349,15 +348,9 @@ fn resample_linear_finite<B: Copy + Send + Sync + Into<f32>>(block: &[B], block_
     });
 }
 
-/// Trilinear resampling of a raw uint8 block known to be inside the array (no padding): the
-/// block is 4× smaller than floats, so the kernel reads from cache.
-pub fn resample_linear_u8(block: &[u8], block_shape: [usize; 3], block_lo: [i64; 3], affine: &Affine, out_shape: [usize; 3], out: &mut [f32]) {
-    resample_linear_finite(block, block_shape, block_lo, affine, out_shape, out);
-}
-
 /// Trilinear sample of a NaN-free block with clamping at its edges (rows that leave the block).
 #[inline(always)]
-fn trilinear_clamped<B: Copy + Into<f32>>(block: &[B], sz: usize, sy: usize, max_idx: [i64; 3], s: [f64; 3]) -> f32 {
+fn trilinear_clamped(block: &[f32], sz: usize, sy: usize, max_idx: [i64; 3], s: [f64; 3]) -> f32 {
     let mut i0 = [0usize; 3];
     let mut i1 = [0usize; 3];
     let mut t = [0f32; 3];
@@ -368,7 +361,7 @@ fn trilinear_clamped<B: Copy + Into<f32>>(block: &[B], sz: usize, sy: usize, max
         i1[k] = (base + 1).min(max_idx[k]) as usize;
         t[k] = if f < 0 || f > max_idx[k] { 0.0 } else { (s[k] - f as f64) as f32 };
     }
-    let v = |z: usize, y: usize, x: usize| -> f32 { block[z * sz + y * sy + x].into() };
+    let v = |z: usize, y: usize, x: usize| block[z * sz + y * sy + x];
     let c00 = v(i0[0], i0[1], i0[2]) + t[2] * (v(i0[0], i0[1], i1[2]) - v(i0[0], i0[1], i0[2]));
     let c01 = v(i0[0], i1[1], i0[2]) + t[2] * (v(i0[0], i1[1], i1[2]) - v(i0[0], i1[1], i0[2]));
     let c10 = v(i1[0], i0[1], i0[2]) + t[2] * (v(i1[0], i0[1], i1[2]) - v(i1[0], i0[1], i0[2]));
@@ -376,21 +369,6 @@ fn trilinear_clamped<B: Copy + Into<f32>>(block: &[B], sz: usize, sy: usize, max
     let c0 = c00 + t[1] * (c01 - c00);
     let c1 = c10 + t[1] * (c11 - c10);
     c0 + t[0] * (c1 - c0)
-}
-
-/// Nearest-neighbour resampling of a uint8 mask block (`MASK_OUTSIDE` marks voxels outside the
-/// array, which become `pad_value`).
-pub fn resample_mask(
-    block: &[u8],
-    block_shape: [usize; 3],
-    block_lo: [i64; 3],
-    affine: &Affine,
-    out_shape: [usize; 3],
-    pad_value: f32,
-    out: &mut [f32],
-) {
-    let load = move |v: u8| if v == MASK_OUTSIDE { pad_value } else { v as f32 };
-    resample_with(block, block_shape, block_lo, affine, out_shape, Interpolation::Nearest, out, load);
 }
 
 /// For every output voxel, the flat index of its nearest source voxel in a block of
@@ -406,8 +384,7 @@ pub fn nearest_indices(block_shape: [usize; 3], block_lo: [i64; 3], affine: &Aff
     let max_idx: [i64; 3] = std::array::from_fn(|k| block_shape[k] as i64 - 1);
     let step = [affine.m[0][2], affine.m[1][2], affine.m[2][2]];
     index.par_chunks_mut(nx).with_min_len(4).enumerate().for_each(|(row, line)| {
-        let s0 = affine.apply([(row / ny) as f64, (row % ny) as f64, 0.0]);
-        let mut s: [f64; 3] = std::array::from_fn(|k| s0[k] - block_lo[k] as f64);
+        let mut s = row_start(affine, row, ny, block_lo);
         for slot in line.iter_mut() {
             let i: [i64; 3] = std::array::from_fn(|k| floor_i(s[k] + 0.5).clamp(0, max_idx[k]));
             *slot = (i[0] as usize * sz + i[1] as usize * sy + i[2] as usize) as u32;
@@ -422,38 +399,15 @@ pub fn nearest_indices(block_shape: [usize; 3], block_lo: [i64; 3], affine: &Aff
 /// Marker for "outside the array" in uint8 mask blocks (masks hold 0 and 1).
 pub const MASK_OUTSIDE: u8 = 255;
 
-/// Trilinear interpolation of a block whose elements `load` turns into floats (linear reads
-/// are only ever done on float blocks; masks use nearest).
-trait Interpolate: Copy + Send + Sync {
-    fn trilinear_at(block: &[Self], sz: usize, sy: usize, max_idx: [i64; 3], s: [f64; 3], load: &(impl Fn(Self) -> f32 + Sync)) -> f32;
-}
-
-impl Interpolate for f32 {
-    #[inline(always)]
-    fn trilinear_at(block: &[f32], sz: usize, sy: usize, max_idx: [i64; 3], s: [f64; 3], _load: &(impl Fn(f32) -> f32 + Sync)) -> f32 {
-        trilinear(block, sz, sy, max_idx, s)
-    }
-}
-
-impl Interpolate for u8 {
-    #[inline(always)]
-    fn trilinear_at(block: &[u8], sz: usize, sy: usize, max_idx: [i64; 3], s: [f64; 3], load: &(impl Fn(u8) -> f32 + Sync)) -> f32 {
-        // Not used by the engine (masks are read with nearest); kept correct for completeness.
-        let i: [usize; 3] = std::array::from_fn(|k| floor_i(s[k] + 0.5).clamp(0, max_idx[k]) as usize);
-        load(block[i[0] * sz + i[1] * sy + i[2]])
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn resample_with<B: Interpolate>(
-    block: &[B],
+/// Nearest or NaN-aware trilinear resampling of any float block.
+fn resample_any(
+    block: &[f32],
     block_shape: [usize; 3],
     block_lo: [i64; 3],
     affine: &Affine,
     out_shape: [usize; 3],
     interpolation: Interpolation,
     out: &mut [f32],
-    load: impl Fn(B) -> f32 + Sync,
 ) {
     let [_, ny, nx] = out_shape;
     if nx == 0 || ny == 0 {
@@ -466,9 +420,7 @@ fn resample_with<B: Interpolate>(
     let max_idx: [i64; 3] = std::array::from_fn(|k| block_shape[k] as i64 - 1);
     let step = [affine.m[0][2], affine.m[1][2], affine.m[2][2]];
     out.par_chunks_mut(nx).with_min_len(4).enumerate().for_each(|(row, line)| {
-        let (z, y) = (row / ny, row % ny);
-        let s0 = affine.apply([z as f64, y as f64, 0.0]);
-        let mut s: [f64; 3] = std::array::from_fn(|k| s0[k] - block_lo[k] as f64);
+        let mut s = row_start(affine, row, ny, block_lo);
         match interpolation {
             Interpolation::Nearest => {
                 for value in line.iter_mut() {
@@ -476,7 +428,7 @@ fn resample_with<B: Interpolate>(
                     let at = i[0] as usize * sz + i[1] as usize * sy + i[2] as usize;
                     debug_assert!(at < block.len());
                     // SAFETY: each index is clamped to the block's extent on its axis.
-                    *value = load(unsafe { *block.get_unchecked(at) });
+                    *value = unsafe { *block.get_unchecked(at) };
                     for k in 0..3 {
                         s[k] += step[k];
                     }
@@ -484,7 +436,7 @@ fn resample_with<B: Interpolate>(
             }
             Interpolation::Linear => {
                 for value in line.iter_mut() {
-                    *value = B::trilinear_at(block, sz, sy, max_idx, s, &load);
+                    *value = trilinear(block, sz, sy, max_idx, s);
                     for k in 0..3 {
                         s[k] += step[k];
                     }
@@ -492,6 +444,13 @@ fn resample_with<B: Interpolate>(
             }
         }
     });
+}
+
+/// Block coordinates of the first sample (x = 0) of output row `row` (rows run over z, then y).
+#[inline]
+fn row_start(affine: &Affine, row: usize, ny: usize, block_lo: [i64; 3]) -> [f64; 3] {
+    let s = affine.apply([(row / ny) as f64, (row % ny) as f64, 0.0]);
+    std::array::from_fn(|k| s[k] - block_lo[k] as f64)
 }
 
 /// `x.floor() as i64` without a libm call (the baseline x86-64 target has no rounding

@@ -34,21 +34,30 @@ pub enum ChunkData {
     F64(Vec<f64>),
 }
 
+/// Evaluates `$body` with `$v` bound to the typed values of a `ChunkData` (one match arm per
+/// element type), so code generic over the element type is written once.
+macro_rules! with_chunk_values {
+    ($data:expr, $v:ident => $body:expr) => {
+        match $data {
+            $crate::cache::ChunkData::U8($v) => $body,
+            $crate::cache::ChunkData::U16($v) => $body,
+            $crate::cache::ChunkData::U32($v) => $body,
+            $crate::cache::ChunkData::U64($v) => $body,
+            $crate::cache::ChunkData::I8($v) => $body,
+            $crate::cache::ChunkData::I16($v) => $body,
+            $crate::cache::ChunkData::I32($v) => $body,
+            $crate::cache::ChunkData::I64($v) => $body,
+            $crate::cache::ChunkData::F32($v) => $body,
+            $crate::cache::ChunkData::F64($v) => $body,
+        }
+    };
+}
+pub(crate) use with_chunk_values;
+
 impl ChunkData {
     /// Bytes held by the decoded data.
     pub fn nbytes(&self) -> usize {
-        match self {
-            ChunkData::U8(v) => v.len(),
-            ChunkData::I8(v) => v.len(),
-            ChunkData::U16(v) => v.len() * 2,
-            ChunkData::I16(v) => v.len() * 2,
-            ChunkData::U32(v) => v.len() * 4,
-            ChunkData::I32(v) => v.len() * 4,
-            ChunkData::F32(v) => v.len() * 4,
-            ChunkData::U64(v) => v.len() * 8,
-            ChunkData::I64(v) => v.len() * 8,
-            ChunkData::F64(v) => v.len() * 8,
-        }
+        with_chunk_values!(self, v => std::mem::size_of_val(v.as_slice()))
     }
 }
 

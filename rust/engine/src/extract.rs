@@ -2,10 +2,10 @@
 //! the fast path (strided copy straight from decoded chunks) when that map is axis-aligned at
 //! the level's resolution, else the general path (gather the source box once, resample).
 
-use crate::augment::{nearest_indices, resample, resample_linear_u8, resample_mask, Interpolation, SpatialDraw, MASK_OUTSIDE};
+use crate::augment::{nearest_indices, resample, Interpolation, SpatialDraw, MASK_OUTSIDE};
 use crate::error::{Error, Result};
 use crate::geometry::Affine;
-use crate::volume::{DType, RawU8, ValueMode, Volume};
+use crate::volume::{ValueMode, Volume};
 
 /// What to read: output shape (z, y, x; a 1 marks a 2D slice) and voxel size in nm.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -107,38 +107,22 @@ pub fn read_patch(
         volume.gather(level, start, region, out, base, strides, options.mode, options.pad_value)?;
         return Ok(ReadInfo { level, fast_path: true });
     }
+    if options.mode == ValueMode::Foreground && options.interpolation == Interpolation::Nearest {
+        // Label reads share one mechanism with multi-class reads: uint8 mask blocks and
+        // precomputed nearest indices.
+        read_patch_group(&[(volume, level)], spec, centre, draw, options, &mut [out])?;
+        return Ok(ReadInfo { level, fast_path: false });
+    }
     let (block_lo, block_shape) = source_block(&mut affine, lvl.shape, spec, options);
     let block_len: usize = block_shape.iter().product();
     let strides = [(block_shape[1] * block_shape[2]) as isize, block_shape[2] as isize, 1];
-    if options.mode == ValueMode::Foreground && options.interpolation == Interpolation::Nearest {
-        // Label reads: a uint8 mask block is 4× smaller than floats, so resampling hits cache.
-        let mut mask = take_scratch(&MASK_SCRATCH, block_len);
-        let gathered = volume.gather(level, block_lo, block_shape, &mut mask[..block_len], 0, strides, options.mode, MASK_OUTSIDE);
-        if gathered.is_ok() {
-            resample_mask(&mask[..block_len], block_shape, block_lo, &affine, spec.shape, options.pad_value, out);
-        }
-        return_scratch(&MASK_SCRATCH, mask);
-        return gathered.map(|_| ReadInfo { level, fast_path: false });
-    }
     let inside = (0..3).all(|k| block_lo[k] >= 0 && block_lo[k] + block_shape[k] as i64 <= lvl.shape[k] as i64);
-    if inside && lvl.dtype == DType::U8 && options.mode == ValueMode::Raw && options.interpolation == Interpolation::Linear {
-        // Raw uint8 inside the array: gather a uint8 block (4× smaller) and interpolate from it.
-        let mut raw = take_scratch(&RAW_SCRATCH, block_len);
-        let gathered = volume.gather(level, block_lo, block_shape, &mut raw[..block_len], 0, strides, options.mode, RawU8(0));
-        if gathered.is_ok() {
-            // SAFETY: RawU8 is a transparent-layout wrapper of u8 (repr(transparent)).
-            let bytes: &[u8] = unsafe { std::slice::from_raw_parts(raw.as_ptr() as *const u8, block_len) };
-            resample_linear_u8(bytes, block_shape, block_lo, &affine, spec.shape, out);
-        }
-        return_scratch(&RAW_SCRATCH, raw);
-        return gathered.map(|_| ReadInfo { level, fast_path: false });
-    }
     let mut scratch = take_scratch(&SCRATCH, block_len);
     let block = &mut scratch[..block_len];
     let gathered = volume.gather(level, block_lo, block_shape, block, 0, strides, options.mode, options.pad_value);
     if gathered.is_ok() {
         // Integer data read entirely from inside the array cannot hold NaN.
-        let finite = inside && !lvl.dtype.is_float() && options.mode == ValueMode::Raw || inside && options.mode == ValueMode::Foreground;
+        let finite = inside && (options.mode == ValueMode::Foreground || !lvl.dtype.is_float());
         resample(block, block_shape, block_lo, &affine, spec.shape, options.interpolation, finite, out);
     }
     return_scratch(&SCRATCH, scratch);
@@ -150,7 +134,6 @@ thread_local! {
     /// allocations cost a page fault per 4 KiB.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     static MASK_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    static RAW_SCRATCH: std::cell::RefCell<Vec<RawU8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 type Scratch<T> = std::thread::LocalKey<std::cell::RefCell<Vec<T>>>;
@@ -200,10 +183,11 @@ fn source_block(affine: &mut Affine, level_shape: [u64; 3], spec: &PatchSpec, op
     (block_lo, block_shape)
 }
 
-/// Reads the same patch from several label volumes whose chosen levels share one voxel grid
-/// (the classes of one crop): the source index of every output voxel is computed once and used
-/// for every class, instead of once per class. Falls back to `read_patch` per volume when the
-/// read is axis-aligned (already a copy) or not a nearest-neighbour mask read.
+/// Reads the same patch from label volumes whose chosen levels share one voxel grid (the
+/// classes of one crop, or a single volume): the nearest source index of every output voxel is
+/// computed once and used for every class, each gathered as a uint8 mask block (4× smaller than
+/// floats). Falls back to `read_patch` per volume when the read is axis-aligned (already a copy)
+/// or not a nearest-neighbour mask read.
 pub fn read_patch_group(
     volumes: &[(&Volume, usize)],
     spec: &PatchSpec,
@@ -215,8 +199,7 @@ pub fn read_patch_group(
     let Some(&(first, first_level)) = volumes.first() else { return Ok(()) };
     let lvl = &first.levels[first_level];
     let mut affine = Affine::compose(spec.shape, spec.voxel_size, centre, &draw.orientation(), lvl.voxel_size, lvl.translation);
-    let shareable = volumes.len() > 1
-        && options.mode == ValueMode::Foreground
+    let shareable = options.mode == ValueMode::Foreground
         && options.interpolation == Interpolation::Nearest
         && affine.axis_aligned_unit().is_none();
     if !shareable {

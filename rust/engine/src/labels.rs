@@ -26,7 +26,7 @@ use std::time::UNIX_EPOCH;
 use rayon::prelude::*;
 use serde_json::{json, Value};
 
-use crate::cache::{Chunk, ChunkCache, ChunkData};
+use crate::cache::{with_chunk_values, Chunk, ChunkCache};
 use crate::error::{Error, Result};
 use crate::geometry::WorldBox;
 use crate::ngff::read_attributes;
@@ -380,23 +380,7 @@ pub fn scan_level(volume: &Volume, level: usize, progress: Option<&Progress>) ->
 
 /// Non-zero elements in the `valid` corner (z, y, x) of a decoded chunk.
 fn count_nonzero_chunk(chunk: &Chunk, valid: [usize; 3]) -> u64 {
-    macro_rules! run {
-        ($v:expr) => {
-            count_nonzero_block($v, chunk.shape, valid)
-        };
-    }
-    match &chunk.data {
-        ChunkData::U8(v) => run!(v),
-        ChunkData::U16(v) => run!(v),
-        ChunkData::U32(v) => run!(v),
-        ChunkData::U64(v) => run!(v),
-        ChunkData::I8(v) => run!(v),
-        ChunkData::I16(v) => run!(v),
-        ChunkData::I32(v) => run!(v),
-        ChunkData::I64(v) => run!(v),
-        ChunkData::F32(v) => v.iter().filter(|x| **x != 0.0).count() as u64,
-        ChunkData::F64(v) => v.iter().filter(|x| **x != 0.0).count() as u64,
-    }
+    with_chunk_values!(&chunk.data, v => count_nonzero_block(v, chunk.shape, valid))
 }
 
 fn count_nonzero_block<T: Copy + Default + PartialEq>(data: &[T], shape: [usize; 3], valid: [usize; 3]) -> u64 {

@@ -13,7 +13,7 @@ use zarrs::array::data_type::{
 use zarrs::array::Array;
 use zarrs::filesystem::FilesystemStore;
 
-use crate::cache::{Chunk, ChunkCache, ChunkData, ChunkKey};
+use crate::cache::{with_chunk_values, Chunk, ChunkCache, ChunkData, ChunkKey};
 use crate::error::{Error, Result};
 use crate::geometry::WorldBox;
 use crate::ngff::{read_multiscale, Multiscale};
@@ -388,19 +388,6 @@ impl OutputElement for f32 {
     }
 }
 
-/// A uint8 value copied unchanged (raw uint8 data gathered into a compact block).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[repr(transparent)]
-pub struct RawU8(pub u8);
-
-impl OutputElement for RawU8 {
-    #[inline(always)]
-    fn convert<T: ToF32>(value: T, _mode: ValueMode) -> RawU8 {
-        // Only used for uint8 sources, where the conversion is exact.
-        RawU8(value.to_f32() as u8)
-    }
-}
-
 impl OutputElement for u8 {
     #[inline(always)]
     fn convert<T: ToF32>(value: T, _mode: ValueMode) -> u8 {
@@ -433,23 +420,7 @@ fn copy_chunk_part<O: OutputElement>(
     strides: [isize; 3],
     mode: ValueMode,
 ) {
-    macro_rules! run {
-        ($v:expr) => {
-            copy_typed($v, chunk.shape, origin, lo, hi, region_start, out, base, strides, mode)
-        };
-    }
-    match &chunk.data {
-        ChunkData::U8(v) => run!(v),
-        ChunkData::U16(v) => run!(v),
-        ChunkData::U32(v) => run!(v),
-        ChunkData::U64(v) => run!(v),
-        ChunkData::I8(v) => run!(v),
-        ChunkData::I16(v) => run!(v),
-        ChunkData::I32(v) => run!(v),
-        ChunkData::I64(v) => run!(v),
-        ChunkData::F32(v) => run!(v),
-        ChunkData::F64(v) => run!(v),
-    }
+    with_chunk_values!(&chunk.data, v => copy_typed(v, chunk.shape, origin, lo, hi, region_start, out, base, strides, mode))
 }
 
 #[allow(clippy::too_many_arguments)]
