@@ -90,21 +90,20 @@ class CellMapMultiDataset(torch.utils.data.ConcatDataset):
 
     def get_crop_class_matrix(self) -> np.ndarray:
         """Bool ``[n_datasets, n_classes]``: whether each crop annotates each class."""
+        from ._stats import crop_class_matrix
+
         if not self.datasets:
             return np.zeros((0, len(self.classes)), dtype=bool)
-        return np.concatenate([d.get_crop_class_matrix() for d in self.datasets], axis=0)
+        return crop_class_matrix(self.datasets)
 
     @property
     def class_counts(self) -> dict[str, dict[str, float]]:
-        """Summed ``{"totals": {cls: fg}, "totals_total": {cls: voxels}}`` over datasets."""
-        totals = {c: 0.0 for c in self.classes}
-        totals_total = {c: 0.0 for c in self.classes}
-        for d in self.datasets:
-            counts = d.class_counts
-            for c in self.classes:
-                totals[c] += counts["totals"].get(c, 0.0)
-                totals_total[c] += counts["totals_total"].get(c, 0.0)
-        return {"totals": totals, "totals_total": totals_total}
+        """Summed ``{"totals": {cls: fg}, "totals_total": {cls: voxels}}`` over datasets (one
+        parallel engine call for all crops)."""
+        from ._stats import class_counts
+
+        counts = class_counts(self.datasets)
+        return {key: {c: counts[key].get(c, 0.0) for c in self.classes} for key in ("totals", "totals_total")}
 
     @property
     def class_weights(self) -> dict[str, float]:
