@@ -188,12 +188,19 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", default=None, type=_positive_int, action="append", help="engine threads (repeatable)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--soak", default=0, type=_non_negative_int, help="also run a memory soak of this many batches (e.g. 10000)")
+    parser.add_argument("--loader-threads", default=None, type=_positive_int, action="append",
+                        help="engine threads of the loader runs (repeatable; default 1 and 2)")
+    parser.add_argument("--device", default=None,
+                        help="also deliver the loader's batches to this torch device (e.g. cuda) and compare with CPU delivery")
+    parser.add_argument("--engine", default=True, action=argparse.BooleanOptionalAction,
+                        help="run the engine configurations (default) or only the loader")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from cellmap_data.bench import run
 
-    run(data_dir=args.data, size=args.size, batches=args.batches, threads=args.threads, out=args.json, soak=args.soak)
+    run(data_dir=args.data, size=args.size, batches=args.batches, threads=args.threads, out=args.json, soak=args.soak,
+        loader_threads=args.loader_threads, device=args.device, engine=args.engine)
     return 0
 
 

@@ -141,6 +141,22 @@ impl Affine {
         Some(result)
     }
 
+    /// Inverse of the linear part (`None` when singular).
+    pub fn inverse_linear(&self) -> Option<Mat3> {
+        let m = &self.m;
+        let cofactor = |i: usize, j: usize| {
+            let (r0, r1) = ((i + 1) % 3, (i + 2) % 3);
+            let (c0, c1) = ((j + 1) % 3, (j + 2) % 3);
+            m[r0][c0] * m[r1][c1] - m[r0][c1] * m[r1][c0]
+        };
+        let det = (0..3).map(|j| m[0][j] * cofactor(0, j)).sum::<f64>();
+        if det.abs() < 1e-12 || !det.is_finite() {
+            return None;
+        }
+        // The inverse is the transposed cofactor matrix over the determinant.
+        Some(std::array::from_fn(|i| std::array::from_fn(|j| cofactor(j, i) / det)))
+    }
+
     /// Bounding box (continuous source indices) of the images of all output voxel centres.
     pub fn source_bounds(&self, shape: [usize; 3]) -> ([f64; 3], [f64; 3]) {
         let mut lo = [f64::INFINITY; 3];
@@ -193,6 +209,21 @@ mod tests {
         let a = Affine::compose([4, 4, 4], [8.0; 3], [0.0; 3], &IDENTITY, [4.0; 3], [0.0; 3]);
         assert_eq!(a.axis_aligned_unit(), None);
         assert!((a.m[0][0] - 2.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn inverse_linear_undoes_the_map() {
+        let r = crate::augment::rotation_matrix([20.0, -35.0, 110.0]);
+        let a = Affine::compose([8, 8, 8], [8.0, 6.0, 4.0], [0.0; 3], &r, [4.0, 4.0, 2.0], [0.0; 3]);
+        let inv = a.inverse_linear().expect("rotation and scale are invertible");
+        let product = matmul(&inv, &a.m);
+        for (i, row) in product.iter().enumerate() {
+            for (j, v) in row.iter().enumerate() {
+                assert!((v - if i == j { 1.0 } else { 0.0 }).abs() < 1e-12, "{product:?}");
+            }
+        }
+        let singular = Affine { m: [[1.0, 2.0, 3.0], [2.0, 4.0, 6.0], [0.0, 0.0, 1.0]], b: [0.0; 3] };
+        assert_eq!(singular.inverse_linear(), None);
     }
 
     #[test]

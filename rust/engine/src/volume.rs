@@ -302,6 +302,41 @@ impl Volume {
         mode: ValueMode,
         pad_value: O,
     ) -> Result<()> {
+        self.gather_region(level, start, shape, out, base, strides, None, mode, pad_value)
+    }
+
+    /// Like [`Volume::gather`] into a C-order block of `shape`, but only the voxels of each
+    /// row's span: `spans[z * shape[1] + y]` is the x range `[lo, hi)` of row `(z, y)` (region
+    /// coordinates). Voxels outside the spans are left as they were.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gather_spans<O: OutputElement>(
+        &self,
+        level: usize,
+        start: [i64; 3],
+        shape: [usize; 3],
+        out: &mut [O],
+        spans: &[[u32; 2]],
+        mode: ValueMode,
+        pad_value: O,
+    ) -> Result<()> {
+        assert_eq!(spans.len(), shape[0] * shape[1], "one span per block row");
+        let strides = [(shape[1] * shape[2]) as isize, shape[2] as isize, 1];
+        self.gather_region(level, start, shape, out, 0, strides, Some(spans), mode, pad_value)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gather_region<O: OutputElement>(
+        &self,
+        level: usize,
+        start: [i64; 3],
+        shape: [usize; 3],
+        out: &mut [O],
+        base: isize,
+        strides: [isize; 3],
+        spans: Option<&[[u32; 2]]>,
+        mode: ValueMode,
+        pad_value: O,
+    ) -> Result<()> {
         let lvl = &self.levels[level];
         let mut inside_lo = [0i64; 3];
         let mut inside_hi = [0i64; 3];
@@ -314,7 +349,7 @@ impl Volume {
             }
         }
         if !fully_inside {
-            fill_region(out, base, strides, shape, pad_value);
+            fill_region(out, base, strides, shape, spans, pad_value);
         }
         if (0..3).any(|k| inside_hi[k] <= inside_lo[k]) {
             return Ok(());
@@ -340,21 +375,35 @@ impl Volume {
             let origin: [i64; 3] = std::array::from_fn(|k| (index[k] * lvl.chunk_shape[k]) as i64);
             let lo: [i64; 3] = std::array::from_fn(|k| inside_lo[k].max(origin[k]));
             let hi: [i64; 3] = std::array::from_fn(|k| inside_hi[k].min(origin[k] + chunk.shape[k] as i64));
-            copy_chunk_part(&chunk, origin, lo, hi, start, out, base, strides, mode);
+            let part = ChunkPart { origin, lo, hi, region_start: start, region_rows: shape[1], spans };
+            copy_chunk_part(&chunk, &part, out, base, strides, mode);
         }
         Ok(())
     }
 }
 
-fn fill_region<O: Copy>(out: &mut [O], base: isize, strides: [isize; 3], shape: [usize; 3], value: O) {
+fn fill_region<O: Copy>(out: &mut [O], base: isize, strides: [isize; 3], shape: [usize; 3], spans: Option<&[[u32; 2]]>, value: O) {
     for z in 0..shape[0] {
         for y in 0..shape[1] {
             let row = base + z as isize * strides[0] + y as isize * strides[1];
-            for x in 0..shape[2] {
+            let [x0, x1] = spans.map_or([0, shape[2] as u32], |s| s[z * shape[1] + y]);
+            for x in x0 as usize..x1 as usize {
                 out[(row + x as isize * strides[2]) as usize] = value;
             }
         }
     }
+}
+
+/// The part of one chunk a gather copies: voxels `[lo, hi)` (level indices) of the chunk whose
+/// voxel 0 is `origin`, into a region starting at `region_start` with `region_rows` rows per
+/// plane, restricted to each row's span when `spans` is given.
+struct ChunkPart<'a> {
+    origin: [i64; 3],
+    lo: [i64; 3],
+    hi: [i64; 3],
+    region_start: [i64; 3],
+    region_rows: usize,
+    spans: Option<&'a [[u32; 2]]>,
 }
 
 /// A stored element type the engine can read.
@@ -408,45 +457,40 @@ macro_rules! impl_to_f32 {
 }
 impl_to_f32!(u8, u16, u32, u64, i8, i16, i32, i64, f32, f64);
 
-#[allow(clippy::too_many_arguments)]
-fn copy_chunk_part<O: OutputElement>(
-    chunk: &Chunk,
-    origin: [i64; 3],
-    lo: [i64; 3],
-    hi: [i64; 3],
-    region_start: [i64; 3],
-    out: &mut [O],
-    base: isize,
-    strides: [isize; 3],
-    mode: ValueMode,
-) {
-    with_chunk_values!(&chunk.data, v => copy_typed(v, chunk.shape, origin, lo, hi, region_start, out, base, strides, mode))
+fn copy_chunk_part<O: OutputElement>(chunk: &Chunk, part: &ChunkPart, out: &mut [O], base: isize, strides: [isize; 3], mode: ValueMode) {
+    with_chunk_values!(&chunk.data, v => copy_typed(v, chunk.shape, part, out, base, strides, mode))
 }
 
-#[allow(clippy::too_many_arguments)]
 #[inline]
 fn copy_typed<T: ToF32, O: OutputElement>(
     data: &[T],
     chunk_shape: [usize; 3],
-    origin: [i64; 3],
-    lo: [i64; 3],
-    hi: [i64; 3],
-    region_start: [i64; 3],
+    part: &ChunkPart,
     out: &mut [O],
     base: isize,
     strides: [isize; 3],
     mode: ValueMode,
 ) {
-    let run = (hi[2] - lo[2]) as usize;
+    let ChunkPart { origin, lo, hi, region_start, .. } = *part;
     for z in lo[0]..hi[0] {
         for y in lo[1]..hi[1] {
+            let (mut x_lo, mut x_hi) = (lo[2], hi[2]);
+            if let Some(spans) = part.spans {
+                let [a, b] = spans[(z - region_start[0]) as usize * part.region_rows + (y - region_start[1]) as usize];
+                x_lo = x_lo.max(region_start[2] + a as i64);
+                x_hi = x_hi.min(region_start[2] + b as i64);
+                if x_hi <= x_lo {
+                    continue;
+                }
+            }
+            let run = (x_hi - x_lo) as usize;
             let src0 = (((z - origin[0]) as usize * chunk_shape[1]) + (y - origin[1]) as usize) * chunk_shape[2]
-                + (lo[2] - origin[2]) as usize;
+                + (x_lo - origin[2]) as usize;
             let src = &data[src0..src0 + run];
             let dst0 = base
                 + (z - region_start[0]) as isize * strides[0]
                 + (y - region_start[1]) as isize * strides[1]
-                + (lo[2] - region_start[2]) as isize * strides[2];
+                + (x_lo - region_start[2]) as isize * strides[2];
             if strides[2] == 1 {
                 let dst = &mut out[dst0 as usize..dst0 as usize + run];
                 match mode {
