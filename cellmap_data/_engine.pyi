@@ -54,7 +54,7 @@ def set_cache_budget(bytes: int) -> None:
     """Sets the byte budget of the shared decoded-chunk cache."""
 
 def clear_cache() -> None:
-    """Drops every cached chunk and resets the hit/miss counters."""
+    """Drops every cached chunk and pooled batch buffer, and resets the hit/miss counters."""
 
 def live_batch_bytes() -> int:
     """Bytes of batch tensor memory currently alive (in the engine or held by Python tensors)."""
@@ -157,6 +157,10 @@ class Batch:
         """Names of the tensor columns (inputs then targets)."""
     def tensor(self, name: str) -> Tensor:
         """The tensor column ``name`` as a ``[batch, *sample_shape]`` DLPack tensor (no copy)."""
+    def copy_tensor_into(self, name: str, out: Any) -> None:
+        """Copies the tensor column ``name`` into ``out``, a writable C-contiguous buffer of exactly its
+        size in bytes (e.g. a uint8 numpy view of a pinned torch tensor), on the engine's
+        threads without the GIL."""
     def record_batch(self) -> RecordBatch:
         """The whole batch as an Arrow record batch (Arrow PyCapsule interface)."""
 

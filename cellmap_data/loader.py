@@ -76,21 +76,45 @@ class ClassBalancedSampler(torch.utils.data.Sampler[int]):
 
 
 class _Stream:
-    """Null-or-CUDA stream helper so the prefetch code path is the same on CPU and GPU."""
+    """Copies batches to the device on a side stream so the copy of batch k+1 overlaps the
+    consumer's work on batch k; a no-op path on CPU so both run the same code."""
 
     def __init__(self, device: torch.device | None) -> None:
         self.cuda = device is not None and device.type == "cuda" and torch.cuda.is_available()
+        self.device = device
         self.side = torch.cuda.Stream(device=device) if self.cuda else None
 
     def context(self) -> Any:
         return torch.cuda.stream(self.side) if self.cuda else contextlib.nullcontext()
 
-    def wait(self) -> None:
-        if self.side is not None:
-            torch.cuda.current_stream().wait_stream(self.side)
+    def upload(self, batch: Any, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Starts copying one tensor column to the device. On CUDA the engine's threads copy it
+        into page-locked memory (one thread's ``pin_memory`` copy caps delivery on many-core
+        machines), then the upload runs asynchronously on the side stream."""
+        if not self.cuda:
+            return tensor.to(self.device)
+        pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        batch.copy_tensor_into(name, pinned.view(torch.uint8).numpy())
+        return pinned.to(self.device, non_blocking=True)
 
-    def pin(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.pin_memory() if self.cuda else tensor
+    def copied(self) -> Any:
+        """An event marking the copies queued so far (None on CPU)."""
+        if self.side is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.side)
+        return event
+
+    def hand_over(self, event: Any, tensors: dict[str, torch.Tensor]) -> None:
+        """Makes the consumer's stream wait for these copies only (not for later ones), and
+        tells the allocator the tensors are used there, so their memory is not reused by a
+        later copy on the side stream while the consumer still reads them."""
+        if event is None:
+            return
+        consumer = torch.cuda.current_stream(self.device)
+        consumer.wait_event(event)
+        for tensor in tensors.values():
+            tensor.record_stream(consumer)
 
 
 class CellMapDataLoader:
@@ -281,28 +305,27 @@ class CellMapDataLoader:
             for batch, plan in zip(stream, batches):
                 current = self._prepare(batch, plan, mover)
                 if ahead is not None:
-                    mover.wait()
-                    yield self._finish(ahead)
+                    yield self._finish(ahead, mover)
                 ahead = current
             if ahead is not None:
-                mover.wait()
-                yield self._finish(ahead)
+                yield self._finish(ahead, mover)
         finally:
             stream.close()
 
     def _prepare(self, batch: Any, plan: list[_PLAN], mover: _Stream) -> dict[str, Any]:
         """Starts moving a batch to the device (on the side stream) and keeps what finishing needs."""
         tensors = {name: torch.from_dlpack(batch.tensor(name)) for name in batch.tensor_names}
-        with mover.context():
-            if self.device is not None:
-                tensors = {k: mover.pin(v).to(self.device, non_blocking=True) for k, v in tensors.items()}
-        return {"tensors": tensors, "batch": batch, "plan": plan}
+        if self.device is not None:
+            with mover.context():
+                tensors = {k: mover.upload(batch, k, v) for k, v in tensors.items()}
+        return {"tensors": tensors, "batch": batch, "plan": plan, "copied": mover.copied()}
 
-    def _finish(self, pending: dict[str, Any]) -> dict[str, Any]:
+    def _finish(self, pending: dict[str, Any], mover: _Stream) -> dict[str, Any]:
         """Applies value transforms (on the target device) and assembles the batch dict."""
         import pyarrow as pa
 
         batch, plan, tensors = pending["batch"], pending["plan"], pending["tensors"]
+        mover.hand_over(pending["copied"], tensors)
         record = pa.record_batch(batch.record_batch())
         seeds = torch.as_tensor(record.column("value_seed").to_numpy().astype("int64"))
         out: dict[str, Any] = {"idx": torch.tensor([self.multi.offset(d) + i for d, i, _ in plan], dtype=torch.int64)}

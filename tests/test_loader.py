@@ -123,6 +123,33 @@ def test_iter_arrow_and_polars_metadata(tiny_data):
     assert frame.height == 4
 
 
+def test_engine_copies_tensor_columns_into_caller_buffers(tiny_data):
+    """The pinned-memory upload path: the engine fills a caller's buffer byte for byte."""
+    m = multi(tiny_data, compact_targets=True)
+    loader = CellMapDataLoader(m, batch_size=3, iterations_per_epoch=1, seed=6)
+    stream, _ = loader._stream(0)
+    try:
+        batch = next(iter(stream))
+        for name in batch.tensor_names:
+            tensor = torch.from_dlpack(batch.tensor(name))
+            out = torch.empty_like(tensor)
+            batch.copy_tensor_into(name, out.view(torch.uint8).numpy())
+            assert torch.equal(out.view(torch.uint8), tensor.view(torch.uint8)), name
+        assert {str(torch.from_dlpack(batch.tensor(n)).dtype) for n in batch.tensor_names} == {"torch.float32", "torch.uint8"}
+        name = batch.tensor_names[0]
+        size = torch.from_dlpack(batch.tensor(name)).view(torch.uint8).numel()
+        with pytest.raises(ValueError, match="bytes"):
+            batch.copy_tensor_into(name, np.empty(size - 1, dtype=np.uint8))
+        read_only = np.empty(size, dtype=np.uint8)
+        read_only.flags.writeable = False
+        with pytest.raises((ValueError, BufferError)):
+            batch.copy_tensor_into(name, read_only)
+        with pytest.raises(KeyError, match="nope"):
+            batch.copy_tensor_into("nope", np.empty(size, dtype=np.uint8))
+    finally:
+        stream.close()
+
+
 def test_metadata_can_ride_along_in_batches(tiny_data):
     loader = CellMapDataLoader(multi(tiny_data), batch_size=2, iterations_per_epoch=1, return_metadata=True)
     batch = next(iter(loader))

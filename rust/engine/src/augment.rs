@@ -392,12 +392,13 @@ fn trilinear_row_interior(block: &[f32], sz: usize, sy: usize, start: [f64; 3], 
 fn nearest_row(start: [f64; 3], step: [f64; 3], max: [f64; 3], sz: usize, sy: usize, line: &mut [u32]) {
     for (x, slot) in line.iter_mut().enumerate() {
         let x = x as f64;
-        let i: [u32; 3] = std::array::from_fn(|k| {
+        let i: [i32; 3] = std::array::from_fn(|k| {
             let nearest = (start[k] + step[k] * x + 0.5).floor().clamp(0.0, max[k]);
-            // SAFETY: clamped to [0, max] with max < 2^32.
-            unsafe { nearest.to_int_unchecked::<u32>() }
+            // SAFETY: clamped to [0, max] with max < 2^31 (the caller checks the block size);
+            // i32 rather than u32 because x86 converts f64 to i32 in vector registers.
+            unsafe { nearest.to_int_unchecked::<i32>() }
         });
-        *slot = i[0] * sz as u32 + i[1] * sy as u32 + i[2];
+        *slot = (i[0] * sz as i32 + i[1] * sy as i32 + i[2]) as u32;
     }
 }
 
@@ -424,23 +425,21 @@ fn trilinear_clamped(block: &[f32], sz: usize, sy: usize, max_idx: [i64; 3], s: 
     c0 + t[0] * (c1 - c0)
 }
 
-/// For every output voxel, the flat index of its nearest source voxel in a block of
-/// `block_shape` starting at `block_lo` (indices clamped to the block).
-pub fn nearest_indices(block_shape: [usize; 3], block_lo: [i64; 3], affine: &Affine, out_shape: [usize; 3]) -> Vec<u32> {
+/// Writes into `index`, for every output voxel, the flat index of its nearest source voxel in
+/// a block of `block_shape` starting at `block_lo` (indices clamped to the block).
+pub fn nearest_indices(block_shape: [usize; 3], block_lo: [i64; 3], affine: &Affine, out_shape: [usize; 3], index: &mut [u32]) {
     let [_, ny, nx] = out_shape;
-    let mut index = vec![0u32; out_shape.iter().product()];
+    assert_eq!(index.len(), out_shape.iter().product::<usize>());
     if nx == 0 || ny == 0 {
-        return index;
+        return;
     }
-    assert!(block_shape.iter().product::<usize>() <= u32::MAX as usize, "source block too large");
+    assert!(block_shape.iter().product::<usize>() <= i32::MAX as usize, "source block too large");
     let (sy, sz) = (block_shape[2], block_shape[1] * block_shape[2]);
-    let max_idx: [i64; 3] = std::array::from_fn(|k| block_shape[k] as i64 - 1);
     let step = [affine.m[0][2], affine.m[1][2], affine.m[2][2]];
-    let max_f: [f64; 3] = std::array::from_fn(|k| max_idx[k] as f64);
+    let max: [f64; 3] = std::array::from_fn(|k| (block_shape[k] - 1) as f64);
     index.par_chunks_mut(nx).with_min_len(4).enumerate().for_each(|(row, line)| {
-        nearest_row(row_start(affine, row, ny, block_lo), step, max_f, sz, sy, line);
+        nearest_row(row_start(affine, row, ny, block_lo), step, max, sz, sy, line);
     });
-    index
 }
 
 /// Marker for "outside the array" in uint8 mask blocks (masks hold 0 and 1).

@@ -134,6 +134,7 @@ thread_local! {
     /// allocations cost a page fault per 4 KiB.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     static MASK_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static INDEX_SCRATCH: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 type Scratch<T> = std::thread::LocalKey<std::cell::RefCell<Vec<T>>>;
@@ -211,7 +212,9 @@ pub fn read_patch_group(
     let (block_lo, block_shape) = source_block(&mut affine, lvl.shape, spec, options);
     let block_len: usize = block_shape.iter().product();
     let spans = row_spans(&affine, spec.shape, block_lo, block_shape, options.interpolation);
-    let index = nearest_indices(block_shape, block_lo, &affine, spec.shape);
+    let mut index = take_scratch(&INDEX_SCRATCH, spec.len());
+    let index_len = spec.len();
+    nearest_indices(block_shape, block_lo, &affine, spec.shape, &mut index[..index_len]);
     let mut mask = take_scratch(&MASK_SCRATCH, block_len);
     let mut result = Ok(());
     for ((volume, level), out) in volumes.iter().zip(outs.iter_mut()) {
@@ -220,7 +223,7 @@ pub fn read_patch_group(
             break;
         }
         let block = &mask[..block_len];
-        for (value, &i) in out.iter_mut().zip(&index) {
+        for (value, &i) in out.iter_mut().zip(&index[..index_len]) {
             debug_assert!((i as usize) < block.len());
             // SAFETY: nearest_indices clamps every index into the block.
             let m = unsafe { *block.get_unchecked(i as usize) };
@@ -228,6 +231,7 @@ pub fn read_patch_group(
         }
     }
     return_scratch(&MASK_SCRATCH, mask);
+    return_scratch(&INDEX_SCRATCH, index);
     result
 }
 
@@ -255,23 +259,28 @@ fn row_spans(affine: &Affine, out_shape: [usize; 3], block_lo: [i64; 3], block_s
         Interpolation::Nearest => 0.5,
     };
     let margin: [f64; 3] = std::array::from_fn(|k| reach * inv[k].iter().map(|v| v.abs()).sum::<f64>());
+    let limits: [(f64, f64); 3] = std::array::from_fn(|k| (-margin[k], out_shape[k] as f64 - 1.0 + margin[k]));
+    // Along a row the pre-image moves by g = inv[k][2] per voxel; 1/g once, not per row.
+    let flat: [bool; 3] = std::array::from_fn(|k| inv[k][2].abs() < 1e-12);
+    let inv_g: [f64; 3] = std::array::from_fn(|k| if flat[k] { 0.0 } else { 1.0 / inv[k][2] });
     let last_x = (bx - 1) as f64;
     let mut spans = Vec::with_capacity(bz * by);
     for z in 0..bz {
+        let pz = (block_lo[0] + z as i64) as f64 - affine.b[0];
         for y in 0..by {
-            // Pre-image of source voxel (z, y, x) along the row: o = c + g·x per output axis.
-            let p = [(block_lo[0] + z as i64) as f64 - affine.b[0], (block_lo[1] + y as i64) as f64 - affine.b[1], block_lo[2] as f64 - affine.b[2]];
+            let py = (block_lo[1] + y as i64) as f64 - affine.b[1];
+            let px = block_lo[2] as f64 - affine.b[2];
+            // Pre-image of source voxel (z, y, x) along the row: o_k = c_k + g_k·x.
             let (mut lo, mut hi) = (0.0f64, last_x);
             for k in 0..3 {
-                let c = inv[k][0] * p[0] + inv[k][1] * p[1] + inv[k][2] * p[2];
-                let g = inv[k][2];
-                let (a, b) = (-margin[k], out_shape[k] as f64 - 1.0 + margin[k]);
-                if g.abs() < 1e-12 {
+                let c = inv[k][0] * pz + inv[k][1] * py + inv[k][2] * px;
+                let (a, b) = limits[k];
+                if flat[k] {
                     if c < a - 1e-9 || c > b + 1e-9 {
                         hi = -1.0;
                     }
                 } else {
-                    let (x0, x1) = ((a - c) / g, (b - c) / g);
+                    let (x0, x1) = ((a - c) * inv_g[k], (b - c) * inv_g[k]);
                     lo = lo.max(x0.min(x1));
                     hi = hi.min(x0.max(x1));
                 }

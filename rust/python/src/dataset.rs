@@ -11,7 +11,8 @@ use cellmap_engine::cache::ChunkCache;
 use cellmap_engine::dataset::{Dataset as EngineDataset, DatasetConfig};
 use cellmap_engine::sampler::{request, StreamKey};
 use cellmap_engine::Error;
-use pyo3::exceptions::PyKeyError;
+use pyo3::buffer::PyBuffer;
+use pyo3::exceptions::{PyKeyError, PyValueError};
 use pyo3::prelude::*;
 use pyo3_arrow::PyRecordBatch;
 
@@ -202,6 +203,42 @@ impl Batch {
             }
             _ => Tensor::new(values.as_primitive::<Float32Type>().values().inner().clone(), shape),
         }
+    }
+
+    /// Copies the tensor column `name` into `out`, a writable C-contiguous buffer of exactly its
+    /// size in bytes (e.g. a uint8 numpy view of a pinned torch tensor), on the engine's
+    /// threads without the GIL.
+    fn copy_tensor_into(&self, py: Python<'_>, name: &str, out: &Bound<'_, PyAny>) -> PyResult<()> {
+        if !self.shapes.iter().any(|(n, _)| n == name) {
+            return Err(PyKeyError::new_err(format!("no tensor column '{name}'")));
+        }
+        let column = self.record_batch.column_by_name(name).expect("tensor column exists");
+        let values = column.as_fixed_size_list().values();
+        let source = match values.data_type() {
+            arrow_schema::DataType::UInt8 => values.as_primitive::<UInt8Type>().values().inner().clone(),
+            _ => values.as_primitive::<Float32Type>().values().inner().clone(),
+        };
+        let buffer = PyBuffer::<u8>::get(out)?;
+        if buffer.readonly() || !buffer.is_c_contiguous() {
+            return Err(PyValueError::new_err("copy_tensor_into needs a writable, C-contiguous uint8 buffer"));
+        }
+        if buffer.len_bytes() != source.len() {
+            return Err(PyValueError::new_err(format!(
+                "tensor '{name}' holds {} bytes but the destination has {}",
+                source.len(),
+                buffer.len_bytes()
+            )));
+        }
+        let address = buffer.buf_ptr() as usize;
+        run(py, move || {
+            // SAFETY: the buffer is writable, C-contiguous and exactly this long (checked
+            // above), and `buffer` keeps its exporter alive until this call returns.
+            let dst = unsafe { std::slice::from_raw_parts_mut(address as *mut u8, source.len()) };
+            cellmap_engine::batch::copy_parallel(source.as_slice(), dst);
+            Ok(())
+        })?;
+        drop(buffer);
+        Ok(())
     }
 
     /// The whole batch as an Arrow record batch (Arrow PyCapsule interface).

@@ -34,12 +34,13 @@ fn set_cache_budget(bytes: u64) {
     ChunkCache::set_global_budget(bytes);
 }
 
-/// Drops every cached chunk and resets the hit/miss counters.
+/// Drops every cached chunk and pooled batch buffer, and resets the hit/miss counters.
 #[pyfunction]
 fn clear_cache() {
     let cache = ChunkCache::global();
     cache.clear();
     cache.reset_counters();
+    cellmap_engine::batch::release_pooled_buffers();
 }
 
 /// Bytes of batch tensor memory currently alive (in the engine or held by Python tensors).

@@ -114,7 +114,7 @@ impl Volume {
         };
         let volume = self.inner.clone();
         let data = run(py, move || {
-            let mut out = TrackedVec::<f32>::zeros(spec.len());
+            let mut out = TrackedVec::<f32>::for_overwrite(spec.len());
             read_patch(&volume, level, &spec, centre, &draw, &options, &mut out)?;
             Ok(out)
         })?;
