@@ -279,11 +279,29 @@ impl SampleRng {
     }
 }
 
+/// The part of a source block known to hold no NaN, as a box `[lo, hi)` in block indices:
+/// integer data read from inside the array (the rest may be NaN padding), or the whole block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FiniteRegion {
+    /// First index per axis.
+    pub lo: [i64; 3],
+    /// One past the last index per axis.
+    pub hi: [i64; 3],
+}
+
+impl FiniteRegion {
+    /// The whole block of `shape`.
+    pub fn whole(shape: [usize; 3]) -> FiniteRegion {
+        FiniteRegion { lo: [0; 3], hi: shape.map(|n| n as i64) }
+    }
+}
+
 /// Resamples `block` (C order, shape `block_shape`, whose element 0 is source voxel
 /// `block_lo`) onto the output grid through `affine`. The block must contain every source voxel
 /// the kernel touches, so the inner loop does no bounds tests beyond a clamp at the far edge.
-/// `finite` promises the block holds no NaN (integer data read from inside the array), which
-/// lets rows that stay inside the block use a branch-free trilinear kernel.
+/// Linear rows whose eight-neighbourhoods all lie in `finite` (no NaN there) take the
+/// vectorised kernel; other rows the NaN-aware one. Both give the same value for a sample
+/// with finite neighbours, so the choice never shows in the output.
 #[allow(clippy::too_many_arguments)]
 pub fn resample(
     block: &[f32],
@@ -292,19 +310,28 @@ pub fn resample(
     affine: &Affine,
     out_shape: [usize; 3],
     interpolation: Interpolation,
-    finite: bool,
+    finite: Option<FiniteRegion>,
     out: &mut [f32],
 ) {
-    if finite && interpolation == Interpolation::Linear {
-        resample_linear_finite(block, block_shape, block_lo, affine, out_shape, out);
-        return;
+    match (interpolation, finite) {
+        (Interpolation::Linear, Some(region)) => resample_linear_finite(block, block_shape, block_lo, affine, out_shape, region, out),
+        _ => resample_any(block, block_shape, block_lo, affine, out_shape, interpolation, out),
     }
-    resample_any(block, block_shape, block_lo, affine, out_shape, interpolation, out);
 }
 
-/// Trilinear resampling of a NaN-free block: rows whose samples all have both neighbours inside
-/// the block take a branch-free loop; other rows take the general kernel.
-fn resample_linear_finite(block: &[f32], block_shape: [usize; 3], block_lo: [i64; 3], affine: &Affine, out_shape: [usize; 3], out: &mut [f32]) {
+/// Trilinear resampling, choosing a kernel per row: rows whose samples all have their eight
+/// neighbours inside the NaN-free `region` take the vectorised kernel; rows elsewhere in a
+/// wholly NaN-free block take the clamped kernel; the rest the NaN-aware kernel.
+#[allow(clippy::too_many_arguments)]
+fn resample_linear_finite(
+    block: &[f32],
+    block_shape: [usize; 3],
+    block_lo: [i64; 3],
+    affine: &Affine,
+    out_shape: [usize; 3],
+    region: FiniteRegion,
+    out: &mut [f32],
+) {
     let [_, ny, nx] = out_shape;
     if nx == 0 || ny == 0 {
         return;
@@ -315,23 +342,32 @@ fn resample_linear_finite(block: &[f32], block_shape: [usize; 3], block_lo: [i64
     let sy = block_shape[2];
     let sz = block_shape[1] * block_shape[2];
     let max_idx: [i64; 3] = std::array::from_fn(|k| block_shape[k] as i64 - 1);
+    // Keep the region inside the block so the fast kernel's reads stay in bounds.
+    let lo: [i64; 3] = std::array::from_fn(|k| region.lo[k].max(0));
+    let hi: [i64; 3] = std::array::from_fn(|k| region.hi[k].min(block_shape[k] as i64));
+    let whole_block_finite = lo == [0; 3] && (0..3).all(|k| hi[k] == block_shape[k] as i64);
     let step = [affine.m[0][2], affine.m[1][2], affine.m[2][2]];
     out.par_chunks_mut(nx).with_min_len(4).enumerate().for_each(|(row, line)| {
         let start = row_start(affine, row, ny, block_lo);
         let end: [f64; 3] = std::array::from_fn(|k| start[k] + step[k] * (nx - 1) as f64);
         // Samples move linearly along a row, so checking both ends checks the whole row.
         let interior = (0..3).all(|k| {
-            let (lo, hi) = if start[k] <= end[k] { (start[k], end[k]) } else { (end[k], start[k]) };
-            floor_i(lo) >= 0 && floor_i(hi) < max_idx[k]
+            let (a, b) = if start[k] <= end[k] { (start[k], end[k]) } else { (end[k], start[k]) };
+            floor_i(a) >= lo[k] && floor_i(b) + 1 < hi[k]
         });
-        if !interior {
+        if interior {
+            trilinear_row_interior(block, sz, sy, start, step, line);
+        } else if whole_block_finite {
             for (x, value) in line.iter_mut().enumerate() {
                 let s: [f64; 3] = std::array::from_fn(|k| start[k] + step[k] * x as f64);
                 *value = trilinear_clamped(block, sz, sy, max_idx, s);
             }
-            return;
+        } else {
+            for (x, value) in line.iter_mut().enumerate() {
+                let s: [f64; 3] = std::array::from_fn(|k| start[k] + step[k] * x as f64);
+                *value = trilinear(block, sz, sy, max_idx, s);
+            }
         }
-        trilinear_row_interior(block, sz, sy, start, step, line);
     });
 }
 
@@ -611,9 +647,15 @@ mod tests {
         let block: Vec<f32> = (0..32).map(|i| (i % 8) as f32).collect();
         let affine = Affine { m: IDENTITY, b: [0.0, 0.0, 0.5] };
         let mut out = vec![0.0; 4];
-        resample(&block, shape, [0, 0, 0], &affine, [1, 1, 4], Interpolation::Linear, false, &mut out);
+        resample(&block, shape, [0, 0, 0], &affine, [1, 1, 4], Interpolation::Linear, None, &mut out);
         assert_eq!(out, vec![0.5, 1.5, 2.5, 3.5]);
-        resample(&block, shape, [0, 0, 0], &affine, [1, 1, 4], Interpolation::Linear, true, &mut out);
+        resample(&block, shape, [0, 0, 0], &affine, [1, 1, 4], Interpolation::Linear, Some(FiniteRegion::whole(shape)), &mut out);
+        assert_eq!(out, vec![0.5, 1.5, 2.5, 3.5]);
+        // A NaN outside the finite region is never read by the samples that do not touch it.
+        let mut with_nan = block.clone();
+        with_nan[7] = f32::NAN;
+        let region = FiniteRegion { lo: [0, 0, 0], hi: [2, 2, 6] };
+        resample(&with_nan, shape, [0, 0, 0], &affine, [1, 1, 4], Interpolation::Linear, Some(region), &mut out);
         assert_eq!(out, vec![0.5, 1.5, 2.5, 3.5]);
     }
 }

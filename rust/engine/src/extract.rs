@@ -2,7 +2,7 @@
 //! the fast path (strided copy straight from decoded chunks) when that map is axis-aligned at
 //! the level's resolution, else the general path (gather the source box once, resample).
 
-use crate::augment::{nearest_indices, resample, Interpolation, SpatialDraw, MASK_OUTSIDE};
+use crate::augment::{nearest_indices, resample, FiniteRegion, Interpolation, SpatialDraw, MASK_OUTSIDE};
 use crate::error::{Error, Result};
 use crate::geometry::Affine;
 use crate::volume::{ValueMode, Volume};
@@ -116,13 +116,22 @@ pub fn read_patch(
     let (block_lo, block_shape) = source_block(&mut affine, lvl.shape, spec, options);
     let block_len: usize = block_shape.iter().product();
     let spans = row_spans(&affine, spec.shape, block_lo, block_shape, options.interpolation);
-    let inside = (0..3).all(|k| block_lo[k] >= 0 && block_lo[k] + block_shape[k] as i64 <= lvl.shape[k] as i64);
+    // The block's voxels inside the array, in block indices (the rest is padding).
+    let inside = FiniteRegion {
+        lo: std::array::from_fn(|k| (-block_lo[k]).clamp(0, block_shape[k] as i64)),
+        hi: std::array::from_fn(|k| (lvl.shape[k] as i64 - block_lo[k]).clamp(0, block_shape[k] as i64)),
+    };
     let mut scratch = take_scratch(&SCRATCH, block_len);
     let block = &mut scratch[..block_len];
     let gathered = volume.gather_spans(level, block_lo, block_shape, block, &spans, options.mode, options.pad_value);
     if gathered.is_ok() {
-        // Integer data read entirely from inside the array cannot hold NaN; float data is scanned.
-        let finite = inside && (options.mode == ValueMode::Foreground || !lvl.dtype.is_float() || !has_nan(block, &spans, block_shape[2]));
+        // Integer data cannot hold NaN; float data is scanned (inside the array only).
+        let data_finite = options.mode == ValueMode::Foreground || !lvl.dtype.is_float() || !has_nan(block, &spans, block_shape, &inside);
+        let finite = match (data_finite, options.pad_value.is_nan()) {
+            (false, _) => None,
+            (true, false) => Some(FiniteRegion::whole(block_shape)),
+            (true, true) => Some(inside),
+        };
         resample(block, block_shape, block_lo, &affine, spec.shape, options.interpolation, finite, out);
     }
     return_scratch(&SCRATCH, scratch);
@@ -130,32 +139,55 @@ pub fn read_patch(
 }
 
 thread_local! {
-    /// Reused source-block buffer: rotated reads gather megabytes per array, and fresh large
+    /// Reused source-block buffers: rotated reads gather megabytes per array, and fresh large
     /// allocations cost a page fault per 4 KiB.
-    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    static MASK_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    static INDEX_SCRATCH: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SCRATCH: ScratchStack<f32> = const { std::cell::RefCell::new(Vec::new()) };
+    static MASK_SCRATCH: ScratchStack<u8> = const { std::cell::RefCell::new(Vec::new()) };
+    static INDEX_SCRATCH: ScratchStack<u32> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-type Scratch<T> = std::thread::LocalKey<std::cell::RefCell<Vec<T>>>;
+/// A thread's free scratch buffers. A stack rather than one slot: while a read waits on its
+/// rayon tasks, this thread may run another sample's read, which then needs buffers of its own.
+type ScratchStack<T> = std::cell::RefCell<Vec<Vec<T>>>;
+type Scratch<T> = std::thread::LocalKey<ScratchStack<T>>;
 
-/// Takes this thread's scratch buffer from `pool` (at least `len` long). Taking rather than
-/// borrowing keeps it safe when rayon runs another read on this thread while this one waits.
-fn take_scratch<T: Copy + Default>(pool: &'static Scratch<T>, len: usize) -> Vec<T> {
-    let mut v = pool.with(|s| std::mem::take(&mut *s.borrow_mut()));
+/// Buffers a thread keeps per kind (nested reads rarely go deeper).
+const SCRATCH_KEPT: usize = 4;
+
+/// Scratch element types, with the value debug builds fill taken buffers with: a kernel that
+/// read a voxel the gather did not write would then produce NaN or padding in tests.
+trait ScratchElement: Copy + Default + 'static {
+    const POISON: Self;
+}
+impl ScratchElement for f32 {
+    const POISON: f32 = f32::NAN;
+}
+impl ScratchElement for u8 {
+    const POISON: u8 = 0xA5;
+}
+impl ScratchElement for u32 {
+    const POISON: u32 = u32::MAX;
+}
+
+/// Takes a free buffer from this thread's `pool` (at least `len` long).
+fn take_scratch<T: ScratchElement>(pool: &'static Scratch<T>, len: usize) -> Vec<T> {
+    let mut v = pool.with(|s| s.borrow_mut().pop()).unwrap_or_default();
     if v.len() < len {
-        // Every element is overwritten by the gather, so growth is the only fill needed.
+        // Every element that is read is written first, so growth is the only fill needed.
         v.resize(len, T::default());
+    }
+    if cfg!(debug_assertions) {
+        v.fill(T::POISON);
     }
     v
 }
 
-/// Gives a scratch buffer back to `pool`, keeping the larger of the two.
+/// Gives a scratch buffer back to this thread's `pool`.
 fn return_scratch<T>(pool: &'static Scratch<T>, v: Vec<T>) {
     pool.with(|s| {
-        let mut slot = s.borrow_mut();
-        if slot.capacity() < v.capacity() {
-            *slot = v;
+        let mut stack = s.borrow_mut();
+        if stack.len() < SCRATCH_KEPT {
+            stack.push(v);
         }
     });
 }
@@ -216,30 +248,67 @@ pub fn read_patch_group(
     let index_len = spec.len();
     nearest_indices(block_shape, block_lo, &affine, spec.shape, &mut index[..index_len]);
     let mut mask = take_scratch(&MASK_SCRATCH, block_len);
+    let mut packed = take_scratch(&MASK_SCRATCH, block_len);
     let mut result = Ok(());
-    for ((volume, level), out) in volumes.iter().zip(outs.iter_mut()) {
-        result = volume.gather_spans(*level, block_lo, block_shape, &mut mask[..block_len], &spans, options.mode, MASK_OUTSIDE);
-        if result.is_err() {
-            break;
+    // Classes are packed as bits of one byte per source voxel, so each output voxel needs one
+    // lookup for up to seven classes instead of one per class.
+    'groups: for (group, group_outs) in volumes.chunks(PACKED_CLASSES).zip(outs.chunks_mut(PACKED_CLASSES)) {
+        for (bit, (volume, level)) in group.iter().enumerate() {
+            result = volume.gather_spans(*level, block_lo, block_shape, &mut mask[..block_len], &spans, options.mode, MASK_OUTSIDE);
+            if result.is_err() {
+                break 'groups;
+            }
+            pack_bit(&mask[..block_len], &mut packed[..block_len], &spans, block_shape[2], bit as u32);
         }
-        let block = &mask[..block_len];
-        for (value, &i) in out.iter_mut().zip(&index[..index_len]) {
-            debug_assert!((i as usize) < block.len());
-            // SAFETY: nearest_indices clamps every index into the block.
-            let m = unsafe { *block.get_unchecked(i as usize) };
-            *value = if m == MASK_OUTSIDE { options.pad_value } else { m as f32 };
-        }
+        unpack_bits(&packed[..block_len], &index[..index_len], options.pad_value, group_outs);
     }
     return_scratch(&MASK_SCRATCH, mask);
+    return_scratch(&MASK_SCRATCH, packed);
     return_scratch(&INDEX_SCRATCH, index);
     result
 }
 
-/// Whether the gathered voxels (the rows' spans) of a block hold a NaN.
-fn has_nan(block: &[f32], spans: &[[u32; 2]], row_len: usize) -> bool {
-    spans.iter().enumerate().any(|(row, &[a, b])| {
+/// Classes per packed byte: bits 0..7 hold the classes' masks, the top bit marks padding.
+const PACKED_CLASSES: usize = 7;
+const PACKED_OUTSIDE: u8 = 0x80;
+
+/// Puts one class's mask (0, 1, or `MASK_OUTSIDE`) into bit `bit` of the packed block, over
+/// the gathered spans. Bit 0 starts each byte afresh and records padding (the classes of a
+/// group share one grid, so padding is the same for all).
+fn pack_bit(mask: &[u8], packed: &mut [u8], spans: &[[u32; 2]], row_len: usize, bit: u32) {
+    for (row, &[a, b]) in spans.iter().enumerate() {
+        let range = row * row_len + a as usize..row * row_len + b as usize;
+        let (m, p) = (&mask[range.clone()], &mut packed[range]);
+        if bit == 0 {
+            p.iter_mut().zip(m).for_each(|(p, &m)| *p = if m == MASK_OUTSIDE { PACKED_OUTSIDE } else { m });
+        } else {
+            p.iter_mut().zip(m).for_each(|(p, &m)| *p |= if m == MASK_OUTSIDE { 0 } else { m << bit });
+        }
+    }
+}
+
+/// Writes each class of a packed block at the nearest-voxel `index` of every output voxel
+/// (`pad_value` where the voxel is padding).
+fn unpack_bits(packed: &[u8], index: &[u32], pad_value: f32, outs: &mut [&mut [f32]]) {
+    for (v, &i) in index.iter().enumerate() {
+        debug_assert!((i as usize) < packed.len());
+        // SAFETY: nearest_indices clamps every index into the block.
+        let byte = unsafe { *packed.get_unchecked(i as usize) };
+        for (bit, out) in outs.iter_mut().enumerate() {
+            out[v] = if byte & PACKED_OUTSIDE != 0 { pad_value } else { (byte >> bit & 1) as f32 };
+        }
+    }
+}
+
+/// Whether the gathered voxels (the rows' spans) of a block that lie in `region` hold a NaN.
+fn has_nan(block: &[f32], spans: &[[u32; 2]], block_shape: [usize; 3], region: &FiniteRegion) -> bool {
+    let [_, by, bx] = block_shape;
+    let rows = (region.lo[0]..region.hi[0]).flat_map(|z| (region.lo[1]..region.hi[1]).map(move |y| z as usize * by + y as usize));
+    rows.into_iter().any(|row| {
+        let [a, b] = spans[row];
+        let (a, b) = ((a as i64).max(region.lo[2]), (b as i64).min(region.hi[2]));
         // OR-reduction rather than a short-circuit so the scan of a row vectorises.
-        block[row * row_len + a as usize..row * row_len + b as usize].iter().fold(false, |seen, v| seen | v.is_nan())
+        a < b && block[row * bx + a as usize..row * bx + b as usize].iter().fold(false, |seen, v| seen | v.is_nan())
     })
 }
 
