@@ -23,6 +23,7 @@ __all__ = [
     "set_cache_budget",
     "clear_cache",
     "live_batch_bytes",
+    "pooled_batch_bytes",
     "is_optimized_build",
     "Volume",
     "Dataset",
@@ -58,6 +59,10 @@ def clear_cache() -> None:
 
 def live_batch_bytes() -> int:
     """Bytes of batch tensor memory currently alive (in the engine or held by Python tensors)."""
+
+def pooled_batch_bytes() -> int:
+    """Bytes of freed batch buffers the engine keeps for reuse by later batches (at most 512 MiB
+    per element type; ``clear_cache()`` frees them)."""
 
 def is_optimized_build() -> bool:
     """Whether the extension was compiled with optimisations."""

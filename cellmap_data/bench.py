@@ -162,7 +162,9 @@ def current_rss_mb() -> float:
 
 def bench_soak(data: Any, batches: int = 10_000, threads: int = 2, cache_mb: int = 256) -> dict[str, Any]:
     """Memory over a long run: RSS is sampled every 500 batches and compared with the bound
-    (RSS after warm-up + chunk-cache budget + prefetch depth × batch size)."""
+    (RSS after warm-up + chunk-cache budget + prefetch depth × batch size). The chunk cache
+    fills towards its budget as new chunks are touched, so RSS net of the cache's bytes is
+    reported too: it should stay flat (growth bound: one batch's prefetch depth)."""
     from . import _engine
     from .loader import CellMapDataLoader
     from .multidataset import CellMapMultiDataset
@@ -182,15 +184,21 @@ def bench_soak(data: Any, batches: int = 10_000, threads: int = 2, cache_mb: int
         if i == 200:
             baseline = current_rss_mb()
         if i % 500 == 0 or i == batches - 1:
-            curve.append((i, round(current_rss_mb(), 1)))
+            cache = _engine.cache_stats()["bytes"] / 2**20
+            rss = current_rss_mb()
+            curve.append((i, round(rss, 1), round(cache, 1), round(rss - cache, 1)))
     elapsed = time.perf_counter() - start
     baseline = baseline if baseline is not None else curve[0][1]
-    bound = baseline + cache_mb + (loader.prefetch + 2) * batch_mb
-    peak_after_warmup = max(r for i, r in curve if i >= 200) if any(i >= 200 for i, _ in curve) else curve[-1][1]
+    slack = (loader.prefetch + 2) * batch_mb
+    bound = baseline + cache_mb + slack
+    after = [point for point in curve if point[0] >= 200] or curve[-1:]
+    peak_after_warmup = max(point[1] for point in after)
+    net_growth = after[-1][3] - after[0][3]
     _engine.set_cache_budget(2 << 30)
     return {"batches": batches, "seconds": elapsed, "curve": curve, "rss_after_warmup_mb": baseline,
             "peak_after_warmup_mb": peak_after_warmup, "bound_mb": bound, "within_bound": peak_after_warmup <= bound,
-            "live_batch_bytes_after": _engine.live_batch_bytes()}
+            "net_of_cache_growth_mb": net_growth, "net_growth_bound_mb": slack,
+            "pooled_batch_mb": _engine.pooled_batch_bytes() / 2**20, "live_batch_bytes_after": _engine.live_batch_bytes()}
 
 
 def run(data_dir: Path | None = None, size: str = "bench", batches: int = 40, threads: list[int] | None = None,
@@ -232,7 +240,10 @@ def run(data_dir: Path | None = None, size: str = "bench", batches: int = 40, th
         report["soak"] = r
         print(f"soak {r['batches']} batches in {r['seconds']:.0f} s: RSS after warm-up {r['rss_after_warmup_mb']:.0f} MB, "
               f"peak after warm-up {r['peak_after_warmup_mb']:.0f} MB, bound {r['bound_mb']:.0f} MB "
-              f"({'within' if r['within_bound'] else 'ABOVE'}); curve {r['curve']}")
+              f"({'within' if r['within_bound'] else 'ABOVE'}); RSS net of the chunk cache grew "
+              f"{r['net_of_cache_growth_mb']:.0f} MB (bound {r['net_growth_bound_mb']:.0f} MB: "
+              f"{'within' if r['net_of_cache_growth_mb'] <= r['net_growth_bound_mb'] else 'ABOVE'}); "
+              f"pooled batch buffers {r['pooled_batch_mb']:.0f} MB; curve (batch, RSS, cache, RSS - cache) {r['curve']}")
     if out:
         Path(out).write_text(json.dumps(report, indent=2))
     return report

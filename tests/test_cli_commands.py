@@ -26,6 +26,23 @@ def test_bench_reports_figures_against_bounds(tmp_path):
     assert (tmp_path / "report.json").exists()
 
 
+def test_bench_loader_only_with_device_and_soak(tmp_path):
+    import json
+
+    result = run("bench", "--data", str(tmp_path / "bench"), "--size", "tiny", "--batches", "2", "--no-engine",
+                 "--loader-threads", "1", "--device", "cpu", "--soak", "600", "--json", str(tmp_path / "report.json"))
+    assert result.returncode == 0, result.stderr
+    assert "efficiency" not in result.stdout, "--no-engine skips the engine configurations"
+    assert "delivered to cpu" in result.stdout and "of CPU delivery" in result.stdout
+    assert "RSS net of the chunk cache grew" in result.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["engine"] == {}
+    assert {"3d-64-4cls-plain@1", "3d-64-4cls-plain@1@cpu"} <= set(report["loader"])
+    soak = report["soak"]
+    assert soak["batches"] == 600 and soak["curve"][-1][0] == 599
+    assert soak["live_batch_bytes_after"] >= 0 and soak["pooled_batch_mb"] >= 0
+
+
 def test_bad_input_exits_2_with_one_line(tmp_path):
     result = run("demo", "--size", "nonsense")
     assert result.returncode == 2

@@ -3,7 +3,7 @@
 //! array plus metadata columns). Buffers are tracked so tests can see memory being released.
 
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arrow_array::builder::{BooleanBuilder, Float64Builder, Int64Builder, StringBuilder, UInt64Builder, UInt8Builder};
@@ -33,18 +33,29 @@ const POOL_BYTES: usize = 512 << 20;
 /// Freed batch buffers of one element type, reused by later batches of the same size.
 pub struct BufferPool<T> {
     free: Mutex<Vec<Vec<T>>>,
+    /// The process that uses the pool: a forked child (whose copy of the lock may be held by a
+    /// thread that does not exist there) allocates and frees directly instead.
+    owner: AtomicU32,
 }
 
 impl<T: BatchElement> BufferPool<T> {
     const fn new() -> Self {
-        BufferPool { free: Mutex::new(Vec::new()) }
+        BufferPool { free: Mutex::new(Vec::new()), owner: AtomicU32::new(0) }
     }
 
-    /// A pooled buffer of `len` elements (contents unspecified), if one of a fitting size is
-    /// free. `try_lock`: a contended pool just allocates, and a child forked while another
-    /// thread held the lock never waits on it.
+    /// The free list, unless this is a forked child of the process that first used it.
+    fn list(&self) -> Option<std::sync::MutexGuard<'_, Vec<Vec<T>>>> {
+        let pid = std::process::id();
+        let owner = match self.owner.compare_exchange(0, pid, Ordering::SeqCst, Ordering::SeqCst) {
+            Ok(_) => pid,
+            Err(existing) => existing,
+        };
+        (owner == pid).then(|| self.free.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+
+    /// A pooled buffer of `len` elements (contents unspecified), if one of a fitting size is free.
     fn take(&self, len: usize) -> Option<Vec<T>> {
-        let mut free = self.free.try_lock().ok()?;
+        let mut free = self.list()?;
         let i = free.iter().position(|v| v.capacity() >= len && v.capacity() <= 2 * len.max(1))?;
         let mut v = free.swap_remove(i);
         drop(free);
@@ -55,7 +66,7 @@ impl<T: BatchElement> BufferPool<T> {
     /// Keeps `v` for reuse while the pool holds less than [`POOL_BYTES`]; frees it otherwise.
     fn give(&self, v: Vec<T>) {
         let size = std::mem::size_of::<T>();
-        if let Ok(mut free) = self.free.try_lock() {
+        if let Some(mut free) = self.list() {
             let held: usize = free.iter().map(|b| b.capacity() * size).sum();
             if held + v.capacity() * size <= POOL_BYTES {
                 free.push(v);
@@ -63,8 +74,13 @@ impl<T: BatchElement> BufferPool<T> {
         }
     }
 
+    /// Bytes held for reuse.
+    fn held_bytes(&self) -> usize {
+        self.list().map_or(0, |free| free.iter().map(|b| b.capacity() * std::mem::size_of::<T>()).sum())
+    }
+
     fn clear(&self) {
-        if let Ok(mut free) = self.free.lock() {
+        if let Some(mut free) = self.list() {
             free.clear();
         }
     }
@@ -72,6 +88,11 @@ impl<T: BatchElement> BufferPool<T> {
 
 static F32_POOL: BufferPool<f32> = BufferPool::new();
 static U8_POOL: BufferPool<u8> = BufferPool::new();
+
+/// Bytes of freed batch buffers held for reuse.
+pub fn pooled_batch_bytes() -> usize {
+    F32_POOL.held_bytes() + U8_POOL.held_bytes()
+}
 
 /// Frees every pooled batch buffer (e.g. before measuring memory).
 pub fn release_pooled_buffers() {

@@ -49,6 +49,13 @@ fn live_batch_bytes() -> i64 {
     cellmap_engine::batch::live_batch_bytes()
 }
 
+/// Bytes of freed batch buffers the engine keeps for reuse by later batches (at most 512 MiB
+/// per element type; `clear_cache()` frees them).
+#[pyfunction]
+fn pooled_batch_bytes() -> usize {
+    cellmap_engine::batch::pooled_batch_bytes()
+}
+
 /// Whether the extension was compiled with optimisations.
 #[pyfunction]
 fn is_optimized_build() -> bool {
@@ -61,6 +68,7 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_cache_budget, m)?)?;
     m.add_function(wrap_pyfunction!(clear_cache, m)?)?;
     m.add_function(wrap_pyfunction!(live_batch_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(pooled_batch_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(is_optimized_build, m)?)?;
     m.add_class::<volume::Volume>()?;
     m.add_class::<dataset::Dataset>()?;
