@@ -40,7 +40,10 @@ pub struct BufferPool<T> {
 
 impl<T: BatchElement> BufferPool<T> {
     const fn new() -> Self {
-        BufferPool { free: Mutex::new(Vec::new()), owner: AtomicU32::new(0) }
+        BufferPool {
+            free: Mutex::new(Vec::new()),
+            owner: AtomicU32::new(0),
+        }
     }
 
     /// The free list, unless this is a forked child of the process that first used it.
@@ -76,7 +79,8 @@ impl<T: BatchElement> BufferPool<T> {
 
     /// Bytes held for reuse.
     fn held_bytes(&self) -> usize {
-        self.list().map_or(0, |free| free.iter().map(|b| b.capacity() * std::mem::size_of::<T>()).sum())
+        self.list()
+            .map_or(0, |free| free.iter().map(|b| b.capacity() * std::mem::size_of::<T>()).sum())
     }
 
     fn clear(&self) {
@@ -177,7 +181,9 @@ impl<T: BatchElement> Drop for TrackedVec<T> {
 pub fn copy_parallel(src: &[u8], dst: &mut [u8]) {
     assert_eq!(src.len(), dst.len(), "copy between buffers of different sizes");
     const PIECE: usize = 1 << 20;
-    dst.par_chunks_mut(PIECE).zip(src.par_chunks(PIECE)).for_each(|(d, s)| d.copy_from_slice(s));
+    dst.par_chunks_mut(PIECE)
+        .zip(src.par_chunks(PIECE))
+        .for_each(|(d, s)| d.copy_from_slice(s));
 }
 
 /// Value of an unknown voxel in compact (uint8) targets.
@@ -354,11 +360,22 @@ impl Batch {
         for column in self.columns {
             let size: usize = column.sample_shape.iter().product();
             let (value_type, values): (DataType, ArrayRef) = match column.data {
-                ColumnData::F32(v) => (DataType::Float32, Arc::new(Float32Array::new(ScalarBuffer::new(v.into_buffer(), 0, size * n), None))),
-                ColumnData::U8(v) => (DataType::UInt8, Arc::new(UInt8Array::new(ScalarBuffer::new(v.into_buffer(), 0, size * n), None))),
+                ColumnData::F32(v) => (
+                    DataType::Float32,
+                    Arc::new(Float32Array::new(ScalarBuffer::new(v.into_buffer(), 0, size * n), None)),
+                ),
+                ColumnData::U8(v) => (
+                    DataType::UInt8,
+                    Arc::new(UInt8Array::new(ScalarBuffer::new(v.into_buffer(), 0, size * n), None)),
+                ),
             };
-            let ext = FixedShapeTensor::try_new(value_type.clone(), column.sample_shape.clone(), Some(column.dim_names.clone()), None)
-                .map_err(|e| Error::invalid(format!("array '{}': {e}", column.name)))?;
+            let ext = FixedShapeTensor::try_new(
+                value_type.clone(),
+                column.sample_shape.clone(),
+                Some(column.dim_names.clone()),
+                None,
+            )
+            .map_err(|e| Error::invalid(format!("array '{}': {e}", column.name)))?;
             let item = Arc::new(Field::new("item", value_type, false));
             let list = FixedSizeListArray::try_new(item.clone(), size as i32, values, None)
                 .map_err(|e| Error::invalid(format!("array '{}': {e}", column.name)))?;

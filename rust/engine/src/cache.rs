@@ -223,13 +223,19 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     fn chunk(n: usize) -> Chunk {
-        Chunk { data: ChunkData::U8(vec![7; n]), shape: [1, 1, n] }
+        Chunk {
+            data: ChunkData::U8(vec![7; n]),
+            shape: [1, 1, n],
+        }
     }
 
     #[test]
     fn second_request_is_a_hit() {
         let cache = ChunkCache::new(1 << 20);
-        let key = ChunkKey { level_id: 1, index: [0, 0, 0] };
+        let key = ChunkKey {
+            level_id: 1,
+            index: [0, 0, 0],
+        };
         cache.get_or_decode(key, || Ok(chunk(10))).unwrap();
         cache.get_or_decode(key, || panic!("decoded twice")).unwrap();
         let s = cache.stats();
@@ -240,7 +246,10 @@ mod tests {
     fn concurrent_requests_decode_once() {
         let cache = Arc::new(ChunkCache::new(1 << 20));
         let decodes = Arc::new(AtomicUsize::new(0));
-        let key = ChunkKey { level_id: 3, index: [1, 2, 3] };
+        let key = ChunkKey {
+            level_id: 3,
+            index: [1, 2, 3],
+        };
         std::thread::scope(|s| {
             for _ in 0..8 {
                 let (cache, decodes) = (cache.clone(), decodes.clone());
@@ -264,7 +273,10 @@ mod tests {
     fn byte_budget_bounds_memory() {
         let cache = ChunkCache::new(10_000);
         for i in 0..100 {
-            let key = ChunkKey { level_id: 0, index: [i, 0, 0] };
+            let key = ChunkKey {
+                level_id: 0,
+                index: [i, 0, 0],
+            };
             cache.get_or_decode(key, || Ok(chunk(1000))).unwrap();
         }
         assert!(cache.stats().bytes <= 10_000, "{:?}", cache.stats());
@@ -274,7 +286,10 @@ mod tests {
     #[test]
     fn decode_errors_are_not_cached() {
         let cache = ChunkCache::new(1 << 20);
-        let key = ChunkKey { level_id: 0, index: [0, 0, 0] };
+        let key = ChunkKey {
+            level_id: 0,
+            index: [0, 0, 0],
+        };
         let err = cache.get_or_decode(key, || Err(crate::Error::decode("a/s0/0.0.0", "bad bytes")));
         assert!(err.is_err());
         cache.get_or_decode(key, || Ok(chunk(4))).unwrap();

@@ -106,7 +106,10 @@ pub struct Dataset {
 
 impl std::fmt::Debug for Dataset {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Dataset").field("raw", &self.config.raw_path).field("len", &self.len()).finish()
+        f.debug_struct("Dataset")
+            .field("raw", &self.config.raw_path)
+            .field("len", &self.len())
+            .finish()
     }
 }
 
@@ -120,7 +123,10 @@ impl Dataset {
         let mut sources = Vec::with_capacity(config.classes.len());
         let open_labels = |class: &str, p: &PathBuf| -> Result<Arc<Volume>> {
             let vol = Volume::open(p, cache.clone()).map_err(|e| match e {
-                Error::NotFound { path, .. } => Error::NotFound { path, detail: format!(" (label folder of class '{class}')") },
+                Error::NotFound { path, .. } => Error::NotFound {
+                    path,
+                    detail: format!(" (label folder of class '{class}')"),
+                },
                 other => other,
             })?;
             if vol.levels.iter().any(|l| l.dtype.is_float()) {
@@ -214,13 +220,23 @@ impl Dataset {
 
     /// World centre of grid sample `index` (centred grid over the sampling box).
     pub fn centre(&self, index: usize) -> Result<[f64; 3]> {
-        let b = self
-            .sampling_box
-            .ok_or_else(|| Error::invalid(format!("{}: no sample fits in this dataset (pad=False)", self.config.raw_path.display())))?;
+        let b = self.sampling_box.ok_or_else(|| {
+            Error::invalid(format!(
+                "{}: no sample fits in this dataset (pad=False)",
+                self.config.raw_path.display()
+            ))
+        })?;
         if index >= self.len() {
-            return Err(Error::invalid(format!("sample index {index} is out of range for a dataset of {} samples", self.len())));
+            return Err(Error::invalid(format!(
+                "sample index {index} is out of range for a dataset of {} samples",
+                self.len()
+            )));
         }
-        let idx = [index / (self.grid[1] * self.grid[2]), (index / self.grid[2]) % self.grid[1], index % self.grid[2]];
+        let idx = [
+            index / (self.grid[1] * self.grid[2]),
+            (index / self.grid[2]) % self.grid[1],
+            index % self.grid[2],
+        ];
         Ok(std::array::from_fn(|k| {
             let used = (self.grid[k] - 1) as f64 * self.grid_step[k];
             b.lo[k] + (b.hi[k] - b.lo[k] - used) / 2.0 + idx[k] as f64 * self.grid_step[k]
@@ -285,7 +301,11 @@ impl Dataset {
                 let mut outs: Vec<&mut [f32]> = members.iter().map(|&c| channels[c].take().expect("channel used once")).collect();
                 read_patch_group(&volumes, &spec.patch, centre, draw, &label_options, &mut outs)?;
             }
-            let rest: Vec<(usize, &mut [f32])> = channels.into_iter().enumerate().filter_map(|(c, ch)| ch.map(|ch| (c, ch))).collect();
+            let rest: Vec<(usize, &mut [f32])> = channels
+                .into_iter()
+                .enumerate()
+                .filter_map(|(c, ch)| ch.map(|ch| (c, ch)))
+                .collect();
             rest.into_par_iter().try_for_each(|(c, channel)| match &self.sources[c] {
                 ClassSource::Inferred(related) => {
                     channel.fill(f32::NAN);
@@ -323,14 +343,23 @@ impl Dataset {
             .inputs
             .iter()
             .map(|a| (a.name.clone(), squeeze(1, &a.patch)))
-            .chain(self.config.targets.iter().map(|a| (a.name.clone(), squeeze(self.n_classes(), &a.patch))))
+            .chain(
+                self.config
+                    .targets
+                    .iter()
+                    .map(|a| (a.name.clone(), squeeze(self.n_classes(), &a.patch))),
+            )
             .collect()
     }
 
     /// Level read for each array (inputs, then targets: level of the first annotated class or -1).
     pub fn array_levels(&self) -> Vec<i64> {
         let mut levels: Vec<i64> = self.input_levels.iter().map(|&l| l as i64).collect();
-        levels.extend(self.target_levels.iter().map(|per_class| per_class.iter().flatten().next().map_or(-1, |&l| l as i64)));
+        levels.extend(
+            self.target_levels
+                .iter()
+                .map(|per_class| per_class.iter().flatten().next().map_or(-1, |&l| l as i64)),
+        );
         levels
     }
 
@@ -364,10 +393,16 @@ impl ArraySpec {
             .and_then(serde_json::Value::as_str)
             .ok_or_else(|| Error::invalid("array spec needs a 'name'"))?
             .to_string();
-        let shape = json_triple(value.get("shape").unwrap_or(&serde_json::Value::Null), &format!("array '{name}' shape"), |v| {
-            v.as_u64().map(|n| n as usize)
-        })?;
-        let scale = json_triple(value.get("scale").unwrap_or(&serde_json::Value::Null), &format!("array '{name}' scale"), |v| v.as_f64())?;
+        let shape = json_triple(
+            value.get("shape").unwrap_or(&serde_json::Value::Null),
+            &format!("array '{name}' shape"),
+            |v| v.as_u64().map(|n| n as usize),
+        )?;
+        let scale = json_triple(
+            value.get("scale").unwrap_or(&serde_json::Value::Null),
+            &format!("array '{name}' scale"),
+            |v| v.as_f64(),
+        )?;
         let patch = PatchSpec::new(shape, scale).map_err(|e| Error::invalid(format!("array '{name}': {e}")))?;
         Ok(ArraySpec { name, patch })
     }
@@ -389,7 +424,12 @@ impl DatasetConfig {
             .ok_or_else(|| Error::invalid("dataset config needs 'raw_path'"))?;
         let mut classes = Vec::new();
         let mut exclusive_with = Vec::new();
-        for item in value.get("classes").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default() {
+        for item in value
+            .get("classes")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
             let name = item
                 .get(0)
                 .and_then(Value::as_str)

@@ -106,9 +106,7 @@ impl Error {
             Error::Metadata { .. } => ErrorKind::Metadata,
             Error::Decode { .. } => ErrorKind::Decode,
             Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
-            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => {
-                ErrorKind::PermissionDenied
-            }
+            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => ErrorKind::PermissionDenied,
             Error::Io { .. } => ErrorKind::Io,
             Error::Interrupted => ErrorKind::Interrupted,
         }

@@ -78,7 +78,14 @@ pub fn read_patch(
 ) -> Result<ReadInfo> {
     debug_assert_eq!(out.len(), spec.len());
     let lvl = &volume.levels[level];
-    let mut affine = Affine::compose(spec.shape, spec.voxel_size, centre, &draw.orientation(), lvl.voxel_size, lvl.translation);
+    let mut affine = Affine::compose(
+        spec.shape,
+        spec.voxel_size,
+        centre,
+        &draw.orientation(),
+        lvl.voxel_size,
+        lvl.translation,
+    );
     if let Some(axes) = affine.axis_aligned_unit() {
         // Snap to the source grid: an axis-aligned read at the level's resolution is a copy.
         let b: [i64; 3] = std::array::from_fn(|j| affine.b[j].round() as i64);
@@ -132,7 +139,16 @@ pub fn read_patch(
             (true, false) => Some(FiniteRegion::whole(block_shape)),
             (true, true) => Some(inside),
         };
-        resample(block, block_shape, block_lo, &affine, spec.shape, options.interpolation, finite, out);
+        resample(
+            block,
+            block_shape,
+            block_lo,
+            &affine,
+            spec.shape,
+            options.interpolation,
+            finite,
+            out,
+        );
     }
     return_scratch(&SCRATCH, scratch);
     gathered.map(|_| ReadInfo { level, fast_path: false })
@@ -229,12 +245,20 @@ pub fn read_patch_group(
     options: &ReadOptions,
     outs: &mut [&mut [f32]],
 ) -> Result<()> {
-    let Some(&(first, first_level)) = volumes.first() else { return Ok(()) };
+    let Some(&(first, first_level)) = volumes.first() else {
+        return Ok(());
+    };
     let lvl = &first.levels[first_level];
-    let mut affine = Affine::compose(spec.shape, spec.voxel_size, centre, &draw.orientation(), lvl.voxel_size, lvl.translation);
-    let shareable = options.mode == ValueMode::Foreground
-        && options.interpolation == Interpolation::Nearest
-        && affine.axis_aligned_unit().is_none();
+    let mut affine = Affine::compose(
+        spec.shape,
+        spec.voxel_size,
+        centre,
+        &draw.orientation(),
+        lvl.voxel_size,
+        lvl.translation,
+    );
+    let shareable =
+        options.mode == ValueMode::Foreground && options.interpolation == Interpolation::Nearest && affine.axis_aligned_unit().is_none();
     if !shareable {
         for ((volume, level), out) in volumes.iter().zip(outs.iter_mut()) {
             read_patch(volume, *level, spec, centre, draw, options, out)?;
@@ -254,7 +278,15 @@ pub fn read_patch_group(
     // lookup for up to seven classes instead of one per class.
     'groups: for (group, group_outs) in volumes.chunks(PACKED_CLASSES).zip(outs.chunks_mut(PACKED_CLASSES)) {
         for (bit, (volume, level)) in group.iter().enumerate() {
-            result = volume.gather_spans(*level, block_lo, block_shape, &mut mask[..block_len], &spans, options.mode, MASK_OUTSIDE);
+            result = volume.gather_spans(
+                *level,
+                block_lo,
+                block_shape,
+                &mut mask[..block_len],
+                &spans,
+                options.mode,
+                MASK_OUTSIDE,
+            );
             if result.is_err() {
                 break 'groups;
             }
@@ -280,9 +312,13 @@ fn pack_bit(mask: &[u8], packed: &mut [u8], spans: &[[u32; 2]], row_len: usize, 
         let range = row * row_len + a as usize..row * row_len + b as usize;
         let (m, p) = (&mask[range.clone()], &mut packed[range]);
         if bit == 0 {
-            p.iter_mut().zip(m).for_each(|(p, &m)| *p = if m == MASK_OUTSIDE { PACKED_OUTSIDE } else { m });
+            p.iter_mut()
+                .zip(m)
+                .for_each(|(p, &m)| *p = if m == MASK_OUTSIDE { PACKED_OUTSIDE } else { m });
         } else {
-            p.iter_mut().zip(m).for_each(|(p, &m)| *p |= if m == MASK_OUTSIDE { 0 } else { m << bit });
+            p.iter_mut()
+                .zip(m)
+                .for_each(|(p, &m)| *p |= if m == MASK_OUTSIDE { 0 } else { m << bit });
         }
     }
 }
@@ -295,7 +331,11 @@ fn unpack_bits(packed: &[u8], index: &[u32], pad_value: f32, outs: &mut [&mut [f
         // SAFETY: nearest_indices clamps every index into the block.
         let byte = unsafe { *packed.get_unchecked(i as usize) };
         for (bit, out) in outs.iter_mut().enumerate() {
-            out[v] = if byte & PACKED_OUTSIDE != 0 { pad_value } else { (byte >> bit & 1) as f32 };
+            out[v] = if byte & PACKED_OUTSIDE != 0 {
+                pad_value
+            } else {
+                (byte >> bit & 1) as f32
+            };
         }
     }
 }
@@ -308,7 +348,10 @@ fn has_nan(block: &[f32], spans: &[[u32; 2]], block_shape: [usize; 3], region: &
         let [a, b] = spans[row];
         let (a, b) = ((a as i64).max(region.lo[2]), (b as i64).min(region.hi[2]));
         // OR-reduction rather than a short-circuit so the scan of a row vectorises.
-        a < b && block[row * bx + a as usize..row * bx + b as usize].iter().fold(false, |seen, v| seen | v.is_nan())
+        a < b
+            && block[row * bx + a as usize..row * bx + b as usize]
+                .iter()
+                .fold(false, |seen, v| seen | v.is_nan())
     })
 }
 
@@ -316,7 +359,13 @@ fn has_nan(block: &[f32], spans: &[[u32; 2]], block_shape: [usize; 3], region: &
 /// voxels an output sample's kernel can touch: those whose pre-image under the map lies in the
 /// output grid widened by the kernel's reach. A patch turned 45° needs about half of its
 /// bounding box, so the rest is neither copied nor converted. A singular map keeps whole rows.
-fn row_spans(affine: &Affine, out_shape: [usize; 3], block_lo: [i64; 3], block_shape: [usize; 3], interpolation: Interpolation) -> Vec<[u32; 2]> {
+fn row_spans(
+    affine: &Affine,
+    out_shape: [usize; 3],
+    block_lo: [i64; 3],
+    block_shape: [usize; 3],
+    interpolation: Interpolation,
+) -> Vec<[u32; 2]> {
     let [bz, by, bx] = block_shape;
     let Some(inv) = affine.inverse_linear() else {
         return vec![[0, bx as u32]; bz * by];
@@ -395,20 +444,39 @@ mod tests {
         ];
         for (shape, angles, out_voxel, src_voxel) in cases {
             for interpolation in [Interpolation::Linear, Interpolation::Nearest] {
-                let mut affine = Affine::compose(shape, out_voxel, [500.3, 411.7, 390.1], &rotation_matrix(angles), src_voxel, [0.0; 3]);
+                let mut affine = Affine::compose(
+                    shape,
+                    out_voxel,
+                    [500.3, 411.7, 390.1],
+                    &rotation_matrix(angles),
+                    src_voxel,
+                    [0.0; 3],
+                );
                 let spec = PatchSpec::new(shape, out_voxel).unwrap();
-                let options = ReadOptions { interpolation, mode: ValueMode::Raw, pad: true, pad_value: 0.0 };
+                let options = ReadOptions {
+                    interpolation,
+                    mode: ValueMode::Raw,
+                    pad: true,
+                    pad_value: 0.0,
+                };
                 let (lo, block) = source_block(&mut affine, [1000; 3], &spec, &options);
                 let spans = row_spans(&affine, shape, lo, block, interpolation);
                 let mut read = 0usize;
                 let mut check = |p: [i64; 3]| {
                     let q: [i64; 3] = std::array::from_fn(|k| (p[k] - lo[k]).clamp(0, block[k] as i64 - 1));
                     let [a, b] = spans[q[0] as usize * block[1] + q[1] as usize];
-                    assert!((a as i64..b as i64).contains(&q[2]), "{angles:?} {interpolation:?}: voxel {q:?} outside span [{a}, {b})");
+                    assert!(
+                        (a as i64..b as i64).contains(&q[2]),
+                        "{angles:?} {interpolation:?}: voxel {q:?} outside span [{a}, {b})"
+                    );
                     read += 1;
                 };
                 for o in 0..shape.iter().product::<usize>() {
-                    let idx = [(o / (shape[1] * shape[2])) as f64, (o / shape[2] % shape[1]) as f64, (o % shape[2]) as f64];
+                    let idx = [
+                        (o / (shape[1] * shape[2])) as f64,
+                        (o / shape[2] % shape[1]) as f64,
+                        (o % shape[2]) as f64,
+                    ];
                     let s = affine.apply(idx);
                     match interpolation {
                         Interpolation::Nearest => check(std::array::from_fn(|k| (s[k] + 0.5).floor() as i64)),

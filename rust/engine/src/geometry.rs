@@ -118,7 +118,7 @@ impl Affine {
         const TOL: f64 = 1e-6;
         let mut result = [(0usize, 1i64); 3];
         let mut used = [false; 3];
-        for k in 0..3 {
+        for (k, slot) in result.iter_mut().enumerate() {
             let mut found = None;
             for j in 0..3 {
                 let v = self.m[j][k];
@@ -136,7 +136,7 @@ impl Affine {
                 return None;
             }
             used[j] = true;
-            result[k] = (j, s);
+            *slot = (j, s);
         }
         Some(result)
     }
@@ -222,7 +222,10 @@ mod tests {
                 assert!((v - if i == j { 1.0 } else { 0.0 }).abs() < 1e-12, "{product:?}");
             }
         }
-        let singular = Affine { m: [[1.0, 2.0, 3.0], [2.0, 4.0, 6.0], [0.0, 0.0, 1.0]], b: [0.0; 3] };
+        let singular = Affine {
+            m: [[1.0, 2.0, 3.0], [2.0, 4.0, 6.0], [0.0, 0.0, 1.0]],
+            b: [0.0; 3],
+        };
         assert_eq!(singular.inverse_linear(), None);
     }
 
@@ -242,7 +245,10 @@ mod tests {
 
     #[test]
     fn centres_for_patch_collapses_when_too_big() {
-        let b = WorldBox { lo: [0.0; 3], hi: [100.0, 10.0, 100.0] };
+        let b = WorldBox {
+            lo: [0.0; 3],
+            hi: [100.0, 10.0, 100.0],
+        };
         let (c, fits) = b.centres_for_patch([20.0, 20.0, 20.0]);
         assert_eq!(fits, [true, false, true]);
         assert_eq!(c.lo[1], 5.0);

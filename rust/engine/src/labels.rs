@@ -238,7 +238,10 @@ pub struct CountOptions {
 
 impl Default for CountOptions {
     fn default() -> Self {
-        CountOptions { cache: CountCache::default_location(), use_metadata: true }
+        CountOptions {
+            cache: CountCache::default_location(),
+            use_metadata: true,
+        }
     }
 }
 
@@ -330,14 +333,20 @@ pub fn metadata_counts(volume: &Volume, level: usize) -> Result<Option<(u64, u64
         Err(Error::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(e),
     };
-    let Some(counts) = attrs.pointer("/cellmap/annotation/complement_counts") else { return Ok(None) };
+    let Some(counts) = attrs.pointer("/cellmap/annotation/complement_counts") else {
+        return Ok(None);
+    };
     let number = |key: &str| -> Option<u64> {
         match counts.get(key) {
             None | Some(Value::Null) => Some(0),
-            Some(v) => v.as_u64().or_else(|| v.as_f64().filter(|f| *f >= 0.0 && f.fract() == 0.0).map(|f| f as u64)),
+            Some(v) => v
+                .as_u64()
+                .or_else(|| v.as_f64().filter(|f| *f >= 0.0 && f.fract() == 0.0).map(|f| f as u64)),
         }
     };
-    let (Some(absent), Some(unknown)) = (number("absent"), number("unknown")) else { return Ok(None) };
+    let (Some(absent), Some(unknown)) = (number("absent"), number("unknown")) else {
+        return Ok(None);
+    };
     if counts.get("absent").is_none() && counts.get("unknown").is_none() {
         return Ok(None);
     }
@@ -367,8 +376,7 @@ pub fn scan_level(volume: &Volume, level: usize, progress: Option<&Progress>) ->
             let chunk = volume.chunk(level, index)?;
             let origin: [u64; 3] = std::array::from_fn(|k| index[k] * lvl.chunk_shape[k]);
             // Edge chunks may be full-size buffers: count only the part inside the array.
-            let valid: [usize; 3] =
-                std::array::from_fn(|k| (chunk.shape[k] as u64).min(lvl.shape[k] - origin[k]) as usize);
+            let valid: [usize; 3] = std::array::from_fn(|k| (chunk.shape[k] as u64).min(lvl.shape[k] - origin[k]) as usize);
             let n = count_nonzero_chunk(&chunk, valid);
             if let Some(p) = progress {
                 p.advance(1);
@@ -515,7 +523,11 @@ mod tests {
                             for y in cy * chunk[1]..(cy + 1) * chunk[1] {
                                 for x in cx * chunk[2]..(cx + 1) * chunk[2] {
                                     let inside = z < shape[0] && y < shape[1] && x < shape[2];
-                                    let v = if inside { data[((z * shape[1] + y) * shape[2] + x) as usize] } else { 9 };
+                                    let v = if inside {
+                                        data[((z * shape[1] + y) * shape[2] + x) as usize]
+                                    } else {
+                                        9
+                                    };
                                     bytes.push(v);
                                 }
                             }
@@ -544,7 +556,10 @@ mod tests {
     }
 
     fn no_cache() -> CountOptions {
-        CountOptions { cache: CountCache::Disabled, use_metadata: true }
+        CountOptions {
+            cache: CountCache::Disabled,
+            use_metadata: true,
+        }
     }
 
     #[test]
@@ -604,11 +619,17 @@ mod tests {
         set_complement_counts(&dir.join("s1"), 500, 0);
         let c = count_label_group(&dir, [8.0; 3], &no_cache(), None).unwrap();
         assert_eq!((c.source, c.level, c.foreground), (CountSource::Metadata, 1, 12.0));
-        let scan = CountOptions { cache: CountCache::Disabled, use_metadata: false };
+        let scan = CountOptions {
+            cache: CountCache::Disabled,
+            use_metadata: false,
+        };
         assert_eq!(count_label_group(&dir, [8.0; 3], &scan, None).unwrap().source, CountSource::Scan);
         // Counts that cannot fit the array are ignored.
         set_complement_counts(&dir.join("s1"), 600, 0);
-        assert_eq!(count_label_group(&dir, [8.0; 3], &no_cache(), None).unwrap().source, CountSource::MetadataFinest);
+        assert_eq!(
+            count_label_group(&dir, [8.0; 3], &no_cache(), None).unwrap().source,
+            CountSource::MetadataFinest
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -620,7 +641,10 @@ mod tests {
         let data = pattern(shape);
         let expected = data.iter().filter(|v| **v != 0).count() as u64;
         write_image(&dir, &[(data, shape, 4.0)], [4, 4, 4]);
-        let options = CountOptions { cache: CountCache::Dir(cache_dir.clone()), use_metadata: true };
+        let options = CountOptions {
+            cache: CountCache::Dir(cache_dir.clone()),
+            use_metadata: true,
+        };
         assert_eq!(count_label_group(&dir, [4.0; 3], &options, None).unwrap().source, CountSource::Scan);
         let c = count_label_group(&dir, [4.0; 3], &options, None).unwrap();
         assert_eq!((c.source, c.level_foreground), (CountSource::Cache, expected));

@@ -121,7 +121,12 @@ impl BatchStream {
                 }
             })
             .map_err(|e| Error::invalid(format!("could not start the loader thread: {e}")))?;
-        Ok(BatchStream { slots, current: None, cancel, dispatcher: Some(dispatcher) })
+        Ok(BatchStream {
+            slots,
+            current: None,
+            cancel,
+            dispatcher: Some(dispatcher),
+        })
     }
 
     /// Waits up to `timeout` for the next batch in plan order.

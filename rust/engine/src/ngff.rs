@@ -88,7 +88,10 @@ pub fn read_attributes(node: &Path) -> Result<(ZarrFormat, Value)> {
     if !node.exists() {
         return Err(Error::not_found(node));
     }
-    Err(Error::metadata(node, "not a zarr group or array (no zarr.json, .zgroup or .zattrs)"))
+    Err(Error::metadata(
+        node,
+        "not a zarr group or array (no zarr.json, .zgroup or .zattrs)",
+    ))
 }
 
 /// Opens the multiscale metadata of the image group at `group`.
@@ -123,11 +126,7 @@ pub fn parse_multiscales(source: &Path, group: &Path, value: &Value, default_ver
         Value::Null => return Err(bad("no 'multiscales' metadata: not an OME-NGFF image group".into())),
         _ => return Err(bad("'multiscales' must be a list".into())),
     };
-    let version = first
-        .get("version")
-        .and_then(Value::as_str)
-        .unwrap_or(default_version)
-        .to_string();
+    let version = first.get("version").and_then(Value::as_str).unwrap_or(default_version).to_string();
     let axes = parse_axes(first.get("axes"), source)?;
     let ndim = axes.len();
     let top = parse_transforms(first.get("coordinateTransformations"), ndim, source, "multiscales[0]")?;
@@ -165,9 +164,18 @@ pub fn parse_multiscales(source: &Path, group: &Path, value: &Value, default_ver
                 axes[bad_axis].name
             )));
         }
-        levels.push(LevelMeta { path, scale: scale_w, translation: trans_w });
+        levels.push(LevelMeta {
+            path,
+            scale: scale_w,
+            translation: trans_w,
+        });
     }
-    Ok(Multiscale { group: group.to_path_buf(), version, axes, levels })
+    Ok(Multiscale {
+        group: group.to_path_buf(),
+        version,
+        axes,
+        levels,
+    })
 }
 
 fn parse_axes(value: Option<&Value>, source: &Path) -> Result<Vec<Axis>> {
@@ -177,7 +185,11 @@ fn parse_axes(value: Option<&Value>, source: &Path) -> Result<Vec<Axis>> {
         None => {
             return Ok(["z", "y", "x"]
                 .iter()
-                .map(|n| Axis { name: n.to_string(), kind: Some("space".into()), unit: None })
+                .map(|n| Axis {
+                    name: n.to_string(),
+                    kind: Some("space".into()),
+                    unit: None,
+                })
                 .collect())
         }
         _ => return Err(Error::metadata(source, "multiscales[0].axes must be a non-empty list")),
@@ -186,7 +198,11 @@ fn parse_axes(value: Option<&Value>, source: &Path) -> Result<Vec<Axis>> {
         .iter()
         .enumerate()
         .map(|(i, item)| match item {
-            Value::String(name) => Ok(Axis { name: name.clone(), kind: None, unit: None }),
+            Value::String(name) => Ok(Axis {
+                name: name.clone(),
+                kind: None,
+                unit: None,
+            }),
             Value::Object(map) => {
                 let name = map
                     .get("name")
@@ -262,13 +278,13 @@ mod tests {
     #[test]
     fn parses_levels_with_scale_and_translation() {
         let v = json!([{"version": "0.4", "axes": [
-            {"name": "z", "type": "space", "unit": "nanometer"},
-            {"name": "y", "type": "space", "unit": "nanometer"},
-            {"name": "x", "type": "space", "unit": "nanometer"}],
-            "datasets": [
-              {"path": "s0", "coordinateTransformations": [{"type": "scale", "scale": [4.0, 4.0, 4.0]}, {"type": "translation", "translation": [10.0, 20.0, 30.0]}]},
-              {"path": "s1", "coordinateTransformations": [{"type": "scale", "scale": [8.0, 8.0, 8.0]}, {"type": "translation", "translation": [12.0, 22.0, 32.0]}]}
-            ]}]);
+        {"name": "z", "type": "space", "unit": "nanometer"},
+        {"name": "y", "type": "space", "unit": "nanometer"},
+        {"name": "x", "type": "space", "unit": "nanometer"}],
+        "datasets": [
+          {"path": "s0", "coordinateTransformations": [{"type": "scale", "scale": [4.0, 4.0, 4.0]}, {"type": "translation", "translation": [10.0, 20.0, 30.0]}]},
+          {"path": "s1", "coordinateTransformations": [{"type": "scale", "scale": [8.0, 8.0, 8.0]}, {"type": "translation", "translation": [12.0, 22.0, 32.0]}]}
+        ]}]);
         let m = parse_multiscales(Path::new("a/.zattrs"), Path::new("a"), &v, "0.4").unwrap();
         assert_eq!(m.levels.len(), 2);
         assert_eq!(m.levels[1].scale, vec![8.0; 3]);

@@ -27,7 +27,12 @@ pub fn request(dataset: &Dataset, index: usize, key: StreamKey, stream_index: u6
     } else {
         SpatialDraw::default()
     };
-    Ok(SampleRequest { index: index as u64, centre, draw, value_seed: rng.next_seed() })
+    Ok(SampleRequest {
+        index: index as u64,
+        centre,
+        draw,
+        value_seed: rng.next_seed(),
+    })
 }
 
 /// One planned sample of an epoch: which dataset of the collection, which grid sample, and the
@@ -73,13 +78,19 @@ fn locate(sizes: &[usize], mut global: usize) -> (usize, usize) {
 pub fn uniform_plan(sizes: &[usize], count: Option<usize>, shuffle: bool, seed: u64, epoch: u64) -> Result<Vec<PlannedSample>> {
     let total: usize = sizes.iter().sum();
     if total == 0 {
-        return Err(Error::invalid("cannot sample from an empty dataset (no sample fits: check pad and array shapes)"));
+        return Err(Error::invalid(
+            "cannot sample from an empty dataset (no sample fits: check pad and array shapes)",
+        ));
     }
     let mut rng = epoch_rng(seed, epoch, 1);
     let count = count.unwrap_or(total);
     let mut order = Vec::with_capacity(count);
     while order.len() < count {
-        let block = if shuffle || count != total { permutation(total, &mut rng) } else { (0..total).collect() };
+        let block = if shuffle || count != total {
+            permutation(total, &mut rng)
+        } else {
+            (0..total).collect()
+        };
         order.extend(block.into_iter().take(count - order.len()));
     }
     Ok(order
@@ -87,7 +98,11 @@ pub fn uniform_plan(sizes: &[usize], count: Option<usize>, shuffle: bool, seed: 
         .enumerate()
         .map(|(pos, g)| {
             let (dataset, index) = locate(sizes, g);
-            PlannedSample { dataset, index, stream: pos as u64 }
+            PlannedSample {
+                dataset,
+                index,
+                stream: pos as u64,
+            }
         })
         .collect())
 }
@@ -102,9 +117,13 @@ pub fn class_balanced_plan(sizes: &[usize], annotated: &[Vec<bool>], count: usiz
     }
     let n_classes = annotated.first().map_or(0, Vec::len);
     let usable = |d: usize| sizes[d] > 0;
-    let active: Vec<usize> = (0..n_classes).filter(|&c| (0..sizes.len()).any(|d| usable(d) && annotated[d][c])).collect();
+    let active: Vec<usize> = (0..n_classes)
+        .filter(|&c| (0..sizes.len()).any(|d| usable(d) && annotated[d][c]))
+        .collect();
     if active.is_empty() {
-        return Err(Error::invalid("class-balanced sampling needs at least one class annotated in a non-empty dataset"));
+        return Err(Error::invalid(
+            "class-balanced sampling needs at least one class annotated in a non-empty dataset",
+        ));
     }
     let mut rng = epoch_rng(seed, epoch, 2);
     let mut seen = vec![0u64; n_classes];
@@ -121,7 +140,11 @@ pub fn class_balanced_plan(sizes: &[usize], annotated: &[Vec<bool>], count: usiz
             }
         }
         let index = rng.below(sizes[dataset] as u64) as usize;
-        plan.push(PlannedSample { dataset, index, stream: pos as u64 });
+        plan.push(PlannedSample {
+            dataset,
+            index,
+            stream: pos as u64,
+        });
     }
     Ok(plan)
 }
@@ -152,7 +175,10 @@ mod tests {
     #[test]
     fn sequential_plan_is_in_order() {
         let plan = uniform_plan(&[2, 2], None, false, 0, 0).unwrap();
-        assert_eq!(plan.iter().map(|p| (p.dataset, p.index)).collect::<Vec<_>>(), vec![(0, 0), (0, 1), (1, 0), (1, 1)]);
+        assert_eq!(
+            plan.iter().map(|p| (p.dataset, p.index)).collect::<Vec<_>>(),
+            vec![(0, 0), (0, 1), (1, 0), (1, 1)]
+        );
     }
 
     #[test]

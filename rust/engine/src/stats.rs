@@ -42,11 +42,7 @@ pub struct StatsRow {
 
 /// Counts every entry, each distinct (label group, training voxel size) once, in parallel (run
 /// it inside a rayon pool). Fails on the first label volume that cannot be read, naming it.
-pub fn compute_class_stats(
-    entries: &[StatsEntry],
-    options: &CountOptions,
-    progress: Option<&Progress>,
-) -> Result<Vec<StatsRow>> {
+pub fn compute_class_stats(entries: &[StatsEntry], options: &CountOptions, progress: Option<&Progress>) -> Result<Vec<StatsRow>> {
     type Key = (PathBuf, [u64; 3]);
     let key = |path: &PathBuf, vs: [f64; 3]| -> Key { (path.clone(), vs.map(f64::to_bits)) };
     let mut unique: Vec<(PathBuf, [f64; 3])> = Vec::new();
@@ -67,10 +63,7 @@ pub fn compute_class_stats(
         .iter()
         .map(|e| StatsRow {
             entry: e.clone(),
-            counts: e
-                .label_path
-                .as_ref()
-                .map(|p| counts[index[&key(p, e.training_voxel_size)]].clone()),
+            counts: e.label_path.as_ref().map(|p| counts[index[&key(p, e.training_voxel_size)]].clone()),
         })
         .collect())
 }
@@ -118,7 +111,9 @@ pub fn class_stats_frame(rows: &[StatsRow]) -> Result<DataFrame> {
         .into_column(),
         Series::new(
             "level".into(),
-            rows.iter().map(|r| r.counts.as_ref().map(|c| c.level as i32)).collect::<Vec<Option<i32>>>(),
+            rows.iter()
+                .map(|r| r.counts.as_ref().map(|c| c.level as i32))
+                .collect::<Vec<Option<i32>>>(),
         )
         .into_column(),
         Series::new(
@@ -190,7 +185,11 @@ pub fn sample_metadata_frame(m: &SampleMetadata<'_>) -> Result<DataFrame> {
     let n = m.samples.len();
     let bad = |what: String| Error::invalid(format!("sample metadata: {what}"));
     if m.dataset.len() != n || m.crop.len() != n {
-        return Err(bad(format!("{n} samples but {} dataset and {} crop labels", m.dataset.len(), m.crop.len())));
+        return Err(bad(format!(
+            "{n} samples but {} dataset and {} crop labels",
+            m.dataset.len(),
+            m.crop.len()
+        )));
     }
     if m.class_weights.len() != n * m.n_classes {
         return Err(bad(format!(
@@ -228,13 +227,7 @@ pub fn sample_metadata_frame(m: &SampleMetadata<'_>) -> Result<DataFrame> {
     }
     columns.push(Series::new("value_seed".into(), m.samples.iter().map(|s| s.value_seed).collect::<Vec<u64>>()).into_column());
     let flat = Series::new("class_weights".into(), m.class_weights);
-    let weights = ArrayChunked::from_aligned_values(
-        "class_weights".into(),
-        &DataType::Float64,
-        m.n_classes,
-        flat.chunks().clone(),
-        n,
-    );
+    let weights = ArrayChunked::from_aligned_values("class_weights".into(), &DataType::Float64, m.n_classes, flat.chunks().clone(), n);
     columns.push(weights.into_series().into_column());
     DataFrame::new(n, columns).map_err(|e| polars_error("sample metadata", e))
 }
@@ -255,13 +248,12 @@ pub fn to_record_batch(df: &DataFrame) -> Result<RecordBatch> {
         // SAFETY: polars-arrow's `ArrowSchema`/`ArrowArray` and arrow-rs's `FFI_ArrowSchema`/
         // `FFI_ArrowArray` are both the `#[repr(C)]` structs of the Arrow C data interface; the
         // release callbacks they carry stay with the values, so ownership moves across intact.
-        let (c_schema, c_array): (arrow::ffi::FFI_ArrowSchema, arrow::ffi::FFI_ArrowArray) =
-            unsafe {
-                (
-                    std::mem::transmute::<polars_arrow::ffi::ArrowSchema, arrow::ffi::FFI_ArrowSchema>(c_schema),
-                    std::mem::transmute::<polars_arrow::ffi::ArrowArray, arrow::ffi::FFI_ArrowArray>(c_array),
-                )
-            };
+        let (c_schema, c_array): (arrow::ffi::FFI_ArrowSchema, arrow::ffi::FFI_ArrowArray) = unsafe {
+            (
+                std::mem::transmute::<polars_arrow::ffi::ArrowSchema, arrow::ffi::FFI_ArrowSchema>(c_schema),
+                std::mem::transmute::<polars_arrow::ffi::ArrowArray, arrow::ffi::FFI_ArrowArray>(c_array),
+            )
+        };
         let arrow_field = ArrowField::try_from(&c_schema).map_err(|e| fail(&e))?;
         // SAFETY: `c_array` and `c_schema` were just exported together by polars-arrow.
         let data = unsafe { arrow::ffi::from_ffi(c_array, &c_schema) }.map_err(|e| fail(&e))?;
@@ -291,7 +283,10 @@ mod tests {
             level_path: "/d/crop1/mito/s1".into(),
             voxel_size: [8.0, 8.0, 8.0],
             shape: [4, 5, 6],
-            world_box: WorldBox { lo: [0.0, 10.0, 20.0], hi: [32.0, 50.0, 68.0] },
+            world_box: WorldBox {
+                lo: [0.0, 10.0, 20.0],
+                hi: [32.0, 50.0, 68.0],
+            },
             level_foreground: fg as u64,
             level_unknown: 0,
             training_voxel_size: [8.0; 3],
@@ -315,9 +310,18 @@ mod tests {
     #[test]
     fn class_table_has_one_typed_row_per_entry() {
         let rows = vec![
-            StatsRow { entry: entry("mito", Some("/d/crop1/mito")), counts: Some(counts(12.0, 120.0)) },
-            StatsRow { entry: entry("er", Some("/d/crop1/er")), counts: Some(counts(0.0, 120.0)) },
-            StatsRow { entry: entry("nuc", None), counts: None },
+            StatsRow {
+                entry: entry("mito", Some("/d/crop1/mito")),
+                counts: Some(counts(12.0, 120.0)),
+            },
+            StatsRow {
+                entry: entry("er", Some("/d/crop1/er")),
+                counts: Some(counts(0.0, 120.0)),
+            },
+            StatsRow {
+                entry: entry("nuc", None),
+                counts: None,
+            },
         ];
         let df = class_stats_frame(&rows).unwrap();
         assert_eq!(df.height(), 3);
@@ -341,14 +345,31 @@ mod tests {
 
     #[test]
     fn sample_table_holds_draws_levels_and_weight_arrays() {
-        let draw = SpatialDraw { mirror: [true, false, true], permutation: [0, 2, 1], angles_deg: [10.0, 0.0, -5.0] };
+        let draw = SpatialDraw {
+            mirror: [true, false, true],
+            permutation: [0, 2, 1],
+            angles_deg: [10.0, 0.0, -5.0],
+        };
         let samples = vec![
-            SampleRequest { index: 3, centre: [1.0, 2.0, 3.0], draw, value_seed: 42 },
-            SampleRequest { index: 7, centre: [4.0, 5.0, 6.0], draw: SpatialDraw::default(), value_seed: 43 },
+            SampleRequest {
+                index: 3,
+                centre: [1.0, 2.0, 3.0],
+                draw,
+                value_seed: 42,
+            },
+            SampleRequest {
+                index: 7,
+                centre: [4.0, 5.0, 6.0],
+                draw: SpatialDraw::default(),
+                value_seed: 43,
+            },
         ];
         let dataset = vec!["/d/raw".to_string(); 2];
         let crop = vec!["/d/crop1".to_string(), "/d/crop2".to_string()];
-        let levels = vec![("input".to_string(), vec![Some(0), Some(1)]), ("output".to_string(), vec![Some(1), None])];
+        let levels = vec![
+            ("input".to_string(), vec![Some(0), Some(1)]),
+            ("output".to_string(), vec![Some(1), None]),
+        ];
         let weights = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
         let meta = SampleMetadata {
             dataset: &dataset,
@@ -370,7 +391,10 @@ mod tests {
         let w = w.as_fixed_size_list();
         assert_eq!(w.value_length(), 3);
         assert_eq!(w.value(1).as_primitive::<Float64Type>().values().to_vec(), vec![4.0, 5.0, 6.0]);
-        let bad = SampleMetadata { class_weights: &weights[..5], ..meta };
+        let bad = SampleMetadata {
+            class_weights: &weights[..5],
+            ..meta
+        };
         assert!(sample_metadata_frame(&bad).is_err());
     }
 

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 use zarrs::array::data_type::{
-    Float32DataType, Float64DataType, Int16DataType, Int32DataType, Int64DataType, Int8DataType,
-    UInt16DataType, UInt32DataType, UInt64DataType, UInt8DataType,
+    Float32DataType, Float64DataType, Int16DataType, Int32DataType, Int64DataType, Int8DataType, UInt16DataType, UInt32DataType,
+    UInt64DataType, UInt8DataType,
 };
 use zarrs::array::Array;
 use zarrs::filesystem::FilesystemStore;
@@ -99,7 +99,10 @@ pub struct Level {
 impl Level {
     /// World box covered by the level's voxels (voxel edges, not centres).
     pub fn world_box(&self) -> WorldBox {
-        let mut b = WorldBox { lo: [0.0; 3], hi: [0.0; 3] };
+        let mut b = WorldBox {
+            lo: [0.0; 3],
+            hi: [0.0; 3],
+        };
         for k in 0..3 {
             b.lo[k] = self.translation[k] - self.voxel_size[k] / 2.0;
             b.hi[k] = b.lo[k] + self.shape[k] as f64 * self.voxel_size[k];
@@ -160,7 +163,10 @@ pub struct Volume {
 
 impl std::fmt::Debug for Volume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Volume").field("path", &self.path).field("levels", &self.levels.len()).finish()
+        f.debug_struct("Volume")
+            .field("path", &self.path)
+            .field("levels", &self.levels.len())
+            .finish()
     }
 }
 
@@ -187,7 +193,10 @@ fn data_type_of(array: &Array<FilesystemStore>, path: &Path) -> Result<DType> {
     } else if dt.is::<Float64DataType>() {
         DType::F64
     } else {
-        return Err(Error::metadata(path, "unsupported data type (expected an integer or float32/float64 array)"));
+        return Err(Error::metadata(
+            path,
+            "unsupported data type (expected an integer or float32/float64 array)",
+        ));
     })
 }
 
@@ -227,13 +236,20 @@ impl Volume {
             if full_shape.len() != multiscale.axes.len() {
                 return Err(Error::metadata(
                     &level_path,
-                    format!("array has {} dimensions but the multiscales metadata has {} axes", full_shape.len(), multiscale.axes.len()),
+                    format!(
+                        "array has {} dimensions but the multiscales metadata has {} axes",
+                        full_shape.len(),
+                        multiscale.axes.len()
+                    ),
                 ));
             }
             if let Some(k) = (0..leading).find(|&k| full_shape[k] != 1) {
                 return Err(Error::metadata(
                     &level_path,
-                    format!("non-spatial axis '{}' has size {}; only size 1 is supported", multiscale.axes[k].name, full_shape[k]),
+                    format!(
+                        "non-spatial axis '{}' has size {}; only size 1 is supported",
+                        multiscale.axes[k].name, full_shape[k]
+                    ),
                 ));
             }
             let chunk0 = array
@@ -253,7 +269,12 @@ impl Volume {
                 array,
             });
         }
-        Ok(Volume { path, multiscale, levels, cache })
+        Ok(Volume {
+            path,
+            multiscale,
+            levels,
+            cache,
+        })
     }
 
     /// The level closest to `voxel_size` (sum of per-axis relative differences); the finer
@@ -261,9 +282,7 @@ impl Volume {
     pub fn pick_level(&self, voxel_size: [f64; 3]) -> usize {
         let mut best = (f64::INFINITY, f64::INFINITY, 0usize);
         for (i, level) in self.levels.iter().enumerate() {
-            let distance: f64 = (0..3)
-                .map(|k| (level.voxel_size[k] - voxel_size[k]).abs() / voxel_size[k])
-                .sum();
+            let distance: f64 = (0..3).map(|k| (level.voxel_size[k] - voxel_size[k]).abs() / voxel_size[k]).sum();
             let volume: f64 = level.voxel_size.iter().product();
             let better = distance < best.0 - 1e-9 || ((distance - best.0).abs() <= 1e-9 && volume < best.1);
             if better {
@@ -375,7 +394,14 @@ impl Volume {
             let origin: [i64; 3] = std::array::from_fn(|k| (index[k] * lvl.chunk_shape[k]) as i64);
             let lo: [i64; 3] = std::array::from_fn(|k| inside_lo[k].max(origin[k]));
             let hi: [i64; 3] = std::array::from_fn(|k| inside_hi[k].min(origin[k] + chunk.shape[k] as i64));
-            let part = ChunkPart { origin, lo, hi, region_start: start, region_rows: shape[1], spans };
+            let part = ChunkPart {
+                origin,
+                lo,
+                hi,
+                region_start: start,
+                region_rows: shape[1],
+                spans,
+            };
             copy_chunk_part(&chunk, &part, out, base, strides, mode);
         }
         Ok(())
@@ -471,7 +497,13 @@ fn copy_typed<T: ToF32, O: OutputElement>(
     strides: [isize; 3],
     mode: ValueMode,
 ) {
-    let ChunkPart { origin, lo, hi, region_start, .. } = *part;
+    let ChunkPart {
+        origin,
+        lo,
+        hi,
+        region_start,
+        ..
+    } = *part;
     for z in lo[0]..hi[0] {
         for y in lo[1]..hi[1] {
             let (mut x_lo, mut x_hi) = (lo[2], hi[2]);
@@ -484,8 +516,8 @@ fn copy_typed<T: ToF32, O: OutputElement>(
                 }
             }
             let run = (x_hi - x_lo) as usize;
-            let src0 = (((z - origin[0]) as usize * chunk_shape[1]) + (y - origin[1]) as usize) * chunk_shape[2]
-                + (x_lo - origin[2]) as usize;
+            let src0 =
+                (((z - origin[0]) as usize * chunk_shape[1]) + (y - origin[1]) as usize) * chunk_shape[2] + (x_lo - origin[2]) as usize;
             let src = &data[src0..src0 + run];
             let dst0 = base
                 + (z - region_start[0]) as isize * strides[0]
@@ -496,9 +528,10 @@ fn copy_typed<T: ToF32, O: OutputElement>(
                 match mode {
                     // Separate loops so each is a straight conversion the compiler vectorises.
                     ValueMode::Raw => dst.iter_mut().zip(src).for_each(|(d, s)| *d = O::convert(*s, ValueMode::Raw)),
-                    ValueMode::Foreground => {
-                        dst.iter_mut().zip(src).for_each(|(d, s)| *d = O::convert(*s, ValueMode::Foreground))
-                    }
+                    ValueMode::Foreground => dst
+                        .iter_mut()
+                        .zip(src)
+                        .for_each(|(d, s)| *d = O::convert(*s, ValueMode::Foreground)),
                 }
             } else {
                 for (i, s) in src.iter().enumerate() {

@@ -112,7 +112,10 @@ impl Blend {
 /// dropped). An axis shorter than the tile gets one tile centred on it (its start is negative
 /// and the tile is clipped to the array when written).
 pub fn plan_starts(extent: u64, tile: usize, overlap: usize) -> Vec<i64> {
-    assert!(tile > 0 && overlap < tile.max(1), "tile must be positive and larger than the overlap");
+    assert!(
+        tile > 0 && overlap < tile.max(1),
+        "tile must be positive and larger than the overlap"
+    );
     let (extent, tile_i) = (extent as i64, tile as i64);
     if extent <= tile_i {
         return vec![-((tile_i - extent) / 2)];
@@ -181,7 +184,13 @@ impl TilePlan {
                 .collect()
         });
         let weights = blended.then(|| std::array::from_fn(|k| blend.axis_weights(tile[k], overlap[k])));
-        Ok(TilePlan { tile, overlap, starts, regions, weights })
+        Ok(TilePlan {
+            tile,
+            overlap,
+            starts,
+            regions,
+            weights,
+        })
     }
 
     /// Tiles per axis.
@@ -286,7 +295,11 @@ fn parse_dtype(name: &str) -> Result<DType> {
         "int16" => DType::I16,
         "int32" => DType::I32,
         "int64" => DType::I64,
-        other => return Err(Error::invalid(format!("dtype must be a float or integer type name such as 'float32', not '{other}'"))),
+        other => {
+            return Err(Error::invalid(format!(
+                "dtype must be a float or integer type name such as 'float32', not '{other}'"
+            )))
+        }
     })
 }
 
@@ -325,7 +338,9 @@ impl WriterConfig {
         let fill_value = match value.get("fill_value") {
             None => 0.0,
             Some(Value::Null) => f64::NAN,
-            Some(v) => v.as_f64().ok_or_else(|| Error::invalid(format!("fill_value must be a number, not {v}")))?,
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| Error::invalid(format!("fill_value must be a number, not {v}")))?,
         };
         let format = match value.get("zarr_format").and_then(Value::as_u64).unwrap_or(2) {
             2 => ZarrFormat::V2,
@@ -382,10 +397,14 @@ impl WriterConfig {
         for (k, axis) in AXES.iter().enumerate() {
             let (lo, hi, v) = (self.bounds.lo[k], self.bounds.hi[k], self.voxel_size[k]);
             if !(v.is_finite() && v > 0.0) {
-                return Err(Error::invalid(format!("voxel size on axis '{axis}' must be positive and finite, not {v}")));
+                return Err(Error::invalid(format!(
+                    "voxel size on axis '{axis}' must be positive and finite, not {v}"
+                )));
             }
             if !(lo.is_finite() && hi.is_finite() && hi > lo) {
-                return Err(Error::invalid(format!("bounds on axis '{axis}' must be finite with lo < hi, not [{lo}, {hi}]")));
+                return Err(Error::invalid(format!(
+                    "bounds on axis '{axis}' must be finite with lo < hi, not [{lo}, {hi}]"
+                )));
             }
         }
         if self.write_shape.contains(&0) {
@@ -395,12 +414,18 @@ impl WriterConfig {
             return Err(Error::invalid(format!("chunk shape {:?} has a zero-length axis", self.chunk_shape)));
         }
         if !(-131072..=22).contains(&self.compression_level) {
-            return Err(Error::invalid(format!("compression_level {} is not a zstd level (-131072..=22)", self.compression_level)));
+            return Err(Error::invalid(format!(
+                "compression_level {} is not a zstd level (-131072..=22)",
+                self.compression_level
+            )));
         }
         if !self.dtype.is_float() {
             let f = self.fill_value;
             if !(f.is_finite() && f.fract() == 0.0) {
-                return Err(Error::invalid(format!("fill_value {f} is not an integer but dtype is {}", self.dtype.name())));
+                return Err(Error::invalid(format!(
+                    "fill_value {f} is not an integer but dtype is {}",
+                    self.dtype.name()
+                )));
             }
         }
         if let Some(t) = &self.tiling {
@@ -611,7 +636,11 @@ fn multiscale_name(config: &WriterConfig) -> String {
             .strip_prefix(root)
             .map(|p| p.to_string_lossy().into_owned())
             .unwrap_or_default(),
-        None => config.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        None => config
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
     }
 }
 
@@ -630,7 +659,10 @@ fn multiscale_json(config: &WriterConfig, levels: &[LevelInfo]) -> Value {
             })
         })
         .collect();
-    let axes: Vec<Value> = AXES.iter().map(|a| json!({"name": a, "type": "space", "unit": "nanometer"})).collect();
+    let axes: Vec<Value> = AXES
+        .iter()
+        .map(|a| json!({"name": a, "type": "space", "unit": "nanometer"}))
+        .collect();
     let mut m = json!({
         "name": multiscale_name(config),
         "axes": axes,
@@ -832,7 +864,10 @@ pub struct ImageWriter {
 
 impl std::fmt::Debug for ImageWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ImageWriter").field("path", &self.config.path).field("shape", &self.shape()).finish()
+        f.debug_struct("ImageWriter")
+            .field("path", &self.config.path)
+            .field("shape", &self.shape())
+            .finish()
     }
 }
 
@@ -889,7 +924,10 @@ impl ImageWriter {
         }
         for dir in container_chain(&path) {
             if dir.join(".zarray").is_file() {
-                return Err(Error::invalid(format!("{}: is a zarr array, not a group; cannot write inside it", dir.display())));
+                return Err(Error::invalid(format!(
+                    "{}: is a zarr array, not a group; cannot write inside it",
+                    dir.display()
+                )));
             }
             let other = match config.format {
                 ZarrFormat::V2 => dir.join("zarr.json"),
@@ -908,7 +946,10 @@ impl ImageWriter {
             if dir.join("zarr.json").is_file() {
                 if let Ok(doc) = crate::ngff::read_json(&dir.join("zarr.json")) {
                     if doc.get("node_type").and_then(Value::as_str) == Some("array") {
-                        return Err(Error::invalid(format!("{}: is a zarr array, not a group; cannot write inside it", dir.display())));
+                        return Err(Error::invalid(format!(
+                            "{}: is a zarr array, not a group; cannot write inside it",
+                            dir.display()
+                        )));
                     }
                 }
             }
@@ -923,10 +964,17 @@ impl ImageWriter {
         if !existing.is_dir() {
             return Err(Error::io(
                 &existing,
-                std::io::Error::new(std::io::ErrorKind::NotADirectory, "is not a directory; cannot create the output below it"),
+                std::io::Error::new(
+                    std::io::ErrorKind::NotADirectory,
+                    "is not a directory; cannot create the output below it",
+                ),
             ));
         }
-        let probe = existing.join(format!(".cellmap-write-probe-{}-{}", std::process::id(), TMP_COUNTER.fetch_add(1, Ordering::Relaxed)));
+        let probe = existing.join(format!(
+            ".cellmap-write-probe-{}-{}",
+            std::process::id(),
+            TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
         match fs::File::create(&probe) {
             Ok(_) => {
                 let _ = fs::remove_file(&probe);
@@ -964,7 +1012,13 @@ impl ImageWriter {
         for (i, (shape, f)) in config.level_geometry().into_iter().enumerate() {
             let voxel_size: [f64; 3] = std::array::from_fn(|k| config.voxel_size[k] * f[k] as f64);
             let translation = std::array::from_fn(|k| config.bounds.lo[k] + voxel_size[k] / 2.0);
-            levels.push(LevelInfo { name: format!("s{}", config.first_level + i), shape, voxel_size, translation, array: None });
+            levels.push(LevelInfo {
+                name: format!("s{}", config.first_level + i),
+                shape,
+                voxel_size,
+                translation,
+                array: None,
+            });
         }
         let store = Arc::new(FilesystemStore::new(&path).map_err(|e| Error::metadata(&path, e))?);
         for level in levels.iter_mut() {
@@ -995,7 +1049,9 @@ impl ImageWriter {
             Some(t) => Some(TilePlan::new(shape0, config.write_shape, t.overlap, t.blend)?),
             None => None,
         };
-        let received = (0..plan.as_ref().map_or(0, TilePlan::len)).map(|_| AtomicBool::new(false)).collect();
+        let received = (0..plan.as_ref().map_or(0, TilePlan::len))
+            .map(|_| AtomicBool::new(false))
+            .collect();
         Ok(ImageWriter {
             config,
             levels,
@@ -1026,7 +1082,10 @@ impl ImageWriter {
 
     /// Per level: (path, shape, voxel size, translation).
     pub fn levels(&self) -> Vec<LevelSummary> {
-        self.levels.iter().map(|l| (l.name.clone(), l.shape, l.voxel_size, l.translation)).collect()
+        self.levels
+            .iter()
+            .map(|l| (l.name.clone(), l.shape, l.voxel_size, l.translation))
+            .collect()
     }
 
     /// The tiling plan, if any.
@@ -1038,7 +1097,10 @@ impl ImageWriter {
     pub fn tile_centre(&self, index: usize) -> Result<[f64; 3]> {
         let plan = self.require_plan()?;
         if index >= plan.len() {
-            return Err(Error::invalid(format!("tile index {index} is out of range for {} tiles", plan.len())));
+            return Err(Error::invalid(format!(
+                "tile index {index} is out of range for {} tiles",
+                plan.len()
+            )));
         }
         let s = plan.tile_start(index);
         Ok(std::array::from_fn(|k| {
@@ -1163,7 +1225,8 @@ impl ImageWriter {
         }
         let mut work: Vec<([u64; 3], Vec<usize>)> = by_chunk.into_iter().collect();
         work.sort_unstable_by_key(|(c, _)| *c);
-        work.par_iter().try_for_each(|(chunk, list)| self.apply_to_chunk(*chunk, list.iter().map(|&p| &pieces[p])))
+        work.par_iter()
+            .try_for_each(|(chunk, list)| self.apply_to_chunk(*chunk, list.iter().map(|&p| &pieces[p])))
     }
 
     fn chunk_box(&self, level: usize, chunk: [u64; 3]) -> ([u64; 3], [u64; 3]) {
@@ -1224,7 +1287,12 @@ impl ImageWriter {
             ChunkState::Written => {
                 // Read back, overwrite the new voxels (last write wins), write again.
                 let mut values = self.load_chunk(0, chunk)?;
-                let mut acc = Acc { values: std::mem::take(&mut values), weights: None, covered: None, remaining: 0 };
+                let mut acc = Acc {
+                    values: std::mem::take(&mut values),
+                    weights: None,
+                    covered: None,
+                    remaining: 0,
+                };
                 for piece in pieces {
                     copy_piece(&mut acc, lo, hi, self.config.chunk_shape, piece, None);
                 }
@@ -1332,8 +1400,7 @@ impl ImageWriter {
 
     /// Writes every pending chunk (in parallel). Chunks never written stay absent (fill value).
     pub fn flush(&self) -> Result<()> {
-        let slots: Vec<([u64; 3], Arc<Mutex<ChunkState>>)> =
-            lock(&self.chunks).iter().map(|(k, v)| (*k, v.clone())).collect();
+        let slots: Vec<([u64; 3], Arc<Mutex<ChunkState>>)> = lock(&self.chunks).iter().map(|(k, v)| (*k, v.clone())).collect();
         slots.par_iter().try_for_each(|(chunk, slot)| {
             let mut state = lock(slot);
             if let ChunkState::Pending(acc) = &mut *state {
@@ -1425,27 +1492,49 @@ impl Drop for ImageWriter {
 }
 
 fn empty_acc() -> Acc {
-    Acc { values: Vec::new(), weights: None, covered: None, remaining: 0 }
+    Acc {
+        values: Vec::new(),
+        weights: None,
+        covered: None,
+        remaining: 0,
+    }
 }
 
 /// The chunk's final values: blended sums divided by their weights (fill where no weight).
 fn finish(acc: Acc, fill: f32) -> Vec<f32> {
     match acc.weights {
         None => acc.values,
-        Some(w) => acc.values.iter().zip(&w).map(|(&v, &w)| if w > 0.0 { v / w } else { fill }).collect(),
+        Some(w) => acc
+            .values
+            .iter()
+            .zip(&w)
+            .map(|(&v, &w)| if w > 0.0 { v / w } else { fill })
+            .collect(),
     }
 }
 
 fn normalised(acc: &Acc, fill: f32) -> Vec<f32> {
     match &acc.weights {
         None => acc.values.clone(),
-        Some(w) => acc.values.iter().zip(w).map(|(&v, &w)| if w > 0.0 { v / w } else { fill }).collect(),
+        Some(w) => acc
+            .values
+            .iter()
+            .zip(w)
+            .map(|(&v, &w)| if w > 0.0 { v / w } else { fill })
+            .collect(),
     }
 }
 
 /// Copies the part of `piece` inside the chunk `[lo, hi)` into `acc`; returns how many voxels
 /// became covered for the first time (0 when coverage is not tracked).
-fn copy_piece(acc: &mut Acc, lo: [u64; 3], hi: [u64; 3], chunk_shape: [usize; 3], piece: &Piece<'_>, weights: Option<&[Vec<f32>; 3]>) -> u64 {
+fn copy_piece(
+    acc: &mut Acc,
+    lo: [u64; 3],
+    hi: [u64; 3],
+    chunk_shape: [usize; 3],
+    piece: &Piece<'_>,
+    weights: Option<&[Vec<f32>; 3]>,
+) -> u64 {
     let r = piece.region;
     let a: [u64; 3] = std::array::from_fn(|k| r[k].0.max(lo[k]));
     let b: [u64; 3] = std::array::from_fn(|k| r[k].1.min(hi[k]));
@@ -1530,7 +1619,10 @@ mod tests {
             first_level: 0,
             downsample_levels: 0,
             compression_level: 3,
-            tiling: Some(TilingConfig { overlap: [0; 3], blend: Blend::Linear }),
+            tiling: Some(TilingConfig {
+                overlap: [0; 3],
+                blend: Blend::Linear,
+            }),
             protected: Vec::new(),
             fsync: false,
         }
@@ -1629,7 +1721,16 @@ mod tests {
         }
         let mut out = vec![0f32; 37 * 70 * 45];
         volume
-            .gather(0, [0, 0, 0], [37, 70, 45], &mut out, 0, [70 * 45, 45, 1], crate::volume::ValueMode::Raw, f32::NAN)
+            .gather(
+                0,
+                [0, 0, 0],
+                [37, 70, 45],
+                &mut out,
+                0,
+                [70 * 45, 45, 1],
+                crate::volume::ValueMode::Raw,
+                f32::NAN,
+            )
             .unwrap();
         for z in 0..37 {
             for y in 0..70 {
@@ -1648,7 +1749,10 @@ mod tests {
         let dir = temp_dir("blend");
         let path = dir.join("b.zarr").join("c");
         let mut c = config(path.clone(), [0.0; 3], [8.0, 200.0, 200.0], [8.0, 2.0, 2.0], [1, 32, 32]);
-        c.tiling = Some(TilingConfig { overlap: [0, 8, 8], blend: Blend::Gaussian });
+        c.tiling = Some(TilingConfig {
+            overlap: [0, 8, 8],
+            blend: Blend::Gaussian,
+        });
         c.format = ZarrFormat::V3;
         let writer = ImageWriter::create(c).unwrap();
         let n = writer.plan().unwrap().len();
@@ -1670,7 +1774,10 @@ mod tests {
         let c = config(path.clone(), [0.0; 3], [4.0; 3], [1.0; 3], [4, 4, 4]);
         ImageWriter::create(c.clone()).unwrap().close().unwrap();
         let e = ImageWriter::create(c.clone()).unwrap_err();
-        assert!(matches!(&e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::AlreadyExists), "{e}");
+        assert!(
+            matches!(&e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::AlreadyExists),
+            "{e}"
+        );
         assert!(e.to_string().contains("overwrite"));
         let mut o = c.clone();
         o.overwrite = true;
@@ -1719,7 +1826,9 @@ mod tests {
         assert_eq!(volume.levels[1].voxel_size, [2.0; 3]);
         assert_eq!(volume.levels[1].translation, [1.0; 3]);
         let mut out = vec![0f32; 32];
-        volume.gather(1, [0, 0, 0], [2, 4, 4], &mut out, 0, [16, 4, 1], crate::volume::ValueMode::Raw, 0.0).unwrap();
+        volume
+            .gather(1, [0, 0, 0], [2, 4, 4], &mut out, 0, [16, 4, 1], crate::volume::ValueMode::Raw, 0.0)
+            .unwrap();
         // block (0,0,0): z 0-1, y 0-1, x 0-1 of i = z*64 + y*8 + x
         let expect = [0, 1, 8, 9, 64, 65, 72, 73].iter().sum::<i32>() as f32 / 8.0;
         assert_eq!(out[0], expect);

@@ -134,7 +134,10 @@ impl Dataset {
             let shapes = batch.columns.iter().map(|c| (c.name.clone(), c.sample_shape.clone())).collect();
             Ok((batch.into_record_batch()?, shapes))
         })?;
-        Ok(Batch { record_batch: batch.0, shapes: batch.1 })
+        Ok(Batch {
+            record_batch: batch.0,
+            shapes: batch.1,
+        })
     }
     /// Reads patches centred at arbitrary world `centres` (z, y, x nm) without augmentation;
     /// `indices` label the samples in the batch's `idx` column.
@@ -147,13 +150,21 @@ impl Dataset {
             let requests: Vec<SampleRequest> = centres
                 .iter()
                 .zip(&indices)
-                .map(|(&centre, &index)| SampleRequest { index, centre, draw: SpatialDraw::default(), value_seed: 0 })
+                .map(|(&centre, &index)| SampleRequest {
+                    index,
+                    centre,
+                    draw: SpatialDraw::default(),
+                    value_seed: 0,
+                })
                 .collect();
             let batch = EngineBatch::read(&inner, &requests)?;
             let shapes = batch.columns.iter().map(|c| (c.name.clone(), c.sample_shape.clone())).collect();
             Ok((batch.into_record_batch()?, shapes))
         })?;
-        Ok(Batch { record_batch: batch.0, shapes: batch.1 })
+        Ok(Batch {
+            record_batch: batch.0,
+            shapes: batch.1,
+        })
     }
 }
 
@@ -220,7 +231,9 @@ impl Batch {
         };
         let buffer = PyBuffer::<u8>::get(out)?;
         if buffer.readonly() || !buffer.is_c_contiguous() {
-            return Err(PyValueError::new_err("copy_tensor_into needs a writable, C-contiguous uint8 buffer"));
+            return Err(PyValueError::new_err(
+                "copy_tensor_into needs a writable, C-contiguous uint8 buffer",
+            ));
         }
         if buffer.len_bytes() != source.len() {
             return Err(PyValueError::new_err(format!(

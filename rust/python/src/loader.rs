@@ -16,7 +16,10 @@ use crate::dataset::{Batch, Dataset};
 type PlanTuple = (usize, usize, u64);
 
 fn to_plan(items: Vec<PlanTuple>) -> Vec<PlannedSample> {
-    items.into_iter().map(|(dataset, index, stream)| PlannedSample { dataset, index, stream }).collect()
+    items
+        .into_iter()
+        .map(|(dataset, index, stream)| PlannedSample { dataset, index, stream })
+        .collect()
 }
 
 fn from_plan(plan: Vec<PlannedSample>) -> Vec<PlanTuple> {
@@ -53,7 +56,9 @@ impl Collection {
     /// Uniform plan: `count` samples (None: all once), shuffled or in order.
     #[pyo3(signature = (count, shuffle, seed, epoch))]
     fn plan_uniform(&self, py: Python<'_>, count: Option<usize>, shuffle: bool, seed: u64, epoch: u64) -> PyResult<Vec<PlanTuple>> {
-        uniform_plan(&self.inner.sizes(), count, shuffle, seed, epoch).map(from_plan).map_err(|e| to_pyerr(py, e))
+        uniform_plan(&self.inner.sizes(), count, shuffle, seed, epoch)
+            .map(from_plan)
+            .map_err(|e| to_pyerr(py, e))
     }
 
     /// Class-balanced plan of `count` samples.
@@ -95,11 +100,19 @@ impl Collection {
         if batches.iter().any(Vec::is_empty) {
             return Err(to_pyerr(py, Error::invalid("a batch needs at least one sample")));
         }
-        let settings = StreamSettings { threads, prefetch, key: StreamKey { seed, epoch, rank: 0 }, augment };
+        let settings = StreamSettings {
+            threads,
+            prefetch,
+            key: StreamKey { seed, epoch, rank: 0 },
+            augment,
+        };
         let collection = (*self.inner).clone();
         let plan = batches.into_iter().map(to_plan).collect();
         let stream = EngineStream::start(collection, plan, settings).map_err(|e| to_pyerr(py, e))?;
-        Ok(BatchStream { inner: std::sync::Mutex::new(Some(stream)), pid: std::process::id() })
+        Ok(BatchStream {
+            inner: std::sync::Mutex::new(Some(stream)),
+            pid: std::process::id(),
+        })
     }
 }
 

@@ -26,7 +26,9 @@ pub struct CountProgress {
 impl CountProgress {
     #[new]
     fn new() -> Self {
-        CountProgress { inner: Arc::new(Progress::new()) }
+        CountProgress {
+            inner: Arc::new(Progress::new()),
+        }
     }
 
     /// Chunks scanned so far.
@@ -54,7 +56,11 @@ impl CountProgress {
 }
 
 fn options(cache_dir: Option<PathBuf>, use_cache: bool, use_metadata: bool) -> CountOptions {
-    let cache = if use_cache { CountCache::resolve(cache_dir) } else { CountCache::Disabled };
+    let cache = if use_cache {
+        CountCache::resolve(cache_dir)
+    } else {
+        CountCache::Disabled
+    };
     CountOptions { cache, use_metadata }
 }
 
@@ -93,7 +99,9 @@ fn label_counts<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let options = options(cache_dir, use_cache, use_metadata);
     let progress = progress.map(|p| p.inner.clone());
-    let counts = run(py, move || labels::count_label_group(&path, voxel_size, &options, progress.as_deref()))?;
+    let counts = run(py, move || {
+        labels::count_label_group(&path, voxel_size, &options, progress.as_deref())
+    })?;
     counts_dict(py, &counts)
 }
 
@@ -151,21 +159,38 @@ fn sample_metadata(
     class_weights: Vec<Vec<f64>>,
 ) -> PyResult<PyRecordBatch> {
     let n = idx.len();
-    if [centre.len(), mirror.len(), transpose.len(), rotate.len(), value_seed.len(), class_weights.len()]
-        .iter()
-        .any(|&len| len != n)
+    if [
+        centre.len(),
+        mirror.len(),
+        transpose.len(),
+        rotate.len(),
+        value_seed.len(),
+        class_weights.len(),
+    ]
+    .iter()
+    .any(|&len| len != n)
     {
-        return Err(to_pyerr(py, Error::invalid("sample_metadata: every per-sample column needs one entry per sample")));
+        return Err(to_pyerr(
+            py,
+            Error::invalid("sample_metadata: every per-sample column needs one entry per sample"),
+        ));
     }
     let n_classes = class_weights.first().map_or(0, Vec::len);
     if class_weights.iter().any(|w| w.len() != n_classes) {
-        return Err(to_pyerr(py, Error::invalid("sample_metadata: every sample needs one weight per class")));
+        return Err(to_pyerr(
+            py,
+            Error::invalid("sample_metadata: every sample needs one weight per class"),
+        ));
     }
     let samples: Vec<SampleRequest> = (0..n)
         .map(|i| SampleRequest {
             index: idx[i],
             centre: centre[i],
-            draw: SpatialDraw { mirror: mirror[i], permutation: transpose[i], angles_deg: rotate[i] },
+            draw: SpatialDraw {
+                mirror: mirror[i],
+                permutation: transpose[i],
+                angles_deg: rotate[i],
+            },
             value_seed: value_seed[i],
         })
         .collect();

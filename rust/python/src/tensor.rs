@@ -60,7 +60,11 @@ impl Tensor {
                 buffer.len()
             )));
         }
-        Ok(Tensor { buffer, shape: shape.into_iter().map(|s| s as i64).collect(), element })
+        Ok(Tensor {
+            buffer,
+            shape: shape.into_iter().map(|s| s as i64).collect(),
+            element,
+        })
     }
 
     fn export<M: ManagedTensorBase>(&self) -> PyResult<Managed<M>> {

@@ -43,7 +43,12 @@ impl Volume {
     /// Axes as (name, type, unit) tuples.
     #[getter]
     fn axes(&self) -> Vec<(String, Option<String>, Option<String>)> {
-        self.inner.multiscale.axes.iter().map(|a| (a.name.clone(), a.kind.clone(), a.unit.clone())).collect()
+        self.inner
+            .multiscale
+            .axes
+            .iter()
+            .map(|a| (a.name.clone(), a.kind.clone(), a.unit.clone()))
+            .collect()
     }
 
     /// One dict per level: path, shape, chunks, voxel_size, translation, dtype, world box.
@@ -98,14 +103,24 @@ impl Volume {
         let spec = PatchSpec::new(shape, voxel_size).map_err(|e| to_pyerr(py, e))?;
         let level = level.unwrap_or_else(|| self.inner.pick_level(voxel_size));
         if level >= self.inner.levels.len() {
-            return Err(to_pyerr(py, cellmap_engine::Error::invalid(format!("level {level} does not exist"))));
+            return Err(to_pyerr(
+                py,
+                cellmap_engine::Error::invalid(format!("level {level} does not exist")),
+            ));
         }
         let mut sorted = permutation;
         sorted.sort_unstable();
         if sorted != [0, 1, 2] {
-            return Err(to_pyerr(py, cellmap_engine::Error::invalid(format!("permutation {permutation:?} is not a permutation of 0, 1, 2"))));
+            return Err(to_pyerr(
+                py,
+                cellmap_engine::Error::invalid(format!("permutation {permutation:?} is not a permutation of 0, 1, 2")),
+            ));
         }
-        let draw = SpatialDraw { mirror, permutation, angles_deg: rotation_deg };
+        let draw = SpatialDraw {
+            mirror,
+            permutation,
+            angles_deg: rotation_deg,
+        };
         let options = ReadOptions {
             interpolation,
             mode: if foreground { ValueMode::Foreground } else { ValueMode::Raw },

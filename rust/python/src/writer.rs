@@ -29,9 +29,10 @@ unsafe impl Sync for Values {}
 
 impl Values {
     fn of(py: Python<'_>, buffer: &PyBuffer<f32>) -> PyResult<Values> {
-        buffer.as_slice_ptr().map(Values).ok_or_else(|| {
-            to_pyerr(py, Error::invalid("prediction data must be a C-contiguous float32 buffer"))
-        })
+        buffer
+            .as_slice_ptr()
+            .map(Values)
+            .ok_or_else(|| to_pyerr(py, Error::invalid("prediction data must be a C-contiguous float32 buffer")))
     }
 
     fn slice(&self) -> &[f32] {
@@ -147,7 +148,10 @@ impl ImageWriter {
 
     /// World centres (z, y, x nm) of planned tiles `indices`.
     fn tile_centres(&self, py: Python<'_>, indices: Vec<usize>) -> PyResult<Vec<[f64; 3]>> {
-        indices.iter().map(|&i| self.inner.tile_centre(i).map_err(|e| to_pyerr(py, e))).collect()
+        indices
+            .iter()
+            .map(|&i| self.inner.tile_centre(i).map_err(|e| to_pyerr(py, e)))
+            .collect()
     }
 
     /// Writes planned tiles `indices`: `data` is a C-contiguous float32 buffer holding one tile
@@ -206,6 +210,10 @@ impl ImageWriter {
     }
 
     fn __repr__(&self) -> String {
-        format!("ImageWriter('{}', shape={:?})", self.inner.config().path.display(), self.inner.shape())
+        format!(
+            "ImageWriter('{}', shape={:?})",
+            self.inner.config().path.display(),
+            self.inner.shape()
+        )
     }
 }
