@@ -1,6 +1,8 @@
 //! Reads one patch of one array: composes the single affine map for the request, then takes
 //! the fast path (strided copy straight from decoded chunks) when that map is axis-aligned at
-//! the level's resolution, else the general path (gather the source box once, resample).
+//! the level's resolution, else the general path (gather the voxels the kernel can reach, resample).
+
+use multiversion::multiversion;
 
 use crate::augment::{nearest_indices, resample, FiniteRegion, Interpolation, SpatialDraw, MASK_OUTSIDE};
 use crate::error::{Error, Result};
@@ -324,19 +326,30 @@ fn pack_bit(mask: &[u8], packed: &mut [u8], spans: &[[u32; 2]], row_len: usize, 
 }
 
 /// Writes each class of a packed block at the nearest-voxel `index` of every output voxel
-/// (`pad_value` where the voxel is padding).
+/// (`pad_value` where the voxel is padding). Tiles of voxels: one pass of random byte loads,
+/// then per class a straight bit-to-float pass that vectorises.
 fn unpack_bits(packed: &[u8], index: &[u32], pad_value: f32, outs: &mut [&mut [f32]]) {
-    for (v, &i) in index.iter().enumerate() {
-        debug_assert!((i as usize) < packed.len());
-        // SAFETY: nearest_indices clamps every index into the block.
-        let byte = unsafe { *packed.get_unchecked(i as usize) };
-        for (bit, out) in outs.iter_mut().enumerate() {
-            out[v] = if byte & PACKED_OUTSIDE != 0 {
-                pad_value
-            } else {
-                (byte >> bit & 1) as f32
-            };
+    const TILE: usize = 256;
+    let mut bytes = [0u8; TILE];
+    for (t, tile) in index.chunks(TILE).enumerate() {
+        let bytes = &mut bytes[..tile.len()];
+        for (b, &i) in bytes.iter_mut().zip(tile) {
+            debug_assert!((i as usize) < packed.len());
+            // SAFETY: nearest_indices clamps every index into the block.
+            *b = unsafe { *packed.get_unchecked(i as usize) };
         }
+        let at = t * TILE;
+        for (bit, out) in outs.iter_mut().enumerate() {
+            bits_to_floats(bytes, bit as u32, pad_value, &mut out[at..at + tile.len()]);
+        }
+    }
+}
+
+/// Bit `bit` of each packed byte as 0.0 / 1.0, or `pad_value` where the byte marks padding.
+#[multiversion(targets("x86_64+avx2+fma", "x86_64+sse4.1"))]
+fn bits_to_floats(bytes: &[u8], bit: u32, pad_value: f32, out: &mut [f32]) {
+    for (o, &b) in out.iter_mut().zip(bytes) {
+        *o = if b & PACKED_OUTSIDE != 0 { pad_value } else { (b >> bit & 1) as f32 };
     }
 }
 
