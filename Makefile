@@ -40,7 +40,7 @@ test-notebooks: build
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then $(PY) -m pytest -q --nbmake notebooks/ -p no:cacheprovider; else echo "no notebooks"; fi
 
 bench: build-release
-	$(PY) -m cellmap_data bench
+	$(PY) -m cellmap_data bench --repeat 3
 
 lint:
 	cargo fmt --all --check

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,7 +204,7 @@ def bench_soak(data: Any, batches: int = 10_000, threads: int = 2, cache_mb: int
 
 def run(data_dir: Path | None = None, size: str = "bench", batches: int = 40, threads: list[int] | None = None,
         loader_threads: list[int] | None = None, out: Path | None = None, soak: int = 0, device: str | None = None,
-        engine: bool = True) -> dict[str, Any]:
+        engine: bool = True, repeat: int = 1) -> dict[str, Any]:
     from . import _engine
 
     if not _engine.is_optimized_build():
@@ -216,7 +217,10 @@ def run(data_dir: Path | None = None, size: str = "bench", batches: int = 40, th
     report: dict[str, Any] = {"engine": {}, "loader": {}}
     for config in default_configs(batches) if engine else []:
         for t in threads:
-            r = bench_engine(data, config, t)
+            runs = [bench_engine(data, config, t) for _ in range(repeat)]
+            # Shared machines are noisy: each figure is the median over the repeats.
+            r = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+            r["repeats"] = repeat
             report["engine"][f"{config.name}@{t}"] = r
             target = f"  target warm >= {config.target:g}/s: {'met' if r['warm_samples_per_s'] >= config.target else 'MISSED'}" if config.target else ""
             print(

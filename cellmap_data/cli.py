@@ -192,6 +192,8 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="engine threads of the loader runs (repeatable; default 1 and 2)")
     parser.add_argument("--device", default=None,
                         help="also deliver the loader's batches to this torch device (e.g. cuda) and compare with CPU delivery")
+    parser.add_argument("--repeat", default=1, type=_positive_int,
+                        help="run each engine configuration this many times and report medians (default 1)")
     parser.add_argument("--engine", default=True, action=argparse.BooleanOptionalAction,
                         help="run the engine configurations (default) or only the loader")
 
@@ -200,7 +202,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from cellmap_data.bench import run
 
     run(data_dir=args.data, size=args.size, batches=args.batches, threads=args.threads, out=args.json, soak=args.soak,
-        loader_threads=args.loader_threads, device=args.device, engine=args.engine)
+        loader_threads=args.loader_threads, device=args.device, engine=args.engine, repeat=args.repeat)
     return 0
 
 

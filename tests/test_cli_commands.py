@@ -18,12 +18,15 @@ def test_demo_prints_batches_and_speed(tmp_path):
 
 
 def test_bench_reports_figures_against_bounds(tmp_path):
+    import json
+
     result = run("bench", "--data", str(tmp_path / "bench"), "--size", "tiny", "--batches", "2", "--threads", "1",
-                 "--json", str(tmp_path / "report.json"))
+                 "--repeat", "2", "--json", str(tmp_path / "report.json"))
     assert result.returncode == 0, result.stderr
     assert "efficiency" in result.stdout and "bound" in result.stdout
     assert "batches/s" in result.stdout and "peak RSS" in result.stdout
-    assert (tmp_path / "report.json").exists()
+    engine = json.loads((tmp_path / "report.json").read_text())["engine"]
+    assert engine and all(r["repeats"] == 2 and r["warm_samples_per_s"] > 0 for r in engine.values())
 
 
 def test_bench_loader_only_with_device_and_soak(tmp_path):
