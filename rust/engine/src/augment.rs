@@ -330,9 +330,13 @@ pub fn resample(
     finite: Option<FiniteRegion>,
     out: &mut [f32],
 ) {
-    match (interpolation, finite) {
-        (Interpolation::Linear, Some(region)) => resample_linear_finite(block, block_shape, block_lo, affine, out_shape, region, out),
-        _ => resample_any(block, block_shape, block_lo, affine, out_shape, interpolation, out),
+    match interpolation {
+        // No NaN-free region: every row takes the NaN-aware kernel.
+        Interpolation::Linear => {
+            let region = finite.unwrap_or(FiniteRegion { lo: [0; 3], hi: [0; 3] });
+            resample_linear(block, block_shape, block_lo, affine, out_shape, region, out)
+        }
+        Interpolation::Nearest => resample_nearest(block, block_shape, block_lo, affine, out_shape, out),
     }
 }
 
@@ -340,7 +344,7 @@ pub fn resample(
 /// neighbours inside the NaN-free `region` take the vectorised kernel; rows elsewhere in a
 /// wholly NaN-free block take the clamped kernel; the rest the NaN-aware kernel.
 #[allow(clippy::too_many_arguments)]
-fn resample_linear_finite(
+fn resample_linear(
     block: &[f32],
     block_shape: [usize; 3],
     block_lo: [i64; 3],
@@ -508,47 +512,16 @@ pub fn nearest_indices(block_shape: [usize; 3], block_lo: [i64; 3], affine: &Aff
 /// Marker for "outside the array" in uint8 mask blocks (masks hold 0 and 1).
 pub const MASK_OUTSIDE: u8 = 255;
 
-/// Nearest or NaN-aware trilinear resampling of any float block.
-fn resample_any(
-    block: &[f32],
-    block_shape: [usize; 3],
-    block_lo: [i64; 3],
-    affine: &Affine,
-    out_shape: [usize; 3],
-    interpolation: Interpolation,
-    out: &mut [f32],
-) {
-    let [_, ny, nx] = out_shape;
-    if nx == 0 || ny == 0 {
-        return;
-    }
-    let sy = block_shape[2];
-    let sz = block_shape[1] * block_shape[2];
-    // The kernels index without bounds checks; this makes every clamped index valid.
+/// Nearest-voxel resampling of a float block (the same indices as the label reads).
+fn resample_nearest(block: &[f32], block_shape: [usize; 3], block_lo: [i64; 3], affine: &Affine, out_shape: [usize; 3], out: &mut [f32]) {
+    // The gather below indexes without bounds checks; nearest indices are clamped to the block.
     assert!(block.len() >= block_shape.iter().product::<usize>() && block_shape.iter().all(|&n| n > 0));
-    let max_idx: [i64; 3] = std::array::from_fn(|k| block_shape[k] as i64 - 1);
-    let step = [affine.m[0][2], affine.m[1][2], affine.m[2][2]];
-    // Positions are start + step·x (not accumulated) in every kernel, so a sample gets the same
-    // value whichever kernel reads it.
-    out.par_chunks_mut(nx).with_min_len(4).enumerate().for_each(|(row, line)| {
-        let start = row_start(affine, row, ny, block_lo);
-        match interpolation {
-            Interpolation::Nearest => {
-                for (x, value) in line.iter_mut().enumerate() {
-                    let i: [i64; 3] = std::array::from_fn(|k| floor_i(start[k] + step[k] * x as f64 + 0.5).clamp(0, max_idx[k]));
-                    let at = i[0] as usize * sz + i[1] as usize * sy + i[2] as usize;
-                    debug_assert!(at < block.len());
-                    // SAFETY: each index is clamped to the block's extent on its axis.
-                    *value = unsafe { *block.get_unchecked(at) };
-                }
-            }
-            Interpolation::Linear => {
-                for (x, value) in line.iter_mut().enumerate() {
-                    let s: [f64; 3] = std::array::from_fn(|k| start[k] + step[k] * x as f64);
-                    *value = trilinear(block, sz, sy, max_idx, s);
-                }
-            }
-        }
+    let mut index = vec![0u32; out.len()];
+    nearest_indices(block_shape, block_lo, affine, out_shape, &mut index);
+    out.par_iter_mut().zip(&index).with_min_len(4096).for_each(|(value, &i)| {
+        debug_assert!((i as usize) < block.len());
+        // SAFETY: nearest_indices clamps every index into the block.
+        *value = unsafe { *block.get_unchecked(i as usize) };
     });
 }
 

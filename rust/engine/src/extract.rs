@@ -7,7 +7,7 @@ use multiversion::multiversion;
 use crate::augment::{nearest_indices, resample, FiniteRegion, Interpolation, SpatialDraw, MASK_OUTSIDE};
 use crate::error::{Error, Result};
 use crate::geometry::Affine;
-use crate::volume::{ValueMode, Volume};
+use crate::volume::{Level, ValueMode, Volume};
 
 /// What to read: output shape (z, y, x; a 1 marks a 2D slice) and voxel size in nm.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -80,14 +80,7 @@ pub fn read_patch(
 ) -> Result<ReadInfo> {
     debug_assert_eq!(out.len(), spec.len());
     let lvl = &volume.levels[level];
-    let mut affine = Affine::compose(
-        spec.shape,
-        spec.voxel_size,
-        centre,
-        &draw.orientation(),
-        lvl.voxel_size,
-        lvl.translation,
-    );
+    let mut affine = patch_affine(lvl, spec, centre, draw);
     if let Some(axes) = affine.axis_aligned_unit() {
         // Snap to the source grid: an axis-aligned read at the level's resolution is a copy.
         let b: [i64; 3] = std::array::from_fn(|j| affine.b[j].round() as i64);
@@ -251,14 +244,7 @@ pub fn read_patch_group(
         return Ok(());
     };
     let lvl = &first.levels[first_level];
-    let mut affine = Affine::compose(
-        spec.shape,
-        spec.voxel_size,
-        centre,
-        &draw.orientation(),
-        lvl.voxel_size,
-        lvl.translation,
-    );
+    let mut affine = patch_affine(lvl, spec, centre, draw);
     let shareable =
         options.mode == ValueMode::Foreground && options.interpolation == Interpolation::Nearest && affine.axis_aligned_unit().is_none();
     if !shareable {
@@ -349,7 +335,11 @@ fn unpack_bits(packed: &[u8], index: &[u32], pad_value: f32, outs: &mut [&mut [f
 #[multiversion(targets("x86_64+avx2+fma", "x86_64+sse4.1"))]
 fn bits_to_floats(bytes: &[u8], bit: u32, pad_value: f32, out: &mut [f32]) {
     for (o, &b) in out.iter_mut().zip(bytes) {
-        *o = if b & PACKED_OUTSIDE != 0 { pad_value } else { (b >> bit & 1) as f32 };
+        *o = if b & PACKED_OUTSIDE != 0 {
+            pad_value
+        } else {
+            (b >> bit & 1) as f32
+        };
     }
 }
 
@@ -427,6 +417,18 @@ fn row_spans(
         }
     }
     spans
+}
+
+/// The output-voxel → source-voxel map of a patch read from `level`.
+fn patch_affine(level: &Level, spec: &PatchSpec, centre: [f64; 3], draw: &SpatialDraw) -> Affine {
+    Affine::compose(
+        spec.shape,
+        spec.voxel_size,
+        centre,
+        &draw.orientation(),
+        level.voxel_size,
+        level.translation,
+    )
 }
 
 /// Moves a run of `len` voxels starting at `start` inside `[0, size)` when it fits.

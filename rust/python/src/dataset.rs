@@ -5,6 +5,7 @@ use std::sync::Arc;
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float32Type, UInt8Type};
 use arrow_array::{Array, RecordBatch};
+use arrow_buffer::Buffer;
 use cellmap_engine::augment::SpatialDraw;
 use cellmap_engine::batch::{Batch as EngineBatch, SampleRequest};
 use cellmap_engine::cache::ChunkCache;
@@ -185,6 +186,26 @@ impl Batch {
     }
 }
 
+impl Batch {
+    /// The values buffer of tensor column `name`, its `[batch, *sample_shape]` shape and its
+    /// element type.
+    fn column(&self, name: &str) -> PyResult<(Buffer, Vec<usize>, Element)> {
+        let (_, sample_shape) = self
+            .shapes
+            .iter()
+            .find(|(n, _)| n == name)
+            .ok_or_else(|| PyKeyError::new_err(format!("no tensor column '{name}'")))?;
+        let column = self.record_batch.column_by_name(name).expect("tensor column exists");
+        let values = column.as_fixed_size_list().values();
+        let mut shape = vec![self.record_batch.num_rows()];
+        shape.extend(sample_shape);
+        Ok(match values.data_type() {
+            arrow_schema::DataType::UInt8 => (values.as_primitive::<UInt8Type>().values().inner().clone(), shape, Element::U8),
+            _ => (values.as_primitive::<Float32Type>().values().inner().clone(), shape, Element::F32),
+        })
+    }
+}
+
 #[pymethods]
 impl Batch {
     fn __len__(&self) -> usize {
@@ -199,36 +220,15 @@ impl Batch {
 
     /// The tensor column `name` as a `[batch, *sample_shape]` DLPack tensor (no copy).
     fn tensor(&self, name: &str) -> PyResult<Tensor> {
-        let (_, sample_shape) = self
-            .shapes
-            .iter()
-            .find(|(n, _)| n == name)
-            .ok_or_else(|| PyKeyError::new_err(format!("no tensor column '{name}'")))?;
-        let column = self.record_batch.column_by_name(name).expect("tensor column exists");
-        let values = column.as_fixed_size_list().values();
-        let mut shape = vec![self.record_batch.num_rows()];
-        shape.extend(sample_shape);
-        match values.data_type() {
-            arrow_schema::DataType::UInt8 => {
-                Tensor::with_element(values.as_primitive::<UInt8Type>().values().inner().clone(), shape, Element::U8)
-            }
-            _ => Tensor::new(values.as_primitive::<Float32Type>().values().inner().clone(), shape),
-        }
+        let (values, shape, element) = self.column(name)?;
+        Tensor::with_element(values, shape, element)
     }
 
     /// Copies the tensor column `name` into `out`, a writable C-contiguous buffer of exactly its
     /// size in bytes (e.g. a uint8 numpy view of a pinned torch tensor), on the engine's
     /// threads without the GIL.
     fn copy_tensor_into(&self, py: Python<'_>, name: &str, out: &Bound<'_, PyAny>) -> PyResult<()> {
-        if !self.shapes.iter().any(|(n, _)| n == name) {
-            return Err(PyKeyError::new_err(format!("no tensor column '{name}'")));
-        }
-        let column = self.record_batch.column_by_name(name).expect("tensor column exists");
-        let values = column.as_fixed_size_list().values();
-        let source = match values.data_type() {
-            arrow_schema::DataType::UInt8 => values.as_primitive::<UInt8Type>().values().inner().clone(),
-            _ => values.as_primitive::<Float32Type>().values().inner().clone(),
-        };
+        let (source, _, _) = self.column(name)?;
         let buffer = PyBuffer::<u8>::get(out)?;
         if buffer.readonly() || !buffer.is_c_contiguous() {
             return Err(PyValueError::new_err(
