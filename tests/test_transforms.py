@@ -52,6 +52,47 @@ def test_transforms_importable_from_augment_module():
     assert AugmentNaNtoNum is NaNtoNum
 
 
+ALL_TRANSFORMS = {
+    "Normalize": lambda: Normalize(),
+    "GaussianNoise": lambda: GaussianNoise(std=0.5),
+    "RandomContrast": lambda: RandomContrast(),
+    "RandomGamma": lambda: RandomGamma(),
+    "Binarize": lambda: Binarize(0.5),
+    "NaNtoNum": lambda: NaNtoNum({"nan": 0}),
+    "GaussianBlur": lambda: GaussianBlur(3, 1.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALL_TRANSFORMS))
+def test_transform_method_is_an_alias_of_calling_the_transform(name):
+    transform = ALL_TRANSFORMS[name]()
+    x = torch.rand(1, 8, 8)
+    x[0, 0, 0] = math.nan
+    torch.manual_seed(7)
+    called = transform(x)
+    torch.manual_seed(7)
+    aliased = transform.transform(x)
+    torch.manual_seed(7)
+    with_params = transform.transform(x, {})  # torchvision's (inpt, params) form
+    torch.testing.assert_close(aliased, called, equal_nan=True)
+    torch.testing.assert_close(with_params, called, equal_nan=True)
+
+
+def test_transform_alias_draws_per_sample_inside_sample_seeds():
+    batch = uint8_range_batch()
+    with sample_seeds([1, 2, 3, 4]):
+        called = RandomContrast()(batch)
+    with sample_seeds([1, 2, 3, 4]):
+        aliased = RandomContrast().transform(batch)
+    torch.testing.assert_close(aliased, called)
+
+
+def test_binarize_transform_gives_hand_computed_values():
+    x = torch.tensor([0.2, 0.5, 0.7, math.nan])
+    out = Binarize(0.5).transform(x)
+    torch.testing.assert_close(out, torch.tensor([0.0, 0.0, 1.0, math.nan]), equal_nan=True)
+
+
 def test_all_transforms_are_nn_modules():
     transforms = [
         Normalize(),
@@ -323,15 +364,57 @@ def test_gaussian_blur_leaves_constant_image_unchanged():
     torch.testing.assert_close(GaussianBlur(7, 3.0)(x), x)
 
 
-def test_gaussian_blur_rejects_even_kernel_size():
+# The reference library asserts on these arguments; users match on its exact messages.
+ODD_KERNEL_MESSAGE = "Kernel size should be an odd number."
+DIM_MESSAGE = "Only 2D or 3D Gaussian blur is supported."
+
+
+@pytest.mark.parametrize("kernel_size", [4, 2, 0, -2])
+def test_gaussian_blur_rejects_even_kernel_size_with_the_reference_assertion(kernel_size):
+    with pytest.raises(AssertionError) as error:
+        GaussianBlur(kernel_size=kernel_size)
+    assert str(error.value) == ODD_KERNEL_MESSAGE
+
+
+@pytest.mark.parametrize("dim", [1, 4, 0])
+def test_gaussian_blur_rejects_unsupported_dim_with_the_reference_assertion(dim):
+    with pytest.raises(AssertionError) as error:
+        GaussianBlur(dim=dim)
+    assert str(error.value) == DIM_MESSAGE
+
+
+def test_gaussian_blur_checks_dim_before_kernel_size_like_the_reference():
+    with pytest.raises(AssertionError) as error:
+        GaussianBlur(kernel_size=4, dim=4)
+    assert str(error.value) == DIM_MESSAGE
+
+
+def test_gaussian_blur_argument_errors_are_also_value_errors():
     with pytest.raises(ValueError, match="odd"):
         GaussianBlur(kernel_size=4)
+    with pytest.raises(ValueError, match="2D or 3D"):
+        GaussianBlur(dim=1)
 
 
-@pytest.mark.parametrize("dim", [1, 4])
-def test_gaussian_blur_rejects_unsupported_dim(dim):
-    with pytest.raises(ValueError, match="dim"):
-        GaussianBlur(dim=dim)
+def test_gaussian_blur_rejects_negative_odd_kernel_size():
+    with pytest.raises(AssertionError, match="positive odd"):
+        GaussianBlur(kernel_size=-1)
+
+
+@pytest.mark.parametrize("kernel_size", [3.0, "3", True])
+def test_gaussian_blur_rejects_non_integer_kernel_size(kernel_size):
+    with pytest.raises(TypeError):
+        GaussianBlur(kernel_size=kernel_size)
+
+
+def test_gaussian_blur_accepts_numpy_integer_kernel_size():
+    assert GaussianBlur(kernel_size=np.int64(5)).kernel_size == 5
+
+
+@pytest.mark.parametrize(("keyword", "value"), [("sigma", 0.0), ("sigma", -1.0), ("channels", 0)])
+def test_gaussian_blur_rejects_non_positive_sigma_and_channels(keyword, value):
+    with pytest.raises(ValueError):
+        GaussianBlur(**{keyword: value})
 
 
 def test_gaussian_blur_rejects_input_with_too_few_axes():

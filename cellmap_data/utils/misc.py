@@ -1,4 +1,13 @@
-"""Small standalone helpers."""
+"""Small standalone helpers, gathered where the reference library defines them.
+
+``cellmap_data.utils.misc`` holds the reference's miscellaneous helpers.  Here
+:func:`longest_common_substring` and :func:`torch_max_value` are defined in this
+module; the spec-shape helpers come from :mod:`cellmap_data.utils.shapes`,
+:func:`split_target_path` from :mod:`cellmap_data.utils.paths` and
+:func:`min_redundant_inds` from :mod:`cellmap_data.utils.sampling`, and are
+re-exported so that ``from cellmap_data.utils.misc import ...`` works for
+every name the reference puts there.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +15,27 @@ from difflib import SequenceMatcher
 
 import torch
 
-__all__ = ["longest_common_substring", "torch_max_value"]
+from cellmap_data.utils.paths import split_target_path
+from cellmap_data.utils.sampling import min_redundant_inds
+from cellmap_data.utils.shapes import (
+    array_has_singleton_dim,
+    expand_scale,
+    get_sliced_shape,
+    is_array_2D,
+    permute_singleton_dimension,
+)
+
+__all__ = [
+    "array_has_singleton_dim",
+    "expand_scale",
+    "get_sliced_shape",
+    "is_array_2D",
+    "longest_common_substring",
+    "min_redundant_inds",
+    "permute_singleton_dimension",
+    "split_target_path",
+    "torch_max_value",
+]
 
 
 def longest_common_substring(a: str, b: str) -> str:

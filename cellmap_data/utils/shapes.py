@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable, Mapping, MutableMapping, Sequence, U
 
 __all__ = [
     "array_has_singleton_dim",
+    "expand_scale",
     "get_sliced_shape",
     "is_array_2D",
     "is_array_spec",
@@ -39,19 +40,23 @@ def _specs(info: Any, caller: str) -> Mapping[str, Any]:
 
 
 def is_array_2D(
-    info: ArrayInfo, summary: Summary | None = None
+    info: ArrayInfo | None, summary: Summary | None = None
 ) -> Union[bool, dict[str, bool]]:
     """Whether arrays are 2-D (``len(shape) == 2``).
 
     Args:
-        info: one spec, or a dict ``{name: spec}``.
+        info: one spec, or a dict ``{name: spec}``; ``None`` or an empty
+            dict means "no arrays".
         summary: for a dict of specs, a function such as ``any`` or ``all``
             applied to the per-array results; None returns the dict.
 
     Returns:
         A bool for one spec; for a dict of specs ``{name: bool}``, or
-        ``summary(values)`` when given.
+        ``summary(values)`` when given; ``False`` for ``None`` or ``{}``
+        (as the reference library answers).
     """
+    if info is None or (isinstance(info, Mapping) and len(info) == 0):
+        return False
     if is_array_spec(info):
         return len(info["shape"]) == 2
     results = {name: bool(is_array_2D(spec)) for name, spec in _specs(info, "is_array_2D").items()}
@@ -59,16 +64,23 @@ def is_array_2D(
 
 
 def array_has_singleton_dim(
-    info: ArrayInfo, summary: Union[bool, Summary, None] = True
+    info: ArrayInfo | None, summary: Union[bool, Summary, None] = True
 ) -> Union[bool, dict[str, bool]]:
     """Whether arrays have a size-1 axis.
 
     Args:
-        info: one spec, or a dict ``{name: spec}``.
+        info: one spec, or a dict ``{name: spec}``; ``None`` or an empty
+            dict means "no arrays".
         summary: for a dict of specs, ``True`` returns ``any`` over the
             arrays, a callable is applied to the per-array results, and a
             falsy value returns the dict ``{name: bool}``.
+
+    Returns:
+        A bool for one spec or with a summary, else ``{name: bool}``;
+        ``False`` for ``None`` or ``{}`` (as the reference library answers).
     """
+    if info is None or (isinstance(info, Mapping) and len(info) == 0):
+        return False
     if is_array_spec(info):
         return any(size == 1 for size in info["shape"])
     specs = _specs(info, "array_has_singleton_dim")
@@ -116,6 +128,18 @@ def get_sliced_shape(shape: Sequence[int], axis: int) -> list[int]:
         sizes.insert(axis, 1)
         return sizes
     raise ValueError(f"get_sliced_shape needs a 2- or 3-element shape, got {sizes}")
+
+
+def expand_scale(scale: Sequence[float]) -> list[float]:
+    """A 2-D voxel size made 3-D by repeating its first value in front.
+
+    ``expand_scale([4, 8])`` gives ``[4, 4, 8]``; scales of any other length
+    come back unchanged (as a new list).
+    """
+    values = list(scale)
+    if len(values) == 2:
+        values.insert(0, values[0])
+    return values
 
 
 def _permute_spec(spec: MutableMapping[str, Any], axis: int) -> None:
