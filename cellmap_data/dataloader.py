@@ -1,0 +1,28 @@
+"""``cellmap_data.dataloader``: where the reference library defines :class:`CellMapDataLoader`.
+
+Scripts written for the reference import the loader from here.
+The class lives in :mod:`cellmap_data.loader`; it is imported from there the first time
+it is used, so importing this module alone stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cellmap_data.loader import CellMapDataLoader
+
+__all__ = ["CellMapDataLoader"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module("cellmap_data.loader"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
