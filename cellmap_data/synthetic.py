@@ -676,6 +676,37 @@ def _zyx(values) -> tuple[float, float, float]:
     return z, y, x
 
 
+#: How to get the optional dependencies of this module (zarr-python and numcodecs).
+_SYNTHETIC_EXTRA_HINT = "pip install 'cellmap-data[synthetic]'"
+
+
+def _import_zarr() -> tuple[Any, Any]:
+    """``(zarr, numcodecs)``, imported on first use.
+
+    Only writing synthetic data needs zarr-python (>= 3, for its v2 and v3 writers) and
+    numcodecs: they are the optional ``synthetic`` extra, so that the package itself
+    installs beside either zarr 2 or zarr 3.  Raises ImportError naming the extra when
+    they are missing or zarr is older than 3.
+    """
+    try:
+        import numcodecs
+        import zarr
+    except ImportError as error:
+        raise ImportError(
+            f"writing synthetic data needs zarr-python >= 3 and numcodecs, which are not installed "
+            f"({error}); install the 'synthetic' extra: {_SYNTHETIC_EXTRA_HINT}"
+        ) from error
+    found = str(getattr(zarr, "__version__", "0"))
+    major = found.split(".", 1)[0]
+    if not major.isdigit() or int(major) < 3:
+        raise ImportError(
+            f"writing synthetic data needs zarr-python >= 3, found zarr {found}; install the "
+            f"'synthetic' extra ({_SYNTHETIC_EXTRA_HINT}) in an environment that does not pin zarr<3 "
+            f"(reading data with cellmap_data does not need zarr-python at all)"
+        )
+    return zarr, numcodecs
+
+
 def _level_transform(voxel_size: np.ndarray, translation: np.ndarray, level: int) -> tuple[list[float], list[float]]:
     """Scale and translation of pyramid level ``level``; the translation is the centre of voxel 0."""
     factor = 2**level
@@ -688,8 +719,7 @@ class _ZarrWriter:
     def __init__(
         self, zarr_format: Literal[2, 3], compressor: str, sharded: bool, chunk: int, dimension_separator: str
     ):
-        import numcodecs
-        import zarr
+        zarr, numcodecs = _import_zarr()
         from zarr.codecs import BloscCodec, ZstdCodec
 
         self.zarr = zarr
@@ -1103,6 +1133,7 @@ def make_synthetic_data(
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     seed = int(seed)
     raw_size, chunk = _resolve_size(size)
+    _import_zarr()  # fail before planning or touching out_dir when the extra is missing
 
     root = Path(out_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
