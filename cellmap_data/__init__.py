@@ -32,6 +32,8 @@ _LAZY = {
     "CellMapDataSplit": ".datasplit",
     "ClassBalancedSampler": ".loader",
     "CellMapIterableDataset": ".loader",
+    "set_coordinate_frame": "._config",
+    "get_coordinate_frame": "._config",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -177,3 +177,28 @@ def accepts_older_positional_order(old_names: Sequence[str], is_old: Any) -> Any
         return wrapper
 
     return decorate
+
+
+def set_coordinate_frame(frame: str) -> None:
+    """Sets what an OME-NGFF ``translation`` marks, for images, datasets and writers created
+    from now on.
+
+    - ``"corner"`` (the default, the reference library's current frame): the translation is
+      the corner of voxel 0, an array spans ``[t, t + n·voxel]``, and a writer given bounds
+      ``[lo, hi]`` writes ``translation = lo``.
+    - ``"centre"`` (OME-NGFF's voxel-centre reading): the translation is the centre of voxel 0,
+      an array spans ``[t − voxel/2, t + (n − ½)·voxel]``; the levels of pyramids written with
+      the voxel-centre rule (CellMap's ``s1…sN``) line up exactly with ``s0``.
+
+    The environment variable ``CELLMAP_COORDINATE_FRAME`` sets the initial value.
+    """
+    from . import _engine
+
+    _engine.set_coordinate_frame(frame)
+
+
+def get_coordinate_frame() -> str:
+    """The current coordinate frame, ``"corner"`` or ``"centre"`` (see :func:`set_coordinate_frame`)."""
+    from . import _engine
+
+    return _engine.coordinate_frame()

@@ -25,6 +25,8 @@ __all__ = [
     "live_batch_bytes",
     "pooled_batch_bytes",
     "is_optimized_build",
+    "set_coordinate_frame",
+    "coordinate_frame",
     "Volume",
     "Dataset",
     "Batch",
@@ -66,6 +68,13 @@ def pooled_batch_bytes() -> int:
 
 def is_optimized_build() -> bool:
     """Whether the extension was compiled with optimisations."""
+
+def set_coordinate_frame(frame: str) -> None:
+    """Sets what an OME-NGFF ``translation`` marks for volumes and writers opened from now on:
+    ``"corner"`` (of voxel 0; the default) or ``"centre"``."""
+
+def coordinate_frame() -> str:
+    """The current coordinate frame: ``"corner"`` or ``"centre"``."""
 
 # -- tensors and batches ---------------------------------------------------------------------
 
@@ -187,7 +196,8 @@ class Volume:
         """Axes as (name, type, unit) tuples."""
     @property
     def levels(self) -> list[dict[str, Any]]:
-        """One dict per level: path, shape, chunks, voxel_size, translation, dtype, world_box."""
+        """One dict per level: path, shape, chunks, voxel_size, translation (as written),
+        voxel0_centre (world centre of voxel 0 in the coordinate frame), dtype, world_box."""
     def pick_level(self, voxel_size: _Triple) -> int:
         """Index of the level closest to ``voxel_size`` (z, y, x nm); ties go to the finer level."""
     def read(
@@ -204,6 +214,7 @@ class Volume:
         mirror: Sequence[bool] = ...,
         permutation: Sequence[int] = ...,
         rotation_deg: _Triple = ...,
+        rotation_matrix: Sequence[Sequence[float]] | None = None,
     ) -> Tensor:
         """Reads a patch of ``shape`` voxels of ``voxel_size`` nm centred at ``centre`` (nm, z y x)."""
 
@@ -318,7 +329,8 @@ class ImageWriter:
         """Shape of one write (z, y, x voxels)."""
     @property
     def translation(self) -> list[float]:
-        """World coordinate (nm) of the centre of voxel 0 (the metadata's translation)."""
+        """The translation written in the metadata (nm): the corner of voxel 0, or its centre in
+        the ``"centre"`` coordinate frame."""
     @property
     def levels(self) -> list[dict[str, Any]]:
         """One dict per level: path, shape, voxel_size, translation."""

@@ -187,7 +187,8 @@ def stats_for(
     ``class``, ``annotated``, ``label_path``, ``level``, ``count_source``, ``voxel_size_*``,
     ``shape_*`` and world box ``box_lo_*`` / ``box_hi_*`` of the label level used,
     ``train_voxel_size_*``, ``foreground_voxels`` and ``total_voxels`` (training resolution),
-    ``fraction`` and ``weight`` (background / foreground, capped at :data:`CLASS_WEIGHT_CAP`).
+    ``fraction`` and ``weight`` (background / foreground per crop, capped at :data:`CLASS_WEIGHT_CAP` so a
+    crop without foreground stays plottable; ``class_weights`` gives the loss weights).
     Unannotated classes have zero counts and null geometry, fraction and weight."""
     entries = _entries(_datasets(datasets))
     batch = _run_counting(
@@ -224,13 +225,24 @@ def class_counts(dataset: Any, **kwargs: Any) -> dict[str, dict[str, float]]:
     return {"totals": totals, "totals_total": totals_total}
 
 
-def class_weights(counts: Mapping[str, Any]) -> dict[str, float]:
+def class_weights(counts: Mapping[str, Any], capped: bool = False) -> dict[str, float]:
     """``{class: background / foreground}`` from :func:`class_counts` output (background =
-    total − foreground), at most :data:`CLASS_WEIGHT_CAP`; a class with background but no
-    foreground gets the cap, one with no voxels at all (never annotated) gets 1."""
+    total − foreground).
+
+    By default these are the reference library's numbers, which training scripts feed to
+    ``BCEWithLogitsLoss(pos_weight=...)``: ``background / max(foreground, 1)``, so a class
+    annotated but never present gets its whole background count and a class never annotated
+    gets 0. With ``capped=True``: at most :data:`CLASS_WEIGHT_CAP`, the cap for a class with
+    background but no foreground, and 1 for a class never annotated."""
     totals = counts["totals"]
     totals_total = counts.get("totals_total", {})
-    return {c: float(_engine.class_weight(float(fg), float(totals_total.get(c, 0.0)))) for c, fg in totals.items()}
+    if capped:
+        return {c: float(_engine.class_weight(float(fg), float(totals_total.get(c, 0.0)))) for c, fg in totals.items()}
+    out = {}
+    for c, fg in totals.items():
+        background = max(float(totals_total.get(c, 0.0)) - float(fg), 0.0)
+        out[c] = background / max(float(fg), 1.0)
+    return out
 
 
 def crop_class_matrix(dataset: Any) -> np.ndarray:

@@ -96,6 +96,23 @@ def sample_metadata_dicts(record: Any, tensor_names: Sequence[str], owners: Sequ
     return rows
 
 
+def _is_zarr_group(path: str) -> bool:
+    return any(os.path.exists(os.path.join(path, name)) for name in (".zgroup", ".zattrs", "zarr.json"))
+
+
+def class_path_template(template: str) -> str:
+    """The label path template of a target path template: ``".../crop1/{label}"`` as it is, and
+    ``".../crop1{label}"`` (no separator before the bracket, as some 5-column datasplit CSVs
+    write it) as ``".../crop1/{label}"`` when ``.../crop1`` is a zarr group: its classes are its
+    children."""
+    prefix, placeholder, suffix = template.partition("{label}")
+    if not placeholder or not prefix or prefix.endswith(("/", os.sep)):
+        return template
+    if _is_zarr_group(prefix):
+        return os.path.join(prefix, "{label}") + suffix
+    return template
+
+
 class CellMapDataset(torch.utils.data.Dataset):
     """Training samples from one raw volume and one label crop.
 
@@ -178,10 +195,13 @@ class CellMapDataset(torch.utils.data.Dataset):
         self._inputs = arrays_to_3d(specs_in_zyx(self.input_arrays, axis_order), "input_arrays")
         self._targets = arrays_to_3d(specs_in_zyx(self.target_arrays, axis_order), "target_arrays")
         self._permutations: dict[str, list[int] | None] | None = None
+        self._input_sources: dict[str, Any] | None = None
+        self._target_sources: dict[str, Any] | None = None
         if not self._inputs:
             raise ConfigError("input_arrays is empty: at least one input array is required")
         if self.target_path:
-            self.target_template, self.annotated_classes = split_target_path(self.target_path)
+            template, self.annotated_classes = split_target_path(self.target_path)
+            self.target_template = class_path_template(template)
         else:
             self.target_template, self.annotated_classes = "", []
         self.spatial_transforms = spatial_transforms_json(spatial_transforms)
@@ -273,6 +293,7 @@ class CellMapDataset(torch.utils.data.Dataset):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_engine_handle", None)
+        state["_input_sources"] = state["_target_sources"] = None  # reopened on demand
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -443,17 +464,59 @@ class CellMapDataset(torch.utils.data.Dataset):
     def validation_indices(self) -> list[int]:
         """Indices of non-overlapping tiles (the first target array's shape) that cover the
         whole crop, the last tile on each axis shifted back so the far edge is covered."""
+        spec = (self._targets or self._inputs)[0]
+        return self.get_indices({a: n * v for a, n, v in zip(SPATIAL_AXES, spec["shape"], spec["scale"])})
+
+    def get_indices(self, chunk_size: Mapping[str, float]) -> list[int]:
+        """Indices of samples whose centres step by ``chunk_size`` (``{axis: nm}``; a missing
+        axis steps by one voxel) across the sampling grid, the last one on each axis shifted
+        back to the far end, so tiles of that size cover the whole sampling box."""
         grid = self.engine.grid
         if len(self) == 0:
             return []
-        spec = (self._targets or self._inputs)[0]["shape"]
+        spacing = (self._targets or self._inputs)[0]["scale"]
         per_axis = []
-        for g, n in zip(grid, spec):
-            positions = list(range(0, g, n))
+        for a, g, v in zip(SPATIAL_AXES, grid, spacing):
+            step = max(1, int(round(float(chunk_size.get(a, v)) / v)))
+            positions = list(range(0, g, step))
             if positions[-1] != g - 1:
                 positions.append(g - 1)
             per_axis.append(positions)
         return [(z * grid[1] + y) * grid[2] + x for z in per_axis[0] for y in per_axis[1] for x in per_axis[2]]
+
+    @property
+    def input_sources(self) -> dict[str, Any]:
+        """``{input array: CellMapImage}`` reading the raw volume at each input's scale and shape
+        (for reading patches by hand; batches are read by the engine)."""
+        from .image import CellMapImage
+
+        if self._input_sources is None:
+            self._input_sources = {
+                spec["name"]: CellMapImage(self.raw_path, "raw", spec["scale"], spec["shape"], pad=self.pad,
+                                           interpolation=self.raw_interpolation)
+                for spec in self._inputs
+            }
+        return self._input_sources
+
+    @property
+    def target_sources(self) -> dict[str, Any]:
+        """``{class: CellMapImage | EmptyImage}`` at the first target array's scale and shape:
+        an image for each class the crop annotates, an :class:`EmptyImage` (unknown everywhere)
+        for the others."""
+        from .image import CellMapImage, EmptyImage
+
+        if self._target_sources is None:
+            sources: dict[str, Any] = {}
+            if self._targets and self.classes:
+                spec = self._targets[0]
+                for c in self.classes:
+                    if c in self.annotated_classes:
+                        sources[c] = CellMapImage(self.target_template.format(label=c), c, spec["scale"], spec["shape"],
+                                                  pad=self.pad, pad_value=self.empty_value, interpolation="nearest")
+                    else:
+                        sources[c] = EmptyImage(None, c, spec["scale"], spec["shape"], pad_value=self.empty_value)
+            self._target_sources = sources
+        return self._target_sources
 
     def get_crop_class_matrix(self) -> np.ndarray:
         """Bool ``[1, n_classes]``: whether this crop annotates each requested class."""
@@ -470,10 +533,17 @@ class CellMapDataset(torch.utils.data.Dataset):
 
     @property
     def class_weights(self) -> dict[str, float]:
-        """Per-class background/foreground ratio (finite for classes without foreground)."""
+        """Per-class loss weights, background / max(foreground, 1) summed over the crops (the
+        reference library's numbers; 0 for a class never annotated). See
+        :meth:`get_class_weights` for the capped form."""
+        return self.get_class_weights()
+
+    def get_class_weights(self, capped: bool = False) -> dict[str, float]:
+        """:attr:`class_weights`, or with ``capped=True`` at most ``CLASS_WEIGHT_CAP`` (also the
+        weight of a class without foreground) and 1 for a class never annotated."""
         from ._stats import class_weights
 
-        return class_weights(self.class_counts)
+        return class_weights(self.class_counts, capped=capped)
 
     def stats(self) -> Any:
         """Polars table: one row per (crop, class) with sizes, counts, fraction and weight."""

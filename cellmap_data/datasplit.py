@@ -97,7 +97,8 @@ class CellMapDataSplit:
 
     Rows that cannot be used (missing class folder, no sample fits with ``pad=False``...) are
     reported once with the reason (a warning, and ``skipped_rows``) instead of being dropped
-    silently; a split with no usable training row raises.
+    silently; a split whose rows give no usable training dataset raises. With none of the three
+    sources the split is empty (fill it later with :meth:`construct`).
 
     ``dataset_dict`` is ``{"train": [{"raw": path, "gt": path_with_[classes]}, ...],
     "validate": [...]}``; ``datasets`` is ``{"train": [CellMapDataset, ...], "validate": [...]}``.
@@ -108,7 +109,7 @@ class CellMapDataSplit:
     @accepts_older_positional_order(_OLD_SPLIT_ORDER, _is_old_split_call)
     def __init__(
         self,
-        input_arrays: Mapping[str, Mapping[str, Any]],
+        input_arrays: Mapping[str, Mapping[str, Any]] | None = None,
         target_arrays: Mapping[str, Mapping[str, Any]] | None = None,
         classes: Sequence[str] | None = None,
         pad: bool | str = False,
@@ -129,7 +130,7 @@ class CellMapDataSplit:
         raw_interpolation: str = "linear",
         compact_targets: bool = False,
     ) -> None:
-        self.input_arrays = dict(input_arrays)
+        self.input_arrays = dict(input_arrays) if input_arrays else {}
         self.target_arrays = dict(target_arrays) if target_arrays else {}
         self.classes = list(classes) if classes is not None else []
         self.pad = pad
@@ -158,13 +159,14 @@ class CellMapDataSplit:
             elif csv_path is not None:
                 self.dataset_dict = read_datasplit_csv(csv_path)
             else:
-                raise ConfigError("CellMapDataSplit needs datasets, dataset_dict or csv_path")
+                # Nothing given: an empty split, as the reference builds (``construct`` fills it).
+                self.dataset_dict = {}
             unknown = set(self.dataset_dict) - {"train", "validate"}
             if unknown:
                 raise ConfigError(f"dataset_dict keys must be 'train' and 'validate', not {sorted(unknown)}")
             self.train_datasets = self._build("train")
             self.validation_datasets = self._build("validate")
-        if not self.train_datasets and not self.force_has_data:
+        if not self.train_datasets and not self.force_has_data and (self.dataset_dict or datasets):
             reasons = "; ".join(f"{r['gt']}: {r['reason']}" for r in self.skipped_rows) or "no training rows"
             raise ConfigError(f"no usable training dataset in the split ({reasons})")
         if self.device is not None:

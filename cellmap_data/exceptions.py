@@ -16,6 +16,8 @@ __all__ = [
     "PermissionDeniedError",
     "StorageError",
     "OutputExistsError",
+    "ReferenceDifferenceWarning",
+    "warn_reference_difference",
 ]
 
 
@@ -49,3 +51,21 @@ class StorageError(CellMapError, OSError):
 
 class OutputExistsError(CellMapError, FileExistsError):
     """An output image already exists and ``overwrite`` is false."""
+
+
+class ReferenceDifferenceWarning(UserWarning):
+    """A setting means something different here than in the reference ``cellmap-data`` release,
+    so a script written for it does a different amount of work (shown once per kind)."""
+
+
+_WARNED: set[str] = set()
+
+
+def warn_reference_difference(key: str, message: str, stacklevel: int = 3) -> None:
+    """Emits :class:`ReferenceDifferenceWarning` ``message`` once per process for ``key``."""
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    import warnings
+
+    warnings.warn(message, ReferenceDifferenceWarning, stacklevel=stacklevel)

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import _engine
@@ -157,28 +159,90 @@ class CellMapImage:
 
     # -- reading ------------------------------------------------------------------------
     def set_spatial_transforms(self, transforms: Mapping[str, Any] | None) -> None:
-        """Sets a concrete transform for following reads: ``{"mirror": ["x"], "transpose":
-        ["z", "x", "y"], "rotate": {"z": 30.0}}`` (any subset), or ``None`` for none."""
+        """Sets a concrete transform for following reads (any subset of the keys), or ``None``.
+
+        Both the project's form and the reference library's are accepted:
+
+        - ``"mirror"``: axis names (``["x"]``), ``{axis: bool}``, or one bool per axis of
+          ``axis_order``;
+        - ``"transpose"``: axis names in their new order (``["z", "x", "y"]``) or a permutation
+          of axis positions (``[0, 2, 1]``): output axis ``k`` walks input axis ``perm[k]``;
+        - ``"rotate"``: ``{axis: degrees}`` (rotating about an axis turns the plane of the other
+          two), or ``"rotation_matrix"``: a 3×3 (or, for a 2D ``axis_order``, 2×2) orthonormal
+          matrix in ``axis_order``, used as given: world offset = matrix · turned offset.
+        """
         if transforms is not None and not isinstance(transforms, Mapping):
             raise ConfigError("spatial transforms must be a dict or None")
-        unknown = set(transforms or {}) - {"mirror", "transpose", "rotate"}
+        unknown = set(transforms or {}) - {"mirror", "transpose", "rotate", "rotation_matrix"}
         if unknown:
             raise ConfigError(f"unknown spatial transform(s) {sorted(unknown)}")
         self._spatial = dict(transforms) if transforms else None
+        if self._spatial is not None:
+            self._draw_arguments()  # errors now, not at the next read
+
+    def _axes_of(self, what: str, values: Any) -> list[str]:
+        """Axis names from names, or from positions in ``axis_order``."""
+        out = []
+        for v in values:
+            if isinstance(v, str) and v in SPATIAL_AXES:
+                out.append(v)
+            elif isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= int(v) < len(self.axes):
+                out.append(self.axes[int(v)])
+            else:
+                raise ConfigError(f"spatial transform {what!r}: {v!r} is not an axis name or a position in {self.axes!r}")
+        return out
 
     def _draw_arguments(self) -> dict[str, Any]:
         t = self._spatial or {}
-        mirror = [a in t.get("mirror", ()) for a in SPATIAL_AXES]
-        order = list(t.get("transpose", SPATIAL_AXES))
-        if sorted(order) != sorted(SPATIAL_AXES):
-            raise ConfigError(f"transpose must list z, y and x once each, not {order}")
-        permutation = [SPATIAL_AXES.index(a) for a in order]
+        mirror_spec = t.get("mirror", ())
+        if isinstance(mirror_spec, Mapping):
+            mirrored = {a for a, flag in mirror_spec.items() if flag}
+        elif all(isinstance(v, (bool, np.bool_)) for v in mirror_spec) and len(mirror_spec) == len(self.axes):
+            mirrored = {a for a, flag in zip(self.axes, mirror_spec) if flag}
+        else:
+            mirrored = set(self._axes_of("mirror", mirror_spec))
+        unknown = mirrored - set(SPATIAL_AXES)
+        if unknown:
+            raise ConfigError(f"spatial transform 'mirror': unknown axes {sorted(unknown)}")
+        mirror = [a in mirrored for a in SPATIAL_AXES]
+        order = self._axes_of("transpose", t["transpose"]) if "transpose" in t else list(self.axes)
+        if sorted(order) != sorted(self.axes):
+            raise ConfigError(f"transpose must list the axes {list(self.axes)} once each, not {list(t.get('transpose', ()))}")
+        # Axes outside a 2D axis_order stay where they are.
+        moved = iter(order)
+        full_order = [next(moved) if a in self.axes else a for a in SPATIAL_AXES]
+        permutation = [SPATIAL_AXES.index(a) for a in full_order]
         rotation = [float(t.get("rotate", {}).get(a, 0.0)) for a in SPATIAL_AXES]
-        return {"mirror": mirror, "permutation": permutation, "rotation_deg": rotation}
+        arguments: dict[str, Any] = {"mirror": mirror, "permutation": permutation, "rotation_deg": rotation}
+        if t.get("rotation_matrix") is not None:
+            arguments["rotation_matrix"] = self._rotation_in_zyx(t["rotation_matrix"])
+        return arguments
+
+    def _rotation_in_zyx(self, matrix: Any) -> list[list[float]]:
+        """A rotation matrix written in ``axis_order`` as a 3×3 matrix in z, y, x order."""
+        r = np.asarray(matrix, dtype=float)
+        n = len(self.axes)
+        if r.shape != (n, n):
+            raise ConfigError(f"rotation_matrix must be {n}x{n} for axis_order {self.axes!r}, not {list(r.shape)}")
+        full = np.eye(3)
+        index = [SPATIAL_AXES.index(a) for a in self.axes]
+        full[np.ix_(index, index)] = r
+        return full.tolist()
 
     def __getitem__(self, center: Mapping[str, Any]) -> torch.Tensor:
         """The patch centred at world position ``center`` (``{"z", "y", "x"}`` nm)."""
         centre = centre_to_zyx(center)
+        outside = self._axis_outside(centre)
+        if outside is not None:
+            axis, (lo, hi) = outside
+            warnings.warn(
+                f"{self.path}: the patch centred at {dict(zip(SPATIAL_AXES, centre))} lies entirely outside the "
+                f"image along {axis} ([{lo:g}, {hi:g}] nm); returning {self.pad_value if self.pad else math.nan} everywhere",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            value = self.pad_value if self.pad else math.nan
+            return self._finish(torch.full(self._shape_zyx, value, dtype=torch.float32))
         tensor = self._volume.read(
             centre,
             self._shape_zyx,
@@ -188,7 +252,23 @@ class CellMapImage:
             interpolation=self.interpolation,
             **self._draw_arguments(),
         )
-        data = torch.from_dlpack(tensor)
+        return self._finish(torch.from_dlpack(tensor))
+
+    def _axis_outside(self, centre: list[float]) -> tuple[str, tuple[float, float]] | None:
+        """The first axis along which a patch centred at ``centre`` misses the image entirely
+        (and the image's extent there), or None when the patch overlaps it."""
+        extents = [n * v for n, v in zip(self._shape_zyx, self._scale_zyx)]
+        spatial = self._spatial or {}
+        turned = spatial.get("rotation_matrix") is not None or any(spatial.get("rotate", {}).values())
+        for k, (a, (lo, hi)) in enumerate(self.bounding_box.items()):
+            # A turned patch reaches at most half its diagonal from the centre.
+            half = math.hypot(*extents) / 2 if turned else extents[k] / 2
+            if centre[k] + half <= lo or centre[k] - half >= hi:
+                return a, (lo, hi)
+        return None
+
+    def _finish(self, data: torch.Tensor) -> torch.Tensor:
+        """A read ``[z, y, x]`` in the image's axis order, value transform applied, on its device."""
         if len(self.axes) < 3:
             data = data.reshape([self.output_shape[a] for a in self.axes])
         if self.value_transform is not None:
@@ -240,8 +320,12 @@ class EmptyImage:
             scale = [scale[a] for a in self.axes]
         if isinstance(shape, Mapping):
             shape = [shape[a] for a in self.axes]
-        self.scale = dict(zip(self.axes[-len(scale):], map(float, scale)))
-        self.output_shape = dict(zip(self.axes[-len(shape):], map(int, shape)))
+        # Short specs are left-padded to the axis order, as CellMapImage does: a 2D spec of a
+        # "zyx" image still reports all three axes.
+        scale = _left_pad(list(scale) if not isinstance(scale, (int, float)) else scale, len(self.axes), lambda v: v[0], "scale")
+        shape = _left_pad(list(shape) if not isinstance(shape, (int, float)) else shape, len(self.axes), lambda v: 1, "voxel_shape")
+        self.scale = dict(zip(self.axes, map(float, scale)))
+        self.output_shape = dict(zip(self.axes, map(int, shape)))
         self.device = bound.get("device")
         self.bounding_box = None
         self.sampling_box = None

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .dataset import expand_compact, sample_metadata_dicts
-from .exceptions import ConfigError
+from .exceptions import ConfigError, warn_reference_difference
 from .multidataset import as_multi
 
 __all__ = ["CellMapDataLoader", "CellMapIterableDataset", "ClassBalancedSampler", "distributed_context"]
@@ -169,6 +169,17 @@ class CellMapDataLoader:
         self.sampler = sampler
         self.is_train = bool(is_train)
         self.iterations_per_epoch = int(iterations_per_epoch) if iterations_per_epoch is not None else None
+        if self.iterations_per_epoch is not None and self.weighted_sampler and self.is_train and self.batch_size > 1:
+            # The reference's current release reads iterations_per_epoch *samples* with the
+            # weighted sampler; here an epoch is that many batches.
+            warn_reference_difference(
+                "iterations_per_epoch",
+                f"iterations_per_epoch={self.iterations_per_epoch} counts batches here: an epoch reads "
+                f"{self.iterations_per_epoch} batches of {self.batch_size} samples "
+                f"({self.iterations_per_epoch * self.batch_size} samples), where the reference cellmap-data "
+                f"2026.3 release read {self.iterations_per_epoch} samples. Pass "
+                f"iterations_per_epoch={max(1, self.iterations_per_epoch // self.batch_size)} for the same amount of work.",
+            )
         self.device = torch.device(device) if device is not None else None
         self.seed = _seed_of(rng, seed, self.multi)
         self._rank_arg, self._world_arg = rank, world_size
@@ -249,7 +260,9 @@ class CellMapDataLoader:
         elif self.subset is not None:
             order = list(range(len(self.subset)))
             if self.is_train:
-                perm = torch.randperm(len(order), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)).tolist()
+                # Any seed (up to 2**63) must work: keep the generator's seed inside 64 bits.
+                generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (1 << 64))
+                perm = torch.randperm(len(order), generator=generator).tolist()
                 order = [order[p] for p in perm]
             reps = math.ceil(count / len(order))
             plan = self._global_to_plan([self.subset[i] for i in (order * reps)[:count]])

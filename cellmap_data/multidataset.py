@@ -70,10 +70,10 @@ class CellMapMultiDataset(torch.utils.data.ConcatDataset):
         return self.cumulative_sizes[d - 1] if d else 0
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
+        """The sample at global index ``idx``; its ``"idx"`` is the index inside the dataset
+        that owns it, as in the reference library (:meth:`locate` maps one to the other)."""
         d, i = self.locate(int(idx))
-        item = self.datasets[d][i]
-        item["idx"] = torch.tensor(int(idx) if idx >= 0 else int(idx) + len(self))
-        return item
+        return self.datasets[d][i]
 
     def engine_collection(self) -> Any:
         """The engine's view of these datasets (one index space, shared reads)."""
@@ -107,10 +107,17 @@ class CellMapMultiDataset(torch.utils.data.ConcatDataset):
 
     @property
     def class_weights(self) -> dict[str, float]:
-        """Per-class background/foreground ratio over all datasets (finite for empty classes)."""
+        """Per-class loss weights, background / max(foreground, 1) summed over the crops (the
+        reference library's numbers; 0 for a class never annotated). See
+        :meth:`get_class_weights` for the capped form."""
+        return self.get_class_weights()
+
+    def get_class_weights(self, capped: bool = False) -> dict[str, float]:
+        """:attr:`class_weights`, or with ``capped=True`` at most ``CLASS_WEIGHT_CAP`` (also the
+        weight of a class without foreground) and 1 for a class never annotated."""
         from ._stats import class_weights
 
-        return class_weights(self.class_counts)
+        return class_weights(self.class_counts, capped=capped)
 
     def stats(self) -> Any:
         """Polars table: one row per (dataset, crop, class)."""

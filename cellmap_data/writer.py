@@ -7,12 +7,14 @@ written whole (temporary file + rename, so a crash never leaves a torn chunk) as
 tile touching it has arrived, and ``close()`` writes what is left. Concurrent
 ``writer[idx] = ...`` calls from several threads are safe.
 
-Geometry, the half-voxel convention: bounds are voxel **edges** in nm (build them the usual way,
-``translation .. translation + voxel * shape``). The output array has ``ceil((hi - lo) /
-voxel)`` voxels per axis and voxel ``i`` spans ``[lo + i*voxel, lo + (i+1)*voxel)``. OME-NGFF
-places ``translation`` at the **centre** of voxel 0, so the metadata says ``translation = lo +
-voxel / 2``; reading the image back (``CellMapImage``, zarr + OME-NGFF tools) puts every value
-at the world position it was predicted for.
+Geometry: bounds are voxel **edges** in nm (build them the usual way, ``translation ..
+translation + voxel * shape`` of a ground-truth crop, or from ``CellMapImage(...).bounding_box``).
+The output array has ``ceil((hi - lo) / voxel)`` voxels per axis and voxel ``i`` spans ``[lo +
+i*voxel, lo + (i+1)*voxel)``. In the default coordinate frame (see
+:func:`cellmap_data.set_coordinate_frame`) the translation is the corner of voxel 0, so the
+metadata says ``translation = lo``: the written grid equals the ground truth's. In the
+``"centre"`` frame it says ``lo + voxel / 2``. Either way, reading the image back in the same
+frame puts every value at the world position it was predicted for.
 """
 
 from __future__ import annotations
@@ -163,7 +165,7 @@ class ImageWriter:
     chunks = ``write_voxel_shape`` unless ``chunks`` is given; every group from the enclosing
     ``.zarr`` container down gets group metadata. An existing image raises
     :class:`~cellmap_data.exceptions.OutputExistsError` (a ``FileExistsError``) unless
-    ``overwrite=True``. See the module docstring for the half-voxel convention.
+    ``overwrite=True``. See the module docstring for the written translation.
 
     A chunk is written as soon as all its voxels were written; ``close()`` (or leaving a
     ``with`` block) writes partly written chunks (unwritten voxels = ``fill_value``) and the
@@ -281,7 +283,8 @@ class ImageWriter:
 
     @property
     def translation(self) -> dict[str, float]:
-        """World position (nm) of the centre of voxel 0, as written in the metadata."""
+        """The translation written in the metadata (nm): the lower bound (the corner of voxel 0),
+        or the centre of voxel 0 in the ``"centre"`` coordinate frame."""
         return dict(zip(SPATIAL_AXES, self._engine.translation))
 
     @property
@@ -455,7 +458,7 @@ class CellMapDatasetWriter(torch.utils.data.Dataset):
     {"output": tensor [B, C, *tile]}`` (channels in ``model_classes`` order, default
     ``classes``), ``{"output": {class: tensor [B, *tile]}}`` or ``{class: tensor}``; only the
     classes in ``classes`` are written, each to ``<target_path>/<class>`` (see
-    :class:`ImageWriter` for the layout and the half-voxel convention).
+    :class:`ImageWriter` for the layout and the written translation).
 
     The tiles (``writer_indices``) cover the whole bounds, far edge included: along each axis
     they step by the target tile and the last one is shifted back inside the bounds. With

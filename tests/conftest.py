@@ -16,18 +16,23 @@ def write_ome_image(
     group_path: Path,
     levels: Sequence[np.ndarray],
     scales: Sequence[Sequence[float]],
-    translations: Sequence[Sequence[float]],
+    voxel0_centres: Sequence[Sequence[float]],
     *,
     zarr_format: int = 2,
     chunks: Sequence[int] = (16, 16, 16),
     axes: Sequence[str] = ("z", "y", "x"),
     fill_value: float | int = 0,
 ) -> Path:
-    """Writes an OME-NGFF multiscale image (0.4 on zarr v2, 0.5 on zarr v3) with zarr-python."""
+    """Writes an OME-NGFF multiscale image (0.4 on zarr v2, 0.5 on zarr v3) with zarr-python.
+
+    Tests place voxels by the world position of the *centre* of voxel 0 of each level; the
+    metadata gets the translation the default (corner) coordinate frame reads as that: the corner
+    of voxel 0, half a voxel lower."""
     group_path = Path(group_path)
     group = zarr.open_group(str(group_path), mode="w", zarr_format=zarr_format)
     datasets = []
-    for i, (data, scale, translation) in enumerate(zip(levels, scales, translations)):
+    for i, (data, scale, centre) in enumerate(zip(levels, scales, voxel0_centres)):
+        translation = [c - v / 2 for c, v in zip(map(float, centre), map(float, scale))]
         kwargs = {"compressors": [Zstd(level=6)]} if zarr_format == 2 else {}
         array = group.create_array(
             f"s{i}", shape=data.shape, chunks=tuple(chunks)[-data.ndim:], dtype=data.dtype,

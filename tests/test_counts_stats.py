@@ -280,10 +280,15 @@ def test_class_weights_are_background_over_foreground_and_finite(crop_data):
     assert all(math.isfinite(w) for w in weights.values())
     fg, total = counts["totals"]["mito"], counts["totals_total"]["mito"]
     assert weights["mito"] == pytest.approx((total - fg) / fg)
-    assert weights["empty"] == _stats.CLASS_WEIGHT_CAP  # annotated, never present
-    assert weights["ves"] == 1.0  # never annotated: its targets are all unknown
-    capped = _stats.class_weights({"totals": {"a": 1.0}, "totals_total": {"a": 1e12}})
-    assert capped["a"] == _stats.CLASS_WEIGHT_CAP
+    # the reference's numbers: background / max(foreground, 1)
+    assert weights["empty"] == pytest.approx(counts["totals_total"]["empty"])  # annotated, never present
+    assert weights["ves"] == 0.0  # never annotated: no background either
+    # the capped form
+    capped = _stats.class_weights(counts, capped=True)
+    assert capped["mito"] == pytest.approx(weights["mito"])
+    assert capped["empty"] == _stats.CLASS_WEIGHT_CAP and capped["ves"] == 1.0
+    assert _stats.class_weights({"totals": {"a": 1.0}, "totals_total": {"a": 1e12}}, capped=True)["a"] == _stats.CLASS_WEIGHT_CAP
+    assert _stats.class_weights({"totals": {"a": 0.25}, "totals_total": {"a": 10.0}})["a"] == pytest.approx(9.75)
 
 
 def test_crop_class_matrix_marks_annotated_classes(crop_data):

@@ -32,14 +32,15 @@ def test_image_reads_match_zarr(tiny_data):
     shape = (8, 12, 16)
     start = (3, 5, 7)
     img = CellMapImage(str(ds.raw_path), "raw", scale, shape, pad=True)
-    centre = {a: o + (s + (n - 1) / 2) * v for a, o, s, n, v in zip("zyx", origin, start, shape, scale)}
+    # translation = corner of voxel 0 (the default frame): the patch's centre is n/2 voxels in
+    centre = {a: o + (s + n / 2) * v for a, o, s, n, v in zip("zyx", origin, start, shape, scale)}
     got = img[centre]
     assert got.dtype == torch.float32 and tuple(got.shape) == shape
     np.testing.assert_array_equal(got.numpy(), reference_patch(s0, start, shape))
     assert img.scale_level == 0
     assert img._level_info[0][0] == "s0"
     lo = {a: img.bounding_box[a][0] for a in "zyx"}
-    assert all(math.isclose(lo[a], origin[k] - scale[k] / 2) for k, a in enumerate("zyx"))
+    assert all(math.isclose(lo[a], origin[k]) for k, a in enumerate("zyx"))
 
 
 def test_image_pad_value_and_value_transform(tmp_path):
@@ -100,7 +101,7 @@ def test_dataset_labels_match_zarr_at_label_resolution(tiny_data):
     channel = tiny_data.classes.index(cls)
     for idx in [0, len(dataset) // 2, len(dataset) - 1]:
         centre = dataset.get_center(idx)
-        start = [round((centre[a] - origin[k]) / scale[k] - 3.5) for k, a in enumerate("zyx")]
+        start = [round((centre[a] - origin[k]) / scale[k] - 4) for k, a in enumerate("zyx")]
         expected = (reference_patch(s0, start, (8, 8, 8)) != 0).astype(np.float32)
         got = dataset[idx]["gt"][channel].numpy()
         np.testing.assert_array_equal(got, expected)

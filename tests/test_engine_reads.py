@@ -66,7 +66,8 @@ def test_missing_chunks_read_as_fill_value(tmp_path):
     group.attrs["multiscales"] = [{"version": "0.4", "axes": ["z", "y", "x"], "datasets": [
         {"path": "s0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, 1.0]}]}]}]
     volume = _engine.Volume(str(tmp_path / "img"))
-    got = torch.from_dlpack(volume.read([15.5, 15.5, 15.5], [32, 32, 32], [1.0, 1.0, 1.0])).numpy()
+    # No translation: voxel 0 spans [0, 1] in the default (corner) frame, so 32 voxels centre on 16.
+    got = torch.from_dlpack(volume.read([16.0, 16.0, 16.0], [32, 32, 32], [1.0, 1.0, 1.0])).numpy()
     np.testing.assert_array_equal(got, zarr.open_array(str(tmp_path / "img" / "s0"))[...].astype(np.float32))
 
 
@@ -76,7 +77,9 @@ def test_levels_and_level_choice(tmp_path):
     path = write_ome_image(tmp_path / "img", [s0, s1], [(4, 4, 4), (8, 8, 8)], [(0, 0, 0), (2, 2, 2)])
     volume = _engine.Volume(str(path))
     assert [lv["voxel_size"] for lv in volume.levels] == [[4, 4, 4], [8, 8, 8]]
-    assert volume.levels[1]["translation"] == [2, 2, 2]
+    # Written as the corner of voxel 0 (centre − half a voxel); the box starts there.
+    assert volume.levels[1]["translation"] == [-2, -2, -2]
+    assert volume.levels[1]["voxel0_centre"] == [2, 2, 2]
     assert volume.levels[0]["world_box"] == ([-2, -2, -2], [126, 126, 126])
     assert volume.pick_level([4, 4, 4]) == 0
     assert volume.pick_level([8, 8, 8]) == 1

@@ -361,7 +361,10 @@ def test_multidataset_both_positional_orders_and_keywords(tiny_data, arrays):
         assert len(multi) == sum(len(d) for d in datasets) == multi.cumulative_sizes[-1]
         assert multi.verify()
     last = head[len(head) - 1]
-    assert last["idx"].item() == len(head) - 1 and last["output"].shape[0] == len(tiny_data.classes)
+    # "idx" is the index inside the dataset that owns the sample, as in the reference
+    assert last["idx"].item() == len(datasets[-1]) - 1 and last["output"].shape[0] == len(tiny_data.classes)
+    d, i = head.locate(len(head) - 1)
+    assert (d, i) == (len(datasets) - 1, len(datasets[-1]) - 1)
     assert head.get_crop_class_matrix().shape == (len(datasets), len(tiny_data.classes))
     weights = head.class_weights
     assert set(weights) == set(tiny_data.classes) and all(w > 0 for w in weights.values())
@@ -488,8 +491,12 @@ def test_datasplit_from_csv_dict_and_datasets(tiny_data):
                                      datasets={"train": from_dict.train_datasets, "validate": from_dict.validation_datasets})
     _check_split(from_datasets, tiny_data)
     assert from_datasets.datasets["train"] == from_dict.train_datasets
-    with pytest.raises(ValueError):
-        CellMapDataSplit(inputs, targets, tiny_data.classes)  # nothing to build from
+    # nothing to build from: an empty split, as the reference builds, filled later by construct()
+    empty = CellMapDataSplit(inputs, targets, tiny_data.classes)
+    assert empty.train_datasets == [] and empty.validation_datasets == [] and len(empty.train_datasets_combined) == 0
+    assert CellMapDataSplit().classes == [] and CellMapDataSplit().datasets == {"train": [], "validate": []}
+    empty.construct(from_dict.dataset_dict)
+    assert len(empty.train_datasets) == len(from_dict.train_datasets)
 
 
 def test_datasplit_older_dialect_and_setters(tiny_data):

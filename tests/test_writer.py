@@ -30,7 +30,7 @@ def raw_info(data):
     """(raw path, voxel size, lower edge of the raw volume) of the first synthetic dataset."""
     ds = data.datasets[0]
     voxel = list(ds.raw_voxel_size)
-    edge = [t - v / 2 for t, v in zip(ds.raw_translation, voxel)]
+    edge = list(ds.raw_translation)  # the corner of voxel 0 (the default coordinate frame)
     return str(ds.raw_path), voxel, edge, list(ds.raw_shape)
 
 
@@ -75,7 +75,8 @@ def expected_from_metadata(values, multiscale, channel):
     transforms = multiscale["datasets"][0]["coordinateTransformations"]
     scale = transforms[0]["scale"]
     translation = transforms[1]["translation"]
-    axes = [translation[k] + np.arange(values.shape[k]) * scale[k] for k in range(3)]
+    # The translation is the corner of voxel 0: voxel i's centre is half a voxel further.
+    axes = [translation[k] + (np.arange(values.shape[k]) + 0.5) * scale[k] for k in range(3)]
     z, y, x = np.meshgrid(*axes, indexing="ij")
     return field(z, y, x) + channel
 
@@ -159,8 +160,8 @@ def test_round_trip_3d_is_exact_with_multiscales_metadata(tmp_path, tiny_data, z
         assert [d["path"] for d in multiscale["datasets"]] == ["s0"]
         transforms = multiscale["datasets"][0]["coordinateTransformations"]
         assert transforms[0] == {"type": "scale", "scale": voxel}
-        # half-voxel convention: translation = centre of voxel 0 = lower bound + voxel / 2
-        assert transforms[1]["translation"] == pytest.approx([bounds[a][0] + v / 2 for a, v in zip("zyx", voxel)])
+        # the default (corner) frame: translation = the lower bound, the corner of voxel 0
+        assert transforms[1]["translation"] == pytest.approx([bounds[a][0] for a in "zyx"])
         np.testing.assert_array_equal(values, expected_from_metadata(values, multiscale, c))
     # every group from the .zarr root down has group metadata
     for group in (tmp_path / "out.zarr", tmp_path / "out.zarr" / "recon-1", target):
@@ -257,7 +258,8 @@ def test_dtype_and_downsampled_levels(tmp_path, tiny_data):
     assert [d["path"] for d in datasets] == ["s0", "s1"]
     s1_transforms = datasets[1]["coordinateTransformations"]
     assert s1_transforms[0]["scale"] == [2 * v for v in voxel]
-    assert s1_transforms[1]["translation"] == pytest.approx([bounds[a][0] + v for a, v in zip("zyx", voxel)])
+    # every level's voxel 0 has its corner at the lower bound
+    assert s1_transforms[1]["translation"] == pytest.approx([bounds[a][0] for a in "zyx"])
 
 
 # -- blending ----------------------------------------------------------------------------
@@ -318,7 +320,7 @@ def test_image_writer_centres_batches_and_read_back(tmp_path):
     path = tmp_path / "iw.zarr" / "mito"
     with ImageWriter(str(path), "mito", {"z": 4, "y": 4, "x": 5}, box, {"z": 10, "y": 10, "x": 7}) as writer:
         assert writer.shape == {"z": 10, "y": 20, "x": 14}
-        assert writer.translation == {"z": 2.0, "y": 102.0, "x": -37.5}
+        assert writer.translation == {"z": 0.0, "y": 100.0, "x": -40.0}
         writer[{"z": 20.0, "y": 120.0, "x": -22.5}] = torch.ones(10, 10, 7)
         tiles = np.stack([np.full((10, 10, 7), 2.0), np.full((10, 10, 7), 3.0)])
         writer[{"z": [20.0, 20.0], "y": [160.0, 160.0], "x": [-22.5, 12.5]}] = tiles

@@ -141,7 +141,11 @@ fn parse_mirror(value: &Value) -> Result<[f64; 3]> {
     let mut p = [0.0; 3];
     for (name, prob) in axes {
         let k = axis_index(name, "mirror")?;
-        let v = finite_number(prob, &format!("spatial_transforms['mirror']['{name}']"))?;
+        // `True`/`False` (the reference library's examples) are probabilities 1 and 0.
+        let v = match prob.as_bool() {
+            Some(b) => f64::from(u8::from(b)),
+            None => finite_number(prob, &format!("spatial_transforms['mirror']['{name}']"))?,
+        };
         if !(0.0..=1.0).contains(&v) {
             return Err(Error::invalid(format!(
                 "spatial_transforms['mirror']['{name}'] must be a probability in [0, 1], not {v}"
@@ -205,6 +209,9 @@ pub struct SpatialDraw {
     pub permutation: [usize; 3],
     /// Rotation angles about z, y, x in degrees.
     pub angles_deg: [f64; 3],
+    /// An explicit rotation matrix (z, y, x; world offset = matrix · turned offset) used instead
+    /// of the one built from `angles_deg` (the reference library's `rotation_matrix`).
+    pub rotation: Option<Mat3>,
 }
 
 impl Default for SpatialDraw {
@@ -213,6 +220,7 @@ impl Default for SpatialDraw {
             mirror: [false; 3],
             permutation: [0, 1, 2],
             angles_deg: [0.0; 3],
+            rotation: None,
         }
     }
 }
@@ -230,7 +238,8 @@ impl SpatialDraw {
         for k in 0..3 {
             transpose[self.permutation[k]][k] = 1.0;
         }
-        matmul(&rotation_matrix(self.angles_deg), &matmul(&transpose, &mirror))
+        let rotation = self.rotation.unwrap_or_else(|| rotation_matrix(self.angles_deg));
+        matmul(&rotation, &matmul(&transpose, &mirror))
     }
 }
 

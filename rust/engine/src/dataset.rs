@@ -11,6 +11,8 @@ use crate::cache::ChunkCache;
 use crate::error::{Error, Result};
 use crate::extract::{read_patch, read_patch_group, PatchSpec, ReadOptions};
 use crate::geometry::{WorldBox, AXES};
+use crate::values::ValuePipeline;
+use serde::Deserialize;
 use crate::volume::{ValueMode, Volume};
 
 /// Identity of a level's voxel grid (voxel size, origin, shape): levels with equal keys map
@@ -79,7 +81,41 @@ pub struct DatasetConfig {
     pub spatial: SpatialConfig,
     /// Ship targets as uint8 (0, 1, 255 = unknown) instead of float32.
     pub compact_targets: bool,
+    /// Value transforms of every input array.
+    pub raw_values: ValuePipeline,
+    /// Value transforms of every target array.
+    pub target_values: TargetValues,
 }
+
+/// The value transforms of target arrays: one pipeline over all classes of a sample, or one per
+/// class (the `{class: transform}` form).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum TargetValues {
+    /// One pipeline over the whole `[classes, ...]` sample tensor.
+    Whole(ValuePipeline),
+    /// One pipeline per requested class, on that class's channel.
+    PerClass(Vec<ValuePipeline>),
+}
+
+impl Default for TargetValues {
+    fn default() -> Self {
+        TargetValues::Whole(ValuePipeline::default())
+    }
+}
+
+impl TargetValues {
+    /// Whether no target value transform runs in the engine.
+    pub fn is_empty(&self) -> bool {
+        match self {
+            TargetValues::Whole(p) => p.is_empty(),
+            TargetValues::PerClass(ps) => ps.iter().all(ValuePipeline::is_empty),
+        }
+    }
+}
+
+/// Stream ids of value-transform draws: inputs count from 0, targets from here.
+const TARGET_STREAM: u64 = 1 << 20;
 
 /// An opened dataset.
 pub struct Dataset {
@@ -331,6 +367,35 @@ impl Dataset {
         Ok(())
     }
 
+    /// Applies the engine's value transforms to one sample's arrays (as [`Dataset::read_sample`]
+    /// left them: inputs first, then targets), drawing from the sample's `value_seed`.
+    pub fn apply_values(&self, value_seed: u64, outputs: &mut [&mut [f32]]) {
+        if self.config.raw_values.is_empty() && self.config.target_values.is_empty() {
+            return;
+        }
+        let n_inputs = self.config.inputs.len();
+        let shapes = self.sample_shapes();
+        for (i, out) in outputs.iter_mut().enumerate() {
+            let shape = &shapes[i].1;
+            if i < n_inputs {
+                self.config.raw_values.apply(out, shape, value_seed, i as u64);
+                continue;
+            }
+            let stream = TARGET_STREAM * (1 + (i - n_inputs) as u64);
+            match &self.config.target_values {
+                TargetValues::Whole(p) => p.apply(out, shape, value_seed, stream),
+                TargetValues::PerClass(pipelines) => {
+                    let mut channel_shape = shape.clone();
+                    channel_shape[0] = 1;
+                    let n: usize = channel_shape.iter().product();
+                    for (c, (channel, p)) in out.chunks_mut(n.max(1)).zip(pipelines).enumerate() {
+                        p.apply(channel, &channel_shape, value_seed, stream + 1 + c as u64);
+                    }
+                }
+            }
+        }
+    }
+
     /// Per-sample tensor shape of each array (inputs then targets): channel first, singleton
     /// spatial axes squeezed (so `(1, 256, 256)` gives `[1, 256, 256]` inputs).
     pub fn sample_shapes(&self) -> Vec<(String, Vec<usize>)> {
@@ -454,7 +519,7 @@ impl DatasetConfig {
                 .collect()
         };
         let interpolation = value.get("raw_interpolation").and_then(Value::as_str).unwrap_or("linear");
-        Ok(DatasetConfig {
+        let config = DatasetConfig {
             label: value.get("name").and_then(Value::as_str).map(str::to_string),
             crop: value.get("crop").and_then(Value::as_str).unwrap_or_default().to_string(),
             raw_path: PathBuf::from(raw_path),
@@ -467,6 +532,30 @@ impl DatasetConfig {
             raw_interpolation: Interpolation::parse(interpolation)?,
             spatial: SpatialConfig::parse(value.get("spatial").unwrap_or(&Value::Null))?,
             compact_targets: value.get("compact_targets").and_then(Value::as_bool).unwrap_or(false),
-        })
+            raw_values: match value.get("raw_values") {
+                Some(v) => ValuePipeline::from_json(v, "raw value transforms")?,
+                None => ValuePipeline::default(),
+            },
+            target_values: match value.get("target_values") {
+                Some(v) => {
+                    let parsed = TargetValues::deserialize(v).map_err(|e| Error::invalid(format!("target value transforms: {e}")))?;
+                    let pipelines = match &parsed {
+                        TargetValues::Whole(p) => std::slice::from_ref(p),
+                        TargetValues::PerClass(ps) => ps.as_slice(),
+                    };
+                    for op in pipelines.iter().flat_map(|p| &p.ops) {
+                        op.validate().map_err(|e| Error::invalid(format!("target value transforms: {e}")))?;
+                    }
+                    parsed
+                }
+                None => TargetValues::default(),
+            },
+        };
+        if config.compact_targets && !config.target_values.is_empty() {
+            return Err(Error::invalid(
+                "compact (uint8) targets cannot carry engine value transforms: they are expanded on the device",
+            ));
+        }
+        Ok(config)
     }
 }

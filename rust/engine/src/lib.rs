@@ -16,6 +16,7 @@ pub mod ngff;
 pub mod runtime;
 pub mod sampler;
 pub mod stats;
+pub mod values;
 pub mod volume;
 pub mod writer;
 

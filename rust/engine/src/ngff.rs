@@ -1,10 +1,12 @@
 //! OME-NGFF multiscale metadata: 0.4 (zarr v2 `.zattrs`) and 0.5 (zarr v3 `zarr.json` → `ome`).
 //!
 //! Only what sampling needs is kept: axes (name, type, unit) and, per level, the array path and
-//! the scale/translation mapping voxel indices to world coordinates (voxel *centres*, as
-//! OME-NGFF defines them). A top-level `coordinateTransformations` is folded into each level.
+//! the scale/translation as written. A top-level `coordinateTransformations` is folded into each
+//! level. How a translation is read (the corner or the centre of voxel 0) is the
+//! [`CoordinateFrame`], a process-wide setting.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use serde_json::Value;
 
@@ -38,8 +40,82 @@ pub struct LevelMeta {
     pub path: String,
     /// Voxel size per axis (all axes, in metadata order).
     pub scale: Vec<f64>,
-    /// World coordinate of the centre of voxel 0 per axis.
+    /// The translation as written (world position of voxel 0: its corner or its centre, per
+    /// the [`CoordinateFrame`]).
     pub translation: Vec<f64>,
+}
+
+/// What an OME-NGFF `translation` marks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CoordinateFrame {
+    /// The lower corner of voxel 0: a level spans `[t, t + n·voxel]` (the reference library's
+    /// current convention, and how the CellMap challenge builds crop bounds). The default.
+    Corner,
+    /// The centre of voxel 0 (OME-NGFF's own reading): a level spans `[t − voxel/2, t + (n − ½)·voxel]`.
+    /// Pyramids whose level translations follow the voxel-centre rule (CellMap's) line up
+    /// across levels only in this frame.
+    Centre,
+}
+
+const FRAME_UNSET: u8 = 0;
+const FRAME_CORNER: u8 = 1;
+const FRAME_CENTRE: u8 = 2;
+static FRAME: AtomicU8 = AtomicU8::new(FRAME_UNSET);
+
+impl CoordinateFrame {
+    /// Parses `"corner"` / `"centre"` (also `"center"`).
+    pub fn parse(name: &str) -> Result<CoordinateFrame> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "corner" => Ok(CoordinateFrame::Corner),
+            "centre" | "center" => Ok(CoordinateFrame::Centre),
+            other => Err(Error::invalid(format!(
+                "coordinate frame must be 'corner' or 'centre', not '{other}'"
+            ))),
+        }
+    }
+
+    /// The name [`CoordinateFrame::parse`] takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            CoordinateFrame::Corner => "corner",
+            CoordinateFrame::Centre => "centre",
+        }
+    }
+
+    /// The process-wide frame: set by [`CoordinateFrame::set_current`], else
+    /// `CELLMAP_COORDINATE_FRAME`, else [`CoordinateFrame::Corner`]. Volumes and writers take it
+    /// when they are opened.
+    pub fn current() -> CoordinateFrame {
+        match FRAME.load(Ordering::Acquire) {
+            FRAME_CORNER => CoordinateFrame::Corner,
+            FRAME_CENTRE => CoordinateFrame::Centre,
+            _ => {
+                let frame = std::env::var("CELLMAP_COORDINATE_FRAME")
+                    .ok()
+                    .and_then(|v| CoordinateFrame::parse(&v).ok())
+                    .unwrap_or(CoordinateFrame::Corner);
+                frame.set_current();
+                frame
+            }
+        }
+    }
+
+    /// Makes this the process-wide frame for volumes and writers opened from now on.
+    pub fn set_current(self) {
+        let code = match self {
+            CoordinateFrame::Corner => FRAME_CORNER,
+            CoordinateFrame::Centre => FRAME_CENTRE,
+        };
+        FRAME.store(code, Ordering::Release);
+    }
+
+    /// Offset from a written translation to the centre of voxel 0, per axis.
+    pub fn centre_offset(self, voxel_size: f64) -> f64 {
+        match self {
+            CoordinateFrame::Corner => voxel_size / 2.0,
+            CoordinateFrame::Centre => 0.0,
+        }
+    }
 }
 
 /// The first `multiscales` entry of an image group.
@@ -274,6 +350,17 @@ fn parse_transforms(value: Option<&Value>, ndim: usize, source: &Path, context: 
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn coordinate_frame_names_round_trip_and_offsets() {
+        for frame in [CoordinateFrame::Corner, CoordinateFrame::Centre] {
+            assert_eq!(CoordinateFrame::parse(frame.name()).unwrap(), frame);
+        }
+        assert_eq!(CoordinateFrame::parse("Center").unwrap(), CoordinateFrame::Centre);
+        assert!(CoordinateFrame::parse("edge").unwrap_err().to_string().contains("'edge'"));
+        assert_eq!(CoordinateFrame::Corner.centre_offset(8.0), 4.0);
+        assert_eq!(CoordinateFrame::Centre.centre_offset(8.0), 0.0);
+    }
 
     #[test]
     fn parses_levels_with_scale_and_translation() {

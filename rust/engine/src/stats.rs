@@ -349,6 +349,7 @@ mod tests {
             mirror: [true, false, true],
             permutation: [0, 2, 1],
             angles_deg: [10.0, 0.0, -5.0],
+            rotation: None,
         };
         let samples = vec![
             SampleRequest {

@@ -16,7 +16,7 @@ use zarrs::filesystem::FilesystemStore;
 use crate::cache::{with_chunk_values, Chunk, ChunkCache, ChunkData, ChunkKey};
 use crate::error::{Error, Result};
 use crate::geometry::WorldBox;
-use crate::ngff::{read_multiscale, Multiscale};
+use crate::ngff::{read_multiscale, CoordinateFrame, Multiscale};
 
 /// Element types the engine reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,8 +90,11 @@ pub struct Level {
     pub chunk_shape: [u64; 3],
     /// Voxel size (z, y, x) in world units (nm).
     pub voxel_size: [f64; 3],
-    /// World coordinate of the centre of voxel 0 (z, y, x).
+    /// World coordinate of the centre of voxel 0 (z, y, x), in the frame the volume was opened
+    /// with (see [`CoordinateFrame`]).
     pub translation: [f64; 3],
+    /// The translation as written in the metadata (z, y, x).
+    pub origin: [f64; 3],
     /// Element type.
     pub dtype: DType,
 }
@@ -201,8 +204,14 @@ fn data_type_of(array: &Array<FilesystemStore>, path: &Path) -> Result<DType> {
 }
 
 impl Volume {
-    /// Opens the image group at `path` and every level its multiscales metadata lists.
+    /// Opens the image group at `path` and every level its multiscales metadata lists, reading
+    /// translations in the process-wide [`CoordinateFrame`].
     pub fn open(path: impl AsRef<Path>, cache: Arc<ChunkCache>) -> Result<Volume> {
+        Self::open_in_frame(path, cache, CoordinateFrame::current())
+    }
+
+    /// Like [`Volume::open`], reading translations in `frame`.
+    pub fn open_in_frame(path: impl AsRef<Path>, cache: Arc<ChunkCache>, frame: CoordinateFrame) -> Result<Volume> {
         let path = path.as_ref().to_path_buf();
         if !path.exists() {
             return Err(Error::not_found(&path));
@@ -257,14 +266,17 @@ impl Volume {
                 .map_err(|e| Error::metadata(&level_path, e))?;
             let dtype = data_type_of(&array, &level_path)?;
             let s = |v: &[f64]| [v[leading], v[leading + 1], v[leading + 2]];
+            let voxel_size = s(&meta.scale);
+            let origin = s(&meta.translation);
             levels.push(Level {
                 id: NEXT_LEVEL_ID.fetch_add(1, Ordering::Relaxed),
                 path: level_path,
                 leading,
                 shape: [full_shape[leading], full_shape[leading + 1], full_shape[leading + 2]],
                 chunk_shape: [chunk0[leading].get(), chunk0[leading + 1].get(), chunk0[leading + 2].get()],
-                voxel_size: s(&meta.scale),
-                translation: s(&meta.translation),
+                voxel_size,
+                translation: std::array::from_fn(|k| origin[k] + frame.centre_offset(voxel_size[k])),
+                origin,
                 dtype,
                 array,
             });

@@ -10,9 +10,10 @@
 //! The writer is given world *bounds* in nm whose `lo`/`hi` are voxel **edges** (the way users
 //! build them: `translation .. translation + voxel * shape`). The array has
 //! `ceil((hi - lo) / voxel)` voxels per axis; voxel `i` spans `[lo + i·voxel, lo + (i+1)·voxel)`.
-//! OME-NGFF puts the `translation` at the **centre** of voxel 0, so the metadata says
-//! `translation = lo + voxel / 2`; reading the image back with the engine (whose `translation`
-//! is also the centre of voxel 0) gives a world box that starts exactly at `lo`.
+//! In the default [`CoordinateFrame::Corner`] the metadata says `translation = lo` (the corner
+//! of voxel 0, as the reference library and the CellMap challenge read it); in
+//! [`CoordinateFrame::Centre`] it says `translation = lo + voxel / 2` (the centre of voxel 0).
+//! Either way, reading the image back in the same frame gives a world box starting at `lo`.
 //!
 //! # Tiles, chunks and completion
 //!
@@ -55,7 +56,7 @@ use zarrs::filesystem::FilesystemStore;
 
 use crate::error::{Error, Result};
 use crate::geometry::{WorldBox, AXES};
-use crate::ngff::ZarrFormat;
+use crate::ngff::{CoordinateFrame, ZarrFormat};
 use crate::volume::DType;
 
 /// How overlapping tiles are weighted.
@@ -281,6 +282,8 @@ pub struct WriterConfig {
     pub protected: Vec<PathBuf>,
     /// fsync every chunk before renaming it into place.
     pub fsync: bool,
+    /// What the written translation marks (default: the process-wide frame).
+    pub frame: CoordinateFrame,
 }
 
 fn parse_dtype(name: &str) -> Result<DType> {
@@ -380,6 +383,10 @@ impl WriterConfig {
             tiling,
             protected,
             fsync: value.get("fsync").and_then(Value::as_bool).unwrap_or(false),
+            frame: match value.get("coordinate_frame").and_then(Value::as_str) {
+                Some(name) => CoordinateFrame::parse(name)?,
+                None => CoordinateFrame::current(),
+            },
         })
     }
 
@@ -644,8 +651,8 @@ fn multiscale_name(config: &WriterConfig) -> String {
     }
 }
 
-/// The multiscale description: per level its path, voxel size and translation (centre of
-/// voxel 0 = lower bound + half a voxel).
+/// The multiscale description: per level its path, voxel size and translation (per the
+/// coordinate frame).
 fn multiscale_json(config: &WriterConfig, levels: &[LevelInfo]) -> Value {
     let datasets: Vec<Value> = levels
         .iter()
@@ -1008,10 +1015,14 @@ impl ImageWriter {
         fs::create_dir_all(&path).map_err(|e| Error::io(&path, e))?;
 
         let shape0 = config.array_shape();
+        let frame = config.frame;
         let mut levels = Vec::new();
         for (i, (shape, f)) in config.level_geometry().into_iter().enumerate() {
             let voxel_size: [f64; 3] = std::array::from_fn(|k| config.voxel_size[k] * f[k] as f64);
-            let translation = std::array::from_fn(|k| config.bounds.lo[k] + voxel_size[k] / 2.0);
+            // Voxel 0 of every level has its corner at `lo`; the metadata marks that corner or
+            // that voxel's centre, per the coordinate frame.
+            let translation =
+                std::array::from_fn(|k| config.bounds.lo[k] + voxel_size[k] / 2.0 - frame.centre_offset(voxel_size[k]));
             levels.push(LevelInfo {
                 name: format!("s{}", config.first_level + i),
                 shape,
@@ -1074,8 +1085,8 @@ impl ImageWriter {
         self.levels[0].shape
     }
 
-    /// World coordinate of the centre of voxel 0 of the first level (the metadata's
-    /// translation).
+    /// The translation written for the first level (the corner of voxel 0, or its centre in
+    /// the centre coordinate frame).
     pub fn translation(&self) -> [f64; 3] {
         self.levels[0].translation
     }
@@ -1625,6 +1636,7 @@ mod tests {
             }),
             protected: Vec::new(),
             fsync: false,
+            frame: CoordinateFrame::Corner,
         }
     }
 
@@ -1832,6 +1844,34 @@ mod tests {
         // block (0,0,0): z 0-1, y 0-1, x 0-1 of i = z*64 + y*8 + x
         let expect = [0, 1, 8, 9, 64, 65, 72, 73].iter().sum::<i32>() as f32 / 8.0;
         assert_eq!(out[0], expect);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn written_translation_follows_the_coordinate_frame() {
+        use crate::ngff::CoordinateFrame;
+        let dir = temp_dir("frame");
+        for (frame, written) in [(CoordinateFrame::Corner, [8.0, -4.0, 2.0]), (CoordinateFrame::Centre, [10.0, -2.0, 4.0])] {
+            let path = dir.join(format!("{}.zarr", frame.name())).join("x");
+            let mut c = config(path.clone(), [8.0, -4.0, 2.0], [40.0, 28.0, 34.0], [4.0; 3], [8, 8, 8]);
+            c.frame = frame;
+            c.downsample_levels = 1;
+            let writer = ImageWriter::create(c).unwrap();
+            assert_eq!(writer.translation(), written);
+            writer.close().unwrap();
+            // Read back in the same frame, every level spans the bounds from `lo`.
+            let volume = Volume::open_in_frame(&path, ChunkCache::global(), frame).unwrap();
+            assert_eq!(volume.levels[0].origin, written);
+            for level in &volume.levels {
+                assert_eq!(level.world_box().lo, [8.0, -4.0, 2.0], "{} level {:?}", frame.name(), level.voxel_size);
+            }
+            assert_eq!(volume.levels[0].world_box().hi, [40.0, 28.0, 34.0]);
+            // Read in the other frame, the box moves by half a voxel of the level.
+            let other = if frame == CoordinateFrame::Corner { CoordinateFrame::Centre } else { CoordinateFrame::Corner };
+            let shifted = Volume::open_in_frame(&path, ChunkCache::global(), other).unwrap();
+            let sign = if frame == CoordinateFrame::Corner { -1.0 } else { 1.0 };
+            assert_eq!(shifted.levels[0].world_box().lo, [8.0 + sign * 2.0, -4.0 + sign * 2.0, 2.0 + sign * 2.0]);
+        }
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -13,6 +13,7 @@ mod writer;
 use pyo3::prelude::*;
 
 use cellmap_engine::cache::ChunkCache;
+use cellmap_engine::ngff::CoordinateFrame;
 
 /// Counters of the shared decoded-chunk cache.
 #[pyfunction]
@@ -56,6 +57,21 @@ fn pooled_batch_bytes() -> usize {
     cellmap_engine::batch::pooled_batch_bytes()
 }
 
+/// Sets what an OME-NGFF `translation` marks for volumes and writers opened from now on:
+/// `"corner"` (of voxel 0; the default) or `"centre"`.
+#[pyfunction]
+fn set_coordinate_frame(py: Python<'_>, frame: &str) -> PyResult<()> {
+    let frame = CoordinateFrame::parse(frame).map_err(|e| convert::to_pyerr(py, e))?;
+    frame.set_current();
+    Ok(())
+}
+
+/// The current coordinate frame: `"corner"` or `"centre"`.
+#[pyfunction]
+fn coordinate_frame() -> &'static str {
+    CoordinateFrame::current().name()
+}
+
 /// Whether the extension was compiled with optimisations.
 #[pyfunction]
 fn is_optimized_build() -> bool {
@@ -70,6 +86,8 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(live_batch_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(pooled_batch_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(is_optimized_build, m)?)?;
+    m.add_function(wrap_pyfunction!(set_coordinate_frame, m)?)?;
+    m.add_function(wrap_pyfunction!(coordinate_frame, m)?)?;
     m.add_class::<volume::Volume>()?;
     m.add_class::<dataset::Dataset>()?;
     m.add_class::<dataset::Batch>()?;

@@ -190,6 +190,7 @@ fn sample_metadata(
                 mirror: mirror[i],
                 permutation: transpose[i],
                 angles_deg: rotate[i],
+                rotation: None,
             },
             value_seed: value_seed[i],
         })

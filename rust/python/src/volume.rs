@@ -51,7 +51,8 @@ impl Volume {
             .collect()
     }
 
-    /// One dict per level: path, shape, chunks, voxel_size, translation, dtype, world box.
+    /// One dict per level: path, shape, chunks, voxel_size, translation (as written),
+    /// voxel0_centre (world centre of voxel 0 in the coordinate frame), dtype, world box.
     #[getter]
     fn levels<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
         self.inner
@@ -64,7 +65,8 @@ impl Volume {
                 d.set_item("shape", l.shape.to_vec())?;
                 d.set_item("chunks", l.chunk_shape.to_vec())?;
                 d.set_item("voxel_size", l.voxel_size.to_vec())?;
-                d.set_item("translation", l.translation.to_vec())?;
+                d.set_item("translation", l.origin.to_vec())?;
+                d.set_item("voxel0_centre", l.translation.to_vec())?;
                 d.set_item("dtype", l.dtype.name())?;
                 let b = l.world_box();
                 d.set_item("world_box", (b.lo.to_vec(), b.hi.to_vec()))?;
@@ -82,7 +84,7 @@ impl Volume {
     /// Returns a float32 tensor exported through DLPack.
     #[pyo3(signature = (centre, shape, voxel_size, *, level=None, pad=true, pad_value=f32::NAN,
                         interpolation="nearest", foreground=false, mirror=[false; 3],
-                        permutation=[0, 1, 2], rotation_deg=[0.0; 3]))]
+                        permutation=[0, 1, 2], rotation_deg=[0.0; 3], rotation_matrix=None))]
     #[allow(clippy::too_many_arguments)]
     fn read(
         &self,
@@ -98,6 +100,7 @@ impl Volume {
         mirror: [bool; 3],
         permutation: [usize; 3],
         rotation_deg: [f64; 3],
+        rotation_matrix: Option<[[f64; 3]; 3]>,
     ) -> PyResult<Tensor> {
         let interpolation = Interpolation::parse(interpolation).map_err(|e| to_pyerr(py, e))?;
         let spec = PatchSpec::new(shape, voxel_size).map_err(|e| to_pyerr(py, e))?;
@@ -116,10 +119,14 @@ impl Volume {
                 cellmap_engine::Error::invalid(format!("permutation {permutation:?} is not a permutation of 0, 1, 2")),
             ));
         }
+        if let Some(r) = &rotation_matrix {
+            check_rotation(r).map_err(|e| to_pyerr(py, e))?;
+        }
         let draw = SpatialDraw {
             mirror,
             permutation,
             angles_deg: rotation_deg,
+            rotation: rotation_matrix,
         };
         let options = ReadOptions {
             interpolation,
@@ -139,4 +146,23 @@ impl Volume {
     fn __repr__(&self) -> String {
         format!("Volume('{}', levels={})", self.inner.path.display(), self.inner.levels.len())
     }
+}
+
+/// A rotation matrix must be finite and orthonormal (a turn, possibly with a reflection): the
+/// read path samples a patch of the requested size, which a scaling or shearing matrix would not.
+fn check_rotation(r: &[[f64; 3]; 3]) -> cellmap_engine::Result<()> {
+    let bad = |why: &str| cellmap_engine::Error::invalid(format!("rotation_matrix {r:?} {why}"));
+    if r.iter().flatten().any(|v| !v.is_finite()) {
+        return Err(bad("must be finite"));
+    }
+    for i in 0..3 {
+        for j in 0..3 {
+            let dot: f64 = (0..3).map(|k| r[k][i] * r[k][j]).sum();
+            let expected = if i == j { 1.0 } else { 0.0 };
+            if (dot - expected).abs() > 1e-6 {
+                return Err(bad("must be orthonormal (a rotation)"));
+            }
+        }
+    }
+    Ok(())
 }
