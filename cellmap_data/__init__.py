@@ -20,17 +20,18 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "uninstalled"
 
 _LAZY = {
-    "CellMapDatasetWriter": ".writer",
-    "ImageWriter": ".writer",
+    # Each name from the module where the reference library defines it.
+    "CellMapDatasetWriter": ".dataset_writer",
+    "ImageWriter": ".image_writer",
     "CellMapImage": ".image",
-    "EmptyImage": ".image",
+    "EmptyImage": ".empty_image",
     "CellMapDataset": ".dataset",
     "CellMapError": ".exceptions",
     "CellMapMultiDataset": ".multidataset",
     "CellMapSubset": ".multidataset",
-    "CellMapDataLoader": ".loader",
+    "CellMapDataLoader": ".dataloader",
     "CellMapDataSplit": ".datasplit",
-    "ClassBalancedSampler": ".loader",
+    "ClassBalancedSampler": ".sampler",
     "CellMapIterableDataset": ".loader",
     "set_coordinate_frame": "._config",
     "get_coordinate_frame": "._config",

@@ -135,7 +135,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
             write_counts=not args.no_counts,
             dimension_separator=args.dimension_separator,
         )
-    except ValueError as error:
+    except (ValueError, ImportError) as error:
         raise UsageError(f"cellmap_data synth: error: {error}") from None
     elapsed = time.perf_counter() - started
 

@@ -27,6 +27,7 @@ from ._config import (
     to_json,
 )
 from .exceptions import ConfigError, NotFoundError
+from .transforms.plan import ValuePlan, plan_value_transforms
 from .transforms.seeding import sample_seeds
 from .utils.paths import split_target_path
 
@@ -94,6 +95,40 @@ def sample_metadata_dicts(record: Any, tensor_names: Sequence[str], owners: Sequ
             drawn["rotate"] = angles
         row["current_spatial_transforms"] = drawn
     return rows
+
+
+def _sample_seed(seed: int, salt: str, source: int) -> int:
+    """A torch seed for one sample's call of a foreign transform (stable across processes)."""
+    import hashlib
+
+    payload = f"{seed}:{salt}:{source}".encode()
+    return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little") >> 1
+
+
+def _run_torch_rest(plan: ValuePlan, tensor: torch.Tensor, seeds: torch.Tensor, salt: str, reference_shape: Sequence[int]) -> torch.Tensor:
+    """Runs the torch share of a value-transform plan on a batch ``[B, C, *spatial]``.
+
+    Batch-aware transforms run once on the whole batch, every random draw keyed per sample
+    (:func:`sample_seeds`). Any other callable is called the reference library's way: once per
+    sample and per channel (source), on the patch's own shape with its singleton axes
+    (``reference_shape``), torch's global RNG seeded from that sample's seed around the call
+    (and restored after), so each sample gets its own reproducible draw."""
+    rest = plan.torch_rest
+    if rest is None:
+        return tensor
+    if plan.rest_batch_aware:
+        with sample_seeds(seeds, salt=salt):
+            return rest(tensor)
+    devices = [tensor.device] if tensor.device.type == "cuda" else []
+    out = torch.empty_like(tensor)
+    for i, seed in enumerate(seeds.tolist()):
+        for c in range(tensor.shape[1]):
+            patch = tensor[i, c].reshape(list(reference_shape))
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(_sample_seed(int(seed), salt, c))
+                result = rest(patch)
+            out[i, c] = torch.as_tensor(result, device=tensor.device).reshape(tensor.shape[2:])
+    return out
 
 
 def _is_zarr_group(path: str) -> bool:
@@ -205,6 +240,7 @@ class CellMapDataset(torch.utils.data.Dataset):
         else:
             self.target_template, self.annotated_classes = "", []
         self.spatial_transforms = spatial_transforms_json(spatial_transforms)
+        self._plan_values()
         for c in self.annotated_classes:
             # Every class the template lists must exist, requested or not: a typo in a CSV
             # should fail here, not silently turn into an unannotated class.
@@ -271,6 +307,8 @@ class CellMapDataset(torch.utils.data.Dataset):
             "raw_interpolation": self.raw_interpolation,
             "spatial": self.spatial_transforms if self.is_train else None,
             "compact_targets": self.compact_targets,
+            "raw_values": self._raw_plan.engine_ops,
+            "target_values": self._engine_target_values(),
         }
 
     def _open_engine(self) -> Any:
@@ -356,17 +394,12 @@ class CellMapDataset(torch.utils.data.Dataset):
         table = pa.record_batch(record)
         out["idx"] = torch.as_tensor(table.column("idx").to_numpy().astype("int64"))
         seeds = torch.as_tensor(table.column("value_seed").to_numpy().astype("int64"))
-        input_names = [a["name"] for a in self._inputs]
         for name in batch.tensor_names:
             tensor = torch.from_dlpack(batch.tensor(name))
             if self.device is not None:
                 tensor = tensor.to(self.device, non_blocking=True)
             tensor = self.to_axis_order(expand_compact(tensor), name)
-            if name in input_names:
-                tensor = self._apply_raw_transform(tensor, seeds)
-            else:
-                tensor = self._apply_target_transform(tensor, seeds)
-            out[name] = tensor
+            out[name] = self.apply_value_transforms(name, tensor, seeds)
         if self.return_metadata if return_metadata is None else return_metadata:
             out["__metadata__"] = sample_metadata_dicts(table, batch.tensor_names, [self] * table.num_rows)
         return out
@@ -413,40 +446,101 @@ class CellMapDataset(torch.utils.data.Dataset):
             out[name] = output_permutation(kept, self.axis_order)
         return out
 
-    def _apply_raw_transform(self, tensor: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
-        if self.raw_value_transforms is None:
-            return tensor
-        with sample_seeds(seeds, salt="raw"):
-            return self.raw_value_transforms(tensor)
+    # -- value transforms -------------------------------------------------------------------
+    def _plan_values(self) -> None:
+        """Splits the value transforms between the engine and torch (see
+        :mod:`cellmap_data.transforms.plan`)."""
+        # Raw-only datasets read their targets as raw arrays: keep their transforms in torch.
+        engine = bool(self.classes) or not self._targets
+        self._raw_plan = plan_value_transforms(self.raw_value_transforms, engine=engine)
+        # Compact targets are expanded on the device, after the engine: their transforms run there.
+        target_engine = engine and not self.compact_targets
+        binary = math.isnan(self.empty_value)
+        t = self.target_value_transforms
+        self._target_plans: ValuePlan | list[ValuePlan]
+        if isinstance(t, Mapping):
+            self._target_plans = [plan_value_transforms(t.get(c), binary=binary, engine=target_engine) for c in self.classes]
+        elif isinstance(t, (list, tuple)):
+            self._target_plans = [
+                plan_value_transforms(t[i] if i < len(t) else None, binary=binary, engine=target_engine)
+                for i in range(len(self.classes))
+            ]
+        else:
+            self._target_plans = plan_value_transforms(t, binary=binary, engine=target_engine)
+        # The older dialect's empty_value fills unknown target voxels before the transforms.
+        self._empty_value_in_engine = target_engine and not binary
 
-    def _apply_target_transform(self, tensor: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
-        if not math.isnan(self.empty_value):
+    def _engine_target_values(self) -> dict[str, Any]:
+        fill = [{"op": "nan_to_num", "nan": self.empty_value}] if self._empty_value_in_engine else []
+        if isinstance(self._target_plans, list):
+            return {"per_class": [fill + p.engine_ops for p in self._target_plans]}
+        return {"whole": fill + self._target_plans.engine_ops}
+
+    @property
+    def value_transform_plan(self) -> list[dict[str, str]]:
+        """Where each value transform runs: one row per (arrays, transform) with ``where`` one of
+        ``engine``, ``skipped (identity)``, ``torch (whole batch)`` or ``torch (per sample)``."""
+        rows = [{"arrays": "raw", "transform": t, "where": w} for t, w in self._raw_plan.describe()]
+        if isinstance(self._target_plans, list):
+            for c, plan in zip(self.classes, self._target_plans):
+                rows.extend({"arrays": f"targets[{c}]", "transform": t, "where": w} for t, w in plan.describe())
+        else:
+            rows.extend({"arrays": "targets", "transform": t, "where": w} for t, w in self._target_plans.describe())
+        return rows
+
+    def value_transform_key(self, name: str) -> tuple[Any, ...]:
+        """Identifies what :meth:`apply_value_transforms` does to array ``name``: datasets with
+        equal keys transform a batch of their samples identically (the loader transforms such
+        samples together)."""
+        if any(s["name"] == name for s in self._inputs):
+            return ("raw", id(self.raw_value_transforms), bool(self._raw_plan.engine_ops))
+        return ("target", id(self.target_value_transforms), repr(self.empty_value), self._empty_value_in_engine,
+                tuple(self.classes), self.compact_targets)
+
+    def _reference_shape(self, name: str) -> list[int]:
+        """The shape the reference library hands value transforms for array ``name``: the
+        spatial patch in ``axis_order``, singleton axes included (e.g. ``[1, 128, 128]``)."""
+        spec = next(s for s in self._inputs + self._targets if s["name"] == name)
+        order = [a for a in SPATIAL_AXES if a not in self.axis_order] + list(self.axis_order)
+        return [spec["shape"][SPATIAL_AXES.index(a)] for a in order]
+
+    def apply_value_transforms(self, name: str, tensor: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        """The value transforms of array ``name`` that run in torch, on a batch tensor
+        ``[B, C, *spatial]`` (the engine has applied those it runs while reading). ``seeds`` are
+        the samples' ``value_seed``\ s: random transforms draw from them."""
+        if any(s["name"] == name for s in self._inputs):
+            return _run_torch_rest(self._raw_plan, tensor, seeds, "raw", self._reference_shape(name))
+        if not self._empty_value_in_engine and not math.isnan(self.empty_value):
             # Older dialect: unknown target voxels hold ``empty_value`` instead of NaN.
             tensor = torch.nan_to_num(tensor, nan=self.empty_value)
-        t = self.target_value_transforms
-        if t is None:
-            return tensor
-        with sample_seeds(seeds, salt="target"):
-            if isinstance(t, Mapping):
-                channels = [t[c](tensor[:, i]) if c in t else tensor[:, i] for i, c in enumerate(self.classes)]
-                return torch.stack(channels, dim=1)
-            if isinstance(t, (list, tuple)):
-                per_class: Sequence[ValueTransform | None] = t
-                channels = []
-                for i in range(len(self.classes)):
-                    transform = per_class[i] if i < len(per_class) else None
-                    channels.append(transform(tensor[:, i]) if transform is not None else tensor[:, i])
-                return torch.stack(channels, dim=1)
-            return cast(ValueTransform, t)(tensor)
+        if isinstance(self._target_plans, list):
+            if all(p.torch_rest is None for p in self._target_plans):
+                return tensor
+            channels = [
+                _run_torch_rest(plan, tensor[:, c : c + 1], seeds, f"target{c}", self._reference_shape(name))[:, 0]
+                for c, plan in enumerate(self._target_plans)
+            ]
+            return torch.stack(channels, dim=1)
+        return _run_torch_rest(self._target_plans, tensor, seeds, "target", self._reference_shape(name))
 
     # -- configuration setters ------------------------------------------------------------
     def set_raw_value_transforms(self, transforms: ValueTransform | None) -> None:
         """Replaces the raw value transforms."""
         self.raw_value_transforms = transforms
+        self._replan()
 
     def set_target_value_transforms(self, transforms: Any) -> None:
         """Replaces the target value transforms (one callable, or one per class)."""
         self.target_value_transforms = transforms
+        self._replan()
+
+    def _replan(self) -> None:
+        """Re-splits the value transforms; the engine reopens only when its share changed."""
+        before = (self._raw_plan.engine_ops, self._engine_target_values())
+        self._plan_values()
+        if (self._raw_plan.engine_ops, self._engine_target_values()) != before:
+            self._engine_handle = self._open_engine()
+            self._engine_pid = os.getpid()
 
     def set_spatial_transforms(self, spatial_transforms: Mapping[str, Any] | None) -> None:
         """Replaces the spatial augmentation config (validated immediately)."""

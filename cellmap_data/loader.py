@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -344,11 +344,9 @@ class CellMapDataLoader:
         out: dict[str, Any] = {"idx": torch.tensor([self.multi.offset(d) + i for d, i, _ in plan], dtype=torch.int64)}
         owners = [self.multi.datasets[d] for d, _, _ in plan]
         first = self.multi.datasets[0]
-        input_names = {a["name"] for a in first._inputs}
         for name, tensor in tensors.items():
             tensor = first.to_axis_order(expand_compact(tensor), name)
-            kind = "raw" if name in input_names else "target"
-            out[name] = _transform_by_owner(tensor, seeds, owners, kind)
+            out[name] = _transform_by_owner(name, tensor, seeds, owners)
         if self.return_metadata:
             out["__metadata__"] = sample_metadata_dicts(record, batch.tensor_names, owners)
         return out
@@ -404,28 +402,22 @@ class CellMapDataLoader:
         )
 
 
-def _transform_by_owner(tensor: torch.Tensor, seeds: torch.Tensor, owners: list[Any], kind: str) -> torch.Tensor:
-    """Applies each sample's dataset's value transform, once per group of samples sharing it."""
-    attr = "raw_value_transforms" if kind == "raw" else "target_value_transforms"
+def _transform_by_owner(name: str, tensor: torch.Tensor, seeds: torch.Tensor, owners: list[Any]) -> torch.Tensor:
+    """Applies the torch share of each sample's dataset's value transforms of array ``name``, once
+    per group of samples whose datasets share their transforms."""
     groups: dict[Any, list[int]] = {}
     keyed: dict[Any, Any] = {}
     for row, owner in enumerate(owners):
-        key = (id(getattr(owner, attr)), repr(getattr(owner, "empty_value", None)) if kind == "target" else None)
+        key = owner.value_transform_key(name)
         groups.setdefault(key, []).append(row)
         keyed[key] = owner
     if len(groups) == 1:
-        owner = owners[0]
-        apply: Callable = owner._apply_raw_transform if kind == "raw" else owner._apply_target_transform
-        return apply(tensor, seeds)
+        return owners[0].apply_value_transforms(name, tensor, seeds)
     result = tensor.clone()
     for key, rows in groups.items():
-        owner = keyed[key]
-        apply = owner._apply_raw_transform if kind == "raw" else owner._apply_target_transform
         index = torch.tensor(rows, device=tensor.device)
-        result[index] = apply(tensor[index], seeds[rows])
+        result[index] = keyed[key].apply_value_transforms(name, tensor[index], seeds[rows])
     return result
-
-
 
 
 class CellMapIterableDataset(torch.utils.data.IterableDataset):

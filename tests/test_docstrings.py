@@ -13,7 +13,16 @@ import pytest
 import cellmap_data
 
 PUBLIC_MODULES = ["cellmap_data", "cellmap_data.transforms", "cellmap_data.transforms.augment",
-                  "cellmap_data.transforms.seeding", "cellmap_data.utils", "cellmap_data.exceptions"]
+                  "cellmap_data.transforms.seeding", "cellmap_data.transforms.plan", "cellmap_data.utils",
+                  "cellmap_data.exceptions",
+                  # the reference's module layout (REFERENCE_API §1.1)
+                  "cellmap_data.dataloader", "cellmap_data.dataset", "cellmap_data.dataset_writer",
+                  "cellmap_data.datasplit", "cellmap_data.empty_image", "cellmap_data.image",
+                  "cellmap_data.image_writer", "cellmap_data.multidataset", "cellmap_data.sampler",
+                  "cellmap_data.utils.figs", "cellmap_data.utils.geometry", "cellmap_data.utils.metadata",
+                  "cellmap_data.utils.misc"] + [
+                  f"cellmap_data.transforms.augment.{m}" for m in
+                  ("binarize", "gaussian_blur", "gaussian_noise", "nan_to_num", "normalize", "random_contrast", "random_gamma")]
 
 
 def _public_objects() -> Iterator[tuple[str, Any]]:
