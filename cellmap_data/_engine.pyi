@@ -27,6 +27,7 @@ __all__ = [
     "is_optimized_build",
     "set_coordinate_frame",
     "coordinate_frame",
+    "apply_value_ops",
     "Volume",
     "Dataset",
     "Batch",
@@ -75,6 +76,11 @@ def set_coordinate_frame(frame: str) -> None:
 
 def coordinate_frame() -> str:
     """The current coordinate frame: ``"corner"`` or ``"centre"``."""
+
+def apply_value_ops(ops_json: str, values: Sequence[float], shape: Sequence[int], value_seed: int = 0, stream: int = 0) -> list[float]:
+    """Applies engine value-transform ops (the JSON list a dataset sends) to ``values``, a sample
+    tensor of ``shape`` (channel first), drawing random ops from ``value_seed`` and ``stream`` as
+    a dataset read does. For tests and inspection; datasets apply the ops while reading."""
 
 # -- tensors and batches ---------------------------------------------------------------------
 

@@ -8,7 +8,9 @@ cache, and compared, in the same run, with the bound it is measured against:
 * resample-only time: the warm run, where every chunk is already decoded;
 * cold efficiency = (decode-only + resample-only) / cold time (target >= 0.7).
 
-The loader end to end (torch tensors) is timed at 1 and 2 engine threads, with peak RSS.
+The loader end to end (torch tensors) is timed at 1 and 2 engine threads, with peak RSS, and
+the way training scripts build it (``CellMapDataSplit(csv_path=...)`` with the split's default
+value transforms) against the same without value transforms, interleaved (target: >= 0.9).
 """
 
 from __future__ import annotations
@@ -154,6 +156,113 @@ def bench_loader(data: Any, config: Config, threads: int, batches: int, device: 
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+@dataclass
+class TransformConfig:
+    """A public-API training configuration for the value-transform comparison."""
+
+    name: str
+    input_shape: tuple[int, int, int]
+    input_scale: tuple[float, float, float]
+    target_shape: tuple[int, int, int]
+    target_scale: tuple[float, float, float]
+    augment: bool
+
+
+def transform_configs() -> list[TransformConfig]:
+    return [
+        TransformConfig("3d-64-4cls-plain", (64, 64, 64), (8, 8, 8), (64, 64, 64), (8, 8, 8), False),
+        TransformConfig("3d-64-4cls-rotated", (64, 64, 64), (8, 8, 8), (64, 64, 64), (8, 8, 8), True),
+        TransformConfig("2d-256-4cls", (1, 256, 256), (8, 8, 8), (1, 256, 256), (8, 8, 8), False),
+        TransformConfig("3d-128@16-in-64-out", (128, 128, 128), (16, 16, 16), (64, 64, 64), (8, 8, 8), False),
+    ]
+
+
+def public_api_loader(data: Any, config: TransformConfig, threads: int, batches: int, *, defaults: bool = True,
+                      raw_transforms: Any = "default") -> Any:
+    """The loader the way training scripts build it: ``CellMapDataSplit(csv_path=...)`` →
+    ``train_datasets_combined`` → ``CellMapDataLoader(weighted_sampler=True,
+    iterations_per_epoch=...)``, batch 8, with the split's default value transforms
+    (``defaults``) or none; ``raw_transforms`` replaces the raw ones."""
+    import warnings
+
+    from .datasplit import CellMapDataSplit
+    from .loader import CellMapDataLoader
+
+    kwargs: dict[str, Any] = {}
+    if not defaults:
+        kwargs = {"train_raw_value_transforms": None, "val_raw_value_transforms": None, "target_value_transforms": None}
+    if raw_transforms != "default":
+        kwargs["train_raw_value_transforms"] = raw_transforms
+    split = CellMapDataSplit(
+        input_arrays={"input": {"shape": config.input_shape, "scale": config.input_scale}},
+        target_arrays={"output": {"shape": config.target_shape, "scale": config.target_scale}},
+        classes=BENCH_CLASSES, pad=True, csv_path=data.csv_path,
+        spatial_transforms=AUGMENT if config.augment else None, **kwargs,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the iterations_per_epoch note
+        return CellMapDataLoader(split.train_datasets_combined, classes=BENCH_CLASSES, batch_size=8, num_workers=threads,
+                                 weighted_sampler=True, iterations_per_epoch=batches, is_train=True, seed=0)
+
+
+def _seconds_per_epoch(loader: Any) -> float:
+    start = time.perf_counter()
+    for batch in loader:
+        del batch
+    return time.perf_counter() - start
+
+
+def bench_transforms(data: Any, threads: int = 2, batches: int = 20, repeat: int = 3) -> dict[str, Any]:
+    """The split's default value transforms against none, through the public API, interleaved
+    (identity, defaults, identity, defaults, ...) so both see the same machine; medians.
+    Target: defaults >= 0.9 × identity throughput."""
+    out: dict[str, Any] = {}
+    for config in transform_configs():
+        identity = public_api_loader(data, config, threads, batches, defaults=False)
+        default = public_api_loader(data, config, threads, batches, defaults=True)
+        _seconds_per_epoch(identity), _seconds_per_epoch(default)  # warm the chunk cache
+        times: dict[str, list[float]] = {"identity": [], "defaults": []}
+        for _ in range(repeat):
+            times["identity"].append(_seconds_per_epoch(identity))
+            times["defaults"].append(_seconds_per_epoch(default))
+        samples = batches * 8
+        ident, dflt = (samples / statistics.median(times[k]) for k in ("identity", "defaults"))
+        plan = default.multi.datasets[0].value_transform_plan
+        out[config.name] = {"identity_samples_per_s": ident, "defaults_samples_per_s": dflt, "ratio": dflt / ident,
+                            "threads": threads, "plan": plan}
+    return out
+
+
+def bench_transform_costs(data: Any, threads: int = 2, batches: int = 20, repeat: int = 3) -> dict[str, float]:
+    """Per-batch cost (ms) of each standard raw transform run by the engine, over identity, on
+    64³ + 4 classes plain, batch 8 (interleaved medians; noise on a shared machine is ± a few ms)."""
+    import torchvision.transforms.v2 as T
+
+    from .transforms import Binarize, GaussianBlur, GaussianNoise, NaNtoNum, RandomContrast, RandomGamma
+
+    config = transform_configs()[0]
+    candidates = {
+        "ToDtype(float32, scale=True)": T.ToDtype(__import__("torch").float32, scale=True),
+        "NaNtoNum(nan=0)": NaNtoNum({"nan": 0, "posinf": None, "neginf": None}),
+        "Binarize(0.5)": Binarize(0.5),
+        "GaussianNoise(0, 0.1)": GaussianNoise(0.0, 0.1),
+        "RandomContrast(0.5, 1.5)": RandomContrast((0.5, 1.5)),
+        "RandomGamma(0.5, 1.5)": RandomGamma((0.5, 1.5)),
+        "GaussianBlur(3, 1.0, dim=3)": GaussianBlur(3, 1.0, dim=3),
+    }
+    identity = public_api_loader(data, config, threads, batches, defaults=False)
+    loaders = {name: public_api_loader(data, config, threads, batches, defaults=False, raw_transforms=t)
+               for name, t in candidates.items()}
+    _seconds_per_epoch(identity)
+    times: dict[str, list[float]] = {name: [] for name in ["identity", *loaders]}
+    for _ in range(repeat):
+        times["identity"].append(_seconds_per_epoch(identity))
+        for name, loader in loaders.items():
+            times[name].append(_seconds_per_epoch(loader))
+    base = statistics.median(times["identity"]) / batches
+    return {name: 1000 * (statistics.median(times[name]) / batches - base) for name in loaders}
+
+
 def current_rss_mb() -> float:
     """Resident set size of this process now (Linux /proc), in MB."""
     with open("/proc/self/statm") as handle:
@@ -204,12 +313,13 @@ def bench_soak(data: Any, batches: int = 10_000, threads: int = 2, cache_mb: int
 
 def run(data_dir: Path | None = None, size: str = "bench", batches: int = 40, threads: list[int] | None = None,
         loader_threads: list[int] | None = None, out: Path | None = None, soak: int = 0, device: str | None = None,
-        engine: bool = True, repeat: int = 1) -> dict[str, Any]:
+        engine: bool = True, repeat: int = 1, transforms: bool = True) -> dict[str, Any]:
     from . import _engine
 
     if not _engine.is_optimized_build():
         print("warning: the extension was built without optimisations (run `make bench`); figures are not representative")
     threads = threads or [os.cpu_count() or 1]
+    repeat_transforms = max(3, repeat)
     loader_threads = loader_threads or [1, 2]
     started = time.perf_counter()
     data = bench_data(data_dir, size)
@@ -239,6 +349,18 @@ def run(data_dir: Path | None = None, size: str = "bench", batches: int = 40, th
                 ratio = d["samples_per_s"] / r["samples_per_s"]
                 print(f"loader {config.name:<17} threads={t}  {d['samples_per_s']:8.1f} samples/s delivered to {device}: "
                       f"{ratio:.2f} of CPU delivery (bound >= 0.9: {'met' if ratio >= 0.9 else 'MISSED'})")
+    if transforms:
+        t = max(loader_threads)
+        results = bench_transforms(data, threads=t, batches=max(5, batches // 2), repeat=repeat_transforms)
+        report["transforms"] = results
+        for name, r in results.items():
+            engine = sum(1 for row in r["plan"] if row["where"] == "engine")
+            print(f"value transforms {name:<22} threads={t}  identity {r['identity_samples_per_s']:7.1f}/s  split defaults "
+                  f"{r['defaults_samples_per_s']:7.1f}/s  ratio {r['ratio']:.2f} (bound >= 0.9: {'met' if r['ratio'] >= 0.9 else 'MISSED'}; "
+                  f"{engine} op(s) in the engine)")
+        costs = bench_transform_costs(data, threads=t, batches=max(5, batches // 2), repeat=repeat_transforms)
+        report["transform_costs_ms_per_batch"] = costs
+        print("engine cost per batch of 8 (64³ + 4 classes, over identity): " + ", ".join(f"{k} {v:+.1f} ms" for k, v in costs.items()))
     if soak:
         r = bench_soak(data, batches=soak)
         report["soak"] = r

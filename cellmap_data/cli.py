@@ -196,13 +196,16 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run each engine configuration this many times and report medians (default 1)")
     parser.add_argument("--engine", default=True, action=argparse.BooleanOptionalAction,
                         help="run the engine configurations (default) or only the loader")
+    parser.add_argument("--transforms", default=True, action=argparse.BooleanOptionalAction,
+                        help="compare the split's default value transforms with none through the public API (default)")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from cellmap_data.bench import run
 
     run(data_dir=args.data, size=args.size, batches=args.batches, threads=args.threads, out=args.json, soak=args.soak,
-        loader_threads=args.loader_threads, device=args.device, engine=args.engine, repeat=args.repeat)
+        loader_threads=args.loader_threads, device=args.device, engine=args.engine, repeat=args.repeat,
+        transforms=args.transforms)
     return 0
 
 

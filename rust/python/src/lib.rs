@@ -14,6 +14,7 @@ use pyo3::prelude::*;
 
 use cellmap_engine::cache::ChunkCache;
 use cellmap_engine::ngff::CoordinateFrame;
+use cellmap_engine::values::ValuePipeline;
 
 /// Counters of the shared decoded-chunk cache.
 #[pyfunction]
@@ -72,6 +73,27 @@ fn coordinate_frame() -> &'static str {
     CoordinateFrame::current().name()
 }
 
+/// Applies engine value-transform ops (the JSON list a dataset sends) to `values`, a sample
+/// tensor of `shape` (channel first), drawing random ops from `value_seed` and `stream` as a
+/// dataset read does. For tests and inspection; datasets apply the ops while reading.
+#[pyfunction]
+#[pyo3(signature = (ops_json, values, shape, value_seed=0, stream=0))]
+fn apply_value_ops(py: Python<'_>, ops_json: &str, values: Vec<f32>, shape: Vec<usize>, value_seed: u64, stream: u64) -> PyResult<Vec<f32>> {
+    let json = convert::parse_json(py, ops_json)?;
+    let pipeline = ValuePipeline::from_json(&json, "value transforms").map_err(|e| convert::to_pyerr(py, e))?;
+    if shape.iter().product::<usize>() != values.len() {
+        return Err(convert::to_pyerr(
+            py,
+            cellmap_engine::Error::invalid(format!("shape {shape:?} does not hold {} values", values.len())),
+        ));
+    }
+    convert::run(py, move || {
+        let mut values = values;
+        pipeline.apply(&mut values, &shape, value_seed, stream);
+        Ok(values)
+    })
+}
+
 /// Whether the extension was compiled with optimisations.
 #[pyfunction]
 fn is_optimized_build() -> bool {
@@ -88,6 +110,7 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(is_optimized_build, m)?)?;
     m.add_function(wrap_pyfunction!(set_coordinate_frame, m)?)?;
     m.add_function(wrap_pyfunction!(coordinate_frame, m)?)?;
+    m.add_function(wrap_pyfunction!(apply_value_ops, m)?)?;
     m.add_class::<volume::Volume>()?;
     m.add_class::<dataset::Dataset>()?;
     m.add_class::<dataset::Batch>()?;
