@@ -28,6 +28,7 @@ from ._config import (
 )
 from .exceptions import ConfigError, NotFoundError
 from .transforms.plan import ValuePlan, plan_value_transforms
+from .transforms.augment._common import owned_batch
 from .transforms.seeding import sample_seeds
 from .utils.paths import split_target_path
 
@@ -117,7 +118,9 @@ def _run_torch_rest(plan: ValuePlan, tensor: torch.Tensor, seeds: torch.Tensor, 
     if rest is None:
         return tensor
     if plan.rest_batch_aware:
-        with sample_seeds(seeds, salt=salt):
+        # The batch is ours alone (fresh from the engine): the project's transforms may change it
+        # in place instead of allocating.
+        with owned_batch(tensor), sample_seeds(seeds, salt=salt):
             return rest(tensor)
     devices = [tensor.device] if tensor.device.type == "cuda" else []
     out = torch.empty_like(tensor)

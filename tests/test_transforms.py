@@ -646,3 +646,35 @@ def test_gaussian_blur_on_cuda_matches_cpu():
     x = torch.rand(2, 1, 6, 7, 8)
     blur = GaussianBlur(5, 1.0, dim=3)
     torch.testing.assert_close(blur(x.cuda()).cpu(), blur(x))
+
+
+# -- in place on an owned batch ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: NaNtoNum({"nan": 0, "posinf": None, "neginf": None}),
+        lambda: Normalize(),
+        lambda: Binarize(100.0),
+        lambda: GaussianNoise(0.0, 2.0),
+        lambda: RandomContrast((0.5, 1.5)),
+        lambda: RandomGamma((0.5, 1.5)),
+    ],
+    ids=["NaNtoNum", "Normalize", "Binarize", "GaussianNoise", "RandomContrast", "RandomGamma"],
+)
+def test_owned_batches_are_transformed_in_place_with_the_same_numbers(make):
+    from cellmap_data.transforms.augment._common import owned_batch
+
+    generator = torch.Generator().manual_seed(3)
+    batch = torch.rand(3, 1, 5, 6, 7, generator=generator) * 255
+    batch[0, 0, 0, 0, 0] = float("nan")
+    batch[1, 0, 1, 1, 1] = float("inf")
+    transform = make()
+    untouched = batch.clone()
+    with sample_seeds([1, 2, 3]):
+        expected = transform(batch)
+    torch.testing.assert_close(batch, untouched, equal_nan=True)  # a tensor not declared owned is left alone
+    owned = batch.clone()
+    with owned_batch(owned), sample_seeds([1, 2, 3]):
+        result = transform(owned)
+    assert result.data_ptr() == owned.data_ptr(), "the owned batch is reused, not copied"
+    torch.testing.assert_close(result, expected, equal_nan=True, rtol=1e-6, atol=1e-4)

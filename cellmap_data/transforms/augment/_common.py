@@ -7,6 +7,9 @@ Private: the public names live in the per-transform submodules; only
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Callable, Sequence
 
 import torch
@@ -18,7 +21,27 @@ from cellmap_data.transforms.seeding import (
     sample_generator,
 )
 
-__all__ = ["ValueTransform", "nominal_upper_bound"]
+__all__ = ["ValueTransform", "may_overwrite", "nominal_upper_bound", "owned_batch"]
+
+_owned: ContextVar[torch.Tensor | None] = ContextVar("cellmap_data_owned_batch", default=None)
+
+
+@contextmanager
+def owned_batch(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Declares that ``tensor`` belongs to the caller alone (a batch fresh from the engine), so
+    the project's transforms called on it inside the block may overwrite it instead of
+    allocating new tensors."""
+    token = _owned.set(tensor)
+    try:
+        yield tensor
+    finally:
+        _owned.reset(token)
+
+
+def may_overwrite(x: torch.Tensor) -> bool:
+    """Whether a transform may work on ``x`` in place: ``x`` is the float tensor declared owned
+    by :func:`owned_batch` (never a tensor a user handed in)."""
+    return x is _owned.get() and x.is_floating_point() and not x.requires_grad
 
 # Upper ends of the value ranges float data is assumed to come from:
 # [0, 1] (already normalised), uint8 and uint16 volumes.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cellmap_data.transforms.augment._common import ValueTransform, as_float
+from cellmap_data.transforms.augment._common import ValueTransform, as_float, may_overwrite
 
 __all__ = ["Binarize"]
 
@@ -20,7 +20,11 @@ class Binarize(ValueTransform):
         self.threshold = threshold
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Threshold ``x``, keeping NaNs."""
+        """Threshold ``x``, keeping NaNs (in place on an owned batch: one byte of mask per
+        voxel instead of three float temporaries)."""
+        if may_overwrite(x):
+            unknown = torch.isnan(x)
+            return x.gt_(self.threshold).masked_fill_(unknown, float("nan"))
         values = as_float(x)
         binary = (values > self.threshold).to(values.dtype)
         return torch.where(torch.isnan(values), values, binary)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cellmap_data.transforms.augment._common import ValueTransform, as_float, draw_seeds_for
+from cellmap_data.transforms.augment._common import ValueTransform, as_float, draw_seeds_for, may_overwrite
 from cellmap_data.transforms.seeding import sample_generator
 
 __all__ = ["GaussianNoise"]
@@ -33,6 +33,8 @@ class GaussianNoise(ValueTransform):
         for sample_index, seed in enumerate(draw_seeds):
             generator = sample_generator(seed, values.device)
             noise[sample_index].normal_(self.mean, self.std, generator=generator)
+        if may_overwrite(values):
+            return values.add_(noise)
         return values + noise
 
     def extra_repr(self) -> str:

@@ -6,7 +6,7 @@ from typing import Any, Mapping
 
 import torch
 
-from cellmap_data.transforms.augment._common import ValueTransform
+from cellmap_data.transforms.augment._common import ValueTransform, may_overwrite
 
 __all__ = ["NaNtoNum"]
 
@@ -22,7 +22,9 @@ class NaNtoNum(ValueTransform):
         self.params = dict(params)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return ``x.nan_to_num(**params)``."""
+        """Return ``x.nan_to_num(**params)`` (in place on an owned batch)."""
+        if may_overwrite(x):
+            return x.nan_to_num_(**self.params)
         return x.nan_to_num(**self.params)
 
     def extra_repr(self) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cellmap_data.transforms.augment._common import ValueTransform
+from cellmap_data.transforms.augment._common import ValueTransform, may_overwrite
 
 __all__ = ["Normalize"]
 
@@ -21,7 +21,9 @@ class Normalize(ValueTransform):
         self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return ``(x.float() + shift) * scale``."""
+        """Return ``(x.float() + shift) * scale`` (in place on an owned float32 batch)."""
+        if may_overwrite(x) and x.dtype == torch.float32:
+            return x.add_(self.shift).mul_(self.scale)
         return (x.float() + self.shift) * self.scale
 
     def extra_repr(self) -> str:

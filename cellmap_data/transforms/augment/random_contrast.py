@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -10,6 +11,7 @@ from cellmap_data.transforms.augment._common import (
     ValueTransform,
     as_float,
     check_range,
+    may_overwrite,
     draw_uniform,
     nan_free_min,
     nominal_upper_bound,
@@ -53,9 +55,15 @@ class RandomContrast(ValueTransform):
         if values.numel() == 0:
             return x.clone()
         mean = per_sample_reduce(values, lambda rows, dim: rows.nanmean(dim=dim), batched)
+        has_negatives = per_sample_reduce(values, nan_free_min, batched) < 0
+        if may_overwrite(x):
+            # An owned batch is changed in place: no output-sized temporaries.
+            upper = nominal_upper_bound(x, batched)
+            lower = torch.where(has_negatives, -upper, torch.zeros_like(upper))
+            x.mul_(ratio).add_((1 - ratio) * mean).clamp_(lower, upper)
+            return x.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
         contrasted = ratio * values + (1 - ratio) * mean
 
-        has_negatives = per_sample_reduce(values, nan_free_min, batched) < 0
         if x.is_floating_point():
             upper = nominal_upper_bound(values, batched)
             lower = torch.where(has_negatives, -upper, torch.zeros_like(upper))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from cellmap_data.transforms.augment._common import (
     ValueTransform,
     check_range,
+    may_overwrite,
     draw_uniform,
     nan_free_max,
     nominal_upper_bound,
@@ -57,6 +59,10 @@ class RandomGamma(ValueTransform):
         # Past the last nominal range, normalise by the patch's own magnitude.
         magnitude = per_sample_reduce(values.abs(), nan_free_max, batched)
         bound = torch.where(torch.isinf(bound), magnitude, bound)
+        if may_overwrite(x):
+            # An owned batch is changed in place: no output-sized temporaries.
+            x.div_(bound).clamp_(0, 1).pow_(gamma).mul_(bound)
+            return x.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
         unit = (values / bound).clamp(0, 1)
         return zero_nans(unit**gamma * bound)
 
