@@ -510,7 +510,7 @@ class CellMapDataset(torch.utils.data.Dataset):
     def apply_value_transforms(self, name: str, tensor: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
         """The value transforms of array ``name`` that run in torch, on a batch tensor
         ``[B, C, *spatial]`` (the engine has applied those it runs while reading). ``seeds`` are
-        the samples' ``value_seed``\ s: random transforms draw from them."""
+        the samples' ``value_seed`` values: random transforms draw from them."""
         if any(s["name"] == name for s in self._inputs):
             return _run_torch_rest(self._raw_plan, tensor, seeds, "raw", self._reference_shape(name))
         if not self._empty_value_in_engine and not math.isnan(self.empty_value):

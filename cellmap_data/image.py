@@ -224,6 +224,8 @@ class CellMapImage:
         n = len(self.axes)
         if r.shape != (n, n):
             raise ConfigError(f"rotation_matrix must be {n}x{n} for axis_order {self.axes!r}, not {list(r.shape)}")
+        if not np.isfinite(r).all() or not np.allclose(r.T @ r, np.eye(n), atol=1e-6):
+            raise ConfigError(f"rotation_matrix {r.tolist()} must be finite and orthonormal (a rotation)")
         full = np.eye(3)
         index = [SPATIAL_AXES.index(a) for a in self.axes]
         full[np.ix_(index, index)] = r
