@@ -320,7 +320,11 @@ class CellMapDataSplit:
         return self
 
     def __repr__(self) -> str:
-        return (
-            f"CellMapDataSplit(train={len(self.train_datasets)} datasets, validate={len(self.validation_datasets)} datasets, "
-            f"classes={self.classes}, skipped={len(self.skipped_rows)})"
-        )
+        from .display import datasplit_text
+
+        return datasplit_text(self)
+
+    def _repr_html_(self) -> str:
+        from .display import datasplit_html
+
+        return datasplit_html(self)

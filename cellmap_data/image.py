@@ -285,10 +285,14 @@ class CellMapImage:
         return self
 
     def __repr__(self) -> str:
-        return (
-            f"CellMapImage({self.path!r}, class={self.label_class!r}, scale={self._scale_zyx}, "
-            f"shape={self._shape_zyx}, level={self.scale_level})"
-        )
+        from .display import image_text
+
+        return image_text(self)
+
+    def _repr_html_(self) -> str:
+        from .display import image_html
+
+        return image_html(self)
 
 
 class EmptyImage:

@@ -158,7 +158,14 @@ class CellMapMultiDataset(torch.utils.data.ConcatDataset):
         return CellMapIterableDataset(self, batch_size=batch_size, **loader_kwargs)
 
     def __repr__(self) -> str:
-        return f"CellMapMultiDataset({len(self.datasets)} datasets, classes={self.classes}, len={len(self)})"
+        from .display import multidataset_text
+
+        return multidataset_text(self)
+
+    def _repr_html_(self) -> str:
+        from .display import multidataset_html
+
+        return multidataset_html(self)
 
 
 class CellMapSubset(torch.utils.data.Subset):
@@ -180,7 +187,14 @@ class CellMapSubset(torch.utils.data.Subset):
         return self
 
     def __repr__(self) -> str:
-        return f"CellMapSubset({self.dataset!r}, {len(self.indices)} indices)"
+        from .display import subset_text
+
+        return subset_text(self)
+
+    def _repr_html_(self) -> str:
+        from .display import subset_html
+
+        return subset_html(self)
 
 
 def as_multi(dataset: Any) -> tuple[CellMapMultiDataset, list[int] | None]:
