@@ -279,7 +279,7 @@ def _arrays_text(input_arrays: Mapping[str, Any], target_arrays: Mapping[str, An
             parts.append(f"{name} {_triple(shape, 'x')} @ {_triple(scale, 'x')} nm{level}")
         if parts:
             groups.append(f"{role}: {', '.join(parts)}")
-    return " | ".join(groups) or "none"
+    return " | ".join(groups) or "arrays: none"
 
 
 def _arrays_html(input_arrays: Mapping[str, Any], target_arrays: Mapping[str, Any], axis_order: str | None = None,
@@ -632,7 +632,9 @@ def _split_source(split: Any) -> str:
         return f"CSV {os.fspath(split.csv_path)}"
     if getattr(split, "dataset_dict", None):
         return "dataset_dict"
-    return "datasets"
+    if split.train_datasets or split.validation_datasets:
+        return "datasets"
+    return "none (empty split)"
 
 
 @_safe(lambda s: _minimal_text(s))
