@@ -1,21 +1,38 @@
-"""Command line of ``cellmap_data``: ``python -m cellmap_data <command> ...``.
+"""Command line of ``cellmap_data``: ``python -m cellmap_data <command> ...`` (also installed as
+``cellmap-data``).
 
 Each subcommand is a :class:`Subcommand` in :data:`SUBCOMMANDS`; add one with
-:func:`register`.  Its ``run`` gets the parsed arguments and returns an exit
-code.  Bad input ends in a one-line message on stderr and exit code 2.
+:func:`register`.  Its ``run`` gets the parsed arguments and returns an exit code.
+
+Errors end in one line on stderr, without a traceback (``--debug``, before or after the
+command, shows it): exit code 2 for bad input (arguments, missing paths, malformed metadata or
+CSV, unknown classes), 1 for a failure while reading data or an unexpected error, 130 when
+interrupted.  Warnings are printed on one line each.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
 import sys
 import time
-from dataclasses import dataclass
-from typing import Callable, Sequence
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
 
-__all__ = ["SUBCOMMANDS", "Subcommand", "build_parser", "cmd_synth", "main", "register"]
+__all__ = [
+    "SUBCOMMANDS", "Subcommand", "build_parser", "cmd_inspect", "cmd_stats", "cmd_synth", "main", "register",
+]
 
+#: Exit code of bad input (arguments, paths, metadata, configuration).
 USAGE_ERROR = 2
+#: Exit code of a failure while reading data, or of an unexpected error.
+RUN_ERROR = 1
+#: Exit code after Ctrl-C.
+INTERRUPTED = 130
 
 
 class UsageError(Exception):
@@ -46,35 +63,84 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: error: {message}")
 
 
+_DEBUG_HELP = "show the Python traceback of an error"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cellmap_data", description="Tools of the cellmap_data package.")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for subcommand in SUBCOMMANDS.values():
         sub = commands.add_parser(subcommand.name, help=subcommand.help, description=subcommand.help)
+        # Accepted after the command too; SUPPRESS keeps a --debug given before it.
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
         subcommand.add_arguments(sub)
         sub.set_defaults(_run=subcommand.run)
     return parser
 
 
+def _first_line(error: BaseException) -> str:
+    for line in str(error).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(error).__name__
+
+
+def _exit_code(error: BaseException) -> int:
+    if isinstance(error, (UsageError, ValueError, FileNotFoundError, PermissionError, FileExistsError,
+                          NotADirectoryError, IsADirectoryError)):
+        return USAGE_ERROR
+    return RUN_ERROR
+
+
+def _error_line(error: BaseException, command: str | None) -> str:
+    prefix = f"cellmap_data {command}" if command else "cellmap_data"
+    message = _first_line(error)
+    if isinstance(error, UsageError) and message.startswith("cellmap_data"):
+        return message
+    from cellmap_data.exceptions import CellMapError
+
+    if isinstance(error, (UsageError, CellMapError, OSError, ValueError)):
+        return f"{prefix}: error: {message}"
+    return f"{prefix}: internal error: {type(error).__name__}: {message} (--debug shows the traceback)"
+
+
+@contextlib.contextmanager
+def _one_line_warnings(command: str) -> Iterator[None]:
+    """Warnings as ``cellmap_data <command>: warning: <first line>`` on stderr."""
+    with warnings.catch_warnings():
+        def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+            text = _first_line(message) if str(message) else category.__name__
+            print(f"cellmap_data {command}: warning: {text}", file=sys.stderr)
+
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``), run the subcommand, return its exit code."""
     parser = build_parser()
+    args: argparse.Namespace | None = None
     try:
         try:
             args = parser.parse_args(argv)
-        except SystemExit as exit_request:  # --help, --version
+        except SystemExit as exit_request:  # --help
             return int(exit_request.code or 0)
         if getattr(args, "_run", None) is None:
             raise UsageError(f"cellmap_data: error: choose a command: {', '.join(SUBCOMMANDS)}")
-        return int(args._run(args) or 0)
-    except UsageError as error:
-        print(str(error), file=sys.stderr)
-        return USAGE_ERROR
-    except (FileNotFoundError, ValueError, PermissionError) as error:
-        # Bad input (missing paths, malformed metadata, bad configuration): one line, exit 2.
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"cellmap_data: error: {message}", file=sys.stderr)
-        return USAGE_ERROR
+        if args.debug:
+            return int(args._run(args) or 0)
+        with _one_line_warnings(args.command):
+            return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("cellmap_data: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except Exception as error:
+        command = getattr(args, "command", None)
+        if args is not None and getattr(args, "debug", False):
+            traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+        print(_error_line(error, command), file=sys.stderr)
+        return _exit_code(error)
 
 
 # ----------------------------------------------------------------------------- synth
@@ -213,3 +279,666 @@ register(Subcommand(name="demo", help="generate a small dataset and stream train
                     add_arguments=_add_demo_arguments, run=cmd_demo))
 register(Subcommand(name="bench", help="measure sampling and loader throughput against their bounds",
                     add_arguments=_add_bench_arguments, run=cmd_bench))
+
+
+# ----------------------------------------------------------------------------- zarr metadata (json only)
+
+#: How deep ``inspect`` and ``stats`` look for image groups and label crops under a container.
+MAX_SEARCH_DEPTH = 6
+
+_CONTAINER_SUFFIXES = (".zarr", ".n5")
+
+
+@dataclass
+class _Node:
+    """A folder's zarr metadata, read with the json module (no chunk is read)."""
+
+    path: str
+    kind: str | None  # "group", "array", "broken" (unreadable metadata) or None (not a zarr node)
+    zarr_format: int | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)  # zarr.json / .zarray of an array
+
+    @property
+    def multiscales(self) -> list[Any]:
+        ome = self.attrs.get("ome")
+        found = self.attrs.get("multiscales") or (ome.get("multiscales") if isinstance(ome, dict) else None)
+        return found if isinstance(found, list) else []
+
+    @property
+    def is_image(self) -> bool:
+        return self.kind == "group" and bool(self.multiscales)
+
+    @property
+    def annotation(self) -> dict[str, Any]:
+        cellmap = self.attrs.get("cellmap")
+        annotation = cellmap.get("annotation") if isinstance(cellmap, dict) else None
+        return annotation if isinstance(annotation, dict) else {}
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    from cellmap_data.exceptions import MetadataError
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle)
+    except ValueError as error:
+        raise MetadataError(f"{path}: malformed JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise MetadataError(f"{path}: expected a JSON object")
+    return value
+
+
+def _node(path: str) -> _Node:
+    """The zarr node at ``path`` (v3 ``zarr.json``, or v2 ``.zarray`` / ``.zgroup`` / ``.zattrs``)."""
+    join = os.path.join
+    if os.path.isfile(join(path, "zarr.json")):
+        meta = _read_json(join(path, "zarr.json"))
+        attrs = meta.get("attributes") or {}
+        kind = "array" if meta.get("node_type") == "array" else "group"
+        return _Node(path, kind, 3, attrs if isinstance(attrs, dict) else {}, meta if kind == "array" else {})
+    attrs = _read_json(join(path, ".zattrs")) if os.path.isfile(join(path, ".zattrs")) else {}
+    if os.path.isfile(join(path, ".zarray")):
+        return _Node(path, "array", 2, attrs, _read_json(join(path, ".zarray")))
+    if os.path.isfile(join(path, ".zgroup")) or os.path.isfile(join(path, ".zattrs")):
+        return _Node(path, "group", 2, attrs)
+    return _Node(path, None)
+
+
+def _child_dirs(path: str) -> list[str]:
+    try:
+        with os.scandir(path) as entries:
+            return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+    except OSError:
+        return []
+
+
+def _node_or_broken(path: str) -> _Node:
+    """:func:`_node`, or a node of kind ``"broken"`` carrying the error when its metadata is
+    unreadable (a listing goes on past it)."""
+    try:
+        return _node(path)
+    except (OSError, ValueError) as error:
+        return _Node(path, "broken", meta={"error": _first_line(error)})
+
+
+def _child_images(path: str) -> list[_Node]:
+    nodes = (_node_or_broken(os.path.join(path, name)) for name in _child_dirs(path))
+    return [node for node in nodes if node.is_image]
+
+
+def _looks_like_crop(node: _Node, images: Sequence[_Node]) -> bool:
+    """A label crop group: a group (not an image) whose children include class image groups,
+    under a ``labels`` folder or carrying CellMap annotation metadata."""
+    if node.kind != "group" or node.is_image or not images:
+        return False
+    parts = os.path.normpath(os.path.abspath(node.path)).split(os.sep)
+    return "labels" in parts or bool(node.annotation) or any(image.annotation for image in images)
+
+
+def _scan(root: str, max_depth: int = MAX_SEARCH_DEPTH) -> tuple[list[_Node], list[tuple[_Node, list[_Node]]]]:
+    """Image groups (outside label crops) and label crop groups (with their class images) under
+    ``root``, at most ``max_depth`` folders down; arrays and image groups are not entered."""
+    images: list[_Node] = []
+    crops: list[tuple[_Node, list[_Node]]] = []
+
+    def visit(path: str, depth: int) -> None:
+        for name in _child_dirs(path):
+            node = _node_or_broken(os.path.join(path, name))
+            if node.kind == "array":
+                continue
+            if node.is_image or node.kind == "broken":
+                images.append(node)
+                continue
+            if depth + 1 < max_depth:
+                children = _child_images(node.path)
+                if _looks_like_crop(node, children):
+                    crops.append((node, children))
+                    continue
+                visit(node.path, depth + 1)
+
+    visit(root, 0)
+    return images, crops
+
+
+def _not_found(path: str) -> Exception:
+    from cellmap_data.exceptions import NotFoundError
+
+    return NotFoundError(f"{path}: no such file or directory")
+
+
+def _not_a_group(path: str) -> Exception:
+    from cellmap_data.exceptions import MetadataError
+
+    what = "a file" if os.path.isfile(path) else "a folder without zarr.json, .zgroup or .zattrs"
+    return MetadataError(f"{path}: not a zarr group ({what})")
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def _num(value: float) -> str:
+    return f"{float(value):g}"
+
+
+def _triple(values: Sequence[float], sep: str = ",") -> str:
+    return sep.join(_num(v) for v in values)
+
+
+def _shape(values: Sequence[int]) -> str:
+    return "x".join(str(int(v)) for v in values)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "  ") -> str:
+    """A plain text table, columns separated by two spaces."""
+    widths = [max([len(h)] + [len(str(r[i])) for r in rows]) for i, h in enumerate(headers)]
+    lines = [indent + "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    for row in rows:
+        lines.append(indent + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def _codec_text(name: str, config: Any) -> str:
+    if not isinstance(config, dict) or not config:
+        return name
+    parts = []
+    for key, value in config.items():
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value, separators=(",", ":"))
+        elif isinstance(value, bool):
+            value = str(value).lower()
+        parts.append(f"{key}={value}")
+    return f"{name}({', '.join(parts)})"
+
+
+def _v3_codecs(codecs: Any) -> str:
+    texts = []
+    for codec in codecs if isinstance(codecs, list) else []:
+        if not isinstance(codec, dict):
+            continue
+        name, config = str(codec.get("name", "?")), codec.get("configuration") or {}
+        if name == "sharding_indexed" and isinstance(config, dict):
+            inner = _shape(config.get("chunk_shape") or [])
+            texts.append(f"sharding_indexed(inner chunks {inner}: {_v3_codecs(config.get('codecs'))})")
+        else:
+            texts.append(_codec_text(name, config))
+    return ", ".join(texts) or "none"
+
+
+def _array_codecs(node: _Node) -> str:
+    """The codecs of a zarr array as written: v3 ``codecs``; v2 ``filters`` then ``compressor``."""
+    if node.kind != "array":
+        return "?"
+    if node.zarr_format == 3:
+        return _v3_codecs(node.meta.get("codecs"))
+    texts = []
+    for codec in (node.meta.get("filters") or []) + [node.meta.get("compressor")]:
+        if isinstance(codec, dict):
+            config = {k: v for k, v in codec.items() if k != "id"}
+            texts.append(_codec_text(str(codec.get("id", "?")), config))
+    return ", ".join(texts) or "none"
+
+
+# ----------------------------------------------------------------------------- inspect
+
+
+def _add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", metavar="ZARR_PATH",
+                        help="an OME-NGFF image group, a label crop group or a .zarr container")
+    parser.add_argument("--depth", type=_positive_int, default=MAX_SEARCH_DEPTH,
+                        help=f"how many folders deep to look under a container (default {MAX_SEARCH_DEPTH})")
+
+
+def _axes_text(axes: Sequence[Any]) -> str:
+    """``z, y, x (space, nanometer)``, or each axis with its own type and unit when they differ."""
+    parsed = [(list(axis) + [None, None])[:3] for axis in axes]
+    extras = [", ".join(str(v) for v in (kind, unit) if v) for _, kind, unit in parsed]
+    names = [str(name) for name, _, _ in parsed]
+    if len(set(extras)) == 1:
+        return ", ".join(names) + (f" ({extras[0]})" if extras[0] else "")
+    return ", ".join(f"{n} ({e})" if e else n for n, e in zip(names, extras))
+
+
+def _image_report(path: str, indent: str = "") -> list[str]:
+    """Lines describing one OME-NGFF image group: version, axes and a table of its levels."""
+    from cellmap_data import _engine
+
+    node = _node(path)
+    volume = _engine.Volume(path)
+    levels = volume.levels
+    lines = [f"{indent}OME-NGFF {volume.ngff_version} image, zarr v{node.zarr_format}, "
+             f"{len(levels)} level{'s' if len(levels) != 1 else ''}; axes {_axes_text(volume.axes)}"]
+    annotation = node.annotation
+    if annotation:
+        kind = annotation.get("annotation_type")
+        kind = kind.get("type") if isinstance(kind, dict) else kind
+        described = ", ".join(str(v) for v in (annotation.get("class_name"), kind) if v)
+        if described:
+            lines.append(f"{indent}label: {described}")
+    rows, counts = [], []
+    for level in levels:
+        array = _node_or_broken(os.path.join(path, level["path"]))
+        lo, hi = level["world_box"]
+        complement = array.annotation.get("complement_counts")
+        counts.append(", ".join(f"{k}={v}" for k, v in complement.items()) if isinstance(complement, dict) else "")
+        rows.append([
+            level["path"], _shape(level["shape"]), _shape(level["chunks"]), str(level["dtype"]),
+            _triple(level["voxel_size"]), _triple(level["translation"]),
+            f"({_triple(lo)})-({_triple(hi)})", _array_codecs(array),
+        ])
+    headers = ["level", "shape", "chunks", "dtype", "voxel size (nm)", "translation (nm)", "world box (nm)", "codecs"]
+    if any(counts):
+        headers.append("complement_counts")
+        rows = [row + [count or "-"] for row, count in zip(rows, counts)]
+    lines.append(_table(headers, rows, indent=indent + "  "))
+    return lines
+
+
+def _progress(items: Sequence[Any], desc: str, unit: str) -> Any:
+    """A tqdm bar over ``items`` that appears only after a second, and only on a terminal."""
+    from tqdm.auto import tqdm  # type: ignore[import-untyped]
+
+    return tqdm(items, desc=desc, unit=unit, delay=1.0, disable=None, leave=False)
+
+
+def _summary(node: _Node) -> tuple[str, str, str, str, str]:
+    """(levels, s0 shape, chunks, dtype, voxel size) of an image group, or an error note."""
+    from cellmap_data import _engine
+    from cellmap_data.exceptions import CellMapError
+
+    if node.kind == "broken":
+        return ("error", node.meta["error"], "", "", "")
+    try:
+        volume = _engine.Volume(node.path)
+        s0 = volume.levels[0]
+    except (CellMapError, OSError, ValueError, IndexError) as error:
+        return ("error", _first_line(error), "", "", "")
+    return (f"{len(volume.levels)} ({volume.ngff_version})", _shape(s0["shape"]), _shape(s0["chunks"]),
+            str(s0["dtype"]), _triple(s0["voxel_size"]))
+
+
+def _container_report(path: str, max_depth: int) -> list[str]:
+    images, crops = _scan(path, max_depth)
+    node = _node(path)
+    lines = [f"{path}: zarr v{node.zarr_format} group; {len(images)} image group{'s' if len(images) != 1 else ''}, "
+             f"{len(crops)} label crop{'s' if len(crops) != 1 else ''} (searched {max_depth} levels deep)"]
+    rel = lambda p: os.path.relpath(p, path)  # noqa: E731
+    if images:
+        rows = []
+        for image in _progress(images, "reading image metadata", "group"):
+            levels, shape, chunks, dtype, voxel = _summary(image)
+            rows.append([rel(image.path), levels, shape, chunks, dtype, voxel, _array_codecs(_first_level(image))])
+        lines.append("image groups:")
+        lines.append(_table(["path", "levels (ngff)", "s0 shape", "s0 chunks", "dtype", "s0 voxel size (nm)",
+                             "codecs"], rows))
+    if crops:
+        rows = []
+        for crop, classes in _progress(crops, "reading crop metadata", "crop"):
+            _, shape, _, dtype, voxel = _summary(classes[0])
+            names = ",".join(os.path.basename(c.path) for c in classes)
+            rows.append([rel(crop.path), str(len(classes)), names, shape, dtype, voxel])
+        lines.append("label crops (first class's s0):")
+        lines.append(_table(["path", "classes", "names", "s0 shape", "dtype", "voxel size (nm)"], rows))
+    if not images and not crops:
+        lines.append(f"no OME-NGFF image group found under {path}")
+    return lines
+
+
+def _first_level(image: _Node) -> _Node:
+    multiscale = image.multiscales[0] if image.multiscales else None
+    datasets = multiscale.get("datasets") if isinstance(multiscale, dict) else None
+    first = datasets[0].get("path") if datasets and isinstance(datasets[0], dict) else None
+    return _node_or_broken(os.path.join(image.path, str(first))) if first is not None else _Node(image.path, None)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Print the levels of an image group, the classes of a crop, or the images of a container."""
+    path = os.path.normpath(args.path)
+    if not os.path.exists(path):
+        raise _not_found(path)
+    node = _node(path)
+    if node.kind == "array":
+        parent = os.path.dirname(path)
+        if _node(parent).is_image:
+            print(f"{path} is level {os.path.basename(path)} of image group {parent}")
+            path, node = parent, _node(parent)
+        else:
+            print(f"{path}: zarr v{node.zarr_format} array, codecs {_array_codecs(node)}")
+            return 0
+    if node.kind is None:
+        raise _not_a_group(path)
+    if node.is_image:
+        lines = [f"{path}:"] + _image_report(path, indent="  ")
+    else:
+        classes = _child_images(path)
+        if _looks_like_crop(node, classes):
+            names = ", ".join(os.path.basename(c.path) for c in classes)
+            lines = [f"{path}: label crop group, {len(classes)} class{'es' if len(classes) != 1 else ''}: {names}"]
+            for image in _progress(classes, "reading class metadata", "class"):
+                lines.append(f"  {os.path.basename(image.path)}:")
+                lines.extend(_image_report(image.path, indent="    "))
+        else:
+            lines = _container_report(path, args.depth)
+    print("\n".join(lines))
+    return 0
+
+
+register(Subcommand(name="inspect", help="show the levels, chunks, codecs and world boxes of OME-NGFF zarr data",
+                    add_arguments=_add_inspect_arguments, run=cmd_inspect))
+
+
+# ----------------------------------------------------------------------------- stats
+
+
+def _class_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    if not text.strip() or any(not name for name in names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated class names, got {text!r}")
+    return list(dict.fromkeys(names))
+
+
+def _scale(text: str) -> tuple[float, float, float]:
+    parts = [p for p in text.replace("x", ",").split(",")]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3 or not all(v > 0 and v != float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"expected a voxel size Z,Y,X or one number (nm, > 0), got {text!r}")
+    return (values[0], values[1], values[2])
+
+
+def _add_stats_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="CSV_OR_PATH",
+                        help="a datasplit CSV, a label crop group (.../crop1), a crop template "
+                             "(.../crop1/[mito,er]) or a .zarr container")
+    parser.add_argument("--out", default=None, metavar="FILE",
+                        help="also write the whole table (every column and row) to FILE.parquet or FILE.csv")
+    parser.add_argument("--classes", type=_class_list, default=None, metavar="A,B,...",
+                        help="classes to report (default: every class the CSV or the crops list)")
+    parser.add_argument("--input-scale", type=_scale, default=None, metavar="Z,Y,X",
+                        help="training voxel size in nm the counts are expressed in: Z,Y,X or one number "
+                             "(default: s0 voxel size of the first raw image)")
+    parser.add_argument("--raw", default=None, metavar="IMAGE",
+                        help="raw image group of the crops of a path input (default: the image group in the "
+                             "nearest 'em' folder above the crop, preferring uint8)")
+    parser.add_argument("--all-rows", action="store_true", help="also print the (crop, class) rows a crop does not annotate")
+    parser.add_argument("--wide", action="store_true", help="print every column of the table")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="neither read nor write the count cache (counts come from metadata or a scan)")
+
+
+def _find_raw(crop: str) -> str | None:
+    """The raw image next to a CellMap crop: an image group in ``<ancestor>/em`` (uint8 first)."""
+    folder = os.path.dirname(os.path.abspath(crop))
+    for _ in range(MAX_SEARCH_DEPTH):
+        images = _child_images(os.path.join(folder, "em"))
+        if images:
+            images.sort(key=lambda node: ("uint8" not in os.path.basename(node.path), node.path))
+            return images[0].path
+        if folder.endswith(_CONTAINER_SUFFIXES) or os.path.dirname(folder) == folder:
+            break
+        folder = os.path.dirname(folder)
+    return None
+
+
+def _raw_for(crop: str, raw: str | None, source: str) -> str:
+    found = raw or _find_raw(crop)
+    if found is None:
+        raise UsageError(f"cellmap_data stats: error: {source}: no raw image group found for {crop} "
+                         "(looked for <...>/em/<image> above it); pass --raw")
+    return found
+
+
+def _stats_rows(source: str, raw: str | None) -> tuple[str, list[tuple[str | None, str, str]]]:
+    """(kind, [(usage or None, raw path, target path with [classes])]) of the stats input."""
+    from cellmap_data.utils.paths import split_target_path
+
+    if os.path.isfile(source):
+        from cellmap_data.datasplit import read_datasplit_csv
+
+        try:
+            split = read_datasplit_csv(source)
+        except UnicodeDecodeError:
+            raise UsageError(f"cellmap_data stats: error: {source}: not a text CSV file") from None
+        except Exception as error:  # csv.Error and the like
+            message = _first_line(error)
+            if isinstance(error, (ValueError, OSError)) and source in message:
+                raise
+            raise UsageError(f"cellmap_data stats: error: {source}: malformed datasplit CSV ({message})") from None
+        return "csv", [(usage, row["raw"], row["gt"]) for usage, rows in split.items() for row in rows]
+    if "[" in source and not os.path.exists(source):
+        template, _ = split_target_path(source)
+        crop = template.split("{label}", 1)[0].rstrip("/" + os.sep)
+        if not os.path.isdir(crop):
+            raise _not_found(crop)
+        return "template", [(None, _raw_for(crop, raw, source), source)]
+    if not os.path.exists(source):
+        raise _not_found(source)
+    node = _node(source)
+    if node.kind != "group":
+        raise _not_a_group(source) if node.kind is None else UsageError(
+            f"cellmap_data stats: error: {source}: a zarr array, not a crop group, container or CSV")
+    if node.is_image:
+        raise UsageError(f"cellmap_data stats: error: {source}: an image group, not a label crop group; pass the "
+                         f"crop folder, .../crop1/[class,...], a container or a datasplit CSV")
+    classes = _child_images(source)
+    if _looks_like_crop(node, classes):
+        crops = [(node, classes)]
+        kind = "crop"
+    else:
+        _, crops = _scan(source)
+        kind = "container"
+        if not crops:
+            raise UsageError(f"cellmap_data stats: error: {source}: no label crop group (.../labels/.../crop/<class>) "
+                             f"found within {MAX_SEARCH_DEPTH} levels")
+    rows: list[tuple[str | None, str, str]] = []
+    for group, images in crops:
+        names = ",".join(os.path.basename(image.path) for image in images)
+        rows.append((None, _raw_for(group.path, raw, source), f"{group.path}/[{names}]"))
+    return kind, rows
+
+
+def _default_scale(rows: Sequence[tuple[str | None, str, str]]) -> tuple[float, float, float] | None:
+    from cellmap_data import _engine
+    from cellmap_data.exceptions import CellMapError
+
+    for raw in dict.fromkeys(raw for _, raw, _ in rows):
+        try:
+            voxel = _engine.Volume(raw).levels[0]["voxel_size"]
+        except (CellMapError, OSError, ValueError, IndexError):
+            continue
+        return (float(voxel[0]), float(voxel[1]), float(voxel[2]))
+    return None
+
+
+def _short_names(paths: Sequence[str]) -> dict[str, str]:
+    """Container names (``ds0.zarr``) when they tell the paths apart, else the paths relative to
+    their common folder."""
+    unique = list(dict.fromkeys(paths))
+
+    def container(path: str) -> str | None:
+        parts = os.path.normpath(path).split(os.sep)
+        return next((p for p in parts if p.endswith(_CONTAINER_SUFFIXES)), None)
+
+    names = [container(p) for p in unique]
+    if all(names) and len(set(names)) == len(unique):
+        return dict(zip(unique, names))  # type: ignore[arg-type]
+    if len(unique) == 1:
+        return {unique[0]: unique[0]}
+    common = os.path.commonpath([os.path.abspath(p) for p in unique])
+    return {p: os.path.relpath(os.path.abspath(p), common) for p in unique}
+
+
+def _display_table(df: Any, wide: bool, all_rows: bool) -> Any:
+    import polars as pl
+
+    view = df if all_rows else df.filter(pl.col("annotated"))
+    if wide:
+        return view
+    datasets = _short_names(view["dataset"].to_list()) if view.height else {}
+
+    def triple(prefix: str, fmt: Callable[[Any], str]) -> list[str]:
+        out = []
+        for row in view.select([f"{prefix}_z", f"{prefix}_y", f"{prefix}_x"]).iter_rows():
+            out.append("" if row[0] is None else fmt(row))
+        return out
+
+    columns: dict[str, Any] = {}
+    if "split" in view.columns:
+        columns["split"] = view["split"]
+    columns["dataset"] = [datasets.get(d, d) for d in view["dataset"].to_list()]
+    columns["crop"] = [os.path.basename(os.path.normpath(c)) for c in view["crop"].to_list()]
+    columns["class"] = view["class"]
+    if all_rows:
+        columns["annotated"] = view["annotated"]
+    columns["level"] = view["level"]
+    columns["source"] = view["count_source"]
+    columns["shape"] = triple("shape", _shape)
+    columns["voxel_size"] = triple("voxel_size", _triple)
+    for name in ("foreground_voxels", "total_voxels"):
+        columns[name] = _rounded_counts(view[name])
+    columns["fraction"] = view["fraction"].round(4)
+    columns["weight"] = view["weight"].round(2)
+    return pl.DataFrame(columns)
+
+
+def _rounded_counts(values: Any) -> Any:
+    """Voxel counts as integers when they are whole (else to 2 decimals: a label voxel smaller
+    than the training voxel along some axis counts fractionally)."""
+    import polars as pl
+
+    if values.len() == 0 or bool((values.round(0) == values).all()):
+        return values.cast(pl.Int64)
+    return values.round(2)
+
+
+def _class_summary(df: Any) -> Any:
+    """One row per class (per split for a datasplit): crops annotating it, crops with foreground,
+    summed counts, the foreground fraction and the reference's weight background / max(fg, 1)."""
+    import polars as pl
+
+    keys = (["split"] if "split" in df.columns else []) + ["class"]
+    fg, total = pl.col("foreground_voxels"), pl.col("total_voxels")
+    summary = df.group_by(keys, maintain_order=True).agg(
+        pl.col("annotated").sum().alias("crops_annotated"),
+        (pl.col("annotated") & (fg > 0)).sum().alias("crops_with_foreground"),
+        fg.sum().alias("foreground_voxels"),
+        total.sum().alias("total_voxels"),
+    )
+    fg, total = pl.col("foreground_voxels"), pl.col("total_voxels")
+    return summary.with_columns(
+        pl.when(total > 0).then(fg / total).otherwise(None).alias("foreground_fraction"),
+        pl.when(total > 0).then((total - fg).clip(lower_bound=0) / pl.max_horizontal(fg, pl.lit(1.0)))
+        .otherwise(None).alias("weight"),
+    )
+
+
+def _summary_display(summary: Any) -> Any:
+    import polars as pl
+
+    return summary.with_columns(
+        _rounded_counts(summary["foreground_voxels"]), _rounded_counts(summary["total_voxels"]),
+        pl.col("foreground_fraction").round(4), pl.col("weight").round(2),
+    )
+
+
+def _write_table(df: Any, out: str) -> None:
+    lower = out.lower()
+    if lower.endswith(".parquet"):
+        df.write_parquet(out)
+    elif lower.endswith(".csv"):
+        df.write_csv(out)
+    else:
+        raise UsageError(f"cellmap_data stats: error: --out {out}: expected a .parquet or .csv file name")
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """Print per-(crop, class) counts of a datasplit CSV, crop or container, and a per-class summary."""
+    source = args.source
+    if args.out is not None and not args.out.lower().endswith((".parquet", ".csv")):
+        raise UsageError(f"cellmap_data stats: error: --out {args.out}: expected a .parquet or .csv file name")
+    kind, rows = _stats_rows(source, args.raw)
+    if not rows:
+        raise UsageError(f"cellmap_data stats: error: {source}: no crops")
+
+    from cellmap_data.utils.paths import split_target_path
+
+    listed: dict[str, None] = {}
+    for _, _, gt in rows:
+        try:
+            listed.update(dict.fromkeys(split_target_path(gt)[1]))
+        except ValueError as error:
+            raise UsageError(f"cellmap_data stats: error: {source}: {_first_line(error)}") from None
+    classes = args.classes or list(listed)
+    unknown = [c for c in classes if c not in listed]
+    if unknown:
+        raise UsageError(f"cellmap_data stats: error: {source}: no crop annotates class"
+                         f"{'es' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                         f"(classes listed: {', '.join(listed)})")
+    scale = args.input_scale or _default_scale(rows) or (1.0, 1.0, 1.0)
+
+    import polars as pl
+
+    from cellmap_data import _stats
+    from cellmap_data.dataset import CellMapDataset
+
+    # One-voxel arrays at the training scale, padded: every crop yields statistics (what a
+    # CellMapDataSplit with these arrays reports), whatever patch size training uses.
+    array = {"shape": (1, 1, 1), "scale": scale}
+    opened: list[tuple[str | None, Any]] = []
+    skipped: list[str] = []
+    for usage, raw, gt in _progress(rows, "opening crops", "crop"):
+        try:
+            dataset = CellMapDataset(raw, gt, classes, {"raw": array}, {"labels": array}, pad=True,
+                                     force_has_data=True, is_train=False)
+        except (FileNotFoundError, ValueError, OSError) as error:
+            if len(rows) == 1:
+                raise
+            reason = _first_line(error)
+            skipped.append(f"{gt}: {reason}")
+            print(f"cellmap_data stats: warning: skipping {gt}: {reason}", file=sys.stderr)
+            continue
+        opened.append((usage, dataset))
+    if not opened:
+        raise UsageError(f"cellmap_data stats: error: {source}: no usable crop ({len(skipped)} skipped, "
+                         "see the warnings above)")
+
+    progress = sys.stderr.isatty()
+    cache_dir = False if args.no_cache else None
+    frames = []
+    usages = ("train", "validate") if kind == "csv" else (None,)
+    for usage in usages:
+        datasets = [d for u, d in opened if u == usage]
+        if datasets:
+            frame = _stats.stats_for(datasets, progress=progress, cache_dir=cache_dir)
+            frames.append(frame if usage is None else frame.with_columns(pl.lit(usage).alias("split")))
+    df = pl.concat(frames)
+
+    counted = ", ".join(f"{sum(1 for u, _ in opened if u == usage)} {usage}" for usage in usages if usage)
+    n_datasets = len({d.raw_path for _, d in opened})
+    print(f"{source}: {len(opened)} crop{'s' if len(opened) != 1 else ''}"
+          f"{f' ({counted})' if counted else ''} of {n_datasets} dataset{'s' if n_datasets != 1 else ''}, "
+          f"{len(classes)} class{'es' if len(classes) != 1 else ''}; counts in training voxels of "
+          f"{_triple(scale, 'x')} nm" + (f"; {len(skipped)} skipped" if skipped else ""))
+    display = _display_table(df, args.wide, args.all_rows)
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=10_000, fmt_str_lengths=500,
+                   tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True,
+                   tbl_formatting="ASCII_MARKDOWN"):
+        print(display)
+        hidden = df.height - display.height
+        if hidden:
+            print(f"({hidden} (crop, class) row{'s' if hidden != 1 else ''} of classes the crop does not annotate "
+                  "not shown: --all-rows shows them)")
+        print("\nper class:")
+        print(_summary_display(_class_summary(df)))
+    if args.out is not None:
+        _write_table(df, args.out)
+        print(f"wrote {df.height} rows x {df.width} columns to {args.out}")
+    return 0
+
+
+register(Subcommand(name="stats", help="class statistics (foreground counts, fractions, weights) of crops",
+                    add_arguments=_add_stats_arguments, run=cmd_stats))
