@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 
+from cellmap_data.plot import UNKNOWN_BACKGROUND, _plane, _show_image, _to_numpy
+
 if TYPE_CHECKING:  # matplotlib is imported lazily: it is slow to import.
     from matplotlib.figure import Figure
 
@@ -24,36 +26,22 @@ __all__ = [
     "get_image_grid_numpy",
 ]
 
-# NaN voxels are drawn transparent over this background, so they read as grey.
-NAN_BACKGROUND = "#b0b0b0"
+# NaN voxels are drawn as grey stripes over this background (cellmap_data.plot draws them).
+NAN_BACKGROUND = UNKNOWN_BACKGROUND
 # Outline of the output's field of view drawn on the full input.
 FOV_EDGE_COLOUR = "red"
-
-
-def _to_numpy(data: Any) -> np.ndarray:
-    """A float numpy copy of a tensor (any device) or array."""
-    if hasattr(data, "detach"):
-        data = data.detach().float().cpu().numpy()
-    return np.asarray(data, dtype=np.float32)
 
 
 def _middle_slice(image: np.ndarray) -> np.ndarray:
     """A 2-D plane of one sample's channel: singleton axes dropped, then the middle z slice.
 
-    ``(y, x)`` is returned as is, ``(1, y, x)`` and ``(z, 1, x)`` lose their
-    singleton axis, and a 3-D ``(z, y, x)`` gives ``image[z // 2]``.
+    ``(y, x)`` is returned as is, ``(1, y, x)`` and ``(z, 1, x)`` lose their singleton axis,
+    and a 3-D ``(z, y, x)`` gives ``image[z // 2]`` (:func:`cellmap_data.plot._plane`).
 
     Raises:
         ValueError: fewer than 2 or more than 3 non-singleton axes.
     """
-    plane = np.asarray(image)
-    while plane.ndim > 2 and 1 in plane.shape:
-        plane = np.squeeze(plane, axis=plane.shape.index(1))
-    if plane.ndim == 3:
-        return plane[plane.shape[0] // 2]
-    if plane.ndim == 2:
-        return plane
-    raise ValueError(f"expected a 2-D or 3-D image per sample and channel, got {image.shape}")
+    return _plane(image, "z", "zyx")
 
 
 def _show(
@@ -65,17 +53,9 @@ def _show(
     colorbar: bool,
     colorbar_size: float,
 ) -> None:
-    """Draw ``image`` on ``ax`` with NaNs transparent, no ticks, optional colour bar."""
-    from matplotlib import colormaps, rcParams
-
-    cmap = colormaps[cmap_name or rcParams["image.cmap"]].with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
-    ax.set_facecolor(NAN_BACKGROUND)
-    vmin, vmax = (None, None) if clim is None else clim
-    shown = ax.imshow(np.ma.masked_invalid(image), cmap=cmap, vmin=vmin, vmax=vmax)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if colorbar:
-        fig.colorbar(shown, ax=ax, fraction=colorbar_size)
+    """Draw ``image`` on ``ax`` with the shared NaN-aware display of :mod:`cellmap_data.plot`
+    (NaN voxels striped grey), no ticks, optional colour bar."""
+    _show_image(ax, image, cmap=cmap_name, clim=clim, colorbar=colorbar, colorbar_size=colorbar_size)
 
 
 def _check_batch(inputs: np.ndarray, targets: np.ndarray, predictions: np.ndarray, classes: Sequence[str]) -> None:
@@ -130,7 +110,7 @@ def get_image_grid(
     with the prediction's field of view outlined in red), "Raw" (the input
     cropped to that centred field of view), then "GT <class>" and
     "Pred. <class>" for each class.  3-D data shows its middle z slice;
-    NaN voxels are transparent over a grey background.
+    NaN voxels are drawn as grey stripes (as in :mod:`cellmap_data.plot`).
 
     Args:
         input_data: ``[B, C_in, (z,) y, x]`` tensor or array.
@@ -251,7 +231,7 @@ def get_fig_dict(
     Each figure has one row per sample (the first ``batch_size`` samples, all
     by default) and three columns: input (first channel), target and
     prediction for that class.  For 3-D data the middle z slice is shown.
-    NaN voxels are transparent over a grey background.
+    NaN voxels are drawn as grey stripes (as in :mod:`cellmap_data.plot`).
 
     Args:
         input_data: ``[B, C_in, (z,) y, x]`` tensor or array.
