@@ -39,7 +39,6 @@ __all__ = [
     "CountProgress",
     "label_counts",
     "class_stats",
-    "sample_metadata",
     "default_count_cache_dir",
     "class_weight",
     "CLASS_WEIGHT_CAP",
@@ -183,6 +182,19 @@ class Batch:
         threads without the GIL."""
     def record_batch(self) -> RecordBatch:
         """The whole batch as an Arrow record batch (Arrow PyCapsule interface)."""
+    def metadata(self) -> RecordBatch:
+        """The per-sample metadata columns only (no tensor column), as a record batch."""
+    @property
+    def value_seeds(self) -> list[int]:
+        """Each sample's ``value_seed`` (read from the batch without converting it)."""
+    def __arrow_c_array__(self, requested_schema: object | None = None) -> tuple[object, object]:
+        """Arrow PyCapsule interface: the batch as one Arrow array (a struct of its columns), so
+        ``polars.from_arrow``, ``pyarrow.record_batch`` and DuckDB take it directly. Tensor columns
+        keep their fixed-shape-tensor extension type."""
+    def __arrow_c_schema__(self) -> object:
+        """Arrow PyCapsule interface: the batch's schema."""
+    def __arrow_c_stream__(self, requested_schema: object | None = None) -> object:
+        """Arrow PyCapsule interface: the batch as a stream of one record batch."""
 
 # -- images and datasets ---------------------------------------------------------------------
 
@@ -289,6 +301,11 @@ class Collection:
         """Shard ``part`` of ``parts`` of a plan."""
     def read(self, samples: Sequence[_Plan], *, seed: int = 0, epoch: int = 0, augment: bool = False) -> Batch:
         """Reads one batch of planned samples now."""
+    def plan_metadata(
+        self, batches: Sequence[Sequence[_Plan]], *, seed: int = 0, epoch: int = 0, augment: bool = False
+    ) -> RecordBatch:
+        """The sample metadata of planned ``batches`` as a record batch (a ``batch`` column, then
+        the columns every batch's record batch carries), computed without reading any voxel."""
     def stream(
         self,
         batches: Sequence[Sequence[_Plan]],
@@ -403,20 +420,6 @@ def class_stats(
 ) -> RecordBatch:
     """The class statistics table of ``entries`` ``(dataset, crop, class, label path or None,
     training voxel size)``."""
-
-def sample_metadata(
-    dataset: Sequence[str],
-    crop: Sequence[str],
-    idx: Sequence[int],
-    centre: Sequence[_Triple],
-    levels: Sequence[tuple[str, Sequence[int | None]]],
-    mirror: Sequence[Sequence[bool]],
-    transpose: Sequence[Sequence[int]],
-    rotate: Sequence[_Triple],
-    value_seed: Sequence[int],
-    class_weights: Sequence[Sequence[float]],
-) -> RecordBatch:
-    """The per-sample metadata table from per-sample columns."""
 
 def class_weight(foreground: float, total: float) -> float:
     """Background/foreground weight of a class, capped at ``CLASS_WEIGHT_CAP``."""

@@ -34,7 +34,6 @@ __all__ = [
     "crop_class_matrix",
     "default_cache_dir",
     "label_counts",
-    "sample_metadata",
     "stats",
     "stats_for",
     "training_voxel_size",
@@ -255,33 +254,3 @@ def crop_class_matrix(dataset: Any) -> np.ndarray:
     return np.array([[c in ds.annotated_classes for c in classes] for ds in datasets], dtype=bool).reshape(
         len(datasets), len(classes)
     )
-
-
-def sample_metadata(
-    dataset: Sequence[str],
-    crop: Sequence[str],
-    idx: Sequence[int],
-    centre: Sequence[Sequence[float]],
-    levels: Mapping[str, Sequence[int | None]],
-    mirror: Sequence[Sequence[bool]],
-    transpose: Sequence[Sequence[int]],
-    rotate: Sequence[Sequence[float]],
-    value_seed: Sequence[int],
-    class_weights: Sequence[Sequence[float]],
-) -> pl.DataFrame:
-    """The per-sample metadata table batches carry, built by the engine from per-sample
-    columns: ``dataset``, ``crop``, ``idx``, ``centre_{z,y,x}``, ``level_<array>``,
-    ``mirror_*``, ``transpose_*``, ``rotate_*``, ``value_seed``, ``class_weights`` (array)."""
-    batch = _engine.sample_metadata(
-        list(dataset),
-        list(crop),
-        [int(i) for i in idx],
-        [list(map(float, c)) for c in centre],
-        [(name, [None if v is None else int(v) for v in values]) for name, values in levels.items()],
-        [list(map(bool, m)) for m in mirror],
-        [list(map(int, t)) for t in transpose],
-        [list(map(float, r)) for r in rotate],
-        [int(s) for s in value_seed],
-        [list(map(float, w)) for w in class_weights],
-    )
-    return _to_polars(batch)

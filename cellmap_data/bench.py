@@ -354,10 +354,10 @@ def run(data_dir: Path | None = None, size: str = "bench", batches: int = 40, th
         results = bench_transforms(data, threads=t, batches=max(5, batches // 2), repeat=repeat_transforms)
         report["transforms"] = results
         for name, r in results.items():
-            engine = sum(1 for row in r["plan"] if row["where"] == "engine")
+            in_engine = sum(1 for row in r["plan"] if row["where"] == "engine")
             print(f"value transforms {name:<22} threads={t}  identity {r['identity_samples_per_s']:7.1f}/s  split defaults "
                   f"{r['defaults_samples_per_s']:7.1f}/s  ratio {r['ratio']:.2f} (bound >= 0.9: {'met' if r['ratio'] >= 0.9 else 'MISSED'}; "
-                  f"{engine} op(s) in the engine)")
+                  f"{in_engine} op(s) in the engine)")
         costs = bench_transform_costs(data, threads=t, batches=max(5, batches // 2), repeat=repeat_transforms)
         report["transform_costs_ms_per_batch"] = costs
         print("engine cost per batch of 8 (64³ + 4 classes, over identity): " + ", ".join(f"{k} {v:+.1f} ms" for k, v in costs.items()))

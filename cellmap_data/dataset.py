@@ -390,13 +390,12 @@ class CellMapDataset(torch.utils.data.Dataset):
     def batch_to_tensors(self, batch: Any, return_metadata: bool | None = None) -> dict[str, Any]:
         """Engine batch → ``{"idx", <array>: tensor [B, ...]}`` with value transforms applied
         (and ``"__metadata__"``, a list of per-sample dicts, with ``return_metadata``)."""
-        out: dict[str, Any] = {}
-        record = batch.record_batch()
         import pyarrow as pa
 
-        table = pa.record_batch(record)
+        out: dict[str, Any] = {}
+        table = pa.record_batch(batch.metadata())
         out["idx"] = torch.as_tensor(table.column("idx").to_numpy().astype("int64"))
-        seeds = torch.as_tensor(table.column("value_seed").to_numpy().astype("int64"))
+        seeds = torch.tensor(batch.value_seeds, dtype=torch.int64)
         for name in batch.tensor_names:
             tensor = torch.from_dlpack(batch.tensor(name))
             if self.device is not None:
@@ -516,15 +515,19 @@ class CellMapDataset(torch.utils.data.Dataset):
         if not self._empty_value_in_engine and not math.isnan(self.empty_value):
             # Older dialect: unknown target voxels hold ``empty_value`` instead of NaN.
             tensor = torch.nan_to_num(tensor, nan=self.empty_value)
-        if isinstance(self._target_plans, list):
-            if all(p.torch_rest is None for p in self._target_plans):
-                return tensor
-            channels = [
-                _run_torch_rest(plan, tensor[:, c : c + 1], seeds, f"target{c}", self._reference_shape(name))[:, 0]
-                for c, plan in enumerate(self._target_plans)
-            ]
-            return torch.stack(channels, dim=1)
-        return _run_torch_rest(self._target_plans, tensor, seeds, "target", self._reference_shape(name))
+        # Each class's channel is transformed on its own, as in the reference library (a blur never
+        # mixes classes, a contrast uses each class's own mean).
+        plans = self._target_plans if isinstance(self._target_plans, list) else [self._target_plans] * tensor.shape[1]
+        if all(p.torch_rest is None for p in plans):
+            return tensor
+        if not isinstance(self._target_plans, list) and not self._target_plans.rest_batch_aware:
+            # Called per sample and per class anyway (sample by sample, as the reference does).
+            return _run_torch_rest(self._target_plans, tensor, seeds, "target", self._reference_shape(name))
+        channels = [
+            _run_torch_rest(plan, tensor[:, c : c + 1], seeds, f"target{c}", self._reference_shape(name))[:, 0]
+            for c, plan in enumerate(plans)
+        ]
+        return torch.stack(channels, dim=1)
 
     # -- configuration setters ------------------------------------------------------------
     def set_raw_value_transforms(self, transforms: ValueTransform | None) -> None:
@@ -659,7 +662,11 @@ class CellMapDataset(torch.utils.data.Dataset):
         return CellMapIterableDataset(self, batch_size=batch_size, **loader_kwargs)
 
     def __repr__(self) -> str:
-        return (
-            f"CellMapDataset(raw={self.raw_path!r}, target={self.target_path!r}, "
-            f"classes={self.classes}, len={len(self)})"
-        )
+        from .display import dataset_text
+
+        return dataset_text(self)
+
+    def _repr_html_(self) -> str:
+        from .display import dataset_html
+
+        return dataset_html(self)

@@ -197,6 +197,7 @@ class CellMapDataLoader:
         self.prefetch = max(2, int(prefetch)) if prefetch else 2
         self.loader_kwargs = kwargs  # accepted for compatibility (pin_memory, persistent_workers...)
         self.epoch = 0
+        self._consumed: list[Any] = []
         self._collection = None
         self._collection_key: tuple | None = None
         self.last_plan: list[list[_PLAN]] = []
@@ -312,6 +313,7 @@ class CellMapDataLoader:
         self.epoch += 1
         stream, batches = self._stream(epoch)
         self.last_plan = batches
+        self._consumed = []
         mover = _Stream(self.device)
         ahead: dict[str, Any] | None = None
         try:
@@ -335,12 +337,10 @@ class CellMapDataLoader:
 
     def _finish(self, pending: dict[str, Any], mover: _Stream) -> dict[str, Any]:
         """Applies value transforms (on the target device) and assembles the batch dict."""
-        import pyarrow as pa
-
         batch, plan, tensors = pending["batch"], pending["plan"], pending["tensors"]
         mover.hand_over(pending["copied"], tensors)
-        record = pa.record_batch(batch.record_batch())
-        seeds = torch.as_tensor(record.column("value_seed").to_numpy().astype("int64"))
+        # Straight from the engine's batch: the hot path converts no record batch.
+        seeds = torch.tensor(batch.value_seeds, dtype=torch.int64)
         out: dict[str, Any] = {"idx": torch.tensor([self.multi.offset(d) + i for d, i, _ in plan], dtype=torch.int64)}
         owners = [self.multi.datasets[d] for d, _, _ in plan]
         first = self.multi.datasets[0]
@@ -348,7 +348,10 @@ class CellMapDataLoader:
             tensor = first.to_axis_order(expand_compact(tensor), name)
             out[name] = _transform_by_owner(name, tensor, seeds, owners)
         if self.return_metadata:
-            out["__metadata__"] = sample_metadata_dicts(record, batch.tensor_names, owners)
+            import pyarrow as pa
+
+            out["__metadata__"] = sample_metadata_dicts(pa.record_batch(batch.metadata()), batch.tensor_names, owners)
+        self._consumed.append(batch.metadata())
         return out
 
     def __getitem__(self, indices: int | Sequence[int]) -> dict[str, Any]:
@@ -376,10 +379,32 @@ class CellMapDataLoader:
     def metadata(self, batch: Any) -> Any:
         """The per-sample metadata of an engine batch as a polars DataFrame."""
         import polars as pl
-        import pyarrow as pa
 
-        record = pa.record_batch(batch.record_batch())
-        return pl.from_arrow(record.drop_columns(list(batch.tensor_names)))
+        return pl.DataFrame(batch.metadata())
+
+    def epoch_metadata(self, epoch: int | None = None) -> Any:
+        """The sample metadata of a whole epoch (default: the one the next iteration reads) as
+        one polars DataFrame, without reading any voxel: ``batch`` (this rank's batch number),
+        then the columns of every batch (``dataset``, ``crop``, ``idx``, ``centre_*``,
+        ``mirror_*``, ``transpose_*``, ``rotate_*``, ``level_<array>``, ``value_seed``). The
+        engine draws exactly these samples when that epoch is iterated."""
+        import polars as pl
+
+        e = self.epoch if epoch is None else int(epoch)
+        batches = self.plan_epoch(e)
+        table = self.collection().plan_metadata([list(b) for b in batches], seed=self.seed, epoch=e, augment=self.is_train)
+        return pl.DataFrame(table)
+
+    def consumed_metadata(self) -> Any:
+        """The sample metadata of the batches the current (or last) iteration has delivered so
+        far, as one polars DataFrame with the columns of :meth:`epoch_metadata`."""
+        import polars as pl
+
+        frames = [pl.DataFrame(rb).with_columns(pl.lit(b, dtype=pl.UInt64).alias("batch")) for b, rb in enumerate(self._consumed)]
+        if not frames:
+            return self.epoch_metadata(self.epoch).clear()
+        frame = pl.concat(frames)
+        return frame.select(["batch", *[c for c in frame.columns if c != "batch"]])
 
     def to(self, device: str | torch.device, non_blocking: bool = True) -> "CellMapDataLoader":
         """Delivers batches on ``device`` from now on."""
@@ -396,10 +421,14 @@ class CellMapDataLoader:
         return out
 
     def __repr__(self) -> str:
-        return (
-            f"CellMapDataLoader({len(self.multi.datasets)} datasets, batch_size={self.batch_size}, "
-            f"batches={len(self)}, threads={self.threads}, device={self.device})"
-        )
+        from .display import loader_text
+
+        return loader_text(self)
+
+    def _repr_html_(self) -> str:
+        from .display import loader_html
+
+        return loader_html(self)
 
 
 def _transform_by_owner(name: str, tensor: torch.Tensor, seeds: torch.Tensor, owners: list[Any]) -> torch.Tensor:
@@ -456,3 +485,8 @@ class CellMapIterableDataset(torch.utils.data.IterableDataset):
 
     def __len__(self) -> int:
         return len(self._loader())
+
+    def epoch_metadata(self, epoch: int | None = None) -> Any:
+        """The sample metadata of an epoch (default: the next) of this process's share, as one
+        polars DataFrame, without reading voxels (see :meth:`CellMapDataLoader.epoch_metadata`)."""
+        return self._loader().epoch_metadata(self.epoch if epoch is None else epoch)

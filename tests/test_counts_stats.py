@@ -370,29 +370,6 @@ def test_stats_of_synthetic_split_use_metadata(tiny_data):
     assert annotated.height == sum(len(c.classes) for d in tiny_data.datasets for c in d.crops)
 
 
-def test_sample_metadata_table_schema():
-    df = _stats.sample_metadata(
-        dataset=["/raw/a", "/raw/b"], crop=["/c/1", "/c/2"], idx=[3, 9],
-        centre=[(1.0, 2.0, 3.0), (4.0, 5.0, 6.0)],
-        levels={"in": [0, 1], "out": [1, None]},
-        mirror=[(True, False, False), (False, False, True)],
-        transpose=[(0, 1, 2), (2, 1, 0)], rotate=[(0.0, 0.0, 30.0), (0.0, 0.0, 0.0)],
-        value_seed=[11, 12], class_weights=[(1.0, 2.0), (3.0, 4.0)],
-    )
-    assert df.columns == [
-        "dataset", "crop", "idx", "centre_z", "centre_y", "centre_x", "level_in", "level_out",
-        "mirror_z", "mirror_y", "mirror_x", "transpose_z", "transpose_y", "transpose_x",
-        "rotate_z", "rotate_y", "rotate_x", "value_seed", "class_weights",
-    ]
-    assert df.schema["class_weights"] == pl.Array(pl.Float64, 2)
-    assert df.schema["idx"] == pl.UInt64 and df.schema["mirror_x"] == pl.Boolean
-    assert df["level_out"].to_list() == [1, None]
-    assert df["class_weights"].to_list() == [[1.0, 2.0], [3.0, 4.0]]
-    assert df["transpose_z"].to_list() == [0, 2]
-
-
-# -- benchmark (closing-note number) ---------------------------------------------------------------
-@pytest.mark.slow
 def test_bench_stats_timing(tmp_path_factory):
     """Stats of the benchmark-size data: metadata counts, cold scans, cached scans."""
     from cellmap_data.synthetic import make_synthetic_data

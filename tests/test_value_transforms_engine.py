@@ -605,9 +605,6 @@ def test_per_class_target_transforms_run_in_the_engine_and_equal_torch_per_class
     assert (got[:, ds.classes.index("ecs")] == -1).all()
 
 
-@pytest.mark.xfail(strict=True, reason="a whole-target GaussianBlur(dim=3) on 2D arrays blurs across the class "
-                   "axis (the squeezed sample tensor [classes, y, x]), mixing classes and spreading the NaN of "
-                   "unannotated classes; the reference blurs each class's (1, y, x) patch on its own")
 def test_a_3d_blur_of_2d_targets_blurs_each_class_on_its_own(crop):
     blur = GaussianBlur(3, 1.0, dim=3)
     ds = make_dataset(crop, None, blur, shape=(1, 16, 16))
@@ -620,9 +617,6 @@ def test_a_3d_blur_of_2d_targets_blurs_each_class_on_its_own(crop):
     assert_same_numbers(got, expected)
 
 
-@pytest.mark.xfail(strict=True, reason="a whole-target RandomContrast takes its mean over all classes of a sample "
-                   "together; the reference calls target transforms on each class's patch, so each class is "
-                   "contrasted about its own mean")
 def test_a_contrast_of_targets_is_taken_about_each_class_mean(crop):
     contrast = RandomContrast((0.5, 0.5))  # a fixed ratio: only the mean decides
     ds = make_dataset(crop, None, contrast)

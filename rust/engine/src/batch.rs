@@ -240,6 +240,85 @@ pub struct Batch {
     pub levels: Vec<Vec<i64>>,
 }
 
+/// The per-sample metadata of a batch or of a planned epoch: the one schema of every sample
+/// table (record batches, epoch tables, the Polars tables built from them).
+///
+/// | column | type | |
+/// |---|---|---|
+/// | `dataset` | utf8 | dataset name (its raw path) |
+/// | `crop` | utf8 | crop (label group) |
+/// | `idx` | u64 | sample index within its dataset |
+/// | `centre_z/y/x` | f64 | world centre (nm) |
+/// | `mirror_z/y/x` | bool | mirrored axes |
+/// | `transpose_z/y/x` | u8 | output axis k walks world axis `transpose_k` |
+/// | `rotate_z/y/x` | f64 | rotation angles (degrees) |
+/// | `level_<array>` | i64 | level read per array (−1: a target with no annotated class) |
+/// | `value_seed` | u64 | seed of the value transforms |
+pub struct SampleMetadata<'a> {
+    /// The requests, in order.
+    pub samples: &'a [SampleRequest],
+    /// Dataset name of each sample.
+    pub dataset_labels: &'a [String],
+    /// Crop of each sample.
+    pub crop_labels: &'a [String],
+    /// Per sample, the level read for each array.
+    pub levels: &'a [Vec<i64>],
+    /// The arrays' names (inputs then targets).
+    pub array_names: &'a [String],
+}
+
+impl SampleMetadata<'_> {
+    /// The metadata columns, in schema order.
+    pub fn columns(&self) -> Vec<(Field, ArrayRef)> {
+        let mut out: Vec<(Field, ArrayRef)> = Vec::new();
+        let mut push = |name: &str, array: ArrayRef| out.push((Field::new(name, array.data_type().clone(), false), array));
+        let mut dataset = StringBuilder::new();
+        self.dataset_labels.iter().for_each(|d| dataset.append_value(d));
+        push("dataset", Arc::new(dataset.finish()));
+        let mut crop = StringBuilder::new();
+        self.crop_labels.iter().for_each(|c| crop.append_value(c));
+        push("crop", Arc::new(crop.finish()));
+        let mut idx = UInt64Builder::new();
+        self.samples.iter().for_each(|s| idx.append_value(s.index));
+        push("idx", Arc::new(idx.finish()));
+        for (k, axis) in AXES.iter().enumerate() {
+            let mut c = Float64Builder::new();
+            self.samples.iter().for_each(|s| c.append_value(s.centre[k]));
+            push(&format!("centre_{axis}"), Arc::new(c.finish()));
+        }
+        for (k, axis) in AXES.iter().enumerate() {
+            let mut m = BooleanBuilder::new();
+            self.samples.iter().for_each(|s| m.append_value(s.draw.mirror[k]));
+            push(&format!("mirror_{axis}"), Arc::new(m.finish()));
+        }
+        for (k, axis) in AXES.iter().enumerate() {
+            let mut p = UInt8Builder::new();
+            self.samples.iter().for_each(|s| p.append_value(s.draw.permutation[k] as u8));
+            push(&format!("transpose_{axis}"), Arc::new(p.finish()));
+        }
+        for (k, axis) in AXES.iter().enumerate() {
+            let mut r = Float64Builder::new();
+            self.samples.iter().for_each(|s| r.append_value(s.draw.angles_deg[k]));
+            push(&format!("rotate_{axis}"), Arc::new(r.finish()));
+        }
+        for (a, name) in self.array_names.iter().enumerate() {
+            let mut l = Int64Builder::new();
+            self.levels.iter().for_each(|per| l.append_value(per[a]));
+            push(&format!("level_{name}"), Arc::new(l.finish()));
+        }
+        let mut seeds = UInt64Builder::new();
+        self.samples.iter().for_each(|s| seeds.append_value(s.value_seed));
+        push("value_seed", Arc::new(seeds.finish()));
+        out
+    }
+
+    /// The metadata alone as a record batch, after `leading` columns (e.g. the batch number).
+    pub fn record_batch(&self, leading: Vec<(Field, ArrayRef)>) -> Result<RecordBatch> {
+        let (fields, arrays): (Vec<Field>, Vec<ArrayRef>) = leading.into_iter().chain(self.columns()).unzip();
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays).map_err(|e| Error::invalid(format!("building the sample table: {e}")))
+    }
+}
+
 impl Batch {
     /// Reads `requests` from `dataset` in parallel.
     pub fn read(dataset: &Dataset, requests: &[SampleRequest]) -> Result<Batch> {
@@ -390,47 +469,17 @@ impl Batch {
             fields.push(field);
             arrays.push(Arc::new(list));
         }
-        let mut push = |name: &str, array: ArrayRef| {
-            fields.push(Field::new(name, array.data_type().clone(), false));
-            arrays.push(array);
+        let meta = SampleMetadata {
+            samples: &self.samples,
+            dataset_labels: &self.dataset_labels,
+            crop_labels: &self.crop_labels,
+            levels: &self.levels,
+            array_names: &array_names,
         };
-        let mut dataset = StringBuilder::new();
-        self.dataset_labels.iter().for_each(|d| dataset.append_value(d));
-        push("dataset", Arc::new(dataset.finish()));
-        let mut crop = StringBuilder::new();
-        self.crop_labels.iter().for_each(|c| crop.append_value(c));
-        push("crop", Arc::new(crop.finish()));
-        let mut idx = UInt64Builder::new();
-        self.samples.iter().for_each(|s| idx.append_value(s.index));
-        push("idx", Arc::new(idx.finish()));
-        for (k, axis) in AXES.iter().enumerate() {
-            let mut c = Float64Builder::new();
-            self.samples.iter().for_each(|s| c.append_value(s.centre[k]));
-            push(&format!("centre_{axis}"), Arc::new(c.finish()));
+        for (field, array) in meta.columns() {
+            fields.push(field);
+            arrays.push(array);
         }
-        for (k, axis) in AXES.iter().enumerate() {
-            let mut m = BooleanBuilder::new();
-            self.samples.iter().for_each(|s| m.append_value(s.draw.mirror[k]));
-            push(&format!("mirror_{axis}"), Arc::new(m.finish()));
-        }
-        for (k, axis) in AXES.iter().enumerate() {
-            let mut p = UInt8Builder::new();
-            self.samples.iter().for_each(|s| p.append_value(s.draw.permutation[k] as u8));
-            push(&format!("transpose_{axis}"), Arc::new(p.finish()));
-        }
-        for (k, axis) in AXES.iter().enumerate() {
-            let mut r = Float64Builder::new();
-            self.samples.iter().for_each(|s| r.append_value(s.draw.angles_deg[k]));
-            push(&format!("rotate_{axis}"), Arc::new(r.finish()));
-        }
-        for (a, name) in array_names.iter().enumerate() {
-            let mut l = Int64Builder::new();
-            self.levels.iter().for_each(|per| l.append_value(per[a]));
-            push(&format!("level_{name}"), Arc::new(l.finish()));
-        }
-        let mut seeds = UInt64Builder::new();
-        self.samples.iter().for_each(|s| seeds.append_value(s.value_seed));
-        push("value_seed", Arc::new(seeds.finish()));
         let schema = Arc::new(Schema::new(fields));
         RecordBatch::try_new(schema, arrays).map_err(|e| Error::invalid(format!("building the batch: {e}")))
     }
@@ -439,6 +488,42 @@ impl Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sample_metadata_has_one_schema() {
+        let draw = SpatialDraw {
+            mirror: [true, false, true],
+            permutation: [0, 2, 1],
+            angles_deg: [10.0, 0.0, -5.0],
+            rotation: None,
+        };
+        let samples = [
+            SampleRequest { index: 3, centre: [1.0, 2.0, 3.0], draw, value_seed: 42 },
+            SampleRequest { index: 7, centre: [4.0, 5.0, 6.0], draw: SpatialDraw::default(), value_seed: 43 },
+        ];
+        let names = ["input".to_string(), "output".to_string()];
+        let meta = SampleMetadata {
+            samples: &samples,
+            dataset_labels: &["/d/raw".to_string(), "/d/raw".to_string()],
+            crop_labels: &["/d/crop1".to_string(), "/d/crop2".to_string()],
+            levels: &[vec![0, 1], vec![1, -1]],
+            array_names: &names,
+        };
+        let batch = meta.record_batch(Vec::new()).unwrap();
+        let schema = batch.schema();
+        let columns: Vec<(&str, &DataType)> = schema.fields().iter().map(|f| (f.name().as_str(), f.data_type())).collect();
+        assert_eq!(&columns[..4], &[("dataset", &DataType::Utf8), ("crop", &DataType::Utf8), ("idx", &DataType::UInt64), ("centre_z", &DataType::Float64)]);
+        let kind = |name: &str| schema.field_with_name(name).unwrap().data_type().clone();
+        assert_eq!(kind("transpose_y"), DataType::UInt8);
+        assert_eq!(kind("mirror_x"), DataType::Boolean);
+        assert_eq!(kind("level_output"), DataType::Int64);
+        assert_eq!(kind("value_seed"), DataType::UInt64);
+        use arrow_array::cast::AsArray;
+        let level = batch.column_by_name("level_output").unwrap().as_primitive::<arrow_array::types::Int64Type>().values().to_vec();
+        assert_eq!(level, vec![1, -1]);
+        let transpose = batch.column_by_name("transpose_y").unwrap().as_primitive::<arrow_array::types::UInt8Type>().value(0);
+        assert_eq!(transpose, 2);
+    }
 
     #[test]
     fn dropped_buffers_are_reused() {

@@ -87,12 +87,12 @@ pub struct DatasetConfig {
     pub target_values: TargetValues,
 }
 
-/// The value transforms of target arrays: one pipeline over all classes of a sample, or one per
-/// class (the `{class: transform}` form).
+/// The value transforms of target arrays: one pipeline for every class, or one per class (the
+/// `{class: transform}` form). Either way each class's channel is transformed on its own.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum TargetValues {
-    /// One pipeline over the whole `[classes, ...]` sample tensor.
+    /// The same pipeline for every class's channel.
     Whole(ValuePipeline),
     /// One pipeline per requested class, on that class's channel.
     PerClass(Vec<ValuePipeline>),
@@ -381,17 +381,21 @@ impl Dataset {
                 self.config.raw_values.apply(out, shape, value_seed, i as u64);
                 continue;
             }
+            // Target transforms see one class at a time, as in the reference library (a blur never
+            // mixes classes, a contrast uses each class's own mean).
             let stream = TARGET_STREAM * (1 + (i - n_inputs) as u64);
-            match &self.config.target_values {
-                TargetValues::Whole(p) => p.apply(out, shape, value_seed, stream),
-                TargetValues::PerClass(pipelines) => {
-                    let mut channel_shape = shape.clone();
-                    channel_shape[0] = 1;
-                    let n: usize = channel_shape.iter().product();
-                    for (c, (channel, p)) in out.chunks_mut(n.max(1)).zip(pipelines).enumerate() {
-                        p.apply(channel, &channel_shape, value_seed, stream + 1 + c as u64);
-                    }
-                }
+            let mut channel_shape = shape.clone();
+            channel_shape[0] = 1;
+            let n: usize = channel_shape.iter().product();
+            for (c, channel) in out.chunks_mut(n.max(1)).enumerate() {
+                let pipeline = match &self.config.target_values {
+                    TargetValues::Whole(p) => p,
+                    TargetValues::PerClass(pipelines) => match pipelines.get(c) {
+                        Some(p) => p,
+                        None => continue,
+                    },
+                };
+                pipeline.apply(channel, &channel_shape, value_seed, stream + 1 + c as u64);
             }
         }
     }

@@ -8,7 +8,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::batch::Batch;
+use arrow_array::{ArrayRef, RecordBatch, UInt64Array};
+use arrow_schema::{DataType, Field};
+
+use crate::batch::{Batch, SampleMetadata};
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
 use crate::runtime::new_pool;
@@ -59,6 +62,45 @@ impl Collection {
             })
             .collect::<Result<Vec<_>>>()?;
         Batch::read_items(&items, cancel)
+    }
+}
+
+impl Collection {
+    /// The metadata of planned batches, without reading any voxel: one row per sample in plan
+    /// order, a `batch` column (the batch number) then the [`SampleMetadata`] columns, exactly
+    /// what the batches' record batches will hold.
+    pub fn plan_metadata(&self, batches: &[Vec<PlannedSample>], key: StreamKey, augment: bool) -> Result<RecordBatch> {
+        let mut samples = Vec::new();
+        let mut datasets = Vec::new();
+        let mut crops = Vec::new();
+        let mut levels = Vec::new();
+        let mut batch_numbers = Vec::new();
+        for (b, batch) in batches.iter().enumerate() {
+            for p in batch {
+                let dataset = self
+                    .datasets
+                    .get(p.dataset)
+                    .ok_or_else(|| Error::invalid(format!("dataset {} does not exist", p.dataset)))?;
+                samples.push(request(dataset, p.index, key, p.stream, augment)?);
+                datasets.push(dataset.config.name());
+                crops.push(dataset.config.crop.clone());
+                levels.push(dataset.array_levels());
+                batch_numbers.push(b as u64);
+            }
+        }
+        let array_names: Vec<String> = match self.datasets.first() {
+            Some(d) => d.config.inputs.iter().chain(&d.config.targets).map(|a| a.name.clone()).collect(),
+            None => Vec::new(),
+        };
+        let meta = SampleMetadata {
+            samples: &samples,
+            dataset_labels: &datasets,
+            crop_labels: &crops,
+            levels: &levels,
+            array_names: &array_names,
+        };
+        let batch_column: ArrayRef = Arc::new(UInt64Array::from(batch_numbers));
+        meta.record_batch(vec![(Field::new("batch", DataType::UInt64, false), batch_column)])
     }
 }
 

@@ -8,10 +8,9 @@ use std::sync::Arc;
 
 use arrow_array::{make_array, ArrayRef, RecordBatch, RecordBatchOptions};
 use arrow_schema::{Field as ArrowField, Schema};
-use polars::prelude::{ArrayChunked, Column, CompatLevel, DataFrame, DataType, IntoColumn, IntoSeries, NamedFrom, Series};
+use polars::prelude::{Column, CompatLevel, DataFrame, IntoColumn, NamedFrom, Series};
 use rayon::prelude::*;
 
-use crate::batch::SampleRequest;
 use crate::error::{Error, Result};
 use crate::geometry::AXES;
 use crate::labels::{count_label_group, ClassCounts, CountOptions, Progress};
@@ -150,88 +149,6 @@ pub fn class_stats_frame(rows: &[StatsRow]) -> Result<DataFrame> {
     DataFrame::new(n, columns).map_err(|e| polars_error("class statistics", e))
 }
 
-/// What [`sample_metadata_frame`] tabulates: one entry per sample, in batch order.
-#[derive(Debug, Clone, Copy)]
-pub struct SampleMetadata<'a> {
-    /// Dataset label (raw path) of each sample.
-    pub dataset: &'a [String],
-    /// Crop label of each sample.
-    pub crop: &'a [String],
-    /// The sample requests (index, centre, spatial draw, value seed).
-    pub samples: &'a [SampleRequest],
-    /// Per array (name, per-sample level read; `None` where the array reads nothing, e.g. a
-    /// target whose classes are all unannotated).
-    pub levels: &'a [(String, Vec<Option<i32>>)],
-    /// Number of classes.
-    pub n_classes: usize,
-    /// Class weights of each sample's dataset, `samples.len() × n_classes`, row major.
-    pub class_weights: &'a [f64],
-}
-
-/// The per-sample metadata table of a batch:
-///
-/// | column | dtype |
-/// |---|---|
-/// | `dataset`, `crop` | str |
-/// | `idx` | u64 (sample index within its dataset) |
-/// | `centre_{z,y,x}` | f64 (nm) |
-/// | `level_<array name>` | i32 (null: nothing read) |
-/// | `mirror_{z,y,x}` | bool |
-/// | `transpose_{z,y,x}` | u32 (output axis k walks world axis `transpose_k`) |
-/// | `rotate_{z,y,x}` | f64 (degrees) |
-/// | `value_seed` | u64 |
-/// | `class_weights` | array[f64, n_classes] |
-pub fn sample_metadata_frame(m: &SampleMetadata<'_>) -> Result<DataFrame> {
-    let n = m.samples.len();
-    let bad = |what: String| Error::invalid(format!("sample metadata: {what}"));
-    if m.dataset.len() != n || m.crop.len() != n {
-        return Err(bad(format!(
-            "{n} samples but {} dataset and {} crop labels",
-            m.dataset.len(),
-            m.crop.len()
-        )));
-    }
-    if m.class_weights.len() != n * m.n_classes {
-        return Err(bad(format!(
-            "{} class weights for {n} samples of {} classes",
-            m.class_weights.len(),
-            m.n_classes
-        )));
-    }
-    let mut columns: Vec<Column> = vec![
-        Series::new("dataset".into(), m.dataset).into_column(),
-        Series::new("crop".into(), m.crop).into_column(),
-        Series::new("idx".into(), m.samples.iter().map(|s| s.index).collect::<Vec<u64>>()).into_column(),
-    ];
-    for (k, axis) in AXES.iter().enumerate() {
-        let v: Vec<f64> = m.samples.iter().map(|s| s.centre[k]).collect();
-        columns.push(Series::new(format!("centre_{axis}").into(), v).into_column());
-    }
-    for (name, levels) in m.levels {
-        if levels.len() != n {
-            return Err(bad(format!("array '{name}' has {} levels for {n} samples", levels.len())));
-        }
-        columns.push(Series::new(format!("level_{name}").into(), levels).into_column());
-    }
-    for (k, axis) in AXES.iter().enumerate() {
-        let v: Vec<bool> = m.samples.iter().map(|s| s.draw.mirror[k]).collect();
-        columns.push(Series::new(format!("mirror_{axis}").into(), v).into_column());
-    }
-    for (k, axis) in AXES.iter().enumerate() {
-        let v: Vec<u32> = m.samples.iter().map(|s| s.draw.permutation[k] as u32).collect();
-        columns.push(Series::new(format!("transpose_{axis}").into(), v).into_column());
-    }
-    for (k, axis) in AXES.iter().enumerate() {
-        let v: Vec<f64> = m.samples.iter().map(|s| s.draw.angles_deg[k]).collect();
-        columns.push(Series::new(format!("rotate_{axis}").into(), v).into_column());
-    }
-    columns.push(Series::new("value_seed".into(), m.samples.iter().map(|s| s.value_seed).collect::<Vec<u64>>()).into_column());
-    let flat = Series::new("class_weights".into(), m.class_weights);
-    let weights = ArrayChunked::from_aligned_values("class_weights".into(), &DataType::Float64, m.n_classes, flat.chunks().clone(), n);
-    columns.push(weights.into_series().into_column());
-    DataFrame::new(n, columns).map_err(|e| polars_error("sample metadata", e))
-}
-
 /// Hands a polars `DataFrame` over as an arrow-rs `RecordBatch` through the Arrow C data
 /// interface: column buffers are shared, not copied (strings become `large_utf8`).
 pub fn to_record_batch(df: &DataFrame) -> Result<RecordBatch> {
@@ -341,62 +258,6 @@ mod tests {
         assert_eq!(col("box_hi_y").as_primitive::<Float64Type>().value(1), 50.0);
         assert_eq!(col("total_voxels").as_primitive::<Float64Type>().value(2), 0.0);
         assert_eq!(col("count_source").as_string::<i64>().value(0), "scan");
-    }
-
-    #[test]
-    fn sample_table_holds_draws_levels_and_weight_arrays() {
-        let draw = SpatialDraw {
-            mirror: [true, false, true],
-            permutation: [0, 2, 1],
-            angles_deg: [10.0, 0.0, -5.0],
-            rotation: None,
-        };
-        let samples = vec![
-            SampleRequest {
-                index: 3,
-                centre: [1.0, 2.0, 3.0],
-                draw,
-                value_seed: 42,
-            },
-            SampleRequest {
-                index: 7,
-                centre: [4.0, 5.0, 6.0],
-                draw: SpatialDraw::default(),
-                value_seed: 43,
-            },
-        ];
-        let dataset = vec!["/d/raw".to_string(); 2];
-        let crop = vec!["/d/crop1".to_string(), "/d/crop2".to_string()];
-        let levels = vec![
-            ("input".to_string(), vec![Some(0), Some(1)]),
-            ("output".to_string(), vec![Some(1), None]),
-        ];
-        let weights = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
-        let meta = SampleMetadata {
-            dataset: &dataset,
-            crop: &crop,
-            samples: &samples,
-            levels: &levels,
-            n_classes: 3,
-            class_weights: &weights,
-        };
-        let batch = to_record_batch(&sample_metadata_frame(&meta).unwrap()).unwrap();
-        let names: Vec<String> = batch.schema().fields().iter().map(|f| f.name().clone()).collect();
-        assert_eq!(names[..6], ["dataset", "crop", "idx", "centre_z", "centre_y", "centre_x"]);
-        assert!(names.contains(&"level_output".to_string()) && names.contains(&"value_seed".to_string()));
-        let col = |name: &str| batch.column_by_name(name).unwrap().clone();
-        assert!(col("level_output").is_null(1));
-        assert_eq!(col("transpose_y").as_primitive::<arrow_array::types::UInt32Type>().value(0), 2);
-        assert!(col("mirror_x").as_boolean().value(0));
-        let w = col("class_weights");
-        let w = w.as_fixed_size_list();
-        assert_eq!(w.value_length(), 3);
-        assert_eq!(w.value(1).as_primitive::<Float64Type>().values().to_vec(), vec![4.0, 5.0, 6.0]);
-        let bad = SampleMetadata {
-            class_weights: &weights[..5],
-            ..meta
-        };
-        assert!(sample_metadata_frame(&bad).is_err());
     }
 
     #[test]

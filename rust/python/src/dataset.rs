@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use arrow_array::cast::AsArray;
-use arrow_array::types::{Float32Type, UInt8Type};
+use arrow_array::types::{Float32Type, UInt64Type, UInt8Type};
 use arrow_array::{Array, RecordBatch};
 use arrow_buffer::Buffer;
 use cellmap_engine::augment::SpatialDraw;
@@ -15,7 +15,7 @@ use cellmap_engine::Error;
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyKeyError, PyValueError};
 use pyo3::prelude::*;
-use pyo3_arrow::PyRecordBatch;
+use pyo3_arrow::{PyRecordBatch, PyTable};
 
 use crate::convert::{parse_json, run, to_pyerr};
 use crate::tensor::{Element, Tensor};
@@ -257,5 +257,44 @@ impl Batch {
     /// The whole batch as an Arrow record batch (Arrow PyCapsule interface).
     fn record_batch(&self) -> PyRecordBatch {
         PyRecordBatch::new(self.record_batch.clone())
+    }
+
+    /// The per-sample metadata columns only (no tensor column), as a record batch.
+    fn metadata(&self, py: Python<'_>) -> PyResult<PyRecordBatch> {
+        let keep: Vec<usize> = (0..self.record_batch.num_columns())
+            .filter(|&i| !self.shapes.iter().any(|(n, _)| n == self.record_batch.schema().field(i).name()))
+            .collect();
+        let projected = self
+            .record_batch
+            .project(&keep)
+            .map_err(|e| to_pyerr(py, Error::invalid(format!("selecting metadata columns: {e}"))))?;
+        Ok(PyRecordBatch::new(projected))
+    }
+
+    /// Each sample's `value_seed` (read from the batch without converting it).
+    #[getter]
+    fn value_seeds(&self) -> Vec<u64> {
+        let column = self.record_batch.column_by_name("value_seed").expect("every batch has value_seed");
+        column.as_primitive::<UInt64Type>().values().to_vec()
+    }
+
+    /// Arrow PyCapsule interface: the batch as one Arrow array (a struct of its columns), so
+    /// `polars.from_arrow`, `pyarrow.record_batch` and DuckDB take it directly. Tensor columns
+    /// keep their fixed-shape-tensor extension type.
+    #[pyo3(signature = (requested_schema=None))]
+    fn __arrow_c_array__<'py>(&self, py: Python<'py>, requested_schema: Option<Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyAny>> {
+        Bound::new(py, self.record_batch())?.call_method1("__arrow_c_array__", (requested_schema,))
+    }
+
+    /// Arrow PyCapsule interface: the batch's schema.
+    fn __arrow_c_schema__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        Bound::new(py, self.record_batch())?.call_method0("__arrow_c_schema__")
+    }
+
+    /// Arrow PyCapsule interface: the batch as a stream of one record batch.
+    #[pyo3(signature = (requested_schema=None))]
+    fn __arrow_c_stream__<'py>(&self, py: Python<'py>, requested_schema: Option<Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyAny>> {
+        let table = PyTable::try_new(vec![self.record_batch.clone()], self.record_batch.schema())?;
+        Bound::new(py, table)?.call_method1("__arrow_c_stream__", (requested_schema,))
     }
 }

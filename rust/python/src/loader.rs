@@ -9,6 +9,7 @@ use cellmap_engine::sampler::{class_balanced_plan, shard, uniform_plan, PlannedS
 use cellmap_engine::Error;
 use pyo3::exceptions::PyStopIteration;
 use pyo3::prelude::*;
+use pyo3_arrow::PyRecordBatch;
 
 use crate::convert::{run, to_pyerr};
 use crate::dataset::{Batch, Dataset};
@@ -81,6 +82,17 @@ impl Collection {
         let key = StreamKey { seed, epoch, rank: 0 };
         let batch = run(py, move || inner.read(&to_plan(samples), key, augment, None))?;
         Batch::from_engine(py, batch)
+    }
+
+    /// The sample metadata of planned `batches` as a record batch (a `batch` column, then the
+    /// columns every batch's record batch carries), computed without reading any voxel.
+    #[pyo3(signature = (batches, *, seed=0, epoch=0, augment=false))]
+    fn plan_metadata(&self, py: Python<'_>, batches: Vec<Vec<PlanTuple>>, seed: u64, epoch: u64, augment: bool) -> PyResult<PyRecordBatch> {
+        let inner = self.inner.clone();
+        let key = StreamKey { seed, epoch, rank: 0 };
+        let plan: Vec<Vec<PlannedSample>> = batches.into_iter().map(to_plan).collect();
+        let table = run(py, move || inner.plan_metadata(&plan, key, augment))?;
+        Ok(PyRecordBatch::new(table))
     }
 
     /// Starts reading `batches` in the background on `threads` engine threads, keeping at most

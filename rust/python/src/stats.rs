@@ -1,19 +1,16 @@
-//! Class counts and Polars statistics: `label_counts`, `class_stats`, `sample_metadata` and the
+//! Class counts and Polars statistics: `label_counts`, `class_stats` and the
 //! `CountProgress` handle a progress bar polls while a count runs with the GIL released.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use cellmap_engine::augment::SpatialDraw;
-use cellmap_engine::batch::SampleRequest;
 use cellmap_engine::labels::{self, ClassCounts, CountCache, CountOptions, Progress};
-use cellmap_engine::stats::{self, SampleMetadata, StatsEntry};
-use cellmap_engine::Error;
+use cellmap_engine::stats::{self, StatsEntry};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use pyo3_arrow::PyRecordBatch;
 
-use crate::convert::{run, to_pyerr};
+use crate::convert::run;
 
 /// Progress of a running count (chunks scanned / announced), shared with the engine threads;
 /// `cancel()` makes the count stop with `KeyboardInterrupt`.
@@ -140,78 +137,6 @@ fn class_stats<'py>(
     Ok(PyRecordBatch::new(batch))
 }
 
-/// The per-sample metadata table (Arrow record batch) from per-sample columns; `levels` is a
-/// list of (array name, per-sample level or None), `class_weights` one list per sample.
-#[pyfunction]
-#[pyo3(signature = (dataset, crop, idx, centre, levels, mirror, transpose, rotate, value_seed, class_weights))]
-#[allow(clippy::too_many_arguments)]
-fn sample_metadata(
-    py: Python<'_>,
-    dataset: Vec<String>,
-    crop: Vec<String>,
-    idx: Vec<u64>,
-    centre: Vec<[f64; 3]>,
-    levels: Vec<(String, Vec<Option<i32>>)>,
-    mirror: Vec<[bool; 3]>,
-    transpose: Vec<[usize; 3]>,
-    rotate: Vec<[f64; 3]>,
-    value_seed: Vec<u64>,
-    class_weights: Vec<Vec<f64>>,
-) -> PyResult<PyRecordBatch> {
-    let n = idx.len();
-    if [
-        centre.len(),
-        mirror.len(),
-        transpose.len(),
-        rotate.len(),
-        value_seed.len(),
-        class_weights.len(),
-    ]
-    .iter()
-    .any(|&len| len != n)
-    {
-        return Err(to_pyerr(
-            py,
-            Error::invalid("sample_metadata: every per-sample column needs one entry per sample"),
-        ));
-    }
-    let n_classes = class_weights.first().map_or(0, Vec::len);
-    if class_weights.iter().any(|w| w.len() != n_classes) {
-        return Err(to_pyerr(
-            py,
-            Error::invalid("sample_metadata: every sample needs one weight per class"),
-        ));
-    }
-    let samples: Vec<SampleRequest> = (0..n)
-        .map(|i| SampleRequest {
-            index: idx[i],
-            centre: centre[i],
-            draw: SpatialDraw {
-                mirror: mirror[i],
-                permutation: transpose[i],
-                angles_deg: rotate[i],
-                rotation: None,
-            },
-            value_seed: value_seed[i],
-        })
-        .collect();
-    let flat: Vec<f64> = class_weights.concat();
-    let meta = SampleMetadata {
-        dataset: &dataset,
-        crop: &crop,
-        samples: &samples,
-        levels: &levels,
-        n_classes,
-        class_weights: &flat,
-    };
-    let batch = stats::sample_metadata_frame(&meta)
-        .and_then(|df| stats::to_record_batch(&df))
-        .map_err(|e| to_pyerr(py, e))?;
-    Ok(PyRecordBatch::new(batch))
-}
-
-/// Background/foreground weight of a class with `foreground` of `total` voxels, capped at
-/// `CLASS_WEIGHT_CAP` (also the weight of a class with no foreground); 1 when `total` is 0.
 #[pyfunction]
 fn class_weight(foreground: f64, total: f64) -> f64 {
     labels::class_weight(foreground, total)
@@ -228,7 +153,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<CountProgress>()?;
     m.add_function(wrap_pyfunction!(label_counts, m)?)?;
     m.add_function(wrap_pyfunction!(class_stats, m)?)?;
-    m.add_function(wrap_pyfunction!(sample_metadata, m)?)?;
     m.add_function(wrap_pyfunction!(default_count_cache_dir, m)?)?;
     m.add_function(wrap_pyfunction!(class_weight, m)?)?;
     m.add("CLASS_WEIGHT_CAP", labels::CLASS_WEIGHT_CAP)?;
