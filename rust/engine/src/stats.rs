@@ -1,14 +1,13 @@
-//! Polars tables: per (dataset, crop, class) counts, fractions and weights, and the per-sample
-//! metadata table of batches; plus the hand-over of a polars `DataFrame` to an Arrow
-//! `RecordBatch` through the Arrow C data interface (no copy of the column buffers).
+//! The class statistics table: per (dataset, crop, class) counts, fractions and weights, as an
+//! Arrow record batch (Python reads it as a Polars DataFrame through the Arrow PyCapsule
+//! interface, without copying).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use arrow_array::{make_array, ArrayRef, RecordBatch, RecordBatchOptions};
-use arrow_schema::{Field as ArrowField, Schema};
-use polars::prelude::{Column, CompatLevel, DataFrame, IntoColumn, NamedFrom, Series};
+use arrow_array::{ArrayRef, BooleanArray, Float64Array, Int32Array, RecordBatch, StringArray, UInt64Array};
+use arrow_schema::{Field, Schema};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -67,24 +66,20 @@ pub fn compute_class_stats(entries: &[StatsEntry], options: &CountOptions, progr
         .collect())
 }
 
-/// Counts `entries` ([`compute_class_stats`]) and tabulates them ([`class_stats_frame`]).
-pub fn class_stats(entries: &[StatsEntry], options: &CountOptions, progress: Option<&Progress>) -> Result<DataFrame> {
-    class_stats_frame(&compute_class_stats(entries, options, progress)?)
-}
-
-fn polars_error(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::invalid(format!("building the {what} table: {e}"))
+/// Counts `entries` ([`compute_class_stats`]) and tabulates them ([`class_stats_table`]).
+pub fn class_stats(entries: &[StatsEntry], options: &CountOptions, progress: Option<&Progress>) -> Result<RecordBatch> {
+    class_stats_table(&compute_class_stats(entries, options, progress)?)
 }
 
 /// The class statistics table, one row per entry:
 ///
-/// | column | dtype | meaning |
+/// | column | type | meaning |
 /// |---|---|---|
-/// | `dataset`, `crop`, `class` | str | labels of the entry |
+/// | `dataset`, `crop`, `class` | utf8 | labels of the entry |
 /// | `annotated` | bool | the crop annotates the class |
-/// | `label_path` | str (null if unannotated) | label group |
+/// | `label_path` | utf8 (null if unannotated) | label group |
 /// | `level` | i32 (null) | label level the counts were taken at |
-/// | `count_source` | str (null) | `metadata`, `metadata_s0`, `cache` or `scan` |
+/// | `count_source` | utf8 (null) | `metadata`, `metadata_s0`, `cache` or `scan` |
 /// | `voxel_size_{z,y,x}` | f64 (null) | voxel size of that level, nm |
 /// | `shape_{z,y,x}` | u64 (null) | shape of that level, voxels |
 /// | `box_lo_{z,y,x}`, `box_hi_{z,y,x}` | f64 (null) | world box of that level, nm |
@@ -92,100 +87,64 @@ fn polars_error(what: &str, e: impl std::fmt::Display) -> Error {
 /// | `foreground_voxels`, `total_voxels` | f64 | at the training resolution (0 if unannotated) |
 /// | `fraction` | f64 (null if unannotated) | foreground / total |
 /// | `weight` | f64 (null if unannotated) | background / foreground, capped ([`crate::labels::class_weight`]) |
-pub fn class_stats_frame(rows: &[StatsRow]) -> Result<DataFrame> {
-    let n = rows.len();
-    let text = |f: &dyn Fn(&StatsRow) -> String| rows.iter().map(f).collect::<Vec<String>>();
-    let counts = |f: &dyn Fn(&ClassCounts) -> f64| rows.iter().map(|r| r.counts.as_ref().map(f)).collect::<Vec<Option<f64>>>();
-    let mut columns: Vec<Column> = vec![
-        Series::new("dataset".into(), text(&|r| r.entry.dataset.clone())).into_column(),
-        Series::new("crop".into(), text(&|r| r.entry.crop.clone())).into_column(),
-        Series::new("class".into(), text(&|r| r.entry.class.clone())).into_column(),
-        Series::new("annotated".into(), rows.iter().map(|r| r.counts.is_some()).collect::<Vec<bool>>()).into_column(),
-        Series::new(
-            "label_path".into(),
-            rows.iter()
-                .map(|r| r.entry.label_path.as_ref().map(|p| p.display().to_string()))
-                .collect::<Vec<Option<String>>>(),
-        )
-        .into_column(),
-        Series::new(
-            "level".into(),
-            rows.iter()
-                .map(|r| r.counts.as_ref().map(|c| c.level as i32))
-                .collect::<Vec<Option<i32>>>(),
-        )
-        .into_column(),
-        Series::new(
-            "count_source".into(),
-            rows.iter()
-                .map(|r| r.counts.as_ref().map(|c| c.source.as_str().to_string()))
-                .collect::<Vec<Option<String>>>(),
-        )
-        .into_column(),
-    ];
+pub fn class_stats_table(rows: &[StatsRow]) -> Result<RecordBatch> {
+    let mut columns: Vec<(String, ArrayRef)> = Vec::new();
+    let mut push = |name: String, array: ArrayRef| columns.push((name, array));
+    let text = |f: &dyn Fn(&StatsRow) -> Option<String>| -> ArrayRef { Arc::new(rows.iter().map(f).collect::<StringArray>()) };
+    let counted = |f: &dyn Fn(&ClassCounts) -> f64| -> ArrayRef {
+        Arc::new(rows.iter().map(|r| r.counts.as_ref().map(f)).collect::<Float64Array>())
+    };
+    push("dataset".into(), text(&|r| Some(r.entry.dataset.clone())));
+    push("crop".into(), text(&|r| Some(r.entry.crop.clone())));
+    push("class".into(), text(&|r| Some(r.entry.class.clone())));
+    push("annotated".into(), Arc::new(rows.iter().map(|r| Some(r.counts.is_some())).collect::<BooleanArray>()));
+    push("label_path".into(), text(&|r| r.entry.label_path.as_ref().map(|p| p.display().to_string())));
+    push(
+        "level".into(),
+        Arc::new(rows.iter().map(|r| r.counts.as_ref().map(|c| c.level as i32)).collect::<Int32Array>()),
+    );
+    push("count_source".into(), text(&|r| r.counts.as_ref().map(|c| c.source.as_str().to_string())));
     for (k, axis) in AXES.iter().enumerate() {
-        columns.push(Series::new(format!("voxel_size_{axis}").into(), counts(&|c| c.voxel_size[k])).into_column());
+        push(format!("voxel_size_{axis}"), counted(&|c| c.voxel_size[k]));
     }
     for (k, axis) in AXES.iter().enumerate() {
-        let shape: Vec<Option<u64>> = rows.iter().map(|r| r.counts.as_ref().map(|c| c.shape[k])).collect();
-        columns.push(Series::new(format!("shape_{axis}").into(), shape).into_column());
+        let shape: UInt64Array = rows.iter().map(|r| r.counts.as_ref().map(|c| c.shape[k])).collect();
+        push(format!("shape_{axis}"), Arc::new(shape));
     }
     for (k, axis) in AXES.iter().enumerate() {
-        columns.push(Series::new(format!("box_lo_{axis}").into(), counts(&|c| c.world_box.lo[k])).into_column());
+        push(format!("box_lo_{axis}"), counted(&|c| c.world_box.lo[k]));
     }
     for (k, axis) in AXES.iter().enumerate() {
-        columns.push(Series::new(format!("box_hi_{axis}").into(), counts(&|c| c.world_box.hi[k])).into_column());
+        push(format!("box_hi_{axis}"), counted(&|c| c.world_box.hi[k]));
     }
     for (k, axis) in AXES.iter().enumerate() {
-        let vs: Vec<f64> = rows.iter().map(|r| r.entry.training_voxel_size[k]).collect();
-        columns.push(Series::new(format!("train_voxel_size_{axis}").into(), vs).into_column());
+        let vs: Float64Array = rows.iter().map(|r| Some(r.entry.training_voxel_size[k])).collect();
+        push(format!("train_voxel_size_{axis}"), Arc::new(vs));
     }
-    let fg: Vec<f64> = rows.iter().map(|r| r.counts.as_ref().map_or(0.0, |c| c.foreground)).collect();
-    let total: Vec<f64> = rows.iter().map(|r| r.counts.as_ref().map_or(0.0, |c| c.total)).collect();
-    columns.push(Series::new("foreground_voxels".into(), fg).into_column());
-    columns.push(Series::new("total_voxels".into(), total).into_column());
-    columns.push(Series::new("fraction".into(), counts(&ClassCounts::fraction)).into_column());
-    columns.push(Series::new("weight".into(), counts(&ClassCounts::weight)).into_column());
-    DataFrame::new(n, columns).map_err(|e| polars_error("class statistics", e))
+    let summed = |f: &dyn Fn(&ClassCounts) -> f64| -> ArrayRef {
+        Arc::new(rows.iter().map(|r| Some(r.counts.as_ref().map_or(0.0, f))).collect::<Float64Array>())
+    };
+    push("foreground_voxels".into(), summed(&|c| c.foreground));
+    push("total_voxels".into(), summed(&|c| c.total));
+    push("fraction".into(), counted(&ClassCounts::fraction));
+    push("weight".into(), counted(&ClassCounts::weight));
+    let fields: Vec<Field> = columns
+        .iter()
+        .map(|(name, array)| Field::new(name, array.data_type().clone(), array.null_count() > 0 || name_may_be_null(name)))
+        .collect();
+    let arrays = columns.into_iter().map(|(_, a)| a).collect();
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
+        .map_err(|e| Error::invalid(format!("building the class statistics table: {e}")))
 }
 
-/// Hands a polars `DataFrame` over as an arrow-rs `RecordBatch` through the Arrow C data
-/// interface: column buffers are shared, not copied (strings become `large_utf8`).
-pub fn to_record_batch(df: &DataFrame) -> Result<RecordBatch> {
-    let compat = CompatLevel::oldest();
-    let mut fields: Vec<ArrowField> = Vec::with_capacity(df.width());
-    let mut arrays: Vec<ArrayRef> = Vec::with_capacity(df.width());
-    for column in df.columns() {
-        let name = column.name().to_string();
-        let fail = |e: &dyn std::fmt::Display| Error::invalid(format!("exporting column '{name}' to Arrow: {e}"));
-        let field = column.field().to_arrow(compat);
-        let array = column.clone().rechunk_to_arrow(compat);
-        let c_schema = polars_arrow::ffi::export_field_to_c(&field);
-        let c_array = polars_arrow::ffi::export_array_to_c(array);
-        // SAFETY: polars-arrow's `ArrowSchema`/`ArrowArray` and arrow-rs's `FFI_ArrowSchema`/
-        // `FFI_ArrowArray` are both the `#[repr(C)]` structs of the Arrow C data interface; the
-        // release callbacks they carry stay with the values, so ownership moves across intact.
-        let (c_schema, c_array): (arrow::ffi::FFI_ArrowSchema, arrow::ffi::FFI_ArrowArray) = unsafe {
-            (
-                std::mem::transmute::<polars_arrow::ffi::ArrowSchema, arrow::ffi::FFI_ArrowSchema>(c_schema),
-                std::mem::transmute::<polars_arrow::ffi::ArrowArray, arrow::ffi::FFI_ArrowArray>(c_array),
-            )
-        };
-        let arrow_field = ArrowField::try_from(&c_schema).map_err(|e| fail(&e))?;
-        // SAFETY: `c_array` and `c_schema` were just exported together by polars-arrow.
-        let data = unsafe { arrow::ffi::from_ffi(c_array, &c_schema) }.map_err(|e| fail(&e))?;
-        fields.push(arrow_field);
-        arrays.push(make_array(data));
-    }
-    let options = RecordBatchOptions::new().with_row_count(Some(df.height()));
-    RecordBatch::try_new_with_options(Arc::new(Schema::new(fields)), arrays, &options)
-        .map_err(|e| Error::invalid(format!("building the Arrow record batch: {e}")))
+/// Columns that are null for an unannotated class (declared nullable even when no row is).
+fn name_may_be_null(name: &str) -> bool {
+    !matches!(name, "dataset" | "crop" | "class" | "annotated" | "foreground_voxels" | "total_voxels") && !name.starts_with("train_voxel_size_")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::augment::SpatialDraw;
     use crate::geometry::WorldBox;
     use crate::labels::{CountSource, CLASS_WEIGHT_CAP};
     use arrow_array::cast::AsArray;
@@ -240,13 +199,11 @@ mod tests {
                 counts: None,
             },
         ];
-        let df = class_stats_frame(&rows).unwrap();
-        assert_eq!(df.height(), 3);
-        let batch = to_record_batch(&df).unwrap();
+        let batch = class_stats_table(&rows).unwrap();
         assert_eq!(batch.num_rows(), 3);
         let col = |name: &str| batch.column_by_name(name).unwrap_or_else(|| panic!("no column {name}")).clone();
-        assert_eq!(col("class").data_type(), &ADataType::LargeUtf8);
-        assert_eq!(col("class").as_string::<i64>().value(2), "nuc");
+        assert_eq!(col("class").data_type(), &ADataType::Utf8);
+        assert_eq!(col("class").as_string::<i32>().value(2), "nuc");
         assert!(!col("annotated").as_boolean().value(2));
         let weight = col("weight");
         let weight = weight.as_primitive::<Float64Type>();
@@ -257,13 +214,12 @@ mod tests {
         assert_eq!(col("level").as_primitive::<Int32Type>().value(0), 1);
         assert_eq!(col("box_hi_y").as_primitive::<Float64Type>().value(1), 50.0);
         assert_eq!(col("total_voxels").as_primitive::<Float64Type>().value(2), 0.0);
-        assert_eq!(col("count_source").as_string::<i64>().value(0), "scan");
+        assert_eq!(col("count_source").as_string::<i32>().value(0), "scan");
     }
 
     #[test]
-    fn empty_table_exports() {
-        let df = class_stats_frame(&[]).unwrap();
-        let batch = to_record_batch(&df).unwrap();
-        assert_eq!((batch.num_rows(), batch.num_columns()), (0, df.width()));
+    fn empty_table_has_every_column() {
+        let batch = class_stats_table(&[]).unwrap();
+        assert_eq!((batch.num_rows(), batch.num_columns()), (0, 26));
     }
 }

@@ -131,8 +131,7 @@ fn class_stats<'py>(
         })
         .collect();
     let batch = run(py, move || {
-        let df = stats::class_stats(&entries, &options, progress.as_deref())?;
-        stats::to_record_batch(&df)
+        stats::class_stats(&entries, &options, progress.as_deref())
     })?;
     Ok(PyRecordBatch::new(batch))
 }
