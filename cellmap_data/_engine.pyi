@@ -185,6 +185,13 @@ class Batch:
     def metadata(self) -> RecordBatch:
         """The per-sample metadata columns only (no tensor column), as a record batch."""
     @property
+    def indices(self) -> list[int]:
+        """Each sample's index within its dataset."""
+    @property
+    def positions(self) -> list[int]:
+        """Each sample's dataset position in the collection it was read from (empty for a batch
+        read from one dataset)."""
+    @property
     def value_seeds(self) -> list[int]:
         """Each sample's ``value_seed`` (read from the batch without converting it)."""
     def __arrow_c_array__(self, requested_schema: object | None = None) -> tuple[object, object]:
@@ -301,6 +308,16 @@ class Collection:
         """Shard ``part`` of ``parts`` of a plan."""
     def read(self, samples: Sequence[_Plan], *, seed: int = 0, epoch: int = 0, augment: bool = False) -> Batch:
         """Reads one batch of planned samples now."""
+    def epoch_plan(self, settings_json: str) -> list[list[_Plan]]:
+        """The batches of one epoch from its settings (JSON: source, samples, batch_size, drop_last,
+        iterations, rank, world_size, worker, workers, seed, epoch); every random decision comes
+        from the keyed streams."""
+    def epoch_stream(self, settings_json: str, *, threads: int, prefetch: int, augment: bool = False) -> BatchStream:
+        """Plans the epoch of ``settings_json`` and starts reading it in the background: one call,
+        the plan never crosses to Python."""
+    def epoch_metadata(self, settings_json: str, *, augment: bool = False) -> RecordBatch:
+        """The sample metadata of the epoch of ``settings_json``, read from its plan alone (see
+        ``plan_metadata``)."""
     def plan_metadata(
         self, batches: Sequence[Sequence[_Plan]], *, seed: int = 0, epoch: int = 0, augment: bool = False
     ) -> RecordBatch:

@@ -4,6 +4,7 @@ into a bounded prefetch queue, optionally moved to the GPU one step ahead on a s
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -200,7 +201,6 @@ class CellMapDataLoader:
         self._consumed: list[Any] = []
         self._collection = None
         self._collection_key: tuple | None = None
-        self.last_plan: list[list[_PLAN]] = []
 
     # -- sizes ----------------------------------------------------------------------------
     @property
@@ -239,61 +239,56 @@ class CellMapDataLoader:
             self._collection_key = key
         return self._collection
 
-    def _global_to_plan(self, indices: Sequence[int]) -> list[_PLAN]:
-        out = []
-        for pos, g in enumerate(indices):
-            d, i = self.multi.locate(int(g))
-            out.append((d, i, pos))
-        return out
-
-    def plan_epoch(self, epoch: int) -> list[list[_PLAN]]:
-        """The batches this rank reads in ``epoch``: lists of (dataset, index, stream)."""
-        collection = self.collection()
+    def epoch_settings(self, epoch: int) -> dict[str, Any]:
+        """Everything that decides ``epoch``'s batches on this rank and worker, as the engine takes
+        it: the engine plans the epoch from this alone, every random decision from its keyed
+        streams (no torch RNG, nothing shuffled or sliced here)."""
         count = self._epoch_samples()
+        rank, world = distributed_context(self._rank_arg, self._world_arg)
+        source: dict[str, Any]
+        samples: int | None = count if self.iterations_per_epoch is not None else None
         if self.sampler is not None:
             sampler = self.sampler() if callable(self.sampler) and not isinstance(self.sampler, torch.utils.data.Sampler) else self.sampler
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
-            indices = list(iter(sampler))
+            indices = [int(i) for i in iter(sampler)]
             if self.subset is not None:
                 indices = [self.subset[i] for i in indices]
-            plan = self._global_to_plan(indices[:count] if self.iterations_per_epoch else indices)
+            source = {"kind": "given", "indices": indices}
         elif self.subset is not None:
-            order = list(range(len(self.subset)))
-            if self.is_train:
-                # Any seed (up to 2**63) must work: keep the generator's seed inside 64 bits.
-                generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (1 << 64))
-                perm = torch.randperm(len(order), generator=generator).tolist()
-                order = [order[p] for p in perm]
-            reps = math.ceil(count / len(order))
-            plan = self._global_to_plan([self.subset[i] for i in (order * reps)[:count]])
+            source = {"kind": "subset", "indices": list(self.subset), "shuffle": self.is_train}
+            samples = count
         elif self.weighted_sampler and self.is_train:
-            plan = [tuple(p) for p in collection.plan_balanced(count, self.seed, epoch)]
+            source = {"kind": "balanced"}
+            samples = count
         else:
-            plan = [tuple(p) for p in collection.plan_uniform(count if self.iterations_per_epoch else None, self.is_train, self.seed, epoch)]
-        rank, world = distributed_context(self._rank_arg, self._world_arg)
-        if world > 1:
-            plan = [tuple(p) for p in collection.shard(plan, rank, world)]
-        batches = [plan[i:i + self.batch_size] for i in range(0, len(plan), self.batch_size)]
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
-            batches.pop()
-        if self.iterations_per_epoch is not None:
-            batches = batches[: self.iterations_per_epoch]
+            source = {"kind": "uniform", "shuffle": self.is_train}
         worker, workers = self.worker_shard
-        return batches[worker::workers]
+        return {
+            "source": source, "samples": samples, "batch_size": self.batch_size, "drop_last": self.drop_last,
+            "iterations": self.iterations_per_epoch, "rank": rank, "world_size": world, "worker": worker,
+            "workers": workers, "seed": self.seed, "epoch": int(epoch),
+        }
+
+    def plan_epoch(self, epoch: int) -> list[list[_PLAN]]:
+        """The batches this rank reads in ``epoch``: lists of (dataset, index, stream)."""
+        return [[tuple(p) for p in batch] for batch in self.collection().epoch_plan(json.dumps(self.epoch_settings(epoch)))]
+
+    @property
+    def last_plan(self) -> list[list[_PLAN]]:
+        """The batches of the last epoch iterated (planned again on request)."""
+        return self.plan_epoch(self.epoch - 1) if self.epoch > 0 else []
 
     def refresh(self) -> None:
         """Draws a new epoch for the next iteration (every iteration already does)."""
         self._collection = None
 
     # -- iteration ------------------------------------------------------------------------
-    def _stream(self, epoch: int) -> tuple[Any, list[list[_PLAN]]]:
-        batches = self.plan_epoch(epoch)
-        stream = self.collection().stream(
-            [list(b) for b in batches], threads=self.threads, prefetch=self.prefetch,
-            seed=self.seed, epoch=epoch, augment=self.is_train,
+    def _stream(self, epoch: int) -> Any:
+        """The engine's stream of ``epoch``: planned and read by the engine in one call."""
+        return self.collection().epoch_stream(
+            json.dumps(self.epoch_settings(epoch)), threads=self.threads, prefetch=self.prefetch, augment=self.is_train,
         )
-        return stream, batches
 
     def iter_arrow(self) -> Iterator[Any]:
         """Yields the engine's batches as ``pyarrow.RecordBatch`` (tensor columns + metadata)."""
@@ -301,7 +296,7 @@ class CellMapDataLoader:
 
         epoch = self.epoch
         self.epoch += 1
-        stream, _ = self._stream(epoch)
+        stream = self._stream(epoch)
         try:
             for batch in stream:
                 yield pa.record_batch(batch.record_batch())
@@ -311,14 +306,13 @@ class CellMapDataLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch = self.epoch
         self.epoch += 1
-        stream, batches = self._stream(epoch)
-        self.last_plan = batches
+        stream = self._stream(epoch)
         self._consumed = []
         mover = _Stream(self.device)
         ahead: dict[str, Any] | None = None
         try:
-            for batch, plan in zip(stream, batches):
-                current = self._prepare(batch, plan, mover)
+            for batch in stream:
+                current = self._prepare(batch, mover)
                 if ahead is not None:
                     yield self._finish(ahead, mover)
                 ahead = current
@@ -327,22 +321,23 @@ class CellMapDataLoader:
         finally:
             stream.close()
 
-    def _prepare(self, batch: Any, plan: list[_PLAN], mover: _Stream) -> dict[str, Any]:
+    def _prepare(self, batch: Any, mover: _Stream) -> dict[str, Any]:
         """Starts moving a batch to the device (on the side stream) and keeps what finishing needs."""
         tensors = {name: torch.from_dlpack(batch.tensor(name)) for name in batch.tensor_names}
         if self.device is not None:
             with mover.context():
                 tensors = {k: mover.upload(batch, k, v) for k, v in tensors.items()}
-        return {"tensors": tensors, "batch": batch, "plan": plan, "copied": mover.copied()}
+        return {"tensors": tensors, "batch": batch, "copied": mover.copied()}
 
     def _finish(self, pending: dict[str, Any], mover: _Stream) -> dict[str, Any]:
         """Applies value transforms (on the target device) and assembles the batch dict."""
-        batch, plan, tensors = pending["batch"], pending["plan"], pending["tensors"]
+        batch, tensors = pending["batch"], pending["tensors"]
         mover.hand_over(pending["copied"], tensors)
         # Straight from the engine's batch: the hot path converts no record batch.
         seeds = torch.tensor(batch.value_seeds, dtype=torch.int64)
-        out: dict[str, Any] = {"idx": torch.tensor([self.multi.offset(d) + i for d, i, _ in plan], dtype=torch.int64)}
-        owners = [self.multi.datasets[d] for d, _, _ in plan]
+        positions = batch.positions
+        out: dict[str, Any] = {"idx": torch.tensor([self.multi.offset(d) + i for d, i in zip(positions, batch.indices)], dtype=torch.int64)}
+        owners = [self.multi.datasets[d] for d in positions]
         first = self.multi.datasets[0]
         for name, tensor in tensors.items():
             tensor = first.to_axis_order(expand_compact(tensor), name)
@@ -391,9 +386,7 @@ class CellMapDataLoader:
         import polars as pl
 
         e = self.epoch if epoch is None else int(epoch)
-        batches = self.plan_epoch(e)
-        table = self.collection().plan_metadata([list(b) for b in batches], seed=self.seed, epoch=e, augment=self.is_train)
-        return pl.DataFrame(table)
+        return pl.DataFrame(self.collection().epoch_metadata(json.dumps(self.epoch_settings(e)), augment=self.is_train))
 
     def consumed_metadata(self) -> Any:
         """The sample metadata of the batches the current (or last) iteration has delivered so

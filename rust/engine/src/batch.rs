@@ -238,6 +238,9 @@ pub struct Batch {
     /// Per sample, the level read for each array (same order as columns; a target reports the
     /// level of its first annotated class, or -1 when none is annotated).
     pub levels: Vec<Vec<i64>>,
+    /// Per sample, the position of its dataset in the collection it was read from (empty for a
+    /// batch read from one dataset).
+    pub positions: Vec<usize>,
 }
 
 /// The per-sample metadata of a batch or of a planned epoch: the one schema of every sample
@@ -421,6 +424,7 @@ impl Batch {
             dataset_labels: items.iter().map(|(d, _)| d.config.name()).collect(),
             crop_labels: items.iter().map(|(d, _)| d.config.crop.clone()).collect(),
             levels: items.iter().map(|(d, _)| d.array_levels()).collect(),
+            positions: Vec::new(),
         })
     }
 

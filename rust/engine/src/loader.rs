@@ -15,7 +15,7 @@ use crate::batch::{Batch, SampleMetadata};
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
 use crate::runtime::new_pool;
-use crate::sampler::{request, PlannedSample, StreamKey};
+use crate::sampler::{epoch_batches, request, EpochSettings, PlannedSample, StreamKey};
 
 /// Datasets concatenated into one index space.
 #[derive(Clone)]
@@ -61,7 +61,15 @@ impl Collection {
                 Ok((dataset.as_ref(), request(dataset, p.index, key, p.stream, augment)?))
             })
             .collect::<Result<Vec<_>>>()?;
-        Batch::read_items(&items, cancel)
+        let mut batch = Batch::read_items(&items, cancel)?;
+        batch.positions = samples.iter().map(|p| p.dataset).collect();
+        Ok(batch)
+    }
+
+    /// The batches of one epoch ([`epoch_batches`] over these datasets).
+    pub fn epoch_plan(&self, settings: &EpochSettings) -> Result<Vec<Vec<PlannedSample>>> {
+        let annotated: Vec<Vec<bool>> = self.datasets.iter().map(|d| d.annotated_classes()).collect();
+        epoch_batches(&self.sizes(), &annotated, settings)
     }
 }
 

@@ -158,6 +158,139 @@ pub fn shard(plan: &[PlannedSample], part: usize, parts: usize) -> Result<Vec<Pl
     Ok(plan.iter().skip(part).step_by(parts).copied().collect())
 }
 
+/// Where an epoch's samples come from.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SampleSource {
+    /// Every sample (or `samples` of them), in order or shuffled ([`uniform_plan`]).
+    Uniform {
+        /// Shuffle the order.
+        shuffle: bool,
+    },
+    /// The class-balanced sampler ([`class_balanced_plan`]).
+    Balanced,
+    /// A subset of global indices (e.g. validation tiles), in order or shuffled by the keyed
+    /// epoch stream, repeated to `samples` when given.
+    Subset {
+        /// Global indices into the concatenated datasets.
+        indices: Vec<usize>,
+        /// Shuffle the order.
+        shuffle: bool,
+    },
+    /// Global indices in the given order (a user's own sampler), cut to `samples` when given.
+    Given {
+        /// Global indices into the concatenated datasets.
+        indices: Vec<usize>,
+    },
+}
+
+/// Everything that decides one epoch's batches: a loader's settings, its rank and worker, its
+/// seed and the epoch number. Every random decision comes from the keyed streams.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EpochSettings {
+    /// Where the samples come from.
+    pub source: SampleSource,
+    /// Samples in the whole epoch, all ranks together (`None`: the source's natural count).
+    #[serde(default)]
+    pub samples: Option<usize>,
+    /// Samples per batch.
+    pub batch_size: usize,
+    /// Drop a last, smaller batch.
+    #[serde(default)]
+    pub drop_last: bool,
+    /// Batches per epoch of each rank (`None`: as many as the samples make).
+    #[serde(default)]
+    pub iterations: Option<usize>,
+    /// This process's rank and the number of ranks.
+    #[serde(default)]
+    pub rank: usize,
+    /// Number of ranks (each reads a disjoint shard of the epoch).
+    #[serde(default = "one")]
+    pub world_size: usize,
+    /// This reader's worker number and the number of workers sharing the rank's batches.
+    #[serde(default)]
+    pub worker: usize,
+    /// Number of workers.
+    #[serde(default = "one")]
+    pub workers: usize,
+    /// User seed.
+    pub seed: u64,
+    /// Epoch number.
+    pub epoch: u64,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// The batches this rank and worker read in one epoch.
+pub fn epoch_batches(sizes: &[usize], annotated: &[Vec<bool>], settings: &EpochSettings) -> Result<Vec<Vec<PlannedSample>>> {
+    let s = settings;
+    if s.batch_size == 0 {
+        return Err(Error::invalid("batch_size must be at least 1"));
+    }
+    if s.world_size == 0 || s.rank >= s.world_size {
+        return Err(Error::invalid(format!("rank {} is outside a world of {}", s.rank, s.world_size)));
+    }
+    if s.workers == 0 || s.worker >= s.workers {
+        return Err(Error::invalid(format!("worker {} of {} does not exist", s.worker, s.workers)));
+    }
+    let total: usize = sizes.iter().sum();
+    let globals = |indices: &[usize]| -> Result<Vec<(usize, usize)>> {
+        indices
+            .iter()
+            .map(|&g| {
+                if g >= total {
+                    Err(Error::invalid(format!("sample index {g} is out of range for {total} samples")))
+                } else {
+                    Ok(locate(sizes, g))
+                }
+            })
+            .collect()
+    };
+    let plan: Vec<PlannedSample> = match &s.source {
+        SampleSource::Uniform { shuffle } => uniform_plan(sizes, s.samples, *shuffle, s.seed, s.epoch)?,
+        SampleSource::Balanced => class_balanced_plan(sizes, annotated, s.samples.unwrap_or(total), s.seed, s.epoch)?,
+        SampleSource::Subset { indices, shuffle } => {
+            if indices.is_empty() {
+                return Err(Error::invalid("the subset has no samples to load"));
+            }
+            let mut order = globals(indices)?;
+            if *shuffle {
+                let mut rng = epoch_rng(s.seed, s.epoch, 3);
+                order = permutation(order.len(), &mut rng).into_iter().map(|i| order[i]).collect();
+            }
+            let count = s.samples.unwrap_or(order.len());
+            order
+                .iter()
+                .cycle()
+                .take(count)
+                .enumerate()
+                .map(|(pos, &(dataset, index))| PlannedSample { dataset, index, stream: pos as u64 })
+                .collect()
+        }
+        SampleSource::Given { indices } => {
+            let count = s.samples.unwrap_or(indices.len());
+            globals(indices)?
+                .into_iter()
+                .take(count)
+                .enumerate()
+                .map(|(pos, (dataset, index))| PlannedSample { dataset, index, stream: pos as u64 })
+                .collect()
+        }
+    };
+    let plan = if s.world_size > 1 { shard(&plan, s.rank, s.world_size)? } else { plan };
+    let mut batches: Vec<Vec<PlannedSample>> = plan.chunks(s.batch_size).map(<[PlannedSample]>::to_vec).collect();
+    if s.drop_last && batches.last().is_some_and(|b| b.len() < s.batch_size) {
+        batches.pop();
+    }
+    if let Some(n) = s.iterations {
+        batches.truncate(n);
+    }
+    Ok(batches.into_iter().skip(s.worker).step_by(s.workers).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,6 +321,75 @@ mod tests {
         let plan = class_balanced_plan(&[10, 10, 10], &annotated, 100, 1, 0).unwrap();
         let from_rare = plan.iter().filter(|p| p.dataset == 2).count();
         assert!(from_rare >= 45, "{from_rare}");
+    }
+
+    fn settings(source: SampleSource) -> EpochSettings {
+        serde_json::from_value(serde_json::json!({"source": {"kind": "balanced"}, "batch_size": 4, "seed": 9, "epoch": 1}))
+            .map(|s: EpochSettings| EpochSettings { source, ..s })
+            .unwrap()
+    }
+
+    #[test]
+    fn epoch_settings_parse_with_defaults_and_reject_unknown_keys() {
+        let s = settings(SampleSource::Balanced);
+        assert_eq!((s.world_size, s.workers, s.drop_last, s.iterations), (1, 1, false, None));
+        let bad = serde_json::from_value::<EpochSettings>(serde_json::json!({"source": {"kind": "uniform", "shuffle": true}, "batch_size": 2, "seed": 0, "epoch": 0, "shufle": true}));
+        assert!(bad.unwrap_err().to_string().contains("shufle"));
+    }
+
+    #[test]
+    fn epoch_batches_chunk_drop_last_cut_and_share_between_workers() {
+        let mut s = settings(SampleSource::Uniform { shuffle: false });
+        s.batch_size = 3;
+        let batches = epoch_batches(&[4, 3], &[], &s).unwrap();
+        assert_eq!(batches.iter().map(Vec::len).collect::<Vec<_>>(), vec![3, 3, 1]);
+        s.drop_last = true;
+        assert_eq!(epoch_batches(&[4, 3], &[], &s).unwrap().len(), 2);
+        s.drop_last = false;
+        s.iterations = Some(2);
+        assert_eq!(epoch_batches(&[4, 3], &[], &s).unwrap().len(), 2);
+        s.iterations = None;
+        s.workers = 2;
+        s.worker = 1;
+        let second = epoch_batches(&[4, 3], &[], &s).unwrap();
+        assert_eq!(second, vec![batches[1].clone()]);
+    }
+
+    #[test]
+    fn subsets_shuffle_with_the_keyed_stream_and_repeat_to_the_count() {
+        let mut s = settings(SampleSource::Subset { indices: vec![0, 2, 4, 6], shuffle: true });
+        s.batch_size = 8;
+        s.samples = Some(8);
+        let plan = epoch_batches(&[5, 5], &[], &s).unwrap().concat();
+        assert_eq!(plan.len(), 8);
+        let picked: Vec<(usize, usize)> = plan.iter().map(|p| (p.dataset, p.index)).collect();
+        assert_eq!(&picked[..4], &picked[4..], "repeats in the same shuffled order");
+        let mut first: Vec<_> = picked[..4].to_vec();
+        first.sort();
+        assert_eq!(first, vec![(0, 0), (0, 2), (0, 4), (1, 1)]);
+        s.epoch = 2;
+        let other: Vec<(usize, usize)> = epoch_batches(&[5, 5], &[], &s).unwrap().concat().iter().map(|p| (p.dataset, p.index)).collect();
+        assert_ne!(other, picked, "another epoch, another order");
+        s.source = SampleSource::Subset { indices: vec![10], shuffle: false };
+        assert!(epoch_batches(&[5, 5], &[], &s).unwrap_err().to_string().contains("out of range"));
+    }
+
+    #[test]
+    fn ranks_read_disjoint_shards_of_the_same_epoch() {
+        let mut s = settings(SampleSource::Uniform { shuffle: true });
+        s.samples = Some(12);
+        s.batch_size = 2;
+        let whole: Vec<PlannedSample> = epoch_batches(&[6, 6], &[], &s).unwrap().concat();
+        s.world_size = 2;
+        let mut union: Vec<PlannedSample> = (0..2)
+            .flat_map(|r| {
+                let mut t = s.clone();
+                t.rank = r;
+                epoch_batches(&[6, 6], &[], &t).unwrap().concat()
+            })
+            .collect();
+        union.sort_by_key(|p| p.stream);
+        assert_eq!(union, whole);
     }
 
     #[test]

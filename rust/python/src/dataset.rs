@@ -138,6 +138,7 @@ impl Dataset {
         Ok(Batch {
             record_batch: batch.0,
             shapes: batch.1,
+            positions: Vec::new(),
         })
     }
     /// Reads patches centred at arbitrary world `centres` (z, y, x nm) without augmentation;
@@ -165,6 +166,7 @@ impl Dataset {
         Ok(Batch {
             record_batch: batch.0,
             shapes: batch.1,
+            positions: Vec::new(),
         })
     }
 }
@@ -175,14 +177,16 @@ impl Dataset {
 pub struct Batch {
     record_batch: RecordBatch,
     shapes: Vec<(String, Vec<usize>)>,
+    positions: Vec<usize>,
 }
 
 impl Batch {
     /// Converts an engine batch (into Arrow, without copying tensors).
     pub fn from_engine(py: Python<'_>, batch: EngineBatch) -> PyResult<Batch> {
         let shapes = batch.columns.iter().map(|c| (c.name.clone(), c.sample_shape.clone())).collect();
+        let positions = batch.positions.clone();
         let record_batch = batch.into_record_batch().map_err(|e| to_pyerr(py, e))?;
-        Ok(Batch { record_batch, shapes })
+        Ok(Batch { record_batch, shapes, positions })
     }
 }
 
@@ -269,6 +273,20 @@ impl Batch {
             .project(&keep)
             .map_err(|e| to_pyerr(py, Error::invalid(format!("selecting metadata columns: {e}"))))?;
         Ok(PyRecordBatch::new(projected))
+    }
+
+    /// Each sample's index within its dataset.
+    #[getter]
+    fn indices(&self) -> Vec<u64> {
+        let column = self.record_batch.column_by_name("idx").expect("every batch has idx");
+        column.as_primitive::<UInt64Type>().values().to_vec()
+    }
+
+    /// Each sample's dataset position in the collection it was read from (empty for a batch
+    /// read from one dataset).
+    #[getter]
+    fn positions(&self) -> Vec<usize> {
+        self.positions.clone()
     }
 
     /// Each sample's `value_seed` (read from the batch without converting it).

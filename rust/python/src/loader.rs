@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cellmap_engine::loader::{BatchStream as EngineStream, Collection as EngineCollection, Next, StreamSettings};
-use cellmap_engine::sampler::{class_balanced_plan, shard, uniform_plan, PlannedSample, StreamKey};
+use cellmap_engine::sampler::{class_balanced_plan, shard, uniform_plan, EpochSettings, PlannedSample, StreamKey};
 use cellmap_engine::Error;
 use pyo3::exceptions::PyStopIteration;
 use pyo3::prelude::*;
@@ -84,6 +84,47 @@ impl Collection {
         Batch::from_engine(py, batch)
     }
 
+    /// The batches of one epoch from its settings (JSON: source, samples, batch_size, drop_last,
+    /// iterations, rank, world_size, worker, workers, seed, epoch); every random decision comes
+    /// from the keyed streams.
+    fn epoch_plan(&self, py: Python<'_>, settings_json: &str) -> PyResult<Vec<Vec<PlanTuple>>> {
+        let settings = epoch_settings(py, settings_json)?;
+        let batches = self.inner.epoch_plan(&settings).map_err(|e| to_pyerr(py, e))?;
+        Ok(batches.into_iter().map(from_plan).collect())
+    }
+
+    /// Plans the epoch of `settings_json` ([`Collection::epoch_plan`]) and starts reading it in
+    /// the background: one call, the plan never crosses to Python.
+    #[pyo3(signature = (settings_json, *, threads, prefetch, augment=false))]
+    fn epoch_stream(&self, py: Python<'_>, settings_json: &str, threads: usize, prefetch: usize, augment: bool) -> PyResult<BatchStream> {
+        let settings = epoch_settings(py, settings_json)?;
+        let plan = self.inner.epoch_plan(&settings).map_err(|e| to_pyerr(py, e))?;
+        let stream_settings = StreamSettings {
+            threads,
+            prefetch,
+            key: StreamKey { seed: settings.seed, epoch: settings.epoch, rank: 0 },
+            augment,
+        };
+        let stream = EngineStream::start((*self.inner).clone(), plan, stream_settings).map_err(|e| to_pyerr(py, e))?;
+        Ok(BatchStream {
+            inner: std::sync::Mutex::new(Some(stream)),
+            pid: std::process::id(),
+        })
+    }
+
+    /// The sample metadata of the epoch of `settings_json`, read from its plan alone (see
+    /// `plan_metadata`).
+    #[pyo3(signature = (settings_json, *, augment=false))]
+    fn epoch_metadata(&self, py: Python<'_>, settings_json: &str, augment: bool) -> PyResult<PyRecordBatch> {
+        let settings = epoch_settings(py, settings_json)?;
+        let inner = self.inner.clone();
+        let table = run(py, move || {
+            let plan = inner.epoch_plan(&settings)?;
+            inner.plan_metadata(&plan, StreamKey { seed: settings.seed, epoch: settings.epoch, rank: 0 }, augment)
+        })?;
+        Ok(PyRecordBatch::new(table))
+    }
+
     /// The sample metadata of planned `batches` as a record batch (a `batch` column, then the
     /// columns every batch's record batch carries), computed without reading any voxel.
     #[pyo3(signature = (batches, *, seed=0, epoch=0, augment=false))]
@@ -126,6 +167,10 @@ impl Collection {
             pid: std::process::id(),
         })
     }
+}
+
+fn epoch_settings(py: Python<'_>, settings_json: &str) -> PyResult<EpochSettings> {
+    serde_json::from_str(settings_json).map_err(|e| to_pyerr(py, Error::invalid(format!("epoch settings: {e}"))))
 }
 
 /// An epoch being read by engine threads; iterate it to get `Batch`es in plan order.
