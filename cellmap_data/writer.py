@@ -151,6 +151,23 @@ def _squeezed(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(d) for d in shape if d != 1)
 
 
+def _reject_scalar(data: Any) -> None:
+    """Scalars and zero-dimensional arrays/tensors cannot be written (a tile needs its shape);
+    the messages are the reference library's, which scripts may match on."""
+    if np.isscalar(data):
+        raise TypeError("Scalar writes are not supported. Pass an array or tensor with shape matching the patch.")
+    if isinstance(data, np.ndarray) and data.ndim == 0:
+        raise TypeError(
+            "Zero-dimensional NumPy arrays are not supported for writes. "
+            "Pass a non-scalar array or tensor with shape matching the patch."
+        )
+    if isinstance(data, torch.Tensor) and data.dim() == 0:
+        raise TypeError(
+            "Zero-dimensional torch.Tensors are not supported for writes. "
+            "Pass a non-scalar tensor or array with shape matching the patch."
+        )
+
+
 class ImageWriter:
     """Writes one multiscale image (one class) tile by tile.
 
@@ -362,6 +379,7 @@ class ImageWriter:
         )
 
     def __setitem__(self, center: Mapping[str, Any], data: Any) -> None:
+        _reject_scalar(data)
         starts, _ = self._starts(center)
         values = self._tile_data(data, len(starts), f"{self.path}")
         self._engine.write_boxes(starts, values)

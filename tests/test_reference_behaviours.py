@@ -615,3 +615,22 @@ def test_target_path_without_separator_before_bracket_names_children_of_the_crop
         assert same(a["output"], b["output"])
         assert not torch.isnan(a["output"][:2]).any(), "er and mito are read from the crop"
         assert torch.isnan(a["output"][2]).all(), "pm is not annotated"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (1.5, "Scalar writes are not supported"),
+        (np.float32(2.0), "Scalar writes are not supported"),
+        (np.array(3.0), "Zero-dimensional NumPy arrays are not supported for writes"),
+        (torch.tensor(4.0), "Zero-dimensional torch.Tensors are not supported for writes"),
+    ],
+    ids=["python", "numpy-scalar", "numpy-0d", "torch-0d"],
+)
+def test_image_writer_rejects_scalars_with_the_reference_messages(tmp_path, value, message):
+    from cellmap_data import ImageWriter
+
+    box = {"z": (0.0, 32.0), "y": (0.0, 32.0), "x": (0.0, 32.0)}
+    with ImageWriter(str(tmp_path / "w.zarr" / "mito"), "mito", {"z": 4, "y": 4, "x": 4}, box, {"z": 4, "y": 4, "x": 4}) as writer:
+        with pytest.raises(TypeError, match=message):
+            writer[{"z": 8.0, "y": 8.0, "x": 8.0}] = value
