@@ -384,17 +384,17 @@ impl Batch {
                         return Err(Error::Interrupted);
                     }
                     if bytes.is_empty() {
-                        dataset.read_sample(req.centre, &req.draw, &mut floats)?;
-                        dataset.apply_values(req.value_seed, &mut floats);
+                        let finite = dataset.read_sample(req.centre, &req.draw, &mut floats)?;
+                        dataset.apply_values(req.value_seed, &mut floats, &finite);
                         return Ok(());
                     }
                     // Compact targets: read as float, then pack (0, 1, 255 = unknown).
                     let mut scratch: Vec<Vec<f32>> = bytes.iter().map(|b| vec![0f32; b.len()]).collect();
                     let mut outs: Vec<&mut [f32]> = floats.into_iter().collect();
                     outs.extend(scratch.iter_mut().map(|v| v.as_mut_slice()));
-                    dataset.read_sample(req.centre, &req.draw, &mut outs)?;
+                    let finite = dataset.read_sample(req.centre, &req.draw, &mut outs)?;
                     // Compact targets carry no engine value transforms (they stay 0/1/NaN).
-                    dataset.apply_values(req.value_seed, &mut outs);
+                    dataset.apply_values(req.value_seed, &mut outs, &finite);
                     for (dst, src) in bytes.iter_mut().zip(&scratch) {
                         for (d, v) in dst.iter_mut().zip(src) {
                             *d = if v.is_nan() { COMPACT_UNKNOWN } else { *v as u8 };

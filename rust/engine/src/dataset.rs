@@ -290,8 +290,9 @@ impl Dataset {
     }
 
     /// Reads every array of one sample into `outputs` (inputs first, then targets; each
-    /// target buffer holds `n_classes` channels).
-    pub fn read_sample(&self, centre: [f64; 3], draw: &SpatialDraw, outputs: &mut [&mut [f32]]) -> Result<()> {
+    /// target buffer holds `n_classes` channels). Returns, per output, whether every value read
+    /// is finite (see [`ReadInfo::finite`](crate::extract::ReadInfo); targets: false).
+    pub fn read_sample(&self, centre: [f64; 3], draw: &SpatialDraw, outputs: &mut [&mut [f32]]) -> Result<Vec<bool>> {
         let n_inputs = self.config.inputs.len();
         let raw_options = ReadOptions {
             interpolation: self.config.raw_interpolation,
@@ -306,10 +307,15 @@ impl Dataset {
             pad_value: f32::NAN,
         };
         let (input_bufs, target_bufs) = outputs.split_at_mut(n_inputs);
-        input_bufs.par_iter_mut().enumerate().try_for_each(|(i, buf)| {
-            let spec = &self.config.inputs[i];
-            read_patch(&self.raw, self.input_levels[i], &spec.patch, centre, draw, &raw_options, buf).map(|_| ())
-        })?;
+        let mut finite: Vec<bool> = input_bufs
+            .par_iter_mut()
+            .enumerate()
+            .map(|(i, buf)| {
+                let spec = &self.config.inputs[i];
+                read_patch(&self.raw, self.input_levels[i], &spec.patch, centre, draw, &raw_options, buf).map(|info| info.finite)
+            })
+            .collect::<Result<_>>()?;
+        finite.resize(n_inputs + target_bufs.len(), false);
         for (t, buf) in target_bufs.iter_mut().enumerate() {
             let spec = &self.config.targets[t];
             let n = spec.patch.len();
@@ -364,12 +370,14 @@ impl Dataset {
                 ClassSource::Annotated(_) => unreachable!("annotated classes were read in groups"),
             })?;
         }
-        Ok(())
+        Ok(finite)
     }
 
     /// Applies the engine's value transforms to one sample's arrays (as [`Dataset::read_sample`]
-    /// left them: inputs first, then targets), drawing from the sample's `value_seed`.
-    pub fn apply_values(&self, value_seed: u64, outputs: &mut [&mut [f32]]) {
+    /// left them: inputs first, then targets), drawing from the sample's `value_seed`; `finite`
+    /// is what `read_sample` returned (ops that only replace non-finite values are skipped on
+    /// arrays known to hold none).
+    pub fn apply_values(&self, value_seed: u64, outputs: &mut [&mut [f32]], finite: &[bool]) {
         if self.config.raw_values.is_empty() && self.config.target_values.is_empty() {
             return;
         }
@@ -378,7 +386,7 @@ impl Dataset {
         for (i, out) in outputs.iter_mut().enumerate() {
             let shape = &shapes[i].1;
             if i < n_inputs {
-                self.config.raw_values.apply(out, shape, value_seed, i as u64);
+                self.config.raw_values.apply_known(out, shape, value_seed, i as u64, finite.get(i).copied().unwrap_or(false));
                 continue;
             }
             // Target transforms see one class at a time, as in the reference library (a blur never
@@ -561,5 +569,232 @@ impl DatasetConfig {
             ));
         }
         Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::augment::SpatialDraw;
+    use crate::test_fixtures::{assert_same, c_order, ImageSpec, TempDir};
+    use crate::volume::DType;
+    use serde_json::{json, Value};
+
+    /// A raw volume of 16³ float32 voxels of 4 nm from the origin, voxel (z, y, x) holding
+    /// 256 z + 16 y + x, and one crop of 8 × 8 × 9 uint8 voxels from (16, 16, 16) nm with two
+    /// mutually exclusive classes: `mito` where the crop's x index is below 4, `er` where its
+    /// y index is at least 5 and its x index at least 4.
+    struct Crop {
+        dir: TempDir,
+        raw: PathBuf,
+        mito: PathBuf,
+        er: PathBuf,
+    }
+
+    fn label_spec() -> ImageSpec {
+        let mut spec = ImageSpec::new([16.0; 3], [4.0; 3], [8, 8, 9]);
+        spec.dtype = DType::U8;
+        spec
+    }
+
+    fn crop(name: &str) -> Crop {
+        let dir = TempDir::new(name);
+        let raw = dir.join("data.zarr").join("raw");
+        let mut spec = ImageSpec::new([0.0; 3], [4.0; 3], [16; 3]);
+        spec.chunk = [8; 3];
+        spec.write(&raw, |[z, y, x]| (256 * z + 16 * y + x) as f32);
+        let labels = dir.join("data.zarr").join("crop1");
+        let (mito, er) = (labels.join("mito"), labels.join("er"));
+        label_spec().write(&mito, |[_, _, x]| f32::from(u8::from(x < 4)));
+        label_spec().write(&er, |[_, y, x]| f32::from(u8::from(y >= 5 && x >= 4)));
+        Crop { dir, raw, mito, er }
+    }
+
+    fn s(path: &Path) -> &str {
+        path.to_str().unwrap()
+    }
+
+    /// Raw 4³ patches of 4 nm; targets 4³ of 4 nm for `mito` and `er` (annotated), `nuc` (not
+    /// annotated, exclusive with both) and `golgi` (not annotated, nothing known).
+    fn config_json(c: &Crop) -> Value {
+        json!({
+            "raw_path": s(&c.raw),
+            "crop": "crop1",
+            "classes": [["mito", s(&c.mito), []], ["er", s(&c.er), []], ["nuc", null, [s(&c.mito), s(&c.er)]], ["golgi", null, []]],
+            "inputs": [{"name": "raw", "shape": [4, 4, 4], "scale": [4.0, 4.0, 4.0]}],
+            "targets": [{"name": "labels", "shape": [4, 4, 4], "scale": [4.0, 4.0, 4.0]}],
+        })
+    }
+
+    fn open(config: &Value) -> Result<Dataset> {
+        Dataset::open(DatasetConfig::from_json(config)?, ChunkCache::global())
+    }
+
+    #[test]
+    fn missing_raw_path_is_not_found_naming_it() {
+        let c = crop("no-raw");
+        let mut config = config_json(&c);
+        let absent = c.dir.join("absent.zarr").join("raw");
+        config["raw_path"] = json!(s(&absent));
+        match open(&config) {
+            Err(Error::NotFound { path, .. }) => assert_eq!(path, s(&absent)),
+            other => panic!("expected NotFound, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn missing_label_folder_is_not_found_naming_the_class() {
+        let c = crop("no-labels");
+        let mut config = config_json(&c);
+        let absent = c.dir.join("data.zarr").join("crop1").join("lyso");
+        config["classes"][1] = json!(["lyso", s(&absent), []]);
+        match open(&config) {
+            Err(Error::NotFound { path, detail }) => {
+                assert_eq!(path, s(&absent));
+                assert!(detail.contains("class 'lyso'"), "{detail}");
+            }
+            other => panic!("expected NotFound, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn labels_that_miss_the_raw_volume_are_rejected() {
+        let c = crop("far-labels");
+        let far = c.dir.join("data.zarr").join("crop2").join("mito");
+        let mut spec = label_spec();
+        spec.lo = [200.0, 0.0, 0.0];
+        spec.write(&far, |_| 1.0);
+        let mut config = config_json(&c);
+        config["classes"] = json!([["mito", s(&far), []]]);
+        match open(&config) {
+            Err(Error::InvalidArgument(message)) => {
+                assert!(message.contains("do not overlap"), "{message}");
+                assert!(message.contains(s(&far)), "{message}");
+            }
+            other => panic!("expected an invalid-argument error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn float_labels_are_rejected() {
+        let c = crop("float-labels");
+        let float = c.dir.join("data.zarr").join("crop1").join("prob");
+        let mut spec = label_spec();
+        spec.dtype = DType::F32;
+        spec.write(&float, |_| 0.5);
+        let mut config = config_json(&c);
+        config["classes"][0] = json!(["prob", s(&float), []]);
+        match open(&config) {
+            Err(Error::Metadata { path, message }) => {
+                assert_eq!(path, s(&float));
+                assert!(message.contains("class 'prob'") && message.contains("floating point"), "{message}");
+            }
+            other => panic!("expected a metadata error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn sampling_box_is_the_shared_box_shrunk_by_half_a_patch() {
+        let c = crop("boxes");
+        let d = open(&config_json(&c)).unwrap();
+        // Raw [0, 64)³ ∩ crop [16, 48) × [16, 48) × [16, 52); patches are 16 nm wide.
+        assert_eq!(d.bounding_box, WorldBox { lo: [16.0; 3], hi: [48.0, 48.0, 52.0] });
+        assert_eq!(d.sampling_box, Some(WorldBox { lo: [24.0; 3], hi: [40.0, 40.0, 44.0] }));
+        assert_eq!(d.annotated_classes(), vec![true, true, false, false]);
+    }
+
+    #[test]
+    fn sample_grid_is_centred_in_the_sampling_box_on_the_first_targets_voxels() {
+        let c = crop("grid");
+        let mut config = config_json(&c);
+        // Targets of 8 nm voxels (2 × 8 = 16 nm, as wide as the 4 nm inputs).
+        config["targets"] = json!([{"name": "labels", "shape": [2, 2, 2], "scale": [8.0, 8.0, 8.0]}]);
+        let d = open(&config).unwrap();
+        // Centres span 16 nm in z and y (3 steps of 8 nm fit: 24, 32, 40) and 20 nm in x, where
+        // the 3 centres 16 nm apart leave 2 nm on each side: 26, 34, 42.
+        assert_eq!(d.grid, [3, 3, 3]);
+        assert_eq!(d.len(), 27);
+        assert_eq!(d.centre(0).unwrap(), [24.0, 24.0, 26.0]);
+        assert_eq!(d.centre(15).unwrap(), [32.0, 40.0, 26.0]);
+        assert_eq!(d.centre(26).unwrap(), [40.0, 40.0, 42.0]);
+        assert!(d.centre(27).unwrap_err().to_string().contains("out of range"));
+    }
+
+    #[test]
+    fn without_padding_a_patch_larger_than_the_crop_leaves_no_sample() {
+        let c = crop("no-fit");
+        let mut config = config_json(&c);
+        config["pad"] = json!(false);
+        config["inputs"] = json!([{"name": "raw", "shape": [12, 12, 12], "scale": [4.0, 4.0, 4.0]}]);
+        let d = open(&config).unwrap();
+        assert_eq!(d.sampling_box, None);
+        assert_eq!(d.len(), 0);
+        assert!(d.is_empty());
+        assert!(d.centre(0).is_err());
+    }
+
+    #[test]
+    fn with_padding_a_patch_larger_than_the_crop_is_centred_on_it() {
+        let c = crop("pad-fit");
+        let mut config = config_json(&c);
+        config["inputs"] = json!([{"name": "raw", "shape": [12, 12, 12], "scale": [4.0, 4.0, 4.0]}]);
+        let d = open(&config).unwrap();
+        assert_eq!(d.len(), 1);
+        assert_eq!(d.centre(0).unwrap(), [32.0, 32.0, 34.0]);
+    }
+
+    /// Reads the sample centred at (32, 36, 28) nm: crop voxels z 2..6, y 3..7, x 1..5 and raw
+    /// voxels z 6..10, y 7..11, x 5..9. Returns (raw, [mito, er, nuc, golgi]).
+    fn read_centre_sample(d: &Dataset) -> (Vec<f32>, Vec<Vec<f32>>) {
+        let mut raw = vec![0f32; 64];
+        let mut labels = vec![0f32; 4 * 64];
+        d.read_sample([32.0, 36.0, 28.0], &SpatialDraw::default(), &mut [&mut raw, &mut labels])
+            .unwrap();
+        (raw, labels.chunks(64).map(<[f32]>::to_vec).collect())
+    }
+
+    fn mito_at([_, _, c]: [usize; 3]) -> bool {
+        1 + c < 4
+    }
+
+    fn er_at([_, b, c]: [usize; 3]) -> bool {
+        3 + b >= 5 && 1 + c >= 4
+    }
+
+    #[test]
+    fn read_sample_gives_the_raw_values_under_the_patch() {
+        let c = crop("read-raw");
+        let d = open(&config_json(&c)).unwrap();
+        let (raw, _) = read_centre_sample(&d);
+        assert_same(&raw, &c_order([4; 3], |[a, b, c]| (256 * (6 + a) + 16 * (7 + b) + 5 + c) as f32), "raw");
+    }
+
+    #[test]
+    fn read_sample_of_annotated_classes_gives_their_masks() {
+        let c = crop("read-annotated");
+        let d = open(&config_json(&c)).unwrap();
+        let (_, labels) = read_centre_sample(&d);
+        assert_same(&labels[0], &c_order([4; 3], |v| f32::from(u8::from(mito_at(v)))), "mito");
+        assert_same(&labels[1], &c_order([4; 3], |v| f32::from(u8::from(er_at(v)))), "er");
+        assert!(labels[0].contains(&1.0) && labels[0].contains(&0.0), "the patch crosses the mito boundary");
+        assert!(labels[1].contains(&1.0) && labels[1].contains(&0.0), "the patch crosses the er boundary");
+    }
+
+    #[test]
+    fn read_sample_of_an_unannotated_class_is_unknown_everywhere() {
+        let c = crop("read-empty");
+        let d = open(&config_json(&c)).unwrap();
+        let (_, labels) = read_centre_sample(&d);
+        assert!(labels[3].iter().all(|v| v.is_nan()), "{:?}", labels[3]);
+    }
+
+    #[test]
+    fn read_sample_of_an_exclusive_class_is_zero_where_a_related_class_is_present() {
+        let c = crop("read-inferred");
+        let d = open(&config_json(&c)).unwrap();
+        let (_, labels) = read_centre_sample(&d);
+        let expected = c_order([4; 3], |v| if mito_at(v) || er_at(v) { 0.0 } else { f32::NAN });
+        assert_same(&labels[2], &expected, "nuc");
+        assert!(labels[2].iter().any(|v| v.is_nan()), "somewhere neither related class is present");
     }
 }

@@ -66,6 +66,9 @@ pub struct ReadInfo {
     pub level: usize,
     /// Whether the strided-copy fast path was used.
     pub fast_path: bool,
+    /// Whether every value written is finite (no NaN or infinity): integer data read without
+    /// NaN padding. Value transforms that only replace non-finite values can then be skipped.
+    pub finite: bool,
 }
 
 /// Reads the patch centred at `centre` (nm) into `out` (C order, `spec.len()` values).
@@ -107,13 +110,16 @@ pub fn read_patch(
             }
         }
         volume.gather(level, start, region, out, base, strides, options.mode, options.pad_value)?;
-        return Ok(ReadInfo { level, fast_path: true });
+        let inside = (0..3).all(|j| start[j] >= 0 && start[j] + region[j] as i64 <= lvl.shape[j] as i64);
+        let data_finite = options.mode == ValueMode::Foreground || !lvl.dtype.is_float();
+        let finite = data_finite && (inside || options.pad_value.is_finite());
+        return Ok(ReadInfo { level, fast_path: true, finite });
     }
     if options.mode == ValueMode::Foreground && options.interpolation == Interpolation::Nearest {
         // Label reads share one mechanism with multi-class reads: uint8 mask blocks and
         // precomputed nearest indices.
         read_patch_group(&[(volume, level)], spec, centre, draw, options, &mut [out])?;
-        return Ok(ReadInfo { level, fast_path: false });
+        return Ok(ReadInfo { level, fast_path: false, finite: false });
     }
     let (block_lo, block_shape) = source_block(&mut affine, lvl.shape, spec, options);
     let block_len: usize = block_shape.iter().product();
@@ -126,6 +132,7 @@ pub fn read_patch(
     let mut scratch = take_scratch(&SCRATCH, block_len);
     let block = &mut scratch[..block_len];
     let gathered = volume.gather_spans(level, block_lo, block_shape, block, &spans, options.mode, options.pad_value);
+    let mut all_finite = false;
     if gathered.is_ok() {
         // Integer data cannot hold NaN; float data is scanned (inside the array only).
         let data_finite = options.mode == ValueMode::Foreground || !lvl.dtype.is_float() || !has_nan(block, &spans, block_shape, &inside);
@@ -134,6 +141,7 @@ pub fn read_patch(
             (true, false) => Some(FiniteRegion::whole(block_shape)),
             (true, true) => Some(inside),
         };
+        all_finite = finite == Some(FiniteRegion::whole(block_shape));
         resample(
             block,
             block_shape,
@@ -146,7 +154,11 @@ pub fn read_patch(
         );
     }
     return_scratch(&SCRATCH, scratch);
-    gathered.map(|_| ReadInfo { level, fast_path: false })
+    gathered.map(|_| ReadInfo {
+        level,
+        fast_path: false,
+        finite: all_finite,
+    })
 }
 
 thread_local! {
@@ -512,5 +524,286 @@ mod tests {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod read_tests {
+    use super::*;
+    use crate::augment::rotation_matrix;
+    use crate::cache::ChunkCache;
+    use crate::ngff::CoordinateFrame;
+    use crate::test_fixtures::{assert_same, c_order, ImageSpec, TempDir};
+    use crate::volume::DType;
+
+    const N: usize = 12;
+    const VOXEL: f64 = 2.0;
+
+    /// The value written at voxel (z, y, x) of the numbered volume: a linear field, so
+    /// trilinear interpolation reproduces it exactly at any position.
+    fn field(p: [f64; 3]) -> f64 {
+        144.0 * p[0] + 12.0 * p[1] + p[2]
+    }
+
+    /// 12³ float32 voxels of 2 nm (corner of voxel 0 at the origin, 4-voxel chunks) holding
+    /// `field` of the voxel index.
+    fn numbered(dir: &TempDir) -> Volume {
+        let path = dir.join("n.zarr").join("raw");
+        let mut spec = ImageSpec::new([0.0; 3], [VOXEL; 3], [N; 3]);
+        spec.frame = CoordinateFrame::Corner;
+        spec.write(&path, |v| field(v.map(|i| i as f64)) as f32);
+        Volume::open_in_frame(&path, ChunkCache::global(), CoordinateFrame::Corner).unwrap()
+    }
+
+    /// The same grid as uint8 masks: `mask(v)` is 1 where `pattern` holds.
+    fn masks(dir: &TempDir, name: &str, pattern: fn([usize; 3]) -> bool) -> Volume {
+        let path = dir.join("m.zarr").join(name);
+        let mut spec = ImageSpec::new([0.0; 3], [VOXEL; 3], [N; 3]);
+        spec.dtype = DType::U8;
+        spec.frame = CoordinateFrame::Corner;
+        spec.write(&path, |v| f32::from(u8::from(pattern(v))));
+        Volume::open_in_frame(&path, ChunkCache::global(), CoordinateFrame::Corner).unwrap()
+    }
+
+    /// World centre of a patch of `shape` whose voxel 0 lies on source voxel `start`.
+    fn centre_at(start: [f64; 3], shape: [usize; 3]) -> [f64; 3] {
+        std::array::from_fn(|k| (start[k] + shape[k] as f64 / 2.0) * VOXEL)
+    }
+
+    fn options(interpolation: Interpolation, pad: bool) -> ReadOptions {
+        ReadOptions {
+            interpolation,
+            mode: ValueMode::Raw,
+            pad,
+            pad_value: -5.0,
+        }
+    }
+
+    fn read(volume: &Volume, shape: [usize; 3], centre: [f64; 3], draw: &SpatialDraw, options: &ReadOptions) -> (Vec<f32>, bool) {
+        let spec = PatchSpec::new(shape, [VOXEL; 3]).unwrap();
+        let mut out = vec![0f32; spec.len()];
+        let info = read_patch(volume, 0, &spec, centre, draw, options, &mut out).unwrap();
+        (out, info.fast_path)
+    }
+
+    /// The patch of `shape` starting at source voxel `start`, voxels outside the array `pad`.
+    fn expected_copy(start: [i64; 3], shape: [usize; 3], pad: f32) -> Vec<f32> {
+        c_order(shape, |v| {
+            let p: [i64; 3] = std::array::from_fn(|k| start[k] + v[k] as i64);
+            if p.iter().all(|&i| (0..N as i64).contains(&i)) {
+                field(p.map(|i| i as f64)) as f32
+            } else {
+                pad
+            }
+        })
+    }
+
+    /// A draw turned by a thousandth of a degree about x: no longer axis-aligned (so it takes
+    /// the resampling path) but moving no sample of a small patch by more than 1e-4 voxels.
+    fn hair_turn() -> SpatialDraw {
+        SpatialDraw {
+            angles_deg: [0.0, 0.0, 1e-3],
+            ..SpatialDraw::default()
+        }
+    }
+
+    #[test]
+    fn axis_aligned_read_copies_the_voxels_under_the_patch() {
+        let dir = TempDir::new("copy");
+        let volume = numbered(&dir);
+        let shape = [4, 5, 6];
+        let (out, fast) = read(&volume, shape, centre_at([2.0, 3.0, 4.0], shape), &SpatialDraw::default(), &options(Interpolation::Linear, true));
+        assert!(fast, "an identity read at the level's voxel size is a copy");
+        assert_same(&out, &expected_copy([2, 3, 4], shape, -5.0), "copy");
+    }
+
+    #[test]
+    fn read_partly_outside_the_array_is_padded() {
+        let dir = TempDir::new("pad");
+        let volume = numbered(&dir);
+        let shape = [4, 4, 4];
+        let (out, _) = read(&volume, shape, centre_at([-2.0, 9.0, 0.0], shape), &SpatialDraw::default(), &options(Interpolation::Linear, true));
+        assert_same(&out, &expected_copy([-2, 9, 0], shape, -5.0), "padded copy");
+    }
+
+    #[test]
+    fn read_without_padding_is_moved_inside_the_array() {
+        let dir = TempDir::new("nopad");
+        let volume = numbered(&dir);
+        let shape = [4, 4, 4];
+        let (out, _) = read(&volume, shape, centre_at([-2.0, 9.0, 0.0], shape), &SpatialDraw::default(), &options(Interpolation::Linear, false));
+        // z from -2 up to 0, y from 9 down to 12 - 4 = 8.
+        assert_same(&out, &expected_copy([0, 8, 0], shape, -5.0), "moved copy");
+    }
+
+    #[test]
+    fn mirrored_read_is_the_flipped_plain_read() {
+        let dir = TempDir::new("mirror");
+        let volume = numbered(&dir);
+        let shape = [3, 4, 5];
+        let start = [1i64, 2, 3];
+        let centre = centre_at(start.map(|s| s as f64), shape);
+        for axis in 0..3 {
+            let mut draw = SpatialDraw::default();
+            draw.mirror[axis] = true;
+            let (out, fast) = read(&volume, shape, centre, &draw, &options(Interpolation::Linear, true));
+            assert!(fast, "a mirror is a strided copy");
+            let expected = c_order(shape, |v| {
+                let mut p: [f64; 3] = std::array::from_fn(|k| (start[k] + v[k] as i64) as f64);
+                p[axis] = (start[axis] + (shape[axis] - 1 - v[axis]) as i64) as f64;
+                field(p) as f32
+            });
+            assert_same(&out, &expected, &format!("mirrored along axis {axis}"));
+        }
+    }
+
+    #[test]
+    fn transposed_read_is_the_permuted_plain_read() {
+        let dir = TempDir::new("transpose");
+        let volume = numbered(&dir);
+        let shape = [4, 4, 4];
+        let start = [3.0, 1.0, 5.0];
+        let centre = centre_at(start, shape);
+        // Output axis k walks world axis permutation[k]: output (a, b, c) is world (b, c, a).
+        let draw = SpatialDraw {
+            permutation: [2, 0, 1],
+            ..SpatialDraw::default()
+        };
+        let (out, fast) = read(&volume, shape, centre, &draw, &options(Interpolation::Linear, true));
+        assert!(fast, "a transpose is a strided copy");
+        let expected = c_order(shape, |[a, b, c]| field([start[0] + b as f64, start[1] + c as f64, start[2] + a as f64]) as f32);
+        assert_same(&out, &expected, "transposed");
+    }
+
+    #[test]
+    fn quarter_turn_is_a_copy_of_the_rotated_plain_read() {
+        let dir = TempDir::new("quarter");
+        let volume = numbered(&dir);
+        let shape = [2, 4, 4];
+        let start = [4.0, 2.0, 6.0];
+        let draw = SpatialDraw {
+            angles_deg: [90.0, 0.0, 0.0],
+            ..SpatialDraw::default()
+        };
+        let (out, fast) = read(&volume, shape, centre_at(start, shape), &draw, &options(Interpolation::Linear, true));
+        assert!(fast, "a quarter turn is axis-aligned");
+        // About z: the output y axis walks world x, the output x axis walks world -y.
+        let expected = c_order(shape, |[a, b, c]| field([start[0] + a as f64, start[1] + (3 - c) as f64, start[2] + b as f64]) as f32);
+        assert_same(&out, &expected, "quarter turn");
+    }
+
+    #[test]
+    fn resampling_path_agrees_with_the_copy_for_nearest_reads_padding_included() {
+        let dir = TempDir::new("nearest-agree");
+        let volume = numbered(&dir);
+        let shape = [4, 5, 6];
+        let start = [-2i64, 9, 1];
+        let centre = centre_at(start.map(|s| s as f64), shape);
+        let expected = expected_copy(start, shape, -5.0);
+        let (copy, fast) = read(&volume, shape, centre, &SpatialDraw::default(), &options(Interpolation::Nearest, true));
+        assert!(fast);
+        assert_same(&copy, &expected, "copy");
+        let (turned, fast) = read(&volume, shape, centre, &hair_turn(), &options(Interpolation::Nearest, true));
+        assert!(!fast, "a turn off the axes is resampled");
+        assert_same(&turned, &expected, "resampled");
+    }
+
+    #[test]
+    fn resampling_path_agrees_with_the_copy_for_linear_reads_inside_the_array() {
+        let dir = TempDir::new("linear-agree");
+        let volume = numbered(&dir);
+        let shape = [4, 5, 6];
+        let start = [3i64, 2, 4];
+        let centre = centre_at(start.map(|s| s as f64), shape);
+        let (turned, fast) = read(&volume, shape, centre, &hair_turn(), &options(Interpolation::Linear, true));
+        assert!(!fast);
+        for (i, (t, e)) in turned.iter().zip(expected_copy(start, shape, -5.0)).enumerate() {
+            assert!((t - e).abs() < 0.02, "voxel {i}: {t} vs {e}");
+        }
+    }
+
+    #[test]
+    fn linear_resampling_reproduces_a_linear_field_under_rotation() {
+        let dir = TempDir::new("rotate");
+        let volume = numbered(&dir);
+        let shape = [4, 6, 6];
+        let centre = [12.0, 12.0, 12.0];
+        let angles = [30.0, 20.0, 0.0];
+        let draw = SpatialDraw {
+            angles_deg: angles,
+            ..SpatialDraw::default()
+        };
+        let (out, fast) = read(&volume, shape, centre, &draw, &options(Interpolation::Linear, true));
+        assert!(!fast);
+        // World position of output voxel o: centre + R · ((o - (n - 1) / 2) · voxel); its source
+        // index is (world - 1 nm) / 2 nm (voxel centres sit at 1, 3, 5, ... nm).
+        let r = rotation_matrix(angles);
+        let expected = c_order(shape, |o| {
+            let offset: [f64; 3] = std::array::from_fn(|k| (o[k] as f64 - (shape[k] as f64 - 1.0) / 2.0) * VOXEL);
+            let source: [f64; 3] = std::array::from_fn(|j| {
+                let world = centre[j] + (0..3).map(|k| r[j][k] * offset[k]).sum::<f64>();
+                (world - VOXEL / 2.0) / VOXEL
+            });
+            assert!(source.iter().all(|&s| s > 0.0 && s < (N - 1) as f64), "the patch stays inside");
+            field(source) as f32
+        });
+        for (i, (a, e)) in out.iter().zip(&expected).enumerate() {
+            assert!((a - e).abs() < 0.02, "voxel {i}: {a} vs {e}");
+        }
+    }
+
+    #[test]
+    fn turned_label_group_read_agrees_with_the_mask_of_each_class() {
+        let dir = TempDir::new("labels");
+        let even: fn([usize; 3]) -> bool = |[z, y, x]| (z + y + x) % 2 == 0;
+        let corner: fn([usize; 3]) -> bool = |[z, y, x]| z < 3 && y < 6 && x >= 4;
+        let volumes = [masks(&dir, "even", even), masks(&dir, "corner", corner)];
+        let shape = [4, 5, 6];
+        let start = [-1i64, 1, 8];
+        let centre = centre_at(start.map(|s| s as f64), shape);
+        let spec = PatchSpec::new(shape, [VOXEL; 3]).unwrap();
+        let label_options = ReadOptions {
+            interpolation: Interpolation::Nearest,
+            mode: ValueMode::Foreground,
+            pad: true,
+            pad_value: f32::NAN,
+        };
+        for draw in [SpatialDraw::default(), hair_turn()] {
+            let mut a = vec![0f32; spec.len()];
+            let mut b = vec![0f32; spec.len()];
+            let group = [(&volumes[0], 0), (&volumes[1], 0)];
+            read_patch_group(&group, &spec, centre, &draw, &label_options, &mut [a.as_mut_slice(), b.as_mut_slice()]).unwrap();
+            for (out, pattern, name) in [(&a, even, "even"), (&b, corner, "corner")] {
+                let expected = c_order(shape, |v| {
+                    let p: [i64; 3] = std::array::from_fn(|k| start[k] + v[k] as i64);
+                    if p.iter().all(|&i| (0..N as i64).contains(&i)) {
+                        f32::from(u8::from(pattern(p.map(|i| i as usize))))
+                    } else {
+                        f32::NAN
+                    }
+                });
+                assert_same(out, &expected, &format!("{name} with {:?}", draw.angles_deg));
+            }
+        }
+    }
+
+    #[test]
+    #[ignore = "bug: the fast path snaps a half-voxel offset with f64::round (half away from zero), so below voxel 0 a mirrored patch covers other voxels than the plain one"]
+    fn mirrored_read_of_a_half_voxel_offset_patch_is_the_flipped_plain_read() {
+        let dir = TempDir::new("mirror-half");
+        let volume = numbered(&dir);
+        let shape = [1, 1, 4];
+        // Voxel 0 of the patch half-way between source voxels -2 and -1 (x); the plain read
+        // snaps it to one of them, and the mirrored read must cover the same four voxels.
+        let centre = centre_at([5.0, 5.0, -1.5], shape);
+        let opts = options(Interpolation::Linear, true);
+        let (plain, _) = read(&volume, shape, centre, &SpatialDraw::default(), &opts);
+        let draw = SpatialDraw {
+            mirror: [false, false, true],
+            ..SpatialDraw::default()
+        };
+        let (mirrored, _) = read(&volume, shape, centre, &draw, &opts);
+        let flipped: Vec<f32> = plain.iter().rev().copied().collect();
+        assert_same(&mirrored, &flipped, "mirrored vs flipped plain");
     }
 }

@@ -163,7 +163,23 @@ impl ValuePipeline {
     /// Applies every op to one sample's values of one array, `shape` being the sample tensor's
     /// shape (channel first, singleton spatial axes squeezed, as the batch holds it).
     pub fn apply(&self, values: &mut [f32], shape: &[usize], value_seed: u64, stream: u64) {
+        self.apply_known(values, shape, value_seed, stream, false);
+    }
+
+    /// [`ValuePipeline::apply`] knowing whether every value is finite: `NanToNum` of finite values
+    /// changes nothing and is skipped (the split's default raw transform costs no pass over a
+    /// patch read without padding). Finiteness is tracked through the ops.
+    pub fn apply_known(&self, values: &mut [f32], shape: &[usize], value_seed: u64, stream: u64, mut finite: bool) {
         for (position, op) in self.ops.iter().enumerate() {
+            match op {
+                ValueOp::NanToNum { .. } if finite => continue,
+                ValueOp::NanToNum { .. } => finite = true,
+                // 0/1 from finite values; NaN stays NaN.
+                ValueOp::Binarize { .. } => {}
+                // Contrast and gamma end with NaN -> 0 and clamp to finite bounds when the
+                // data's magnitude is finite; stay conservative otherwise.
+                _ => finite = false,
+            }
             apply_op(op, values, shape, || op_rng(value_seed, stream, position));
         }
     }
@@ -173,14 +189,12 @@ fn apply_op(op: &ValueOp, values: &mut [f32], shape: &[usize], rng: impl FnOnce(
     match *op {
         ValueOp::NanToNum { nan, posinf, neginf } => {
             let (pos, neg) = (posinf.unwrap_or(f32::MAX), neginf.unwrap_or(f32::MIN));
+            // Selects rather than branches, so the loop vectorises.
             for v in values.iter_mut() {
-                if v.is_nan() {
-                    *v = nan;
-                } else if *v == f32::INFINITY {
-                    *v = pos;
-                } else if *v == f32::NEG_INFINITY {
-                    *v = neg;
-                }
+                let x = *v;
+                let x = if x.is_nan() { nan } else { x };
+                let x = if x == f32::INFINITY { pos } else { x };
+                *v = if x == f32::NEG_INFINITY { neg } else { x };
             }
         }
         ValueOp::Binarize { threshold } => {
@@ -314,6 +328,17 @@ mod tests {
         assert!(err.contains("extra"), "{err}");
         let err = ValuePipeline::from_json(&json!([{"op": "gaussian_blur", "kernel_size": 4, "sigma": 1.0, "dims": 2}]), "t").unwrap_err();
         assert!(err.to_string().contains("odd"));
+    }
+
+    #[test]
+    fn nan_to_num_of_finite_data_is_skipped_and_later_ops_still_run() {
+        let p = pipeline(json!([{"op": "nan_to_num", "nan": 0.0}, {"op": "shift_scale", "shift": 1.0, "scale": 2.0}]));
+        let mut v = [1.0f32, 2.0];
+        p.apply_known(&mut v, &[2], 0, 0, true);
+        assert_eq!(v, [4.0, 6.0]);
+        let mut v = [f32::NAN, 2.0];
+        p.apply_known(&mut v, &[2], 0, 0, false);
+        assert_eq!(v, [2.0, 6.0]);
     }
 
     #[test]
