@@ -575,10 +575,10 @@ impl DatasetConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::augment::SpatialDraw;
     use crate::test_fixtures::{assert_same, c_order, ImageSpec, TempDir};
     use crate::volume::DType;
     use serde_json::{json, Value};
+    use std::path::Path;
 
     /// A raw volume of 16³ float32 voxels of 4 nm from the origin, voxel (z, y, x) holding
     /// 256 z + 16 y + x, and one crop of 8 × 8 × 9 uint8 voxels from (16, 16, 16) nm with two
@@ -698,8 +698,20 @@ mod tests {
         let c = crop("boxes");
         let d = open(&config_json(&c)).unwrap();
         // Raw [0, 64)³ ∩ crop [16, 48) × [16, 48) × [16, 52); patches are 16 nm wide.
-        assert_eq!(d.bounding_box, WorldBox { lo: [16.0; 3], hi: [48.0, 48.0, 52.0] });
-        assert_eq!(d.sampling_box, Some(WorldBox { lo: [24.0; 3], hi: [40.0, 40.0, 44.0] }));
+        assert_eq!(
+            d.bounding_box,
+            WorldBox {
+                lo: [16.0; 3],
+                hi: [48.0, 48.0, 52.0]
+            }
+        );
+        assert_eq!(
+            d.sampling_box,
+            Some(WorldBox {
+                lo: [24.0; 3],
+                hi: [40.0, 40.0, 44.0]
+            })
+        );
         assert_eq!(d.annotated_classes(), vec![true, true, false, false]);
     }
 
@@ -748,8 +760,12 @@ mod tests {
     fn read_centre_sample(d: &Dataset) -> (Vec<f32>, Vec<Vec<f32>>) {
         let mut raw = vec![0f32; 64];
         let mut labels = vec![0f32; 4 * 64];
-        d.read_sample([32.0, 36.0, 28.0], &SpatialDraw::default(), &mut [&mut raw, &mut labels])
-            .unwrap();
+        d.read_sample(
+            [32.0, 36.0, 28.0],
+            &SpatialDraw::default(),
+            &mut [raw.as_mut_slice(), labels.as_mut_slice()],
+        )
+        .unwrap();
         (raw, labels.chunks(64).map(<[f32]>::to_vec).collect())
     }
 
@@ -766,7 +782,11 @@ mod tests {
         let c = crop("read-raw");
         let d = open(&config_json(&c)).unwrap();
         let (raw, _) = read_centre_sample(&d);
-        assert_same(&raw, &c_order([4; 3], |[a, b, c]| (256 * (6 + a) + 16 * (7 + b) + 5 + c) as f32), "raw");
+        assert_same(
+            &raw,
+            &c_order([4; 3], |[a, b, c]| (256 * (6 + a) + 16 * (7 + b) + 5 + c) as f32),
+            "raw",
+        );
     }
 
     #[test]
@@ -776,8 +796,14 @@ mod tests {
         let (_, labels) = read_centre_sample(&d);
         assert_same(&labels[0], &c_order([4; 3], |v| f32::from(u8::from(mito_at(v)))), "mito");
         assert_same(&labels[1], &c_order([4; 3], |v| f32::from(u8::from(er_at(v)))), "er");
-        assert!(labels[0].contains(&1.0) && labels[0].contains(&0.0), "the patch crosses the mito boundary");
-        assert!(labels[1].contains(&1.0) && labels[1].contains(&0.0), "the patch crosses the er boundary");
+        assert!(
+            labels[0].contains(&1.0) && labels[0].contains(&0.0),
+            "the patch crosses the mito boundary"
+        );
+        assert!(
+            labels[1].contains(&1.0) && labels[1].contains(&0.0),
+            "the patch crosses the er boundary"
+        );
     }
 
     #[test]

@@ -612,7 +612,13 @@ mod read_tests {
         let dir = TempDir::new("copy");
         let volume = numbered(&dir);
         let shape = [4, 5, 6];
-        let (out, fast) = read(&volume, shape, centre_at([2.0, 3.0, 4.0], shape), &SpatialDraw::default(), &options(Interpolation::Linear, true));
+        let (out, fast) = read(
+            &volume,
+            shape,
+            centre_at([2.0, 3.0, 4.0], shape),
+            &SpatialDraw::default(),
+            &options(Interpolation::Linear, true),
+        );
         assert!(fast, "an identity read at the level's voxel size is a copy");
         assert_same(&out, &expected_copy([2, 3, 4], shape, -5.0), "copy");
     }
@@ -622,7 +628,13 @@ mod read_tests {
         let dir = TempDir::new("pad");
         let volume = numbered(&dir);
         let shape = [4, 4, 4];
-        let (out, _) = read(&volume, shape, centre_at([-2.0, 9.0, 0.0], shape), &SpatialDraw::default(), &options(Interpolation::Linear, true));
+        let (out, _) = read(
+            &volume,
+            shape,
+            centre_at([-2.0, 9.0, 0.0], shape),
+            &SpatialDraw::default(),
+            &options(Interpolation::Linear, true),
+        );
         assert_same(&out, &expected_copy([-2, 9, 0], shape, -5.0), "padded copy");
     }
 
@@ -631,7 +643,13 @@ mod read_tests {
         let dir = TempDir::new("nopad");
         let volume = numbered(&dir);
         let shape = [4, 4, 4];
-        let (out, _) = read(&volume, shape, centre_at([-2.0, 9.0, 0.0], shape), &SpatialDraw::default(), &options(Interpolation::Linear, false));
+        let (out, _) = read(
+            &volume,
+            shape,
+            centre_at([-2.0, 9.0, 0.0], shape),
+            &SpatialDraw::default(),
+            &options(Interpolation::Linear, false),
+        );
         // z from -2 up to 0, y from 9 down to 12 - 4 = 8.
         assert_same(&out, &expected_copy([0, 8, 0], shape, -5.0), "moved copy");
     }
@@ -671,7 +689,9 @@ mod read_tests {
         };
         let (out, fast) = read(&volume, shape, centre, &draw, &options(Interpolation::Linear, true));
         assert!(fast, "a transpose is a strided copy");
-        let expected = c_order(shape, |[a, b, c]| field([start[0] + b as f64, start[1] + c as f64, start[2] + a as f64]) as f32);
+        let expected = c_order(shape, |[a, b, c]| {
+            field([start[0] + b as f64, start[1] + c as f64, start[2] + a as f64]) as f32
+        });
         assert_same(&out, &expected, "transposed");
     }
 
@@ -685,10 +705,18 @@ mod read_tests {
             angles_deg: [90.0, 0.0, 0.0],
             ..SpatialDraw::default()
         };
-        let (out, fast) = read(&volume, shape, centre_at(start, shape), &draw, &options(Interpolation::Linear, true));
+        let (out, fast) = read(
+            &volume,
+            shape,
+            centre_at(start, shape),
+            &draw,
+            &options(Interpolation::Linear, true),
+        );
         assert!(fast, "a quarter turn is axis-aligned");
         // About z: the output y axis walks world x, the output x axis walks world -y.
-        let expected = c_order(shape, |[a, b, c]| field([start[0] + a as f64, start[1] + (3 - c) as f64, start[2] + b as f64]) as f32);
+        let expected = c_order(shape, |[a, b, c]| {
+            field([start[0] + a as f64, start[1] + (3 - c) as f64, start[2] + b as f64]) as f32
+        });
         assert_same(&out, &expected, "quarter turn");
     }
 
@@ -700,7 +728,13 @@ mod read_tests {
         let start = [-2i64, 9, 1];
         let centre = centre_at(start.map(|s| s as f64), shape);
         let expected = expected_copy(start, shape, -5.0);
-        let (copy, fast) = read(&volume, shape, centre, &SpatialDraw::default(), &options(Interpolation::Nearest, true));
+        let (copy, fast) = read(
+            &volume,
+            shape,
+            centre,
+            &SpatialDraw::default(),
+            &options(Interpolation::Nearest, true),
+        );
         assert!(fast);
         assert_same(&copy, &expected, "copy");
         let (turned, fast) = read(&volume, shape, centre, &hair_turn(), &options(Interpolation::Nearest, true));
@@ -772,7 +806,15 @@ mod read_tests {
             let mut a = vec![0f32; spec.len()];
             let mut b = vec![0f32; spec.len()];
             let group = [(&volumes[0], 0), (&volumes[1], 0)];
-            read_patch_group(&group, &spec, centre, &draw, &label_options, &mut [a.as_mut_slice(), b.as_mut_slice()]).unwrap();
+            read_patch_group(
+                &group,
+                &spec,
+                centre,
+                &draw,
+                &label_options,
+                &mut [a.as_mut_slice(), b.as_mut_slice()],
+            )
+            .unwrap();
             for (out, pattern, name) in [(&a, even, "even"), (&b, corner, "corner")] {
                 let expected = c_order(shape, |v| {
                     let p: [i64; 3] = std::array::from_fn(|k| start[k] + v[k] as i64);

@@ -20,4 +20,7 @@ pub mod values;
 pub mod volume;
 pub mod writer;
 
+#[cfg(test)]
+mod test_fixtures;
+
 pub use error::{Error, ErrorKind, Result};

@@ -219,3 +219,280 @@ impl Drop for BatchStream {
         self.stop();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::ColumnData;
+    use crate::cache::ChunkCache;
+    use crate::dataset::DatasetConfig;
+    use crate::test_fixtures::{ImageSpec, TempDir};
+    use crate::volume::DType;
+    use serde_json::{json, Value};
+    use std::path::Path;
+    use std::time::Instant;
+
+    fn s(path: &Path) -> &str {
+        path.to_str().unwrap()
+    }
+
+    fn settings(value: Value) -> EpochSettings {
+        serde_json::from_value(value).unwrap()
+    }
+
+    fn stream_settings(threads: usize, prefetch: usize, augment: bool) -> StreamSettings {
+        StreamSettings {
+            threads,
+            prefetch,
+            key: StreamKey {
+                seed: 5,
+                epoch: 0,
+                rank: 0,
+            },
+            augment,
+        }
+    }
+
+    /// Two crops (8 × 8 × 9 uint8 `mito` masks, at different places) of one 16³ float32 raw
+    /// volume of 4 nm voxels, sampled as 4³ patches with mirrors, transposes and rotations.
+    fn two_crops(dir: &TempDir) -> Collection {
+        let raw = dir.join("data.zarr").join("raw");
+        let mut spec = ImageSpec::new([0.0; 3], [4.0; 3], [16; 3]);
+        spec.chunk = [8; 3];
+        spec.write(&raw, |[z, y, x]| (256 * z + 16 * y + x) as f32);
+        let datasets = [("crop1", [16.0, 16.0, 16.0]), ("crop2", [4.0, 8.0, 20.0])]
+            .iter()
+            .map(|(name, lo)| {
+                let mito = dir.join("data.zarr").join(name).join("mito");
+                let mut labels = ImageSpec::new(*lo, [4.0; 3], [8, 8, 9]);
+                labels.dtype = DType::U8;
+                labels.write(&mito, |[z, y, x]| f32::from(u8::from((z + 2 * y + 3 * x) % 5 < 2)));
+                let config = DatasetConfig::from_json(&json!({
+                    "raw_path": s(&raw),
+                    "crop": name,
+                    "classes": [["mito", s(&mito), []]],
+                    "inputs": [{"name": "raw", "shape": [4, 4, 4], "scale": [4.0, 4.0, 4.0]}],
+                    "targets": [{"name": "labels", "shape": [4, 4, 4], "scale": [4.0, 4.0, 4.0]}],
+                    "spatial": {"mirror": {"x": 0.5, "y": 0.5}, "transpose": {"axes": ["x", "y"]}, "rotate": {"z": [-30, 30]}},
+                }))
+                .unwrap();
+                Arc::new(Dataset::open(config, ChunkCache::global()).unwrap())
+            })
+            .collect();
+        Collection::new(datasets).unwrap()
+    }
+
+    fn shuffled_epoch() -> EpochSettings {
+        settings(json!({"source": {"kind": "uniform", "shuffle": true}, "samples": 12, "batch_size": 3, "seed": 5, "epoch": 0}))
+    }
+
+    /// Every batch of the stream, in the order it delivers them.
+    fn drain(stream: &mut BatchStream) -> Vec<Batch> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut batches = Vec::new();
+        loop {
+            assert!(Instant::now() < deadline, "the stream did not finish");
+            match stream.next(Duration::from_millis(100)) {
+                Next::Batch(batch) => batches.push(batch.unwrap()),
+                Next::Pending => {}
+                Next::Done => return batches,
+            }
+        }
+    }
+
+    fn values(batch: &Batch) -> Vec<Vec<u32>> {
+        batch
+            .columns
+            .iter()
+            .map(|c| match &c.data {
+                ColumnData::F32(v) => v.iter().map(|x| x.to_bits()).collect(),
+                ColumnData::U8(v) => v.iter().map(|&x| u32::from(x)).collect(),
+            })
+            .collect()
+    }
+
+    fn assert_same_batch(a: &Batch, b: &Batch, context: &str) {
+        assert_eq!(a.samples, b.samples, "{context}: sample requests");
+        assert_eq!(a.positions, b.positions, "{context}: dataset positions");
+        assert_eq!(a.dataset_labels, b.dataset_labels, "{context}: dataset labels");
+        assert_eq!(a.crop_labels, b.crop_labels, "{context}: crops");
+        assert_eq!(a.levels, b.levels, "{context}: levels");
+        let names = |x: &Batch| {
+            x.columns
+                .iter()
+                .map(|c| (c.name.clone(), c.sample_shape.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(a), names(b), "{context}: columns");
+        assert!(values(a) == values(b), "{context}: tensor values differ");
+    }
+
+    #[test]
+    fn batches_arrive_in_plan_order() {
+        let dir = TempDir::new("plan-order");
+        let collection = two_crops(&dir);
+        let plan = collection.epoch_plan(&shuffled_epoch()).unwrap();
+        assert_eq!(plan.len(), 4);
+        let mut stream = BatchStream::start(collection.clone(), plan.clone(), stream_settings(3, 2, true)).unwrap();
+        let batches = drain(&mut stream);
+        assert_eq!(batches.len(), plan.len());
+        for (b, (batch, planned)) in batches.iter().zip(&plan).enumerate() {
+            let indices: Vec<u64> = planned.iter().map(|p| p.index as u64).collect();
+            let datasets: Vec<usize> = planned.iter().map(|p| p.dataset).collect();
+            assert_eq!(batch.samples.iter().map(|s| s.index).collect::<Vec<_>>(), indices, "batch {b}");
+            assert_eq!(batch.positions, datasets, "batch {b}");
+            assert_eq!(
+                batch.crop_labels,
+                datasets.iter().map(|&d| format!("crop{}", d + 1)).collect::<Vec<_>>()
+            );
+            for (sample, p) in batch.samples.iter().zip(planned) {
+                assert_eq!(sample.centre, collection.datasets[p.dataset].centre(p.index).unwrap());
+            }
+        }
+    }
+
+    #[test]
+    fn one_and_four_threads_deliver_identical_batches() {
+        let dir = TempDir::new("threads");
+        let collection = two_crops(&dir);
+        let plan = collection.epoch_plan(&shuffled_epoch()).unwrap();
+        let one = drain(&mut BatchStream::start(collection.clone(), plan.clone(), stream_settings(1, 1, true)).unwrap());
+        let four = drain(&mut BatchStream::start(collection, plan, stream_settings(4, 3, true)).unwrap());
+        assert_eq!((one.len(), four.len()), (4, 4));
+        for (b, (x, y)) in one.iter().zip(&four).enumerate() {
+            assert_same_batch(x, y, &format!("batch {b}"));
+        }
+        // The comparison is worth something only if samples were actually turned.
+        assert!(one.iter().flat_map(|b| &b.samples).any(|s| s.draw.angles_deg[0] != 0.0));
+        assert!(one.iter().flat_map(|b| &b.samples).any(|s| s.draw.mirror.contains(&true)));
+    }
+
+    #[test]
+    fn streamed_batches_equal_direct_reads_of_the_plan() {
+        let dir = TempDir::new("direct");
+        let collection = two_crops(&dir);
+        let plan = collection.epoch_plan(&shuffled_epoch()).unwrap();
+        let settings = stream_settings(2, 2, true);
+        let streamed = drain(&mut BatchStream::start(collection.clone(), plan.clone(), settings).unwrap());
+        for (b, (batch, planned)) in streamed.iter().zip(&plan).enumerate() {
+            let direct = collection.read(planned, settings.key, true, None).unwrap();
+            assert_same_batch(batch, &direct, &format!("batch {b}"));
+        }
+    }
+
+    /// A 32³ float32 raw volume of 1 nm voxels in 8³ chunks read as 8³ patches through its own
+    /// cache, and the global sample indices whose patches are exactly chunk (a, b, c): grid
+    /// centres run from 4 nm in steps of 1 nm, 25 per axis.
+    fn chunk_per_sample(dir: &TempDir) -> (Collection, Arc<ChunkCache>) {
+        let raw = dir.join("c.zarr").join("raw");
+        let mut spec = ImageSpec::new([0.0; 3], [1.0; 3], [32; 3]);
+        spec.chunk = [8; 3];
+        spec.write(&raw, |[z, y, x]| (z + y + x) as f32);
+        let cache = Arc::new(ChunkCache::new(64 << 20));
+        let config = DatasetConfig::from_json(&json!({
+            "raw_path": s(&raw),
+            "inputs": [{"name": "raw", "shape": [8, 8, 8], "scale": [1.0, 1.0, 1.0]}],
+        }))
+        .unwrap();
+        let dataset = Dataset::open(config, cache.clone()).unwrap();
+        assert_eq!(dataset.len(), 25 * 25 * 25);
+        (Collection::new(vec![Arc::new(dataset)]).unwrap(), cache)
+    }
+
+    fn chunk_sample(a: usize, b: usize, c: usize) -> usize {
+        8 * a * 625 + 8 * b * 25 + 8 * c
+    }
+
+    fn wait_for(what: &str, condition: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !condition() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn reads_stay_at_most_prefetch_batches_ahead_of_the_consumer() {
+        let dir = TempDir::new("prefetch");
+        let (collection, cache) = chunk_per_sample(&dir);
+        // One sample per batch, each on a chunk of its own: chunk decodes count batches read.
+        let indices: Vec<usize> = (0..8).map(|i| chunk_sample(i / 4, (i / 2) % 2, i % 2)).collect();
+        let plan = collection
+            .epoch_plan(&settings(
+                json!({"source": {"kind": "given", "indices": indices}, "batch_size": 1, "seed": 0, "epoch": 0}),
+            ))
+            .unwrap();
+        assert_eq!(plan.len(), 8);
+        let misses = || cache.stats().misses;
+        let mut stream = BatchStream::start(collection, plan, stream_settings(4, 2, false)).unwrap();
+        wait_for("two batches", || misses() >= 2);
+        // Give a third read every chance to start: it must not.
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(misses(), 2, "nothing taken yet: only `prefetch` batches are read");
+        for taken in 1..=3u64 {
+            match stream.next(Duration::from_secs(30)) {
+                Next::Batch(batch) => assert_eq!(batch.unwrap().samples[0].index, indices[taken as usize - 1] as u64),
+                _ => panic!("batch {taken} did not come"),
+            }
+            wait_for("the next batch", || misses() >= taken + 2);
+            std::thread::sleep(Duration::from_millis(100));
+            assert_eq!(misses(), taken + 2, "{taken} taken: reads stay `prefetch` batches ahead");
+        }
+    }
+
+    fn long_epoch(collection: &Collection) -> Vec<Vec<PlannedSample>> {
+        let plan = collection
+            .epoch_plan(&settings(
+                json!({"source": {"kind": "uniform", "shuffle": false}, "samples": 500, "batch_size": 1, "seed": 0, "epoch": 0}),
+            ))
+            .unwrap();
+        assert_eq!(plan.len(), 500);
+        plan
+    }
+
+    #[test]
+    fn stop_with_batches_pending_returns_promptly_and_ends_the_stream() {
+        let dir = TempDir::new("stop");
+        let (collection, cache) = chunk_per_sample(&dir);
+        let plan = long_epoch(&collection);
+        let mut stream = BatchStream::start(collection, plan, stream_settings(1, 2, false)).unwrap();
+        assert!(matches!(stream.next(Duration::from_secs(30)), Next::Batch(Ok(_))));
+        // Batches 1 and 2 (x from 1 and 2 nm: two chunks each) are read, the queue is full and
+        // the dispatcher waits to hand out batch 3.
+        wait_for("two batches ahead", || cache.stats().misses + cache.stats().hits >= 5);
+        let started = Instant::now();
+        stream.stop();
+        assert!(started.elapsed() < Duration::from_secs(5), "stop took {:?}", started.elapsed());
+        // At most a batch dispatched while stop drained the queue is still delivered; then the
+        // epoch is over.
+        let mut after_stop = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            assert!(Instant::now() < deadline, "the stream did not end after stop");
+            match stream.next(Duration::from_millis(100)) {
+                Next::Done => break,
+                Next::Pending => {}
+                Next::Batch(_) => after_stop += 1,
+            }
+        }
+        assert!(after_stop <= 1, "{after_stop} batches after stop");
+    }
+
+    #[test]
+    fn dropping_a_stream_mid_epoch_does_not_hang() {
+        let dir = TempDir::new("drop");
+        let (collection, _cache) = chunk_per_sample(&dir);
+        let plan = long_epoch(&collection);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut stream = BatchStream::start(collection, plan, stream_settings(2, 3, false)).unwrap();
+            let first = stream.next(Duration::from_secs(30));
+            drop(stream);
+            let _ = done_tx.send(matches!(first, Next::Batch(Ok(_))));
+        });
+        match done_rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(got_a_batch) => assert!(got_a_batch, "the first batch did not come"),
+            Err(_) => panic!("dropping the stream hung"),
+        }
+    }
+}

@@ -553,3 +553,293 @@ fn copy_typed<T: ToF32, O: OutputElement>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_fixtures::{assert_same, c_order, ImageSpec, TempDir};
+
+    /// A pyramid of voxel sizes (8, 2, 2), (16, 4, 4), (32, 8, 8), (32, 16, 16) nm: the single z
+    /// voxel of the third level is never halved again, so the levels are anisotropic.
+    fn anisotropic_pyramid(dir: &TempDir) -> PathBuf {
+        let path = dir.join("p.zarr").join("raw");
+        let mut spec = ImageSpec::new([0.0; 3], [8.0, 2.0, 2.0], [4, 32, 32]);
+        spec.chunk = [4, 8, 8];
+        spec.downsample_levels = 3;
+        spec.frame = CoordinateFrame::Corner;
+        spec.write(&path, |_| 1.0);
+        path
+    }
+
+    fn open(path: &Path) -> Volume {
+        Volume::open_in_frame(path, ChunkCache::global(), CoordinateFrame::Corner).unwrap()
+    }
+
+    #[test]
+    fn pick_level_takes_the_level_of_the_requested_voxel_size() {
+        let dir = TempDir::new("pick-exact");
+        let volume = open(&anisotropic_pyramid(&dir));
+        let sizes: Vec<[f64; 3]> = volume.levels.iter().map(|l| l.voxel_size).collect();
+        assert_eq!(sizes, vec![[8.0, 2.0, 2.0], [16.0, 4.0, 4.0], [32.0, 8.0, 8.0], [32.0, 16.0, 16.0]]);
+        for (i, size) in sizes.iter().enumerate() {
+            assert_eq!(volume.pick_level(*size), i, "{size:?}");
+        }
+    }
+
+    #[test]
+    fn pick_level_minimises_the_summed_relative_difference() {
+        let dir = TempDir::new("pick-closest");
+        let volume = open(&anisotropic_pyramid(&dir));
+        // (32, 4, 4): s1 is 16/32 + 0 + 0 = 0.5 away, s2 0 + 1 + 1 = 2, s0 0.75 + 0.5 + 0.5 = 1.75.
+        assert_eq!(volume.pick_level([32.0, 4.0, 4.0]), 1);
+        // (32, 6, 6): s1 is 0.5 + 1/3 + 1/3 ≈ 1.17 away, s2 0 + 1/3 + 1/3 ≈ 0.67, s3 0 + 5/3 + 5/3.
+        assert_eq!(volume.pick_level([32.0, 6.0, 6.0]), 2);
+        // (12.5, 3, 3): s0 is 4.5/12.5 + 2/3 ≈ 1.03 away, s1 3.5/12.5 + 2/3 ≈ 0.95.
+        assert_eq!(volume.pick_level([12.5, 3.0, 3.0]), 1);
+    }
+
+    #[test]
+    fn pick_level_breaks_a_tie_towards_the_finer_level_whatever_the_listing_order() {
+        let dir = TempDir::new("pick-tie");
+        let path = anisotropic_pyramid(&dir);
+        // (12, 3, 3) is 4/12 + 1/3 + 1/3 = 1 away from both s0 and s1.
+        assert_eq!(open(&path).pick_level([12.0, 3.0, 3.0]), 0);
+        // The same levels listed coarsest first: s0 is now the last entry.
+        let zattrs = path.join(".zattrs");
+        let mut attrs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&zattrs).unwrap()).unwrap();
+        attrs["multiscales"][0]["datasets"].as_array_mut().unwrap().reverse();
+        std::fs::write(&zattrs, serde_json::to_string(&attrs).unwrap()).unwrap();
+        let reversed = open(&path);
+        assert_eq!(reversed.levels[3].voxel_size, [8.0, 2.0, 2.0]);
+        assert_eq!(reversed.pick_level([12.0, 3.0, 3.0]), 3);
+    }
+
+    /// Voxel 0's corner at (100, -40, 8) nm, voxels (8, 2, 2), 4 × 30 × 32 voxels, two
+    /// downsampled levels (2 × 15 × 16 and 1 × 8 × 8), metadata in the corner frame.
+    fn offset_pyramid(dir: &TempDir) -> PathBuf {
+        let path = dir.join("o.zarr").join("raw");
+        let mut spec = ImageSpec::new([100.0, -40.0, 8.0], [8.0, 2.0, 2.0], [4, 30, 32]);
+        spec.downsample_levels = 2;
+        spec.frame = CoordinateFrame::Corner;
+        spec.write(&path, |_| 0.0);
+        path
+    }
+
+    #[test]
+    fn corner_frame_boxes_start_at_the_written_translation() {
+        let dir = TempDir::new("corner");
+        let volume = open(&offset_pyramid(&dir));
+        let l = &volume.levels;
+        assert_eq!([l[0].shape, l[1].shape, l[2].shape], [[4, 30, 32], [2, 15, 16], [1, 8, 8]]);
+        assert_eq!(l[0].origin, [100.0, -40.0, 8.0]);
+        // The centre of voxel 0 is half a voxel of the level inside the corner.
+        assert_eq!(l[0].translation, [104.0, -39.0, 9.0]);
+        assert_eq!(l[1].translation, [108.0, -38.0, 10.0]);
+        assert_eq!(
+            l[0].world_box(),
+            WorldBox {
+                lo: [100.0, -40.0, 8.0],
+                hi: [132.0, 20.0, 72.0]
+            }
+        );
+        assert_eq!(
+            l[1].world_box(),
+            WorldBox {
+                lo: [100.0, -40.0, 8.0],
+                hi: [132.0, 20.0, 72.0]
+            }
+        );
+        // 15 rows halve to 8 of 8 nm: the coarsest level reaches 4 nm further in y.
+        assert_eq!(
+            l[2].world_box(),
+            WorldBox {
+                lo: [100.0, -40.0, 8.0],
+                hi: [132.0, 24.0, 72.0]
+            }
+        );
+    }
+
+    #[test]
+    fn centre_frame_boxes_start_half_a_voxel_before_the_written_translation() {
+        let dir = TempDir::new("centre");
+        let path = offset_pyramid(&dir);
+        let volume = Volume::open_in_frame(&path, ChunkCache::global(), CoordinateFrame::Centre).unwrap();
+        let l = &volume.levels;
+        // Every level's metadata says (100, -40, 8) (the corner rule); read as voxel centres.
+        assert_eq!(l[1].origin, [100.0, -40.0, 8.0]);
+        assert_eq!(l[0].translation, [100.0, -40.0, 8.0]);
+        assert_eq!(
+            l[0].world_box(),
+            WorldBox {
+                lo: [96.0, -41.0, 7.0],
+                hi: [128.0, 19.0, 71.0]
+            }
+        );
+        assert_eq!(
+            l[1].world_box(),
+            WorldBox {
+                lo: [92.0, -42.0, 6.0],
+                hi: [124.0, 18.0, 70.0]
+            }
+        );
+    }
+
+    #[test]
+    fn world_to_voxel_puts_voxel_centres_on_integers() {
+        let dir = TempDir::new("w2v");
+        let path = offset_pyramid(&dir);
+        let corner = open(&path);
+        let (s0, s1) = (&corner.levels[0], &corner.levels[1]);
+        assert_eq!(s0.world_to_voxel([104.0, -39.0, 9.0]), [0.0, 0.0, 0.0]);
+        assert_eq!(s0.world_to_voxel([100.0, -40.0, 8.0]), [-0.5, -0.5, -0.5]);
+        assert_eq!(s0.world_to_voxel([132.0, 20.0, 72.0]), [3.5, 29.5, 31.5]);
+        assert_eq!(s1.world_to_voxel([100.0, -40.0, 8.0]), [-0.5, -0.5, -0.5]);
+        assert_eq!(s1.world_to_voxel([124.0, -30.0, 18.0]), [1.0, 2.0, 2.0]);
+        let centre = Volume::open_in_frame(&path, ChunkCache::global(), CoordinateFrame::Centre).unwrap();
+        assert_eq!(centre.levels[0].world_to_voxel([100.0, -40.0, 8.0]), [0.0, 0.0, 0.0]);
+        assert_eq!(centre.levels[0].world_to_voxel([112.0, -30.0, 12.0]), [1.5, 5.0, 2.0]);
+    }
+
+    /// 6 × 6 × 6 voxels of 1 nm in 4-voxel chunks (the last chunk per axis is partial), voxel
+    /// (z, y, x) holding 100 z + 10 y + x.
+    fn numbered_cube(dir: &TempDir) -> Volume {
+        let path = dir.join("n.zarr").join("raw");
+        let mut spec = ImageSpec::new([0.0; 3], [1.0; 3], [6, 6, 6]);
+        spec.frame = CoordinateFrame::Corner;
+        spec.write(&path, |[z, y, x]| (100 * z + 10 * y + x) as f32);
+        open(&path)
+    }
+
+    #[test]
+    fn gather_pads_the_part_of_a_region_outside_the_array() {
+        let dir = TempDir::new("gather-pad");
+        let volume = numbered_cube(&dir);
+        let (start, shape) = ([-2i64, 3, 4], [4usize, 5, 4]);
+        let mut out = vec![0f32; 80];
+        volume
+            .gather(0, start, shape, &mut out, 0, [20, 4, 1], ValueMode::Raw, -1.0)
+            .unwrap();
+        let expected = c_order(shape, |v| {
+            let p: [i64; 3] = std::array::from_fn(|k| start[k] + v[k] as i64);
+            if p.iter().all(|&i| (0..6).contains(&i)) {
+                (100 * p[0] + 10 * p[1] + p[2]) as f32
+            } else {
+                -1.0
+            }
+        });
+        assert_same(&out, &expected, "region [-2, 3, 4] + [4, 5, 4]");
+        // Rows z = -2, -1 are padding; (z 0, y 3, x 4) = 34 is the first voxel inside.
+        assert_eq!(out[2 * 20], 34.0);
+        assert_eq!(out[2 * 20 + 2], -1.0);
+    }
+
+    #[test]
+    fn gather_in_foreground_mode_marks_non_zero_voxels() {
+        let dir = TempDir::new("gather-fg");
+        let volume = numbered_cube(&dir);
+        let mut out = vec![9f32; 8];
+        volume
+            .gather(0, [0, 0, -1], [1, 2, 4], &mut out, 0, [8, 4, 1], ValueMode::Foreground, f32::NAN)
+            .unwrap();
+        // (0, 0, 0) holds 0; every other voxel is non-zero; x = -1 is outside.
+        assert_same(&out, &[f32::NAN, 0.0, 1.0, 1.0, f32::NAN, 1.0, 1.0, 1.0], "foreground");
+    }
+
+    #[test]
+    fn absent_chunks_read_as_the_fill_value() {
+        let dir = TempDir::new("fill");
+        let path = dir.join("f.zarr").join("labels");
+        let mut spec = ImageSpec::new([0.0; 3], [1.0; 3], [8, 8, 8]);
+        spec.dtype = DType::U8;
+        spec.fill_value = 7.0;
+        spec.frame = CoordinateFrame::Corner;
+        spec.write_chunks(&path, &[[0, 0, 0], [4, 4, 4]], |[z, y, x]| (z + y + x) as f32);
+        assert!(path.join("s0").join("0.0.0").is_file());
+        assert!(!path.join("s0").join("0.1.0").exists(), "an unwritten chunk is absent");
+        let volume = open(&path);
+        let mut out = vec![0f32; 512];
+        volume
+            .gather(0, [0; 3], [8; 3], &mut out, 0, [64, 8, 1], ValueMode::Raw, -1.0)
+            .unwrap();
+        let expected = c_order([8; 3], |[z, y, x]| {
+            let written = (z < 4 && y < 4 && x < 4) || (z >= 4 && y >= 4 && x >= 4);
+            if written {
+                (z + y + x) as f32
+            } else {
+                7.0
+            }
+        });
+        assert_same(&out, &expected, "two written chunks of eight");
+    }
+
+    #[test]
+    fn missing_image_group_is_not_found_naming_it() {
+        let dir = TempDir::new("missing-group");
+        let path = dir.join("absent.zarr").join("raw");
+        match Volume::open(&path, ChunkCache::global()) {
+            Err(Error::NotFound { path: p, .. }) => assert_eq!(p, path.display().to_string()),
+            other => panic!("expected NotFound, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn missing_level_directory_is_not_found_naming_the_level() {
+        let dir = TempDir::new("missing-level");
+        let path = offset_pyramid(&dir);
+        std::fs::remove_dir_all(path.join("s1")).unwrap();
+        let e = Volume::open(&path, ChunkCache::global()).unwrap_err();
+        let message = e.to_string();
+        match e {
+            Error::NotFound { path: p, .. } => assert_eq!(p, path.join("s1").display().to_string()),
+            other => panic!("expected NotFound, got {other:?}"),
+        }
+        assert!(message.contains("level 's1'"), "{message}");
+    }
+
+    #[test]
+    fn malformed_zattrs_is_a_metadata_error_naming_the_file() {
+        let dir = TempDir::new("bad-json");
+        let path = offset_pyramid(&dir);
+        std::fs::write(path.join(".zattrs"), "{\"multiscales\": [").unwrap();
+        match Volume::open(&path, ChunkCache::global()) {
+            Err(Error::Metadata { path: p, message }) => {
+                assert_eq!(p, path.join(".zattrs").display().to_string());
+                assert!(message.contains("malformed JSON"), "{message}");
+            }
+            other => panic!("expected a metadata error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn zattrs_without_multiscales_is_a_metadata_error() {
+        let dir = TempDir::new("no-multiscales");
+        let path = offset_pyramid(&dir);
+        std::fs::write(path.join(".zattrs"), r#"{"name": "raw"}"#).unwrap();
+        match Volume::open(&path, ChunkCache::global()) {
+            Err(Error::Metadata { path: p, message }) => {
+                assert_eq!(p, path.join(".zattrs").display().to_string());
+                assert!(message.contains("no 'multiscales'"), "{message}");
+            }
+            other => panic!("expected a metadata error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn axes_other_than_z_y_x_are_a_metadata_error() {
+        let dir = TempDir::new("axes");
+        let path = offset_pyramid(&dir);
+        let attrs = serde_json::json!({"multiscales": [{
+            "version": "0.4",
+            "axes": ["x", "y", "z"],
+            "datasets": [{"path": "s0", "coordinateTransformations": [{"type": "scale", "scale": [2.0, 2.0, 8.0]}]}],
+        }]});
+        std::fs::write(path.join(".zattrs"), attrs.to_string()).unwrap();
+        match Volume::open(&path, ChunkCache::global()) {
+            Err(Error::Metadata { path: p, message }) => {
+                assert_eq!(p, path.display().to_string());
+                assert!(message.contains("z, y, x"), "{message}");
+            }
+            other => panic!("expected a metadata error, got {other:?}"),
+        }
+    }
+}
