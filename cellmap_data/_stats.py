@@ -254,3 +254,22 @@ def crop_class_matrix(dataset: Any) -> np.ndarray:
     return np.array([[c in ds.annotated_classes for c in classes] for ds in datasets], dtype=bool).reshape(
         len(datasets), len(classes)
     )
+
+
+class ClassWeights:
+    """``class_weights`` and ``get_class_weights`` of a dataset-like object with ``class_counts``
+    (mixed into the dataset classes)."""
+
+    class_counts: Any
+
+    @property
+    def class_weights(self) -> dict[str, float]:
+        """Per-class loss weights, background / max(foreground, 1) summed over the crops (the
+        reference library's numbers; 0 for a class never annotated). See
+        :meth:`get_class_weights` for the capped form."""
+        return self.get_class_weights()
+
+    def get_class_weights(self, capped: bool = False) -> dict[str, float]:
+        """:attr:`class_weights`, or with ``capped=True`` at most ``CLASS_WEIGHT_CAP`` (also the
+        weight of a class without foreground) and 1 for a class never annotated."""
+        return class_weights(self.class_counts, capped=capped)

@@ -26,6 +26,7 @@ from ._config import (
     specs_in_zyx,
     to_json,
 )
+from ._stats import ClassWeights
 from .exceptions import ConfigError, NotFoundError
 from .transforms.plan import ValuePlan, plan_value_transforms
 from .transforms.augment._common import owned_batch
@@ -151,7 +152,7 @@ def class_path_template(template: str) -> str:
     return template
 
 
-class CellMapDataset(torch.utils.data.Dataset):
+class CellMapDataset(ClassWeights, torch.utils.data.Dataset):
     """Training samples from one raw volume and one label crop.
 
     ``ds[i]`` is ``{"idx": tensor(i), <input name>: [1, *spatial], <target name>:
@@ -630,20 +631,6 @@ class CellMapDataset(torch.utils.data.Dataset):
         from ._stats import class_counts
 
         return class_counts(self)
-
-    @property
-    def class_weights(self) -> dict[str, float]:
-        """Per-class loss weights, background / max(foreground, 1) summed over the crops (the
-        reference library's numbers; 0 for a class never annotated). See
-        :meth:`get_class_weights` for the capped form."""
-        return self.get_class_weights()
-
-    def get_class_weights(self, capped: bool = False) -> dict[str, float]:
-        """:attr:`class_weights`, or with ``capped=True`` at most ``CLASS_WEIGHT_CAP`` (also the
-        weight of a class without foreground) and 1 for a class never annotated."""
-        from ._stats import class_weights
-
-        return class_weights(self.class_counts, capped=capped)
 
     def stats(self) -> Any:
         """Polars table: one row per (crop, class) with sizes, counts, fraction and weight."""

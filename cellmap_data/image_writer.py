@@ -7,22 +7,13 @@ it is used, so importing this module alone stays cheap.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from cellmap_data._lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from cellmap_data.writer import ImageWriter
 
 __all__ = ["ImageWriter"]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in __all__:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module("cellmap_data.writer"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, {name: "cellmap_data.writer" for name in __all__})

@@ -11,12 +11,13 @@ import torch
 
 from . import _engine
 from .dataset import CellMapDataset
+from ._stats import ClassWeights
 from .exceptions import ConfigError
 
 __all__ = ["CellMapMultiDataset", "CellMapSubset"]
 
 
-class CellMapMultiDataset(torch.utils.data.ConcatDataset):
+class CellMapMultiDataset(ClassWeights, torch.utils.data.ConcatDataset):
     """Several :class:`CellMapDataset` objects behind one index space.
 
     Accepts the current positional order ``(datasets, classes, input_arrays, target_arrays)``
@@ -104,20 +105,6 @@ class CellMapMultiDataset(torch.utils.data.ConcatDataset):
 
         counts = class_counts(self.datasets)
         return {key: {c: counts[key].get(c, 0.0) for c in self.classes} for key in ("totals", "totals_total")}
-
-    @property
-    def class_weights(self) -> dict[str, float]:
-        """Per-class loss weights, background / max(foreground, 1) summed over the crops (the
-        reference library's numbers; 0 for a class never annotated). See
-        :meth:`get_class_weights` for the capped form."""
-        return self.get_class_weights()
-
-    def get_class_weights(self, capped: bool = False) -> dict[str, float]:
-        """:attr:`class_weights`, or with ``capped=True`` at most ``CLASS_WEIGHT_CAP`` (also the
-        weight of a class without foreground) and 1 for a class never annotated."""
-        from ._stats import class_weights
-
-        return class_weights(self.class_counts, capped=capped)
 
     def stats(self) -> Any:
         """Polars table: one row per (dataset, crop, class)."""
