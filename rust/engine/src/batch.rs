@@ -502,8 +502,18 @@ mod tests {
             rotation: None,
         };
         let samples = [
-            SampleRequest { index: 3, centre: [1.0, 2.0, 3.0], draw, value_seed: 42 },
-            SampleRequest { index: 7, centre: [4.0, 5.0, 6.0], draw: SpatialDraw::default(), value_seed: 43 },
+            SampleRequest {
+                index: 3,
+                centre: [1.0, 2.0, 3.0],
+                draw,
+                value_seed: 42,
+            },
+            SampleRequest {
+                index: 7,
+                centre: [4.0, 5.0, 6.0],
+                draw: SpatialDraw::default(),
+                value_seed: 43,
+            },
         ];
         let names = ["input".to_string(), "output".to_string()];
         let meta = SampleMetadata {
@@ -516,16 +526,33 @@ mod tests {
         let batch = meta.record_batch(Vec::new()).unwrap();
         let schema = batch.schema();
         let columns: Vec<(&str, &DataType)> = schema.fields().iter().map(|f| (f.name().as_str(), f.data_type())).collect();
-        assert_eq!(&columns[..4], &[("dataset", &DataType::Utf8), ("crop", &DataType::Utf8), ("idx", &DataType::UInt64), ("centre_z", &DataType::Float64)]);
+        assert_eq!(
+            &columns[..4],
+            &[
+                ("dataset", &DataType::Utf8),
+                ("crop", &DataType::Utf8),
+                ("idx", &DataType::UInt64),
+                ("centre_z", &DataType::Float64)
+            ]
+        );
         let kind = |name: &str| schema.field_with_name(name).unwrap().data_type().clone();
         assert_eq!(kind("transpose_y"), DataType::UInt8);
         assert_eq!(kind("mirror_x"), DataType::Boolean);
         assert_eq!(kind("level_output"), DataType::Int64);
         assert_eq!(kind("value_seed"), DataType::UInt64);
         use arrow_array::cast::AsArray;
-        let level = batch.column_by_name("level_output").unwrap().as_primitive::<arrow_array::types::Int64Type>().values().to_vec();
+        let level = batch
+            .column_by_name("level_output")
+            .unwrap()
+            .as_primitive::<arrow_array::types::Int64Type>()
+            .values()
+            .to_vec();
         assert_eq!(level, vec![1, -1]);
-        let transpose = batch.column_by_name("transpose_y").unwrap().as_primitive::<arrow_array::types::UInt8Type>().value(0);
+        let transpose = batch
+            .column_by_name("transpose_y")
+            .unwrap()
+            .as_primitive::<arrow_array::types::UInt8Type>()
+            .value(0);
         assert_eq!(transpose, 2);
     }
 

@@ -12,8 +12,8 @@ use crate::error::{Error, Result};
 use crate::extract::{read_patch, read_patch_group, PatchSpec, ReadOptions};
 use crate::geometry::{WorldBox, AXES};
 use crate::values::ValuePipeline;
-use serde::Deserialize;
 use crate::volume::{ValueMode, Volume};
+use serde::Deserialize;
 
 /// Identity of a level's voxel grid (voxel size, origin, shape): levels with equal keys map
 /// world positions to the same voxel indices.
@@ -386,7 +386,9 @@ impl Dataset {
         for (i, out) in outputs.iter_mut().enumerate() {
             let shape = &shapes[i].1;
             if i < n_inputs {
-                self.config.raw_values.apply_known(out, shape, value_seed, i as u64, finite.get(i).copied().unwrap_or(false));
+                self.config
+                    .raw_values
+                    .apply_known(out, shape, value_seed, i as u64, finite.get(i).copied().unwrap_or(false));
                 continue;
             }
             // Target transforms see one class at a time, as in the reference library (a blur never

@@ -267,7 +267,11 @@ pub fn epoch_batches(sizes: &[usize], annotated: &[Vec<bool>], settings: &EpochS
                 .cycle()
                 .take(count)
                 .enumerate()
-                .map(|(pos, &(dataset, index))| PlannedSample { dataset, index, stream: pos as u64 })
+                .map(|(pos, &(dataset, index))| PlannedSample {
+                    dataset,
+                    index,
+                    stream: pos as u64,
+                })
                 .collect()
         }
         SampleSource::Given { indices } => {
@@ -276,11 +280,19 @@ pub fn epoch_batches(sizes: &[usize], annotated: &[Vec<bool>], settings: &EpochS
                 .into_iter()
                 .take(count)
                 .enumerate()
-                .map(|(pos, (dataset, index))| PlannedSample { dataset, index, stream: pos as u64 })
+                .map(|(pos, (dataset, index))| PlannedSample {
+                    dataset,
+                    index,
+                    stream: pos as u64,
+                })
                 .collect()
         }
     };
-    let plan = if s.world_size > 1 { shard(&plan, s.rank, s.world_size)? } else { plan };
+    let plan = if s.world_size > 1 {
+        shard(&plan, s.rank, s.world_size)?
+    } else {
+        plan
+    };
     let mut batches: Vec<Vec<PlannedSample>> = plan.chunks(s.batch_size).map(<[PlannedSample]>::to_vec).collect();
     if s.drop_last && batches.last().is_some_and(|b| b.len() < s.batch_size) {
         batches.pop();
@@ -333,7 +345,9 @@ mod tests {
     fn epoch_settings_parse_with_defaults_and_reject_unknown_keys() {
         let s = settings(SampleSource::Balanced);
         assert_eq!((s.world_size, s.workers, s.drop_last, s.iterations), (1, 1, false, None));
-        let bad = serde_json::from_value::<EpochSettings>(serde_json::json!({"source": {"kind": "uniform", "shuffle": true}, "batch_size": 2, "seed": 0, "epoch": 0, "shufle": true}));
+        let bad = serde_json::from_value::<EpochSettings>(
+            serde_json::json!({"source": {"kind": "uniform", "shuffle": true}, "batch_size": 2, "seed": 0, "epoch": 0, "shufle": true}),
+        );
         assert!(bad.unwrap_err().to_string().contains("shufle"));
     }
 
@@ -357,7 +371,10 @@ mod tests {
 
     #[test]
     fn subsets_shuffle_with_the_keyed_stream_and_repeat_to_the_count() {
-        let mut s = settings(SampleSource::Subset { indices: vec![0, 2, 4, 6], shuffle: true });
+        let mut s = settings(SampleSource::Subset {
+            indices: vec![0, 2, 4, 6],
+            shuffle: true,
+        });
         s.batch_size = 8;
         s.samples = Some(8);
         let plan = epoch_batches(&[5, 5], &[], &s).unwrap().concat();
@@ -368,9 +385,17 @@ mod tests {
         first.sort();
         assert_eq!(first, vec![(0, 0), (0, 2), (0, 4), (1, 1)]);
         s.epoch = 2;
-        let other: Vec<(usize, usize)> = epoch_batches(&[5, 5], &[], &s).unwrap().concat().iter().map(|p| (p.dataset, p.index)).collect();
+        let other: Vec<(usize, usize)> = epoch_batches(&[5, 5], &[], &s)
+            .unwrap()
+            .concat()
+            .iter()
+            .map(|p| (p.dataset, p.index))
+            .collect();
         assert_ne!(other, picked, "another epoch, another order");
-        s.source = SampleSource::Subset { indices: vec![10], shuffle: false };
+        s.source = SampleSource::Subset {
+            indices: vec![10],
+            shuffle: false,
+        };
         assert!(epoch_batches(&[5, 5], &[], &s).unwrap_err().to_string().contains("out of range"));
     }
 

@@ -91,19 +91,31 @@ pub fn class_stats_table(rows: &[StatsRow]) -> Result<RecordBatch> {
     let mut columns: Vec<(String, ArrayRef)> = Vec::new();
     let mut push = |name: String, array: ArrayRef| columns.push((name, array));
     let text = |f: &dyn Fn(&StatsRow) -> Option<String>| -> ArrayRef { Arc::new(rows.iter().map(f).collect::<StringArray>()) };
-    let counted = |f: &dyn Fn(&ClassCounts) -> f64| -> ArrayRef {
-        Arc::new(rows.iter().map(|r| r.counts.as_ref().map(f)).collect::<Float64Array>())
-    };
+    let counted =
+        |f: &dyn Fn(&ClassCounts) -> f64| -> ArrayRef { Arc::new(rows.iter().map(|r| r.counts.as_ref().map(f)).collect::<Float64Array>()) };
     push("dataset".into(), text(&|r| Some(r.entry.dataset.clone())));
     push("crop".into(), text(&|r| Some(r.entry.crop.clone())));
     push("class".into(), text(&|r| Some(r.entry.class.clone())));
-    push("annotated".into(), Arc::new(rows.iter().map(|r| Some(r.counts.is_some())).collect::<BooleanArray>()));
-    push("label_path".into(), text(&|r| r.entry.label_path.as_ref().map(|p| p.display().to_string())));
+    push(
+        "annotated".into(),
+        Arc::new(rows.iter().map(|r| Some(r.counts.is_some())).collect::<BooleanArray>()),
+    );
+    push(
+        "label_path".into(),
+        text(&|r| r.entry.label_path.as_ref().map(|p| p.display().to_string())),
+    );
     push(
         "level".into(),
-        Arc::new(rows.iter().map(|r| r.counts.as_ref().map(|c| c.level as i32)).collect::<Int32Array>()),
+        Arc::new(
+            rows.iter()
+                .map(|r| r.counts.as_ref().map(|c| c.level as i32))
+                .collect::<Int32Array>(),
+        ),
     );
-    push("count_source".into(), text(&|r| r.counts.as_ref().map(|c| c.source.as_str().to_string())));
+    push(
+        "count_source".into(),
+        text(&|r| r.counts.as_ref().map(|c| c.source.as_str().to_string())),
+    );
     for (k, axis) in AXES.iter().enumerate() {
         push(format!("voxel_size_{axis}"), counted(&|c| c.voxel_size[k]));
     }
@@ -122,7 +134,11 @@ pub fn class_stats_table(rows: &[StatsRow]) -> Result<RecordBatch> {
         push(format!("train_voxel_size_{axis}"), Arc::new(vs));
     }
     let summed = |f: &dyn Fn(&ClassCounts) -> f64| -> ArrayRef {
-        Arc::new(rows.iter().map(|r| Some(r.counts.as_ref().map_or(0.0, f))).collect::<Float64Array>())
+        Arc::new(
+            rows.iter()
+                .map(|r| Some(r.counts.as_ref().map_or(0.0, f)))
+                .collect::<Float64Array>(),
+        )
     };
     push("foreground_voxels".into(), summed(&|c| c.foreground));
     push("total_voxels".into(), summed(&|c| c.total));
@@ -139,7 +155,10 @@ pub fn class_stats_table(rows: &[StatsRow]) -> Result<RecordBatch> {
 
 /// Columns that are null for an unannotated class (declared nullable even when no row is).
 fn name_may_be_null(name: &str) -> bool {
-    !matches!(name, "dataset" | "crop" | "class" | "annotated" | "foreground_voxels" | "total_voxels") && !name.starts_with("train_voxel_size_")
+    !matches!(
+        name,
+        "dataset" | "crop" | "class" | "annotated" | "foreground_voxels" | "total_voxels"
+    ) && !name.starts_with("train_voxel_size_")
 }
 
 #[cfg(test)]

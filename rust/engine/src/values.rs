@@ -100,7 +100,7 @@ pub struct ValuePipeline {
 /// What a random op draws from: the sample's value seed, the array (or class) and the op's
 /// position, so that changing one array's transforms never changes another's draws.
 fn op_rng(value_seed: u64, stream: u64, position: usize) -> Xoshiro256PlusPlus {
-    let mut key = value_seed ^ 0x5EED_0F_7A1E_u64.rotate_left(17);
+    let mut key = value_seed ^ 0x005E_ED0F_7A1E_u64.rotate_left(17);
     for part in [stream, position as u64] {
         key = splitmix(key ^ part);
     }
@@ -116,7 +116,9 @@ fn splitmix(mut z: u64) -> u64 {
 
 fn check_range(what: &str, low: f64, high: f64) -> Result<()> {
     if !(low.is_finite() && high.is_finite() && low <= high) {
-        return Err(Error::invalid(format!("{what} range must be finite (low, high) with low <= high, not ({low}, {high})")));
+        return Err(Error::invalid(format!(
+            "{what} range must be finite (low, high) with low <= high, not ({low}, {high})"
+        )));
     }
     Ok(())
 }
@@ -125,12 +127,12 @@ impl ValueOp {
     /// Checks the parameters (the Python layer's objects validate too; this guards the boundary).
     pub fn validate(&self) -> Result<()> {
         match *self {
-            ValueOp::GaussianNoise { std, mean } if !(std.is_finite() && mean.is_finite() && std >= 0.0) => {
-                Err(Error::invalid(format!("GaussianNoise needs a finite mean and std >= 0, not ({mean}, {std})")))
-            }
+            ValueOp::GaussianNoise { std, mean } if !(std.is_finite() && mean.is_finite() && std >= 0.0) => Err(Error::invalid(format!(
+                "GaussianNoise needs a finite mean and std >= 0, not ({mean}, {std})"
+            ))),
             ValueOp::RandomContrast { low, high } => check_range("RandomContrast", low, high),
             ValueOp::RandomGamma { low, high } => check_range("RandomGamma", low, high),
-            ValueOp::Standardize { std, .. } if std == 0.0 => Err(Error::invalid("Normalize needs std != 0")),
+            ValueOp::Standardize { std: 0.0, .. } => Err(Error::invalid("Normalize needs std != 0")),
             ValueOp::GaussianBlur { kernel_size, sigma, dims } => {
                 if kernel_size % 2 == 0 || !(sigma > 0.0 && sigma.is_finite()) || !(dims == 2 || dims == 3) {
                     Err(Error::invalid(format!(
@@ -274,7 +276,9 @@ fn random_gamma(values: &mut [f32], gamma: f32) {
 /// The normalised 1-D Gaussian kernel (computed in f64 like the torch implementation).
 pub fn gaussian_kernel(kernel_size: usize, sigma: f64) -> Vec<f32> {
     let radius = (kernel_size / 2) as i64;
-    let raw: Vec<f64> = (-radius..=radius).map(|d| (-((d * d) as f64) / (2.0 * sigma * sigma)).exp()).collect();
+    let raw: Vec<f64> = (-radius..=radius)
+        .map(|d| (-((d * d) as f64) / (2.0 * sigma * sigma)).exp())
+        .collect();
     let total: f64 = raw.iter().sum();
     raw.iter().map(|k| (k / total) as f32).collect()
 }
@@ -296,9 +300,9 @@ fn gaussian_blur(values: &mut [f32], shape: &[usize], kernel_size: usize, sigma:
         for o in 0..outer {
             for s in 0..stride {
                 let base = o * n * stride + s;
-                for i in 0..n + 2 * radius {
+                for (i, slot) in line.iter_mut().enumerate() {
                     let src = i.saturating_sub(radius).min(n - 1);
-                    line[i] = values[base + src * stride];
+                    *slot = values[base + src * stride];
                 }
                 for i in 0..n {
                     let acc: f32 = kernel.iter().zip(&line[i..i + kernel_size]).map(|(k, v)| k * v).sum();
@@ -322,9 +326,13 @@ mod tests {
     fn parses_the_python_description_and_rejects_unknown_ops_and_fields() {
         let p = pipeline(json!([{"op": "nan_to_num", "nan": 0.0, "posinf": null, "neginf": null}, {"op": "binarize", "threshold": 0.5}]));
         assert_eq!(p.ops.len(), 2);
-        let err = ValuePipeline::from_json(&json!([{"op": "sharpen"}]), "raw transforms").unwrap_err().to_string();
+        let err = ValuePipeline::from_json(&json!([{"op": "sharpen"}]), "raw transforms")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("raw transforms") && err.contains("sharpen"), "{err}");
-        let err = ValuePipeline::from_json(&json!([{"op": "binarize", "threshold": 0.5, "extra": 1}]), "t").unwrap_err().to_string();
+        let err = ValuePipeline::from_json(&json!([{"op": "binarize", "threshold": 0.5, "extra": 1}]), "t")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("extra"), "{err}");
         let err = ValuePipeline::from_json(&json!([{"op": "gaussian_blur", "kernel_size": 4, "sigma": 1.0, "dims": 2}]), "t").unwrap_err();
         assert!(err.to_string().contains("odd"));

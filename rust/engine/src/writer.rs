@@ -1021,8 +1021,7 @@ impl ImageWriter {
             let voxel_size: [f64; 3] = std::array::from_fn(|k| config.voxel_size[k] * f[k] as f64);
             // Voxel 0 of every level has its corner at `lo`; the metadata marks that corner or
             // that voxel's centre, per the coordinate frame.
-            let translation =
-                std::array::from_fn(|k| config.bounds.lo[k] + voxel_size[k] / 2.0 - frame.centre_offset(voxel_size[k]));
+            let translation = std::array::from_fn(|k| config.bounds.lo[k] + voxel_size[k] / 2.0 - frame.centre_offset(voxel_size[k]));
             levels.push(LevelInfo {
                 name: format!("s{}", config.first_level + i),
                 shape,
@@ -1851,7 +1850,10 @@ mod tests {
     fn written_translation_follows_the_coordinate_frame() {
         use crate::ngff::CoordinateFrame;
         let dir = temp_dir("frame");
-        for (frame, written) in [(CoordinateFrame::Corner, [8.0, -4.0, 2.0]), (CoordinateFrame::Centre, [10.0, -2.0, 4.0])] {
+        for (frame, written) in [
+            (CoordinateFrame::Corner, [8.0, -4.0, 2.0]),
+            (CoordinateFrame::Centre, [10.0, -2.0, 4.0]),
+        ] {
             let path = dir.join(format!("{}.zarr", frame.name())).join("x");
             let mut c = config(path.clone(), [8.0, -4.0, 2.0], [40.0, 28.0, 34.0], [4.0; 3], [8, 8, 8]);
             c.frame = frame;
@@ -1863,14 +1865,27 @@ mod tests {
             let volume = Volume::open_in_frame(&path, ChunkCache::global(), frame).unwrap();
             assert_eq!(volume.levels[0].origin, written);
             for level in &volume.levels {
-                assert_eq!(level.world_box().lo, [8.0, -4.0, 2.0], "{} level {:?}", frame.name(), level.voxel_size);
+                assert_eq!(
+                    level.world_box().lo,
+                    [8.0, -4.0, 2.0],
+                    "{} level {:?}",
+                    frame.name(),
+                    level.voxel_size
+                );
             }
             assert_eq!(volume.levels[0].world_box().hi, [40.0, 28.0, 34.0]);
             // Read in the other frame, the box moves by half a voxel of the level.
-            let other = if frame == CoordinateFrame::Corner { CoordinateFrame::Centre } else { CoordinateFrame::Corner };
+            let other = if frame == CoordinateFrame::Corner {
+                CoordinateFrame::Centre
+            } else {
+                CoordinateFrame::Corner
+            };
             let shifted = Volume::open_in_frame(&path, ChunkCache::global(), other).unwrap();
             let sign = if frame == CoordinateFrame::Corner { -1.0 } else { 1.0 };
-            assert_eq!(shifted.levels[0].world_box().lo, [8.0 + sign * 2.0, -4.0 + sign * 2.0, 2.0 + sign * 2.0]);
+            assert_eq!(
+                shifted.levels[0].world_box().lo,
+                [8.0 + sign * 2.0, -4.0 + sign * 2.0, 2.0 + sign * 2.0]
+            );
         }
         fs::remove_dir_all(&dir).unwrap();
     }

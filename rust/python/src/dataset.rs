@@ -186,7 +186,11 @@ impl Batch {
         let shapes = batch.columns.iter().map(|c| (c.name.clone(), c.sample_shape.clone())).collect();
         let positions = batch.positions.clone();
         let record_batch = batch.into_record_batch().map_err(|e| to_pyerr(py, e))?;
-        Ok(Batch { record_batch, shapes, positions })
+        Ok(Batch {
+            record_batch,
+            shapes,
+            positions,
+        })
     }
 }
 

@@ -78,7 +78,14 @@ fn coordinate_frame() -> &'static str {
 /// dataset read does. For tests and inspection; datasets apply the ops while reading.
 #[pyfunction]
 #[pyo3(signature = (ops_json, values, shape, value_seed=0, stream=0))]
-fn apply_value_ops(py: Python<'_>, ops_json: &str, values: Vec<f32>, shape: Vec<usize>, value_seed: u64, stream: u64) -> PyResult<Vec<f32>> {
+fn apply_value_ops(
+    py: Python<'_>,
+    ops_json: &str,
+    values: Vec<f32>,
+    shape: Vec<usize>,
+    value_seed: u64,
+    stream: u64,
+) -> PyResult<Vec<f32>> {
     let json = convert::parse_json(py, ops_json)?;
     let pipeline = ValuePipeline::from_json(&json, "value transforms").map_err(|e| convert::to_pyerr(py, e))?;
     if shape.iter().product::<usize>() != values.len() {

@@ -102,7 +102,11 @@ impl Collection {
         let stream_settings = StreamSettings {
             threads,
             prefetch,
-            key: StreamKey { seed: settings.seed, epoch: settings.epoch, rank: 0 },
+            key: StreamKey {
+                seed: settings.seed,
+                epoch: settings.epoch,
+                rank: 0,
+            },
             augment,
         };
         let stream = EngineStream::start((*self.inner).clone(), plan, stream_settings).map_err(|e| to_pyerr(py, e))?;
@@ -120,7 +124,15 @@ impl Collection {
         let inner = self.inner.clone();
         let table = run(py, move || {
             let plan = inner.epoch_plan(&settings)?;
-            inner.plan_metadata(&plan, StreamKey { seed: settings.seed, epoch: settings.epoch, rank: 0 }, augment)
+            inner.plan_metadata(
+                &plan,
+                StreamKey {
+                    seed: settings.seed,
+                    epoch: settings.epoch,
+                    rank: 0,
+                },
+                augment,
+            )
         })?;
         Ok(PyRecordBatch::new(table))
     }

@@ -130,9 +130,7 @@ fn class_stats<'py>(
             training_voxel_size,
         })
         .collect();
-    let batch = run(py, move || {
-        stats::class_stats(&entries, &options, progress.as_deref())
-    })?;
+    let batch = run(py, move || stats::class_stats(&entries, &options, progress.as_deref()))?;
     Ok(PyRecordBatch::new(batch))
 }
 
