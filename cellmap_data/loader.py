@@ -338,9 +338,8 @@ class CellMapDataLoader:
         positions = batch.positions
         out: dict[str, Any] = {"idx": torch.tensor([self.multi.offset(d) + i for d, i in zip(positions, batch.indices)], dtype=torch.int64)}
         owners = [self.multi.datasets[d] for d in positions]
-        first = self.multi.datasets[0]
         for name, tensor in tensors.items():
-            tensor = first.to_axis_order(expand_compact(tensor), name)
+            tensor = _axis_order_by_owner(name, expand_compact(tensor), owners)
             out[name] = _transform_by_owner(name, tensor, seeds, owners)
         if self.return_metadata:
             import pyarrow as pa
@@ -422,6 +421,24 @@ class CellMapDataLoader:
         from .display import loader_html
 
         return loader_html(self)
+
+
+def _axis_order_by_owner(name: str, tensor: torch.Tensor, owners: list[Any]) -> torch.Tensor:
+    """Each sample's tensor in its own dataset's ``axis_order`` (datasets of one loader may
+    differ; the shapes must then agree, as for a cubic patch)."""
+    orders = {owner.axis_order for owner in owners}
+    if len(orders) == 1:
+        return owners[0].to_axis_order(tensor, name)
+    rows: dict[str, list[int]] = {}
+    first: dict[str, Any] = {}
+    for row, owner in enumerate(owners):
+        rows.setdefault(owner.axis_order, []).append(row)
+        first.setdefault(owner.axis_order, owner)
+    result = torch.empty_like(tensor)
+    for order, members in rows.items():
+        index = torch.tensor(members, device=tensor.device)
+        result[index] = first[order].to_axis_order(tensor[index], name)
+    return result
 
 
 def _transform_by_owner(name: str, tensor: torch.Tensor, seeds: torch.Tensor, owners: list[Any]) -> torch.Tensor:

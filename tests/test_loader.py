@@ -245,3 +245,20 @@ def test_ctrl_c_stops_iteration_promptly(tiny_data, tmp_path):
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0 and "interrupted" in out
     assert time.monotonic() - sent < 5
+
+
+def test_each_dataset_s_axis_order_applies_to_its_own_samples(tiny_data):
+    zyx = multi(tiny_data, augment=False)
+    xyz = multi(tiny_data, augment=False, axis_order="xyz")
+    mixed = CellMapMultiDataset([zyx.datasets[0], xyz.datasets[1]], tiny_data.classes, None, None)
+    loader = CellMapDataLoader(mixed, batch_size=8, iterations_per_epoch=2, seed=3, is_train=False)
+    for batch in loader:
+        for row, g in enumerate(batch["idx"].tolist()):
+            d, i = mixed.locate(g)
+            expected = mixed.datasets[d][i]
+            torch.testing.assert_close(batch["raw"][row], expected["raw"], equal_nan=True)
+            torch.testing.assert_close(batch["gt"][row], expected["gt"], equal_nan=True)
+    # the two datasets really order their axes differently
+    plain = zyx.datasets[1][0]["raw"]
+    turned = xyz.datasets[1][0]["raw"]
+    torch.testing.assert_close(turned, plain.permute(0, 3, 2, 1), equal_nan=True)
