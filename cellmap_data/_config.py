@@ -202,3 +202,19 @@ def get_coordinate_frame() -> str:
     from . import _engine
 
     return _engine.coordinate_frame()
+
+
+def distributed_context(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world size): given values, else torch.distributed's when initialised, else (0, 1)."""
+    if rank is None or world_size is None:
+        import torch
+
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            rank = dist.get_rank() if rank is None else rank
+            world_size = dist.get_world_size() if world_size is None else world_size
+    rank = 0 if rank is None else int(rank)
+    world_size = 1 if world_size is None else int(world_size)
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} is outside a world of {world_size}")
+    return rank, world_size

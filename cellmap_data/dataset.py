@@ -27,10 +27,9 @@ from ._config import (
     to_json,
 )
 from ._stats import ClassWeights
+from .batches import expand_compact, run_torch_rest, sample_metadata_dicts
 from .exceptions import ConfigError, NotFoundError
 from .transforms.plan import ValuePlan, plan_value_transforms
-from .transforms.augment._common import owned_batch
-from .transforms.seeding import sample_seeds
 from .utils.paths import split_target_path
 
 __all__ = ["CellMapDataset"]
@@ -48,16 +47,6 @@ def _seed_from(seed: int | None, rng: Any) -> int:
     return int(torch.initial_seed()) & ((1 << 63) - 1)
 
 
-def expand_compact(tensor: torch.Tensor) -> torch.Tensor:
-    """uint8 compact targets (0, 1, 255 = unknown) → float32 with NaN, on the tensor's device.
-
-    Moving uint8 and expanding on the GPU moves 4× less memory than shipping float32."""
-    if tensor.dtype != torch.uint8:
-        return tensor
-    out = tensor.to(torch.float32)
-    return out.masked_fill_(tensor == 255, float("nan"))
-
-
 #: The older positional order of ``CellMapDataset`` (the README's), see ``CellMapDataset``.
 _OLD_DATASET_ORDER = (
     "raw_path", "target_path", "classes", "input_arrays", "target_arrays", "spatial_transforms",
@@ -70,69 +59,6 @@ def _is_old_dataset_call(args: tuple) -> bool:
     # The 6th positional argument is ``pad`` (a bool) now, ``spatial_transforms`` (a dict or
     # None) in the older order.
     return len(args) >= 6 and (args[5] is None or isinstance(args[5], Mapping))
-
-
-def sample_metadata_dicts(record: Any, tensor_names: Sequence[str], owners: Sequence["CellMapDataset"]) -> list[dict[str, Any]]:
-    """Per-sample ``"__metadata__"`` dicts of an engine batch: the engine's metadata columns
-    (``dataset``, ``crop``, ``idx`` within the dataset, ``centre_*``, ``mirror_*``,
-    ``transpose_*``, ``rotate_*``, ``level_<array>``, ``value_seed``) plus the keys of the
-    reference library's metadata: ``raw_path``, ``target_path_str``, ``current_idx``,
-    ``current_center`` (``{axis: nm}``) and ``current_spatial_transforms`` (the drawn transform
-    in the form :meth:`CellMapImage.set_spatial_transforms` takes, so a sample can be re-read)."""
-    rows = record.drop_columns([n for n in tensor_names if n in record.column_names]).to_pylist()
-    for row, owner in zip(rows, owners):
-        row["raw_path"] = owner.raw_path
-        row["target_path_str"] = owner.target_path
-        row["current_idx"] = row.get("idx")
-        row["current_center"] = {a: row.get(f"centre_{a}") for a in SPATIAL_AXES}
-        drawn: dict[str, Any] = {}
-        mirrored = [a for a in SPATIAL_AXES if row.get(f"mirror_{a}")]
-        if mirrored:
-            drawn["mirror"] = mirrored
-        order = [row.get(f"transpose_{a}") for a in SPATIAL_AXES]
-        if all(isinstance(o, int) for o in order) and order != [0, 1, 2]:
-            drawn["transpose"] = [SPATIAL_AXES[o] for o in order]
-        angles = {a: row.get(f"rotate_{a}") for a in SPATIAL_AXES if row.get(f"rotate_{a}")}
-        if angles:
-            drawn["rotate"] = angles
-        row["current_spatial_transforms"] = drawn
-    return rows
-
-
-def _sample_seed(seed: int, salt: str, source: int) -> int:
-    """A torch seed for one sample's call of a foreign transform (stable across processes)."""
-    import hashlib
-
-    payload = f"{seed}:{salt}:{source}".encode()
-    return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little") >> 1
-
-
-def _run_torch_rest(plan: ValuePlan, tensor: torch.Tensor, seeds: torch.Tensor, salt: str, reference_shape: Sequence[int]) -> torch.Tensor:
-    """Runs the torch share of a value-transform plan on a batch ``[B, C, *spatial]``.
-
-    Batch-aware transforms run once on the whole batch, every random draw keyed per sample
-    (:func:`sample_seeds`). Any other callable is called the reference library's way: once per
-    sample and per channel (source), on the patch's own shape with its singleton axes
-    (``reference_shape``), torch's global RNG seeded from that sample's seed around the call
-    (and restored after), so each sample gets its own reproducible draw."""
-    rest = plan.torch_rest
-    if rest is None:
-        return tensor
-    if plan.rest_batch_aware:
-        # The batch is ours alone (fresh from the engine): the project's transforms may change it
-        # in place instead of allocating.
-        with owned_batch(tensor), sample_seeds(seeds, salt=salt):
-            return rest(tensor)
-    devices = [tensor.device] if tensor.device.type == "cuda" else []
-    out = torch.empty_like(tensor)
-    for i, seed in enumerate(seeds.tolist()):
-        for c in range(tensor.shape[1]):
-            patch = tensor[i, c].reshape(list(reference_shape))
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(_sample_seed(int(seed), salt, c))
-                result = rest(patch)
-            out[i, c] = torch.as_tensor(result, device=tensor.device).reshape(tensor.shape[2:])
-    return out
 
 
 def _is_zarr_group(path: str) -> bool:
@@ -512,7 +438,7 @@ class CellMapDataset(ClassWeights, torch.utils.data.Dataset):
         ``[B, C, *spatial]`` (the engine has applied those it runs while reading). ``seeds`` are
         the samples' ``value_seed`` values: random transforms draw from them."""
         if any(s["name"] == name for s in self._inputs):
-            return _run_torch_rest(self._raw_plan, tensor, seeds, "raw", self._reference_shape(name))
+            return run_torch_rest(self._raw_plan, tensor, seeds, "raw", self._reference_shape(name))
         if not self._empty_value_in_engine and not math.isnan(self.empty_value):
             # Older dialect: unknown target voxels hold ``empty_value`` instead of NaN.
             tensor = torch.nan_to_num(tensor, nan=self.empty_value)
@@ -523,9 +449,9 @@ class CellMapDataset(ClassWeights, torch.utils.data.Dataset):
             return tensor
         if not isinstance(self._target_plans, list) and not self._target_plans.rest_batch_aware:
             # Called per sample and per class anyway (sample by sample, as the reference does).
-            return _run_torch_rest(self._target_plans, tensor, seeds, "target", self._reference_shape(name))
+            return run_torch_rest(self._target_plans, tensor, seeds, "target", self._reference_shape(name))
         channels = [
-            _run_torch_rest(plan, tensor[:, c : c + 1], seeds, f"target{c}", self._reference_shape(name))[:, 0]
+            run_torch_rest(plan, tensor[:, c : c + 1], seeds, f"target{c}", self._reference_shape(name))[:, 0]
             for c, plan in enumerate(plans)
         ]
         return torch.stack(channels, dim=1)
@@ -641,6 +567,12 @@ class CellMapDataset(ClassWeights, torch.utils.data.Dataset):
     def verify(self) -> bool:
         """Whether the dataset can produce samples (or ``force_has_data`` is set)."""
         return len(self) > 0 or self.force_has_data
+
+    def as_multi(self) -> Any:
+        """This dataset alone as a :class:`~cellmap_data.CellMapMultiDataset` (what a loader reads)."""
+        from .multidataset import CellMapMultiDataset
+
+        return CellMapMultiDataset([self], self.classes, self.input_arrays, self.target_arrays)
 
     def as_iterable(self, batch_size: int = 1, **loader_kwargs: Any) -> Any:
         """A torch ``IterableDataset`` of batches (see :class:`CellMapIterableDataset`)."""

@@ -591,12 +591,10 @@ def multidataset_html(multi: Any) -> str:
 
 
 def _inner_body(dataset: Any) -> str:
-    from .dataset import CellMapDataset
-    from .multidataset import CellMapMultiDataset
-
-    if isinstance(dataset, CellMapMultiDataset):
+    # Told apart by what they hold (display imports none of the classes it shows).
+    if hasattr(dataset, "datasets") and hasattr(dataset, "cumulative_sizes"):
         return _multi_body(dataset)
-    if isinstance(dataset, CellMapDataset):
+    if hasattr(dataset, "value_transform_plan"):
         return _dataset_body(dataset, deep=False)
     if hasattr(dataset, "indices") and hasattr(dataset, "dataset"):
         return _subset_body(dataset)
@@ -721,7 +719,7 @@ def loader_text(loader: Any) -> str:
 def loader_html(loader: Any) -> str:
     """The HTML of a :class:`~cellmap_data.CellMapDataLoader`: batching, sampling, threads and
     device, then the dataset it loads (arrays, class coverage, value transforms)."""
-    from .loader import distributed_context
+    from ._config import distributed_context
 
     n, total = _samples(loader)
     head = (f'<div class="cm-head"><b>CellMapDataLoader</b> · {len(loader):,} batches of {loader.batch_size} · '

@@ -12,27 +12,13 @@ from typing import Any
 
 import torch
 
-from .dataset import expand_compact, sample_metadata_dicts
+from ._config import distributed_context
+from .batches import apply_value_transforms_by_owner, expand_compact, sample_metadata_dicts, to_axis_order_by_owner
 from .exceptions import ConfigError, warn_reference_difference
-from .multidataset import as_multi
 
 __all__ = ["CellMapDataLoader", "CellMapIterableDataset", "ClassBalancedSampler", "distributed_context"]
 
 _PLAN = tuple[int, int, int]
-
-
-def distributed_context(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """(rank, world size): given values, else torch.distributed's when initialised, else (0, 1)."""
-    if rank is None or world_size is None:
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized():
-            rank = dist.get_rank() if rank is None else rank
-            world_size = dist.get_world_size() if world_size is None else world_size
-    rank = 0 if rank is None else int(rank)
-    world_size = 1 if world_size is None else int(world_size)
-    if not 0 <= rank < world_size:
-        raise ConfigError(f"rank {rank} is outside a world of {world_size}")
-    return rank, world_size
 
 
 def _seed_of(rng: Any, seed: int | None, dataset: Any) -> int:
@@ -44,6 +30,19 @@ def _seed_of(rng: Any, seed: int | None, dataset: Any) -> int:
     if first and hasattr(first[0], "seed"):
         return int(first[0].seed)
     return int(torch.initial_seed()) & ((1 << 63) - 1)
+
+
+def as_multi(dataset: Any) -> tuple[Any, list[int] | None]:
+    """The multi-dataset behind ``dataset`` and, for subsets, the allowed global indices. Datasets
+    answer ``as_multi()`` themselves, so the loader imports none of the dataset modules."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        inner, sub = as_multi(dataset.dataset)
+        indices = [sub[i] for i in dataset.indices] if sub is not None else list(dataset.indices)
+        return inner, indices
+    view = getattr(dataset, "as_multi", None)
+    if view is None:
+        raise ConfigError(f"expected a CellMapDataset, CellMapMultiDataset or subset of one, not {type(dataset).__name__}")
+    return view(), None
 
 
 class ClassBalancedSampler(torch.utils.data.Sampler[int]):
@@ -339,8 +338,8 @@ class CellMapDataLoader:
         out: dict[str, Any] = {"idx": torch.tensor([self.multi.offset(d) + i for d, i in zip(positions, batch.indices)], dtype=torch.int64)}
         owners = [self.multi.datasets[d] for d in positions]
         for name, tensor in tensors.items():
-            tensor = _axis_order_by_owner(name, expand_compact(tensor), owners)
-            out[name] = _transform_by_owner(name, tensor, seeds, owners)
+            tensor = to_axis_order_by_owner(name, expand_compact(tensor), owners)
+            out[name] = apply_value_transforms_by_owner(name, tensor, seeds, owners)
         if self.return_metadata:
             import pyarrow as pa
 
@@ -421,42 +420,6 @@ class CellMapDataLoader:
         from .display import loader_html
 
         return loader_html(self)
-
-
-def _axis_order_by_owner(name: str, tensor: torch.Tensor, owners: list[Any]) -> torch.Tensor:
-    """Each sample's tensor in its own dataset's ``axis_order`` (datasets of one loader may
-    differ; the shapes must then agree, as for a cubic patch)."""
-    orders = {owner.axis_order for owner in owners}
-    if len(orders) == 1:
-        return owners[0].to_axis_order(tensor, name)
-    rows: dict[str, list[int]] = {}
-    first: dict[str, Any] = {}
-    for row, owner in enumerate(owners):
-        rows.setdefault(owner.axis_order, []).append(row)
-        first.setdefault(owner.axis_order, owner)
-    result = torch.empty_like(tensor)
-    for order, members in rows.items():
-        index = torch.tensor(members, device=tensor.device)
-        result[index] = first[order].to_axis_order(tensor[index], name)
-    return result
-
-
-def _transform_by_owner(name: str, tensor: torch.Tensor, seeds: torch.Tensor, owners: list[Any]) -> torch.Tensor:
-    """Applies the torch share of each sample's dataset's value transforms of array ``name``, once
-    per group of samples whose datasets share their transforms."""
-    groups: dict[Any, list[int]] = {}
-    keyed: dict[Any, Any] = {}
-    for row, owner in enumerate(owners):
-        key = owner.value_transform_key(name)
-        groups.setdefault(key, []).append(row)
-        keyed[key] = owner
-    if len(groups) == 1:
-        return owners[0].apply_value_transforms(name, tensor, seeds)
-    result = tensor.clone()
-    for key, rows in groups.items():
-        index = torch.tensor(rows, device=tensor.device)
-        result[index] = keyed[key].apply_value_transforms(name, tensor[index], seeds[rows])
-    return result
 
 
 class CellMapIterableDataset(torch.utils.data.IterableDataset):

@@ -10,11 +10,16 @@ import numpy as np
 import torch
 
 from . import _engine
-from .dataset import CellMapDataset
 from ._stats import ClassWeights
 from .exceptions import ConfigError
 
 __all__ = ["CellMapMultiDataset", "CellMapSubset"]
+
+
+def _is_dataset(obj: Any) -> bool:
+    """Whether ``obj`` is a single dataset (a :class:`~cellmap_data.CellMapDataset`): told by what
+    it holds, so this module does not import the dataset module."""
+    return hasattr(obj, "engine") and hasattr(obj, "annotated_classes") and not hasattr(obj, "cumulative_sizes")
 
 
 class CellMapMultiDataset(ClassWeights, torch.utils.data.ConcatDataset):
@@ -24,7 +29,7 @@ class CellMapMultiDataset(ClassWeights, torch.utils.data.ConcatDataset):
     and the older ``(classes, input_arrays, target_arrays, datasets)``.
     """
 
-    datasets: list[CellMapDataset]  # type: ignore[assignment]  # flattened: never nested
+    datasets: list[Any]  # flattened CellMapDataset objects: never nested
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         names_new = ["datasets", "classes", "input_arrays", "target_arrays"]
@@ -37,9 +42,9 @@ class CellMapMultiDataset(ClassWeights, torch.utils.data.ConcatDataset):
         bound.update(kwargs)
         datasets = list(bound.get("datasets") or [])
         for d in datasets:
-            if not isinstance(d, (CellMapDataset, CellMapMultiDataset)):
+            if not (isinstance(d, CellMapMultiDataset) or _is_dataset(d)):
                 raise ConfigError(f"CellMapMultiDataset takes CellMapDataset objects, not {type(d).__name__}")
-        flat: list[CellMapDataset] = []
+        flat: list[Any] = []
         for d in datasets:
             flat.extend(d.datasets if isinstance(d, CellMapMultiDataset) else [d])
         self.classes = list(bound.get("classes") or (flat[0].classes if flat else []))
@@ -75,6 +80,11 @@ class CellMapMultiDataset(ClassWeights, torch.utils.data.ConcatDataset):
         that owns it, as in the reference library (:meth:`locate` maps one to the other)."""
         d, i = self.locate(int(idx))
         return self.datasets[d][i]
+
+    def as_multi(self) -> "CellMapMultiDataset":
+        """This multi-dataset (what a loader reads; a single dataset answers with a one-dataset
+        multi-dataset)."""
+        return self
 
     def engine_collection(self) -> Any:
         """The engine's view of these datasets (one index space, shared reads)."""
@@ -182,19 +192,3 @@ class CellMapSubset(torch.utils.data.Subset):
         from .display import subset_html
 
         return subset_html(self)
-
-
-def as_multi(dataset: Any) -> tuple[CellMapMultiDataset, list[int] | None]:
-    """The multi-dataset behind ``dataset`` and, for subsets, the allowed global indices."""
-    indices: list[int] | None = None
-    if isinstance(dataset, torch.utils.data.Subset):
-        inner, sub = as_multi(dataset.dataset)
-        indices = [sub[i] for i in dataset.indices] if sub is not None else list(dataset.indices)
-        return inner, indices
-    if isinstance(dataset, CellMapMultiDataset):
-        return dataset, None
-    if isinstance(dataset, CellMapDataset):
-        return CellMapMultiDataset([dataset], dataset.classes, dataset.input_arrays, dataset.target_arrays), None
-    raise ConfigError(f"expected a CellMapDataset, CellMapMultiDataset or subset of one, not {type(dataset).__name__}")
-
-

@@ -19,6 +19,8 @@ everywhere, so they never look like background (0).
 
 from __future__ import annotations
 
+import functools
+
 import math
 import os
 import warnings
@@ -155,12 +157,28 @@ def _unknown_patch(label: str = "unknown (NaN)") -> Any:
     return Patch(facecolor=UNKNOWN_BACKGROUND, edgecolor=UNKNOWN_STRIPE, hatch="///", label=label)
 
 
-def _new_figure(figsize: Sequence[float]) -> "Figure":
-    """A new figure (no pyplot) of ``figsize`` inches with the constrained layout."""
+@functools.lru_cache(maxsize=None)
+def _notebook_figure_class() -> type:
+    """A matplotlib ``Figure`` that shows itself as a PNG in Jupyter even when no pyplot backend
+    was set up (figures here are made without pyplot, which is what registers matplotlib's own
+    display hooks; where those are active, they take precedence)."""
     from matplotlib.figure import Figure
 
+    class NotebookFigure(Figure):
+        def _repr_png_(self) -> bytes:
+            import io
+
+            buffer = io.BytesIO()
+            self.savefig(buffer, format="png", bbox_inches="tight")
+            return buffer.getvalue()
+
+    return NotebookFigure
+
+
+def _new_figure(figsize: Sequence[float], layout: str | None = "constrained") -> "Figure":
+    """A new figure (no pyplot) of ``figsize`` inches, shown as a PNG by Jupyter."""
     width, height = (float(v) for v in figsize)
-    return Figure(figsize=(width, height), layout="constrained")
+    return _notebook_figure_class()(figsize=(width, height), layout=layout)
 
 
 def _check_figsize(figsize: Any) -> Optional[tuple[float, float]]:

@@ -383,3 +383,15 @@ def test_get_fig_dict_draws_unknown_voxels_as_sample_grid_does():
     expected = plot._unknown_rgba(np.ones((8, 8), dtype=bool))
     np.testing.assert_array_equal(stripes.get_array(), expected)
     render(fig)
+
+
+def test_figures_show_as_png_in_a_notebook_without_pyplot(tiny_data):
+    """Jupyter displays an object through ``_repr_png_`` when no matplotlib backend registered
+    its own hook; the returned figures answer it with a real PNG."""
+    from cellmap_data import plot
+
+    rng = np.random.default_rng(0)
+    batch = {"input": torch.from_numpy(rng.random((2, 1, 8, 8), dtype=np.float32)),
+             "output": torch.from_numpy((rng.random((2, 2, 8, 8)) > 0.5).astype(np.float32))}
+    png = plot.sample_grid(batch, classes=["mito", "er"])._repr_png_()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000

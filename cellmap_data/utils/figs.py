@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 
-from cellmap_data.plot import UNKNOWN_BACKGROUND, _plane, _show_image, _to_numpy
+from cellmap_data.plot import UNKNOWN_BACKGROUND, _new_figure, _plane, _show_image, _to_numpy
 
 if TYPE_CHECKING:  # matplotlib is imported lazily: it is slow to import.
     from matplotlib.figure import Figure
@@ -129,7 +129,6 @@ def get_image_grid(
     Raises:
         ValueError: inconsistent batch sizes or channel counts.
     """
-    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
     inputs = _to_numpy(input_data)
@@ -138,7 +137,7 @@ def get_image_grid(
     _check_batch(inputs, targets, predictions, classes)
     rows = inputs.shape[0] if batch_size is None else min(batch_size, inputs.shape[0])
     columns = 2 + 2 * len(classes)
-    fig = Figure(figsize=(fig_size * columns, fig_size * rows), layout="tight")
+    fig = _new_figure((fig_size * columns, fig_size * rows), layout="tight")
     axes = fig.subplots(rows, columns, squeeze=False)
     for row in range(rows):
         full = _middle_slice(inputs[row, 0])
@@ -248,7 +247,6 @@ def get_fig_dict(
     Raises:
         ValueError: inconsistent batch sizes or channel counts.
     """
-    from matplotlib.figure import Figure
 
     inputs = _to_numpy(input_data)
     targets = _to_numpy(target_data)
@@ -258,7 +256,7 @@ def get_fig_dict(
     rows = inputs.shape[0] if batch_size is None else min(batch_size, inputs.shape[0])
     figures = {}
     for class_index, class_name in enumerate(classes):
-        fig = Figure(figsize=(3 * fig_size, rows * fig_size))
+        fig = _new_figure((3 * fig_size, rows * fig_size), layout=None)
         axes = fig.subplots(rows, 3, squeeze=False)
         for row in range(rows):
             panels = (
