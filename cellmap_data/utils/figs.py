@@ -58,6 +58,16 @@ def _show(
     _show_image(ax, image, cmap=cmap_name, clim=clim, colorbar=colorbar, colorbar_size=colorbar_size)
 
 
+def _batch_arrays(input_data: Any, target_data: Any, outputs: Any, classes: Sequence[str],
+                  batch_size: Optional[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(inputs, targets, predictions) as float numpy arrays, checked against each other and
+    ``classes``, and the number of rows to draw (at most ``batch_size``)."""
+    inputs, targets, predictions = _to_numpy(input_data), _to_numpy(target_data), _to_numpy(outputs)
+    _check_batch(inputs, targets, predictions, classes)
+    rows = inputs.shape[0] if batch_size is None else min(batch_size, inputs.shape[0])
+    return inputs, targets, predictions, rows
+
+
 def _check_batch(inputs: np.ndarray, targets: np.ndarray, predictions: np.ndarray, classes: Sequence[str]) -> None:
     """Raise ValueError unless the three arrays are batches with one channel per class."""
     if targets.ndim < 4 or predictions.ndim < 4 or inputs.ndim < 4:
@@ -131,11 +141,7 @@ def get_image_grid(
     """
     from matplotlib.patches import Rectangle
 
-    inputs = _to_numpy(input_data)
-    targets = _to_numpy(target_data)
-    predictions = _to_numpy(outputs)
-    _check_batch(inputs, targets, predictions, classes)
-    rows = inputs.shape[0] if batch_size is None else min(batch_size, inputs.shape[0])
+    inputs, targets, predictions, rows = _batch_arrays(input_data, target_data, outputs, classes, batch_size)
     columns = 2 + 2 * len(classes)
     fig = _new_figure((fig_size * columns, fig_size * rows), layout="tight")
     axes = fig.subplots(rows, columns, squeeze=False)
@@ -247,13 +253,7 @@ def get_fig_dict(
     Raises:
         ValueError: inconsistent batch sizes or channel counts.
     """
-
-    inputs = _to_numpy(input_data)
-    targets = _to_numpy(target_data)
-    predictions = _to_numpy(outputs)
-    _check_batch(inputs, targets, predictions, classes)
-
-    rows = inputs.shape[0] if batch_size is None else min(batch_size, inputs.shape[0])
+    inputs, targets, predictions, rows = _batch_arrays(input_data, target_data, outputs, classes, batch_size)
     figures = {}
     for class_index, class_name in enumerate(classes):
         fig = _new_figure((3 * fig_size, rows * fig_size), layout=None)
