@@ -450,40 +450,72 @@ impl Dataset {
     }
 }
 
-fn json_triple<T: Copy>(value: &serde_json::Value, what: &str, conv: impl Fn(&serde_json::Value) -> Option<T>) -> Result<[T; 3]> {
-    let list = value
-        .as_array()
-        .ok_or_else(|| Error::invalid(format!("{what} must be a list of 3 numbers (z, y, x), not {value}")))?;
-    if list.len() != 3 {
-        return Err(Error::invalid(format!("{what} must have 3 entries (z, y, x), not {}", list.len())));
-    }
-    let mut out = Vec::with_capacity(3);
-    for v in list {
-        out.push(conv(v).ok_or_else(|| Error::invalid(format!("{what} must hold numbers, not {v}")))?);
-    }
-    Ok([out[0], out[1], out[2]])
+/// One `input_arrays` / `target_arrays` entry as the Python layer sends it (already 3D).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ArrayJson {
+    name: String,
+    shape: [usize; 3],
+    scale: [f64; 3],
+}
+
+/// One requested class: name, label group (null: not annotated here), label groups of the
+/// annotated classes mutually exclusive with it.
+#[derive(Debug, Deserialize)]
+struct ClassJson(String, Option<PathBuf>, #[serde(default)] Vec<PathBuf>);
+
+fn default_pad() -> bool {
+    true
+}
+
+fn default_interpolation() -> String {
+    "linear".into()
+}
+
+/// A dataset's configuration as the Python layer sends it (`cellmap_data/dataset.py`): parsed
+/// once, typed; unknown keys are errors.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DatasetJson {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    crop: String,
+    raw_path: PathBuf,
+    #[serde(default)]
+    classes: Vec<ClassJson>,
+    #[serde(default)]
+    inputs: Vec<ArrayJson>,
+    #[serde(default)]
+    targets: Vec<ArrayJson>,
+    #[serde(default = "default_pad")]
+    pad: bool,
+    /// `null` (JSON has no NaN) or absent: NaN.
+    #[serde(default)]
+    raw_pad_value: Option<f32>,
+    #[serde(default = "default_interpolation")]
+    raw_interpolation: String,
+    /// The spatial-transform dialects of the reference library, read by [`SpatialConfig::parse`].
+    #[serde(default)]
+    spatial: serde_json::Value,
+    #[serde(default)]
+    compact_targets: bool,
+    #[serde(default)]
+    raw_values: ValuePipeline,
+    #[serde(default)]
+    target_values: TargetValues,
 }
 
 impl ArraySpec {
+    fn from_parsed(array: ArrayJson) -> Result<ArraySpec> {
+        let patch = PatchSpec::new(array.shape, array.scale).map_err(|e| Error::invalid(format!("array '{}': {e}", array.name)))?;
+        Ok(ArraySpec { name: array.name, patch })
+    }
+
     /// Parses `{"name": ..., "shape": [z, y, x], "scale": [z, y, x]}` (already 3D).
     pub fn from_json(value: &serde_json::Value) -> Result<ArraySpec> {
-        let name = value
-            .get("name")
-            .and_then(serde_json::Value::as_str)
-            .ok_or_else(|| Error::invalid("array spec needs a 'name'"))?
-            .to_string();
-        let shape = json_triple(
-            value.get("shape").unwrap_or(&serde_json::Value::Null),
-            &format!("array '{name}' shape"),
-            |v| v.as_u64().map(|n| n as usize),
-        )?;
-        let scale = json_triple(
-            value.get("scale").unwrap_or(&serde_json::Value::Null),
-            &format!("array '{name}' scale"),
-            |v| v.as_f64(),
-        )?;
-        let patch = PatchSpec::new(shape, scale).map_err(|e| Error::invalid(format!("array '{name}': {e}")))?;
-        Ok(ArraySpec { name, patch })
+        let array = ArrayJson::deserialize(value).map_err(|e| Error::invalid(format!("array spec {value}: {e}")))?;
+        Self::from_parsed(array)
     }
 }
 
@@ -493,84 +525,48 @@ impl DatasetConfig {
         self.label.clone().unwrap_or_else(|| self.raw_path.display().to_string())
     }
 
-    /// Parses the configuration the Python layer sends (see `cellmap_data/_config.py`).
-    /// `raw_pad_value: null` means NaN (JSON has no NaN).
+    /// Parses the configuration the Python layer sends (see `cellmap_data/dataset.py`); each
+    /// concern is validated once, here (array specs, interpolation, spatial config, value ops).
     pub fn from_json(value: &serde_json::Value) -> Result<DatasetConfig> {
-        use serde_json::Value;
-        let raw_path = value
-            .get("raw_path")
-            .and_then(Value::as_str)
-            .ok_or_else(|| Error::invalid("dataset config needs 'raw_path'"))?;
-        let mut classes = Vec::new();
-        let mut exclusive_with = Vec::new();
-        for item in value
-            .get("classes")
-            .and_then(Value::as_array)
-            .map(Vec::as_slice)
-            .unwrap_or_default()
+        let parsed = DatasetJson::deserialize(value).map_err(|e| Error::invalid(format!("dataset configuration: {e}")))?;
+        let arrays = |list: Vec<ArrayJson>| list.into_iter().map(ArraySpec::from_parsed).collect::<Result<Vec<_>>>();
+        let (classes, exclusive_with) = parsed
+            .classes
+            .into_iter()
+            .map(|ClassJson(name, path, related)| ((name, path), related))
+            .unzip();
+        let pipelines = match &parsed.target_values {
+            TargetValues::Whole(p) => std::slice::from_ref(p),
+            TargetValues::PerClass(ps) => ps.as_slice(),
+        };
+        for (what, op) in pipelines
+            .iter()
+            .flat_map(|p| p.ops.iter().map(|op| ("target", op)))
+            .chain(parsed.raw_values.ops.iter().map(|op| ("raw", op)))
         {
-            let name = item
-                .get(0)
-                .and_then(Value::as_str)
-                .ok_or_else(|| Error::invalid("class entries are [name, path or null, [exclusive label paths]]"))?;
-            let path = item.get(1).and_then(Value::as_str).map(PathBuf::from);
-            let related = item
-                .get(2)
-                .and_then(Value::as_array)
-                .map(|list| list.iter().filter_map(Value::as_str).map(PathBuf::from).collect())
-                .unwrap_or_default();
-            classes.push((name.to_string(), path));
-            exclusive_with.push(related);
+            op.validate().map_err(|e| Error::invalid(format!("{what} value transforms: {e}")))?;
         }
-        let arrays = |key: &str| -> Result<Vec<ArraySpec>> {
-            value
-                .get(key)
-                .and_then(Value::as_array)
-                .map(Vec::as_slice)
-                .unwrap_or_default()
-                .iter()
-                .map(ArraySpec::from_json)
-                .collect()
-        };
-        let interpolation = value.get("raw_interpolation").and_then(Value::as_str).unwrap_or("linear");
-        let config = DatasetConfig {
-            label: value.get("name").and_then(Value::as_str).map(str::to_string),
-            crop: value.get("crop").and_then(Value::as_str).unwrap_or_default().to_string(),
-            raw_path: PathBuf::from(raw_path),
-            classes,
-            exclusive_with,
-            inputs: arrays("inputs")?,
-            targets: arrays("targets")?,
-            pad: value.get("pad").and_then(Value::as_bool).unwrap_or(true),
-            raw_pad_value: value.get("raw_pad_value").and_then(Value::as_f64).map_or(f32::NAN, |v| v as f32),
-            raw_interpolation: Interpolation::parse(interpolation)?,
-            spatial: SpatialConfig::parse(value.get("spatial").unwrap_or(&Value::Null))?,
-            compact_targets: value.get("compact_targets").and_then(Value::as_bool).unwrap_or(false),
-            raw_values: match value.get("raw_values") {
-                Some(v) => ValuePipeline::from_json(v, "raw value transforms")?,
-                None => ValuePipeline::default(),
-            },
-            target_values: match value.get("target_values") {
-                Some(v) => {
-                    let parsed = TargetValues::deserialize(v).map_err(|e| Error::invalid(format!("target value transforms: {e}")))?;
-                    let pipelines = match &parsed {
-                        TargetValues::Whole(p) => std::slice::from_ref(p),
-                        TargetValues::PerClass(ps) => ps.as_slice(),
-                    };
-                    for op in pipelines.iter().flat_map(|p| &p.ops) {
-                        op.validate().map_err(|e| Error::invalid(format!("target value transforms: {e}")))?;
-                    }
-                    parsed
-                }
-                None => TargetValues::default(),
-            },
-        };
-        if config.compact_targets && !config.target_values.is_empty() {
+        if parsed.compact_targets && !parsed.target_values.is_empty() {
             return Err(Error::invalid(
                 "compact (uint8) targets cannot carry engine value transforms: they are expanded on the device",
             ));
         }
-        Ok(config)
+        Ok(DatasetConfig {
+            label: parsed.name,
+            crop: parsed.crop,
+            raw_path: parsed.raw_path,
+            classes,
+            exclusive_with,
+            inputs: arrays(parsed.inputs)?,
+            targets: arrays(parsed.targets)?,
+            pad: parsed.pad,
+            raw_pad_value: parsed.raw_pad_value.unwrap_or(f32::NAN),
+            raw_interpolation: Interpolation::parse(&parsed.raw_interpolation)?,
+            spatial: SpatialConfig::parse(&parsed.spatial)?,
+            compact_targets: parsed.compact_targets,
+            raw_values: parsed.raw_values,
+            target_values: parsed.target_values,
+        })
     }
 }
 
@@ -630,6 +626,26 @@ mod tests {
 
     fn open(config: &Value) -> Result<Dataset> {
         Dataset::open(DatasetConfig::from_json(config)?, ChunkCache::global())
+    }
+
+    #[test]
+    fn configuration_is_typed_and_names_the_offending_key() {
+        let base = serde_json::json!({"raw_path": "/nowhere", "inputs": [{"name": "raw", "shape": [4, 4, 4], "scale": [8.0, 8.0, 8.0]}]});
+        let config = DatasetConfig::from_json(&base).unwrap();
+        assert!(config.pad && config.raw_pad_value.is_nan() && config.classes.is_empty());
+        assert_eq!(config.inputs[0].patch.shape, [4, 4, 4]);
+        let mut unknown = base.clone();
+        unknown["padding"] = serde_json::json!(true);
+        let message = DatasetConfig::from_json(&unknown).unwrap_err().to_string();
+        assert!(message.contains("padding"), "{message}");
+        let mut short = base.clone();
+        short["inputs"][0]["shape"] = serde_json::json!([4, 4]);
+        let message = DatasetConfig::from_json(&short).unwrap_err().to_string();
+        assert!(message.contains("dataset configuration") && message.contains('3'), "{message}");
+        let mut compact = base;
+        compact["compact_targets"] = serde_json::json!(true);
+        compact["target_values"] = serde_json::json!({"whole": [{"op": "binarize", "threshold": 0.5}]});
+        assert!(DatasetConfig::from_json(&compact).unwrap_err().to_string().contains("compact"));
     }
 
     #[test]
