@@ -50,6 +50,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rayon::prelude::*;
+use serde::Deserialize;
 use serde_json::{json, Value};
 use zarrs::array::{Array, ArraySubset, ArrayToBytesCodecTraits, CodecOptions, IntoArrayBytes};
 use zarrs::filesystem::FilesystemStore;
@@ -306,85 +307,110 @@ fn parse_dtype(name: &str) -> Result<DType> {
     })
 }
 
-fn triple<T: Copy>(value: Option<&Value>, what: &str, conv: impl Fn(&Value) -> Option<T>) -> Result<[T; 3]> {
-    let list = value
-        .and_then(Value::as_array)
-        .ok_or_else(|| Error::invalid(format!("{what} must be a list of 3 values (z, y, x)")))?;
-    if list.len() != 3 {
-        return Err(Error::invalid(format!("{what} must have 3 entries (z, y, x), not {}", list.len())));
-    }
-    let mut out = Vec::with_capacity(3);
-    for v in list {
-        out.push(conv(v).ok_or_else(|| Error::invalid(format!("{what} has an invalid entry {v}")))?);
-    }
-    Ok([out[0], out[1], out[2]])
+/// The tiling part of a writer's configuration as the Python layer sends it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TilingJson {
+    #[serde(default)]
+    overlap: Option<[usize; 3]>,
+    #[serde(default)]
+    blend: Option<String>,
+}
+
+fn default_dtype() -> String {
+    "float32".into()
+}
+
+fn default_zarr_format() -> u8 {
+    2
+}
+
+fn default_compression_level() -> i32 {
+    3
+}
+
+/// A writer's configuration as the Python layer sends it (`cellmap_data/writer.py`): parsed
+/// once, typed; unknown keys are errors.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WriterJson {
+    path: PathBuf,
+    #[serde(default)]
+    name: Option<String>,
+    voxel_size: [f64; 3],
+    bounds_lo: [f64; 3],
+    bounds_hi: [f64; 3],
+    write_shape: [usize; 3],
+    #[serde(default)]
+    chunk_shape: Option<[usize; 3]>,
+    #[serde(default = "default_dtype")]
+    dtype: String,
+    /// `null` (JSON has no NaN): NaN; absent: 0.
+    #[serde(default = "zero_fill")]
+    fill_value: Option<f64>,
+    #[serde(default = "default_zarr_format")]
+    zarr_format: u8,
+    #[serde(default)]
+    overwrite: bool,
+    #[serde(default)]
+    first_level: usize,
+    #[serde(default)]
+    downsample_levels: usize,
+    #[serde(default = "default_compression_level")]
+    compression_level: i32,
+    #[serde(default)]
+    tiling: Option<TilingJson>,
+    #[serde(default)]
+    protected: Vec<PathBuf>,
+    #[serde(default)]
+    fsync: bool,
+    #[serde(default)]
+    coordinate_frame: Option<String>,
+}
+
+fn zero_fill() -> Option<f64> {
+    Some(0.0)
 }
 
 impl WriterConfig {
     /// Parses the JSON the Python layer sends (see `cellmap_data/writer.py`). `fill_value:
     /// null` means NaN.
     pub fn from_json(value: &Value) -> Result<WriterConfig> {
-        let path = value
-            .get("path")
-            .and_then(Value::as_str)
-            .ok_or_else(|| Error::invalid("writer config needs a 'path'"))?;
-        let usize_of = |v: &Value| v.as_u64().map(|n| n as usize);
-        let voxel_size = triple(value.get("voxel_size"), "voxel_size", Value::as_f64)?;
-        let lo = triple(value.get("bounds_lo"), "bounds_lo", Value::as_f64)?;
-        let hi = triple(value.get("bounds_hi"), "bounds_hi", Value::as_f64)?;
-        let write_shape = triple(value.get("write_shape"), "write_shape", usize_of)?;
-        let chunk_shape = match value.get("chunk_shape") {
-            None | Some(Value::Null) => write_shape,
-            Some(v) => triple(Some(v), "chunk_shape", usize_of)?,
-        };
-        let dtype = parse_dtype(value.get("dtype").and_then(Value::as_str).unwrap_or("float32"))?;
-        let fill_value = match value.get("fill_value") {
-            None => 0.0,
-            Some(Value::Null) => f64::NAN,
-            Some(v) => v
-                .as_f64()
-                .ok_or_else(|| Error::invalid(format!("fill_value must be a number, not {v}")))?,
-        };
-        let format = match value.get("zarr_format").and_then(Value::as_u64).unwrap_or(2) {
+        let parsed = WriterJson::deserialize(value).map_err(|e| Error::invalid(format!("writer configuration: {e}")))?;
+        let format = match parsed.zarr_format {
             2 => ZarrFormat::V2,
             3 => ZarrFormat::V3,
             other => return Err(Error::invalid(format!("zarr_format must be 2 or 3, not {other}"))),
         };
-        let tiling = match value.get("tiling") {
-            None | Some(Value::Null) => None,
+        let tiling = match parsed.tiling {
+            None => None,
             Some(t) => Some(TilingConfig {
-                overlap: match t.get("overlap") {
-                    None | Some(Value::Null) => [0; 3],
-                    Some(v) => triple(Some(v), "overlap", usize_of)?,
-                },
-                blend: Blend::parse(t.get("blend").and_then(Value::as_str).unwrap_or("linear"))?,
+                overlap: t.overlap.unwrap_or([0; 3]),
+                blend: Blend::parse(t.blend.as_deref().unwrap_or("linear"))?,
             }),
         };
-        let protected = value
-            .get("protected")
-            .and_then(Value::as_array)
-            .map(|l| l.iter().filter_map(Value::as_str).map(PathBuf::from).collect())
-            .unwrap_or_default();
-        let level = value.get("compression_level").and_then(Value::as_i64).unwrap_or(3);
         Ok(WriterConfig {
-            path: PathBuf::from(path),
-            name: value.get("name").and_then(Value::as_str).map(str::to_string),
-            voxel_size,
-            bounds: WorldBox { lo, hi },
-            write_shape,
-            chunk_shape,
-            dtype,
-            fill_value,
+            path: parsed.path,
+            name: parsed.name,
+            voxel_size: parsed.voxel_size,
+            bounds: WorldBox {
+                lo: parsed.bounds_lo,
+                hi: parsed.bounds_hi,
+            },
+            write_shape: parsed.write_shape,
+            chunk_shape: parsed.chunk_shape.unwrap_or(parsed.write_shape),
+            dtype: parse_dtype(&parsed.dtype)?,
+            fill_value: parsed.fill_value.unwrap_or(f64::NAN),
             format,
-            overwrite: value.get("overwrite").and_then(Value::as_bool).unwrap_or(false),
-            first_level: value.get("first_level").and_then(Value::as_u64).unwrap_or(0) as usize,
-            downsample_levels: value.get("downsample_levels").and_then(Value::as_u64).unwrap_or(0) as usize,
-            compression_level: level.clamp(i32::MIN as i64, i32::MAX as i64) as i32,
+            overwrite: parsed.overwrite,
+            first_level: parsed.first_level,
+            downsample_levels: parsed.downsample_levels,
+            compression_level: parsed.compression_level,
             tiling,
-            protected,
-            fsync: value.get("fsync").and_then(Value::as_bool).unwrap_or(false),
-            frame: match value.get("coordinate_frame").and_then(Value::as_str) {
-                Some(name) => CoordinateFrame::parse(name)?,
+            protected: parsed.protected,
+            fsync: parsed.fsync,
+            frame: match parsed.coordinate_frame {
+                Some(name) => CoordinateFrame::parse(&name)?,
                 None => CoordinateFrame::current(),
             },
         })
