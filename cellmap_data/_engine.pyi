@@ -316,13 +316,8 @@ class Collection:
         """Plans the epoch of ``settings_json`` and starts reading it in the background: one call,
         the plan never crosses to Python."""
     def epoch_metadata(self, settings_json: str, *, augment: bool = False) -> RecordBatch:
-        """The sample metadata of the epoch of ``settings_json``, read from its plan alone (see
-        ``plan_metadata``)."""
-    def plan_metadata(
-        self, batches: Sequence[Sequence[_Plan]], *, seed: int = 0, epoch: int = 0, augment: bool = False
-    ) -> RecordBatch:
-        """The sample metadata of planned ``batches`` as a record batch (a ``batch`` column, then
-        the columns every batch's record batch carries), computed without reading any voxel."""
+        """The sample metadata of the epoch of ``settings_json``, read from its plan alone: the
+        columns every batch's record batch carries, after a ``batch`` column."""
     def stream(
         self,
         batches: Sequence[Sequence[_Plan]],

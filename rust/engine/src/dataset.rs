@@ -382,9 +382,8 @@ impl Dataset {
             return;
         }
         let n_inputs = self.config.inputs.len();
-        let shapes = self.sample_shapes();
         for (i, out) in outputs.iter_mut().enumerate() {
-            let shape = &shapes[i].1;
+            let shape = &self.sample_shape(i);
             if i < n_inputs {
                 self.config
                     .raw_values
@@ -413,22 +412,21 @@ impl Dataset {
     /// Per-sample tensor shape of each array (inputs then targets): channel first, singleton
     /// spatial axes squeezed (so `(1, 256, 256)` gives `[1, 256, 256]` inputs).
     pub fn sample_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let squeeze = |channels: usize, spec: &PatchSpec| {
-            let mut s = vec![channels];
-            s.extend(spec.shape.iter().copied().filter(|&n| n != 1));
-            s
+        let specs = self.config.inputs.iter().chain(&self.config.targets);
+        specs.enumerate().map(|(i, a)| (a.name.clone(), self.sample_shape(i))).collect()
+    }
+
+    /// The per-sample tensor shape of array `i` (inputs, then targets); see [`Dataset::sample_shapes`].
+    fn sample_shape(&self, i: usize) -> Vec<usize> {
+        let n_inputs = self.config.inputs.len();
+        let (channels, spec) = if i < n_inputs {
+            (1, &self.config.inputs[i].patch)
+        } else {
+            (self.n_classes(), &self.config.targets[i - n_inputs].patch)
         };
-        self.config
-            .inputs
-            .iter()
-            .map(|a| (a.name.clone(), squeeze(1, &a.patch)))
-            .chain(
-                self.config
-                    .targets
-                    .iter()
-                    .map(|a| (a.name.clone(), squeeze(self.n_classes(), &a.patch))),
-            )
-            .collect()
+        let mut shape = vec![channels];
+        shape.extend(spec.shape.iter().copied().filter(|&n| n != 1));
+        shape
     }
 
     /// Level read for each array (inputs, then targets: level of the first annotated class or -1).

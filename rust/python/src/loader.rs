@@ -116,8 +116,8 @@ impl Collection {
         })
     }
 
-    /// The sample metadata of the epoch of `settings_json`, read from its plan alone (see
-    /// `plan_metadata`).
+    /// The sample metadata of the epoch of `settings_json`, read from its plan alone: the
+    /// columns every batch's record batch carries, after a `batch` column.
     #[pyo3(signature = (settings_json, *, augment=false))]
     fn epoch_metadata(&self, py: Python<'_>, settings_json: &str, augment: bool) -> PyResult<PyRecordBatch> {
         let settings = epoch_settings(py, settings_json)?;
@@ -134,17 +134,6 @@ impl Collection {
                 augment,
             )
         })?;
-        Ok(PyRecordBatch::new(table))
-    }
-
-    /// The sample metadata of planned `batches` as a record batch (a `batch` column, then the
-    /// columns every batch's record batch carries), computed without reading any voxel.
-    #[pyo3(signature = (batches, *, seed=0, epoch=0, augment=false))]
-    fn plan_metadata(&self, py: Python<'_>, batches: Vec<Vec<PlanTuple>>, seed: u64, epoch: u64, augment: bool) -> PyResult<PyRecordBatch> {
-        let inner = self.inner.clone();
-        let key = StreamKey { seed, epoch, rank: 0 };
-        let plan: Vec<Vec<PlannedSample>> = batches.into_iter().map(to_plan).collect();
-        let table = run(py, move || inner.plan_metadata(&plan, key, augment))?;
         Ok(PyRecordBatch::new(table))
     }
 
