@@ -111,6 +111,65 @@ def spatial_transforms_json(config: Mapping[str, Any] | None) -> Any:
     return plain(config, "")
 
 
+def _axes_member(value: Any) -> Any:
+    """``{"axes": X}`` (the reference library's nesting) → ``X``; anything else as it is."""
+    if isinstance(value, Mapping) and set(value) == {"axes"}:
+        return value["axes"]
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def spatial_transforms_engine_form(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The reference library's spatial-transform dialects → the one form the engine reads:
+    ``{"mirror": {axis: probability}, "transpose": [axis, ...], "rotate": {axis: [low, high]}}``.
+
+    Dialects translated: ``{"axes": ...}`` nesting or the flat form; ``mirror``/``transpose``
+    as a bool (every axis; mirror probability 0.5); mirror probabilities given as
+    ``True``/``False`` (1 and 0); a rotation given as one number ``m`` (``[-|m|, |m|]``). Values
+    are checked by the engine, which names the key in its errors."""
+    config = spatial_transforms_json(config)
+    if config is None:
+        return None
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if key == "mirror":
+            if isinstance(value, bool):
+                value = {a: 0.5 if value else 0.0 for a in SPATIAL_AXES}
+            value = _axes_member(value)
+            if not isinstance(value, Mapping):
+                raise ConfigError("spatial_transforms['mirror'] must map axis names to probabilities")
+            for a, p in value.items():
+                if not isinstance(p, (bool, int, float)):
+                    raise ConfigError(f"spatial_transforms['mirror'][{a!r}] must be a probability, not {p!r}")
+            out[key] = {a: float(p) for a, p in value.items()}
+        elif key == "transpose":
+            if isinstance(value, bool):
+                value = list(SPATIAL_AXES) if value else []
+            value = _axes_member(value)
+            if not isinstance(value, list):
+                raise ConfigError("spatial_transforms['transpose'] must be {'axes': ['x', 'y']}")
+            out[key] = value
+        elif key == "rotate":
+            value = _axes_member(value)
+            if not isinstance(value, Mapping):
+                raise ConfigError("spatial_transforms['rotate'] must map axis names to angle ranges in degrees")
+            ranges = {}
+            for a, r in value.items():
+                if _is_number(r):
+                    r = [-abs(r), abs(r)]
+                if not (isinstance(r, list) and len(r) == 2 and all(_is_number(x) for x in r)):
+                    raise ConfigError(
+                        f"spatial_transforms['rotate'][{a!r}] must be [low, high] in degrees or one number, not {r!r}")
+                ranges[a] = r
+            out[key] = ranges
+        else:
+            out[key] = value  # the engine names the unknown transform
+    return out
+
+
 def as_sequence(value: Any) -> Sequence[Any]:
     """A list from a scalar or sequence."""
     if isinstance(value, (list, tuple)):

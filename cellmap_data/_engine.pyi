@@ -260,6 +260,9 @@ class Dataset:
     @property
     def grid(self) -> list[int]:
         """Samples per axis of the sample grid."""
+    def tile_indices(self, step: Sequence[int]) -> list[int]:
+        """Indices of the samples stepping by ``step`` grid positions per axis, the last on each
+        axis at the far end (validation tiles covering the whole grid)."""
     @property
     def input_levels(self) -> list[int]:
         """Raw level read by each input array."""

@@ -22,6 +22,7 @@ from ._config import (
     arrays_to_3d,
     check_axis_order,
     output_permutation,
+    spatial_transforms_engine_form,
     spatial_transforms_json,
     specs_in_zyx,
     to_json,
@@ -235,7 +236,7 @@ class CellMapDataset(ClassWeights, torch.utils.data.Dataset):
             "pad": self.pad,
             "raw_pad_value": math.nan,
             "raw_interpolation": self.raw_interpolation,
-            "spatial": self.spatial_transforms if self.is_train else None,
+            "spatial": spatial_transforms_engine_form(self.spatial_transforms) if self.is_train else None,
             "compact_targets": self.compact_targets,
             "raw_values": self._raw_plan.engine_ops,
             "target_values": self._engine_target_values(),
@@ -498,18 +499,11 @@ class CellMapDataset(ClassWeights, torch.utils.data.Dataset):
         """Indices of samples whose centres step by ``chunk_size`` (``{axis: nm}``; a missing
         axis steps by one voxel) across the sampling grid, the last one on each axis shifted
         back to the far end, so tiles of that size cover the whole sampling box."""
-        grid = self.engine.grid
         if len(self) == 0:
             return []
         spacing = (self._targets or self._inputs)[0]["scale"]
-        per_axis = []
-        for a, g, v in zip(SPATIAL_AXES, grid, spacing):
-            step = max(1, int(round(float(chunk_size.get(a, v)) / v)))
-            positions = list(range(0, g, step))
-            if positions[-1] != g - 1:
-                positions.append(g - 1)
-            per_axis.append(positions)
-        return [(z * grid[1] + y) * grid[2] + x for z in per_axis[0] for y in per_axis[1] for x in per_axis[2]]
+        steps = [max(1, int(round(float(chunk_size.get(a, v)) / v))) for a, v in zip(SPATIAL_AXES, spacing)]
+        return [int(i) for i in self.engine.tile_indices(steps)]
 
     @property
     def input_sources(self) -> dict[str, Any]:

@@ -106,3 +106,37 @@ def test_bad_spatial_config_raises_at_build_naming_the_key(tiny_data, config, ke
     with pytest.raises(ValueError) as info:
         CellMapDataset(str(d.raw_path), d.crops[0].target_path, ["mito"], spatial_transforms=config, pad=True, **ARRAYS)
     assert key in str(info.value)
+
+
+@pytest.mark.parametrize("dialect, engine_form", [
+    ({"mirror": {"axes": {"x": 0.5, "z": True}}}, {"mirror": {"x": 0.5, "z": 1.0}}),
+    ({"mirror": {"x": False}}, {"mirror": {"x": 0.0}}),
+    ({"mirror": True}, {"mirror": {"z": 0.5, "y": 0.5, "x": 0.5}}),
+    ({"transpose": {"axes": ("x", "y")}}, {"transpose": ["x", "y"]}),
+    ({"transpose": True}, {"transpose": ["z", "y", "x"]}),
+    ({"transpose": False}, {"transpose": []}),
+    ({"rotate": {"axes": {"z": 45}}}, {"rotate": {"z": [-45, 45]}}),
+    ({"rotate": {"z": [-10, 30], "y": -15}}, {"rotate": {"z": [-10, 30], "y": [-15, 15]}}),
+    ({"shear": {"x": 1}}, {"shear": {"x": 1}}),
+    (None, None),
+])
+def test_reference_spatial_dialects_translate_to_the_engine_form(dialect, engine_form):
+    from cellmap_data._config import spatial_transforms_engine_form
+
+    assert spatial_transforms_engine_form(dialect) == engine_form
+
+
+def test_nested_and_flat_dialects_draw_the_same_batches(tiny_data):
+    from cellmap_data import CellMapDataset
+
+    d = tiny_data.datasets[0]
+    nested = {"mirror": {"axes": {"x": 0.5}}, "rotate": {"axes": {"z": 30}}, "transpose": {"axes": ["x", "y"]}}
+    flat = {"mirror": {"x": 0.5}, "rotate": {"z": [-30, 30]}, "transpose": ["x", "y"]}
+    batches = []
+    for config in (nested, flat):
+        ds = CellMapDataset(str(d.raw_path), d.crops[0].target_path, ["mito"], spatial_transforms=config, pad=True,
+                            seed=3, **ARRAYS)
+        batches.append([ds[i] for i in range(4)])
+    for a, b in zip(*batches):
+        for key in a:
+            assert torch.allclose(a[key].float(), b[key].float(), equal_nan=True), key

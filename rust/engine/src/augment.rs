@@ -2,11 +2,14 @@
 //! transpose, rotation) turned into one orientation matrix, the counter-based RNG every draw
 //! comes from, and the resampling kernels of the general (non axis-aligned) read path.
 
+use std::collections::BTreeMap;
+
 use multiversion::multiversion;
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 use rayon::prelude::*;
-use serde_json::Value;
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer};
 
 use crate::error::{Error, Result};
 use crate::geometry::{matmul, Affine, Mat3, AXES, IDENTITY};
@@ -44,6 +47,30 @@ pub struct SpatialConfig {
     pub rotate: [Option<(f64, f64)>; 3],
 }
 
+/// The spatial-transform configuration in the one form the engine reads (the Python layer
+/// translates the reference library's dialects into it): mirror probability per axis, the
+/// axes that may be permuted, and a rotation range in degrees per axis. Unknown keys are
+/// errors.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpatialJson {
+    /// `{"x": 0.5}`
+    #[serde(default)]
+    pub mirror: BTreeMap<String, f64>,
+    /// `["x", "y"]`
+    #[serde(default)]
+    pub transpose: Vec<String>,
+    /// `{"z": [-180, 180]}`
+    #[serde(default)]
+    pub rotate: BTreeMap<String, [f64; 2]>,
+}
+
+/// Reads an optional [`SpatialJson`], naming `spatial_transforms` in any error (for
+/// `#[serde(deserialize_with)]`).
+pub fn spatial_transforms<'de, D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Option<SpatialJson>, D::Error> {
+    Option::<SpatialJson>::deserialize(deserializer).map_err(|e| D::Error::custom(format!("spatial_transforms: {e}")))
+}
+
 fn axis_index(name: &str, key: &str) -> Result<usize> {
     AXES.iter().position(|a| *a == name).ok_or_else(|| {
         Error::invalid(format!(
@@ -52,46 +79,39 @@ fn axis_index(name: &str, key: &str) -> Result<usize> {
     })
 }
 
-fn finite_number(v: &Value, what: &str) -> Result<f64> {
-    match v.as_f64() {
-        Some(x) if x.is_finite() => Ok(x),
-        Some(_) => Err(Error::invalid(format!("{what} must be a finite number"))),
-        None => Err(Error::invalid(format!("{what} must be a number, not {v}"))),
-    }
-}
-
-/// `{"axes": {...}}` or the flat form `{...}`.
-fn axes_member(v: &Value) -> &Value {
-    match v.get("axes") {
-        Some(inner) if v.as_object().is_some_and(|o| o.len() == 1) => inner,
-        _ => v,
+fn finite(value: f64, what: &str) -> Result<f64> {
+    if value.is_finite() {
+        Ok(value)
+    } else {
+        Err(Error::invalid(format!("{what} must be a finite number, not {value}")))
     }
 }
 
 impl SpatialConfig {
-    /// Parses the user's config (already converted to JSON). Errors name the offending key.
-    pub fn parse(config: &Value) -> Result<SpatialConfig> {
+    /// Checks the configuration (axis names, probabilities, angle ranges) and resolves it.
+    pub fn new(config: &SpatialJson) -> Result<SpatialConfig> {
         let mut out = SpatialConfig::default();
-        let obj = match config {
-            Value::Null => return Ok(out),
-            Value::Object(o) => o,
-            _ => {
-                return Err(Error::invalid(
-                    "spatial_transforms must be a dict like {'mirror': {'axes': {'x': 0.5}}}",
-                ))
+        for (name, &p) in &config.mirror {
+            let what = format!("spatial_transforms['mirror']['{name}']");
+            let p = finite(p, &what)?;
+            if !(0.0..=1.0).contains(&p) {
+                return Err(Error::invalid(format!("{what} must be a probability in [0, 1], not {p}")));
             }
-        };
-        for (key, value) in obj {
-            match key.as_str() {
-                "mirror" => out.mirror = parse_mirror(value)?,
-                "transpose" => out.transpose = parse_transpose(value)?,
-                "rotate" => out.rotate = parse_rotate(value)?,
-                other => {
-                    return Err(Error::invalid(format!(
-                        "spatial_transforms: unknown transform '{other}' (expected 'mirror', 'transpose' or 'rotate')"
-                    )))
-                }
+            out.mirror[axis_index(name, "mirror")?] = p;
+        }
+        for name in &config.transpose {
+            let k = axis_index(name, "transpose")?;
+            if !out.transpose.contains(&k) {
+                out.transpose.push(k);
             }
+        }
+        for (name, &[lo, hi]) in &config.rotate {
+            let what = format!("spatial_transforms['rotate']['{name}']");
+            let (lo, hi) = (finite(lo, &what)?, finite(hi, &what)?);
+            if lo > hi {
+                return Err(Error::invalid(format!("{what}: low {lo} is greater than high {hi}")));
+            }
+            out.rotate[axis_index(name, "rotate")?] = Some((lo, hi));
         }
         Ok(out)
     }
@@ -129,75 +149,6 @@ impl SpatialConfig {
         }
         d
     }
-}
-
-fn parse_mirror(value: &Value) -> Result<[f64; 3]> {
-    if let Some(b) = value.as_bool() {
-        return Ok(if b { [0.5; 3] } else { [0.0; 3] });
-    }
-    let axes = axes_member(value)
-        .as_object()
-        .ok_or_else(|| Error::invalid("spatial_transforms['mirror'] must map axis names to probabilities"))?;
-    let mut p = [0.0; 3];
-    for (name, prob) in axes {
-        let k = axis_index(name, "mirror")?;
-        // `True`/`False` (the reference library's examples) are probabilities 1 and 0.
-        let v = match prob.as_bool() {
-            Some(b) => f64::from(u8::from(b)),
-            None => finite_number(prob, &format!("spatial_transforms['mirror']['{name}']"))?,
-        };
-        if !(0.0..=1.0).contains(&v) {
-            return Err(Error::invalid(format!(
-                "spatial_transforms['mirror']['{name}'] must be a probability in [0, 1], not {v}"
-            )));
-        }
-        p[k] = v;
-    }
-    Ok(p)
-}
-
-fn parse_transpose(value: &Value) -> Result<Vec<usize>> {
-    if let Some(b) = value.as_bool() {
-        return Ok(if b { vec![0, 1, 2] } else { vec![] });
-    }
-    let list = axes_member(value)
-        .as_array()
-        .ok_or_else(|| Error::invalid("spatial_transforms['transpose'] must be {'axes': ['x', 'y']}"))?;
-    let mut axes = Vec::new();
-    for item in list {
-        let name = item
-            .as_str()
-            .ok_or_else(|| Error::invalid(format!("spatial_transforms['transpose']: axis names must be strings, not {item}")))?;
-        let k = axis_index(name, "transpose")?;
-        if !axes.contains(&k) {
-            axes.push(k);
-        }
-    }
-    Ok(axes)
-}
-
-fn parse_rotate(value: &Value) -> Result<[Option<(f64, f64)>; 3]> {
-    let axes = axes_member(value)
-        .as_object()
-        .ok_or_else(|| Error::invalid("spatial_transforms['rotate'] must map axis names to angle ranges in degrees"))?;
-    let mut r = [None; 3];
-    for (name, range) in axes {
-        let k = axis_index(name, "rotate")?;
-        let what = format!("spatial_transforms['rotate']['{name}']");
-        let (lo, hi) = match range {
-            Value::Array(pair) if pair.len() == 2 => (finite_number(&pair[0], &what)?, finite_number(&pair[1], &what)?),
-            Value::Array(_) => return Err(Error::invalid(format!("{what} must be [low, high] in degrees"))),
-            other => {
-                let m = finite_number(other, &what)?.abs();
-                (-m, m)
-            }
-        };
-        if lo > hi {
-            return Err(Error::invalid(format!("{what}: low {lo} is greater than high {hi}")));
-        }
-        r[k] = Some((lo, hi));
-    }
-    Ok(r)
 }
 
 /// One sample's spatial draw; recorded in the sample metadata.
@@ -604,33 +555,38 @@ fn trilinear(block: &[f32], sz: usize, sy: usize, max_idx: [i64; 3], s: [f64; 3]
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
+
+    fn spatial(value: Value) -> Result<SpatialConfig> {
+        let parsed = spatial_transforms(value).map_err(|e| Error::invalid(e.to_string()))?;
+        SpatialConfig::new(&parsed.unwrap_or_default())
+    }
 
     #[test]
-    fn parses_nested_and_flat_forms() {
-        let c = SpatialConfig::parse(&json!({
-            "mirror": {"axes": {"x": 0.5, "y": 0.5, "z": 0.1}},
-            "transpose": {"axes": ["x", "y"]},
-            "rotate": {"axes": {"z": [-180, 180], "y": [-15, 15]}}}))
+    fn reads_the_one_form() {
+        let c = spatial(json!({
+            "mirror": {"x": 0.5, "y": 0.5, "z": 0.1},
+            "transpose": ["x", "y", "x"],
+            "rotate": {"z": [-180, 180], "y": [-15, 15]}}))
         .unwrap();
         assert_eq!(c.mirror, [0.1, 0.5, 0.5]);
         assert_eq!(c.transpose, vec![2, 1]);
         assert_eq!(c.rotate, [Some((-180.0, 180.0)), Some((-15.0, 15.0)), None]);
-        let flat = SpatialConfig::parse(&json!({"mirror": {"x": 0.5}, "rotate": {"z": 45}})).unwrap();
-        assert_eq!(flat.mirror, [0.0, 0.0, 0.5]);
-        assert_eq!(flat.rotate[0], Some((-45.0, 45.0)));
+        assert!(spatial(Value::Null).unwrap().is_identity());
     }
 
     #[test]
     fn rejects_bad_config_naming_the_key() {
-        let e = SpatialConfig::parse(&json!({"shear": {}})).unwrap_err().to_string();
-        assert!(e.contains("'shear'"), "{e}");
-        let e = SpatialConfig::parse(&json!({"rotate": {"z": ["a", "b"]}})).unwrap_err().to_string();
-        assert!(e.contains("['rotate']['z']"), "{e}");
-        let e = SpatialConfig::parse(&json!({"mirror": {"axes": {"t": 0.5}}}))
-            .unwrap_err()
-            .to_string();
+        let e = spatial(json!({"shear": {}})).unwrap_err().to_string();
+        assert!(e.contains("spatial_transforms") && e.contains("shear"), "{e}");
+        let e = spatial(json!({"rotate": {"z": ["a", "b"]}})).unwrap_err().to_string();
+        assert!(e.contains("spatial_transforms") && e.contains("string"), "{e}");
+        let e = spatial(json!({"rotate": {"z": [10, -10]}})).unwrap_err().to_string();
+        assert!(e.contains("['rotate']['z']") && e.contains("greater"), "{e}");
+        let e = spatial(json!({"mirror": {"t": 0.5}})).unwrap_err().to_string();
         assert!(e.contains("'t'"), "{e}");
+        let e = spatial(json!({"mirror": {"x": 1.5}})).unwrap_err().to_string();
+        assert!(e.contains("['mirror']['x']") && e.contains("probability"), "{e}");
     }
 
     #[test]
@@ -642,7 +598,7 @@ mod tests {
 
     #[test]
     fn draws_are_keyed_not_sequential() {
-        let cfg = SpatialConfig::parse(&json!({"mirror": {"x": 0.5}, "rotate": {"z": 180}, "transpose": ["y", "x"]})).unwrap();
+        let cfg = spatial(json!({"mirror": {"x": 0.5}, "rotate": {"z": [-180, 180]}, "transpose": ["y", "x"]})).unwrap();
         let a = cfg.draw(&mut SampleRng::new(1, 0, 0, 5), None);
         let b = cfg.draw(&mut SampleRng::new(1, 0, 0, 5), None);
         assert_eq!(a, b);
@@ -652,7 +608,7 @@ mod tests {
 
     #[test]
     fn planar_draw_rotates_in_plane_only() {
-        let cfg = SpatialConfig::parse(&json!({"rotate": {"x": 90, "z": 90}, "transpose": ["z", "y", "x"]})).unwrap();
+        let cfg = spatial(json!({"rotate": {"x": [-90, 90], "z": [-90, 90]}, "transpose": ["z", "y", "x"]})).unwrap();
         for i in 0..50 {
             let d = cfg.draw(&mut SampleRng::new(3, 0, 0, i), Some(0));
             assert_eq!(d.angles_deg[2], 0.0);

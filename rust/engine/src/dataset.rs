@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use crate::augment::{Interpolation, SpatialConfig, SpatialDraw};
+use crate::augment::{Interpolation, SpatialConfig, SpatialDraw, SpatialJson};
 use crate::cache::ChunkCache;
 use crate::error::{Error, Result};
 use crate::extract::{read_patch, read_patch_group, PatchSpec, ReadOptions};
-use crate::geometry::{WorldBox, AXES};
+use crate::geometry::{tile_starts, WorldBox, AXES};
 use crate::values::ValuePipeline;
 use crate::volume::{ValueMode, Volume};
 use serde::Deserialize;
@@ -254,6 +254,33 @@ impl Dataset {
         self.len() == 0
     }
 
+    /// Indices of the samples whose grid positions step by `step` per axis, the last on each
+    /// axis moved to the far end (never dropped): patches of `step` grid positions centred on
+    /// them cover the whole sampling grid. Uses the one tiling rule, [`tile_starts`].
+    pub fn tile_indices(&self, step: [usize; 3]) -> Vec<u64> {
+        if self.is_empty() {
+            return Vec::new();
+        }
+        let positions: [Vec<u64>; 3] = std::array::from_fn(|k| {
+            let step = step[k].max(1);
+            // Tiles of `step` positions over `grid - 1 + step` positions start at the centres.
+            tile_starts((self.grid[k] - 1 + step) as u64, step, 0)
+                .into_iter()
+                .map(|s| s.max(0) as u64)
+                .collect()
+        });
+        let g = self.grid.map(|n| n as u64);
+        let mut out = Vec::with_capacity(positions.iter().map(Vec::len).product());
+        for &z in &positions[0] {
+            for &y in &positions[1] {
+                for &x in &positions[2] {
+                    out.push((z * g[1] + y) * g[2] + x);
+                }
+            }
+        }
+        out
+    }
+
     /// World centre of grid sample `index` (centred grid over the sampling box).
     pub fn centre(&self, index: usize) -> Result<[f64; 3]> {
         let b = self.sampling_box.ok_or_else(|| {
@@ -493,9 +520,10 @@ struct DatasetJson {
     raw_pad_value: Option<f32>,
     #[serde(default = "default_interpolation")]
     raw_interpolation: String,
-    /// The spatial-transform dialects of the reference library, read by [`SpatialConfig::parse`].
-    #[serde(default)]
-    spatial: serde_json::Value,
+    /// The spatial transforms in the engine's one form (the Python layer translates the
+    /// reference library's dialects into it).
+    #[serde(default, deserialize_with = "crate::augment::spatial_transforms")]
+    spatial: Option<SpatialJson>,
     #[serde(default)]
     compact_targets: bool,
     #[serde(default)]
@@ -560,7 +588,7 @@ impl DatasetConfig {
             pad: parsed.pad,
             raw_pad_value: parsed.raw_pad_value.unwrap_or(f32::NAN),
             raw_interpolation: Interpolation::parse(&parsed.raw_interpolation)?,
-            spatial: SpatialConfig::parse(&parsed.spatial)?,
+            spatial: SpatialConfig::new(&parsed.spatial.unwrap_or_default())?,
             compact_targets: parsed.compact_targets,
             raw_values: parsed.raw_values,
             target_values: parsed.target_values,

@@ -173,20 +173,29 @@ impl Affine {
     }
 }
 
-/// Start positions of tiles of length `tile` covering `[0, extent)` without gaps; the last
-/// tile is shifted back so it ends exactly at `extent` (it may overlap its neighbour) instead
-/// of being dropped. With `extent <= tile` a single tile starts at 0.
-pub fn tile_starts(extent: usize, tile: usize) -> Vec<usize> {
-    assert!(tile > 0, "tile length must be positive");
-    if extent <= tile {
-        return vec![0];
+/// Tile start positions along one axis of `extent` voxels: tiles of `tile` voxels stepping by
+/// `tile - overlap`, the last one shifted back so that it ends exactly at `extent` (never
+/// dropped, it may overlap its neighbour more). An axis shorter than the tile gets one tile
+/// centred on it (its start is negative; the tile is clipped to the array when written).
+///
+/// The one tiling rule of the project: the prediction writer's tile plan, the datasets'
+/// validation tiles and the tests all use it.
+pub fn tile_starts(extent: u64, tile: usize, overlap: usize) -> Vec<i64> {
+    assert!(tile > 0 && overlap < tile, "tile must be positive and larger than the overlap");
+    let (extent, tile_i) = (extent as i64, tile as i64);
+    if extent <= tile_i {
+        return vec![-((tile_i - extent) / 2)];
     }
-    let mut starts: Vec<usize> = (0..extent).step_by(tile).collect();
-    let last = extent - tile;
-    if let Some(s) = starts.last_mut() {
-        if *s > last {
-            *s = last;
+    let step = (tile - overlap) as i64;
+    let mut starts = Vec::new();
+    let mut p = 0i64;
+    loop {
+        if p + tile_i >= extent {
+            starts.push(extent - tile_i);
+            break;
         }
+        starts.push(p);
+        p += step;
     }
     starts.dedup();
     starts
@@ -231,14 +240,18 @@ mod tests {
 
     #[test]
     fn tiles_cover_far_edge() {
-        assert_eq!(tile_starts(10, 4), vec![0, 4, 6]);
-        assert_eq!(tile_starts(8, 4), vec![0, 4]);
-        assert_eq!(tile_starts(3, 4), vec![0]);
-        for (extent, tile) in [(1000, 128), (257, 256), (400, 128)] {
-            let starts = tile_starts(extent, tile);
-            assert_eq!(starts.last().unwrap() + tile, extent);
+        assert_eq!(tile_starts(10, 4, 0), vec![0, 4, 6]);
+        assert_eq!(tile_starts(8, 4, 0), vec![0, 4]);
+        assert_eq!(tile_starts(4, 4, 0), vec![0]);
+        assert_eq!(tile_starts(3, 8, 0), vec![-2]);
+        assert_eq!(tile_starts(100, 32, 8), vec![0, 24, 48, 68]);
+        for (extent, tile, overlap) in [(1000u64, 128usize, 0usize), (257, 256, 0), (400, 128, 16), (31, 5, 4)] {
+            let starts = tile_starts(extent, tile, overlap);
+            assert_eq!(starts[0], 0);
+            assert_eq!(*starts.last().unwrap() + tile as i64, extent as i64);
             for w in starts.windows(2) {
-                assert!(w[1] <= w[0] + tile);
+                // no gap, never more than the overlap-free step
+                assert!(w[0] < w[1] && w[1] <= w[0] + (tile - overlap) as i64, "{starts:?}");
             }
         }
     }

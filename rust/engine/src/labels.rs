@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use rayon::prelude::*;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 
 use crate::cache::{with_chunk_values, Chunk, ChunkCache};
 use crate::error::{Error, Result};
@@ -324,6 +324,34 @@ fn voxel_volume(v: [f64; 3]) -> f64 {
     v[0] * v[1] * v[2]
 }
 
+/// `cellmap.annotation.complement_counts` in a label array's attributes (other keys ignored).
+#[derive(Debug, Deserialize)]
+struct CellmapAttributesJson {
+    #[serde(default)]
+    cellmap: Option<CellmapJson>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CellmapJson {
+    #[serde(default)]
+    annotation: Option<AnnotationJson>,
+}
+
+#[derive(Debug, Deserialize)]
+struct AnnotationJson {
+    #[serde(default)]
+    complement_counts: Option<ComplementCountsJson>,
+}
+
+/// Voxels that are not the class (`absent`) or not annotated (`unknown`); `null` counts as 0.
+#[derive(Debug, Deserialize)]
+struct ComplementCountsJson {
+    #[serde(default)]
+    absent: Option<f64>,
+    #[serde(default)]
+    unknown: Option<f64>,
+}
+
 /// Foreground and unknown voxels of `level` from its `cellmap.annotation.complement_counts`
 /// attributes, or `None` when it has none (or they do not fit the array's size).
 pub fn metadata_counts(volume: &Volume, level: usize) -> Result<Option<(u64, u64)>> {
@@ -333,23 +361,26 @@ pub fn metadata_counts(volume: &Volume, level: usize) -> Result<Option<(u64, u64
         Err(Error::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(e),
     };
-    let Some(counts) = attrs.pointer("/cellmap/annotation/complement_counts") else {
+    // Counts that are missing, malformed or not whole numbers are ignored (the level is
+    // counted instead), as are attributes without both keys absent.
+    let Ok(parsed) = CellmapAttributesJson::deserialize(&attrs) else {
         return Ok(None);
     };
-    let number = |key: &str| -> Option<u64> {
-        match counts.get(key) {
-            None | Some(Value::Null) => Some(0),
-            Some(v) => v
-                .as_u64()
-                .or_else(|| v.as_f64().filter(|f| *f >= 0.0 && f.fract() == 0.0).map(|f| f as u64)),
-        }
-    };
-    let (Some(absent), Some(unknown)) = (number("absent"), number("unknown")) else {
+    let Some(counts) = parsed.cellmap.and_then(|c| c.annotation).and_then(|a| a.complement_counts) else {
         return Ok(None);
     };
-    if counts.get("absent").is_none() && counts.get("unknown").is_none() {
+    if counts.absent.is_none() && counts.unknown.is_none() {
         return Ok(None);
     }
+    let whole = |v: Option<f64>| -> Option<u64> {
+        match v {
+            None => Some(0),
+            Some(f) => (f >= 0.0 && f.fract() == 0.0 && f < 2f64.powi(63)).then_some(f as u64),
+        }
+    };
+    let (Some(absent), Some(unknown)) = (whole(counts.absent), whole(counts.unknown)) else {
+        return Ok(None);
+    };
     let size: u64 = lvl.shape.iter().product();
     match absent.checked_add(unknown).filter(|&s| s <= size) {
         Some(complement) => Ok(Some((size - complement, unknown))),
@@ -421,6 +452,18 @@ struct CacheKey {
 
 const CACHE_FORMAT: u64 = 1;
 
+/// One cached count as stored on disk (the mtime as a string: JSON numbers lose u128 digits).
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct CacheEntryJson {
+    format: u64,
+    array: String,
+    metadata_mtime_ns: String,
+    metadata_len: u64,
+    level: usize,
+    shape: [u64; 3],
+    foreground: u64,
+}
+
 impl CacheKey {
     fn of(volume: &Volume, level: usize) -> Option<CacheKey> {
         let lvl = &volume.levels[level];
@@ -447,26 +490,22 @@ impl CacheKey {
         format!("{h:016x}.json")
     }
 
-    fn to_json(&self, foreground: u64) -> Value {
-        json!({
-            "format": CACHE_FORMAT,
-            "array": self.array,
-            "metadata_mtime_ns": self.metadata_mtime_ns.to_string(),
-            "metadata_len": self.metadata_len,
-            "level": self.level,
-            "shape": self.shape,
-            "foreground": foreground,
-        })
+    fn entry(&self, foreground: u64) -> CacheEntryJson {
+        CacheEntryJson {
+            format: CACHE_FORMAT,
+            array: self.array.clone(),
+            metadata_mtime_ns: self.metadata_mtime_ns.to_string(),
+            metadata_len: self.metadata_len,
+            level: self.level,
+            shape: self.shape,
+            foreground,
+        }
     }
 
     fn load(&self, dir: &Path) -> Option<u64> {
         let text = std::fs::read_to_string(dir.join(self.file_name())).ok()?;
-        let doc: Value = serde_json::from_str(&text).ok()?;
-        let expected = self.to_json(0);
-        let same = ["format", "array", "metadata_mtime_ns", "metadata_len", "level", "shape"]
-            .iter()
-            .all(|k| doc.get(k) == expected.get(k));
-        same.then(|| doc.get("foreground").and_then(Value::as_u64)).flatten()
+        let stored: CacheEntryJson = serde_json::from_str(&text).ok()?;
+        (stored == self.entry(stored.foreground)).then_some(stored.foreground)
     }
 
     fn store(&self, dir: &Path, foreground: u64) -> std::io::Result<()> {
@@ -478,7 +517,8 @@ impl CacheKey {
             std::process::id(),
             std::thread::current().id()
         ));
-        std::fs::write(&tmp, self.to_json(foreground).to_string())?;
+        let text = serde_json::to_string(&self.entry(foreground)).map_err(std::io::Error::other)?;
+        std::fs::write(&tmp, text)?;
         std::fs::rename(&tmp, &target).inspect_err(|_| {
             let _ = std::fs::remove_file(&tmp);
         })
@@ -488,6 +528,7 @@ impl CacheKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{json, Value};
     use std::fs;
 
     /// Writes a zarr v2 / OME-NGFF 0.4 label image (uncompressed chunks, written by hand) with

@@ -281,7 +281,7 @@ mod tests {
                     "classes": [["mito", s(&mito), []]],
                     "inputs": [{"name": "raw", "shape": [4, 4, 4], "scale": [4.0, 4.0, 4.0]}],
                     "targets": [{"name": "labels", "shape": [4, 4, 4], "scale": [4.0, 4.0, 4.0]}],
-                    "spatial": {"mirror": {"x": 0.5, "y": 0.5}, "transpose": {"axes": ["x", "y"]}, "rotate": {"z": [-30, 30]}},
+                    "spatial": {"mirror": {"x": 0.5, "y": 0.5}, "transpose": ["x", "y"], "rotate": {"z": [-30, 30]}},
                 }))
                 .unwrap();
                 Arc::new(Dataset::open(config, ChunkCache::global()).unwrap())

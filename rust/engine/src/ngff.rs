@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
@@ -140,19 +141,130 @@ pub enum ZarrFormat {
     V3,
 }
 
+/// One `multiscales` entry as stored: OME-NGFF 0.4 (zarr v2 `.zattrs`) and 0.5 (zarr v3
+/// `zarr.json` → `attributes.ome`), and earlier versions without axes. Lenient where CellMap
+/// metadata needs it: keys this crate does not use (`type`, `metadata`, ...) are ignored, and a
+/// `version` may sit on the entry or beside it under `ome`. The writer writes this same type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MultiscaleJson {
+    /// `0.4` on 0.4 entries; 0.5 keeps it under `ome`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Name of the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Axes in array order (absent before 0.4: z, y, x).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub axes: Option<Vec<AxisJson>>,
+    /// Levels, finest first.
+    pub datasets: Vec<LevelJson>,
+    /// Transformations applied after each level's own.
+    #[serde(rename = "coordinateTransformations", default, skip_serializing_if = "Vec::is_empty")]
+    pub coordinate_transformations: Vec<TransformJson>,
+}
+
+/// An axis: a bare name (0.3) or a description.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum AxisJson {
+    /// `"z"`
+    Name(String),
+    /// `{"name": "z", "type": "space", "unit": "nanometer"}`
+    Described {
+        /// Axis name.
+        name: String,
+        /// `space`, `channel`, `time`, ...
+        #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+        kind: Option<String>,
+        /// Unit, e.g. `nanometer`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        unit: Option<String>,
+    },
+}
+
+/// One level of a multiscale.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LevelJson {
+    /// Array path relative to the image group.
+    pub path: String,
+    /// The level's scale and translation.
+    #[serde(rename = "coordinateTransformations", default)]
+    pub coordinate_transformations: Vec<TransformJson>,
+}
+
+/// A coordinate transformation with inline values (the only kind images here use).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum TransformJson {
+    /// Voxel size per axis.
+    Scale {
+        /// One value per axis.
+        scale: Vec<f64>,
+    },
+    /// Offset per axis.
+    Translation {
+        /// One value per axis.
+        translation: Vec<f64>,
+    },
+    /// No change.
+    Identity,
+}
+
+/// The attributes of an image group that hold its multiscales (other attributes are ignored
+/// when read).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct ImageAttributesJson {
+    /// OME-NGFF 0.5: `ome.multiscales`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ome: Option<OmeJson>,
+    /// OME-NGFF 0.4: `multiscales`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multiscales: Option<Vec<MultiscaleJson>>,
+}
+
+/// `attributes.ome` (OME-NGFF 0.5).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct OmeJson {
+    /// `0.5`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// The multiscales.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multiscales: Option<Vec<MultiscaleJson>>,
+}
+
+/// A node's type as `zarr.json` declares it.
+#[derive(Debug, Deserialize)]
+struct NodeTypeJson {
+    node_type: String,
+}
+
 /// Reads and parses a JSON file, naming it in any error.
 pub fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::metadata(path, format!("malformed JSON: {e}")))
 }
 
+/// Whether the zarr v3 node at `node` (its `zarr.json`) is an array; `None` when it has no
+/// readable `zarr.json`.
+pub fn is_v3_array(node: &Path) -> Option<bool> {
+    let text = std::fs::read_to_string(node.join("zarr.json")).ok()?;
+    let parsed: NodeTypeJson = serde_json::from_str(&text).ok()?;
+    Some(parsed.node_type == "array")
+}
+
 /// Reads the attributes of a group or array at `node` (v3 `zarr.json` attributes, else v2 `.zattrs`).
 pub fn read_attributes(node: &Path) -> Result<(ZarrFormat, Value)> {
+    #[derive(Deserialize)]
+    struct V3Node {
+        #[serde(default)]
+        attributes: Option<Value>,
+    }
     let v3 = node.join("zarr.json");
     if v3.is_file() {
-        let doc = read_json(&v3)?;
-        let attrs = doc.get("attributes").cloned().unwrap_or(Value::Object(Default::default()));
-        return Ok((ZarrFormat::V3, attrs));
+        let text = std::fs::read_to_string(&v3).map_err(|e| Error::io(&v3, e))?;
+        let doc: V3Node = serde_json::from_str(&text).map_err(|e| Error::metadata(&v3, format!("malformed zarr.json: {e}")))?;
+        return Ok((ZarrFormat::V3, doc.attributes.unwrap_or(Value::Object(Default::default()))));
     }
     let v2 = node.join(".zattrs");
     if v2.is_file() {
@@ -173,58 +285,62 @@ pub fn read_attributes(node: &Path) -> Result<(ZarrFormat, Value)> {
 /// Opens the multiscale metadata of the image group at `group`.
 pub fn read_multiscale(group: &Path) -> Result<Multiscale> {
     let (format, attrs) = read_attributes(group)?;
-    let (source, multiscales) = match format {
-        ZarrFormat::V3 => {
-            let file = group.join("zarr.json");
-            // 0.5 nests under "ome"; accept 0.4-style attributes in v3 too.
-            match attrs.get("ome").and_then(|o| o.get("multiscales")) {
-                Some(m) => (file, m.clone()),
-                None => (file, attrs.get("multiscales").cloned().unwrap_or(Value::Null)),
-            }
-        }
-        ZarrFormat::V2 => (group.join(".zattrs"), attrs.get("multiscales").cloned().unwrap_or(Value::Null)),
+    let source = match format {
+        ZarrFormat::V3 => group.join("zarr.json"),
+        ZarrFormat::V2 => group.join(".zattrs"),
     };
-    let default_version = attrs
-        .get("ome")
-        .and_then(|o| o.get("version"))
-        .and_then(Value::as_str)
-        .unwrap_or("0.4")
-        .to_string();
-    parse_multiscales(&source, group, &multiscales, &default_version)
+    let parsed =
+        ImageAttributesJson::deserialize(&attrs).map_err(|e| Error::metadata(&source, format!("malformed OME-NGFF multiscales: {e}")))?;
+    // 0.5 nests under "ome"; 0.4-style attributes are accepted in v3 too.
+    let (ome_version, nested) = match parsed.ome {
+        Some(ome) => (ome.version, ome.multiscales),
+        None => (None, None),
+    };
+    let multiscales = nested.or(parsed.multiscales);
+    parse_multiscales(&source, group, multiscales, ome_version.as_deref().unwrap_or("0.4"))
 }
 
-/// Parses a `multiscales` JSON value (the list) read from `source`.
-pub fn parse_multiscales(source: &Path, group: &Path, value: &Value, default_version: &str) -> Result<Multiscale> {
+/// Checks the first of `multiscales` (read from `source`) and resolves its levels.
+pub fn parse_multiscales(
+    source: &Path,
+    group: &Path,
+    multiscales: Option<Vec<MultiscaleJson>>,
+    default_version: &str,
+) -> Result<Multiscale> {
     let bad = |msg: String| Error::metadata(source, msg);
-    let first = match value {
-        Value::Array(items) if !items.is_empty() => &items[0],
-        Value::Array(_) => return Err(bad("'multiscales' is an empty list".into())),
-        Value::Null => return Err(bad("no 'multiscales' metadata: not an OME-NGFF image group".into())),
-        _ => return Err(bad("'multiscales' must be a list".into())),
+    let first = match multiscales {
+        None => return Err(bad("no 'multiscales' metadata: not an OME-NGFF image group".into())),
+        Some(list) => list
+            .into_iter()
+            .next()
+            .ok_or_else(|| bad("'multiscales' is an empty list".into()))?,
     };
-    let version = first.get("version").and_then(Value::as_str).unwrap_or(default_version).to_string();
-    let axes = parse_axes(first.get("axes"), source)?;
+    let version = first.version.clone().unwrap_or_else(|| default_version.to_string());
+    let axes: Vec<Axis> = match first.axes {
+        // 0.1-0.3 had no axes: z, y, x.
+        None => ["z", "y", "x"]
+            .iter()
+            .map(|n| Axis {
+                name: n.to_string(),
+                kind: Some("space".into()),
+                unit: None,
+            })
+            .collect(),
+        Some(list) if list.is_empty() => return Err(bad("multiscales[0].axes is an empty list".into())),
+        Some(list) => list.into_iter().map(Axis::from).collect(),
+    };
     let ndim = axes.len();
-    let top = parse_transforms(first.get("coordinateTransformations"), ndim, source, "multiscales[0]")?;
-    let datasets = first
-        .get("datasets")
-        .and_then(Value::as_array)
-        .ok_or_else(|| bad("multiscales[0] has no 'datasets' list".into()))?;
-    if datasets.is_empty() {
+    let top = resolve_transforms(&first.coordinate_transformations, ndim, source, "multiscales[0]")?;
+    if first.datasets.is_empty() {
         return Err(bad("multiscales[0].datasets is empty".into()));
     }
-    let mut levels = Vec::with_capacity(datasets.len());
-    for (i, ds) in datasets.iter().enumerate() {
-        let path = ds
-            .get("path")
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad(format!("datasets[{i}] has no 'path'")))?
-            .to_string();
-        let (scale, translation) = parse_transforms(
-            ds.get("coordinateTransformations"),
+    let mut levels = Vec::with_capacity(first.datasets.len());
+    for (i, ds) in first.datasets.into_iter().enumerate() {
+        let (scale, translation) = resolve_transforms(
+            &ds.coordinate_transformations,
             ndim,
             source,
-            &format!("datasets[{i}] ('{path}')"),
+            &format!("datasets[{i}] ('{}')", ds.path),
         )?;
         // world = top_scale * (scale * i + translation) + top_translation
         let scale_w: Vec<f64> = scale.iter().zip(&top.0).map(|(s, t)| s * t).collect();
@@ -236,12 +352,12 @@ pub fn parse_multiscales(source: &Path, group: &Path, value: &Value, default_ver
             .collect();
         if let Some(bad_axis) = scale_w.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
             return Err(bad(format!(
-                "datasets[{i}] ('{path}') has a non-positive or non-finite scale on axis '{}'",
-                axes[bad_axis].name
+                "datasets[{i}] ('{}') has a non-positive or non-finite scale on axis '{}'",
+                ds.path, axes[bad_axis].name
             )));
         }
         levels.push(LevelMeta {
-            path,
+            path: ds.path,
             scale: scale_w,
             translation: trans_w,
         });
@@ -254,93 +370,48 @@ pub fn parse_multiscales(source: &Path, group: &Path, value: &Value, default_ver
     })
 }
 
-fn parse_axes(value: Option<&Value>, source: &Path) -> Result<Vec<Axis>> {
-    let items = match value {
-        Some(Value::Array(items)) if !items.is_empty() => items,
-        // 0.1-0.3 had no axes: default to zyx.
-        None => {
-            return Ok(["z", "y", "x"]
-                .iter()
-                .map(|n| Axis {
-                    name: n.to_string(),
-                    kind: Some("space".into()),
-                    unit: None,
-                })
-                .collect())
-        }
-        _ => return Err(Error::metadata(source, "multiscales[0].axes must be a non-empty list")),
-    };
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| match item {
-            Value::String(name) => Ok(Axis {
-                name: name.clone(),
+impl From<AxisJson> for Axis {
+    fn from(axis: AxisJson) -> Axis {
+        match axis {
+            AxisJson::Name(name) => Axis {
+                name,
                 kind: None,
                 unit: None,
-            }),
-            Value::Object(map) => {
-                let name = map
-                    .get("name")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| Error::metadata(source, format!("axes[{i}] has no 'name'")))?;
-                Ok(Axis {
-                    name: name.to_string(),
-                    kind: map.get("type").and_then(Value::as_str).map(str::to_string),
-                    unit: map.get("unit").and_then(Value::as_str).map(str::to_string),
-                })
-            }
-            _ => Err(Error::metadata(source, format!("axes[{i}] must be a string or an object"))),
-        })
-        .collect()
+            },
+            AxisJson::Described { name, kind, unit } => Axis { name, kind, unit },
+        }
+    }
 }
 
-/// Returns (scale, translation) from a coordinateTransformations list (identity if absent).
-fn parse_transforms(value: Option<&Value>, ndim: usize, source: &Path, context: &str) -> Result<(Vec<f64>, Vec<f64>)> {
+/// (scale, translation) of a list of transformations applied in order (identity if empty).
+fn resolve_transforms(items: &[TransformJson], ndim: usize, source: &Path, context: &str) -> Result<(Vec<f64>, Vec<f64>)> {
     let mut scale = vec![1.0; ndim];
     let mut translation = vec![0.0; ndim];
-    let Some(value) = value else { return Ok((scale, translation)) };
-    let items = value
-        .as_array()
-        .ok_or_else(|| Error::metadata(source, format!("{context}: coordinateTransformations must be a list")))?;
+    let checked = |key: &str, values: &[f64]| -> Result<()> {
+        if values.len() != ndim {
+            return Err(Error::metadata(
+                source,
+                format!("{context}: '{key}' has {} values but there are {ndim} axes", values.len()),
+            ));
+        }
+        Ok(())
+    };
     for item in items {
-        let kind = item.get("type").and_then(Value::as_str).unwrap_or("");
-        let numbers = |key: &str| -> Result<Vec<f64>> {
-            let list = item
-                .get(key)
-                .and_then(Value::as_array)
-                .ok_or_else(|| Error::metadata(source, format!("{context}: '{kind}' transform has no '{key}' list")))?;
-            let nums: Option<Vec<f64>> = list.iter().map(Value::as_f64).collect();
-            let nums = nums.ok_or_else(|| Error::metadata(source, format!("{context}: '{key}' must hold numbers")))?;
-            if nums.len() != ndim {
-                return Err(Error::metadata(
-                    source,
-                    format!("{context}: '{key}' has {} values but there are {ndim} axes", nums.len()),
-                ));
-            }
-            Ok(nums)
-        };
-        match kind {
-            "scale" => {
-                let s = numbers("scale")?;
+        match item {
+            TransformJson::Scale { scale: s } => {
+                checked("scale", s)?;
                 for k in 0..ndim {
                     scale[k] *= s[k];
                     translation[k] *= s[k];
                 }
             }
-            "translation" => {
-                let t = numbers("translation")?;
+            TransformJson::Translation { translation: t } => {
+                checked("translation", t)?;
                 for k in 0..ndim {
                     translation[k] += t[k];
                 }
             }
-            "identity" => {}
-            other => {
-                return Err(Error::metadata(
-                    source,
-                    format!("{context}: unsupported coordinate transformation '{other}'"),
-                ))
-            }
+            TransformJson::Identity => {}
         }
     }
     Ok((scale, translation))
@@ -350,6 +421,11 @@ fn parse_transforms(value: Option<&Value>, ndim: usize, source: &Path, context: 
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn parse(source: &str, value: Value) -> Result<Multiscale> {
+        let list: Option<Vec<MultiscaleJson>> = serde_json::from_value(value).map_err(|e| Error::metadata(source, e))?;
+        parse_multiscales(Path::new(source), Path::new("a"), list, "0.4")
+    }
 
     #[test]
     fn coordinate_frame_names_round_trip_and_offsets() {
@@ -372,7 +448,7 @@ mod tests {
           {"path": "s0", "coordinateTransformations": [{"type": "scale", "scale": [4.0, 4.0, 4.0]}, {"type": "translation", "translation": [10.0, 20.0, 30.0]}]},
           {"path": "s1", "coordinateTransformations": [{"type": "scale", "scale": [8.0, 8.0, 8.0]}, {"type": "translation", "translation": [12.0, 22.0, 32.0]}]}
         ]}]);
-        let m = parse_multiscales(Path::new("a/.zattrs"), Path::new("a"), &v, "0.4").unwrap();
+        let m = parse("a/.zattrs", v).unwrap();
         assert_eq!(m.levels.len(), 2);
         assert_eq!(m.levels[1].scale, vec![8.0; 3]);
         assert_eq!(m.levels[1].translation, vec![12.0, 22.0, 32.0]);
@@ -385,7 +461,7 @@ mod tests {
         let v = json!([{"axes": ["z", "y", "x"],
             "coordinateTransformations": [{"type": "scale", "scale": [2.0, 2.0, 2.0]}],
             "datasets": [{"path": "s0", "coordinateTransformations": [{"type": "scale", "scale": [4.0, 4.0, 4.0]}, {"type": "translation", "translation": [1.0, 1.0, 1.0]}]}]}]);
-        let m = parse_multiscales(Path::new("a"), Path::new("a"), &v, "0.4").unwrap();
+        let m = parse("a", v).unwrap();
         assert_eq!(m.levels[0].scale, vec![8.0; 3]);
         assert_eq!(m.levels[0].translation, vec![2.0; 3]);
     }
@@ -394,7 +470,7 @@ mod tests {
     fn keeps_non_spatial_leading_axes() {
         let v = json!([{"axes": [{"name": "c", "type": "channel"}, {"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
             "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 4.0, 4.0]}]}]}]);
-        let m = parse_multiscales(Path::new("a"), Path::new("a"), &v, "0.4").unwrap();
+        let m = parse("a", v).unwrap();
         assert!(!m.axes[0].is_spatial());
         assert!(m.axes[1].is_spatial());
     }
@@ -402,17 +478,55 @@ mod tests {
     #[test]
     fn rejects_wrong_length_and_missing_multiscales() {
         let v = json!([{"axes": ["z", "y", "x"], "datasets": [{"path": "s0", "coordinateTransformations": [{"type": "scale", "scale": [4.0, 4.0]}]}]}]);
-        let e = parse_multiscales(Path::new("g/.zattrs"), Path::new("g"), &v, "0.4").unwrap_err();
+        let e = parse("g/.zattrs", v).unwrap_err();
         assert!(e.to_string().contains("g/.zattrs"), "{e}");
         assert!(e.to_string().contains("2 values"), "{e}");
-        let e = parse_multiscales(Path::new("g/.zattrs"), Path::new("g"), &Value::Null, "0.4").unwrap_err();
+        let e = parse("g/.zattrs", Value::Null).unwrap_err();
         assert!(e.to_string().contains("no 'multiscales'"), "{e}");
     }
 
     #[test]
     fn rejects_non_positive_scale() {
         let v = json!([{"axes": ["z", "y", "x"], "datasets": [{"path": "s0", "coordinateTransformations": [{"type": "scale", "scale": [4.0, 0.0, 4.0]}]}]}]);
-        let e = parse_multiscales(Path::new("g"), Path::new("g"), &v, "0.4").unwrap_err();
+        let e = parse("g", v).unwrap_err();
         assert!(e.to_string().contains("axis 'y'"), "{e}");
+    }
+
+    #[test]
+    fn unknown_transformations_and_bad_numbers_are_named() {
+        let v = json!([{"datasets": [{"path": "s0", "coordinateTransformations": [{"type": "affine", "affine": [1.0]}]}]}]);
+        let e = parse("g/.zattrs", v).unwrap_err().to_string();
+        assert!(e.contains("g/.zattrs") && e.contains("affine"), "{e}");
+        let v = json!([{"datasets": [{"path": "s0", "coordinateTransformations": [{"type": "scale", "scale": ["4", 4, 4]}]}]}]);
+        let e = parse("g/.zattrs", v).unwrap_err().to_string();
+        assert!(e.contains("g/.zattrs") && e.contains("string"), "{e}");
+    }
+
+    #[test]
+    fn cellmap_style_attributes_with_extra_keys_are_read() {
+        // CellMap images carry keys this crate does not use (multiscale "type" and "metadata",
+        // axis units per level, ...); they must not get in the way.
+        let dir = std::env::temp_dir().join(format!("cellmap-ngff-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let attrs = json!({"multiscales": [{"version": "0.4", "name": "raw", "type": "mean",
+            "metadata": {"description": "downscaled"},
+            "axes": [{"name": "z", "type": "space", "unit": "nanometer"}, {"name": "y", "type": "space", "unit": "nanometer"}, {"name": "x", "type": "space", "unit": "nanometer"}],
+            "datasets": [{"path": "s0", "coordinateTransformations": [{"type": "scale", "scale": [8.0, 8.0, 8.0]}, {"type": "translation", "translation": [0.0, 0.0, 0.0]}]}],
+            "coordinateTransformations": [{"type": "identity"}]}],
+            "cellmap": {"annotation": {"complement_counts": {"absent": 3}}}});
+        std::fs::write(dir.join(".zgroup"), r#"{"zarr_format": 2}"#).unwrap();
+        std::fs::write(dir.join(".zattrs"), attrs.to_string()).unwrap();
+        let m = read_multiscale(&dir).unwrap();
+        assert_eq!(m.levels[0].scale, vec![8.0; 3]);
+        // A 0.5 image keeps its version beside the multiscales.
+        std::fs::remove_file(dir.join(".zgroup")).unwrap();
+        std::fs::remove_file(dir.join(".zattrs")).unwrap();
+        let ome = json!({"zarr_format": 3, "node_type": "group", "attributes": {"ome": {"version": "0.5",
+            "multiscales": [{"axes": ["z", "y", "x"], "datasets": [{"path": "s0", "coordinateTransformations": [{"type": "scale", "scale": [4.0, 4.0, 4.0]}]}]}]}}});
+        std::fs::write(dir.join("zarr.json"), ome.to_string()).unwrap();
+        let m = read_multiscale(&dir).unwrap();
+        assert_eq!(m.version, "0.5");
+        assert_eq!(is_v3_array(&dir), Some(false));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -76,6 +76,12 @@ impl Dataset {
         self.inner.grid
     }
 
+    /// Indices of the samples stepping by `step` grid positions per axis, the last on each axis
+    /// at the far end (validation tiles covering the whole grid).
+    fn tile_indices(&self, step: [usize; 3]) -> Vec<u64> {
+        self.inner.tile_indices(step)
+    }
+
     /// Raw level read by each input array.
     #[getter]
     fn input_levels(&self) -> Vec<usize> {

@@ -1,0 +1,358 @@
+//! Where an image goes and what it is made of: path safety (the input is protected, an existing
+//! image needs `overwrite`, parents must be groups of the same zarr format), and the zarr nodes
+//! (parent groups, one array per level, the image group with its OME-NGFF multiscales), all
+//! created through zarrs' metadata types and stored through the writer's atomic store.
+
+use std::fs;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use zarrs::array::codec::ZstdCodec;
+use zarrs::array::{data_type, Array, ArrayBuilder, ArrayMetadata, ArrayMetadataOptions, CodecTraits, DataType, FillValue};
+use zarrs::group::{Group, GroupMetadata};
+use zarrs::metadata::v2::{ArrayMetadataV2, DataTypeMetadataV2, GroupMetadataV2, MetadataV2};
+use zarrs::metadata::v3::GroupMetadataV3;
+use zarrs::plugin::{ExtensionName, ZarrVersion};
+
+use super::accumulate::{with_sample, Sample};
+use super::config::WriterConfig;
+use super::store::{temporary_sibling, AtomicFileStore};
+use super::LevelInfo;
+use crate::error::{Error, Result};
+use crate::geometry::AXES;
+use crate::ngff::{AxisJson, ImageAttributesJson, LevelJson, MultiscaleJson, OmeJson, TransformJson, ZarrFormat};
+use crate::volume::DType;
+
+/// Absolute, lexically normalised path, with the longest existing prefix canonicalised
+/// (symlinks resolved).
+fn resolved(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut clean = PathBuf::new();
+    for c in absolute.components() {
+        match c {
+            Component::ParentDir => {
+                clean.pop();
+            }
+            Component::CurDir => {}
+            other => clean.push(other),
+        }
+    }
+    let mut existing = clean.clone();
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        match existing.file_name() {
+            Some(name) => {
+                rest.push(name.to_os_string());
+                existing.pop();
+            }
+            None => break,
+        }
+    }
+    let mut out = fs::canonicalize(&existing).unwrap_or(existing);
+    for name in rest.iter().rev() {
+        out.push(name);
+    }
+    out
+}
+
+fn is_zarr_node(dir: &Path) -> bool {
+    [".zgroup", ".zarray", ".zattrs", "zarr.json"].iter().any(|f| dir.join(f).is_file())
+}
+
+fn is_empty_dir(dir: &Path) -> bool {
+    fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(false)
+}
+
+/// The directories from the `.zarr` container root (if the path is inside one) down to the
+/// parent of `image`.
+fn container_chain(image: &Path) -> Vec<PathBuf> {
+    let ancestors: Vec<&Path> = image.ancestors().skip(1).collect();
+    let root = ancestors.iter().position(|p| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.to_ascii_lowercase().ends_with(".zarr"))
+    });
+    match root {
+        Some(i) => ancestors[..=i].iter().rev().map(|p| p.to_path_buf()).collect(),
+        None => Vec::new(),
+    }
+}
+
+fn multiscale_name(config: &WriterConfig) -> String {
+    if let Some(n) = &config.name {
+        return n.clone();
+    }
+    let chain = container_chain(&config.path);
+    match chain.first() {
+        Some(root) => config
+            .path
+            .strip_prefix(root)
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        None => config
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    }
+}
+
+fn exists_error(path: &Path, kind: std::io::ErrorKind, message: &str) -> Error {
+    Error::io(path, std::io::Error::new(kind, message.to_string()))
+}
+
+/// Checks that `config` can be written — values, the input it must not touch, an existing
+/// image (an error unless `overwrite`), conflicting parent nodes, write permission — without
+/// creating anything.
+pub(super) fn validate(config: &WriterConfig) -> Result<()> {
+    config.check_values()?;
+    let path = resolved(&config.path);
+    for p in &config.protected {
+        let p = resolved(p);
+        if path.starts_with(&p) || p.starts_with(&path) {
+            return Err(Error::invalid(format!(
+                "output {} would write into the input data at {}; choose another target path",
+                config.path.display(),
+                p.display()
+            )));
+        }
+    }
+    if path.exists() {
+        if !path.is_dir() {
+            return Err(exists_error(
+                &config.path,
+                std::io::ErrorKind::AlreadyExists,
+                "exists and is not a directory",
+            ));
+        }
+        if !is_empty_dir(&path) {
+            if !config.overwrite {
+                return Err(exists_error(
+                    &config.path,
+                    std::io::ErrorKind::AlreadyExists,
+                    "output already exists (pass overwrite=True to replace it)",
+                ));
+            }
+            if !is_zarr_node(&path) {
+                return Err(Error::invalid(format!(
+                    "{}: exists and is not a zarr group; refusing to delete it for overwrite=True",
+                    config.path.display()
+                )));
+            }
+        }
+    }
+    for dir in container_chain(&path) {
+        if dir.join(".zarray").is_file() || crate::ngff::is_v3_array(&dir) == Some(true) {
+            return Err(Error::invalid(format!(
+                "{}: is a zarr array, not a group; cannot write inside it",
+                dir.display()
+            )));
+        }
+        let (other, have, want) = match config.format {
+            ZarrFormat::V2 => (dir.join("zarr.json"), 3, 2),
+            ZarrFormat::V3 => (dir.join(".zgroup"), 2, 3),
+        };
+        if other.is_file() {
+            return Err(Error::invalid(format!(
+                "{}: is a zarr v{have} group but zarr_format={want} was requested",
+                dir.display()
+            )));
+        }
+    }
+    // Write permission: probe the nearest existing ancestor.
+    let mut existing = path.clone();
+    while !existing.exists() {
+        if !existing.pop() {
+            break;
+        }
+    }
+    if !existing.is_dir() {
+        return Err(exists_error(
+            &existing,
+            std::io::ErrorKind::NotADirectory,
+            "is not a directory; cannot create the output below it",
+        ));
+    }
+    let probe = temporary_sibling(&existing.join("cellmap-write-probe"), "probe");
+    match fs::File::create(&probe) {
+        Ok(_) => {
+            let _ = fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err(Error::io(
+            format!("{}: cannot create the output {} here", existing.display(), config.path.display()),
+            e,
+        )),
+    }
+}
+
+/// The zarrs node path of `dir` in a store rooted at `root`.
+fn node_path(root: &Path, dir: &Path) -> String {
+    let relative = dir.strip_prefix(root).unwrap_or(Path::new(""));
+    let parts: Vec<String> = relative
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    format!("/{}", parts.join("/"))
+}
+
+fn store_group(
+    store: &Arc<AtomicFileStore>,
+    node: &str,
+    format: ZarrFormat,
+    attributes: serde_json::Map<String, serde_json::Value>,
+) -> Result<()> {
+    let metadata = match format {
+        ZarrFormat::V2 => GroupMetadata::V2(GroupMetadataV2::new().with_attributes(attributes)),
+        ZarrFormat::V3 => GroupMetadata::V3(GroupMetadataV3::new().with_attributes(attributes)),
+    };
+    let where_ = || store.root().join(node.trim_start_matches('/'));
+    let group = Group::new_with_metadata(store.clone(), node, metadata).map_err(|e| Error::metadata(where_(), e))?;
+    group.store_metadata().map_err(|e| Error::metadata(where_(), e))
+}
+
+fn data_type(dtype: DType) -> DataType {
+    match dtype {
+        DType::U8 => data_type::uint8(),
+        DType::U16 => data_type::uint16(),
+        DType::U32 => data_type::uint32(),
+        DType::U64 => data_type::uint64(),
+        DType::I8 => data_type::int8(),
+        DType::I16 => data_type::int16(),
+        DType::I32 => data_type::int32(),
+        DType::I64 => data_type::int64(),
+        DType::F32 => data_type::float32(),
+        DType::F64 => data_type::float64(),
+    }
+}
+
+/// The numpy type string zarr v2 names a little-endian `dtype` by.
+fn v2_data_type(dtype: DType) -> DataTypeMetadataV2 {
+    let name = match dtype {
+        DType::U8 => "|u1",
+        DType::U16 => "<u2",
+        DType::U32 => "<u4",
+        DType::U64 => "<u8",
+        DType::I8 => "|i1",
+        DType::I16 => "<i2",
+        DType::I32 => "<i4",
+        DType::I64 => "<i8",
+        DType::F32 => "<f4",
+        DType::F64 => "<f8",
+    };
+    DataTypeMetadataV2::Simple(name.into())
+}
+
+/// Creates the array of one level (its metadata stored) and returns it open for chunk writes.
+fn create_array(config: &WriterConfig, store: &Arc<AtomicFileStore>, node: &str, shape: [u64; 3]) -> Result<Array<AtomicFileStore>> {
+    let where_ = || store.root().join(node.trim_start_matches('/'));
+    let chunks: Vec<u64> = config.chunk_shape.iter().map(|&c| c as u64).collect();
+    let zstd = Arc::new(ZstdCodec::new(config.compression_level, false));
+    let fill: FillValue = with_sample!(config.dtype, T => FillValue::from(<T as Sample>::from_f64(config.fill_value)));
+    let mut builder = ArrayBuilder::new(shape.to_vec(), chunks.clone(), data_type(config.dtype), fill);
+    builder.bytes_to_bytes_codecs(vec![zstd.clone()]).dimension_names(Some(AXES));
+    let array = match config.format {
+        ZarrFormat::V3 => builder.build(store.clone(), node).map_err(|e| Error::metadata(where_(), e))?,
+        ZarrFormat::V2 => {
+            // zarrs builds v3 metadata only: the v2 form takes the same typed fill value and the
+            // zstd codec's own v2 configuration.
+            let v3 = builder.build_metadata().map_err(|e| Error::metadata(where_(), e))?;
+            let mut compressor =
+                serde_json::to_value(zstd.configuration(ZarrVersion::V2, &Default::default())).map_err(|e| Error::metadata(where_(), e))?;
+            compressor["id"] = zstd.name(ZarrVersion::V2).unwrap_or("zstd".into()).into();
+            let compressor: MetadataV2 = serde_json::from_value(compressor).map_err(|e| Error::metadata(where_(), e))?;
+            let chunk_shape = chunks.iter().filter_map(|&c| std::num::NonZeroU64::new(c)).collect();
+            let metadata = ArrayMetadataV2::new(
+                shape.to_vec(),
+                chunk_shape,
+                v2_data_type(config.dtype),
+                v3.fill_value,
+                Some(compressor),
+                None,
+            );
+            Array::new_with_metadata(store.clone(), node, ArrayMetadata::V2(metadata)).map_err(|e| Error::metadata(where_(), e))?
+        }
+    };
+    array
+        .store_metadata_opt(&ArrayMetadataOptions::default().with_include_zarrs_metadata(false))
+        .map_err(|e| Error::metadata(where_(), e))?;
+    Ok(array)
+}
+
+/// The multiscale description: per level its path, voxel size and translation.
+fn multiscale(config: &WriterConfig, levels: &[LevelInfo]) -> MultiscaleJson {
+    MultiscaleJson {
+        version: (config.format == ZarrFormat::V2).then(|| "0.4".to_string()),
+        name: Some(multiscale_name(config)),
+        axes: Some(
+            AXES.iter()
+                .map(|a| AxisJson::Described {
+                    name: a.to_string(),
+                    kind: Some("space".into()),
+                    unit: Some("nanometer".into()),
+                })
+                .collect(),
+        ),
+        datasets: levels
+            .iter()
+            .map(|l| LevelJson {
+                path: l.name.clone(),
+                coordinate_transformations: vec![
+                    TransformJson::Scale {
+                        scale: l.voxel_size.to_vec(),
+                    },
+                    TransformJson::Translation {
+                        translation: l.translation.to_vec(),
+                    },
+                ],
+            })
+            .collect(),
+        coordinate_transformations: vec![TransformJson::Scale { scale: vec![1.0; 3] }],
+    }
+}
+
+/// Creates the image: parent groups from the `.zarr` container down (those lacking metadata),
+/// one array per level, then the image group's metadata last (a half-created image has no
+/// multiscales). Replaces an existing image (validated: only with `overwrite`).
+pub(super) fn create_image(config: &WriterConfig, mut levels: Vec<LevelInfo<()>>) -> Result<(Arc<AtomicFileStore>, Vec<LevelInfo>)> {
+    let path = &config.path;
+    if path.exists() && !is_empty_dir(path) {
+        fs::remove_dir_all(path).map_err(|e| Error::io(path, e))?;
+    }
+    let image = resolved(path);
+    let chain = container_chain(&image);
+    let root = chain.first().cloned().unwrap_or_else(|| image.clone());
+    let store = Arc::new(AtomicFileStore::new(&root, config.fsync)?);
+    for dir in &chain {
+        if !is_zarr_node(dir) {
+            store_group(&store, &node_path(&root, dir), config.format, Default::default())?;
+        }
+    }
+    let image_node = node_path(&root, &image);
+    let mut opened = Vec::with_capacity(levels.len());
+    for level in levels.drain(..) {
+        let node = node_path(&root, &image.join(&level.name));
+        let array = create_array(config, &store, &node, level.shape)?;
+        opened.push(level.with_array(array));
+    }
+    let multiscales = vec![multiscale(config, &opened)];
+    let attributes = match config.format {
+        ZarrFormat::V2 => ImageAttributesJson {
+            ome: None,
+            multiscales: Some(multiscales),
+        },
+        ZarrFormat::V3 => ImageAttributesJson {
+            ome: Some(OmeJson {
+                version: Some("0.5".into()),
+                multiscales: Some(multiscales),
+            }),
+            multiscales: None,
+        },
+    };
+    let attributes = match serde_json::to_value(attributes) {
+        Ok(serde_json::Value::Object(map)) => map,
+        other => return Err(Error::metadata(&config.path, format!("cannot encode the multiscales: {other:?}"))),
+    };
+    store_group(&store, &image_node, config.format, attributes)?;
+    Ok((store, opened))
+}

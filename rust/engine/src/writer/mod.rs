@@ -1,0 +1,544 @@
+//! Tiled prediction writing into OME-NGFF zarr (the engine half of `ImageWriter` and
+//! `CellMapDatasetWriter`).
+//!
+//! One [`ImageWriter`] owns one multiscale image: `<path>/s<first_level>` (plus optional
+//! downsampled levels), written as zarr v2 with OME-NGFF 0.4 metadata or zarr v3 with OME-NGFF
+//! 0.5 metadata.
+//!
+//! # Geometry (the half-voxel convention)
+//!
+//! The writer is given world *bounds* in nm whose `lo`/`hi` are voxel **edges** (the way users
+//! build them: `translation .. translation + voxel * shape`). The array has
+//! `ceil((hi - lo) / voxel)` voxels per axis; voxel `i` spans `[lo + i·voxel, lo + (i+1)·voxel)`.
+//! In the default [`CoordinateFrame::Corner`] the metadata says `translation = lo` (the corner
+//! of voxel 0, as the reference library and the CellMap challenge read it); in
+//! [`CoordinateFrame::Centre`] it says `translation = lo + voxel / 2` (the centre of voxel 0).
+//! Either way, reading the image back in the same frame gives a world box starting at `lo`.
+//!
+//! # Tiles, chunks and completion
+//!
+//! Writes arrive as tiles (possibly from several threads, in any order). Each tile is spread
+//! over the output chunks it touches, which are accumulated in memory (one lock per chunk) and
+//! encoded + written as soon as they are complete; complete chunks are dropped from memory at
+//! once, so memory holds only the partially covered chunks. A chunk is complete when
+//! - with a tiling plan (`tiling` in the config): every planned tile that touches it arrived;
+//! - without one: every voxel of it was written at least once.
+//!
+//! `flush`/`close` write whatever is still pending (voxels never written keep the fill value).
+//! A chunk that was already written and receives another tile is read back, the tile's voxels
+//! are overwritten (last write wins, no blending with the flushed data) and it is written again.
+//!
+//! With a plan and no overlap, each voxel belongs to exactly one tile (the last tile of an
+//! axis, shifted back inside the array, only owns the voxels its predecessor did not cover), so
+//! the result does not depend on the arrival order. With `overlap > 0` tiles are blended: each
+//! tile contributes `value · w` and `w` with separable linear (tent) or Gaussian weights, and
+//! the chunk is normalised by the summed weight when written.
+//!
+//! # Crash safety
+//!
+//! Metadata and chunks are written through zarrs into [`AtomicFileStore`], which writes every
+//! value whole (a hidden temporary file, then a rename): a process killed at any moment leaves
+//! each chunk absent, old or new, never torn. With `fsync` each value is also flushed before
+//! the rename, which extends this to power loss.
+//!
+//! # Modules
+//!
+//! `config` (the typed configuration and its checks), `tiling` (tile plan and blend weights),
+//! `accumulate` (chunks assembled in memory), `pyramid` (downsampled levels), `layout` (path
+//! safety and the zarr nodes, via zarrs) and `store` (the atomic storage adapter).
+
+mod accumulate;
+mod config;
+mod layout;
+mod pyramid;
+mod store;
+#[cfg(test)]
+mod tests;
+mod tiling;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rayon::prelude::*;
+use zarrs::array::Array;
+
+use crate::error::{Error, Result};
+use crate::volume::DType;
+
+use accumulate::{copy_piece, empty_acc, finish, normalised, with_sample, Acc, ChunkState, Piece, Sample};
+pub use config::{TilingConfig, WriterConfig};
+pub use store::AtomicFileStore;
+pub use tiling::{Blend, TilePlan};
+
+/// One level of the image: its array path, geometry, and (once created) its open array.
+struct LevelInfo<A = Array<AtomicFileStore>> {
+    name: String,
+    shape: [u64; 3],
+    voxel_size: [f64; 3],
+    translation: [f64; 3],
+    array: A,
+}
+
+impl LevelInfo<()> {
+    fn with_array(self, array: Array<AtomicFileStore>) -> LevelInfo {
+        LevelInfo {
+            name: self.name,
+            shape: self.shape,
+            voxel_size: self.voxel_size,
+            translation: self.translation,
+            array,
+        }
+    }
+}
+
+/// Counters of one writer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriterStats {
+    /// Chunk files written (including rewrites and downsampled levels).
+    pub chunks_written: u64,
+    /// Encoded bytes written.
+    pub bytes_written: u64,
+    /// Chunks accumulated in memory, not yet written.
+    pub pending_chunks: u64,
+}
+
+/// One level of an output image: (path below the image group, shape, voxel size, translation).
+pub type LevelSummary = (String, [u64; 3], [f64; 3], [f64; 3]);
+
+/// One output image being written.
+pub struct ImageWriter {
+    config: WriterConfig,
+    levels: Vec<LevelInfo>,
+    plan: Option<TilePlan>,
+    received: Vec<AtomicBool>,
+    chunks: Mutex<HashMap<[u64; 3], Arc<Mutex<ChunkState>>>>,
+    closed: AtomicBool,
+    store: Arc<AtomicFileStore>,
+}
+
+impl std::fmt::Debug for ImageWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageWriter")
+            .field("path", &self.config.path)
+            .field("shape", &self.shape())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock means a panic elsewhere; the data are still consistent enough to write.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn chunk_range(lo: u64, hi: u64, chunk: u64) -> std::ops::RangeInclusive<u64> {
+    lo / chunk..=(hi - 1) / chunk
+}
+
+impl ImageWriter {
+    /// Checks that `config` can be written — values, the input it must not touch, an existing
+    /// image (an error unless `overwrite`), conflicting parent groups, write permission —
+    /// without creating anything.
+    pub fn validate(config: &WriterConfig) -> Result<()> {
+        layout::validate(config)
+    }
+
+    /// Creates the image (parent groups, arrays, multiscales metadata) and returns a writer.
+    pub fn create(config: WriterConfig) -> Result<ImageWriter> {
+        Self::validate(&config)?;
+        let shape0 = config.array_shape();
+        let levels = config
+            .level_geometry()
+            .into_iter()
+            .enumerate()
+            .map(|(i, (shape, f))| {
+                let voxel_size: [f64; 3] = std::array::from_fn(|k| config.voxel_size[k] * f[k] as f64);
+                // Voxel 0 of every level has its corner at `lo`; the metadata marks that corner
+                // or that voxel's centre, per the coordinate frame.
+                let translation =
+                    std::array::from_fn(|k| config.bounds.lo[k] + voxel_size[k] / 2.0 - config.frame.centre_offset(voxel_size[k]));
+                LevelInfo {
+                    name: format!("s{}", config.first_level + i),
+                    shape,
+                    voxel_size,
+                    translation,
+                    array: (),
+                }
+            })
+            .collect();
+        let (store, levels) = layout::create_image(&config, levels)?;
+
+        let plan = config
+            .tiling
+            .as_ref()
+            .map(|t| TilePlan::new(shape0, config.write_shape, t.overlap, t.blend));
+        let received = (0..plan.as_ref().map_or(0, TilePlan::len))
+            .map(|_| AtomicBool::new(false))
+            .collect();
+        Ok(ImageWriter {
+            config,
+            levels,
+            plan,
+            received,
+            chunks: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+            store,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &WriterConfig {
+        &self.config
+    }
+
+    /// Array shape of the first level (voxels, z y x).
+    pub fn shape(&self) -> [u64; 3] {
+        self.levels[0].shape
+    }
+
+    /// The translation written for the first level (the corner of voxel 0, or its centre in
+    /// the centre coordinate frame).
+    pub fn translation(&self) -> [f64; 3] {
+        self.levels[0].translation
+    }
+
+    /// Per level: (path, shape, voxel size, translation).
+    pub fn levels(&self) -> Vec<LevelSummary> {
+        self.levels
+            .iter()
+            .map(|l| (l.name.clone(), l.shape, l.voxel_size, l.translation))
+            .collect()
+    }
+
+    /// The tiling plan, if any.
+    pub fn plan(&self) -> Option<&TilePlan> {
+        self.plan.as_ref()
+    }
+
+    /// World centre (nm) of planned tile `index`.
+    pub fn tile_centre(&self, index: usize) -> Result<[f64; 3]> {
+        let plan = self.require_plan()?;
+        if index >= plan.len() {
+            return Err(Error::invalid(format!(
+                "tile index {index} is out of range for {} tiles",
+                plan.len()
+            )));
+        }
+        let s = plan.tile_start(index);
+        Ok(std::array::from_fn(|k| {
+            self.config.bounds.lo[k] + (s[k] as f64 + plan.tile[k] as f64 / 2.0) * self.config.voxel_size[k]
+        }))
+    }
+
+    /// Whether `close` was called.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> WriterStats {
+        let pending = lock(&self.chunks)
+            .values()
+            .filter(|c| matches!(*lock(c), ChunkState::Pending(_)))
+            .count() as u64;
+        WriterStats {
+            chunks_written: self.store.chunks_written(),
+            bytes_written: self.store.bytes_written(),
+            pending_chunks: pending,
+        }
+    }
+
+    fn require_plan(&self) -> Result<&TilePlan> {
+        self.plan
+            .as_ref()
+            .ok_or_else(|| Error::invalid(format!("{}: this writer has no tiling plan", self.config.path.display())))
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.is_closed() {
+            return Err(Error::invalid(format!("{}: the writer is closed", self.config.path.display())));
+        }
+        Ok(())
+    }
+
+    /// Writes planned tiles `indices`; `data` holds one tile after another (C order, tile
+    /// shape each).
+    pub fn write_tiles(&self, indices: &[usize], data: &[f32]) -> Result<()> {
+        self.check_open()?;
+        let plan = self.require_plan()?;
+        let n = plan.tile.iter().product::<usize>();
+        if data.len() != indices.len() * n {
+            return Err(Error::invalid(format!(
+                "{}: {} values for {} tiles of shape {:?} (expected {})",
+                self.config.path.display(),
+                data.len(),
+                indices.len(),
+                plan.tile,
+                indices.len() * n
+            )));
+        }
+        if let Some(&bad) = indices.iter().find(|&&i| i >= plan.len()) {
+            return Err(Error::invalid(format!("tile index {bad} is out of range for {} tiles", plan.len())));
+        }
+        let pieces: Vec<Piece<'_>> = indices
+            .iter()
+            .enumerate()
+            .map(|(j, &i)| Piece {
+                start: plan.tile_start(i),
+                shape: plan.tile,
+                data: &data[j * n..(j + 1) * n],
+                region: plan.region(i),
+                counts: !self.received[i].swap(true, Ordering::AcqRel),
+            })
+            .collect();
+        self.apply_pieces(&pieces)
+    }
+
+    /// Writes boxes of the write shape starting at `starts` (array voxels, may lie partly
+    /// outside the array: clipped); `data` holds one box after another.
+    pub fn write_boxes(&self, starts: &[[i64; 3]], data: &[f32]) -> Result<()> {
+        self.check_open()?;
+        let shape = self.config.write_shape;
+        let n = shape.iter().product::<usize>();
+        if data.len() != starts.len() * n {
+            return Err(Error::invalid(format!(
+                "{}: {} values for {} writes of shape {:?} (expected {})",
+                self.config.path.display(),
+                data.len(),
+                starts.len(),
+                shape,
+                starts.len() * n
+            )));
+        }
+        let array = self.shape();
+        let pieces: Vec<Piece<'_>> = starts
+            .iter()
+            .enumerate()
+            .map(|(j, &s)| Piece {
+                start: s,
+                shape,
+                data: &data[j * n..(j + 1) * n],
+                region: std::array::from_fn(|k| {
+                    let lo = s[k].clamp(0, array[k] as i64) as u64;
+                    let hi = (s[k] + shape[k] as i64).clamp(0, array[k] as i64) as u64;
+                    (lo, hi.max(lo))
+                }),
+                counts: false,
+            })
+            .collect();
+        self.apply_pieces(&pieces)
+    }
+
+    fn apply_pieces(&self, pieces: &[Piece<'_>]) -> Result<()> {
+        let cs: [u64; 3] = std::array::from_fn(|k| self.config.chunk_shape[k] as u64);
+        let mut by_chunk: HashMap<[u64; 3], Vec<usize>> = HashMap::new();
+        for (p, piece) in pieces.iter().enumerate() {
+            let r = piece.region;
+            if (0..3).any(|k| r[k].1 <= r[k].0) {
+                continue;
+            }
+            for cz in chunk_range(r[0].0, r[0].1, cs[0]) {
+                for cy in chunk_range(r[1].0, r[1].1, cs[1]) {
+                    for cx in chunk_range(r[2].0, r[2].1, cs[2]) {
+                        by_chunk.entry([cz, cy, cx]).or_default().push(p);
+                    }
+                }
+            }
+        }
+        let mut work: Vec<([u64; 3], Vec<usize>)> = by_chunk.into_iter().collect();
+        work.sort_unstable_by_key(|(c, _)| *c);
+        work.par_iter()
+            .try_for_each(|(chunk, list)| self.apply_to_chunk(*chunk, list.iter().map(|&p| &pieces[p])))
+    }
+
+    fn chunk_box(&self, level: usize, chunk: [u64; 3]) -> ([u64; 3], [u64; 3]) {
+        let shape = self.levels[level].shape;
+        let lo: [u64; 3] = std::array::from_fn(|k| chunk[k] * self.config.chunk_shape[k] as u64);
+        let hi = std::array::from_fn(|k| (lo[k] + self.config.chunk_shape[k] as u64).min(shape[k]));
+        (lo, hi)
+    }
+
+    fn new_acc(&self, chunk: [u64; 3]) -> Acc {
+        let n: usize = self.config.chunk_shape.iter().product();
+        let (lo, hi) = self.chunk_box(0, chunk);
+        let blended = self.plan.as_ref().is_some_and(TilePlan::is_blended);
+        match &self.plan {
+            Some(plan) => Acc {
+                values: vec![if blended { 0.0 } else { self.config.fill_value as f32 }; n],
+                weights: blended.then(|| vec![0.0; n]),
+                covered: None,
+                remaining: plan.tiles_meeting(lo, hi),
+            },
+            None => Acc {
+                values: vec![self.config.fill_value as f32; n],
+                weights: None,
+                covered: Some(vec![false; n]),
+                remaining: (0..3).map(|k| hi[k] - lo[k]).product(),
+            },
+        }
+    }
+
+    fn chunk_slot(&self, chunk: [u64; 3]) -> Arc<Mutex<ChunkState>> {
+        let mut map = lock(&self.chunks);
+        map.entry(chunk)
+            .or_insert_with(|| Arc::new(Mutex::new(ChunkState::Pending(self.new_acc(chunk)))))
+            .clone()
+    }
+
+    fn apply_to_chunk<'p, 'd: 'p>(&self, chunk: [u64; 3], pieces: impl Iterator<Item = &'p Piece<'d>>) -> Result<()> {
+        let slot = self.chunk_slot(chunk);
+        let mut state = lock(&slot);
+        let (lo, hi) = self.chunk_box(0, chunk);
+        let weights = self.plan.as_ref().and_then(|p| p.weights.as_ref());
+        match &mut *state {
+            ChunkState::Pending(acc) => {
+                for piece in pieces {
+                    let newly = copy_piece(acc, lo, hi, self.config.chunk_shape, piece, weights);
+                    if acc.covered.is_some() {
+                        acc.remaining = acc.remaining.saturating_sub(newly);
+                    } else if piece.counts {
+                        acc.remaining = acc.remaining.saturating_sub(1);
+                    }
+                }
+                if acc.remaining == 0 {
+                    let values = finish(std::mem::replace(acc, empty_acc()), self.config.fill_value as f32);
+                    self.store_chunk(0, chunk, &values)?;
+                    *state = ChunkState::Written;
+                }
+            }
+            ChunkState::Written => {
+                // Read back, overwrite the new voxels (last write wins), write again.
+                let mut values = self.load_chunk(0, chunk)?;
+                let mut acc = Acc {
+                    values: std::mem::take(&mut values),
+                    weights: None,
+                    covered: None,
+                    remaining: 0,
+                };
+                for piece in pieces {
+                    copy_piece(&mut acc, lo, hi, self.config.chunk_shape, piece, None);
+                }
+                self.store_chunk(0, chunk, &acc.values)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes chunk `chunk` of `level` from disk as f32 (the fill value where absent).
+    fn load_chunk(&self, level: usize, chunk: [u64; 3]) -> Result<Vec<f32>> {
+        let info = &self.levels[level];
+        let n: usize = self.config.chunk_shape.iter().product();
+        let where_ = || format!("{} chunk {:?}", self.config.path.join(&info.name).display(), chunk);
+        with_sample!(self.config.dtype, T => {
+            match info.array.retrieve_chunk_if_exists::<Vec<T>>(&chunk).map_err(|e| Error::decode(where_(), e))? {
+                Some(v) => Ok(v.into_iter().map(Sample::to_f32).collect()),
+                None => Ok(vec![self.config.fill_value as f32; n]),
+            }
+        })
+    }
+
+    /// Converts `values` (a whole chunk, f32) to the array's dtype and stores it through zarrs
+    /// (encoded, written atomically); an all-fill chunk is not stored and any previous one is
+    /// erased.
+    fn store_chunk(&self, level: usize, chunk: [u64; 3], values: &[f32]) -> Result<()> {
+        let info = &self.levels[level];
+        let where_ = || format!("{} chunk {:?}", self.config.path.join(&info.name).display(), chunk);
+        with_sample!(self.config.dtype, T => {
+            let fill = <T as Sample>::from_f64(self.config.fill_value);
+            // Every NaN becomes the fill's NaN, so an all-NaN chunk is recognised as fill.
+            let typed: Vec<T> = values
+                .iter()
+                .map(|&v| {
+                    let t = <T as Sample>::from_f32(v);
+                    if t.same(fill) {
+                        fill
+                    } else {
+                        t
+                    }
+                })
+                .collect();
+            info.array.store_chunk(&chunk, &typed[..]).map_err(|e| Error::decode(where_(), e))
+        })
+    }
+
+    /// Reads back a box of `shape` voxels starting at `start` (array voxels of the first
+    /// level) as currently written, pending data included (normalised); voxels outside the
+    /// array or never written are the fill value.
+    pub fn read_box(&self, start: [i64; 3], shape: [usize; 3]) -> Result<Vec<f32>> {
+        let fill = self.config.fill_value as f32;
+        let n: usize = shape.iter().product();
+        let mut out = vec![fill; n];
+        let array = self.shape();
+        let lo: [u64; 3] = std::array::from_fn(|k| start[k].clamp(0, array[k] as i64) as u64);
+        let hi: [u64; 3] = std::array::from_fn(|k| (start[k] + shape[k] as i64).clamp(0, array[k] as i64) as u64);
+        if (0..3).any(|k| hi[k] <= lo[k]) {
+            return Ok(out);
+        }
+        let cs: [u64; 3] = std::array::from_fn(|k| self.config.chunk_shape[k] as u64);
+        for cz in chunk_range(lo[0], hi[0], cs[0]) {
+            for cy in chunk_range(lo[1], hi[1], cs[1]) {
+                for cx in chunk_range(lo[2], hi[2], cs[2]) {
+                    let chunk = [cz, cy, cx];
+                    let slot = lock(&self.chunks).get(&chunk).cloned();
+                    let values = match slot.as_ref().map(|s| lock(s)) {
+                        Some(state) => match &*state {
+                            ChunkState::Pending(acc) => normalised(acc, fill),
+                            ChunkState::Written => self.load_chunk(0, chunk)?,
+                        },
+                        None => self.load_chunk(0, chunk)?,
+                    };
+                    let (clo, chi) = self.chunk_box(0, chunk);
+                    for z in lo[0].max(clo[0])..hi[0].min(chi[0]) {
+                        for y in lo[1].max(clo[1])..hi[1].min(chi[1]) {
+                            let x0 = lo[2].max(clo[2]);
+                            let x1 = hi[2].min(chi[2]);
+                            let src = (((z - clo[0]) * cs[1] + (y - clo[1])) * cs[2] + (x0 - clo[2])) as usize;
+                            let dst = (((z as i64 - start[0]) as usize * shape[1] + (y as i64 - start[1]) as usize) * shape[2])
+                                + (x0 as i64 - start[2]) as usize;
+                            let len = (x1 - x0) as usize;
+                            out[dst..dst + len].copy_from_slice(&values[src..src + len]);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes every pending chunk (in parallel). Chunks never written stay absent (fill value).
+    pub fn flush(&self) -> Result<()> {
+        let slots: Vec<([u64; 3], Arc<Mutex<ChunkState>>)> = lock(&self.chunks).iter().map(|(k, v)| (*k, v.clone())).collect();
+        slots.par_iter().try_for_each(|(chunk, slot)| {
+            let mut state = lock(slot);
+            if let ChunkState::Pending(acc) = &mut *state {
+                let values = finish(std::mem::replace(acc, empty_acc()), self.config.fill_value as f32);
+                self.store_chunk(0, *chunk, &values)?;
+                *state = ChunkState::Written;
+            }
+            Ok(())
+        })
+    }
+
+    /// Flushes, computes the downsampled levels, and refuses further writes. Closing twice is
+    /// a no-op.
+    pub fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.flush()?;
+        for level in 1..self.levels.len() {
+            self.downsample(level)?;
+        }
+        lock(&self.chunks).clear();
+        Ok(())
+    }
+}
+
+impl Drop for ImageWriter {
+    fn drop(&mut self) {
+        // Best effort: a writer dropped without close() still writes what it holds.
+        if !self.is_closed() {
+            let _ = crate::runtime::install(|| self.close());
+        }
+    }
+}

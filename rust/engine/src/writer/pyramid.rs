@@ -1,0 +1,67 @@
+//! Downsampled levels: each level the 2×2×2 (or 1×2×2 ...) block mean of the one before,
+//! computed at close from the written chunks.
+
+use rayon::prelude::*;
+use zarrs::array::ArraySubset;
+
+use super::accumulate::{with_sample, Sample};
+use super::ImageWriter;
+use crate::error::{Error, Result};
+use crate::volume::DType;
+
+impl ImageWriter {
+    /// Level `level` from level `level - 1` by averaging 2×2×2 (or 1×2×2 ...) blocks.
+    pub(super) fn downsample(&self, level: usize) -> Result<()> {
+        let src = &self.levels[level - 1];
+        let dst = &self.levels[level];
+        let f: [u64; 3] = std::array::from_fn(|k| if src.shape[k] > 1 { 2 } else { 1 });
+        let cs = self.config.chunk_shape;
+        let grid: [u64; 3] = std::array::from_fn(|k| dst.shape[k].div_ceil(cs[k] as u64));
+        let chunks: Vec<[u64; 3]> = (0..grid[0])
+            .flat_map(|z| (0..grid[1]).flat_map(move |y| (0..grid[2]).map(move |x| [z, y, x])))
+            .collect();
+        let src_array = &src.array;
+        let where_ = || src.name.clone();
+        chunks.par_iter().try_for_each(|&chunk| {
+            let (lo, hi) = self.chunk_box(level, chunk);
+            let slo: [u64; 3] = std::array::from_fn(|k| lo[k] * f[k]);
+            let shi: [u64; 3] = std::array::from_fn(|k| (hi[k] * f[k]).min(src.shape[k]));
+            let sshape: [usize; 3] = std::array::from_fn(|k| (shi[k] - slo[k]) as usize);
+            let subset = ArraySubset::new_with_ranges(&[slo[0]..shi[0], slo[1]..shi[1], slo[2]..shi[2]]);
+            let source: Vec<f32> = with_sample!(self.config.dtype, T => {
+                src_array
+                    .retrieve_array_subset::<Vec<T>>(&subset)
+                    .map_err(|e| Error::decode(self.config.path.join(where_()), e))?
+                    .into_iter()
+                    .map(Sample::to_f32)
+                    .collect()
+            });
+            let n: usize = cs.iter().product();
+            let mut values = vec![self.config.fill_value as f32; n];
+            for z in lo[0]..hi[0] {
+                for y in lo[1]..hi[1] {
+                    for x in lo[2]..hi[2] {
+                        let mut sum = 0.0f64;
+                        let mut count = 0u32;
+                        for dz in 0..f[0] {
+                            for dy in 0..f[1] {
+                                for dx in 0..f[2] {
+                                    let (sz, sy, sx) = (z * f[0] + dz, y * f[1] + dy, x * f[2] + dx);
+                                    if sz < shi[0] && sy < shi[1] && sx < shi[2] {
+                                        let i = (((sz - slo[0]) as usize * sshape[1]) + (sy - slo[1]) as usize) * sshape[2]
+                                            + (sx - slo[2]) as usize;
+                                        sum += source[i] as f64;
+                                        count += 1;
+                                    }
+                                }
+                            }
+                        }
+                        let o = (((z - lo[0]) as usize * cs[1]) + (y - lo[1]) as usize) * cs[2] + (x - lo[2]) as usize;
+                        values[o] = (sum / count.max(1) as f64) as f32;
+                    }
+                }
+            }
+            self.store_chunk(level, chunk, &values)
+        })
+    }
+}
