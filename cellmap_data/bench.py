@@ -373,3 +373,85 @@ def run(data_dir: Path | None = None, size: str = "bench", batches: int = 40, th
     if out:
         Path(out).write_text(json.dumps(report, indent=2))
     return report
+
+
+# -- one build against another ------------------------------------------------------------------
+
+# Runs in a child interpreter against whichever cellmap_data its sys.path finds, through the
+# public API both builds share: the loader the way training scripts build it (split defaults,
+# augmentation, class-balanced sampling) and CellMapDatasetWriter-style tiled writing with
+# ImageWriter. Prints one JSON line.
+_BUILD_WORKLOAD = r"""
+import json, sys, tempfile, time, warnings
+import torch
+import cellmap_data
+from cellmap_data import CellMapDataLoader, CellMapDataSplit, ImageWriter
+
+csv_path, batches, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+augment = json.loads(sys.argv[4])
+classes = json.loads(sys.argv[5])
+split = CellMapDataSplit(input_arrays={"input": {"shape": (64, 64, 64), "scale": (8, 8, 8)}},
+                         target_arrays={"output": {"shape": (64, 64, 64), "scale": (8, 8, 8)}},
+                         classes=classes, pad=True, csv_path=csv_path, spatial_transforms=augment)
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    loader = CellMapDataLoader(split.train_datasets_combined, classes=classes, batch_size=8, num_workers=threads,
+                               weighted_sampler=True, iterations_per_epoch=batches, is_train=True, seed=0)
+for batch in loader:  # warm the chunk cache
+    pass
+start = time.perf_counter()
+for batch in loader:
+    pass
+loader_s = time.perf_counter() - start
+
+tile, n = 32, 8  # 8^3 tiles of 32^3 voxels (float32) into one image
+values = torch.rand(tile, tile, tile)
+with tempfile.TemporaryDirectory() as out:
+    writer = ImageWriter(f"{out}/pred.zarr/pred/mito", "mito", {"z": 8.0, "y": 8.0, "x": 8.0},
+                         {a: [0.0, 8.0 * tile * n] for a in "zyx"}, {a: tile for a in "zyx"}, overwrite=True)
+    start = time.perf_counter()
+    for z in range(n):
+        for y in range(n):
+            for x in range(n):
+                writer[{"z": (z + 0.5) * tile * 8.0, "y": (y + 0.5) * tile * 8.0, "x": (x + 0.5) * tile * 8.0}] = values
+    if hasattr(writer, "close"):
+        writer.close()
+    writer_s = time.perf_counter() - start
+print(json.dumps({"version": cellmap_data.__version__, "file": cellmap_data.__file__,
+                  "loader_samples_per_s": batches * 8 / loader_s, "writer_mvoxels_per_s": (tile * n) ** 3 / writer_s / 1e6}))
+"""
+
+
+def compare_builds(other: Path, data: Any, repeat: int = 5, batches: int = 20, threads: int = 2,
+                   classes: list[str] | None = None) -> dict[str, Any]:
+    """This build against another build of cellmap_data installed in the folder ``other``
+    (``pip install --target OTHER old.whl``), on the same data, interleaved (other, this,
+    other, this, ...) in fresh interpreters so both see the same machine; medians. Bound: this
+    build's throughput >= 0.9 × the other's (within noise of it)."""
+    import subprocess
+    import sys
+
+    other = Path(other).resolve()
+    if not (other / "cellmap_data").is_dir():
+        raise FileNotFoundError(f"{other}: no cellmap_data package installed there (pip install --target {other} WHEEL)")
+    args = [str(data.csv_path), str(batches), str(threads), json.dumps(AUGMENT), json.dumps(classes or BENCH_CLASSES)]
+    runs: dict[str, list[dict[str, Any]]] = {"other": [], "this": []}
+    for _ in range(repeat):
+        for which in ("other", "this"):
+            env = dict(os.environ)
+            if which == "other":
+                env["PYTHONPATH"] = os.pathsep.join([str(other), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+            done = subprocess.run([sys.executable, "-c", _BUILD_WORKLOAD, *args], env=env, capture_output=True,
+                                  text=True, check=False, cwd=str(other.parent))
+            if done.returncode != 0:
+                raise RuntimeError(f"the {which} build's workload failed:\n{done.stderr[-2000:]}")
+            runs[which].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    out: dict[str, Any] = {"repeat": repeat, "batches": batches, "threads": threads}
+    for which in runs:
+        out[which] = {"version": runs[which][0]["version"], "file": runs[which][0]["file"]}
+        for key in ("loader_samples_per_s", "writer_mvoxels_per_s"):
+            out[which][key] = statistics.median(r[key] for r in runs[which])
+            out[which][key + "_all"] = [round(r[key], 2) for r in runs[which]]
+    for key in ("loader_samples_per_s", "writer_mvoxels_per_s"):
+        out[key.replace("_per_s", "_ratio")] = out["this"][key] / out["other"][key]
+    return out

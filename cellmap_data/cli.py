@@ -21,6 +21,7 @@ import time
 import traceback
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 __all__ = [
@@ -264,11 +265,27 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the engine configurations (default) or only the loader")
     parser.add_argument("--transforms", default=True, action=argparse.BooleanOptionalAction,
                         help="compare the split's default value transforms with none through the public API (default)")
+    parser.add_argument("--against", default=None, metavar="DIR",
+                        help="only compare this build with another one installed in DIR (pip install --target DIR "
+                             "WHEEL): loader and writer through the public API, interleaved, medians of --repeat runs")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from cellmap_data.bench import run
+    from cellmap_data.bench import bench_data, compare_builds, run
 
+    if args.against:
+        data = bench_data(args.data, args.size)
+        r = compare_builds(args.against, data, repeat=args.repeat, batches=min(args.batches, 20),
+                           threads=(args.loader_threads or [2])[-1])
+        for key, unit in (("loader_samples_per_s", "samples/s"), ("writer_mvoxels_per_s", "Mvoxel/s")):
+            ratio = r[key.replace("_per_s", "_ratio")]
+            print(f"{key.split('_')[0]:<7} other {r['other'][key]:8.2f} {unit}  this {r['this'][key]:8.2f} {unit}  "
+                  f"ratio {ratio:.2f} (bound >= 0.9: {'met' if ratio >= 0.9 else 'MISSED'}; medians of {r['repeat']}, "
+                  f"interleaved; other {r['other'][key + '_all']}, this {r['this'][key + '_all']})")
+        print(f"other: {r['other']['version']} at {r['other']['file']}\nthis:  {r['this']['version']} at {r['this']['file']}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(r, indent=2))
+        return 0
     run(data_dir=args.data, size=args.size, batches=args.batches, threads=args.threads, out=args.json, soak=args.soak,
         loader_threads=args.loader_threads, device=args.device, engine=args.engine, repeat=args.repeat,
         transforms=args.transforms)

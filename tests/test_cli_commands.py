@@ -48,6 +48,29 @@ def test_bench_loader_only_with_device_and_soak(tmp_path):
     assert soak["live_batch_bytes_after"] >= 0 and soak["pooled_batch_mb"] >= 0
 
 
+def test_bench_against_another_build_interleaves_both(tmp_path):
+    """``--against DIR`` runs the public-API workload in fresh interpreters, one finding the
+    build in DIR first (here a link to this same package), and reports both with the ratio."""
+    import json
+    import os
+
+    import cellmap_data
+
+    other = tmp_path / "other-build"
+    other.mkdir()
+    os.symlink(os.path.dirname(cellmap_data.__file__), other / "cellmap_data")
+    result = run("bench", "--data", str(tmp_path / "bench"), "--size", "tiny", "--batches", "2", "--repeat", "1",
+                 "--loader-threads", "1", "--against", str(other), "--json", str(tmp_path / "compare.json"))
+    assert result.returncode == 0, result.stderr
+    assert "ratio" in result.stdout and "bound >= 0.9" in result.stdout
+    report = json.loads((tmp_path / "compare.json").read_text())
+    assert report["other"]["file"].startswith(str(other)) and not report["this"]["file"].startswith(str(other))
+    assert report["other"]["loader_samples_per_s"] > 0 and report["this"]["writer_mvoxels_per_s"] > 0
+    assert report["loader_samples_ratio"] > 0 and report["writer_mvoxels_ratio"] > 0
+    result = run("bench", "--size", "tiny", "--against", str(tmp_path))
+    assert result.returncode != 0 and "no cellmap_data package" in result.stderr
+
+
 def test_bad_input_exits_2_with_one_line(tmp_path):
     result = run("demo", "--size", "nonsense")
     assert result.returncode == 2
