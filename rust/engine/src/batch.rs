@@ -383,8 +383,19 @@ impl Batch {
                     if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
                         return Err(Error::Interrupted);
                     }
+                    let in_sample = |e: Error| {
+                        let c = req.centre;
+                        e.with_context(format!(
+                            "reading sample {} of dataset '{}' centred at z={:.1}, y={:.1}, x={:.1} nm",
+                            req.index,
+                            dataset.config.name(),
+                            c[0],
+                            c[1],
+                            c[2]
+                        ))
+                    };
                     if bytes.is_empty() {
-                        let finite = dataset.read_sample(req.centre, &req.draw, &mut floats)?;
+                        let finite = dataset.read_sample(req.centre, &req.draw, &mut floats).map_err(in_sample)?;
                         dataset.apply_values(req.value_seed, &mut floats, &finite);
                         return Ok(());
                     }
@@ -392,7 +403,7 @@ impl Batch {
                     let mut scratch: Vec<Vec<f32>> = bytes.iter().map(|b| vec![0f32; b.len()]).collect();
                     let mut outs: Vec<&mut [f32]> = floats.into_iter().collect();
                     outs.extend(scratch.iter_mut().map(|v| v.as_mut_slice()));
-                    let finite = dataset.read_sample(req.centre, &req.draw, &mut outs)?;
+                    let finite = dataset.read_sample(req.centre, &req.draw, &mut outs).map_err(in_sample)?;
                     // Compact targets carry no engine value transforms (they stay 0/1/NaN).
                     dataset.apply_values(req.value_seed, &mut outs, &finite);
                     for (dst, src) in bytes.iter_mut().zip(&scratch) {

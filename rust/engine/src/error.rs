@@ -45,6 +45,9 @@ pub enum Error {
     /// The operation was cancelled (e.g. Ctrl-C or a stopped loader).
     #[error("operation interrupted")]
     Interrupted,
+    /// A bug in the engine (a panic caught on an engine thread); never the user's input.
+    #[error("internal engine error (please report): {0}")]
+    Internal(String),
 }
 
 /// Result alias used throughout the engine.
@@ -99,6 +102,55 @@ impl Error {
         }
     }
 
+    /// The same error with `context` (e.g. which sample was being read) added to its message;
+    /// the category is kept.
+    pub fn with_context(self, context: impl std::fmt::Display) -> Self {
+        match self {
+            Error::NotFound { path, detail } => Error::NotFound {
+                path,
+                detail: format!("{detail} ({context})"),
+            },
+            Error::Metadata { path, message } => Error::Metadata {
+                path,
+                message: format!("{message} ({context})"),
+            },
+            Error::Decode { path, message } => Error::Decode {
+                path,
+                message: format!("{message} ({context})"),
+            },
+            Error::InvalidArgument(message) => Error::InvalidArgument(format!("{message} ({context})")),
+            Error::Io { path, source } => Error::Io {
+                path: format!("{path} ({context})"),
+                source,
+            },
+            Error::Internal(message) => Error::Internal(format!("{message} ({context})")),
+            Error::Interrupted => Error::Interrupted,
+        }
+    }
+
+    /// An `Internal` error from a caught panic's payload.
+    pub fn from_panic(payload: Box<dyn std::any::Any + Send>) -> Self {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_string());
+        Error::Internal(message)
+    }
+
+    /// Whether retrying the same read may succeed (an interrupted or timed-out system call, a
+    /// busy resource, an I/O error the device reported).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Io { source, .. } => {
+                use std::io::ErrorKind as K;
+                matches!(source.kind(), K::Interrupted | K::TimedOut | K::WouldBlock | K::ResourceBusy) || source.raw_os_error() == Some(5)
+                // EIO
+            }
+            _ => false,
+        }
+    }
+
     /// The Python-facing category of this error (used by the binding to pick an exception).
     pub fn kind(&self) -> ErrorKind {
         match self {
@@ -109,6 +161,7 @@ impl Error {
             Error::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => ErrorKind::PermissionDenied,
             Error::Io { .. } => ErrorKind::Io,
             Error::Interrupted => ErrorKind::Interrupted,
+            Error::Internal(_) => ErrorKind::Internal,
         }
     }
 }
@@ -130,4 +183,6 @@ pub enum ErrorKind {
     Io,
     /// `KeyboardInterrupt`
     Interrupted,
+    /// `CellMapError` (an engine bug)
+    Internal,
 }

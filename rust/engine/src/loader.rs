@@ -2,6 +2,7 @@
 //! batch reads on an engine thread pool, with at most `prefetch` batches ahead of the consumer,
 //! delivered in plan order (so the thread count never changes what comes out).
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
 use std::sync::Arc;
@@ -166,7 +167,12 @@ impl BatchStream {
                     }
                     let (collection, stop) = (collection.clone(), stop.clone());
                     pool.spawn(move || {
-                        let result = collection.read(&samples, settings.key, settings.augment, Some(&stop));
+                        // A panic must not abort the process (rayon's default for spawned
+                        // jobs): it becomes this batch's error.
+                        let result = catch_unwind(AssertUnwindSafe(|| {
+                            collection.read(&samples, settings.key, settings.augment, Some(&stop))
+                        }))
+                        .unwrap_or_else(|payload| Err(Error::from_panic(payload)));
                         let _ = tx.send(result);
                     });
                 }

@@ -16,6 +16,7 @@ pub fn to_pyerr(py: Python<'_>, error: Error) -> PyErr {
         ErrorKind::PermissionDenied => "PermissionDeniedError",
         ErrorKind::Io => "StorageError",
         ErrorKind::Interrupted => return pyo3::exceptions::PyKeyboardInterrupt::new_err(error.to_string()),
+        ErrorKind::Internal => "CellMapError",
     };
     let message = error.to_string();
     match py
@@ -28,14 +29,6 @@ pub fn to_pyerr(py: Python<'_>, error: Error) -> PyErr {
     }
 }
 
-fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".to_string())
-}
-
 /// Runs `work` without the GIL inside the engine's thread pool, turning engine errors and
 /// panics into Python exceptions.
 pub fn run<T: Send>(py: Python<'_>, work: impl FnOnce() -> cellmap_engine::Result<T> + Send) -> PyResult<T> {
@@ -43,15 +36,7 @@ pub fn run<T: Send>(py: Python<'_>, work: impl FnOnce() -> cellmap_engine::Resul
     match outcome {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(error)) => Err(to_pyerr(py, error)),
-        Err(payload) => {
-            let message = format!("internal engine error (please report): {}", panic_message(payload));
-            Err(py
-                .import("cellmap_data.exceptions")
-                .and_then(|m| m.getattr("CellMapError"))
-                .and_then(|cls| cls.call1((message.clone(),)))
-                .map(PyErr::from_value)
-                .unwrap_or_else(|_| PyRuntimeError::new_err(message)))
-        }
+        Err(payload) => Err(to_pyerr(py, Error::from_panic(payload))),
     }
 }
 
