@@ -28,6 +28,8 @@ def spec_to_3d(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
     """
     if not isinstance(spec, Mapping) or "shape" not in spec or "scale" not in spec:
         raise ConfigError(f"array '{name}' must be a dict with 'shape' and 'scale', not {spec!r}")
+    if any(isinstance(spec[key], (str, bytes)) for key in ("shape", "scale")):
+        raise ConfigError(f"array '{name}': shape and scale must be sequences of numbers, not {spec!r}")
     shape = list(spec["shape"])
     scale = list(spec["scale"])
     if len(shape) != len(scale) or not 1 <= len(shape) <= 3:
@@ -35,7 +37,7 @@ def spec_to_3d(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
     try:
         shape = [int(s) for s in shape]
         scale = [float(s) for s in scale]
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, OverflowError) as error:
         raise ConfigError(f"array '{name}': shape and scale must be numbers ({error})") from None
     while len(shape) < 3:
         shape.insert(0, 1)
@@ -149,8 +151,8 @@ def spatial_transforms_engine_form(config: Mapping[str, Any] | None) -> dict[str
             if isinstance(value, bool):
                 value = list(SPATIAL_AXES) if value else []
             value = _axes_member(value)
-            if not isinstance(value, list):
-                raise ConfigError("spatial_transforms['transpose'] must be {'axes': ['x', 'y']}")
+            if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+                raise ConfigError(f"spatial_transforms['transpose'] must be {{'axes': ['x', 'y']}} (axis names), not {value!r}")
             out[key] = value
         elif key == "rotate":
             value = _axes_member(value)

@@ -56,6 +56,17 @@ def cache_stats() -> dict[str, Any]:
 def set_cache_budget(bytes: int) -> None:
     """Sets the byte budget of the shared decoded-chunk cache."""
 
+def inject_fault(kind: str, pattern: str, count: int = 1) -> None:
+    """Test hook (debug builds only): the next ``count`` chunk reads of arrays whose path
+    contains ``pattern`` fail with ``kind`` (``"eio"``: a transient I/O error; ``"panic"``: a
+    panic in the read)."""
+
+def clear_faults() -> None:
+    """Disarms any injected fault."""
+
+def fault_injection_available() -> bool:
+    """Whether this build of the engine can inject faults (debug builds)."""
+
 def clear_cache() -> None:
     """Drops every cached chunk and pooled batch buffer, and resets the hit/miss counters."""
 
@@ -191,6 +202,11 @@ class Batch:
     def positions(self) -> list[int]:
         """Each sample's dataset position in the collection it was read from (empty for a batch
         read from one dataset)."""
+    @property
+    def incidents(self) -> list[tuple[int, str, str, int, list[float], str]]:
+        """Reads retried or samples replaced while reading this batch, per the loader's
+        ``on_read_error``: ``(position, action, dataset, index, (z, y, x) centre, message)``
+        with action ``"retried"`` or ``"skipped"``."""
     @property
     def value_seeds(self) -> list[int]:
         """Each sample's ``value_seed`` (read from the batch without converting it)."""

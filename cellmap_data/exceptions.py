@@ -16,6 +16,7 @@ __all__ = [
     "PermissionDeniedError",
     "StorageError",
     "OutputExistsError",
+    "ReadErrorWarning",
     "ReferenceDifferenceWarning",
     "warn_reference_difference",
 ]
@@ -51,6 +52,11 @@ class StorageError(CellMapError, OSError):
 
 class OutputExistsError(CellMapError, FileExistsError):
     """An output image already exists and ``overwrite`` is false."""
+
+
+class ReadErrorWarning(UserWarning):
+    """A read failed and was retried or skipped per the loader's ``on_read_error`` (shown once
+    per failing path; ``loader.stats()`` counts them all)."""
 
 
 class ReferenceDifferenceWarning(UserWarning):

@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -14,11 +15,13 @@ import torch
 
 from ._config import distributed_context
 from .batches import apply_value_transforms_by_owner, expand_compact, sample_metadata_dicts, to_axis_order_by_owner
-from .exceptions import ConfigError, warn_reference_difference
+from .exceptions import ConfigError, ReadErrorWarning, warn_reference_difference
 
 __all__ = ["CellMapDataLoader", "CellMapIterableDataset", "ClassBalancedSampler", "distributed_context"]
 
 _PLAN = tuple[int, int, int]
+READ_ERROR_POLICIES = ("raise", "skip", "retry")
+MAX_KEPT_INCIDENTS = 10_000
 
 
 def _seed_of(rng: Any, seed: int | None, dataset: Any) -> int:
@@ -132,6 +135,15 @@ class CellMapDataLoader:
     With ``return_metadata=True`` each batch also carries ``"__metadata__"``: one dict per
     sample (see :func:`cellmap_data.dataset.sample_metadata_dicts`). ``loader[indices]`` reads
     the given dataset indices as one batch (the older library's indexing).
+
+    ``on_read_error`` decides what a sample whose read fails (a corrupt or unreadable chunk, an
+    I/O error) does during an epoch: ``"raise"`` (default) raises it, naming the path and the
+    sample; ``"retry"`` reads again after 50, 100, 200, 400 and 800 ms when the error is
+    transient (EIO, EAGAIN, a timeout, an interrupted call) and raises if it persists;
+    ``"skip"`` replaces the sample by another sample of the same dataset drawn from the seed
+    (the same seed gives the same replacements at any thread count; the batch's metadata is the
+    replacement's). Retries and skips warn once per failing path
+    (:class:`~cellmap_data.exceptions.ReadErrorWarning`) and are counted by :meth:`stats`.
     """
 
     def __init__(
@@ -152,6 +164,7 @@ class CellMapDataLoader:
         world_size: int | None = None,
         return_metadata: bool = False,
         worker_shard: tuple[int, int] | None = None,
+        on_read_error: str = "raise",
         **kwargs: Any,
     ) -> None:
         if int(batch_size) < 1:
@@ -196,6 +209,13 @@ class CellMapDataLoader:
         prefetch = kwargs.pop("prefetch_factor", None)
         self.prefetch = max(2, int(prefetch)) if prefetch else 2
         self.loader_kwargs = kwargs  # accepted for compatibility (pin_memory, persistent_workers...)
+        if on_read_error not in READ_ERROR_POLICIES:
+            raise ConfigError(f"on_read_error must be one of {', '.join(map(repr, READ_ERROR_POLICIES))}, not {on_read_error!r}")
+        self.on_read_error = on_read_error
+        self._read_counts = {"retried": 0, "skipped": 0}
+        self._read_incidents: list[dict[str, Any]] = []
+        self._batch_number = 0
+        self._reported_paths: set[str] = set()
         self.epoch = 0
         self._consumed: list[Any] = []
         self._collection = None
@@ -266,7 +286,7 @@ class CellMapDataLoader:
         return {
             "source": source, "samples": samples, "batch_size": self.batch_size, "drop_last": self.drop_last,
             "iterations": self.iterations_per_epoch, "rank": rank, "world_size": world, "worker": worker,
-            "workers": workers, "seed": self.seed, "epoch": int(epoch),
+            "workers": workers, "seed": self.seed, "epoch": int(epoch), "on_read_error": self.on_read_error,
         }
 
     def plan_epoch(self, epoch: int) -> list[list[_PLAN]]:
@@ -285,6 +305,7 @@ class CellMapDataLoader:
     # -- iteration ------------------------------------------------------------------------
     def _stream(self, epoch: int) -> Any:
         """The engine's stream of ``epoch``: planned and read by the engine in one call."""
+        self._batch_number = 0
         return self.collection().epoch_stream(
             json.dumps(self.epoch_settings(epoch)), threads=self.threads, prefetch=self.prefetch, augment=self.is_train,
         )
@@ -298,6 +319,7 @@ class CellMapDataLoader:
         stream = self._stream(epoch)
         try:
             for batch in stream:
+                self._note_incidents(batch)
                 yield pa.record_batch(batch.record_batch())
         finally:
             stream.close()
@@ -311,6 +333,7 @@ class CellMapDataLoader:
         ahead: dict[str, Any] | None = None
         try:
             for batch in stream:
+                self._note_incidents(batch)
                 current = self._prepare(batch, mover)
                 if ahead is not None:
                     yield self._finish(ahead, mover)
@@ -319,6 +342,29 @@ class CellMapDataLoader:
                 yield self._finish(ahead, mover)
         finally:
             stream.close()
+
+    def _note_incidents(self, batch: Any) -> None:
+        """Counts the batch's retried and skipped reads; warns once per failing path."""
+        for position, action, dataset, index, centre, message in batch.incidents:
+            self._read_counts[action] += 1
+            if len(self._read_incidents) < MAX_KEPT_INCIDENTS:
+                self._read_incidents.append({"epoch": self.epoch - 1, "batch": self._batch_number,
+                                             "position": position, "action": action,
+                                             "dataset": dataset, "index": index, "centre": tuple(centre),
+                                             "message": message})
+            path = message.split(": ", 1)[0]
+            if path not in self._reported_paths:
+                self._reported_paths.add(path)
+                warnings.warn(f"on_read_error={self.on_read_error!r}: {action} a read of {message}", ReadErrorWarning,
+                              stacklevel=3)
+        self._batch_number += 1
+
+    def stats(self) -> dict[str, Any]:
+        """Read errors handled so far by ``on_read_error``: ``retried`` (transient errors read
+        again) and ``skipped`` (samples replaced) counts, and the incidents (epoch, batch number
+        in the epoch, position in the batch, action, the failed sample's dataset, index and
+        centre, message; the first 10 000 are kept)."""
+        return {**self._read_counts, "incidents": list(self._read_incidents)}
 
     def _prepare(self, batch: Any, mover: _Stream) -> dict[str, Any]:
         """Starts moving a batch to the device (on the side stream) and keeps what finishing needs."""

@@ -17,6 +17,7 @@ use crate::augment::SpatialDraw;
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
 use crate::geometry::AXES;
+use crate::read_policy::{with_retries, ReadErrorPolicy, ReadIncident, MAX_REPLACEMENTS};
 
 static LIVE_BATCH_BYTES: AtomicI64 = AtomicI64::new(0);
 
@@ -241,6 +242,8 @@ pub struct Batch {
     /// Per sample, the position of its dataset in the collection it was read from (empty for a
     /// batch read from one dataset).
     pub positions: Vec<usize>,
+    /// Reads retried or samples replaced while reading this batch (see [`ReadErrorPolicy`]).
+    pub incidents: Vec<ReadIncident>,
 }
 
 /// The per-sample metadata of a batch or of a planned epoch: the one schema of every sample
@@ -322,16 +325,68 @@ impl SampleMetadata<'_> {
     }
 }
 
+/// Gives the replacement for the sample at batch position `p`, attempt `k` (1, 2, ...).
+pub type ReplaceSample<'a, 'd> = dyn Fn(usize, u32) -> Result<(&'d Dataset, SampleRequest)> + Sync + 'a;
+
+/// How a batch read behaves: cancellation, and what it does when a sample's read fails.
+#[derive(Clone, Copy, Default)]
+pub struct BatchReadOptions<'a, 'd> {
+    /// A raised flag stops the read with [`Error::Interrupted`].
+    pub cancel: Option<&'a AtomicBool>,
+    /// Raise, retry transient errors, or skip failing samples.
+    pub policy: ReadErrorPolicy,
+    /// With [`ReadErrorPolicy::Skip`]: the replacement for the sample at batch position `p`,
+    /// attempt `k` (1, 2, ...), a function of the seed. Without it, skipping is impossible and
+    /// the error is raised.
+    pub replace: Option<&'a ReplaceSample<'a, 'd>>,
+}
+
+/// Reads one sample into its output slices (float columns, then compact byte columns).
+fn read_one(dataset: &Dataset, req: &SampleRequest, floats: &mut [&mut [f32]], bytes: &mut [&mut [u8]]) -> Result<()> {
+    let in_sample = |e: Error| {
+        let c = req.centre;
+        e.with_context(format!(
+            "reading sample {} of dataset '{}' centred at z={:.1}, y={:.1}, x={:.1} nm",
+            req.index,
+            dataset.config.name(),
+            c[0],
+            c[1],
+            c[2]
+        ))
+    };
+    if bytes.is_empty() {
+        let finite = dataset.read_sample(req.centre, &req.draw, floats).map_err(in_sample)?;
+        dataset.apply_values(req.value_seed, floats, &finite);
+        return Ok(());
+    }
+    // Compact targets: read as float, then pack (0, 1, 255 = unknown).
+    let mut scratch: Vec<Vec<f32>> = bytes.iter().map(|b| vec![0f32; b.len()]).collect();
+    let mut outs: Vec<&mut [f32]> = floats.iter_mut().map(|s| &mut **s).collect();
+    outs.extend(scratch.iter_mut().map(|v| v.as_mut_slice()));
+    let finite = dataset.read_sample(req.centre, &req.draw, &mut outs).map_err(in_sample)?;
+    // Compact targets carry no engine value transforms (they stay 0/1/NaN).
+    dataset.apply_values(req.value_seed, &mut outs, &finite);
+    for (dst, src) in bytes.iter_mut().zip(&scratch) {
+        for (d, v) in dst.iter_mut().zip(src) {
+            *d = if v.is_nan() { COMPACT_UNKNOWN } else { *v as u8 };
+        }
+    }
+    Ok(())
+}
+
 impl Batch {
     /// Reads `requests` from `dataset` in parallel.
     pub fn read(dataset: &Dataset, requests: &[SampleRequest]) -> Result<Batch> {
         let items: Vec<(&Dataset, SampleRequest)> = requests.iter().map(|r| (dataset, *r)).collect();
-        Batch::read_items(&items, None)
+        Batch::read_items(&items, &BatchReadOptions::default())
     }
 
     /// Reads samples from their datasets in parallel; every dataset must produce the same
-    /// array shapes. With `cancel`, a raised flag stops the read with `Error::Interrupted`.
-    pub fn read_items(items: &[(&Dataset, SampleRequest)], cancel: Option<&AtomicBool>) -> Result<Batch> {
+    /// array shapes. `options` say what a failing sample read does (see [`ReadErrorPolicy`]);
+    /// retried and replaced samples are listed in the batch's `incidents`, and a replaced
+    /// sample's metadata is its replacement's.
+    pub fn read_items<'d>(items: &[(&'d Dataset, SampleRequest)], options: &BatchReadOptions<'_, 'd>) -> Result<Batch> {
+        let cancel = options.cancel;
         let first = items.first().ok_or_else(|| Error::invalid("a batch needs at least one sample"))?.0;
         let shapes = first.sample_shapes();
         for (dataset, _) in items {
@@ -359,6 +414,8 @@ impl Batch {
                 byte_buffers.push(None);
             }
         }
+        let mut items: Vec<(&'d Dataset, SampleRequest)> = items.to_vec();
+        let mut incidents: Vec<Vec<ReadIncident>> = vec![Vec::new(); items.len()];
         {
             // Per sample: a float slice per float column, a byte slice per compact column.
             let mut float_slots: Vec<Vec<&mut [f32]>> = (0..items.len()).map(|_| Vec::new()).collect();
@@ -376,42 +433,47 @@ impl Batch {
                 }
             }
             float_slots
-                .into_par_iter()
-                .zip(byte_slots.into_par_iter())
-                .zip(items.par_iter())
-                .try_for_each(|((mut floats, mut bytes), (dataset, req))| {
-                    if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
-                        return Err(Error::Interrupted);
-                    }
-                    let in_sample = |e: Error| {
-                        let c = req.centre;
-                        e.with_context(format!(
-                            "reading sample {} of dataset '{}' centred at z={:.1}, y={:.1}, x={:.1} nm",
-                            req.index,
-                            dataset.config.name(),
-                            c[0],
-                            c[1],
-                            c[2]
-                        ))
-                    };
-                    if bytes.is_empty() {
-                        let finite = dataset.read_sample(req.centre, &req.draw, &mut floats).map_err(in_sample)?;
-                        dataset.apply_values(req.value_seed, &mut floats, &finite);
-                        return Ok(());
-                    }
-                    // Compact targets: read as float, then pack (0, 1, 255 = unknown).
-                    let mut scratch: Vec<Vec<f32>> = bytes.iter().map(|b| vec![0f32; b.len()]).collect();
-                    let mut outs: Vec<&mut [f32]> = floats.into_iter().collect();
-                    outs.extend(scratch.iter_mut().map(|v| v.as_mut_slice()));
-                    let finite = dataset.read_sample(req.centre, &req.draw, &mut outs).map_err(in_sample)?;
-                    // Compact targets carry no engine value transforms (they stay 0/1/NaN).
-                    dataset.apply_values(req.value_seed, &mut outs, &finite);
-                    for (dst, src) in bytes.iter_mut().zip(&scratch) {
-                        for (d, v) in dst.iter_mut().zip(src) {
-                            *d = if v.is_nan() { COMPACT_UNKNOWN } else { *v as u8 };
+                .par_iter_mut()
+                .zip(byte_slots.par_iter_mut())
+                .zip(items.par_iter_mut())
+                .zip(incidents.par_iter_mut())
+                .enumerate()
+                .try_for_each(|(position, (((floats, bytes), item), log))| {
+                    let mut attempt = 0u32;
+                    loop {
+                        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                            return Err(Error::Interrupted);
                         }
+                        let (dataset, req) = *item;
+                        let incident = |action: &'static str, e: &Error| ReadIncident {
+                            position,
+                            action,
+                            dataset: dataset.config.name(),
+                            index: req.index,
+                            centre: req.centre,
+                            message: e.to_string(),
+                        };
+                        let outcome = with_retries(
+                            options.policy,
+                            cancel,
+                            || read_one(dataset, &req, floats, bytes),
+                            |e| log.push(incident("retried", e)),
+                        );
+                        let error = match outcome {
+                            Ok(()) => return Ok(()),
+                            Err(e) => e,
+                        };
+                        let replace = match options.replace {
+                            Some(f) if options.policy == ReadErrorPolicy::Skip && attempt < MAX_REPLACEMENTS => f,
+                            _ => return Err(error),
+                        };
+                        if matches!(error, Error::Interrupted | Error::Internal(_)) {
+                            return Err(error);
+                        }
+                        log.push(incident("skipped", &error));
+                        attempt += 1;
+                        *item = replace(position, attempt)?;
                     }
-                    Ok(())
                 })?;
         }
         let columns = shapes
@@ -431,6 +493,7 @@ impl Batch {
             .collect();
         Ok(Batch {
             columns,
+            incidents: incidents.into_iter().flatten().collect(),
             samples: items.iter().map(|(_, r)| *r).collect(),
             dataset_labels: items.iter().map(|(d, _)| d.config.name()).collect(),
             crop_labels: items.iter().map(|(d, _)| d.config.crop.clone()).collect(),

@@ -12,11 +12,13 @@ use std::time::Duration;
 use arrow_array::{ArrayRef, RecordBatch, UInt64Array};
 use arrow_schema::{DataType, Field};
 
-use crate::batch::{Batch, SampleMetadata};
+use crate::batch::SampleRequest;
+use crate::batch::{Batch, BatchReadOptions, SampleMetadata};
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
+use crate::read_policy::ReadErrorPolicy;
 use crate::runtime::new_pool;
-use crate::sampler::{epoch_batches, request, EpochSettings, PlannedSample, StreamKey};
+use crate::sampler::{epoch_batches, replacement, request, EpochSettings, PlannedSample, StreamKey};
 
 /// Datasets concatenated into one index space.
 #[derive(Clone)]
@@ -50,19 +52,40 @@ impl Collection {
         self.datasets.iter().map(|d| d.len()).collect()
     }
 
-    /// Reads one planned batch.
-    pub fn read(&self, samples: &[PlannedSample], key: StreamKey, augment: bool, cancel: Option<&AtomicBool>) -> Result<Batch> {
+    /// Reads one planned batch; `policy` says what a failing sample read does (replacements
+    /// for [`ReadErrorPolicy::Skip`] come from [`replacement`]).
+    pub fn read(
+        &self,
+        samples: &[PlannedSample],
+        key: StreamKey,
+        augment: bool,
+        cancel: Option<&AtomicBool>,
+        policy: ReadErrorPolicy,
+    ) -> Result<Batch> {
+        let dataset_of = |p: &PlannedSample| {
+            self.datasets
+                .get(p.dataset)
+                .ok_or_else(|| Error::invalid(format!("dataset {} does not exist", p.dataset)))
+        };
         let items = samples
             .iter()
             .map(|p| {
-                let dataset = self
-                    .datasets
-                    .get(p.dataset)
-                    .ok_or_else(|| Error::invalid(format!("dataset {} does not exist", p.dataset)))?;
+                let dataset = dataset_of(p)?;
                 Ok((dataset.as_ref(), request(dataset, p.index, key, p.stream, augment)?))
             })
             .collect::<Result<Vec<_>>>()?;
-        let mut batch = Batch::read_items(&items, cancel)?;
+        let replace = |position: usize, attempt: u32| -> Result<(&Dataset, SampleRequest)> {
+            let p = &samples[position];
+            let dataset = dataset_of(p)?;
+            let (index, stream) = replacement(key, p.stream, attempt, dataset.len());
+            Ok((dataset.as_ref(), request(dataset, index, key, stream, augment)?))
+        };
+        let options = BatchReadOptions {
+            cancel,
+            policy,
+            replace: Some(&replace),
+        };
+        let mut batch = Batch::read_items(&items, &options)?;
         batch.positions = samples.iter().map(|p| p.dataset).collect();
         Ok(batch)
     }
@@ -124,6 +147,8 @@ pub struct StreamSettings {
     pub key: StreamKey,
     /// Whether spatial augmentation is drawn.
     pub augment: bool,
+    /// What a failing sample read does.
+    pub on_read_error: ReadErrorPolicy,
 }
 
 /// What `next` returns.
@@ -170,7 +195,7 @@ impl BatchStream {
                         // A panic must not abort the process (rayon's default for spawned
                         // jobs): it becomes this batch's error.
                         let result = catch_unwind(AssertUnwindSafe(|| {
-                            collection.read(&samples, settings.key, settings.augment, Some(&stop))
+                            collection.read(&samples, settings.key, settings.augment, Some(&stop), settings.on_read_error)
                         }))
                         .unwrap_or_else(|payload| Err(Error::from_panic(payload)));
                         let _ = tx.send(result);
@@ -240,6 +265,7 @@ mod tests {
     use crate::batch::ColumnData;
     use crate::cache::ChunkCache;
     use crate::dataset::DatasetConfig;
+    use crate::read_policy::ReadIncident;
     use crate::test_fixtures::{ImageSpec, TempDir};
     use crate::volume::DType;
     use serde_json::{json, Value};
@@ -264,6 +290,7 @@ mod tests {
                 rank: 0,
             },
             augment,
+            on_read_error: ReadErrorPolicy::Raise,
         }
     }
 
@@ -294,6 +321,90 @@ mod tests {
             })
             .collect();
         Collection::new(datasets).unwrap()
+    }
+
+    /// Replaces the bytes of one stored chunk with garbage of the same length.
+    fn corrupt(chunk: &Path) {
+        let len = std::fs::metadata(chunk).unwrap().len() as usize;
+        std::fs::write(chunk, vec![0xA5u8; len]).unwrap();
+    }
+
+    fn read_epoch(collection: &Collection, threads: usize, policy: ReadErrorPolicy) -> Result<Vec<Batch>> {
+        let plan = collection.epoch_plan(&shuffled_epoch()).unwrap();
+        let mut settings = stream_settings(threads, 2, true);
+        settings.on_read_error = policy;
+        let mut stream = BatchStream::start(collection.clone(), plan, settings).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut batches = Vec::new();
+        loop {
+            assert!(Instant::now() < deadline, "the stream did not finish");
+            match stream.next(Duration::from_millis(100)) {
+                Next::Batch(batch) => batches.push(batch?),
+                Next::Pending => {}
+                Next::Done => return Ok(batches),
+            }
+        }
+    }
+
+    #[test]
+    fn a_corrupt_chunk_raises_naming_chunk_and_sample_or_is_skipped_deterministically() {
+        let dir = TempDir::new("loader-corrupt");
+        let collection = two_crops(&dir);
+        corrupt(&dir.join("data.zarr/crop2/mito/s0/0.0.0"));
+        let e = read_epoch(&collection, 2, ReadErrorPolicy::Raise).map(|_| ()).unwrap_err();
+        let message = e.to_string();
+        assert!(matches!(e, Error::Decode { .. }), "{message}");
+        assert!(
+            message.contains("crop2/mito/s0") && message.contains("chunk [0, 0, 0]"),
+            "{message}"
+        );
+        assert!(message.contains("reading sample") && message.contains("centred at"), "{message}");
+
+        let one = read_epoch(&collection, 1, ReadErrorPolicy::Skip).unwrap();
+        let four = read_epoch(&collection, 4, ReadErrorPolicy::Skip).unwrap();
+        let skipped: Vec<&ReadIncident> = one.iter().flat_map(|b| &b.incidents).collect();
+        assert!(
+            !skipped.is_empty()
+                && skipped
+                    .iter()
+                    .all(|i| i.action == "skipped" && i.message.contains("chunk [0, 0, 0]"))
+        );
+        assert_eq!(one.iter().map(|b| b.len()).sum::<usize>(), 12, "every planned sample is delivered");
+        for (a, b) in one.iter().zip(&four) {
+            assert_eq!(a.samples, b.samples, "replacements are a function of the seed");
+            assert_eq!(values(a), values(b));
+            assert_eq!(a.incidents, b.incidents);
+        }
+        // A replaced sample's metadata is its replacement's: never the failing sample.
+        for batch in &one {
+            for incident in &batch.incidents {
+                assert_ne!(batch.samples[incident.position].index, incident.index);
+            }
+        }
+    }
+
+    #[test]
+    fn transient_errors_are_retried_and_panics_become_errors() {
+        let dir = TempDir::new("loader-faults");
+        let collection = two_crops(&dir);
+        let pattern = dir.join("data.zarr/crop1").to_string_lossy().into_owned();
+        crate::faults::inject(crate::faults::FaultKind::Eio, &pattern, 2).unwrap();
+        let batches = read_epoch(&collection, 2, ReadErrorPolicy::Retry).unwrap();
+        let retried: Vec<&ReadIncident> = batches.iter().flat_map(|b| &b.incidents).collect();
+        assert_eq!(retried.len(), 2, "{retried:?}");
+        assert!(retried.iter().all(|i| i.action == "retried"));
+        // Faults fire on chunk reads: empty the cache so the chunks are read again.
+        ChunkCache::global().clear();
+        crate::faults::inject(crate::faults::FaultKind::Eio, &pattern, 1).unwrap();
+        let e = read_epoch(&collection, 2, ReadErrorPolicy::Raise).map(|_| ()).unwrap_err();
+        assert!(e.is_transient() && e.to_string().contains("crop1"), "{e}");
+        ChunkCache::global().clear();
+        crate::faults::inject(crate::faults::FaultKind::Panic, &pattern, 1).unwrap();
+        let e = read_epoch(&collection, 2, ReadErrorPolicy::Skip).map(|_| ()).unwrap_err();
+        assert!(matches!(e, Error::Internal(_)) && e.to_string().contains("injected fault"), "{e}");
+        crate::faults::clear();
+        // The process and the collection are fine afterwards.
+        assert_eq!(read_epoch(&collection, 2, ReadErrorPolicy::Raise).unwrap().len(), 4);
     }
 
     fn shuffled_epoch() -> EpochSettings {
@@ -389,7 +500,7 @@ mod tests {
         let settings = stream_settings(2, 2, true);
         let streamed = drain(&mut BatchStream::start(collection.clone(), plan.clone(), settings).unwrap());
         for (b, (batch, planned)) in streamed.iter().zip(&plan).enumerate() {
-            let direct = collection.read(planned, settings.key, true, None).unwrap();
+            let direct = collection.read(planned, settings.key, true, None, ReadErrorPolicy::Raise).unwrap();
             assert_same_batch(batch, &direct, &format!("batch {b}"));
         }
     }

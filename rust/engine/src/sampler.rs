@@ -5,6 +5,7 @@ use crate::augment::{SampleRng, SpatialDraw};
 use crate::batch::SampleRequest;
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
+use crate::read_policy::ReadErrorPolicy;
 
 /// Keys of the random streams: one run = (seed, epoch, rank).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -33,6 +34,17 @@ pub fn request(dataset: &Dataset, index: usize, key: StreamKey, stream_index: u6
         draw,
         value_seed: rng.next_seed(),
     })
+}
+
+/// The sample that replaces a failed one when reads skip failures: attempt `attempt` (1, 2,
+/// ...) for planned stream `stream` draws a grid index of the same dataset (of `len` samples)
+/// from its own keyed stream, and returns it with the stream its draws are keyed by. The same
+/// seed gives the same replacements, whatever the thread count.
+pub fn replacement(key: StreamKey, stream: u64, attempt: u32, len: usize) -> (usize, u64) {
+    // A rank no process has, so replacement draws never collide with sample streams.
+    let mut rng = SampleRng::new(key.seed, key.epoch, u64::MAX / 2 + u64::from(attempt), stream);
+    let index = rng.below(len.max(1) as u64) as usize;
+    (index, stream | (u64::from(attempt) << 48))
 }
 
 /// One planned sample of an epoch: which dataset of the collection, which grid sample, and the
@@ -218,6 +230,9 @@ pub struct EpochSettings {
     pub seed: u64,
     /// Epoch number.
     pub epoch: u64,
+    /// What a failing sample read does (`raise`, `skip` or `retry`).
+    #[serde(default)]
+    pub on_read_error: ReadErrorPolicy,
 }
 
 fn one() -> usize {

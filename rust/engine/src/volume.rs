@@ -122,6 +122,7 @@ impl Level {
         let mut full_index = vec![0u64; self.leading];
         full_index.extend_from_slice(&index);
         let where_ = || format!("{} chunk {:?}", self.path.display(), index);
+        crate::faults::check(&self.path).map_err(|e| e.with_context(format!("chunk {index:?}")))?;
         let shape = self.array.chunk_shape(&full_index).map_err(|e| Error::decode(where_(), e))?;
         let shape: Vec<usize> = shape.iter().map(|s| s.get() as usize).collect();
         let spatial: [usize; 3] = [shape[self.leading], shape[self.leading + 1], shape[self.leading + 2]];
@@ -130,7 +131,7 @@ impl Level {
                 ChunkData::$variant(
                     self.array
                         .retrieve_chunk::<Vec<$t>>(&full_index)
-                        .map_err(|e| Error::decode(where_(), e))?,
+                        .map_err(|e| chunk_error(where_(), e))?,
                 )
             };
         }
@@ -148,6 +149,23 @@ impl Level {
         };
         // Leading axes have size 1, so the spatial block is the whole chunk.
         Ok(Chunk { data, shape: spatial })
+    }
+}
+
+/// A chunk read's error: an I/O error of the store keeps its kind (permission denied, EIO...),
+/// so it maps onto the matching exception and can be retried; anything else is a decode error.
+fn chunk_error(place: String, error: zarrs::array::ArrayError) -> Error {
+    use zarrs::array::ArrayError;
+    use zarrs::storage::StorageError;
+    match &error {
+        ArrayError::StorageError(StorageError::IOError(io)) => {
+            let io = match io.raw_os_error() {
+                Some(code) => std::io::Error::from_raw_os_error(code),
+                None => std::io::Error::new(io.kind(), io.to_string()),
+            };
+            Error::io(place, io)
+        }
+        _ => Error::decode(place, error),
     }
 }
 
@@ -198,7 +216,7 @@ fn data_type_of(array: &Array<FilesystemStore>, path: &Path) -> Result<DType> {
     } else {
         return Err(Error::metadata(
             path,
-            "unsupported data type (expected an integer or float32/float64 array)",
+            format!("unsupported data type {dt} (expected an integer or float32/float64 array)"),
         ));
     })
 }
@@ -240,7 +258,13 @@ impl Volume {
                 ));
             }
             let key = format!("/{}", meta.path.trim_matches('/'));
-            let array = Array::open(store.clone(), &key).map_err(|e| Error::metadata(&level_path, e))?;
+            let array = Array::open(store.clone(), &key).map_err(|e| match e {
+                // An unreadable .zarray/zarr.json keeps its I/O kind (permission denied...).
+                zarrs::array::ArrayCreateError::StorageError(zarrs::storage::StorageError::IOError(io)) => {
+                    Error::io(&level_path, std::io::Error::new(io.kind(), io.to_string()))
+                }
+                other => Error::metadata(&level_path, other),
+            })?;
             let full_shape = array.shape().to_vec();
             if full_shape.len() != multiscale.axes.len() {
                 return Err(Error::metadata(

@@ -10,6 +10,7 @@ use cellmap_engine::augment::SpatialDraw;
 use cellmap_engine::batch::{Batch as EngineBatch, SampleRequest};
 use cellmap_engine::cache::ChunkCache;
 use cellmap_engine::dataset::{Dataset as EngineDataset, DatasetConfig};
+use cellmap_engine::read_policy::ReadIncident;
 use cellmap_engine::sampler::{request, StreamKey};
 use cellmap_engine::Error;
 use pyo3::buffer::PyBuffer;
@@ -137,15 +138,9 @@ impl Dataset {
                     request(&inner, index, key, stream, augment)
                 })
                 .collect::<cellmap_engine::Result<Vec<_>>>()?;
-            let batch = EngineBatch::read(&inner, &requests)?;
-            let shapes = batch.columns.iter().map(|c| (c.name.clone(), c.sample_shape.clone())).collect();
-            Ok((batch.into_record_batch()?, shapes))
+            EngineBatch::read(&inner, &requests)
         })?;
-        Ok(Batch {
-            record_batch: batch.0,
-            shapes: batch.1,
-            positions: Vec::new(),
-        })
+        Batch::from_engine(py, batch)
     }
     /// Reads patches centred at arbitrary world `centres` (z, y, x nm) without augmentation;
     /// `indices` label the samples in the batch's `idx` column.
@@ -165,17 +160,14 @@ impl Dataset {
                     value_seed: 0,
                 })
                 .collect();
-            let batch = EngineBatch::read(&inner, &requests)?;
-            let shapes = batch.columns.iter().map(|c| (c.name.clone(), c.sample_shape.clone())).collect();
-            Ok((batch.into_record_batch()?, shapes))
+            EngineBatch::read(&inner, &requests)
         })?;
-        Ok(Batch {
-            record_batch: batch.0,
-            shapes: batch.1,
-            positions: Vec::new(),
-        })
+        Batch::from_engine(py, batch)
     }
 }
+
+/// `(position, action, dataset, index, centre, message)` of a read incident, as Python sees it.
+type IncidentTuple = (usize, &'static str, String, u64, [f64; 3], String);
 
 /// A batch read by the engine: an Arrow record batch whose tensor columns can be taken as
 /// zero-copy DLPack tensors.
@@ -184,6 +176,7 @@ pub struct Batch {
     record_batch: RecordBatch,
     shapes: Vec<(String, Vec<usize>)>,
     positions: Vec<usize>,
+    incidents: Vec<ReadIncident>,
 }
 
 impl Batch {
@@ -191,11 +184,13 @@ impl Batch {
     pub fn from_engine(py: Python<'_>, batch: EngineBatch) -> PyResult<Batch> {
         let shapes = batch.columns.iter().map(|c| (c.name.clone(), c.sample_shape.clone())).collect();
         let positions = batch.positions.clone();
+        let incidents = batch.incidents.clone();
         let record_batch = batch.into_record_batch().map_err(|e| to_pyerr(py, e))?;
         Ok(Batch {
             record_batch,
             shapes,
             positions,
+            incidents,
         })
     }
 }
@@ -297,6 +292,17 @@ impl Batch {
     #[getter]
     fn positions(&self) -> Vec<usize> {
         self.positions.clone()
+    }
+
+    /// Reads retried or samples replaced while reading this batch, per the loader's
+    /// `on_read_error`: `(position, action, dataset, index, (z, y, x) centre, message)` with
+    /// action `retried` or `skipped` (the sample at `position` is then its replacement).
+    #[getter]
+    fn incidents(&self) -> Vec<IncidentTuple> {
+        self.incidents
+            .iter()
+            .map(|i| (i.position, i.action, i.dataset.clone(), i.index, i.centre, i.message.clone()))
+            .collect()
     }
 
     /// Each sample's `value_seed` (read from the batch without converting it).

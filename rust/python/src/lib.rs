@@ -30,6 +30,27 @@ fn cache_stats(py: Python<'_>) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
     Ok(d)
 }
 
+/// Test hook (debug builds only): the next `count` chunk reads of arrays whose path contains
+/// `pattern` fail with `kind` (`eio`: a transient I/O error; `panic`: a panic in the read).
+#[pyfunction]
+#[pyo3(signature = (kind, pattern, count = 1))]
+fn inject_fault(py: Python<'_>, kind: &str, pattern: &str, count: u64) -> PyResult<()> {
+    let kind = cellmap_engine::faults::FaultKind::parse(kind).map_err(|e| convert::to_pyerr(py, e))?;
+    cellmap_engine::faults::inject(kind, pattern, count).map_err(|e| convert::to_pyerr(py, e))
+}
+
+/// Disarms any injected fault.
+#[pyfunction]
+fn clear_faults() {
+    cellmap_engine::faults::clear();
+}
+
+/// Whether this build of the engine can inject faults (debug builds).
+#[pyfunction]
+fn fault_injection_available() -> bool {
+    cellmap_engine::faults::available()
+}
+
 /// Sets the byte budget of the shared decoded-chunk cache.
 #[pyfunction]
 fn set_cache_budget(bytes: u64) {
@@ -111,6 +132,9 @@ fn is_optimized_build() -> bool {
 fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cache_stats, m)?)?;
     m.add_function(wrap_pyfunction!(set_cache_budget, m)?)?;
+    m.add_function(wrap_pyfunction!(inject_fault, m)?)?;
+    m.add_function(wrap_pyfunction!(clear_faults, m)?)?;
+    m.add_function(wrap_pyfunction!(fault_injection_available, m)?)?;
     m.add_function(wrap_pyfunction!(clear_cache, m)?)?;
     m.add_function(wrap_pyfunction!(live_batch_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(pooled_batch_bytes, m)?)?;

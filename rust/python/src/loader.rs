@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cellmap_engine::loader::{BatchStream as EngineStream, Collection as EngineCollection, Next, StreamSettings};
+use cellmap_engine::read_policy::ReadErrorPolicy;
 use cellmap_engine::sampler::{class_balanced_plan, shard, uniform_plan, EpochSettings, PlannedSample, StreamKey};
 use cellmap_engine::Error;
 use pyo3::exceptions::PyStopIteration;
@@ -80,7 +81,9 @@ impl Collection {
     fn read(&self, py: Python<'_>, samples: Vec<PlanTuple>, seed: u64, epoch: u64, augment: bool) -> PyResult<Batch> {
         let inner = self.inner.clone();
         let key = StreamKey { seed, epoch, rank: 0 };
-        let batch = run(py, move || inner.read(&to_plan(samples), key, augment, None))?;
+        let batch = run(py, move || {
+            inner.read(&to_plan(samples), key, augment, None, ReadErrorPolicy::Raise)
+        })?;
         Batch::from_engine(py, batch)
     }
 
@@ -108,6 +111,7 @@ impl Collection {
                 rank: 0,
             },
             augment,
+            on_read_error: settings.on_read_error,
         };
         let stream = EngineStream::start((*self.inner).clone(), plan, stream_settings).map_err(|e| to_pyerr(py, e))?;
         Ok(BatchStream {
@@ -159,6 +163,7 @@ impl Collection {
             prefetch,
             key: StreamKey { seed, epoch, rank: 0 },
             augment,
+            on_read_error: ReadErrorPolicy::Raise,
         };
         let collection = (*self.inner).clone();
         let plan = batches.into_iter().map(to_plan).collect();
