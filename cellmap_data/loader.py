@@ -331,6 +331,8 @@ class CellMapDataLoader:
         self._consumed = []
         mover = _Stream(self.device)
         ahead: dict[str, Any] | None = None
+        current: dict[str, Any] | None = None
+        batch: Any = None
         try:
             for batch in stream:
                 self._note_incidents(batch)
@@ -341,6 +343,8 @@ class CellMapDataLoader:
             if ahead is not None:
                 yield self._finish(ahead, mover)
         finally:
+            # A traceback keeps this frame alive: it must not keep batches alive with it.
+            ahead = current = batch = None
             stream.close()
 
     def _note_incidents(self, batch: Any) -> None:
