@@ -21,6 +21,9 @@ _StrPath: TypeAlias = str | PathLike[str]
 __all__ = [
     "cache_stats",
     "set_cache_budget",
+    "inject_fault",
+    "clear_faults",
+    "fault_injection_available",
     "clear_cache",
     "live_batch_bytes",
     "pooled_batch_bytes",
