@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -106,6 +107,8 @@ def spatial_transforms_json(config: Mapping[str, Any] | None) -> Any:
             return [plain(x, key) for x in v]
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"spatial_transforms{key} must be finite, not {v}")
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > sys.float_info.max:
+            raise ConfigError(f"spatial_transforms{key} must be finite, not an integer of {v.bit_length()} bits")
         if hasattr(v, "item") and callable(v.item):  # numpy / torch scalars
             return v.item()
         return v

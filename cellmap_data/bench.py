@@ -270,43 +270,65 @@ def current_rss_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def bench_soak(data: Any, batches: int = 10_000, threads: int = 2, cache_mb: int = 256) -> dict[str, Any]:
-    """Memory over a long run: RSS is sampled every 500 batches and compared with the bound
-    (RSS after warm-up + chunk-cache budget + prefetch depth × batch size). The chunk cache
-    fills towards its budget as new chunks are touched, so RSS net of the cache's bytes is
-    reported too: it should stay flat (growth bound: one batch's prefetch depth)."""
+def bench_soak(data: Any, batches: int = 10_000, threads: int = 2, cache_mb: float = 256, *, batch_size: int = 8,
+               shape: tuple[int, int, int] = (32, 32, 32), scale: tuple[float, float, float] = (8, 8, 8),
+               warmup: int = 200, every: int = 500, seed: int = 0) -> dict[str, Any]:
+    """Memory over a long run: RSS is sampled every ``every`` batches and compared with the bound
+    (RSS after ``warmup`` batches + chunk-cache budget + (prefetch + 2) × batch size). The chunk
+    cache fills towards its budget as new chunks are touched, so RSS net of the cache's bytes is
+    reported too: it should stay flat (growth bound: (prefetch + 2) × batch size). Augmented
+    (mirror, transpose, rotation), class-balanced, one epoch of ``batches`` batches of
+    ``batch_size`` patches of ``shape`` at ``scale`` with 4 classes. ``cache_mb`` may be a
+    fraction (a budget smaller than one chunk thrashes the cache); the budget in force before is
+    restored afterwards."""
+    import warnings
+
     from . import _engine
     from .loader import CellMapDataLoader
     from .multidataset import CellMapMultiDataset
 
-    config = Config("soak-3d-32-4cls-augmented", (32, 32, 32), (8, 8, 8), True)
-    _engine.set_cache_budget(cache_mb << 20)
+    config = Config(f"soak-3d-{shape[-1]}-4cls-augmented", shape, scale, True, batch_size=batch_size)
+    previous_budget = _engine.cache_stats()["budget"]
+    budget = max(1, int(cache_mb * 2**20))
+    _engine.set_cache_budget(budget)
     _engine.clear_cache()
-    multi = CellMapMultiDataset(build_datasets(data, config), BENCH_CLASSES, None, None)
-    loader = CellMapDataLoader(multi, batch_size=config.batch_size, num_workers=threads,
-                               iterations_per_epoch=batches, weighted_sampler=True, seed=0)
-    batch_mb = config.batch_size * (1 + len(BENCH_CLASSES)) * 32 ** 3 * 4 / 2**20
-    curve = []
-    baseline = None
-    start = time.perf_counter()
-    for i, batch in enumerate(loader):
-        del batch
-        if i == 200:
-            baseline = current_rss_mb()
-        if i % 500 == 0 or i == batches - 1:
-            cache = _engine.cache_stats()["bytes"] / 2**20
-            rss = current_rss_mb()
-            curve.append((i, round(rss, 1), round(cache, 1), round(rss - cache, 1)))
-    elapsed = time.perf_counter() - start
+    try:
+        multi = CellMapMultiDataset(build_datasets(data, config), BENCH_CLASSES, None, None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the iterations_per_epoch note (batches are counted here)
+            loader = CellMapDataLoader(multi, batch_size=config.batch_size, num_workers=threads,
+                                       iterations_per_epoch=batches, weighted_sampler=True, seed=seed)
+        voxels = shape[0] * shape[1] * shape[2]
+        batch_mb = config.batch_size * (1 + len(BENCH_CLASSES)) * voxels * 4 / 2**20
+        warmup = min(warmup, batches - 1)
+        curve = []
+        baseline = None
+        peak_cache = 0.0
+        start = time.perf_counter()
+        for i, batch in enumerate(loader):
+            del batch
+            if i == warmup:
+                baseline = current_rss_mb()
+            if i % every == 0 or i == batches - 1 or i == warmup:
+                cache = _engine.cache_stats()["bytes"] / 2**20
+                peak_cache = max(peak_cache, cache)
+                rss = current_rss_mb()
+                curve.append((i, round(rss, 1), round(cache, 1), round(rss - cache, 1)))
+        elapsed = time.perf_counter() - start
+        stats = _engine.cache_stats()
+    finally:
+        _engine.set_cache_budget(previous_budget)
     baseline = baseline if baseline is not None else curve[0][1]
     slack = (loader.prefetch + 2) * batch_mb
-    bound = baseline + cache_mb + slack
-    after = [point for point in curve if point[0] >= 200] or curve[-1:]
+    bound = baseline + budget / 2**20 + slack
+    after = [point for point in curve if point[0] >= warmup] or curve[-1:]
     peak_after_warmup = max(point[1] for point in after)
     net_growth = after[-1][3] - after[0][3]
-    _engine.set_cache_budget(2 << 30)
-    return {"batches": batches, "seconds": elapsed, "curve": curve, "rss_after_warmup_mb": baseline,
-            "peak_after_warmup_mb": peak_after_warmup, "bound_mb": bound, "within_bound": peak_after_warmup <= bound,
+    return {"batches": batches, "samples": batches * config.batch_size, "batch_size": config.batch_size,
+            "threads": threads, "prefetch": loader.prefetch, "seconds": elapsed, "curve": curve, "warmup_batches": warmup,
+            "rss_after_warmup_mb": baseline, "peak_after_warmup_mb": peak_after_warmup, "bound_mb": bound,
+            "within_bound": peak_after_warmup <= bound, "cache_budget_mb": budget / 2**20, "batch_mb": batch_mb,
+            "peak_cache_mb": peak_cache, "cache_hits": stats["hits"], "cache_misses": stats["misses"],
             "net_of_cache_growth_mb": net_growth, "net_growth_bound_mb": slack,
             "pooled_batch_mb": _engine.pooled_batch_bytes() / 2**20, "live_batch_bytes_after": _engine.live_batch_bytes()}
 

@@ -72,24 +72,36 @@ def read_datasplit_csv(path: str | os.PathLike[str]) -> dict[str, list[dict[str,
     if not path.exists():
         raise NotFoundError(f"{path}: datasplit CSV not found")
     out: dict[str, list[dict[str, str]]] = {"train": [], "validate": []}
-    with path.open(newline="") as handle:
-        for line_no, row in enumerate(csv.reader(handle), start=1):
-            row = [field.strip() for field in row]
-            if not row or not any(row) or row[0].startswith("#"):
-                continue
-            usage = USAGES.get(row[0].lower())
-            if usage is None:
-                raise ConfigError(f"{path}:{line_no}: usage must be 'train' or 'validate', not {row[0]!r}")
-            if len(row) == 5:
-                raw, gt = os.path.join(row[1], row[2]), os.path.join(row[3], row[4])
-            elif len(row) == 3:
-                raw, gt = row[1], row[2]
-            else:
-                raise ConfigError(f"{path}:{line_no}: expected 5 (or 3) columns, found {len(row)}")
-            out[usage].append({"raw": raw, "gt": gt})
+    # UTF-8 whatever the locale (a byte-order mark, as spreadsheets write, is skipped).
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        try:
+            for row in reader:
+                _add_split_row(out, path, reader.line_num, row)
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: the datasplit CSV is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except csv.Error as e:
+            raise ConfigError(f"{path}:{reader.line_num}: unreadable CSV: {e}") from None
     if not out["train"] and not out["validate"]:
         raise ConfigError(f"{path}: the datasplit CSV has no rows")
     return out
+
+
+def _add_split_row(out: dict[str, list[dict[str, str]]], path: Path, line_no: int, row: list[str]) -> None:
+    """Adds one CSV row to ``out`` (blank and ``#`` rows are skipped)."""
+    row = [field.strip() for field in row]
+    if not row or not any(row) or row[0].startswith("#"):
+        return
+    usage = USAGES.get(row[0].lower())
+    if usage is None:
+        raise ConfigError(f"{path}:{line_no}: usage must be 'train' or 'validate', not {row[0]!r}")
+    if len(row) == 5:
+        raw, gt = os.path.join(row[1], row[2]), os.path.join(row[3], row[4])
+    elif len(row) == 3:
+        raw, gt = row[1], row[2]
+    else:
+        raise ConfigError(f"{path}:{line_no}: expected 5 (or 3) columns, found {len(row)}")
+    out[usage].append({"raw": raw, "gt": gt})
 
 
 class CellMapDataSplit:

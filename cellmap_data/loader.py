@@ -217,7 +217,11 @@ class CellMapDataLoader:
         self._batch_number = 0
         self._reported_paths: set[str] = set()
         self.epoch = 0
-        self._consumed: list[Any] = []
+        # What the current (or last) iteration delivered: its epoch, its batch count, and the
+        # metadata of batches whose samples were replaced (the rest is the epoch's plan).
+        self._consumed_epoch = 0
+        self._consumed_batches = 0
+        self._replaced_metadata: dict[int, Any] = {}
         self._collection = None
         self._collection_key: tuple | None = None
 
@@ -328,7 +332,7 @@ class CellMapDataLoader:
         epoch = self.epoch
         self.epoch += 1
         stream = self._stream(epoch)
-        self._consumed = []
+        self._consumed_epoch, self._consumed_batches, self._replaced_metadata = epoch, 0, {}
         mover = _Stream(self.device)
         ahead: dict[str, Any] | None = None
         current: dict[str, Any] | None = None
@@ -394,7 +398,9 @@ class CellMapDataLoader:
             import pyarrow as pa
 
             out["__metadata__"] = sample_metadata_dicts(pa.record_batch(batch.metadata()), batch.tensor_names, owners)
-        self._consumed.append(batch.metadata())
+        if any(action == "skipped" for _, action, *_ in batch.incidents):
+            self._replaced_metadata[self._consumed_batches] = batch.metadata()
+        self._consumed_batches += 1
         return out
 
     def __getitem__(self, indices: int | Sequence[int]) -> dict[str, Any]:
@@ -438,14 +444,16 @@ class CellMapDataLoader:
 
     def consumed_metadata(self) -> Any:
         """The sample metadata of the batches the current (or last) iteration has delivered so
-        far, as one polars DataFrame with the columns of :meth:`epoch_metadata`."""
+        far, as one polars DataFrame with the columns of :meth:`epoch_metadata` (a replaced
+        sample, with ``on_read_error="skip"``, shows its replacement)."""
         import polars as pl
 
-        frames = [pl.DataFrame(rb).with_columns(pl.lit(b, dtype=pl.UInt64).alias("batch")) for b, rb in enumerate(self._consumed)]
-        if not frames:
-            return self.epoch_metadata(self.epoch).clear()
-        frame = pl.concat(frames)
-        return frame.select(["batch", *[c for c in frame.columns if c != "batch"]])
+        planned = self.epoch_metadata(self._consumed_epoch)
+        frame = planned.filter(pl.col("batch") < self._consumed_batches)
+        for number, record in self._replaced_metadata.items():
+            delivered = pl.DataFrame(record).with_columns(pl.lit(number, dtype=planned.schema["batch"]).alias("batch"))
+            frame = pl.concat([frame.filter(pl.col("batch") != number), delivered.select(planned.columns)])
+        return frame.sort("batch", maintain_order=True)
 
     def to(self, device: str | torch.device, non_blocking: bool = True) -> "CellMapDataLoader":
         """Delivers batches on ``device`` from now on."""

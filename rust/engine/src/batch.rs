@@ -278,41 +278,43 @@ impl SampleMetadata<'_> {
     pub fn columns(&self) -> Vec<(Field, ArrayRef)> {
         let mut out: Vec<(Field, ArrayRef)> = Vec::new();
         let mut push = |name: &str, array: ArrayRef| out.push((Field::new(name, array.data_type().clone(), false), array));
-        let mut dataset = StringBuilder::new();
+        // Sized builders: the default reserves 1024 rows per column (~95 kB for a small batch).
+        let rows = self.samples.len();
+        let mut dataset = StringBuilder::with_capacity(rows, rows * 32);
         self.dataset_labels.iter().for_each(|d| dataset.append_value(d));
         push("dataset", Arc::new(dataset.finish()));
-        let mut crop = StringBuilder::new();
+        let mut crop = StringBuilder::with_capacity(rows, rows * 32);
         self.crop_labels.iter().for_each(|c| crop.append_value(c));
         push("crop", Arc::new(crop.finish()));
-        let mut idx = UInt64Builder::new();
+        let mut idx = UInt64Builder::with_capacity(rows);
         self.samples.iter().for_each(|s| idx.append_value(s.index));
         push("idx", Arc::new(idx.finish()));
         for (k, axis) in AXES.iter().enumerate() {
-            let mut c = Float64Builder::new();
+            let mut c = Float64Builder::with_capacity(rows);
             self.samples.iter().for_each(|s| c.append_value(s.centre[k]));
             push(&format!("centre_{axis}"), Arc::new(c.finish()));
         }
         for (k, axis) in AXES.iter().enumerate() {
-            let mut m = BooleanBuilder::new();
+            let mut m = BooleanBuilder::with_capacity(rows);
             self.samples.iter().for_each(|s| m.append_value(s.draw.mirror[k]));
             push(&format!("mirror_{axis}"), Arc::new(m.finish()));
         }
         for (k, axis) in AXES.iter().enumerate() {
-            let mut p = UInt8Builder::new();
+            let mut p = UInt8Builder::with_capacity(rows);
             self.samples.iter().for_each(|s| p.append_value(s.draw.permutation[k] as u8));
             push(&format!("transpose_{axis}"), Arc::new(p.finish()));
         }
         for (k, axis) in AXES.iter().enumerate() {
-            let mut r = Float64Builder::new();
+            let mut r = Float64Builder::with_capacity(rows);
             self.samples.iter().for_each(|s| r.append_value(s.draw.angles_deg[k]));
             push(&format!("rotate_{axis}"), Arc::new(r.finish()));
         }
         for (a, name) in self.array_names.iter().enumerate() {
-            let mut l = Int64Builder::new();
+            let mut l = Int64Builder::with_capacity(rows);
             self.levels.iter().for_each(|per| l.append_value(per[a]));
             push(&format!("level_{name}"), Arc::new(l.finish()));
         }
-        let mut seeds = UInt64Builder::new();
+        let mut seeds = UInt64Builder::with_capacity(rows);
         self.samples.iter().for_each(|s| seeds.append_value(s.value_seed));
         push("value_seed", Arc::new(seeds.finish()));
         out

@@ -15,7 +15,7 @@ use zarrs::filesystem::FilesystemStore;
 
 use crate::cache::{with_chunk_values, Chunk, ChunkCache, ChunkData, ChunkKey};
 use crate::error::{Error, Result};
-use crate::geometry::WorldBox;
+use crate::geometry::{WorldBox, AXES};
 use crate::ngff::{read_multiscale, CoordinateFrame, Multiscale};
 
 /// Element types the engine reads.
@@ -44,6 +44,16 @@ pub enum DType {
 }
 
 impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::U8 | DType::I8 => 1,
+            DType::U16 | DType::I16 => 2,
+            DType::U32 | DType::I32 | DType::F32 => 4,
+            DType::U64 | DType::I64 | DType::F64 => 8,
+        }
+    }
+
     /// numpy-style name.
     pub fn name(self) -> &'static str {
         match self {
@@ -150,6 +160,48 @@ impl Level {
         // Leading axes have size 1, so the spatial block is the whole chunk.
         Ok(Chunk { data, shape: spatial })
     }
+}
+
+/// Largest decoded chunk the engine reads (chunks are decoded whole): 2 GiB.
+pub const MAX_CHUNK_BYTES: u64 = 2 << 30;
+
+/// Largest coordinate, in voxels of a level, that sampling arithmetic handles exactly (far
+/// beyond any image, far inside i64).
+const MAX_VOXEL_COORDINATE: f64 = (1u64 << 52) as f64;
+
+/// Rejects a level whose chunks could not be held in memory or whose world box, in its own
+/// voxels, is beyond what the sampling arithmetic represents (metadata written in error).
+fn check_level_geometry(
+    path: &Path,
+    shape: [u64; 3],
+    chunk: [u64; 3],
+    dtype: DType,
+    voxel_size: [f64; 3],
+    origin: [f64; 3],
+) -> Result<()> {
+    let chunk_bytes = chunk
+        .iter()
+        .try_fold(dtype.size() as u64, |n, &c| n.checked_mul(c))
+        .unwrap_or(u64::MAX);
+    if chunk_bytes > MAX_CHUNK_BYTES {
+        return Err(Error::metadata(
+            path,
+            format!("chunk shape {chunk:?} decodes to {chunk_bytes} bytes; chunks are read whole and may hold at most {MAX_CHUNK_BYTES} bytes"),
+        ));
+    }
+    for (k, axis) in AXES.iter().enumerate() {
+        let far = (origin[k] / voxel_size[k]).abs() + shape[k] as f64;
+        if !(far.is_finite() && far < MAX_VOXEL_COORDINATE) {
+            return Err(Error::metadata(
+                path,
+                format!(
+                    "translation {} / voxel size {} on axis '{axis}' puts the level {far:e} voxels from the origin; at most {MAX_VOXEL_COORDINATE:e} are supported",
+                    origin[k], voxel_size[k]
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A chunk read's error: an I/O error of the store keeps its kind (permission denied, EIO...),
@@ -292,6 +344,9 @@ impl Volume {
             let s = |v: &[f64]| [v[leading], v[leading + 1], v[leading + 2]];
             let voxel_size = s(&meta.scale);
             let origin = s(&meta.translation);
+            let spatial_shape = [full_shape[leading], full_shape[leading + 1], full_shape[leading + 2]];
+            let spatial_chunk = [chunk0[leading].get(), chunk0[leading + 1].get(), chunk0[leading + 2].get()];
+            check_level_geometry(&level_path, spatial_shape, spatial_chunk, dtype, voxel_size, origin)?;
             levels.push(Level {
                 id: NEXT_LEVEL_ID.fetch_add(1, Ordering::Relaxed),
                 path: level_path,

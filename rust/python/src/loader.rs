@@ -232,7 +232,22 @@ impl BatchStream {
     fn close(&self, py: Python<'_>) {
         let stream = self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(mut s) = stream {
+            if std::process::id() != self.pid {
+                // A forked child inherited the stream but not its threads: nothing to stop or
+                // join here (joining would fail), and the memory is the parent's copy.
+                std::mem::forget(s);
+                return;
+            }
             py.detach(move || s.stop());
+        }
+    }
+}
+
+impl Drop for BatchStream {
+    fn drop(&mut self) {
+        if std::process::id() != self.pid {
+            let inherited = self.inner.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+            std::mem::forget(inherited);
         }
     }
 }

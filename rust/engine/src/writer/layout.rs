@@ -59,6 +59,21 @@ fn is_zarr_node(dir: &Path) -> bool {
     [".zgroup", ".zarray", ".zattrs", "zarr.json"].iter().any(|f| dir.join(f).is_file())
 }
 
+/// Whether `dir` holds only what an interrupted image creation leaves: folders, zarr nodes and
+/// hidden `.partial` temporaries, no file of the user's.
+fn is_interrupted_creation(dir: &Path) -> bool {
+    let Ok(entries) = fs::read_dir(dir) else { return false };
+    entries.flatten().all(|entry| {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if path.is_dir() {
+            is_zarr_node(&path) || is_interrupted_creation(&path)
+        } else {
+            name.starts_with('.') && name.ends_with(".partial")
+        }
+    })
+}
+
 fn is_empty_dir(dir: &Path) -> bool {
     fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(false)
 }
@@ -133,7 +148,7 @@ pub(super) fn validate(config: &WriterConfig) -> Result<()> {
                     "output already exists (pass overwrite=True to replace it)",
                 ));
             }
-            if !is_zarr_node(&path) {
+            if !is_zarr_node(&path) && !is_interrupted_creation(&path) {
                 return Err(Error::invalid(format!(
                     "{}: exists and is not a zarr group; refusing to delete it for overwrite=True",
                     config.path.display()
@@ -329,6 +344,9 @@ pub(super) fn create_image(config: &WriterConfig, mut levels: Vec<LevelInfo<()>>
         }
     }
     let image_node = node_path(&root, &image);
+    // The image's group node first (an interrupted creation leaves a zarr group that
+    // `overwrite` may replace), its multiscales attributes last (a half-created image has none).
+    store_group(&store, &image_node, config.format, Default::default())?;
     let mut opened = Vec::with_capacity(levels.len());
     for level in levels.drain(..) {
         let node = node_path(&root, &image.join(&level.name));
