@@ -179,7 +179,11 @@ class ImageWriter:
     chunks = ``write_voxel_shape`` unless ``chunks`` is given; every group from the enclosing
     ``.zarr`` container down gets group metadata. An existing image raises
     :class:`~cellmap_data.exceptions.OutputExistsError` (a ``FileExistsError``) unless
-    ``overwrite=True``. See the module docstring for the written translation.
+    ``overwrite=True`` (replace it) or ``exist_ok=True`` (write into it, keeping what is there:
+    several processes writing one image, or a run resumed after a crash; the image must have
+    the layout this writer would create, and chunks written only in part here are merged with
+    the stored ones under a file lock, so processes writing disjoint regions never undo each
+    other's voxels). See the module docstring for the written translation.
 
     A chunk is written as soon as all its voxels were written; ``close()`` (or leaving a
     ``with`` block) writes partly written chunks (unwritten voxels = ``fill_value``) and the
@@ -212,11 +216,12 @@ class ImageWriter:
         compression_level: int = 3,
         fsync: bool = False,
         protected: Sequence[str | os.PathLike] = (),
+        exist_ok: bool = False,
     ) -> None:
         self._config = self._build_config(
             path, scale, bounding_box, write_voxel_shape, scale_level, axis_order, overwrite, dtype,
             fill_value, chunks, zarr_format, overlap, blend, downsample_levels, compression_level,
-            fsync, protected,
+            fsync, protected, exist_ok,
         )
         self.path = os.fspath(path)
         self.label_class = target_class
@@ -232,7 +237,7 @@ class ImageWriter:
     def _build_config(path, scale, bounding_box, write_voxel_shape, scale_level=0, axis_order="zyx",
                       overwrite=False, dtype=torch.float32, fill_value=0, chunks=None, zarr_format=2,
                       overlap=None, blend="linear", downsample_levels=0, compression_level=3,
-                      fsync=False, protected=()) -> dict[str, Any]:
+                      fsync=False, protected=(), exist_ok=False) -> dict[str, Any]:
         _check_axis_order(axis_order)
         voxel = [float(v) for v in _zyx(scale, axis_order, "scale", lambda s: s[0])]
         tile = [int(v) for v in _zyx(write_voxel_shape, axis_order, "write_voxel_shape", lambda s: 1)]
@@ -256,6 +261,7 @@ class ImageWriter:
             "fill_value": float(fill_value),
             "zarr_format": int(zarr_format),
             "overwrite": bool(overwrite),
+            "exist_ok": bool(exist_ok),
             "first_level": int(scale_level),
             "downsample_levels": int(downsample_levels),
             "compression_level": int(compression_level),
@@ -486,6 +492,11 @@ class CellMapDatasetWriter(torch.utils.data.Dataset):
     arrays' bounds are united; ``None`` means the whole raw volume. Bounds must lie inside the
     raw volume. All target arrays share one output per class, so they must have the same shape
     and scale. ``close()`` (or leaving a ``with`` block) writes any chunk still in memory.
+
+    ``exist_ok=True`` writes into existing outputs of the same layout instead of raising (for
+    several processes each writing its share of the tiles — e.g. ``writer_indices[rank::world]``
+    — or a resumed run; see :class:`ImageWriter`). Blending happens within a process; where
+    two processes' tiles overlap, the last chunk written wins.
     """
 
     @accepts_older_positional_order(_OLD_WRITER_ORDER, _is_old_writer_call)
@@ -514,6 +525,7 @@ class CellMapDatasetWriter(torch.utils.data.Dataset):
         compression_level: int = 3,
         fsync: bool = False,
         raw_interpolation: str = "linear",
+        exist_ok: bool = False,
         **kwargs: Any,
     ) -> None:
         _check_axis_order(axis_order)
@@ -584,7 +596,7 @@ class CellMapDatasetWriter(torch.utils.data.Dataset):
             scale=self._voxel, bounding_box=box, write_voxel_shape=self._tile, overwrite=self.overwrite,
             dtype=dtype, fill_value=fill_value, chunks=chunks, zarr_format=zarr_format, overlap=overlap,
             blend=blend, downsample_levels=downsample_levels, compression_level=compression_level,
-            fsync=fsync, protected=[self.raw_path],
+            fsync=fsync, protected=[self.raw_path], exist_ok=exist_ok,
         )
         # Validate every output before creating any, so bad input leaves nothing behind.
         for c in self.classes:

@@ -223,15 +223,14 @@ impl Dataset {
         // Every array's voxel arithmetic must stay exact over the data's box (metadata with an
         // absurd translation or voxel size is rejected here rather than overflowing later).
         for a in &all_arrays {
-            for k in 0..3 {
-                let far = bbox.lo[k].abs().max(bbox.hi[k].abs()) / a.patch.voxel_size[k];
-                if !(far < (1u64 << 52) as f64) {
+            for (k, axis) in AXES.iter().enumerate() {
+                let reach = bbox.lo[k].abs().max(bbox.hi[k].abs());
+                let far = reach / a.patch.voxel_size[k];
+                if far.is_nan() || far >= (1u64 << 52) as f64 {
                     return Err(Error::invalid(format!(
-                        "array '{}': the data ({} and its labels) reaches {:e} nm on axis '{}', {far:e} of its {} nm voxels from the origin; at most 2^52 are supported",
+                        "array '{}': the data ({} and its labels) reaches {reach:e} nm on axis '{axis}', {far:e} of its {} nm voxels from the origin; at most 2^52 are supported",
                         a.name,
                         raw.path.display(),
-                        bbox.lo[k].abs().max(bbox.hi[k].abs()),
-                        AXES[k],
                         a.patch.voxel_size[k]
                     )));
                 }

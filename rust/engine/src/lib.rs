@@ -7,6 +7,7 @@ pub mod augment;
 pub mod batch;
 pub mod cache;
 pub mod dataset;
+pub mod decode_guard;
 pub mod error;
 pub mod extract;
 pub mod faults;

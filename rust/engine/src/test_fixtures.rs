@@ -97,6 +97,7 @@ impl ImageSpec {
             fill_value: self.fill_value,
             format: ZarrFormat::V2,
             overwrite: false,
+            exist_ok: false,
             first_level: 0,
             downsample_levels: self.downsample_levels,
             compression_level: 1,

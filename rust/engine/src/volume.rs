@@ -10,7 +10,9 @@ use zarrs::array::data_type::{
     Float32DataType, Float64DataType, Int16DataType, Int32DataType, Int64DataType, Int8DataType, UInt16DataType, UInt32DataType,
     UInt64DataType, UInt8DataType,
 };
-use zarrs::array::Array;
+use zarrs::array::{Array, ArrayToBytesCodecTraits, CodecOptions, FromArrayBytes};
+
+use crate::decode_guard::DecodeGuard;
 use zarrs::filesystem::FilesystemStore;
 
 use crate::cache::{with_chunk_values, Chunk, ChunkCache, ChunkData, ChunkKey};
@@ -92,6 +94,8 @@ pub struct Level {
     /// Filesystem path of the level's array (for messages).
     pub path: PathBuf,
     array: Array<FilesystemStore>,
+    /// What the encoded chunks are checked for before decoding (decompression bombs).
+    guard: DecodeGuard,
     /// Number of leading non-spatial axes (each of size 1).
     leading: usize,
     /// Spatial shape (z, y, x) in voxels.
@@ -136,13 +140,40 @@ impl Level {
         let shape = self.array.chunk_shape(&full_index).map_err(|e| Error::decode(where_(), e))?;
         let shape: Vec<usize> = shape.iter().map(|s| s.get() as usize).collect();
         let spatial: [usize; 3] = [shape[self.leading], shape[self.leading + 1], shape[self.leading + 2]];
+        // Read once, check the encoded bytes, then decode them (an absent chunk is the fill).
+        let encoded = self
+            .array
+            .retrieve_encoded_chunk(&full_index)
+            .map_err(|e| chunk_error(where_(), zarrs::array::ArrayError::StorageError(e)))?;
+        let expected = spatial.iter().product::<usize>() as u64 * self.dtype.size() as u64;
+        if let Some(bytes) = &encoded {
+            self.guard.check(bytes, expected).map_err(|m| Error::decode(where_(), m))?;
+        }
+        let chunk_shape = self.array.chunk_shape(&full_index).map_err(|e| Error::decode(where_(), e))?;
+        let shape_u64: Vec<u64> = chunk_shape.iter().map(|s| s.get()).collect();
         macro_rules! get {
             ($t:ty, $variant:ident) => {
-                ChunkData::$variant(
-                    self.array
+                ChunkData::$variant(match encoded {
+                    Some(bytes) => {
+                        let decoded = self
+                            .array
+                            .codecs()
+                            .decode(
+                                std::borrow::Cow::Owned(bytes),
+                                &chunk_shape,
+                                self.array.data_type(),
+                                self.array.fill_value(),
+                                &CodecOptions::default(),
+                            )
+                            .map_err(|e| Error::decode(where_(), e))?;
+                        <Vec<$t> as FromArrayBytes>::from_array_bytes(decoded.into_owned(), &shape_u64, self.array.data_type())
+                            .map_err(|e| Error::decode(where_(), e))?
+                    }
+                    None => self
+                        .array
                         .retrieve_chunk::<Vec<$t>>(&full_index)
                         .map_err(|e| chunk_error(where_(), e))?,
-                )
+                })
             };
         }
         let data = match self.dtype {
@@ -171,14 +202,7 @@ const MAX_VOXEL_COORDINATE: f64 = (1u64 << 52) as f64;
 
 /// Rejects a level whose chunks could not be held in memory or whose world box, in its own
 /// voxels, is beyond what the sampling arithmetic represents (metadata written in error).
-fn check_level_geometry(
-    path: &Path,
-    shape: [u64; 3],
-    chunk: [u64; 3],
-    dtype: DType,
-    voxel_size: [f64; 3],
-    origin: [f64; 3],
-) -> Result<()> {
+fn check_level_geometry(path: &Path, shape: [u64; 3], chunk: [u64; 3], dtype: DType, voxel_size: [f64; 3], origin: [f64; 3]) -> Result<()> {
     let chunk_bytes = chunk
         .iter()
         .try_fold(dtype.size() as u64, |n, &c| n.checked_mul(c))
@@ -186,7 +210,9 @@ fn check_level_geometry(
     if chunk_bytes > MAX_CHUNK_BYTES {
         return Err(Error::metadata(
             path,
-            format!("chunk shape {chunk:?} decodes to {chunk_bytes} bytes; chunks are read whole and may hold at most {MAX_CHUNK_BYTES} bytes"),
+            format!(
+                "chunk shape {chunk:?} decodes to {chunk_bytes} bytes; chunks are read whole and may hold at most {MAX_CHUNK_BYTES} bytes"
+            ),
         ));
     }
     for (k, axis) in AXES.iter().enumerate() {
@@ -357,6 +383,7 @@ impl Volume {
                 translation: std::array::from_fn(|k| origin[k] + frame.centre_offset(voxel_size[k])),
                 origin,
                 dtype,
+                guard: DecodeGuard::of(&array),
                 array,
             });
         }

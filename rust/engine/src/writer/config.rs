@@ -44,6 +44,10 @@ pub struct WriterConfig {
     pub format: ZarrFormat,
     /// Replace an existing image at `path` (otherwise an existing image is an error).
     pub overwrite: bool,
+    /// Open an existing image with this layout and write into it, keeping what is there
+    /// (several processes writing one image, or resuming): partly written chunks are merged
+    /// with the stored ones under a file lock. Creates the image when it does not exist.
+    pub exist_ok: bool,
     /// Index of the first level (`s<first_level>`).
     pub first_level: usize,
     /// Number of 2× downsampled levels added after the first (computed at close).
@@ -126,6 +130,8 @@ struct WriterJson {
     #[serde(default)]
     overwrite: bool,
     #[serde(default)]
+    exist_ok: bool,
+    #[serde(default)]
     first_level: usize,
     #[serde(default)]
     downsample_levels: usize,
@@ -176,6 +182,7 @@ impl WriterConfig {
             fill_value: parsed.fill_value.unwrap_or(f64::NAN),
             format,
             overwrite: parsed.overwrite,
+            exist_ok: parsed.exist_ok,
             first_level: parsed.first_level,
             downsample_levels: parsed.downsample_levels,
             compression_level: parsed.compression_level,
@@ -212,6 +219,11 @@ impl WriterConfig {
                     "bounds on axis '{axis}' must be finite with lo < hi, not [{lo}, {hi}]"
                 )));
             }
+        }
+        if self.overwrite && self.exist_ok {
+            return Err(Error::invalid(
+                "overwrite=True replaces an existing image and exist_ok=True writes into it: pass one of them",
+            ));
         }
         if self.write_shape.contains(&0) {
             return Err(Error::invalid(format!("write shape {:?} has a zero-length axis", self.write_shape)));

@@ -141,16 +141,16 @@ pub(super) fn validate(config: &WriterConfig) -> Result<()> {
             ));
         }
         if !is_empty_dir(&path) {
-            if !config.overwrite {
+            if !config.overwrite && !config.exist_ok {
                 return Err(exists_error(
                     &config.path,
                     std::io::ErrorKind::AlreadyExists,
-                    "output already exists (pass overwrite=True to replace it)",
+                    "output already exists (pass overwrite=True to replace it, or exist_ok=True to write into it)",
                 ));
             }
             if !is_zarr_node(&path) && !is_interrupted_creation(&path) {
                 return Err(Error::invalid(format!(
-                    "{}: exists and is not a zarr group; refusing to delete it for overwrite=True",
+                    "{}: exists and is not a zarr group; refusing to delete it for overwrite=True or to write into it",
                     config.path.display()
                 )));
             }
@@ -326,12 +326,70 @@ fn multiscale(config: &WriterConfig, levels: &[LevelInfo]) -> MultiscaleJson {
     }
 }
 
+/// Opens an existing image for writing into it (`exist_ok`): its levels must have the layout
+/// this writer would create (shape, chunks, data type, voxel size, translation).
+fn open_image(config: &WriterConfig, levels: Vec<LevelInfo<()>>) -> Result<(Arc<AtomicFileStore>, Vec<LevelInfo>)> {
+    let image = resolved(&config.path);
+    let chain = container_chain(&image);
+    let root = chain.first().cloned().unwrap_or_else(|| image.clone());
+    let store = Arc::new(AtomicFileStore::new(&root, config.fsync)?);
+    let stored = crate::ngff::read_multiscale(&config.path)?;
+    let mismatch = |what: String| {
+        Error::invalid(format!(
+            "{}: exists with {what}; exist_ok=True writes only into an image of the same layout (pass overwrite=True to replace it)",
+            config.path.display()
+        ))
+    };
+    let mut opened = Vec::with_capacity(levels.len());
+    for level in levels {
+        let meta = stored
+            .levels
+            .iter()
+            .find(|l| l.path.trim_matches('/') == level.name)
+            .ok_or_else(|| mismatch(format!("no level '{}'", level.name)))?;
+        let close = |a: &[f64], b: &[f64; 3]| a.len() == 3 && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-9 * y.abs().max(1.0));
+        if !close(&meta.scale, &level.voxel_size) || !close(&meta.translation, &level.translation) {
+            return Err(mismatch(format!(
+                "level '{}' at voxel size {:?} and translation {:?}, not {:?} and {:?}",
+                level.name, meta.scale, meta.translation, level.voxel_size, level.translation
+            )));
+        }
+        let node = node_path(&root, &image.join(&level.name));
+        let where_ = || image.join(&level.name);
+        let array = Array::open(store.clone(), &node).map_err(|e| Error::metadata(where_(), e))?;
+        let chunk: Vec<u64> = array
+            .chunk_shape(&[0, 0, 0])
+            .map_err(|e| Error::metadata(where_(), e))?
+            .iter()
+            .map(|c| c.get())
+            .collect();
+        let want_chunk: Vec<u64> = config.chunk_shape.iter().map(|&c| c as u64).collect();
+        if array.shape() != level.shape || chunk != want_chunk || *array.data_type() != data_type(config.dtype) {
+            return Err(mismatch(format!(
+                "level '{}' of shape {:?}, chunks {chunk:?} and data type {}, not {:?}, {want_chunk:?} and {}",
+                level.name,
+                array.shape(),
+                array.data_type(),
+                level.shape,
+                config.dtype.name()
+            )));
+        }
+        opened.push(level.with_array(array));
+    }
+    Ok((store, opened))
+}
+
 /// Creates the image: parent groups from the `.zarr` container down (those lacking metadata),
 /// one array per level, then the image group's metadata last (a half-created image has no
 /// multiscales). Replaces an existing image (validated: only with `overwrite`).
 pub(super) fn create_image(config: &WriterConfig, mut levels: Vec<LevelInfo<()>>) -> Result<(Arc<AtomicFileStore>, Vec<LevelInfo>)> {
     let path = &config.path;
-    if path.exists() && !is_empty_dir(path) {
+    if config.exist_ok && crate::ngff::read_multiscale(path).is_ok() {
+        return open_image(config, levels);
+    }
+    // With exist_ok another process may be creating the same image: creating it again writes
+    // the same metadata and keeps its chunks.
+    if config.overwrite && path.exists() && !is_empty_dir(path) {
         fs::remove_dir_all(path).map_err(|e| Error::io(path, e))?;
     }
     let image = resolved(path);

@@ -366,7 +366,8 @@ impl ImageWriter {
             Some(plan) => Acc {
                 values: vec![if blended { 0.0 } else { self.config.fill_value as f32 }; n],
                 weights: blended.then(|| vec![0.0; n]),
-                covered: None,
+                // Shared images merge partly written chunks by the voxels written here.
+                covered: self.config.exist_ok.then(|| vec![false; n]),
                 remaining: plan.tiles_meeting(lo, hi),
             },
             None => Acc {
@@ -394,20 +395,20 @@ impl ImageWriter {
             ChunkState::Pending(acc) => {
                 for piece in pieces {
                     let newly = copy_piece(acc, lo, hi, self.config.chunk_shape, piece, weights);
-                    if acc.covered.is_some() {
+                    if self.plan.is_none() {
                         acc.remaining = acc.remaining.saturating_sub(newly);
                     } else if piece.counts {
                         acc.remaining = acc.remaining.saturating_sub(1);
                     }
                 }
                 if acc.remaining == 0 {
-                    let values = finish(std::mem::replace(acc, empty_acc()), self.config.fill_value as f32);
-                    self.store_chunk(0, chunk, &values)?;
+                    self.store_accumulated(chunk, std::mem::replace(acc, empty_acc()))?;
                     *state = ChunkState::Written;
                 }
             }
             ChunkState::Written => {
                 // Read back, overwrite the new voxels (last write wins), write again.
+                let _shared = self.shared_write_lock()?;
                 let mut values = self.load_chunk(0, chunk)?;
                 let mut acc = Acc {
                     values: std::mem::take(&mut values),
@@ -422,6 +423,44 @@ impl ImageWriter {
             }
         }
         Ok(())
+    }
+
+    /// With `exist_ok` (several writers may share the image): an exclusive lock on the image,
+    /// held while a chunk is read, merged and written back. Blocks until it is free.
+    fn shared_write_lock(&self) -> Result<Option<std::fs::File>> {
+        if !self.config.exist_ok {
+            return Ok(None);
+        }
+        let path = self.config.path.join(".cellmap-write.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        file.lock().map_err(|e| Error::io(&path, e))?;
+        Ok(Some(file))
+    }
+
+    /// Writes an accumulated chunk of the first level. In a shared image a chunk not wholly
+    /// written here is merged with the stored one (the voxels written here replace the
+    /// stored voxels, the rest are kept) under the shared lock.
+    fn store_accumulated(&self, chunk: [u64; 3], acc: Acc) -> Result<()> {
+        let covered = acc.covered.clone();
+        let values = finish(acc, self.config.fill_value as f32);
+        match covered {
+            Some(covered) if self.config.exist_ok && covered.iter().any(|c| !c) => {
+                let _shared = self.shared_write_lock()?;
+                let mut merged = self.load_chunk(0, chunk)?;
+                for ((m, v), c) in merged.iter_mut().zip(&values).zip(&covered) {
+                    if *c {
+                        *m = *v;
+                    }
+                }
+                self.store_chunk(0, chunk, &merged)
+            }
+            _ => self.store_chunk(0, chunk, &values),
+        }
     }
 
     /// Decodes chunk `chunk` of `level` from disk as f32 (the fill value where absent).
@@ -511,8 +550,7 @@ impl ImageWriter {
         slots.par_iter().try_for_each(|(chunk, slot)| {
             let mut state = lock(slot);
             if let ChunkState::Pending(acc) = &mut *state {
-                let values = finish(std::mem::replace(acc, empty_acc()), self.config.fill_value as f32);
-                self.store_chunk(0, *chunk, &values)?;
+                self.store_accumulated(*chunk, std::mem::replace(acc, empty_acc()))?;
                 *state = ChunkState::Written;
             }
             Ok(())

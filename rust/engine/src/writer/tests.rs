@@ -36,6 +36,7 @@ fn config(path: PathBuf, lo: [f64; 3], hi: [f64; 3], voxel: [f64; 3], tile: [usi
         fill_value: 0.0,
         format: ZarrFormat::V2,
         overwrite: false,
+        exist_ok: false,
         first_level: 0,
         downsample_levels: 0,
         compression_level: 3,
@@ -285,5 +286,36 @@ fn written_translation_follows_the_coordinate_frame() {
             [8.0 + sign * 2.0, -4.0 + sign * 2.0, 2.0 + sign * 2.0]
         );
     }
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn shared_writers_merge_partly_written_chunks_and_refuse_another_layout() {
+    let dir = temp_dir("shared");
+    let path = dir.join("s.zarr").join("x");
+    let mut c = config(path.clone(), [0.0; 3], [1.0, 8.0, 8.0], [1.0; 3], [1, 8, 8]);
+    c.tiling = None;
+    c.exist_ok = true;
+    // Two writers of one image (as two processes would be), each writing half of its only chunk.
+    let a = ImageWriter::create(c.clone()).unwrap();
+    let b = ImageWriter::create(c.clone()).unwrap();
+    a.write_boxes(&[[0, 0, -4]], &[1.0; 64]).unwrap(); // x 0..4
+    b.write_boxes(&[[0, 0, 4]], &[2.0; 64]).unwrap(); // x 4..8
+    a.close().unwrap();
+    b.close().unwrap();
+    let reader = ImageWriter::create(c.clone()).unwrap();
+    let back = reader.read_box([0, 0, 0], [1, 8, 8]).unwrap();
+    for y in 0..8 {
+        for x in 0..8 {
+            assert_eq!(back[y * 8 + x], if x < 4 { 1.0 } else { 2.0 }, "voxel y={y} x={x}");
+        }
+    }
+    let mut other = c.clone();
+    other.chunk_shape = [1, 4, 4];
+    let e = ImageWriter::create(other).unwrap_err().to_string();
+    assert!(e.contains("same layout") && e.contains("chunks"), "{e}");
+    let mut both = c;
+    both.overwrite = true;
+    assert!(ImageWriter::create(both).unwrap_err().to_string().contains("exist_ok"));
     fs::remove_dir_all(&dir).unwrap();
 }
