@@ -23,7 +23,7 @@ def test_bench_reports_figures_against_bounds(tmp_path):
     import json
 
     result = run("bench", "--data", str(tmp_path / "bench"), "--size", "tiny", "--batches", "2", "--threads", "1",
-                 "--repeat", "2", "--json", str(tmp_path / "report.json"))
+                 "--repeat", "2", "--no-transforms", "--json", str(tmp_path / "report.json"))
     assert result.returncode == 0, result.stderr
     assert "efficiency" in result.stdout and "bound" in result.stdout
     assert "batches/s" in result.stdout and "peak RSS" in result.stdout
@@ -35,7 +35,7 @@ def test_bench_loader_only_with_device_and_soak(tmp_path):
     import json
 
     result = run("bench", "--data", str(tmp_path / "bench"), "--size", "tiny", "--batches", "2", "--no-engine",
-                 "--loader-threads", "1", "--device", "cpu", "--soak", "600", "--json", str(tmp_path / "report.json"))
+                 "--loader-threads", "1", "--device", "cpu", "--soak", "200", "--json", str(tmp_path / "report.json"))
     assert result.returncode == 0, result.stderr
     assert "efficiency" not in result.stdout, "--no-engine skips the engine configurations"
     assert "delivered to cpu" in result.stdout and "of CPU delivery" in result.stdout
@@ -44,7 +44,7 @@ def test_bench_loader_only_with_device_and_soak(tmp_path):
     assert report["engine"] == {}
     assert {"3d-64-4cls-plain@1", "3d-64-4cls-plain@1@cpu"} <= set(report["loader"])
     soak = report["soak"]
-    assert soak["batches"] == 600 and soak["curve"][-1][0] == 599
+    assert soak["batches"] == 200 and soak["curve"][-1][0] == 199
     assert soak["live_batch_bytes_after"] >= 0 and soak["pooled_batch_mb"] >= 0
 
 
