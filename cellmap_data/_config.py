@@ -133,8 +133,9 @@ def spatial_transforms_engine_form(config: Mapping[str, Any] | None) -> dict[str
 
     Dialects translated: ``{"axes": ...}`` nesting or the flat form; ``mirror``/``transpose``
     as a bool (every axis; mirror probability 0.5); mirror probabilities given as
-    ``True``/``False`` (1 and 0); a rotation given as one number ``m`` (``[-|m|, |m|]``). Values
-    are checked by the engine, which names the key in its errors."""
+    ``True``/``False`` (1 and 0); a rotation given as one number ``m`` (``[-|m|, |m|]``); a zoom
+    as ``"scale": [low, high]`` and a shear as ``"shear": s`` (short for ``{"range": ...}``).
+    Values are checked by the engine, which names the key in its errors."""
     config = spatial_transforms_json(config)
     if config is None:
         return None
@@ -170,8 +171,12 @@ def spatial_transforms_engine_form(config: Mapping[str, Any] | None) -> dict[str
                         f"spatial_transforms['rotate'][{a!r}] must be [low, high] in degrees or one number, not {r!r}")
                 ranges[a] = r
             out[key] = ranges
+        elif key == "scale" and isinstance(value, (list, tuple)):
+            out[key] = {"range": list(value)}  # [low, high]: one factor for every axis
+        elif key == "shear" and _is_number(value):
+            out[key] = {"range": value}
         else:
-            out[key] = value  # the engine names the unknown transform
+            out[key] = value  # the engine checks it (and names an unknown transform)
     return out
 
 

@@ -259,8 +259,12 @@ class Volume:
         permutation: Sequence[int] = ...,
         rotation_deg: _Triple = ...,
         rotation_matrix: Sequence[Sequence[float]] | None = None,
+        zoom: _Triple = ...,
+        shear: Sequence[float] = ...,
     ) -> Tensor:
-        """Reads a patch of ``shape`` voxels of ``voxel_size`` nm centred at ``centre`` (nm, z y x)."""
+        """Reads a patch of ``shape`` voxels of ``voxel_size`` nm centred at ``centre`` (nm, z y x);
+        world offset = rotation · diag(zoom) · shear · transpose · mirror · patch offset, with the
+        six shear terms in the order zy, zx, yz, yx, xz, xy."""
 
 @final
 class Dataset:

@@ -45,7 +45,18 @@ pub struct SpatialConfig {
     pub transpose: Vec<usize>,
     /// Rotation angle range in degrees about each axis (z, y, x); `None` = no rotation.
     pub rotate: [Option<(f64, f64)>; 3],
+    /// Zoom factor range (`lo`, `hi`) and whether each axis draws its own factor.
+    pub zoom: Option<(f64, f64, bool)>,
+    /// Largest magnitude of each shear term.
+    pub shear: Option<f64>,
 }
+
+/// The off-diagonal terms of a shear, `(row, column)` of the matrix: the order shear draws and
+/// metadata columns (`shear_zy` is the z displacement per unit of y) follow.
+pub const SHEAR_TERMS: [(usize, usize); 6] = [(0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1)];
+
+/// Largest shear term accepted: keeps the map well conditioned (and invertible).
+pub const MAX_SHEAR: f64 = 0.5;
 
 /// The spatial-transform configuration in the one form the engine reads (the Python layer
 /// translates the reference library's dialects into it): mirror probability per axis, the
@@ -63,6 +74,40 @@ pub struct SpatialJson {
     /// `{"z": [-180, 180]}`
     #[serde(default)]
     pub rotate: BTreeMap<String, [f64; 2]>,
+    /// `{"range": [0.9, 1.1], "per_axis": false}`: zoom about the patch centre; a factor f makes
+    /// the patch cover f times the world extent (f > 1 zooms out).
+    #[serde(default, deserialize_with = "scale_config")]
+    pub scale: Option<ScaleJson>,
+    /// `{"range": 0.1}`: each off-diagonal term of a shear drawn in [-0.1, 0.1].
+    #[serde(default, deserialize_with = "shear_config")]
+    pub shear: Option<ShearJson>,
+}
+
+fn scale_config<'de, D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Option<ScaleJson>, D::Error> {
+    Option::<ScaleJson>::deserialize(deserializer).map_err(|e| D::Error::custom(format!("['scale']: {e}")))
+}
+
+fn shear_config<'de, D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Option<ShearJson>, D::Error> {
+    Option::<ShearJson>::deserialize(deserializer).map_err(|e| D::Error::custom(format!("['shear']: {e}")))
+}
+
+/// The `scale` (zoom) transform.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleJson {
+    /// Factor range `[low, high]`, both positive.
+    pub range: [f64; 2],
+    /// One factor per axis (default: one factor for all axes).
+    #[serde(default)]
+    pub per_axis: bool,
+}
+
+/// The `shear` transform.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShearJson {
+    /// Largest magnitude of each shear term (at most [`MAX_SHEAR`]).
+    pub range: f64,
 }
 
 /// Reads an optional [`SpatialJson`], naming `spatial_transforms` in any error (for
@@ -113,12 +158,35 @@ impl SpatialConfig {
             }
             out.rotate[axis_index(name, "rotate")?] = Some((lo, hi));
         }
+        if let Some(scale) = &config.scale {
+            let what = "spatial_transforms['scale']['range']";
+            let [lo, hi] = scale.range;
+            let (lo, hi) = (finite(lo, what)?, finite(hi, what)?);
+            if !(lo > 0.0 && lo <= hi) {
+                return Err(Error::invalid(format!(
+                    "{what} must be [low, high] with 0 < low <= high, not [{lo}, {hi}]"
+                )));
+            }
+            out.zoom = Some((lo, hi, scale.per_axis));
+        }
+        if let Some(shear) = &config.shear {
+            let what = "spatial_transforms['shear']['range']";
+            let s = finite(shear.range, what)?;
+            if !(0.0..=MAX_SHEAR).contains(&s) {
+                return Err(Error::invalid(format!("{what} must be in [0, {MAX_SHEAR}], not {s}")));
+            }
+            out.shear = Some(s);
+        }
         Ok(out)
     }
 
     /// Whether the config changes anything.
     pub fn is_identity(&self) -> bool {
-        self.mirror.iter().all(|p| *p == 0.0) && self.transpose.len() < 2 && self.rotate.iter().all(Option::is_none)
+        self.mirror.iter().all(|p| *p == 0.0)
+            && self.transpose.len() < 2
+            && self.rotate.iter().all(Option::is_none)
+            && self.zoom.is_none_or(|(lo, hi, _)| lo == 1.0 && hi == 1.0)
+            && self.shear.is_none_or(|s| s == 0.0)
     }
 
     /// Draws one sample's transform. With `planar_axis = Some(a)` (2D patches with a singleton
@@ -147,6 +215,25 @@ impl SpatialConfig {
                 }
             }
         }
+        // Zoom and shear draw only when configured, so configurations without them keep
+        // the draws (and value seeds) they always had.
+        if let Some((lo, hi, per_axis)) = self.zoom {
+            let shared: f64 = rng.0.random();
+            for k in 0..3 {
+                let u: f64 = if per_axis { rng.0.random() } else { shared };
+                if Some(k) != planar_axis {
+                    d.zoom[k] = lo + u * (hi - lo);
+                }
+            }
+        }
+        if let Some(s) = self.shear {
+            for (term, &(row, column)) in SHEAR_TERMS.iter().enumerate() {
+                let u: f64 = rng.0.random();
+                if Some(row) != planar_axis && Some(column) != planar_axis {
+                    d.shear[term] = (2.0 * u - 1.0) * s;
+                }
+            }
+        }
         d
     }
 }
@@ -163,6 +250,10 @@ pub struct SpatialDraw {
     /// An explicit rotation matrix (z, y, x; world offset = matrix · turned offset) used instead
     /// of the one built from `angles_deg` (the reference library's `rotation_matrix`).
     pub rotation: Option<Mat3>,
+    /// Zoom factor per axis (z, y, x): the patch covers this many times its world extent.
+    pub zoom: [f64; 3],
+    /// Shear terms in [`SHEAR_TERMS`] order.
+    pub shear: [f64; 6],
 }
 
 impl Default for SpatialDraw {
@@ -171,13 +262,16 @@ impl Default for SpatialDraw {
             mirror: [false; 3],
             permutation: [0, 1, 2],
             angles_deg: [0.0; 3],
+            zoom: [1.0; 3],
+            shear: [0.0; 6],
             rotation: None,
         }
     }
 }
 
 impl SpatialDraw {
-    /// World offset = orientation · output-frame offset (rotate ∘ transpose ∘ mirror).
+    /// World offset = orientation · output-frame offset (rotate ∘ zoom ∘ shear ∘ transpose ∘
+    /// mirror): one linear map, so the patch is still resampled once.
     pub fn orientation(&self) -> Mat3 {
         let mut mirror = IDENTITY;
         for (k, row) in mirror.iter_mut().enumerate() {
@@ -190,7 +284,16 @@ impl SpatialDraw {
             transpose[self.permutation[k]][k] = 1.0;
         }
         let rotation = self.rotation.unwrap_or_else(|| rotation_matrix(self.angles_deg));
-        matmul(&rotation, &matmul(&transpose, &mirror))
+        let mut zoom_shear = IDENTITY;
+        for (k, row) in zoom_shear.iter_mut().enumerate() {
+            row[k] = self.zoom[k];
+        }
+        let mut shear = IDENTITY;
+        for (&(row, column), &term) in SHEAR_TERMS.iter().zip(&self.shear) {
+            shear[row][column] = term;
+        }
+        zoom_shear = matmul(&zoom_shear, &shear);
+        matmul(&rotation, &matmul(&zoom_shear, &matmul(&transpose, &mirror)))
     }
 }
 
@@ -577,8 +680,12 @@ mod tests {
 
     #[test]
     fn rejects_bad_config_naming_the_key() {
-        let e = spatial(json!({"shear": {}})).unwrap_err().to_string();
-        assert!(e.contains("spatial_transforms") && e.contains("shear"), "{e}");
+        let e = spatial(json!({"twist": {}})).unwrap_err().to_string();
+        assert!(e.contains("spatial_transforms") && e.contains("twist"), "{e}");
+        let e = spatial(json!({"scale": {"range": [0.0, 1.1]}})).unwrap_err().to_string();
+        assert!(e.contains("['scale']['range']"), "{e}");
+        let e = spatial(json!({"shear": {"range": 0.9}})).unwrap_err().to_string();
+        assert!(e.contains("['shear']['range']"), "{e}");
         let e = spatial(json!({"rotate": {"z": ["a", "b"]}})).unwrap_err().to_string();
         assert!(e.contains("spatial_transforms") && e.contains("string"), "{e}");
         let e = spatial(json!({"rotate": {"z": [10, -10]}})).unwrap_err().to_string();
@@ -587,6 +694,44 @@ mod tests {
         assert!(e.contains("'t'"), "{e}");
         let e = spatial(json!({"mirror": {"x": 1.5}})).unwrap_err().to_string();
         assert!(e.contains("['mirror']['x']") && e.contains("probability"), "{e}");
+    }
+
+    #[test]
+    fn zoom_and_shear_draw_within_their_ranges_and_fold_into_the_orientation() {
+        let cfg = spatial(json!({"scale": {"range": [0.8, 1.25]}, "shear": {"range": 0.2}})).unwrap();
+        let mut seen_zoom = Vec::new();
+        for i in 0..50 {
+            let d = cfg.draw(&mut SampleRng::new(4, 0, 0, i), None);
+            assert!(d.zoom.iter().all(|z| (0.8..=1.25).contains(z)) && d.zoom[0] == d.zoom[1] && d.zoom[1] == d.zoom[2]);
+            assert!(d.shear.iter().all(|h| h.abs() <= 0.2));
+            assert_eq!(d, cfg.draw(&mut SampleRng::new(4, 0, 0, i), None), "keyed, not sequential");
+            let m = d.orientation();
+            // orientation = diag(zoom) · (I + shear terms) here (no rotation, transpose, mirror)
+            for (term, &(row, column)) in SHEAR_TERMS.iter().enumerate() {
+                assert!((m[row][column] - d.zoom[row] * d.shear[term]).abs() < 1e-12);
+            }
+            seen_zoom.push(d.zoom[0]);
+        }
+        assert!(seen_zoom.iter().any(|&z| z < 0.95) && seen_zoom.iter().any(|&z| z > 1.1));
+        let per_axis = spatial(json!({"scale": {"range": [0.5, 2.0], "per_axis": true}})).unwrap();
+        let d = per_axis.draw(&mut SampleRng::new(1, 0, 0, 0), None);
+        assert!(d.zoom[0] != d.zoom[1] && d.zoom[1] != d.zoom[2]);
+        // 2D patches (singleton z): zoom and shear stay in the y-x plane.
+        let d = cfg.draw(&mut SampleRng::new(1, 0, 0, 3), Some(0));
+        assert_eq!(d.zoom[0], 1.0);
+        for (term, &(row, column)) in SHEAR_TERMS.iter().enumerate() {
+            assert!(row != 0 && column != 0 || d.shear[term] == 0.0);
+        }
+        // A configuration without them keeps its draws.
+        let plain = spatial(json!({"rotate": {"z": [-30, 30]}})).unwrap();
+        let with = spatial(json!({"rotate": {"z": [-30, 30]}, "scale": {"range": [1.0, 1.0]}})).unwrap();
+        let (a, b) = (
+            plain.draw(&mut SampleRng::new(9, 0, 0, 1), None),
+            with.draw(&mut SampleRng::new(9, 0, 0, 1), None),
+        );
+        assert_eq!(a.angles_deg, b.angles_deg);
+        assert_eq!(a.orientation(), b.orientation());
+        assert!(!with.is_identity() && spatial(json!({"scale": {"range": [1.0, 1.0]}})).unwrap().is_identity());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use arrow_schema::extension::FixedShapeTensor;
 use arrow_schema::{DataType, Field, Schema};
 use rayon::prelude::*;
 
-use crate::augment::SpatialDraw;
+use crate::augment::{SpatialDraw, SHEAR_TERMS};
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
 use crate::geometry::AXES;
@@ -258,6 +258,8 @@ pub struct Batch {
 /// | `mirror_z/y/x` | bool | mirrored axes |
 /// | `transpose_z/y/x` | u8 | output axis k walks world axis `transpose_k` |
 /// | `rotate_z/y/x` | f64 | rotation angles (degrees) |
+/// | `scale_z/y/x` | f64 | zoom factors (1: none) |
+/// | `shear_zy/zx/yz/yx/xz/xy` | f64 | shear terms (0: none) |
 /// | `level_<array>` | i64 | level read per array (−1: a target with no annotated class) |
 /// | `value_seed` | u64 | seed of the value transforms |
 pub struct SampleMetadata<'a> {
@@ -308,6 +310,16 @@ impl SampleMetadata<'_> {
             let mut r = Float64Builder::with_capacity(rows);
             self.samples.iter().for_each(|s| r.append_value(s.draw.angles_deg[k]));
             push(&format!("rotate_{axis}"), Arc::new(r.finish()));
+        }
+        for (k, axis) in AXES.iter().enumerate() {
+            let mut z = Float64Builder::with_capacity(rows);
+            self.samples.iter().for_each(|s| z.append_value(s.draw.zoom[k]));
+            push(&format!("scale_{axis}"), Arc::new(z.finish()));
+        }
+        for (term, &(row, column)) in SHEAR_TERMS.iter().enumerate() {
+            let mut h = Float64Builder::with_capacity(rows);
+            self.samples.iter().for_each(|s| h.append_value(s.draw.shear[term]));
+            push(&format!("shear_{}{}", AXES[row], AXES[column]), Arc::new(h.finish()));
         }
         for (a, name) in self.array_names.iter().enumerate() {
             let mut l = Int64Builder::with_capacity(rows);
@@ -576,6 +588,8 @@ mod tests {
             permutation: [0, 2, 1],
             angles_deg: [10.0, 0.0, -5.0],
             rotation: None,
+            zoom: [1.0; 3],
+            shear: [0.0; 6],
         };
         let samples = [
             SampleRequest {

@@ -84,7 +84,8 @@ impl Volume {
     /// Returns a float32 tensor exported through DLPack.
     #[pyo3(signature = (centre, shape, voxel_size, *, level=None, pad=true, pad_value=f32::NAN,
                         interpolation="nearest", foreground=false, mirror=[false; 3],
-                        permutation=[0, 1, 2], rotation_deg=[0.0; 3], rotation_matrix=None))]
+                        permutation=[0, 1, 2], rotation_deg=[0.0; 3], rotation_matrix=None,
+                        zoom=[1.0; 3], shear=[0.0; 6]))]
     #[allow(clippy::too_many_arguments)]
     fn read(
         &self,
@@ -101,6 +102,8 @@ impl Volume {
         permutation: [usize; 3],
         rotation_deg: [f64; 3],
         rotation_matrix: Option<[[f64; 3]; 3]>,
+        zoom: [f64; 3],
+        shear: [f64; 6],
     ) -> PyResult<Tensor> {
         let interpolation = Interpolation::parse(interpolation).map_err(|e| to_pyerr(py, e))?;
         let spec = PatchSpec::new(shape, voxel_size).map_err(|e| to_pyerr(py, e))?;
@@ -127,6 +130,8 @@ impl Volume {
             permutation,
             angles_deg: rotation_deg,
             rotation: rotation_matrix,
+            zoom,
+            shear,
         };
         let options = ReadOptions {
             interpolation,
