@@ -12,6 +12,8 @@ from typing import Any
 from .exceptions import ConfigError
 
 SPATIAL_AXES = ("z", "y", "x")
+#: The shear terms, in the engine's order: "zy" is the z displacement per unit of y.
+SHEAR_TERMS = ("zy", "zx", "yz", "yx", "xz", "xy")
 
 
 def check_axis_order(axis_order: str) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ._config import SPATIAL_AXES
+from ._config import SHEAR_TERMS, SPATIAL_AXES
 from .transforms.augment._common import owned_batch
 from .transforms.plan import ValuePlan
 from .transforms.seeding import sample_seeds
@@ -37,7 +37,7 @@ def expand_compact(tensor: torch.Tensor) -> torch.Tensor:
 def sample_metadata_dicts(record: Any, tensor_names: Sequence[str], owners: Sequence[Any]) -> list[dict[str, Any]]:
     """Per-sample ``"__metadata__"`` dicts of an engine batch: the engine's metadata columns
     (``dataset``, ``crop``, ``idx`` within the dataset, ``centre_*``, ``mirror_*``,
-    ``transpose_*``, ``rotate_*``, ``level_<array>``, ``value_seed``) plus the keys of the
+    ``transpose_*``, ``rotate_*``, ``scale_*``, ``shear_*``, ``level_<array>``, ``value_seed``) plus the keys of the
     reference library's metadata: ``raw_path``, ``target_path_str``, ``current_idx``,
     ``current_center`` (``{axis: nm}``) and ``current_spatial_transforms`` (the drawn transform
     in the form :meth:`CellMapImage.set_spatial_transforms` takes, so a sample can be re-read)."""
@@ -57,6 +57,12 @@ def sample_metadata_dicts(record: Any, tensor_names: Sequence[str], owners: Sequ
         angles = {a: row.get(f"rotate_{a}") for a in SPATIAL_AXES if row.get(f"rotate_{a}")}
         if angles:
             drawn["rotate"] = angles
+        zoom = {a: row[f"scale_{a}"] for a in SPATIAL_AXES if row.get(f"scale_{a}", 1.0) != 1.0}
+        if zoom:
+            drawn["scale"] = zoom
+        shear = {t: row[f"shear_{t}"] for t in SHEAR_TERMS if row.get(f"shear_{t}", 0.0) != 0.0}
+        if shear:
+            drawn["shear"] = shear
         row["current_spatial_transforms"] = drawn
     return rows
 

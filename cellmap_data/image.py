@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from . import _engine
-from ._config import SPATIAL_AXES, centre_to_zyx, check_axis_order
+from ._config import SHEAR_TERMS, SPATIAL_AXES, centre_to_zyx, check_axis_order
 from .exceptions import ConfigError
 
 __all__ = ["CellMapImage", "EmptyImage"]
@@ -169,11 +169,14 @@ class CellMapImage:
           of axis positions (``[0, 2, 1]``): output axis ``k`` walks input axis ``perm[k]``;
         - ``"rotate"``: ``{axis: degrees}`` (rotating about an axis turns the plane of the other
           two), or ``"rotation_matrix"``: a 3×3 (or, for a 2D ``axis_order``, 2×2) orthonormal
-          matrix in ``axis_order``, used as given: world offset = matrix · turned offset.
+          matrix in ``axis_order``, used as given: world offset = matrix · turned offset;
+        - ``"scale"``: ``{axis: factor}`` (the patch covers ``factor`` times its world extent) and
+          ``"shear"``: ``{"zy": term, ...}`` (the z displacement per unit of y, ...), as recorded
+          in a sample's metadata (``current_spatial_transforms``).
         """
         if transforms is not None and not isinstance(transforms, Mapping):
             raise ConfigError("spatial transforms must be a dict or None")
-        unknown = set(transforms or {}) - {"mirror", "transpose", "rotate", "rotation_matrix"}
+        unknown = set(transforms or {}) - {"mirror", "transpose", "rotate", "rotation_matrix", "scale", "shear"}
         if unknown:
             raise ConfigError(f"unknown spatial transform(s) {sorted(unknown)}")
         self._spatial = dict(transforms) if transforms else None
@@ -213,7 +216,13 @@ class CellMapImage:
         full_order = [next(moved) if a in self.axes else a for a in SPATIAL_AXES]
         permutation = [SPATIAL_AXES.index(a) for a in full_order]
         rotation = [float(t.get("rotate", {}).get(a, 0.0)) for a in SPATIAL_AXES]
-        arguments: dict[str, Any] = {"mirror": mirror, "permutation": permutation, "rotation_deg": rotation}
+        zoom = [float(t.get("scale", {}).get(a, 1.0)) for a in SPATIAL_AXES]
+        unknown_terms = set(t.get("shear", {})) - set(SHEAR_TERMS)
+        if unknown_terms:
+            raise ConfigError(f"spatial transform 'shear': unknown terms {sorted(unknown_terms)} (terms: {list(SHEAR_TERMS)})")
+        shear = [float(t.get("shear", {}).get(term, 0.0)) for term in SHEAR_TERMS]
+        arguments: dict[str, Any] = {"mirror": mirror, "permutation": permutation, "rotation_deg": rotation,
+                                     "zoom": zoom, "shear": shear}
         if t.get("rotation_matrix") is not None:
             arguments["rotation_matrix"] = self._rotation_in_zyx(t["rotation_matrix"])
         return arguments

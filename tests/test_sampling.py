@@ -273,3 +273,27 @@ def test_dataset_draws_zoom_and_shear_records_them_and_reads_what_they_say(tmp_p
             np.testing.assert_allclose(patch[0].numpy()[inside], expected[inside], atol=1e-3, rtol=1e-5)
             checked += 1
     assert checked == 8
+
+
+def test_a_zoomed_and_sheared_sample_is_re_read_from_its_recorded_transform(tmp_path, smooth_volume):
+    """``current_spatial_transforms`` (with scale and shear) given to CellMapImage reads the
+    same patch the loader delivered."""
+    from cellmap_data import CellMapDataLoader, CellMapDataset, CellMapImage
+
+    v = smooth_volume
+    root = tmp_path / "d.zarr"
+    write_ome_image(root / "raw", [v["raw"]], [v["voxel"]], [list(v["origin"])], chunks=(16, 16, 16))
+    write_ome_image(root / "crop" / "mito", [v["labels"]], [v["voxel"]], [list(v["origin"])], chunks=(16, 16, 16))
+    shape = (8, 10, 12)
+    ds = CellMapDataset(str(root / "raw"), f"{root / 'crop'}/[mito]", ["mito"],
+                        {"raw": {"shape": shape, "scale": (4.0, 4.0, 4.0)}},
+                        {"gt": {"shape": shape, "scale": (4.0, 4.0, 4.0)}}, pad=True, seed=5,
+                        spatial_transforms={"scale": [0.85, 1.2], "shear": 0.1, "mirror": {"x": 0.5}})
+    batch = next(iter(CellMapDataLoader(ds, batch_size=3, iterations_per_epoch=1, return_metadata=True, seed=5)))
+    image = CellMapImage(str(root / "raw"), "raw", (4.0, 4.0, 4.0), shape, pad=True, interpolation="linear")
+    for row, patch in zip(batch["__metadata__"], batch["raw"]):
+        drawn = row["current_spatial_transforms"]
+        assert set(drawn["scale"]) == {"z", "y", "x"} and drawn["shear"]
+        image.set_spatial_transforms(drawn)
+        again = image[row["current_center"]]
+        np.testing.assert_allclose(again.numpy().reshape(shape), patch[0].numpy(), atol=1e-4, equal_nan=True)
