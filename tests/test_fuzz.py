@@ -582,6 +582,9 @@ CORPUS = {
                            ("chunk_key_encoding",), {"name": "v2", "configuration": {"separator": "."}})),
         # Found by a random run: a fill-value chunk of 2^53 bytes.
         (2, lambda d: {**d, "chunks": [2, 1048576, 4294967296]}),
+        # Found by a random run: a 208 MiB chunk (under 2 GiB) for a 16³ array.
+        (3, lambda d: _set(_set(d, ("chunk_grid", "configuration", "chunk_shape"), [4096, 4096, 13]),
+                           ("chunk_key_encoding",), {"name": "v2", "configuration": {"separator": "."}})),
     ],
 }
 

@@ -196,6 +196,9 @@ impl Level {
 /// Largest decoded chunk the engine reads (chunks are decoded whole): 2 GiB.
 pub const MAX_CHUNK_BYTES: u64 = 2 << 30;
 
+/// Largest decoded chunk of an array smaller than that: 64 MiB.
+const SMALL_ARRAY_CHUNK_BYTES: u64 = 64 << 20;
+
 /// Largest coordinate, in voxels of a level, that sampling arithmetic handles exactly (far
 /// beyond any image, far inside i64).
 const MAX_VOXEL_COORDINATE: f64 = (1u64 << 52) as f64;
@@ -207,11 +210,18 @@ fn check_level_geometry(path: &Path, shape: [u64; 3], chunk: [u64; 3], dtype: DT
         .iter()
         .try_fold(dtype.size() as u64, |n, &c| n.checked_mul(c))
         .unwrap_or(u64::MAX);
-    if chunk_bytes > MAX_CHUNK_BYTES {
+    // A chunk far larger than its whole array is bad metadata, and would still be allocated
+    // whole (an absent chunk is a full chunk of the fill value).
+    let array_bytes = shape
+        .iter()
+        .try_fold(dtype.size() as u64, |n, &c| n.checked_mul(c))
+        .unwrap_or(u64::MAX);
+    let limit = MAX_CHUNK_BYTES.min(array_bytes.max(SMALL_ARRAY_CHUNK_BYTES));
+    if chunk_bytes > limit {
         return Err(Error::metadata(
             path,
             format!(
-                "chunk shape {chunk:?} decodes to {chunk_bytes} bytes; chunks are read whole and may hold at most {MAX_CHUNK_BYTES} bytes"
+                "chunk shape {chunk:?} decodes to {chunk_bytes} bytes; chunks are read whole and may hold at most {limit} bytes here (2 GiB, and 64 MiB for an array of {array_bytes} bytes)"
             ),
         ));
     }
