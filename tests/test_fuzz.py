@@ -573,6 +573,10 @@ CORPUS = {
         (3, lambda d: _set(d, ("attributes", "ome", "multiscales", 0, "datasets"), [{"path": "s0", "coordinateTransformations": [
             {"type": "scale", "scale": [1.26e249, 0.5, 4611686018427387904]},
             {"type": "translation", "translation": [3, 2.169e254, -6.07e-88]}]}])),
+        # Found by a random run: a voxel size of 1e-38 nm (a 4 nm patch spans 10^38 voxels).
+        (2, lambda d: {"multiscales": [{**d["multiscales"][0], "datasets": [
+            {"path": "s0", "coordinateTransformations": [{"type": "scale", "scale": [1, 1, 1.1754943508222875e-38]},
+                                                         {"type": "translation", "translation": [0.0, 0.0, 0.0]}]}]}]}),
     ],
     "array_metadata": [
         # Chunks of 64 GiB whose chunk files are absent (the keys use another separator than
@@ -582,7 +586,9 @@ CORPUS = {
                            ("chunk_key_encoding",), {"name": "v2", "configuration": {"separator": "."}})),
         # Found by a random run: a fill-value chunk of 2^53 bytes.
         (2, lambda d: {**d, "chunks": [2, 1048576, 4294967296]}),
-        # Found by a random run: a 208 MiB chunk (under 2 GiB) for a 16³ array.
+        # Found by a random run: a 654 MB chunk of a 2^40-voxel array, chunk file absent.
+        (2, lambda d: {**d, "shape": [1099511627776, 39, 16], "chunks": [1048576, 39, 16], "order": "F"}),
+        # Found by a random run: a 208 MiB chunk for a 16³ array.
         (3, lambda d: _set(_set(d, ("chunk_grid", "configuration", "chunk_shape"), [4096, 4096, 13]),
                            ("chunk_key_encoding",), {"name": "v2", "configuration": {"separator": "."}})),
     ],

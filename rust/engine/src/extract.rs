@@ -84,6 +84,7 @@ pub fn read_patch(
     debug_assert_eq!(out.len(), spec.len());
     let lvl = &volume.levels[level];
     let mut affine = patch_affine(lvl, spec, centre, draw);
+    check_source_reach(&affine, lvl, spec)?;
     if let Some(axes) = affine.axis_aligned_unit() {
         // Snap to the source grid: an axis-aligned read at the level's resolution is a copy.
         // Halves snap upwards (as the nearest kernel does), so a plain and a mirrored read of a
@@ -225,6 +226,28 @@ fn return_scratch<T>(pool: &'static Scratch<T>, v: Vec<T>) {
     });
 }
 
+/// Largest source box a patch may read, in voxels of the level (2^30: 4 GiB as float32).
+const MAX_SOURCE_VOXELS: f64 = (1u64 << 30) as f64;
+
+/// Refuses a read whose source box is beyond the voxel arithmetic (coordinates past 2^52) or
+/// absurdly large: metadata with a voxel size far from the requested one, named in the error.
+fn check_source_reach(affine: &Affine, lvl: &crate::volume::Level, spec: &PatchSpec) -> Result<()> {
+    let (lo, hi) = affine.source_bounds(spec.shape);
+    let reach = (1u64 << 52) as f64;
+    let in_range = (0..3).all(|k| lo[k].abs() < reach && hi[k].abs() < reach);
+    let voxels: f64 = (0..3).map(|k| (hi[k] - lo[k]).abs() + 2.0).product();
+    if in_range && voxels <= MAX_SOURCE_VOXELS {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "{}: a patch of {:?} voxels of {:?} nm spans source voxels {lo:?} to {hi:?} of this level (voxel size {:?} nm, {voxels:e} voxels); the level's voxel size or translation, or the requested scale, is out of range",
+        lvl.path.display(),
+        spec.shape,
+        spec.voxel_size,
+        lvl.voxel_size
+    )))
+}
+
 /// The source box the general path gathers (voxels every output sample may touch), moved
 /// inside the array when `pad` is false (the affine is moved with it).
 fn source_block(affine: &mut Affine, level_shape: [u64; 3], spec: &PatchSpec, options: &ReadOptions) -> ([i64; 3], [usize; 3]) {
@@ -267,6 +290,7 @@ pub fn read_patch_group(
     };
     let lvl = &first.levels[first_level];
     let mut affine = patch_affine(lvl, spec, centre, draw);
+    check_source_reach(&affine, lvl, spec)?;
     let shareable =
         options.mode == ValueMode::Foreground && options.interpolation == Interpolation::Nearest && affine.axis_aligned_unit().is_none();
     if !shareable {

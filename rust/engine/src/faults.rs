@@ -49,6 +49,10 @@ mod active {
     }
 }
 
+/// Tests that arm faults hold this: there is one process-wide fault slot.
+#[cfg(test)]
+pub static TEST_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Whether this build can inject faults (debug builds).
 pub fn available() -> bool {
     cfg!(debug_assertions)
@@ -116,6 +120,7 @@ mod tests {
 
     #[test]
     fn armed_faults_fire_count_times_on_matching_paths_only() {
+        let _one_at_a_time = TEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         inject(FaultKind::Eio, "faults-test-array", 2).unwrap();
         assert!(check(Path::new("/data/other/s0")).is_ok());
         let e = check(Path::new("/data/faults-test-array/s0")).unwrap_err();

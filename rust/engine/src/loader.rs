@@ -3,7 +3,7 @@
 //! delivered in plan order (so the thread count never changes what comes out).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -167,8 +167,30 @@ pub struct BatchStream {
     current: Option<Receiver<Result<Batch>>>,
     cancel: Arc<AtomicBool>,
     dispatcher: Option<JoinHandle<()>>,
+    /// Batch reads started and not finished (they end early once `cancel` is raised).
+    in_flight: Arc<AtomicUsize>,
     stopped: bool,
 }
+
+/// Counts a batch read as in flight until it is dropped (also when the read panics).
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn start(counter: &Arc<AtomicUsize>) -> InFlight {
+        counter.fetch_add(1, Ordering::AcqRel);
+        InFlight(counter.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// How long `stop` waits for reads in flight to see the cancel flag (a read blocked in the
+/// operating system cannot be interrupted; it is left to finish on its own after this).
+const STOP_WAIT: Duration = Duration::from_secs(10);
 
 impl BatchStream {
     /// Starts reading `batches` (each a list of planned samples) from `collection`.
@@ -178,6 +200,8 @@ impl BatchStream {
         // The slot queue is bounded: the dispatcher waits when `prefetch` batches are ahead.
         let (slot_tx, slots) = sync_channel::<Receiver<Result<Batch>>>(settings.prefetch.max(1));
         let stop = cancel.clone();
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let counter = in_flight.clone();
         let dispatcher = std::thread::Builder::new()
             .name("cellmap-dispatch".into())
             .spawn(move || {
@@ -191,7 +215,9 @@ impl BatchStream {
                         break; // consumer gone
                     }
                     let (collection, stop) = (collection.clone(), stop.clone());
+                    let running = InFlight::start(&counter);
                     pool.spawn(move || {
+                        let _running = running;
                         // A panic must not abort the process (rayon's default for spawned
                         // jobs): it becomes this batch's error.
                         let result = catch_unwind(AssertUnwindSafe(|| {
@@ -208,6 +234,7 @@ impl BatchStream {
             current: None,
             cancel,
             dispatcher: Some(dispatcher),
+            in_flight,
             stopped: false,
         })
     }
@@ -249,6 +276,12 @@ impl BatchStream {
         }
         // The dispatcher may have queued one more slot between the drain and seeing the flag.
         while self.slots.try_recv().is_ok() {}
+        // Reads in flight end at their next sample: wait for them, so nothing of this stream
+        // runs (or holds batch memory) after it is stopped.
+        let deadline = std::time::Instant::now() + STOP_WAIT;
+        while self.in_flight.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         self.stopped = true;
     }
 }
@@ -385,6 +418,7 @@ mod tests {
 
     #[test]
     fn transient_errors_are_retried_and_panics_become_errors() {
+        let _one_at_a_time = crate::faults::TEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let dir = TempDir::new("loader-faults");
         let collection = two_crops(&dir);
         let pattern = dir.join("data.zarr/crop1").to_string_lossy().into_owned();

@@ -193,8 +193,9 @@ impl Level {
     }
 }
 
-/// Largest decoded chunk the engine reads (chunks are decoded whole): 2 GiB.
-pub const MAX_CHUNK_BYTES: u64 = 2 << 30;
+/// Largest decoded chunk the engine reads (chunks are decoded whole, and an absent chunk is a
+/// whole chunk of the fill value): 256 MiB, far above EM chunk sizes (256³ float32 is 64 MiB).
+pub const MAX_CHUNK_BYTES: u64 = 256 << 20;
 
 /// Largest decoded chunk of an array smaller than that: 64 MiB.
 const SMALL_ARRAY_CHUNK_BYTES: u64 = 64 << 20;
@@ -221,7 +222,7 @@ fn check_level_geometry(path: &Path, shape: [u64; 3], chunk: [u64; 3], dtype: DT
         return Err(Error::metadata(
             path,
             format!(
-                "chunk shape {chunk:?} decodes to {chunk_bytes} bytes; chunks are read whole and may hold at most {limit} bytes here (2 GiB, and 64 MiB for an array of {array_bytes} bytes)"
+                "chunk shape {chunk:?} decodes to {chunk_bytes} bytes; chunks are read whole and may hold at most {limit} bytes here (256 MiB, and 64 MiB for an array of {array_bytes} bytes)"
             ),
         ));
     }
