@@ -10,7 +10,7 @@ use crate::augment::{Interpolation, SpatialConfig, SpatialDraw, SpatialJson};
 use crate::cache::ChunkCache;
 use crate::error::{Error, Result};
 use crate::extract::{read_patch, read_patch_group, PatchSpec, ReadOptions};
-use crate::geometry::{tile_starts, WorldBox, AXES};
+use crate::geometry::{tile_starts, WorldBox, AXES, MAX_VOXEL_COORDINATE};
 use crate::values::ValuePipeline;
 use crate::volume::{ValueMode, Volume};
 use serde::Deserialize;
@@ -226,7 +226,7 @@ impl Dataset {
             for (k, axis) in AXES.iter().enumerate() {
                 let reach = bbox.lo[k].abs().max(bbox.hi[k].abs());
                 let far = reach / a.patch.voxel_size[k];
-                if far.is_nan() || far >= (1u64 << 52) as f64 {
+                if far.is_nan() || far >= MAX_VOXEL_COORDINATE {
                     return Err(Error::invalid(format!(
                         "array '{}': the data ({} and its labels) reaches {reach:e} nm on axis '{axis}', {far:e} of its {} nm voxels from the origin; at most 2^52 are supported",
                         a.name,

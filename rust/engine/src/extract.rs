@@ -6,7 +6,7 @@ use multiversion::multiversion;
 
 use crate::augment::{nearest_indices, resample, FiniteRegion, Interpolation, SpatialDraw, MASK_OUTSIDE};
 use crate::error::{Error, Result};
-use crate::geometry::Affine;
+use crate::geometry::{Affine, MAX_VOXEL_COORDINATE};
 use crate::volume::{Level, ValueMode, Volume};
 
 /// What to read: output shape (z, y, x; a 1 marks a 2D slice) and voxel size in nm.
@@ -233,8 +233,7 @@ const MAX_SOURCE_VOXELS: f64 = (1u64 << 30) as f64;
 /// absurdly large: metadata with a voxel size far from the requested one, named in the error.
 fn check_source_reach(affine: &Affine, lvl: &crate::volume::Level, spec: &PatchSpec) -> Result<()> {
     let (lo, hi) = affine.source_bounds(spec.shape);
-    let reach = (1u64 << 52) as f64;
-    let in_range = (0..3).all(|k| lo[k].abs() < reach && hi[k].abs() < reach);
+    let in_range = (0..3).all(|k| lo[k].abs() < MAX_VOXEL_COORDINATE && hi[k].abs() < MAX_VOXEL_COORDINATE);
     let voxels: f64 = (0..3).map(|k| (hi[k] - lo[k]).abs() + 2.0).product();
     if in_range && voxels <= MAX_SOURCE_VOXELS {
         return Ok(());

@@ -3,6 +3,10 @@
 /// Axis names in the engine's fixed order.
 pub const AXES: [&str; 3] = ["z", "y", "x"];
 
+/// Largest coordinate, in voxels of some level or patch, that sampling arithmetic handles
+/// exactly (far beyond any image, far inside i64): metadata or requests beyond it are refused.
+pub const MAX_VOXEL_COORDINATE: f64 = (1u64 << 52) as f64;
+
 /// An axis-aligned box in world coordinates (nm), `lo` inclusive, `hi` exclusive.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct WorldBox {

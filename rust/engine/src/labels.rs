@@ -509,19 +509,8 @@ impl CacheKey {
     }
 
     fn store(&self, dir: &Path, foreground: u64) -> std::io::Result<()> {
-        std::fs::create_dir_all(dir)?;
-        let target = dir.join(self.file_name());
-        let tmp = dir.join(format!(
-            ".{}.{}.{:?}.tmp",
-            self.file_name(),
-            std::process::id(),
-            std::thread::current().id()
-        ));
         let text = serde_json::to_string(&self.entry(foreground)).map_err(std::io::Error::other)?;
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, &target).inspect_err(|_| {
-            let _ = std::fs::remove_file(&tmp);
-        })
+        crate::writer::write_atomic(&dir.join(self.file_name()), text.as_bytes(), false)
     }
 }
 

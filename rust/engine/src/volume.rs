@@ -10,14 +10,14 @@ use zarrs::array::data_type::{
     Float32DataType, Float64DataType, Int16DataType, Int32DataType, Int64DataType, Int8DataType, UInt16DataType, UInt32DataType,
     UInt64DataType, UInt8DataType,
 };
-use zarrs::array::{Array, ArrayToBytesCodecTraits, CodecOptions, FromArrayBytes};
+use zarrs::array::{Array, ArrayBytes, ArrayToBytesCodecTraits, CodecOptions, FromArrayBytes};
 
 use crate::decode_guard::DecodeGuard;
 use zarrs::filesystem::FilesystemStore;
 
 use crate::cache::{with_chunk_values, Chunk, ChunkCache, ChunkData, ChunkKey};
 use crate::error::{Error, Result};
-use crate::geometry::{WorldBox, AXES};
+use crate::geometry::{WorldBox, AXES, MAX_VOXEL_COORDINATE};
 use crate::ngff::{read_multiscale, CoordinateFrame, Multiscale};
 
 /// Element types the engine reads.
@@ -137,43 +137,42 @@ impl Level {
         full_index.extend_from_slice(&index);
         let where_ = || format!("{} chunk {:?}", self.path.display(), index);
         crate::faults::check(&self.path).map_err(|e| e.with_context(format!("chunk {index:?}")))?;
-        let shape = self.array.chunk_shape(&full_index).map_err(|e| Error::decode(where_(), e))?;
-        let shape: Vec<usize> = shape.iter().map(|s| s.get() as usize).collect();
-        let spatial: [usize; 3] = [shape[self.leading], shape[self.leading + 1], shape[self.leading + 2]];
+        let chunk_shape = self.array.chunk_shape(&full_index).map_err(|e| Error::decode(where_(), e))?;
+        let shape_u64: Vec<u64> = chunk_shape.iter().map(|s| s.get()).collect();
+        let spatial: [usize; 3] = std::array::from_fn(|k| shape_u64[self.leading + k] as usize);
         // Read once, check the encoded bytes, then decode them (an absent chunk is the fill).
         let encoded = self
             .array
             .retrieve_encoded_chunk(&full_index)
             .map_err(|e| chunk_error(where_(), zarrs::array::ArrayError::StorageError(e)))?;
-        let expected = spatial.iter().product::<usize>() as u64 * self.dtype.size() as u64;
-        if let Some(bytes) = &encoded {
-            self.guard.check(bytes, expected).map_err(|m| Error::decode(where_(), m))?;
-        }
-        let chunk_shape = self.array.chunk_shape(&full_index).map_err(|e| Error::decode(where_(), e))?;
-        let shape_u64: Vec<u64> = chunk_shape.iter().map(|s| s.get()).collect();
+        let elements: u64 = shape_u64.iter().product();
+        let bytes = match encoded {
+            Some(bytes) => {
+                self.guard
+                    .check(&bytes, elements * self.dtype.size() as u64)
+                    .map_err(|m| Error::decode(where_(), m))?;
+                self.array
+                    .codecs()
+                    .decode(
+                        std::borrow::Cow::Owned(bytes),
+                        &chunk_shape,
+                        self.array.data_type(),
+                        self.array.fill_value(),
+                        &CodecOptions::default(),
+                    )
+                    .map_err(|e| Error::decode(where_(), e))?
+                    .into_owned()
+            }
+            // Absent: the fill value, without asking the store again.
+            None => ArrayBytes::new_fill_value(self.array.data_type(), elements, self.array.fill_value())
+                .map_err(|e| Error::decode(where_(), e))?,
+        };
         macro_rules! get {
             ($t:ty, $variant:ident) => {
-                ChunkData::$variant(match encoded {
-                    Some(bytes) => {
-                        let decoded = self
-                            .array
-                            .codecs()
-                            .decode(
-                                std::borrow::Cow::Owned(bytes),
-                                &chunk_shape,
-                                self.array.data_type(),
-                                self.array.fill_value(),
-                                &CodecOptions::default(),
-                            )
-                            .map_err(|e| Error::decode(where_(), e))?;
-                        <Vec<$t> as FromArrayBytes>::from_array_bytes(decoded.into_owned(), &shape_u64, self.array.data_type())
-                            .map_err(|e| Error::decode(where_(), e))?
-                    }
-                    None => self
-                        .array
-                        .retrieve_chunk::<Vec<$t>>(&full_index)
-                        .map_err(|e| chunk_error(where_(), e))?,
-                })
+                ChunkData::$variant(
+                    <Vec<$t> as FromArrayBytes>::from_array_bytes(bytes, &shape_u64, self.array.data_type())
+                        .map_err(|e| Error::decode(where_(), e))?,
+                )
             };
         }
         let data = match self.dtype {
@@ -200,23 +199,19 @@ pub const MAX_CHUNK_BYTES: u64 = 256 << 20;
 /// Largest decoded chunk of an array smaller than that: 64 MiB.
 const SMALL_ARRAY_CHUNK_BYTES: u64 = 64 << 20;
 
-/// Largest coordinate, in voxels of a level, that sampling arithmetic handles exactly (far
-/// beyond any image, far inside i64).
-const MAX_VOXEL_COORDINATE: f64 = (1u64 << 52) as f64;
-
 /// Rejects a level whose chunks could not be held in memory or whose world box, in its own
 /// voxels, is beyond what the sampling arithmetic represents (metadata written in error).
 fn check_level_geometry(path: &Path, shape: [u64; 3], chunk: [u64; 3], dtype: DType, voxel_size: [f64; 3], origin: [f64; 3]) -> Result<()> {
-    let chunk_bytes = chunk
-        .iter()
-        .try_fold(dtype.size() as u64, |n, &c| n.checked_mul(c))
-        .unwrap_or(u64::MAX);
+    let bytes_of = |extent: [u64; 3]| {
+        extent
+            .iter()
+            .try_fold(dtype.size() as u64, |n, &c| n.checked_mul(c))
+            .unwrap_or(u64::MAX)
+    };
+    let chunk_bytes = bytes_of(chunk);
     // A chunk far larger than its whole array is bad metadata, and would still be allocated
     // whole (an absent chunk is a full chunk of the fill value).
-    let array_bytes = shape
-        .iter()
-        .try_fold(dtype.size() as u64, |n, &c| n.checked_mul(c))
-        .unwrap_or(u64::MAX);
+    let array_bytes = bytes_of(shape);
     let limit = MAX_CHUNK_BYTES.min(array_bytes.max(SMALL_ARRAY_CHUNK_BYTES));
     if chunk_bytes > limit {
         return Err(Error::metadata(
@@ -247,15 +242,18 @@ fn chunk_error(place: String, error: zarrs::array::ArrayError) -> Error {
     use zarrs::array::ArrayError;
     use zarrs::storage::StorageError;
     match &error {
-        ArrayError::StorageError(StorageError::IOError(io)) => {
-            let io = match io.raw_os_error() {
-                Some(code) => std::io::Error::from_raw_os_error(code),
-                None => std::io::Error::new(io.kind(), io.to_string()),
-            };
-            Error::io(place, io)
-        }
+        ArrayError::StorageError(StorageError::IOError(io)) => store_io_error(place, io),
         _ => Error::decode(place, error),
     }
+}
+
+/// An I/O error of the store (shared, so rebuilt) with its kind and OS code kept.
+fn store_io_error(place: impl AsRef<Path>, io: &std::io::Error) -> Error {
+    let io = match io.raw_os_error() {
+        Some(code) => std::io::Error::from_raw_os_error(code),
+        None => std::io::Error::new(io.kind(), io.to_string()),
+    };
+    Error::io(place, io)
 }
 
 static NEXT_LEVEL_ID: AtomicU64 = AtomicU64::new(1);
@@ -349,9 +347,7 @@ impl Volume {
             let key = format!("/{}", meta.path.trim_matches('/'));
             let array = Array::open(store.clone(), &key).map_err(|e| match e {
                 // An unreadable .zarray/zarr.json keeps its I/O kind (permission denied...).
-                zarrs::array::ArrayCreateError::StorageError(zarrs::storage::StorageError::IOError(io)) => {
-                    Error::io(&level_path, std::io::Error::new(io.kind(), io.to_string()))
-                }
+                zarrs::array::ArrayCreateError::StorageError(zarrs::storage::StorageError::IOError(io)) => store_io_error(&level_path, &io),
                 other => Error::metadata(&level_path, other),
             })?;
             let full_shape = array.shape().to_vec();

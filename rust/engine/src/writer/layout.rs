@@ -326,14 +326,24 @@ fn multiscale(config: &WriterConfig, levels: &[LevelInfo]) -> MultiscaleJson {
     }
 }
 
-/// Opens an existing image for writing into it (`exist_ok`): its levels must have the layout
-/// this writer would create (shape, chunks, data type, voxel size, translation).
-fn open_image(config: &WriterConfig, levels: Vec<LevelInfo<()>>) -> Result<(Arc<AtomicFileStore>, Vec<LevelInfo>)> {
+/// Where an image's nodes go: its resolved path, the directories from the `.zarr` container
+/// root down to its parent, and the store rooted at that container (or at the image).
+fn placement(config: &WriterConfig) -> Result<(PathBuf, Vec<PathBuf>, PathBuf, Arc<AtomicFileStore>)> {
     let image = resolved(&config.path);
     let chain = container_chain(&image);
     let root = chain.first().cloned().unwrap_or_else(|| image.clone());
     let store = Arc::new(AtomicFileStore::new(&root, config.fsync)?);
-    let stored = crate::ngff::read_multiscale(&config.path)?;
+    Ok((image, chain, root, store))
+}
+
+/// Opens the existing image `stored` for writing into it (`exist_ok`): its levels must have
+/// the layout this writer would create (shape, chunks, data type, voxel size, translation).
+fn open_image(
+    config: &WriterConfig,
+    stored: crate::ngff::Multiscale,
+    levels: Vec<LevelInfo<()>>,
+) -> Result<(Arc<AtomicFileStore>, Vec<LevelInfo>)> {
+    let (image, _, root, store) = placement(config)?;
     let mismatch = |what: String| {
         Error::invalid(format!(
             "{}: exists with {what}; exist_ok=True writes only into an image of the same layout (pass overwrite=True to replace it)",
@@ -384,18 +394,17 @@ fn open_image(config: &WriterConfig, levels: Vec<LevelInfo<()>>) -> Result<(Arc<
 /// multiscales). Replaces an existing image (validated: only with `overwrite`).
 pub(super) fn create_image(config: &WriterConfig, mut levels: Vec<LevelInfo<()>>) -> Result<(Arc<AtomicFileStore>, Vec<LevelInfo>)> {
     let path = &config.path;
-    if config.exist_ok && crate::ngff::read_multiscale(path).is_ok() {
-        return open_image(config, levels);
+    if config.exist_ok {
+        if let Ok(stored) = crate::ngff::read_multiscale(path) {
+            return open_image(config, stored, levels);
+        }
     }
     // With exist_ok another process may be creating the same image: creating it again writes
     // the same metadata and keeps its chunks.
     if config.overwrite && path.exists() && !is_empty_dir(path) {
         fs::remove_dir_all(path).map_err(|e| Error::io(path, e))?;
     }
-    let image = resolved(path);
-    let chain = container_chain(&image);
-    let root = chain.first().cloned().unwrap_or_else(|| image.clone());
-    let store = Arc::new(AtomicFileStore::new(&root, config.fsync)?);
+    let (image, chain, root, store) = placement(config)?;
     for dir in &chain {
         if !is_zarr_node(dir) {
             store_group(&store, &node_path(&root, dir), config.format, Default::default())?;

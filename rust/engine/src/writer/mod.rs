@@ -68,6 +68,7 @@ use crate::volume::DType;
 
 use accumulate::{copy_piece, empty_acc, finish, normalised, with_sample, Acc, ChunkState, Piece, Sample};
 pub use config::{TilingConfig, WriterConfig};
+pub(crate) use store::write_atomic;
 pub use store::AtomicFileStore;
 pub use tiling::{Blend, TilePlan};
 
@@ -445,8 +446,8 @@ impl ImageWriter {
     /// Writes an accumulated chunk of the first level. In a shared image a chunk not wholly
     /// written here is merged with the stored one (the voxels written here replace the
     /// stored voxels, the rest are kept) under the shared lock.
-    fn store_accumulated(&self, chunk: [u64; 3], acc: Acc) -> Result<()> {
-        let covered = acc.covered.clone();
+    fn store_accumulated(&self, chunk: [u64; 3], mut acc: Acc) -> Result<()> {
+        let covered = acc.covered.take();
         let values = finish(acc, self.config.fill_value as f32);
         match covered {
             Some(covered) if self.config.exist_ok && covered.iter().any(|c| !c) => {

@@ -39,8 +39,9 @@ pub(super) fn temporary_sibling(path: &Path, suffix: &str) -> PathBuf {
     ))
 }
 
-/// Writes `bytes` to `path` whole: a hidden temporary file beside it, then a rename.
-fn write_atomic(path: &Path, bytes: &[u8], fsync: bool) -> std::io::Result<()> {
+/// Writes `bytes` to `path` whole: a hidden temporary file beside it, then a rename (folders
+/// are created as needed). Used by the store and by the engine's other small files.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], fsync: bool) -> std::io::Result<()> {
     let parent = path.parent().unwrap_or(Path::new("."));
     let tmp = temporary_sibling(path, "partial");
     let attempt = || -> std::io::Result<()> {
