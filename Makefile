@@ -13,8 +13,9 @@ PROFILE ?= dev
 
 $(VENV)/.deps-installed: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-cache-dir --upgrade pip
+	# No pip cache: torch and its CUDA libraries would take ~3 GB twice on a fresh machine.
+	$(PY) -m pip install -q --no-cache-dir -r requirements-dev.txt
 	touch $@
 
 build: $(VENV)/.deps-installed
