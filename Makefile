@@ -11,10 +11,10 @@ PROFILE ?= dev
 
 .PHONY: demo test build build-release bench test-rust test-python test-notebooks lint clean
 
+# No pip cache: torch and its CUDA libraries would otherwise take ~3 GB twice on a fresh machine.
 $(VENV)/.deps-installed: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --no-cache-dir --upgrade pip
-	# No pip cache: torch and its CUDA libraries would take ~3 GB twice on a fresh machine.
 	$(PY) -m pip install -q --no-cache-dir -r requirements-dev.txt
 	touch $@
 
