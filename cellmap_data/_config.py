@@ -136,8 +136,8 @@ def spatial_transforms_engine_form(config: Mapping[str, Any] | None) -> dict[str
     Dialects translated: ``{"axes": ...}`` nesting or the flat form; ``mirror``/``transpose``
     as a bool (every axis; mirror probability 0.5); mirror probabilities given as
     ``True``/``False`` (1 and 0); a rotation given as one number ``m`` (``[-|m|, |m|]``); a zoom
-    as ``"scale": [low, high]`` and a shear as ``"shear": s`` (short for ``{"range": ...}``).
-    Values are checked by the engine, which names the key in its errors."""
+    as ``"scale": [low, high]`` and a shear as ``"shear": s`` (short for ``{"range": ...}``);
+    ``elastic`` lengths given per axis name. Values are checked by the engine, which names the key in its errors."""
     config = spatial_transforms_json(config)
     if config is None:
         return None
@@ -177,8 +177,30 @@ def spatial_transforms_engine_form(config: Mapping[str, Any] | None) -> dict[str
             out[key] = {"range": list(value)}  # [low, high]: one factor for every axis
         elif key == "shear" and _is_number(value):
             out[key] = {"range": value}
+        elif key == "elastic" and isinstance(value, Mapping):
+            out[key] = _elastic_engine_form(value)
         else:
             out[key] = value  # the engine checks it (and names an unknown transform)
+    return out
+
+
+def _elastic_engine_form(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``elastic`` with lengths given per axis name (``{"y": 40, "x": 40}``) → lists in z, y, x
+    order: an axis without a sigma is not deformed (its spacing then does not matter)."""
+    out = dict(config)
+    sigma = config.get("jitter_sigma")
+    if isinstance(sigma, Mapping):
+        out["jitter_sigma"] = [sigma.get(a, 0.0) for a in SPATIAL_AXES]
+    spacing = config.get("control_point_spacing")
+    if isinstance(spacing, Mapping):
+        deformed = [a for a, s in zip(SPATIAL_AXES, out.get("jitter_sigma") or [0.0] * 3) if s != 0] \
+            if isinstance(out.get("jitter_sigma"), list) else list(SPATIAL_AXES)
+        missing = [a for a in deformed if a not in spacing]
+        if missing:
+            raise ConfigError(f"spatial_transforms['elastic']['control_point_spacing'] has no spacing for axes {missing}")
+        given = [v for v in spacing.values() if _is_number(v)]
+        fallback = max(given) if given else 1.0
+        out["control_point_spacing"] = [spacing.get(a, fallback) for a in SPATIAL_AXES]
     return out
 
 

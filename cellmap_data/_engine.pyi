@@ -95,6 +95,13 @@ def apply_value_ops(ops_json: str, values: Sequence[float], shape: Sequence[int]
     tensor of ``shape`` (channel first), drawing random ops from ``value_seed`` and ``stream`` as
     a dataset read does. For tests and inspection; datasets apply the ops while reading."""
 
+def elastic_field(
+    seed: int, control_point_spacing: _Triple, jitter_sigma: _Triple, shape: Sequence[int], voxel_size: _Triple
+) -> Tensor:
+    """The elastic displacement field (nm, in the patch's frame before its rotation) of the draw
+    ``(seed, control_point_spacing, jitter_sigma)`` at the voxel centres of a patch of ``shape``
+    voxels of ``voxel_size`` nm: a ``[3, *shape]`` tensor (z, y, x components)."""
+
 # -- tensors and batches ---------------------------------------------------------------------
 
 @final
@@ -261,10 +268,12 @@ class Volume:
         rotation_matrix: Sequence[Sequence[float]] | None = None,
         zoom: _Triple = ...,
         shear: Sequence[float] = ...,
+        elastic: tuple[int, _Triple, _Triple] | None = None,
     ) -> Tensor:
         """Reads a patch of ``shape`` voxels of ``voxel_size`` nm centred at ``centre`` (nm, z y x);
-        world offset = rotation · diag(zoom) · shear · transpose · mirror · patch offset, with the
-        six shear terms in the order zy, zx, yz, yx, xz, xy."""
+        world offset = rotation · diag(zoom) · shear · transpose · mirror · (patch offset +
+        elastic displacement), with the six shear terms in the order zy, zx, yz, yx, xz, xy and
+        ``elastic`` = ``(seed, control_point_spacing, jitter_sigma)`` (nm)."""
 
 @final
 class Dataset:

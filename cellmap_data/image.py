@@ -172,11 +172,15 @@ class CellMapImage:
           matrix in ``axis_order``, used as given: world offset = matrix · turned offset;
         - ``"scale"``: ``{axis: factor}`` (the patch covers ``factor`` times its world extent) and
           ``"shear"``: ``{"zy": term, ...}`` (the z displacement per unit of y, ...), as recorded
-          in a sample's metadata (``current_spatial_transforms``).
+          in a sample's metadata (``current_spatial_transforms``);
+        - ``"elastic"``: ``{"seed": s, "control_point_spacing": [z, y, x], "jitter_sigma": [z, y, x]}``
+          (nm; a length may be one number): the deformation field a sample drew, as recorded in
+          its metadata; the same seed gives the same field at any patch size and scale.
         """
         if transforms is not None and not isinstance(transforms, Mapping):
             raise ConfigError("spatial transforms must be a dict or None")
-        unknown = set(transforms or {}) - {"mirror", "transpose", "rotate", "rotation_matrix", "scale", "shear"}
+        unknown = set(transforms or {}) - {"mirror", "transpose", "rotate", "rotation_matrix", "scale", "shear",
+                                            "elastic"}
         if unknown:
             raise ConfigError(f"unknown spatial transform(s) {sorted(unknown)}")
         self._spatial = dict(transforms) if transforms else None
@@ -225,6 +229,8 @@ class CellMapImage:
                                      "zoom": zoom, "shear": shear}
         if t.get("rotation_matrix") is not None:
             arguments["rotation_matrix"] = self._rotation_in_zyx(t["rotation_matrix"])
+        if t.get("elastic") is not None:
+            arguments["elastic"] = _elastic_arguments(t["elastic"])
         return arguments
 
     def _rotation_in_zyx(self, matrix: Any) -> list[list[float]]:
@@ -362,3 +368,24 @@ class EmptyImage:
 
     def __repr__(self) -> str:
         return f"EmptyImage(class={self.label_class!r}, shape={list(self.output_shape.values())})"
+
+
+def _elastic_arguments(elastic: Any) -> tuple[int, list[float], list[float]]:
+    """``{"seed", "control_point_spacing", "jitter_sigma"}`` → the engine's ``(seed, spacing,
+    sigma)`` (the values are checked by the engine)."""
+    if not isinstance(elastic, Mapping) or set(elastic) != {"seed", "control_point_spacing", "jitter_sigma"}:
+        raise ConfigError("spatial transform 'elastic' must be {'seed': int, 'control_point_spacing': [z, y, x], "
+                          f"'jitter_sigma': [z, y, x]}}, not {elastic!r}")
+    seed = elastic["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**64:
+        raise ConfigError(f"spatial transform 'elastic': seed must be an integer in [0, 2^64), not {seed!r}")
+
+    def per_axis(key: str) -> list[float]:
+        value = elastic[key]
+        values = [value] * 3 if isinstance(value, (int, float, np.number)) and not isinstance(value, bool) else value
+        if not isinstance(values, (list, tuple)) or len(values) != 3:
+            raise ConfigError(f"spatial transform 'elastic': {key} must be a number or [z, y, x], not {value!r}")
+        return [float(v) for v in values]
+
+    return int(seed), per_axis("control_point_spacing"), per_axis("jitter_sigma")
+

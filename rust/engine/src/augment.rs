@@ -11,6 +11,7 @@ use rayon::prelude::*;
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer};
 
+use crate::elastic::{ElasticConfig, ElasticDraw, ElasticJson, SourceShift};
 use crate::error::{Error, Result};
 use crate::geometry::{matmul, Affine, Mat3, AXES, IDENTITY};
 
@@ -49,6 +50,8 @@ pub struct SpatialConfig {
     pub zoom: Option<(f64, f64, bool)>,
     /// Largest magnitude of each shear term.
     pub shear: Option<f64>,
+    /// Elastic deformation.
+    pub elastic: Option<ElasticConfig>,
 }
 
 /// The off-diagonal terms of a shear, `(row, column)` of the matrix: the order shear draws and
@@ -81,6 +84,22 @@ pub struct SpatialJson {
     /// `{"range": 0.1}`: each off-diagonal term of a shear drawn in [-0.1, 0.1].
     #[serde(default, deserialize_with = "shear_config")]
     pub shear: Option<ShearJson>,
+    /// `{"control_point_spacing": [z, y, x], "jitter_sigma": [z, y, x], "prob": p}` (nm; either
+    /// length may be one number): a smooth random deformation in the same single resample.
+    #[serde(default, deserialize_with = "elastic_config")]
+    pub elastic: Option<ElasticJson>,
+}
+
+fn elastic_config<'de, D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Option<ElasticJson>, D::Error> {
+    Option::<ElasticJson>::deserialize(deserializer).map_err(|e| {
+        let e = e.to_string();
+        let why = if e.contains("untagged") {
+            "control_point_spacing and jitter_sigma must each be a number or a list of three (z, y, x) numbers".to_string()
+        } else {
+            e
+        };
+        D::Error::custom(format!("['elastic']: {why}"))
+    })
 }
 
 fn scale_config<'de, D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Option<ScaleJson>, D::Error> {
@@ -177,6 +196,9 @@ impl SpatialConfig {
             }
             out.shear = Some(s);
         }
+        if let Some(elastic) = &config.elastic {
+            out.elastic = Some(ElasticConfig::new(elastic)?);
+        }
         Ok(out)
     }
 
@@ -187,6 +209,7 @@ impl SpatialConfig {
             && self.rotate.iter().all(Option::is_none)
             && self.zoom.is_none_or(|(lo, hi, _)| lo == 1.0 && hi == 1.0)
             && self.shear.is_none_or(|s| s == 0.0)
+            && self.elastic.is_none_or(|e| e.is_identity())
     }
 
     /// Draws one sample's transform. With `planar_axis = Some(a)` (2D patches with a singleton
@@ -234,6 +257,21 @@ impl SpatialConfig {
                 }
             }
         }
+        if let Some(e) = self.elastic {
+            let (u, seed) = (rng.uniform(), rng.next_seed());
+            let mut sigma = e.sigma;
+            if let Some(a) = planar_axis {
+                // A 2D patch deforms in its plane only.
+                sigma[a] = 0.0;
+            }
+            if u < e.prob && sigma.iter().any(|s| *s > 0.0) {
+                d.elastic = Some(ElasticDraw {
+                    seed,
+                    spacing: e.spacing,
+                    sigma,
+                });
+            }
+        }
         d
     }
 }
@@ -254,6 +292,8 @@ pub struct SpatialDraw {
     pub zoom: [f64; 3],
     /// Shear terms in [`SHEAR_TERMS`] order.
     pub shear: [f64; 6],
+    /// The elastic deformation, if the sample is deformed.
+    pub elastic: Option<ElasticDraw>,
 }
 
 impl Default for SpatialDraw {
@@ -265,6 +305,7 @@ impl Default for SpatialDraw {
             zoom: [1.0; 3],
             shear: [0.0; 6],
             rotation: None,
+            elastic: None,
         }
     }
 }
@@ -326,7 +367,7 @@ pub fn rotation_matrix(angles_deg: [f64; 3]) -> Mat3 {
 /// sample's draws never depend on thread scheduling or on other samples.
 pub struct SampleRng(Xoshiro256PlusPlus);
 
-fn splitmix(mut z: u64) -> u64 {
+pub(crate) fn splitmix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -381,13 +422,16 @@ impl FiniteRegion {
 /// the kernel touches, so the inner loop does no bounds tests beyond a clamp at the far edge.
 /// Linear rows whose eight-neighbourhoods all lie in `finite` (no NaN there) take the
 /// vectorised kernel; other rows the NaN-aware one. Both give the same value for a sample
-/// with finite neighbours, so the choice never shows in the output.
+/// with finite neighbours, so the choice never shows in the output. A `shift` (elastic
+/// deformation) moves each output voxel's source position further; a zero shift gives the
+/// unshifted result bit for bit.
 #[allow(clippy::too_many_arguments)]
 pub fn resample(
     block: &[f32],
     block_shape: [usize; 3],
     block_lo: [i64; 3],
     affine: &Affine,
+    shift: Option<&SourceShift>,
     out_shape: [usize; 3],
     interpolation: Interpolation,
     finite: Option<FiniteRegion>,
@@ -397,9 +441,21 @@ pub fn resample(
         // No NaN-free region: every row takes the NaN-aware kernel.
         Interpolation::Linear => {
             let region = finite.unwrap_or(FiniteRegion { lo: [0; 3], hi: [0; 3] });
-            resample_linear(block, block_shape, block_lo, affine, out_shape, region, out)
+            resample_linear(block, block_shape, block_lo, affine, shift, out_shape, region, out)
         }
-        Interpolation::Nearest => resample_nearest(block, block_shape, block_lo, affine, out_shape, out),
+        Interpolation::Nearest => resample_nearest(block, block_shape, block_lo, affine, shift, out_shape, out),
+    }
+}
+
+/// Source position of sample `x` of a row: `start + step · x`, plus the row's shift when there
+/// is one (added last, so a zero shift changes no bit).
+#[inline(always)]
+fn position(start: [f64; 3], step: [f64; 3], shift: Option<[&[f32]; 3]>, x: usize) -> [f64; 3] {
+    let xf = x as f64;
+    let s = [start[0] + step[0] * xf, start[1] + step[1] * xf, start[2] + step[2] * xf];
+    match shift {
+        Some(d) => std::array::from_fn(|k| s[k] + f64::from(d[k][x])),
+        None => s,
     }
 }
 
@@ -412,6 +468,7 @@ fn resample_linear(
     block_shape: [usize; 3],
     block_lo: [i64; 3],
     affine: &Affine,
+    shift: Option<&SourceShift>,
     out_shape: [usize; 3],
     region: FiniteRegion,
     out: &mut [f32],
@@ -431,29 +488,33 @@ fn resample_linear(
     let hi: [i64; 3] = std::array::from_fn(|k| region.hi[k].min(block_shape[k] as i64));
     let whole_block_finite = lo == [0; 3] && (0..3).all(|k| hi[k] == block_shape[k] as i64);
     let step = [affine.m[0][2], affine.m[1][2], affine.m[2][2]];
+    let reach = shift.map_or([0.0; 3], |s| s.reach);
     out.par_chunks_mut(nx).with_min_len(4).enumerate().for_each(|(row, line)| {
         let start = row_start(affine, row, ny, block_lo);
+        let row_shift = shift.map(|s| s.row(row, nx));
         let end: [f64; 3] = std::array::from_fn(|k| start[k] + step[k] * (nx - 1) as f64);
-        // Samples move linearly along a row, so checking both ends checks the whole row.
+        // Samples move linearly along a row (give or take the shift's reach), so checking both
+        // ends checks the whole row.
         let interior = (0..3).all(|k| {
             let (a, b) = if start[k] <= end[k] {
                 (start[k], end[k])
             } else {
                 (end[k], start[k])
             };
-            floor_i(a) >= lo[k] && floor_i(b) + 1 < hi[k]
+            floor_i(a - reach[k]) >= lo[k] && floor_i(b + reach[k]) + 1 < hi[k]
         });
         if interior {
-            trilinear_row_interior(block, sz, sy, start, step, line);
+            match row_shift {
+                None => trilinear_row_interior(block, sz, sy, start, step, line),
+                Some(d) => trilinear_row_interior_shifted(block, sz, sy, start, step, d, line),
+            }
         } else if whole_block_finite {
             for (x, value) in line.iter_mut().enumerate() {
-                let s: [f64; 3] = std::array::from_fn(|k| start[k] + step[k] * x as f64);
-                *value = trilinear_clamped(block, sz, sy, max_idx, s);
+                *value = trilinear_clamped(block, sz, sy, max_idx, position(start, step, row_shift, x));
             }
         } else {
             for (x, value) in line.iter_mut().enumerate() {
-                let s: [f64; 3] = std::array::from_fn(|k| start[k] + step[k] * x as f64);
-                *value = trilinear(block, sz, sy, max_idx, s);
+                *value = trilinear(block, sz, sy, max_idx, position(start, step, row_shift, x));
             }
         }
     });
@@ -469,13 +530,26 @@ const LANES: usize = 64;
 /// every version (no fused multiply-add), so results do not depend on the CPU.
 #[multiversion(targets("x86_64+avx2+fma", "x86_64+sse4.1"))]
 fn trilinear_row_interior(block: &[f32], sz: usize, sy: usize, start: [f64; 3], step: [f64; 3], line: &mut [f32]) {
+    trilinear_row_interior_kernel(block, sz, sy, start, step, None, line);
+}
+
+/// [`trilinear_row_interior`] with each sample moved by the row's shift.
+#[multiversion(targets("x86_64+avx2+fma", "x86_64+sse4.1"))]
+fn trilinear_row_interior_shifted(block: &[f32], sz: usize, sy: usize, start: [f64; 3], step: [f64; 3], shift: [&[f32]; 3], line: &mut [f32]) {
+    trilinear_row_interior_kernel(block, sz, sy, start, step, Some(shift), line);
+}
+
+/// The body of the interior row kernels (inlined into each CPU version; `shift` is a constant
+/// there, so the unshifted kernel carries no shift code).
+#[inline(always)]
+fn trilinear_row_interior_kernel(block: &[f32], sz: usize, sy: usize, start: [f64; 3], step: [f64; 3], shift: Option<[&[f32]; 3]>, line: &mut [f32]) {
     let offsets = [0, 1, sy, sy + 1, sz, sz + 1, sz + sy, sz + sy + 1];
     let mut base = [0u32; LANES];
     let mut weight = [[0f32; LANES]; 3];
     let mut corner = [[0f32; LANES]; 8];
     for (c, out) in line.chunks_mut(LANES).enumerate() {
         let n = out.len();
-        let x0 = (c * LANES) as f64;
+        let x0 = c * LANES;
         let (tz, rest) = weight.split_at_mut(1);
         let (ty, tx) = rest.split_at_mut(1);
         let (tz, ty, tx) = (&mut tz[0][..n], &mut ty[0][..n], &mut tx[0][..n]);
@@ -486,8 +560,7 @@ fn trilinear_row_interior(block: &[f32], sz: usize, sy: usize, start: [f64; 3], 
             .zip(tx.iter_mut())
             .enumerate()
         {
-            let x = x0 + i as f64;
-            let s = [start[0] + step[0] * x, start[1] + step[1] * x, start[2] + step[2] * x];
+            let s = position(start, step, shift, x0 + i);
             // SAFETY: the caller checked 0 <= s < max on every axis for the whole row, so the
             // truncation is in range (and equals floor).
             let f: [i32; 3] = std::array::from_fn(|k| unsafe { s[k].to_int_unchecked::<i32>() });
@@ -520,10 +593,21 @@ fn trilinear_row_interior(block: &[f32], sz: usize, sy: usize, start: [f64; 3], 
 /// float), clamped to the block. Multiversioned like `trilinear_row_interior`.
 #[multiversion(targets("x86_64+avx2+fma", "x86_64+sse4.1"))]
 fn nearest_row(start: [f64; 3], step: [f64; 3], max: [f64; 3], sz: usize, sy: usize, line: &mut [u32]) {
+    nearest_row_kernel(start, step, None, max, sz, sy, line);
+}
+
+/// [`nearest_row`] with each sample moved by the row's shift.
+#[multiversion(targets("x86_64+avx2+fma", "x86_64+sse4.1"))]
+fn nearest_row_shifted(start: [f64; 3], step: [f64; 3], shift: [&[f32]; 3], max: [f64; 3], sz: usize, sy: usize, line: &mut [u32]) {
+    nearest_row_kernel(start, step, Some(shift), max, sz, sy, line);
+}
+
+#[inline(always)]
+fn nearest_row_kernel(start: [f64; 3], step: [f64; 3], shift: Option<[&[f32]; 3]>, max: [f64; 3], sz: usize, sy: usize, line: &mut [u32]) {
     for (x, slot) in line.iter_mut().enumerate() {
-        let x = x as f64;
+        let s = position(start, step, shift, x);
         let i: [i32; 3] = std::array::from_fn(|k| {
-            let nearest = (start[k] + step[k] * x + 0.5).floor().clamp(0.0, max[k]);
+            let nearest = (s[k] + 0.5).floor().clamp(0.0, max[k]);
             // SAFETY: clamped to [0, max] with max < 2^31 (the caller checks the block size);
             // i32 rather than u32 because x86 converts f64 to i32 in vector registers.
             unsafe { nearest.to_int_unchecked::<i32>() }
@@ -557,7 +641,15 @@ fn trilinear_clamped(block: &[f32], sz: usize, sy: usize, max_idx: [i64; 3], s: 
 
 /// Writes into `index`, for every output voxel, the flat index of its nearest source voxel in
 /// a block of `block_shape` starting at `block_lo` (indices clamped to the block).
-pub fn nearest_indices(block_shape: [usize; 3], block_lo: [i64; 3], affine: &Affine, out_shape: [usize; 3], index: &mut [u32]) {
+/// A `shift` moves each output voxel's source position further (see [`resample`]).
+pub fn nearest_indices(
+    block_shape: [usize; 3],
+    block_lo: [i64; 3],
+    affine: &Affine,
+    shift: Option<&SourceShift>,
+    out_shape: [usize; 3],
+    index: &mut [u32],
+) {
     let [_, ny, nx] = out_shape;
     assert_eq!(index.len(), out_shape.iter().product::<usize>());
     if nx == 0 || ny == 0 {
@@ -568,7 +660,11 @@ pub fn nearest_indices(block_shape: [usize; 3], block_lo: [i64; 3], affine: &Aff
     let step = [affine.m[0][2], affine.m[1][2], affine.m[2][2]];
     let max: [f64; 3] = std::array::from_fn(|k| (block_shape[k] - 1) as f64);
     index.par_chunks_mut(nx).with_min_len(4).enumerate().for_each(|(row, line)| {
-        nearest_row(row_start(affine, row, ny, block_lo), step, max, sz, sy, line);
+        let start = row_start(affine, row, ny, block_lo);
+        match shift {
+            None => nearest_row(start, step, max, sz, sy, line),
+            Some(s) => nearest_row_shifted(start, step, s.row(row, nx), max, sz, sy, line),
+        }
     });
 }
 
@@ -576,11 +672,19 @@ pub fn nearest_indices(block_shape: [usize; 3], block_lo: [i64; 3], affine: &Aff
 pub const MASK_OUTSIDE: u8 = 255;
 
 /// Nearest-voxel resampling of a float block (the same indices as the label reads).
-fn resample_nearest(block: &[f32], block_shape: [usize; 3], block_lo: [i64; 3], affine: &Affine, out_shape: [usize; 3], out: &mut [f32]) {
+fn resample_nearest(
+    block: &[f32],
+    block_shape: [usize; 3],
+    block_lo: [i64; 3],
+    affine: &Affine,
+    shift: Option<&SourceShift>,
+    out_shape: [usize; 3],
+    out: &mut [f32],
+) {
     // The gather below indexes without bounds checks; nearest indices are clamped to the block.
     assert!(block.len() >= block_shape.iter().product::<usize>() && block_shape.iter().all(|&n| n > 0));
     let mut index = vec![0u32; out.len()];
-    nearest_indices(block_shape, block_lo, affine, out_shape, &mut index);
+    nearest_indices(block_shape, block_lo, affine, shift, out_shape, &mut index);
     out.par_iter_mut().zip(&index).with_min_len(4096).for_each(|(value, &i)| {
         debug_assert!((i as usize) < block.len());
         // SAFETY: nearest_indices clamps every index into the block.
@@ -735,6 +839,29 @@ mod tests {
     }
 
     #[test]
+    fn elastic_draws_are_keyed_take_their_probability_and_stay_in_plane_for_2d() {
+        let cfg = spatial(json!({"rotate": {"z": [-30, 30]},
+                                 "elastic": {"control_point_spacing": [40, 30, 30], "jitter_sigma": 2, "prob": 0.5}}))
+        .unwrap();
+        let draws: Vec<_> = (0..200).map(|i| cfg.draw(&mut SampleRng::new(5, 0, 0, i), None)).collect();
+        let deformed = draws.iter().filter(|d| d.elastic.is_some()).count();
+        assert!((60..140).contains(&deformed), "{deformed} of 200 deformed at p = 0.5");
+        assert_eq!(draws[7], cfg.draw(&mut SampleRng::new(5, 0, 0, 7), None));
+        let e = draws.iter().find_map(|d| d.elastic).unwrap();
+        assert_eq!((e.spacing, e.sigma), ([40.0, 30.0, 30.0], [2.0; 3]));
+        let planar = cfg.draw(&mut SampleRng::new(5, 0, 0, draws.iter().position(|d| d.elastic.is_some()).unwrap() as u64), Some(0));
+        assert_eq!(planar.elastic.unwrap().sigma, [0.0, 2.0, 2.0], "a 2D patch deforms in its plane");
+        // Elastic draws come last: the other draws are those of the same config without it.
+        let plain = spatial(json!({"rotate": {"z": [-30, 30]}})).unwrap();
+        assert_eq!(plain.draw(&mut SampleRng::new(5, 0, 0, 3), None).angles_deg, draws[3].angles_deg);
+        assert!(spatial(json!({"elastic": {"control_point_spacing": 10, "jitter_sigma": 0}})).unwrap().is_identity());
+        let e = spatial(json!({"elastic": {"control_point_spacing": "a", "jitter_sigma": 1}})).unwrap_err().to_string();
+        assert!(e.contains("['elastic']") && e.contains("number or a list"), "{e}");
+        let e = spatial(json!({"elastic": {"control_point_spacing": 10, "sigma": 1}})).unwrap_err().to_string();
+        assert!(e.contains("['elastic']") && e.contains("sigma"), "{e}");
+    }
+
+    #[test]
     fn rotation_about_z_turns_the_yx_plane() {
         let r = rotation_matrix([90.0, 0.0, 0.0]);
         assert!((r[0][0] - 1.0).abs() < 1e-12);
@@ -771,13 +898,14 @@ mod tests {
             b: [0.0, 0.0, 0.5],
         };
         let mut out = vec![0.0; 4];
-        resample(&block, shape, [0, 0, 0], &affine, [1, 1, 4], Interpolation::Linear, None, &mut out);
+        resample(&block, shape, [0, 0, 0], &affine, None, [1, 1, 4], Interpolation::Linear, None, &mut out);
         assert_eq!(out, vec![0.5, 1.5, 2.5, 3.5]);
         resample(
             &block,
             shape,
             [0, 0, 0],
             &affine,
+            None,
             [1, 1, 4],
             Interpolation::Linear,
             Some(FiniteRegion::whole(shape)),
@@ -796,6 +924,7 @@ mod tests {
             shape,
             [0, 0, 0],
             &affine,
+            None,
             [1, 1, 4],
             Interpolation::Linear,
             Some(region),
@@ -830,13 +959,14 @@ mod tests {
                 shape,
                 [0; 3],
                 &affine,
+                None,
                 [12; 3],
                 Interpolation::Linear,
                 Some(FiniteRegion::whole(shape)),
                 &mut fast,
             );
             let mut aware = vec![0f32; fast.len()];
-            resample(&block, shape, [0; 3], &affine, [12; 3], Interpolation::Linear, None, &mut aware);
+            resample(&block, shape, [0; 3], &affine, None, [12; 3], Interpolation::Linear, None, &mut aware);
             for (row, line) in fast.chunks(12).enumerate() {
                 let start = row_start(&affine, row, 12, [0; 3]);
                 for (x, &value) in line.iter().enumerate() {

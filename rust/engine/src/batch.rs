@@ -14,6 +14,7 @@ use arrow_schema::{DataType, Field, Schema};
 use rayon::prelude::*;
 
 use crate::augment::{SpatialDraw, SHEAR_TERMS};
+use crate::elastic::ElasticDraw;
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
 use crate::geometry::AXES;
@@ -260,6 +261,9 @@ pub struct Batch {
 /// | `rotate_z/y/x` | f64 | rotation angles (degrees) |
 /// | `scale_z/y/x` | f64 | zoom factors (1: none) |
 /// | `shear_zy/zx/yz/yx/xz/xy` | f64 | shear terms (0: none) |
+/// | `elastic_seed` | u64 | seed of the elastic field (0 with no deformation) |
+/// | `elastic_sigma_z/y/x` | f64 | its jitter sigma (nm; 0: no deformation) |
+/// | `elastic_spacing_z/y/x` | f64 | its control point spacing (nm; 0: no deformation) |
 /// | `level_<array>` | i64 | level read per array (−1: a target with no annotated class) |
 /// | `value_seed` | u64 | seed of the value transforms |
 pub struct SampleMetadata<'a> {
@@ -320,6 +324,22 @@ impl SampleMetadata<'_> {
             let mut h = Float64Builder::with_capacity(rows);
             self.samples.iter().for_each(|s| h.append_value(s.draw.shear[term]));
             push(&format!("shear_{}{}", AXES[row], AXES[column]), Arc::new(h.finish()));
+        }
+        let mut elastic_seed = UInt64Builder::with_capacity(rows);
+        self.samples
+            .iter()
+            .for_each(|s| elastic_seed.append_value(s.draw.elastic.map_or(0, |e| e.seed)));
+        push("elastic_seed", Arc::new(elastic_seed.finish()));
+        let sigma: fn(&ElasticDraw) -> [f64; 3] = |e| e.sigma;
+        let spacing: fn(&ElasticDraw) -> [f64; 3] = |e| e.spacing;
+        for (name, value) in [("sigma", sigma), ("spacing", spacing)] {
+            for (k, axis) in AXES.iter().enumerate() {
+                let mut c = Float64Builder::with_capacity(rows);
+                self.samples
+                    .iter()
+                    .for_each(|s| c.append_value(s.draw.elastic.as_ref().map_or(0.0, |e| value(e)[k])));
+                push(&format!("elastic_{name}_{axis}"), Arc::new(c.finish()));
+            }
         }
         for (a, name) in self.array_names.iter().enumerate() {
             let mut l = Int64Builder::with_capacity(rows);
@@ -590,6 +610,11 @@ mod tests {
             rotation: None,
             zoom: [1.0; 3],
             shear: [0.0; 6],
+            elastic: Some(ElasticDraw {
+                seed: 9,
+                spacing: [40.0, 40.0, 30.0],
+                sigma: [0.0, 2.0, 2.5],
+            }),
         };
         let samples = [
             SampleRequest {
@@ -638,6 +663,11 @@ mod tests {
             .values()
             .to_vec();
         assert_eq!(level, vec![1, -1]);
+        let column = |name: &str| batch.column_by_name(name).unwrap().as_primitive::<arrow_array::types::Float64Type>().values().to_vec();
+        assert_eq!(column("elastic_sigma_x"), vec![2.5, 0.0], "0 where a sample is not deformed");
+        assert_eq!(column("elastic_spacing_z"), vec![40.0, 0.0]);
+        let seeds = batch.column_by_name("elastic_seed").unwrap().as_primitive::<arrow_array::types::UInt64Type>().values().to_vec();
+        assert_eq!(seeds, vec![9, 0]);
         let transpose = batch
             .column_by_name("transpose_y")
             .unwrap()

@@ -5,6 +5,7 @@
 use multiversion::multiversion;
 
 use crate::augment::{nearest_indices, resample, FiniteRegion, Interpolation, SpatialDraw, MASK_OUTSIDE};
+use crate::elastic::SourceShift;
 use crate::error::{Error, Result};
 use crate::geometry::{Affine, MAX_VOXEL_COORDINATE};
 use crate::volume::{Level, ValueMode, Volume};
@@ -84,8 +85,9 @@ pub fn read_patch(
     debug_assert_eq!(out.len(), spec.len());
     let lvl = &volume.levels[level];
     let mut affine = patch_affine(lvl, spec, centre, draw);
-    check_source_reach(&affine, lvl, spec)?;
-    if let Some(axes) = affine.axis_aligned_unit() {
+    let shift = source_shift(&affine, spec, draw);
+    check_source_reach(&affine, shift.as_ref(), lvl, spec)?;
+    if let Some(axes) = affine.axis_aligned_unit().filter(|_| shift.is_none()) {
         // Snap to the source grid: an axis-aligned read at the level's resolution is a copy.
         // Halves snap upwards (as the nearest kernel does), so a plain and a mirrored read of a
         // patch half a voxel off the grid cover the same voxels on either side of voxel 0.
@@ -132,9 +134,9 @@ pub fn read_patch(
             finite: false,
         });
     }
-    let (block_lo, block_shape) = source_block(&mut affine, lvl.shape, spec, options);
+    let (block_lo, block_shape) = source_block(&mut affine, shift.as_ref(), lvl.shape, spec, options);
     let block_len: usize = block_shape.iter().product();
-    let spans = row_spans(&affine, spec.shape, block_lo, block_shape, options.interpolation);
+    let spans = row_spans(&affine, shift.as_ref(), spec.shape, block_lo, block_shape, options.interpolation);
     // The block's voxels inside the array, in block indices (the rest is padding).
     let inside = FiniteRegion {
         lo: std::array::from_fn(|k| (-block_lo[k]).clamp(0, block_shape[k] as i64)),
@@ -158,6 +160,7 @@ pub fn read_patch(
             block_shape,
             block_lo,
             &affine,
+            shift.as_ref(),
             spec.shape,
             options.interpolation,
             finite,
@@ -229,10 +232,27 @@ fn return_scratch<T>(pool: &'static Scratch<T>, v: Vec<T>) {
 /// Largest source box a patch may read, in voxels of the level (2^30: 4 GiB as float32).
 const MAX_SOURCE_VOXELS: f64 = (1u64 << 30) as f64;
 
+/// The sample's elastic deformation as a shift of every output voxel's source position; none
+/// when the field is zero, so that a zero-amplitude deformation reads exactly as no deformation
+/// (an axis-aligned read stays a copy).
+fn source_shift(affine: &Affine, spec: &PatchSpec, draw: &SpatialDraw) -> Option<SourceShift> {
+    draw.elastic
+        .map(|e| e.source_shift(affine, spec.shape, spec.voxel_size))
+        .filter(|s| s.reach.iter().any(|r| *r > 0.0))
+}
+
+/// The source box the output voxels' positions lie in: the affine's footprint widened by the
+/// shift's reach.
+fn shifted_bounds(affine: &Affine, shift: Option<&SourceShift>, shape: [usize; 3]) -> ([f64; 3], [f64; 3]) {
+    let (lo, hi) = affine.source_bounds(shape);
+    let reach = shift.map_or([0.0; 3], |s| s.reach);
+    (std::array::from_fn(|k| lo[k] - reach[k]), std::array::from_fn(|k| hi[k] + reach[k]))
+}
+
 /// Refuses a read whose source box is beyond the voxel arithmetic (coordinates past 2^52) or
 /// absurdly large: metadata with a voxel size far from the requested one, named in the error.
-fn check_source_reach(affine: &Affine, lvl: &crate::volume::Level, spec: &PatchSpec) -> Result<()> {
-    let (lo, hi) = affine.source_bounds(spec.shape);
+fn check_source_reach(affine: &Affine, shift: Option<&SourceShift>, lvl: &crate::volume::Level, spec: &PatchSpec) -> Result<()> {
+    let (lo, hi) = shifted_bounds(affine, shift, spec.shape);
     let in_range = (0..3).all(|k| lo[k].abs() < MAX_VOXEL_COORDINATE && hi[k].abs() < MAX_VOXEL_COORDINATE);
     let voxels: f64 = (0..3).map(|k| (hi[k] - lo[k]).abs() + 2.0).product();
     if in_range && voxels <= MAX_SOURCE_VOXELS {
@@ -249,8 +269,14 @@ fn check_source_reach(affine: &Affine, lvl: &crate::volume::Level, spec: &PatchS
 
 /// The source box the general path gathers (voxels every output sample may touch), moved
 /// inside the array when `pad` is false (the affine is moved with it).
-fn source_block(affine: &mut Affine, level_shape: [u64; 3], spec: &PatchSpec, options: &ReadOptions) -> ([i64; 3], [usize; 3]) {
-    let (lo, hi) = affine.source_bounds(spec.shape);
+fn source_block(
+    affine: &mut Affine,
+    shift: Option<&SourceShift>,
+    level_shape: [u64; 3],
+    spec: &PatchSpec,
+    options: &ReadOptions,
+) -> ([i64; 3], [usize; 3]) {
+    let (lo, hi) = shifted_bounds(affine, shift, spec.shape);
     let mut block_lo = [0i64; 3];
     let mut block_shape = [0usize; 3];
     for k in 0..3 {
@@ -289,21 +315,23 @@ pub fn read_patch_group(
     };
     let lvl = &first.levels[first_level];
     let mut affine = patch_affine(lvl, spec, centre, draw);
-    check_source_reach(&affine, lvl, spec)?;
-    let shareable =
-        options.mode == ValueMode::Foreground && options.interpolation == Interpolation::Nearest && affine.axis_aligned_unit().is_none();
+    let shift = source_shift(&affine, spec, draw);
+    check_source_reach(&affine, shift.as_ref(), lvl, spec)?;
+    let shareable = options.mode == ValueMode::Foreground
+        && options.interpolation == Interpolation::Nearest
+        && (shift.is_some() || affine.axis_aligned_unit().is_none());
     if !shareable {
         for ((volume, level), out) in volumes.iter().zip(outs.iter_mut()) {
             read_patch(volume, *level, spec, centre, draw, options, out)?;
         }
         return Ok(());
     }
-    let (block_lo, block_shape) = source_block(&mut affine, lvl.shape, spec, options);
+    let (block_lo, block_shape) = source_block(&mut affine, shift.as_ref(), lvl.shape, spec, options);
     let block_len: usize = block_shape.iter().product();
-    let spans = row_spans(&affine, spec.shape, block_lo, block_shape, options.interpolation);
+    let spans = row_spans(&affine, shift.as_ref(), spec.shape, block_lo, block_shape, options.interpolation);
     let mut index = take_scratch(&INDEX_SCRATCH, spec.len());
     let index_len = spec.len();
-    nearest_indices(block_shape, block_lo, &affine, spec.shape, &mut index[..index_len]);
+    nearest_indices(block_shape, block_lo, &affine, shift.as_ref(), spec.shape, &mut index[..index_len]);
     let mut mask = take_scratch(&MASK_SCRATCH, block_len);
     let mut packed = take_scratch(&MASK_SCRATCH, block_len);
     let mut result = Ok(());
@@ -407,8 +435,10 @@ fn has_nan(block: &[f32], spans: &[[u32; 2]], block_shape: [usize; 3], region: &
 /// voxels an output sample's kernel can touch: those whose pre-image under the map lies in the
 /// output grid widened by the kernel's reach. A patch turned 45° needs about half of its
 /// bounding box, so the rest is neither copied nor converted. A singular map keeps whole rows.
+/// A shift widens each span by its reach.
 fn row_spans(
     affine: &Affine,
+    shift: Option<&SourceShift>,
     out_shape: [usize; 3],
     block_lo: [i64; 3],
     block_shape: [usize; 3],
@@ -424,7 +454,8 @@ fn row_spans(
         Interpolation::Linear => 1.0,
         Interpolation::Nearest => 0.5,
     };
-    let margin: [f64; 3] = std::array::from_fn(|k| reach * inv[k].iter().map(|v| v.abs()).sum::<f64>());
+    let shift_reach = shift.map_or([0.0; 3], |s| s.reach);
+    let margin: [f64; 3] = std::array::from_fn(|k| (0..3).map(|j| inv[k][j].abs() * (reach + shift_reach[j])).sum::<f64>());
     let limits: [(f64, f64); 3] = std::array::from_fn(|k| (-margin[k], out_shape[k] as f64 - 1.0 + margin[k]));
     // Along a row the pre-image moves by g = inv[k][2] per voxel; 1/g once, not per row.
     let flat: [bool; 3] = std::array::from_fn(|k| inv[k][2].abs() < 1e-12);
@@ -519,8 +550,8 @@ mod tests {
                     pad: true,
                     pad_value: 0.0,
                 };
-                let (lo, block) = source_block(&mut affine, [1000; 3], &spec, &options);
-                let spans = row_spans(&affine, shape, lo, block, interpolation);
+                let (lo, block) = source_block(&mut affine, None, [1000; 3], &spec, &options);
+                let spans = row_spans(&affine, None, shape, lo, block, interpolation);
                 let mut read = 0usize;
                 let mut check = |p: [i64; 3]| {
                     let q: [i64; 3] = std::array::from_fn(|k| (p[k] - lo[k]).clamp(0, block[k] as i64 - 1));
@@ -563,7 +594,8 @@ mod tests {
 #[cfg(test)]
 mod read_tests {
     use super::*;
-    use crate::augment::rotation_matrix;
+    use crate::augment::{resample, rotation_matrix};
+    use crate::elastic::ElasticDraw;
     use crate::cache::ChunkCache;
     use crate::ngff::CoordinateFrame;
     use crate::test_fixtures::{assert_same, c_order, ImageSpec, TempDir};
@@ -879,5 +911,160 @@ mod read_tests {
         let (mirrored, _) = read(&volume, shape, centre, &draw, &opts);
         let flipped: Vec<f32> = plain.iter().rev().copied().collect();
         assert_same(&mirrored, &flipped, "mirrored vs flipped plain");
+    }
+
+    fn elastic(seed: u64, sigma: f64) -> ElasticDraw {
+        ElasticDraw {
+            seed,
+            spacing: [8.0, 6.0, 10.0],
+            sigma: [sigma; 3],
+        }
+    }
+
+    fn label_group_read(volumes: &[Volume], shape: [usize; 3], centre: [f64; 3], draw: &SpatialDraw) -> Vec<Vec<f32>> {
+        let spec = PatchSpec::new(shape, [VOXEL; 3]).unwrap();
+        let label_options = ReadOptions {
+            interpolation: Interpolation::Nearest,
+            mode: ValueMode::Foreground,
+            pad: true,
+            pad_value: f32::NAN,
+        };
+        let mut outs = vec![vec![0f32; spec.len()]; volumes.len()];
+        let group: Vec<(&Volume, usize)> = volumes.iter().map(|v| (v, 0)).collect();
+        let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+        read_patch_group(&group, &spec, centre, draw, &label_options, &mut slices).unwrap();
+        outs
+    }
+
+    #[test]
+    fn zero_amplitude_elastic_read_equals_the_affine_read_bit_for_bit() {
+        let dir = TempDir::new("elastic-zero");
+        let volume = numbered(&dir);
+        let labels = [masks(&dir, "even", |[z, y, x]| (z + y + x) % 2 == 0)];
+        let shape = [5, 6, 7];
+        let centre = [11.0, 12.5, 13.0];
+        for angles in [[0.0, 0.0, 0.0], [20.0, -35.0, 70.0]] {
+            let plain = SpatialDraw {
+                angles_deg: angles,
+                ..SpatialDraw::default()
+            };
+            let deformed = SpatialDraw {
+                elastic: Some(elastic(3, 0.0)),
+                ..plain
+            };
+            for interpolation in [Interpolation::Linear, Interpolation::Nearest] {
+                let (a, _) = read(&volume, shape, centre, &plain, &options(interpolation, true));
+                let (b, _) = read(&volume, shape, centre, &deformed, &options(interpolation, true));
+                assert_same(&b, &a, &format!("{angles:?} {interpolation:?}"));
+            }
+            assert_same(
+                &label_group_read(&labels, shape, centre, &deformed)[0],
+                &label_group_read(&labels, shape, centre, &plain)[0],
+                &format!("labels {angles:?}"),
+            );
+        }
+    }
+
+    #[test]
+    fn zero_shift_changes_no_bit_and_constant_shift_equals_a_shifted_read() {
+        let shape = [6usize, 7, 8];
+        let block_shape = [14usize, 15, 16];
+        let block: Vec<f32> = (0..block_shape.iter().product::<usize>()).map(|i| ((i * 7919) % 251) as f32).collect();
+        let affine = Affine::compose(shape, [VOXEL; 3], [14.0, 15.0, 16.0], &rotation_matrix([10.0, 20.0, 30.0]), [VOXEL; 3], [1.0; 3]);
+        let d = [1.25f32, -0.75, 2.125];
+        let len: usize = shape.iter().product();
+        let shift = SourceShift {
+            shift: d.map(|v| vec![v; len]),
+            reach: d.map(|v| f64::from(v.abs())),
+        };
+        let moved = Affine {
+            m: affine.m,
+            b: std::array::from_fn(|k| affine.b[k] + f64::from(d[k])),
+        };
+        let zero = SourceShift {
+            shift: [vec![0.0; len], vec![0.0; len], vec![0.0; len]],
+            reach: [0.0; 3],
+        };
+        for interpolation in [Interpolation::Linear, Interpolation::Nearest] {
+            // A zero shift through the shifted kernels changes no bit (NaN-aware and fast rows).
+            for finite in [None, Some(FiniteRegion::whole(block_shape))] {
+                let mut with_zero = vec![0f32; len];
+                let mut plain = vec![0f32; len];
+                resample(&block, block_shape, [0; 3], &affine, Some(&zero), shape, interpolation, finite, &mut with_zero);
+                resample(&block, block_shape, [0; 3], &affine, None, shape, interpolation, finite, &mut plain);
+                assert_same(&with_zero, &plain, &format!("zero shift {interpolation:?} {finite:?}"));
+            }
+            let mut shifted = vec![0f32; len];
+            let mut expected = vec![0f32; len];
+            let whole = Some(FiniteRegion::whole(block_shape));
+            resample(&block, block_shape, [0; 3], &affine, Some(&shift), shape, interpolation, whole, &mut shifted);
+            resample(&block, block_shape, [0; 3], &moved, None, shape, interpolation, whole, &mut expected);
+            for (i, (a, e)) in shifted.iter().zip(&expected).enumerate() {
+                assert!((a - e).abs() <= 1e-3 * e.abs().max(1.0), "{interpolation:?} voxel {i}: {a} vs {e}");
+            }
+        }
+    }
+
+    /// A deformed read of a linear field gives the field at each displaced position: the
+    /// displacement is applied in the right frame, and the gathered block covers every voxel the
+    /// kernel reaches (debug builds fill the scratch block with NaN, which would show here).
+    #[test]
+    fn deformed_read_samples_the_displaced_positions_and_gathers_all_it_touches() {
+        let dir = TempDir::new("elastic-reach");
+        let volume = numbered(&dir);
+        let shape = [6, 6, 6];
+        let centre = [12.0; 3];
+        let spec = PatchSpec::new(shape, [VOXEL; 3]).unwrap();
+        for seed in 0..6 {
+            let draw = SpatialDraw {
+                elastic: Some(elastic(seed, 1.6)),
+                ..SpatialDraw::default()
+            };
+            let field = draw.elastic.unwrap().field_nm(shape, [VOXEL; 3]);
+            let (out, _) = read(&volume, shape, centre, &draw, &options(Interpolation::Linear, true));
+            let mut moved_far = false;
+            for (o, value) in out.iter().enumerate() {
+                let index = [o / 36, o / 6 % 6, o % 6];
+                // World position: centre + voxel offset + displacement (no rotation here).
+                let source: [f64; 3] = std::array::from_fn(|k| {
+                    let world = centre[k] + (index[k] as f64 - 2.5) * VOXEL + f64::from(field[k][o]);
+                    (world - VOXEL / 2.0) / VOXEL
+                });
+                moved_far |= field.iter().any(|f| f[o].abs() > VOXEL as f32);
+                assert!(source.iter().all(|s| *s > 0.0 && *s < (N - 1) as f64));
+                let expected = field_value(source);
+                assert!(!value.is_nan(), "seed {seed} voxel {o}: an ungathered voxel was read");
+                assert!((f64::from(*value) - expected).abs() < 0.05, "seed {seed} voxel {o}: {value} vs {expected}");
+            }
+            assert!(moved_far || seed < 5, "some field moves voxels by more than one voxel");
+            let _ = spec;
+        }
+    }
+
+    fn field_value(p: [f64; 3]) -> f64 {
+        field(p)
+    }
+
+    #[test]
+    fn deformed_labels_stay_labels_and_follow_the_raw() {
+        let dir = TempDir::new("elastic-labels");
+        let volume = numbered(&dir);
+        // The label is a threshold of the raw field: where the raw exceeds 800.
+        let labels = [masks(&dir, "high", |[z, y, x]| field([z as f64, y as f64, x as f64]) > 800.0)];
+        let shape = [6, 6, 6];
+        let centre = [12.0; 3];
+        for seed in 0..4 {
+            let draw = SpatialDraw {
+                angles_deg: [0.0, 0.0, 25.0],
+                elastic: Some(elastic(seed, 2.0)),
+                ..SpatialDraw::default()
+            };
+            let (raw, _) = read(&volume, shape, centre, &draw, &options(Interpolation::Nearest, true));
+            let label = &label_group_read(&labels, shape, centre, &draw)[0];
+            for (r, l) in raw.iter().zip(label) {
+                assert!(*l == 0.0 || *l == 1.0, "a label value {l}");
+                assert_eq!(*l == 1.0, f64::from(*r) > 800.0, "label and raw disagree: {l} vs {r}");
+            }
+        }
     }
 }

@@ -8,6 +8,7 @@ pub mod batch;
 pub mod cache;
 pub mod dataset;
 pub mod decode_guard;
+pub mod elastic;
 pub mod error;
 pub mod extract;
 pub mod faults;

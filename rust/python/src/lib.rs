@@ -142,6 +142,7 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_coordinate_frame, m)?)?;
     m.add_function(wrap_pyfunction!(coordinate_frame, m)?)?;
     m.add_function(wrap_pyfunction!(apply_value_ops, m)?)?;
+    m.add_function(wrap_pyfunction!(volume::elastic_field, m)?)?;
     m.add_class::<volume::Volume>()?;
     m.add_class::<dataset::Dataset>()?;
     m.add_class::<dataset::Batch>()?;

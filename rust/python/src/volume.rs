@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use cellmap_engine::augment::{Interpolation, SpatialDraw};
 use cellmap_engine::batch::TrackedVec;
+use cellmap_engine::elastic::ElasticDraw;
 use cellmap_engine::cache::ChunkCache;
 use cellmap_engine::extract::{read_patch, PatchSpec, ReadOptions};
 use cellmap_engine::volume::{ValueMode, Volume as EngineVolume};
@@ -85,7 +86,7 @@ impl Volume {
     #[pyo3(signature = (centre, shape, voxel_size, *, level=None, pad=true, pad_value=f32::NAN,
                         interpolation="nearest", foreground=false, mirror=[false; 3],
                         permutation=[0, 1, 2], rotation_deg=[0.0; 3], rotation_matrix=None,
-                        zoom=[1.0; 3], shear=[0.0; 6]))]
+                        zoom=[1.0; 3], shear=[0.0; 6], elastic=None))]
     #[allow(clippy::too_many_arguments)]
     fn read(
         &self,
@@ -104,6 +105,7 @@ impl Volume {
         rotation_matrix: Option<[[f64; 3]; 3]>,
         zoom: [f64; 3],
         shear: [f64; 6],
+        elastic: Option<(u64, [f64; 3], [f64; 3])>,
     ) -> PyResult<Tensor> {
         let interpolation = Interpolation::parse(interpolation).map_err(|e| to_pyerr(py, e))?;
         let spec = PatchSpec::new(shape, voxel_size).map_err(|e| to_pyerr(py, e))?;
@@ -125,6 +127,10 @@ impl Volume {
         if let Some(r) = &rotation_matrix {
             check_rotation(r).map_err(|e| to_pyerr(py, e))?;
         }
+        let elastic = elastic
+            .map(|(seed, spacing, sigma)| ElasticDraw { seed, spacing, sigma }.checked())
+            .transpose()
+            .map_err(|e| to_pyerr(py, e))?;
         let draw = SpatialDraw {
             mirror,
             permutation,
@@ -132,6 +138,7 @@ impl Volume {
             rotation: rotation_matrix,
             zoom,
             shear,
+            elastic,
         };
         let options = ReadOptions {
             interpolation,
@@ -151,6 +158,36 @@ impl Volume {
     fn __repr__(&self) -> String {
         format!("Volume('{}', levels={})", self.inner.path.display(), self.inner.levels.len())
     }
+}
+
+/// The elastic displacement field (nm, in the patch's frame before its rotation) of the draw
+/// `(seed, control_point_spacing, jitter_sigma)` at the voxel centres of a patch of `shape`
+/// voxels of `voxel_size` nm: a `[3, *shape]` tensor (z, y, x components).
+#[pyfunction]
+pub fn elastic_field(
+    py: Python<'_>,
+    seed: u64,
+    control_point_spacing: [f64; 3],
+    jitter_sigma: [f64; 3],
+    shape: [usize; 3],
+    voxel_size: [f64; 3],
+) -> PyResult<Tensor> {
+    let draw = ElasticDraw {
+        seed,
+        spacing: control_point_spacing,
+        sigma: jitter_sigma,
+    }
+    .checked()
+    .map_err(|e| to_pyerr(py, e))?;
+    let spec = PatchSpec::new(shape, voxel_size).map_err(|e| to_pyerr(py, e))?;
+    let data = run(py, move || {
+        let mut out = TrackedVec::<f32>::for_overwrite(3 * spec.len());
+        for (k, component) in draw.field_nm(shape, voxel_size).iter().enumerate() {
+            out[k * spec.len()..(k + 1) * spec.len()].copy_from_slice(component);
+        }
+        Ok(out)
+    })?;
+    Tensor::new(data.into_buffer(), vec![3, shape[0], shape[1], shape[2]])
 }
 
 /// A rotation matrix must be finite and orthonormal (a turn, possibly with a reflection): the
