@@ -31,6 +31,7 @@ __all__ = [
     "set_coordinate_frame",
     "coordinate_frame",
     "apply_value_ops",
+    "elastic_field",
     "Volume",
     "Dataset",
     "Batch",

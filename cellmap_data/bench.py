@@ -30,6 +30,10 @@ AUGMENT = {
     "rotate": {"axes": {"z": [-180, 180], "y": [-15, 15], "x": [-15, 15]}},
 }
 BENCH_CLASSES = ["mito", "er", "nuc", "ves"]
+# Elastic deformation as connectomics models train with it: control points 40 voxels apart,
+# jitter of 2 voxels (8 nm voxels).
+ELASTIC = {"control_point_spacing": [320, 320, 320], "jitter_sigma": [16, 16, 16]}
+ELASTIC_BOUND = 1.5  # elastic may cost at most this many times the rotated-only time per sample
 
 
 @dataclass
@@ -178,11 +182,12 @@ def transform_configs() -> list[TransformConfig]:
 
 
 def public_api_loader(data: Any, config: TransformConfig, threads: int, batches: int, *, defaults: bool = True,
-                      raw_transforms: Any = "default") -> Any:
+                      raw_transforms: Any = "default", augment: dict[str, Any] | None = None) -> Any:
     """The loader the way training scripts build it: ``CellMapDataSplit(csv_path=...)`` →
     ``train_datasets_combined`` → ``CellMapDataLoader(weighted_sampler=True,
     iterations_per_epoch=...)``, batch 8, with the split's default value transforms
-    (``defaults``) or none; ``raw_transforms`` replaces the raw ones."""
+    (``defaults``) or none; ``raw_transforms`` replaces the raw ones; ``augment`` replaces the
+    spatial transforms of an augmented config."""
     import warnings
 
     from .datasplit import CellMapDataSplit
@@ -197,7 +202,7 @@ def public_api_loader(data: Any, config: TransformConfig, threads: int, batches:
         input_arrays={"input": {"shape": config.input_shape, "scale": config.input_scale}},
         target_arrays={"output": {"shape": config.target_shape, "scale": config.target_scale}},
         classes=BENCH_CLASSES, pad=True, csv_path=data.csv_path,
-        spatial_transforms=AUGMENT if config.augment else None, **kwargs,
+        spatial_transforms=(augment or AUGMENT) if config.augment else None, **kwargs,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the iterations_per_epoch note
@@ -231,6 +236,24 @@ def bench_transforms(data: Any, threads: int = 2, batches: int = 20, repeat: int
         out[config.name] = {"identity_samples_per_s": ident, "defaults_samples_per_s": dflt, "ratio": dflt / ident,
                             "threads": threads, "plan": plan}
     return out
+
+
+def bench_elastic(data: Any, threads: int = 2, batches: int = 20, repeat: int = 3) -> dict[str, Any]:
+    """3D 64³ + 4 classes through the public API with the split's defaults: rotated (the bench's
+    augmentation) against rotated + elastic, interleaved; medians. Bound: elastic costs at most
+    ``ELASTIC_BOUND`` × the rotated-only time per sample."""
+    config = next(c for c in transform_configs() if c.name == "3d-64-4cls-rotated")
+    rotated = public_api_loader(data, config, threads, batches)
+    elastic = public_api_loader(data, config, threads, batches, augment={**AUGMENT, "elastic": ELASTIC})
+    _seconds_per_epoch(rotated), _seconds_per_epoch(elastic)  # warm the chunk cache
+    times: dict[str, list[float]] = {"rotated": [], "elastic": []}
+    for _ in range(repeat):
+        times["rotated"].append(_seconds_per_epoch(rotated))
+        times["elastic"].append(_seconds_per_epoch(elastic))
+    samples = batches * 8
+    rot, ela = (samples / statistics.median(times[k]) for k in ("rotated", "elastic"))
+    return {"rotated_samples_per_s": rot, "elastic_samples_per_s": ela, "cost_ratio": rot / ela, "bound": ELASTIC_BOUND,
+            "threads": threads, "elastic": ELASTIC}
 
 
 def bench_transform_costs(data: Any, threads: int = 2, batches: int = 20, repeat: int = 3) -> dict[str, float]:
@@ -380,6 +403,11 @@ def run(data_dir: Path | None = None, size: str = "bench", batches: int = 40, th
             print(f"value transforms {name:<22} threads={t}  identity {r['identity_samples_per_s']:7.1f}/s  split defaults "
                   f"{r['defaults_samples_per_s']:7.1f}/s  ratio {r['ratio']:.2f} (bound >= 0.9: {'met' if r['ratio'] >= 0.9 else 'MISSED'}; "
                   f"{in_engine} op(s) in the engine)")
+        e = bench_elastic(data, threads=t, batches=max(5, batches // 2), repeat=repeat_transforms)
+        report["elastic"] = e
+        print(f"3d-64-4cls rotate + elastic      threads={t}  rotated {e['rotated_samples_per_s']:7.1f}/s  rotated + elastic "
+              f"{e['elastic_samples_per_s']:7.1f}/s  cost {e['cost_ratio']:.2f}x the rotated time per sample "
+              f"(bound <= {e['bound']:g}: {'met' if e['cost_ratio'] <= e['bound'] else 'MISSED'})")
         costs = bench_transform_costs(data, threads=t, batches=max(5, batches // 2), repeat=repeat_transforms)
         report["transform_costs_ms_per_batch"] = costs
         print("engine cost per batch of 8 (64³ + 4 classes, over identity): " + ", ".join(f"{k} {v:+.1f} ms" for k, v in costs.items()))

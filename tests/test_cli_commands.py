@@ -326,3 +326,11 @@ def test_inspect_container_lists_past_a_broken_group(tmp_path, capsys):
     assert "error" in broken and "malformed JSON" in broken
     code, _, stderr = cli(capsys, "inspect", root / "broken")
     assert code == 2 and "malformed JSON" in stderr and str(root / "broken") in stderr
+
+
+def test_bench_elastic_compares_rotated_with_rotated_and_elastic(tmp_path):
+    from cellmap_data import bench
+
+    r = bench.bench_elastic(bench.bench_data(tmp_path / "bench", "tiny"), threads=1, batches=1, repeat=1)
+    assert r["rotated_samples_per_s"] > 0 and r["elastic_samples_per_s"] > 0
+    assert r["cost_ratio"] == r["rotated_samples_per_s"] / r["elastic_samples_per_s"] and r["bound"] == 1.5

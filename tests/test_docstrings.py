@@ -23,7 +23,8 @@ PUBLIC_MODULES = ["cellmap_data", "cellmap_data.transforms", "cellmap_data.trans
                   "cellmap_data.utils.figs", "cellmap_data.utils.geometry", "cellmap_data.utils.metadata",
                   "cellmap_data.utils.misc"] + [
                   f"cellmap_data.transforms.augment.{m}" for m in
-                  ("binarize", "gaussian_blur", "gaussian_noise", "nan_to_num", "normalize", "random_contrast", "random_gamma")]
+                  ("binarize", "gaussian_blur", "gaussian_noise", "nan_to_num", "normalize", "random_contrast", "random_gamma",
+                   "missing_sections", "misalign", "defect_stripes")]
 
 
 def _public_objects() -> Iterator[tuple[str, Any]]:

@@ -9,8 +9,11 @@ to a batch (see :mod:`cellmap_data.transforms.seeding`).
 from cellmap_data.transforms import augment, seeding
 from cellmap_data.transforms.augment import (
     Binarize,
+    DefectStripes,
     GaussianBlur,
     GaussianNoise,
+    Misalign,
+    MissingSections,
     NaNtoNum,
     Normalize,
     RandomContrast,
@@ -20,8 +23,11 @@ from cellmap_data.transforms.seeding import active_sample_seeds, sample_seeds
 
 __all__ = [
     "Binarize",
+    "DefectStripes",
     "GaussianBlur",
     "GaussianNoise",
+    "Misalign",
+    "MissingSections",
     "NaNtoNum",
     "Normalize",
     "RandomContrast",

@@ -26,6 +26,12 @@ Contract
   Noise fields are drawn directly on the tensor's device with a generator of
   that device seeded the same way (no host-to-device copy of the noise), so
   noise is reproducible per device type but CPU and CUDA noise differ.
+* Keyed draws (:func:`next_keyed_draw_seeds`, the ``key=`` of the EM defect transforms) still
+  claim a call number, but their generator seed is ``mix(key, seeds[i])``: it ignores the salt
+  and the call number, so every array of a sample (each with its own salt, its own pipeline)
+  draws the same for the same key -- one slip for raw and labels alike.
+* :func:`sample_draw_seeds` recomputes, after the fact, the generator seeds a call handed out
+  (the draws of a sample are replayed from its recorded seed).
 * The state lives in a :class:`contextvars.ContextVar`: each thread (and each
   asyncio task that enters its own block) has its own scope, and nested blocks
   shadow the outer one until they exit.
@@ -45,7 +51,9 @@ import torch
 __all__ = [
     "SeedsLike",
     "active_sample_seeds",
+    "next_keyed_draw_seeds",
     "next_sample_draw_seeds",
+    "sample_draw_seeds",
     "sample_generator",
     "sample_seeds",
 ]
@@ -169,3 +177,45 @@ def sample_generator(draw_seed: int, device: torch.device | str = "cpu") -> torc
     generator = torch.Generator(device=device)
     generator.manual_seed(draw_seed)
     return generator
+
+
+def _keyed_seed(key: int | str, seed: int) -> int:
+    # Two parts where call-numbered seeds mix three: the hashed payloads never coincide.
+    return _mix(_stable_salt(key), seed)
+
+
+def next_keyed_draw_seeds(batch_size: int, key: int | str) -> list[int] | None:
+    """Like :func:`next_sample_draw_seeds` (claims the next call number, checks the batch size),
+    but each sample's generator seed depends on its seed and ``key`` only, not on the block's
+    salt or the call number: transforms with the same key draw the same for a sample whichever
+    array, pipeline or position they run in.  None outside any ``sample_seeds`` block.
+
+    Raises:
+        ValueError: if ``batch_size`` differs from the number of seeds.
+        TypeError: ``key`` is not an int or a str.
+    """
+    if next_sample_draw_seeds(batch_size) is None:
+        return None
+    seeds = active_sample_seeds()
+    assert seeds is not None  # the block is active: next_sample_draw_seeds found it
+    return [_keyed_seed(key, seed) for seed in seeds]
+
+
+def sample_draw_seeds(
+    seeds: SeedsLike, salt: int | str = 0, call_number: int = 0, key: int | str | None = None
+) -> list[int]:
+    """The generator seeds, one per sample, that call number ``call_number`` of a
+    ``sample_seeds(seeds, salt=salt)`` block hands out (:func:`next_sample_draw_seeds`), or with
+    ``key`` those of a keyed call (:func:`next_keyed_draw_seeds`; salt and call number are then
+    ignored).  A pure function: it replays a block's draws from the recorded seeds.
+
+    Raises:
+        ValueError: ``call_number`` is negative.
+    """
+    normalised = _normalise_seeds(seeds)
+    if key is not None:
+        return [_keyed_seed(key, seed) for seed in normalised]
+    if call_number < 0:
+        raise ValueError(f"call_number must be >= 0, got {call_number}")
+    stable = _stable_salt(salt)
+    return [_mix(stable, seed, call_number) for seed in normalised]

@@ -8,7 +8,11 @@ One submodule per transform, as in the reference library:
 :mod:`~cellmap_data.transforms.augment.random_contrast` (:class:`RandomContrast`),
 :mod:`~cellmap_data.transforms.augment.random_gamma` (:class:`RandomGamma`) and
 :mod:`~cellmap_data.transforms.augment.normalize` (:class:`Normalize`, which the reference
-removed); every class is also importable from this package.
+removed), and the EM defect augmentations beyond the reference,
+:mod:`~cellmap_data.transforms.augment.missing_sections` (:class:`MissingSections`),
+:mod:`~cellmap_data.transforms.augment.misalign` (:class:`Misalign`) and
+:mod:`~cellmap_data.transforms.augment.defect_stripes` (:class:`DefectStripes`); every class is
+also importable from this package.
 
 Every transform is a :class:`torch.nn.Module`, so they compose with
 ``torchvision.transforms.v2.Compose`` and ``T.ToDtype``, and each also answers
@@ -16,7 +20,7 @@ Every transform is a :class:`torch.nn.Module`, so they compose with
 alike: all work is vectorised and allocated on ``x.device``.
 
 Random transforms (:class:`GaussianNoise`, :class:`RandomContrast`,
-:class:`RandomGamma`) have two modes:
+:class:`RandomGamma` and the EM defects) have two modes:
 
 * outside :func:`~cellmap_data.transforms.seeding.sample_seeds` the input is
   one patch and one parameter / noise field is drawn from torch's global RNG;
@@ -34,8 +38,11 @@ from __future__ import annotations
 
 from cellmap_data.transforms.augment._common import nominal_upper_bound
 from cellmap_data.transforms.augment.binarize import Binarize
+from cellmap_data.transforms.augment.defect_stripes import DefectStripes
 from cellmap_data.transforms.augment.gaussian_blur import GaussianBlur
 from cellmap_data.transforms.augment.gaussian_noise import GaussianNoise
+from cellmap_data.transforms.augment.misalign import Misalign
+from cellmap_data.transforms.augment.missing_sections import MissingSections
 from cellmap_data.transforms.augment.nan_to_num import NaNtoNum
 from cellmap_data.transforms.augment.normalize import Normalize
 from cellmap_data.transforms.augment.random_contrast import RandomContrast
@@ -43,8 +50,11 @@ from cellmap_data.transforms.augment.random_gamma import RandomGamma
 
 __all__ = [
     "Binarize",
+    "DefectStripes",
     "GaussianBlur",
     "GaussianNoise",
+    "Misalign",
+    "MissingSections",
     "NaNtoNum",
     "Normalize",
     "RandomContrast",

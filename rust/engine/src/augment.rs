@@ -451,10 +451,21 @@ pub fn resample(
 /// is one (added last, so a zero shift changes no bit).
 #[inline(always)]
 fn position(start: [f64; 3], step: [f64; 3], shift: Option<[&[f32]; 3]>, x: usize) -> [f64; 3] {
-    let xf = x as f64;
-    let s = [start[0] + step[0] * xf, start[1] + step[1] * xf, start[2] + step[2] * xf];
+    shifted_position(start, step, x as f64, shift, x)
+}
+
+/// [`position`] of sample `x` taking its shift from element `i` of `shift`. Every caller's `i`
+/// is below the length of the shift slices (a row's, or a pass's share of one).
+#[inline(always)]
+fn shifted_position(start: [f64; 3], step: [f64; 3], x: f64, shift: Option<[&[f32]; 3]>, i: usize) -> [f64; 3] {
+    let s = [start[0] + step[0] * x, start[1] + step[1] * x, start[2] + step[2] * x];
     match shift {
-        Some(d) => std::array::from_fn(|k| s[k] + f64::from(d[k][x])),
+        Some(d) => {
+            debug_assert!(d.iter().all(|k| i < k.len()));
+            // SAFETY: see above; unchecked so that the row kernels' position pass vectorises.
+            let at = |k: usize| f64::from(unsafe { *d[k].get_unchecked(i) });
+            [s[0] + at(0), s[1] + at(1), s[2] + at(2)]
+        }
         None => s,
     }
 }
@@ -535,14 +546,30 @@ fn trilinear_row_interior(block: &[f32], sz: usize, sy: usize, start: [f64; 3], 
 
 /// [`trilinear_row_interior`] with each sample moved by the row's shift.
 #[multiversion(targets("x86_64+avx2+fma", "x86_64+sse4.1"))]
-fn trilinear_row_interior_shifted(block: &[f32], sz: usize, sy: usize, start: [f64; 3], step: [f64; 3], shift: [&[f32]; 3], line: &mut [f32]) {
+fn trilinear_row_interior_shifted(
+    block: &[f32],
+    sz: usize,
+    sy: usize,
+    start: [f64; 3],
+    step: [f64; 3],
+    shift: [&[f32]; 3],
+    line: &mut [f32],
+) {
     trilinear_row_interior_kernel(block, sz, sy, start, step, Some(shift), line);
 }
 
 /// The body of the interior row kernels (inlined into each CPU version; `shift` is a constant
 /// there, so the unshifted kernel carries no shift code).
 #[inline(always)]
-fn trilinear_row_interior_kernel(block: &[f32], sz: usize, sy: usize, start: [f64; 3], step: [f64; 3], shift: Option<[&[f32]; 3]>, line: &mut [f32]) {
+fn trilinear_row_interior_kernel(
+    block: &[f32],
+    sz: usize,
+    sy: usize,
+    start: [f64; 3],
+    step: [f64; 3],
+    shift: Option<[&[f32]; 3]>,
+    line: &mut [f32],
+) {
     let offsets = [0, 1, sy, sy + 1, sz, sz + 1, sz + sy, sz + sy + 1];
     let mut base = [0u32; LANES];
     let mut weight = [[0f32; LANES]; 3];
@@ -550,6 +577,8 @@ fn trilinear_row_interior_kernel(block: &[f32], sz: usize, sy: usize, start: [f6
     for (c, out) in line.chunks_mut(LANES).enumerate() {
         let n = out.len();
         let x0 = c * LANES;
+        // This pass's share of the shift, re-based to 0 (slices of exactly n: no bounds checks).
+        let shift = shift.map(|d| d.map(|k| &k[x0..x0 + n]));
         let (tz, rest) = weight.split_at_mut(1);
         let (ty, tx) = rest.split_at_mut(1);
         let (tz, ty, tx) = (&mut tz[0][..n], &mut ty[0][..n], &mut tx[0][..n]);
@@ -560,7 +589,7 @@ fn trilinear_row_interior_kernel(block: &[f32], sz: usize, sy: usize, start: [f6
             .zip(tx.iter_mut())
             .enumerate()
         {
-            let s = position(start, step, shift, x0 + i);
+            let s = shifted_position(start, step, (x0 + i) as f64, shift, i);
             // SAFETY: the caller checked 0 <= s < max on every axis for the whole row, so the
             // truncation is in range (and equals floor).
             let f: [i32; 3] = std::array::from_fn(|k| unsafe { s[k].to_int_unchecked::<i32>() });
@@ -849,15 +878,24 @@ mod tests {
         assert_eq!(draws[7], cfg.draw(&mut SampleRng::new(5, 0, 0, 7), None));
         let e = draws.iter().find_map(|d| d.elastic).unwrap();
         assert_eq!((e.spacing, e.sigma), ([40.0, 30.0, 30.0], [2.0; 3]));
-        let planar = cfg.draw(&mut SampleRng::new(5, 0, 0, draws.iter().position(|d| d.elastic.is_some()).unwrap() as u64), Some(0));
+        let planar = cfg.draw(
+            &mut SampleRng::new(5, 0, 0, draws.iter().position(|d| d.elastic.is_some()).unwrap() as u64),
+            Some(0),
+        );
         assert_eq!(planar.elastic.unwrap().sigma, [0.0, 2.0, 2.0], "a 2D patch deforms in its plane");
         // Elastic draws come last: the other draws are those of the same config without it.
         let plain = spatial(json!({"rotate": {"z": [-30, 30]}})).unwrap();
         assert_eq!(plain.draw(&mut SampleRng::new(5, 0, 0, 3), None).angles_deg, draws[3].angles_deg);
-        assert!(spatial(json!({"elastic": {"control_point_spacing": 10, "jitter_sigma": 0}})).unwrap().is_identity());
-        let e = spatial(json!({"elastic": {"control_point_spacing": "a", "jitter_sigma": 1}})).unwrap_err().to_string();
+        assert!(spatial(json!({"elastic": {"control_point_spacing": 10, "jitter_sigma": 0}}))
+            .unwrap()
+            .is_identity());
+        let e = spatial(json!({"elastic": {"control_point_spacing": "a", "jitter_sigma": 1}}))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("['elastic']") && e.contains("number or a list"), "{e}");
-        let e = spatial(json!({"elastic": {"control_point_spacing": 10, "sigma": 1}})).unwrap_err().to_string();
+        let e = spatial(json!({"elastic": {"control_point_spacing": 10, "sigma": 1}}))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("['elastic']") && e.contains("sigma"), "{e}");
     }
 
@@ -898,7 +936,17 @@ mod tests {
             b: [0.0, 0.0, 0.5],
         };
         let mut out = vec![0.0; 4];
-        resample(&block, shape, [0, 0, 0], &affine, None, [1, 1, 4], Interpolation::Linear, None, &mut out);
+        resample(
+            &block,
+            shape,
+            [0, 0, 0],
+            &affine,
+            None,
+            [1, 1, 4],
+            Interpolation::Linear,
+            None,
+            &mut out,
+        );
         assert_eq!(out, vec![0.5, 1.5, 2.5, 3.5]);
         resample(
             &block,
@@ -966,7 +1014,17 @@ mod tests {
                 &mut fast,
             );
             let mut aware = vec![0f32; fast.len()];
-            resample(&block, shape, [0; 3], &affine, None, [12; 3], Interpolation::Linear, None, &mut aware);
+            resample(
+                &block,
+                shape,
+                [0; 3],
+                &affine,
+                None,
+                [12; 3],
+                Interpolation::Linear,
+                None,
+                &mut aware,
+            );
             for (row, line) in fast.chunks(12).enumerate() {
                 let start = row_start(&affine, row, 12, [0; 3]);
                 for (x, &value) in line.iter().enumerate() {

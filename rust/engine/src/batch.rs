@@ -14,8 +14,8 @@ use arrow_schema::{DataType, Field, Schema};
 use rayon::prelude::*;
 
 use crate::augment::{SpatialDraw, SHEAR_TERMS};
-use crate::elastic::ElasticDraw;
 use crate::dataset::Dataset;
+use crate::elastic::ElasticDraw;
 use crate::error::{Error, Result};
 use crate::geometry::AXES;
 use crate::read_policy::{with_retries, ReadErrorPolicy, ReadIncident, MAX_REPLACEMENTS};
@@ -663,10 +663,22 @@ mod tests {
             .values()
             .to_vec();
         assert_eq!(level, vec![1, -1]);
-        let column = |name: &str| batch.column_by_name(name).unwrap().as_primitive::<arrow_array::types::Float64Type>().values().to_vec();
+        let column = |name: &str| {
+            batch
+                .column_by_name(name)
+                .unwrap()
+                .as_primitive::<arrow_array::types::Float64Type>()
+                .values()
+                .to_vec()
+        };
         assert_eq!(column("elastic_sigma_x"), vec![2.5, 0.0], "0 where a sample is not deformed");
         assert_eq!(column("elastic_spacing_z"), vec![40.0, 0.0]);
-        let seeds = batch.column_by_name("elastic_seed").unwrap().as_primitive::<arrow_array::types::UInt64Type>().values().to_vec();
+        let seeds = batch
+            .column_by_name("elastic_seed")
+            .unwrap()
+            .as_primitive::<arrow_array::types::UInt64Type>()
+            .values()
+            .to_vec();
         assert_eq!(seeds, vec![9, 0]);
         let transpose = batch
             .column_by_name("transpose_y")

@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use cellmap_engine::augment::{Interpolation, SpatialDraw};
 use cellmap_engine::batch::TrackedVec;
-use cellmap_engine::elastic::ElasticDraw;
 use cellmap_engine::cache::ChunkCache;
+use cellmap_engine::elastic::ElasticDraw;
 use cellmap_engine::extract::{read_patch, PatchSpec, ReadOptions};
 use cellmap_engine::volume::{ValueMode, Volume as EngineVolume};
 use pyo3::prelude::*;
