@@ -416,6 +416,12 @@ class ImageWriter:
         """Counters: chunks_written, bytes_written, pending_chunks."""
     def tile_centres(self, indices: Sequence[int]) -> list[list[float]]:
         """World centres (z, y, x nm) of planned tiles ``indices``."""
+    def tiles_to_write(self) -> list[int]:
+        """The planned tiles this process has to write, ascending (its rank's share; without the
+        chunks already complete when it opened)."""
+    def progress(self) -> tuple[dict[int, int], int] | None:
+        """Completion of the first level, read from disk: ``(complete chunks per rank that wrote
+        them, total chunks)``, or None without a tiling plan."""
     def write_tiles(self, indices: Sequence[int], data: Any) -> None:
         """Writes planned tiles ``indices``; ``data`` is a C-contiguous float32 buffer."""
     def write_boxes(self, starts: Sequence[Sequence[int]], data: Any) -> None:

@@ -187,7 +187,9 @@ class ImageWriter:
 
     A chunk is written as soon as all its voxels were written; ``close()`` (or leaving a
     ``with`` block) writes partly written chunks (unwritten voxels = ``fill_value``) and the
-    downsampled levels. Integer dtypes store rounded, saturated values.
+    downsampled levels (the 2× block mean for float dtypes, the most frequent value for integer
+    dtypes, or as ``downsample="mean"``/``"mode"`` says). Integer dtypes store rounded, saturated
+    values.
 
     With ``overlap`` (keyword only, used by :class:`CellMapDatasetWriter`) the writer also
     carries a tiling plan: ``len(writer)`` tiles, written with :meth:`write_tiles`, blended
@@ -217,11 +219,13 @@ class ImageWriter:
         fsync: bool = False,
         protected: Sequence[str | os.PathLike] = (),
         exist_ok: bool = False,
+        downsample: str | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         self._config = self._build_config(
             path, scale, bounding_box, write_voxel_shape, scale_level, axis_order, overwrite, dtype,
             fill_value, chunks, zarr_format, overlap, blend, downsample_levels, compression_level,
-            fsync, protected, exist_ok,
+            fsync, protected, exist_ok, downsample, shard,
         )
         self.path = os.fspath(path)
         self.label_class = target_class
@@ -237,7 +241,7 @@ class ImageWriter:
     def _build_config(path, scale, bounding_box, write_voxel_shape, scale_level=0, axis_order="zyx",
                       overwrite=False, dtype=torch.float32, fill_value=0, chunks=None, zarr_format=2,
                       overlap=None, blend="linear", downsample_levels=0, compression_level=3,
-                      fsync=False, protected=(), exist_ok=False) -> dict[str, Any]:
+                      fsync=False, protected=(), exist_ok=False, downsample=None, shard=None) -> dict[str, Any]:
         _check_axis_order(axis_order)
         voxel = [float(v) for v in _zyx(scale, axis_order, "scale", lambda s: s[0])]
         tile = [int(v) for v in _zyx(write_voxel_shape, axis_order, "write_voxel_shape", lambda s: 1)]
@@ -268,6 +272,8 @@ class ImageWriter:
             "fsync": bool(fsync),
             "protected": [os.fspath(p) for p in protected],
             "tiling": None,
+            "downsample": downsample,
+            "shard": None if shard is None else {"rank": int(shard[0]), "world_size": int(shard[1])},
         }
         if overlap is not None:
             if blend not in ("linear", "gaussian"):
@@ -430,18 +436,31 @@ class _TileLoader:
     """Batches of writer tiles, read by the engine ``batch_size`` tiles per call; the next batch
     is read on a background thread while the current one is in use."""
 
-    def __init__(self, writer: "CellMapDatasetWriter", batch_size: int, indices: Sequence[int], prefetch: bool) -> None:
+    def __init__(self, writer: "CellMapDatasetWriter", batch_size: int, indices: Sequence[int], prefetch: bool,
+                 progress: str | None = None) -> None:
         if int(batch_size) < 1:
             raise ConfigError(f"batch_size must be at least 1, not {batch_size}")
         self.dataset = writer
         self.batch_size = int(batch_size)
         self.indices = list(indices)
         self.prefetch = prefetch
+        self.progress = progress
 
     def __len__(self) -> int:
         return math.ceil(len(self.indices) / self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.progress is None:
+            yield from self._batches()
+            return
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(self), desc=self.progress, unit="batch") as bar:
+            for batch in self._batches():
+                yield batch
+                bar.update(1)
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
         groups = [self.indices[i: i + self.batch_size] for i in range(0, len(self.indices), self.batch_size)]
         if not self.prefetch or len(groups) < 2:
             for g in groups:
@@ -459,6 +478,23 @@ class _TileLoader:
 # The older release's positional order: raw_value_transforms came right after target_bounds.
 _OLD_WRITER_ORDER = ("raw_path", "target_path", "classes", "input_arrays", "target_arrays", "target_bounds",
                      "raw_value_transforms", "axis_order", "context", "rng", "empty_value", "overwrite", "device")
+
+
+def _ranks(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """This process's rank and the number of processes: as given, else from an initialised
+    ``torch.distributed``, else from ``RANK``/``WORLD_SIZE`` (torchrun), else one process."""
+    if rank is None and world_size is None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            rank, world_size = dist.get_rank(), dist.get_world_size()
+        else:
+            rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    elif rank is None or world_size is None:
+        raise ConfigError(f"pass both rank and world_size (or neither), not rank={rank!r}, world_size={world_size!r}")
+    if isinstance(rank, bool) or isinstance(world_size, bool) or not 0 <= int(rank) < int(world_size):
+        raise ConfigError(f"rank {rank!r} must be in [0, world_size) with world_size {world_size!r} >= 1")
+    return int(rank), int(world_size)
 
 
 def _is_old_writer_call(args: Sequence[Any]) -> bool:
@@ -493,10 +529,22 @@ class CellMapDatasetWriter(torch.utils.data.Dataset):
     raw volume. All target arrays share one output per class, so they must have the same shape
     and scale. ``close()`` (or leaving a ``with`` block) writes any chunk still in memory.
 
-    ``exist_ok=True`` writes into existing outputs of the same layout instead of raising (for
-    several processes each writing its share of the tiles — e.g. ``writer_indices[rank::world]``
-    — or a resumed run; see :class:`ImageWriter`). Blending happens within a process; where
-    two processes' tiles overlap, the last chunk written wins.
+    **Several processes.** Under ``torchrun`` (``RANK``/``WORLD_SIZE`` in the environment, or an
+    initialised ``torch.distributed``), or with ``rank=``/``world_size=``, each process owns a
+    contiguous run of whole output chunks and ``writer_indices`` / ``loader()`` hand it the
+    tiles touching them (tiles on a border between two ranks are predicted by both, each keeping
+    its own chunks' share). A chunk is summed by one process, tile by tile in index order, so the
+    union of the ranks' outputs equals a one-process run bit for bit, blending included (write
+    the tiles in loader order). The outputs are opened with ``exist_ok`` semantics (``overwrite``
+    is refused: remove old outputs first). Rank 0's ``close()`` waits for every rank
+    (``timeout`` seconds), writes the downsampled levels and prints a summary per rank.
+
+    **Resume.** Each complete chunk is marked on disk after it is written; a job restarted with
+    the same arguments and ``exist_ok=True`` (implied for several ranks) skips the complete
+    chunks and the tiles that only touch them, and ends with the output an uninterrupted run
+    writes. :meth:`status` reports chunks done / total (readable from a notebook while a job runs).
+
+    ``exist_ok=True`` also writes into existing outputs of the same layout instead of raising.
     """
 
     @accepts_older_positional_order(_OLD_WRITER_ORDER, _is_old_writer_call)
@@ -526,9 +574,20 @@ class CellMapDatasetWriter(torch.utils.data.Dataset):
         fsync: bool = False,
         raw_interpolation: str = "linear",
         exist_ok: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+        downsample: str | None = None,
         **kwargs: Any,
     ) -> None:
         _check_axis_order(axis_order)
+        self.rank, self.world_size = _ranks(rank, world_size)
+        if self.world_size > 1:
+            if overwrite:
+                raise ConfigError(
+                    f"overwrite=True with {self.world_size} ranks would let one rank delete what another writes: "
+                    "remove the old outputs first (the ranks write into one image with exist_ok=True)")
+            exist_ok = True
+        self.downsample_levels = int(downsample_levels)
         empty_value = kwargs.pop("empty_value", None)
         kwargs.pop("rng", None)
         if kwargs:
@@ -596,7 +655,8 @@ class CellMapDatasetWriter(torch.utils.data.Dataset):
             scale=self._voxel, bounding_box=box, write_voxel_shape=self._tile, overwrite=self.overwrite,
             dtype=dtype, fill_value=fill_value, chunks=chunks, zarr_format=zarr_format, overlap=overlap,
             blend=blend, downsample_levels=downsample_levels, compression_level=compression_level,
-            fsync=fsync, protected=[self.raw_path], exist_ok=exist_ok,
+            fsync=fsync, protected=[self.raw_path], exist_ok=exist_ok, downsample=downsample,
+            shard=(self.rank, self.world_size),
         )
         # Validate every output before creating any, so bad input leaves nothing behind.
         for c in self.classes:
@@ -635,8 +695,32 @@ class CellMapDatasetWriter(torch.utils.data.Dataset):
 
     @property
     def writer_indices(self) -> list[int]:
-        """Indices of the tiles that together cover the whole bounds."""
-        return list(range(len(self)))
+        """Indices of the tiles this process writes, ascending: all the tiles covering the
+        bounds for one process; a rank's share with several; without the tiles whose chunks
+        were already complete when the writer opened (a resumed job)."""
+        todo: set[int] = set()
+        for w in self.writers.values():
+            todo.update(w._engine.tiles_to_write())
+        return sorted(todo)
+
+    def status(self) -> dict[str, Any]:
+        """Progress of the whole job, read from the completion marks on disk (every rank's):
+        ``{"done", "total", "fraction", "by_rank": {rank: chunks}, "classes": {class: {"done",
+        "total"}}, "rank", "world_size"}`` (chunks of the first level, all classes together)."""
+        classes: dict[str, dict[str, int]] = {}
+        by_rank: dict[int, int] = {}
+        for c, w in self.writers.items():
+            marks = w._engine.progress()
+            assert marks is not None  # dataset writers always have a tiling plan
+            per_rank, total = marks
+            for r, n in per_rank.items():
+                by_rank[r] = by_rank.get(r, 0) + n
+            classes[c] = {"done": sum(per_rank.values()), "total": total}
+        done = sum(v["done"] for v in classes.values())
+        total = sum(v["total"] for v in classes.values())
+        return {"done": done, "total": total, "fraction": done / total if total else 1.0,
+                "by_rank": dict(sorted(by_rank.items())), "classes": classes,
+                "rank": self.rank, "world_size": self.world_size}
 
     @property
     def blocks(self) -> torch.utils.data.Subset:
@@ -698,7 +782,11 @@ class CellMapDatasetWriter(torch.utils.data.Dataset):
         """Batches of input tiles in tile order. Reading happens in the engine (``num_workers``
         and DataLoader keywords are accepted and ignored); the next batch is read while the
         current one is in use unless ``prefetch=False``."""
-        return _TileLoader(self, batch_size, self.writer_indices, bool(kwargs.get("prefetch", True)))
+        progress = kwargs.get("progress")
+        if progress is None:
+            progress = self.world_size > 1 and self.rank == 0
+        return _TileLoader(self, batch_size, self.writer_indices, bool(kwargs.get("prefetch", True)),
+                           f"rank {self.rank}/{self.world_size}" if progress else None)
 
     # -- writing predictions ------------------------------------------------------------
     def _indices(self, idx: Any) -> list[int]:
@@ -789,10 +877,31 @@ class CellMapDatasetWriter(torch.utils.data.Dataset):
         for w in self.writers.values():
             w.flush()
 
-    def close(self) -> None:
-        """Flushes every class's output and refuses further writes."""
+    def close(self, timeout: float = 3600.0) -> None:
+        """Flushes every class's output and refuses further writes. With several ranks, rank 0
+        first waits (up to ``timeout`` seconds) until every rank's chunks are complete, then
+        writes the downsampled levels and prints a summary per rank."""
+        for w in self.writers.values():
+            w.flush()
+        if self.world_size > 1 and self.rank == 0 and not all(w.closed for w in self.writers.values()):
+            status = self._wait_for_ranks(timeout)
+            print(f"CellMapDatasetWriter {self.target_path}: {status['done']}/{status['total']} chunks; by rank: "
+                  + ", ".join(f"rank {r}: {n}" for r, n in status["by_rank"].items()), flush=True)
         for w in self.writers.values():
             w.close()
+
+    def _wait_for_ranks(self, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if status["done"] >= status["total"]:
+                return status
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{self.target_path}: {status['total'] - status['done']} of {status['total']} chunks are still "
+                    f"missing after {timeout:.0f} s (chunks by rank: {status['by_rank']}); a rank may have died: "
+                    "restart the job with the same arguments to resume")
+            time.sleep(0.2)
 
     def __enter__(self) -> "CellMapDatasetWriter":
         return self

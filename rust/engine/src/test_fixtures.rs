@@ -74,6 +74,8 @@ impl ImageSpec {
             fill_value: 0.0,
             downsample_levels: 0,
             frame: CoordinateFrame::current(),
+            shard: None,
+            downsample: crate::writer::Downsample::Mean,
         }
     }
 

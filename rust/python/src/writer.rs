@@ -154,6 +154,20 @@ impl ImageWriter {
             .collect()
     }
 
+    /// The planned tiles this process has to write, ascending (its rank's share; without the
+    /// chunks already complete when it opened).
+    fn tiles_to_write(&self, py: Python<'_>) -> PyResult<Vec<usize>> {
+        let inner = self.inner.clone();
+        run_writer(py, move || inner.tiles_to_write())
+    }
+
+    /// Completion of the first level, read from disk: `(complete chunks per rank that wrote
+    /// them, total chunks)`, or None without a tiling plan.
+    fn progress(&self, py: Python<'_>) -> PyResult<Option<(std::collections::BTreeMap<usize, u64>, u64)>> {
+        let inner = self.inner.clone();
+        run_writer(py, move || inner.progress())
+    }
+
     /// Writes planned tiles `indices`: `data` is a C-contiguous float32 buffer holding one tile
     /// after another.
     fn write_tiles(&self, py: Python<'_>, indices: Vec<usize>, data: PyBuffer<f32>) -> PyResult<()> {

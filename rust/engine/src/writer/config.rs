@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::progress::Shard;
 use super::tiling::Blend;
 use crate::error::{Error, Result};
 use crate::geometry::{WorldBox, AXES};
@@ -62,6 +63,19 @@ pub struct WriterConfig {
     pub fsync: bool,
     /// What the written translation marks (default: the process-wide frame).
     pub frame: CoordinateFrame,
+    /// This process's share when several write one planned image (`None`: the whole image).
+    pub shard: Option<Shard>,
+    /// How downsampled levels summarise a block.
+    pub downsample: Downsample,
+}
+
+/// How a downsampled level summarises each 2×2×2 block of the level before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Downsample {
+    /// The mean (raw-like outputs: probabilities, distances).
+    Mean,
+    /// The most frequent value, the smallest on a tie (labels).
+    Mode,
 }
 
 fn parse_dtype(name: &str) -> Result<DType> {
@@ -145,6 +159,11 @@ struct WriterJson {
     fsync: bool,
     #[serde(default)]
     coordinate_frame: Option<String>,
+    #[serde(default)]
+    shard: Option<Shard>,
+    /// "mean" or "mode" (default: mean for float types, mode for integer types).
+    #[serde(default)]
+    downsample: Option<String>,
 }
 
 fn zero_fill() -> Option<f64> {
@@ -168,6 +187,14 @@ impl WriterConfig {
                 blend: Blend::parse(t.blend.as_deref().unwrap_or("linear"))?,
             }),
         };
+        let dtype = parse_dtype(&parsed.dtype)?;
+        let downsample = match parsed.downsample.as_deref() {
+            None if dtype.is_float() => Downsample::Mean,
+            None => Downsample::Mode,
+            Some("mean") => Downsample::Mean,
+            Some("mode") => Downsample::Mode,
+            Some(other) => return Err(Error::invalid(format!("downsample must be 'mean' or 'mode', not '{other}'"))),
+        };
         Ok(WriterConfig {
             path: parsed.path,
             name: parsed.name,
@@ -178,7 +205,7 @@ impl WriterConfig {
             },
             write_shape: parsed.write_shape,
             chunk_shape: parsed.chunk_shape.unwrap_or(parsed.write_shape),
-            dtype: parse_dtype(&parsed.dtype)?,
+            dtype,
             fill_value: parsed.fill_value.unwrap_or(f64::NAN),
             format,
             overwrite: parsed.overwrite,
@@ -193,6 +220,8 @@ impl WriterConfig {
                 Some(name) => CoordinateFrame::parse(&name)?,
                 None => CoordinateFrame::current(),
             },
+            shard: parsed.shard,
+            downsample,
         })
     }
 
@@ -254,6 +283,17 @@ impl WriterConfig {
                         t.overlap[k], self.write_shape[k]
                     )));
                 }
+            }
+        }
+        if let Some(shard) = &self.shard {
+            shard.check()?;
+            if self.tiling.is_none() {
+                return Err(Error::invalid("a writer shared by several ranks needs a tiling plan"));
+            }
+            if shard.world_size > 1 && !self.exist_ok {
+                return Err(Error::invalid(
+                    "a writer shared by several ranks writes into one image: pass exist_ok=True (and no overwrite)",
+                ));
             }
         }
         let shape = self.array_shape();

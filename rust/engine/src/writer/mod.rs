@@ -50,6 +50,7 @@
 mod accumulate;
 mod config;
 mod layout;
+mod progress;
 mod pyramid;
 mod store;
 #[cfg(test)]
@@ -67,7 +68,9 @@ use crate::error::{Error, Result};
 use crate::volume::DType;
 
 use accumulate::{copy_piece, empty_acc, finish, normalised, with_sample, Acc, ChunkState, Piece, Sample};
-pub use config::{TilingConfig, WriterConfig};
+pub use config::{Downsample, TilingConfig, WriterConfig};
+use progress::Progress;
+pub use progress::Shard;
 pub(crate) use store::write_atomic;
 pub use store::AtomicFileStore;
 pub use tiling::{Blend, TilePlan};
@@ -116,6 +119,8 @@ pub struct ImageWriter {
     chunks: Mutex<HashMap<[u64; 3], Arc<Mutex<ChunkState>>>>,
     closed: AtomicBool,
     store: Arc<AtomicFileStore>,
+    /// Completion marks and this process's chunks (planned writers only).
+    progress: Option<Progress>,
 }
 
 impl std::fmt::Debug for ImageWriter {
@@ -176,6 +181,8 @@ impl ImageWriter {
         let received = (0..plan.as_ref().map_or(0, TilePlan::len))
             .map(|_| AtomicBool::new(false))
             .collect();
+        let grid: [u64; 3] = std::array::from_fn(|k| shape0[k].div_ceil(config.chunk_shape[k] as u64));
+        let progress = plan.is_some().then(|| Progress::open(&config, grid)).transpose()?;
         Ok(ImageWriter {
             config,
             levels,
@@ -184,7 +191,45 @@ impl ImageWriter {
             chunks: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             store,
+            progress,
         })
+    }
+
+    /// Whether this process writes `chunk` (with a tiling plan: its rank owns it and it was not
+    /// complete when the writer opened; otherwise always).
+    fn writes_chunk(&self, chunk: [u64; 3]) -> bool {
+        self.progress.as_ref().is_none_or(|p| p.writes(chunk))
+    }
+
+    /// The planned tiles this process has to write, ascending: those touching a chunk it writes
+    /// (all tiles for a fresh one-rank job; fewer for a rank's share or a resumed job).
+    pub fn tiles_to_write(&self) -> Result<Vec<usize>> {
+        let plan = self.require_plan()?;
+        let cs: [u64; 3] = std::array::from_fn(|k| self.config.chunk_shape[k] as u64);
+        Ok((0..plan.len())
+            .filter(|&i| {
+                let r = plan.region(i);
+                if (0..3).any(|k| r[k].1 <= r[k].0) {
+                    return false;
+                }
+                chunk_range(r[0].0, r[0].1, cs[0]).any(|cz| {
+                    chunk_range(r[1].0, r[1].1, cs[1])
+                        .any(|cy| chunk_range(r[2].0, r[2].1, cs[2]).any(|cx| self.writes_chunk([cz, cy, cx])))
+                })
+            })
+            .collect())
+    }
+
+    /// Completion of the first level: (complete chunks per rank that wrote them, total chunks),
+    /// read from the marks on disk (every process's). `None` without a tiling plan.
+    pub fn progress(&self) -> Result<Option<(std::collections::BTreeMap<usize, u64>, u64)>> {
+        self.progress.as_ref().map(|p| Ok((p.done_by_rank()?, p.total()))).transpose()
+    }
+
+    /// Whether this process computes the downsampled levels at close: one process does,
+    /// rank 0, once every chunk of the first level is complete.
+    fn builds_pyramid(&self) -> bool {
+        self.progress.as_ref().is_none_or(|p| p.shard().rank == 0)
     }
 
     /// The configuration.
@@ -341,7 +386,10 @@ impl ImageWriter {
             for cz in chunk_range(r[0].0, r[0].1, cs[0]) {
                 for cy in chunk_range(r[1].0, r[1].1, cs[1]) {
                     for cx in chunk_range(r[2].0, r[2].1, cs[2]) {
-                        by_chunk.entry([cz, cy, cx]).or_default().push(p);
+                        // Another rank's chunk, or one complete before a resume: not ours.
+                        if self.writes_chunk([cz, cy, cx]) {
+                            by_chunk.entry([cz, cy, cx]).or_default().push(p);
+                        }
                     }
                 }
             }
@@ -405,6 +453,11 @@ impl ImageWriter {
                 if acc.remaining == 0 {
                     self.store_accumulated(chunk, std::mem::replace(acc, empty_acc()))?;
                     *state = ChunkState::Written;
+                    if self.plan.is_some() {
+                        if let Some(progress) = &self.progress {
+                            progress.mark_done(chunk)?;
+                        }
+                    }
                 }
             }
             ChunkState::Written => {
@@ -559,16 +612,31 @@ impl ImageWriter {
     }
 
     /// Flushes, computes the downsampled levels, and refuses further writes. Closing twice is
-    /// a no-op.
+    /// a no-op. Of several ranks only rank 0 computes the downsampled levels, and only once
+    /// every chunk of the first level is complete (an error names how many are missing: wait
+    /// for the other ranks before closing rank 0).
     pub fn close(&self) -> Result<()> {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
         self.flush()?;
-        for level in 1..self.levels.len() {
-            self.downsample(level)?;
-        }
         lock(&self.chunks).clear();
+        if self.levels.len() > 1 && self.builds_pyramid() {
+            if let Some(progress) = self.progress.as_ref().filter(|p| p.shard().world_size > 1) {
+                let done: u64 = progress.done_by_rank()?.values().sum();
+                if done < progress.total() {
+                    return Err(Error::invalid(format!(
+                        "{}: {} of {} chunks are complete; rank 0 builds the downsampled levels once every rank has finished",
+                        self.config.path.display(),
+                        done,
+                        progress.total()
+                    )));
+                }
+            }
+            for level in 1..self.levels.len() {
+                self.downsample(level)?;
+            }
+        }
         Ok(())
     }
 }

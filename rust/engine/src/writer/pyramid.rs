@@ -1,16 +1,18 @@
-//! Downsampled levels: each level the 2×2×2 (or 1×2×2 ...) block mean of the one before,
-//! computed at close from the written chunks.
+//! Downsampled levels: each level the 2×2×2 (or 1×2×2 ...) block mean (raw-like outputs) or
+//! mode (labels) of the one before, computed at close from the written chunks.
 
 use rayon::prelude::*;
 use zarrs::array::ArraySubset;
 
 use super::accumulate::{with_sample, Sample};
+use super::config::Downsample;
 use super::ImageWriter;
 use crate::error::{Error, Result};
 use crate::volume::DType;
 
 impl ImageWriter {
-    /// Level `level` from level `level - 1` by averaging 2×2×2 (or 1×2×2 ...) blocks.
+    /// Level `level` from level `level - 1`: each 2×2×2 (or 1×2×2 ...) block summarised by
+    /// the configured [`Downsample`].
     pub(super) fn downsample(&self, level: usize) -> Result<()> {
         let src = &self.levels[level - 1];
         let dst = &self.levels[level];
@@ -38,11 +40,11 @@ impl ImageWriter {
             });
             let n: usize = cs.iter().product();
             let mut values = vec![self.config.fill_value as f32; n];
+            let mut block = Vec::with_capacity(8);
             for z in lo[0]..hi[0] {
                 for y in lo[1]..hi[1] {
                     for x in lo[2]..hi[2] {
-                        let mut sum = 0.0f64;
-                        let mut count = 0u32;
+                        block.clear();
                         for dz in 0..f[0] {
                             for dy in 0..f[1] {
                                 for dx in 0..f[2] {
@@ -50,18 +52,45 @@ impl ImageWriter {
                                     if sz < shi[0] && sy < shi[1] && sx < shi[2] {
                                         let i = (((sz - slo[0]) as usize * sshape[1]) + (sy - slo[1]) as usize) * sshape[2]
                                             + (sx - slo[2]) as usize;
-                                        sum += source[i] as f64;
-                                        count += 1;
+                                        block.push(source[i]);
                                     }
                                 }
                             }
                         }
                         let o = (((z - lo[0]) as usize * cs[1]) + (y - lo[1]) as usize) * cs[2] + (x - lo[2]) as usize;
-                        values[o] = (sum / count.max(1) as f64) as f32;
+                        values[o] = match self.config.downsample {
+                            Downsample::Mean => (block.iter().map(|&v| v as f64).sum::<f64>() / block.len().max(1) as f64) as f32,
+                            Downsample::Mode => mode(&mut block),
+                        };
                     }
                 }
             }
             self.store_chunk(level, chunk, &values)
         })
+    }
+}
+
+/// The most frequent value of `values` (the smallest on a tie; NaN counts as one value).
+fn mode(values: &mut [f32]) -> f32 {
+    values.sort_unstable_by(|a, b| a.total_cmp(b));
+    let (mut best, mut best_count) = (f32::NAN, 0usize);
+    let mut i = 0;
+    while i < values.len() {
+        let run = values[i..].iter().take_while(|v| v.total_cmp(&values[i]).is_eq()).count();
+        if run > best_count {
+            (best, best_count) = (values[i], run);
+        }
+        i += run;
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mode_takes_the_most_frequent_and_the_smallest_on_a_tie() {
+        assert_eq!(super::mode(&mut [3.0, 1.0, 3.0, 2.0]), 3.0);
+        assert_eq!(super::mode(&mut [2.0, 1.0, 1.0, 2.0, 5.0]), 1.0);
+        assert_eq!(super::mode(&mut [7.0]), 7.0);
     }
 }

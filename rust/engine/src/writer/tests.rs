@@ -47,6 +47,8 @@ fn config(path: PathBuf, lo: [f64; 3], hi: [f64; 3], voxel: [f64; 3], tile: [usi
         protected: Vec::new(),
         fsync: false,
         frame: CoordinateFrame::Corner,
+        shard: None,
+        downsample: crate::writer::Downsample::Mean,
     }
 }
 
