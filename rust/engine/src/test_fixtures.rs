@@ -74,8 +74,6 @@ impl ImageSpec {
             fill_value: 0.0,
             downsample_levels: 0,
             frame: CoordinateFrame::current(),
-            shard: None,
-            downsample: crate::writer::Downsample::Mean,
         }
     }
 
@@ -107,6 +105,8 @@ impl ImageSpec {
             protected: Vec::new(),
             fsync: false,
             frame: self.frame,
+            shard: None,
+            downsample: crate::writer::Downsample::Mean,
         }
     }
 
