@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import math
 import resource
 import statistics
 import time
@@ -423,6 +424,88 @@ def run(data_dir: Path | None = None, size: str = "bench", batches: int = 40, th
     if out:
         Path(out).write_text(json.dumps(report, indent=2))
     return report
+
+
+# -- prediction writing over several processes ---------------------------------------------------
+
+# One rank of a prediction job (identity "model", so the figure is the writer's and the input
+# reads' cost): builds its writer, waits at a file barrier for the other ranks, writes its tiles,
+# closes (rank 0 waits for the others and builds the downsampled level), prints one JSON line.
+_RANK_WORKLOAD = r"""
+import json, os, sys, time
+from cellmap_data import CellMapDatasetWriter
+
+raw, out, overlap, rank, world, barrier = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+writer = CellMapDatasetWriter(raw, out, ["pred"], {"input": {"shape": (64, 64, 64), "scale": (8, 8, 8)}},
+                              {"output": {"shape": (64, 64, 64), "scale": (8, 8, 8)}}, overlap=overlap,
+                              downsample_levels=1, rank=rank, world_size=world, exist_ok=True)
+tiles = len(writer.writer_indices)
+open(os.path.join(barrier, f"ready{rank}"), "w").close()
+while len(os.listdir(barrier)) < world:
+    time.sleep(0.005)
+start = time.time()
+for batch in writer.loader(batch_size=4, progress=False):
+    writer[batch["idx"]] = {"output": batch["input"]}
+writer.close(timeout=600)
+print(json.dumps({"rank": rank, "start": start, "end": time.time(), "tiles": tiles, "shape": list(writer.writers["pred"].shape.values())}))
+"""
+
+
+def bench_writer_ranks(data: Any, processes: tuple[int, ...] = (1, 2), overlaps: tuple[int, ...] = (0, 16),
+                       repeat: int = 3, threads_per_process: int | None = None) -> dict[str, Any]:
+    """Prediction writing (64³ tiles over the first bench volume, identity model, one 2×
+    downsampled level) by 1 and 2 processes, plain and blended: MB/s of output volume from the
+    moment every rank is ready to the end of the last rank's close; medians of ``repeat``,
+    interleaved. Each process gets ``threads_per_process`` engine threads (default: the cores
+    divided by the largest process count), as each rank of a multi-GPU job has its own share of
+    the machine; ``"one process, all cores"`` is measured too for reference. Target: 2
+    processes >= 1.6 × one process with the same share each."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    raw = str(data.datasets[0].raw_path)
+    share = threads_per_process or max(1, (os.cpu_count() or 1) // max(processes))
+    base_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "CELLMAP_NUM_THREADS")}
+    configs = [(p, share) for p in processes] + [(1, os.cpu_count() or 1)]
+    times: dict[tuple[int, int, int], list[float]] = {(p, t, o): [] for p, t in configs for o in overlaps}
+    volume_mb = 0.0
+    tiles: dict[tuple[int, int, int], list[int]] = {}
+    for _ in range(repeat):
+        for overlap in overlaps:
+            for procs, threads in configs:
+                env = {**base_env, "CELLMAP_NUM_THREADS": str(threads)}
+                root = tempfile.mkdtemp(prefix="cellmap-bench-ranks-")
+                try:
+                    barrier = os.path.join(root, "barrier")
+                    os.mkdir(barrier)
+                    out = os.path.join(root, "out.zarr", "pred")
+                    jobs = [subprocess.Popen([sys.executable, "-c", _RANK_WORKLOAD, raw, out, str(overlap), str(r), str(procs), barrier],
+                                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            for r in range(procs)]
+                    results = []
+                    for job in jobs:
+                        stdout, stderr = job.communicate(timeout=1200)
+                        if job.returncode != 0:
+                            raise RuntimeError(f"writer rank failed: {stderr[-2000:]}")
+                        results.append(json.loads(stdout.strip().splitlines()[-1]))
+                finally:
+                    shutil.rmtree(root, ignore_errors=True)
+                seconds = max(r["end"] for r in results) - min(r["start"] for r in results)
+                times[(procs, threads, overlap)].append(seconds)
+                tiles[(procs, threads, overlap)] = [r["tiles"] for r in results]
+                volume_mb = math.prod(results[0]["shape"]) * 4 / 1e6
+    out: dict[str, Any] = {"volume_mb": volume_mb, "repeat": repeat, "threads_per_process": share, "runs": {}}
+    for overlap in overlaps:
+        one = volume_mb / statistics.median(times[(processes[0], share, overlap)])
+        for procs, threads in configs:
+            rate = volume_mb / statistics.median(times[(procs, threads, overlap)])
+            out["runs"][f"{procs}proc-{threads}thr-overlap{overlap}"] = {
+                "processes": procs, "threads_per_process": threads, "overlap": overlap, "mb_per_s": rate,
+                "speedup": rate / one, "tiles_per_rank": tiles[(procs, threads, overlap)],
+                "seconds": times[(procs, threads, overlap)]}
+    return out
 
 
 # -- one build against another ------------------------------------------------------------------

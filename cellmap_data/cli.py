@@ -265,6 +265,9 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the engine configurations (default) or only the loader")
     parser.add_argument("--transforms", default=True, action=argparse.BooleanOptionalAction,
                         help="compare the split's default value transforms with none through the public API (default)")
+    parser.add_argument("--writer-ranks", default=False, action="store_true",
+                        help="only measure prediction writing by 1 and 2 processes, plain and blended "
+                             "(medians of --repeat runs; bound: 2 processes >= 1.6x one)")
     parser.add_argument("--against", default=None, metavar="DIR",
                         help="only compare this build with another one installed in DIR (pip install --target DIR "
                              "WHEEL): loader and writer through the public API, interleaved, medians of --repeat runs")
@@ -273,6 +276,19 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from cellmap_data.bench import bench_data, compare_builds, run
 
+    if args.writer_ranks:
+        from cellmap_data.bench import bench_writer_ranks
+
+        r = bench_writer_ranks(bench_data(args.data, args.size), repeat=args.repeat)
+        for name, run_ in r["runs"].items():
+            bound = (f"  speedup {run_['speedup']:.2f}x over one process with the same share (bound >= 1.6: "
+                     f"{'met' if run_['speedup'] >= 1.6 else 'MISSED'})" if run_["processes"] == 2 else
+                     f"  {run_['speedup']:.2f}x" if run_["threads_per_process"] != r["threads_per_process"] else "")
+            print(f"writer {name:<24} {run_['mb_per_s']:8.1f} MB/s of volume ({r['volume_mb']:.0f} MB, tiles per rank "
+                  f"{run_['tiles_per_rank']}, medians of {r['repeat']}){bound}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(r, indent=2))
+        return 0
     if args.against:
         data = bench_data(args.data, args.size)
         r = compare_builds(args.against, data, repeat=args.repeat, batches=min(args.batches, 20),

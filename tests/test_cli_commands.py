@@ -334,3 +334,15 @@ def test_bench_elastic_compares_rotated_with_rotated_and_elastic(tmp_path):
     r = bench.bench_elastic(bench.bench_data(tmp_path / "bench", "tiny"), threads=1, batches=1, repeat=1)
     assert r["rotated_samples_per_s"] > 0 and r["elastic_samples_per_s"] > 0
     assert r["cost_ratio"] == r["rotated_samples_per_s"] / r["elastic_samples_per_s"] and r["bound"] == 1.5
+
+
+def test_bench_writer_ranks_reports_both_process_counts(tmp_path):
+    import json
+
+    result = run("bench", "--data", str(tmp_path / "bench"), "--size", "tiny", "--writer-ranks", "--repeat", "1",
+                 "--json", str(tmp_path / "ranks.json"))
+    assert result.returncode == 0, result.stderr
+    assert "bound >= 1.6" in result.stdout and "2proc" in result.stdout
+    runs = json.loads((tmp_path / "ranks.json").read_text())["runs"]
+    two = [r for r in runs.values() if r["processes"] == 2]
+    assert two and all(len(r["tiles_per_rank"]) == 2 and r["mb_per_s"] > 0 for r in two)

@@ -5,6 +5,7 @@ a one-process run bit for bit (blending included), and the downsampled level equ
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,6 +50,18 @@ def run_job(raw: str, out: Path, overlap: int, procs: int, *args: str) -> str:
     result = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout + result.stderr
+
+
+def completion_marks(folder: Path) -> dict[str, str]:
+    """Chunk mark name → the rank that wrote it (temporary files of marks being written skipped)."""
+    out = {}
+    for path in folder.glob("*") if folder.is_dir() else []:
+        if re.fullmatch(r"\d+\.\d+\.\d+", path.name):
+            try:
+                out[path.name] = path.read_text()
+            except FileNotFoundError:  # replaced while we looked
+                continue
+    return out
 
 
 def levels(out: Path) -> dict[str, list[np.ndarray]]:
@@ -96,15 +109,42 @@ def test_a_killed_job_resumes_to_the_same_output(raw, one_process, tmp_path):
     marks = [out / c / ".cellmap-progress" for c in CLASSES]
     deadline = time.monotonic() + 120
     # Half the chunks (180 per class) complete: the first tiles touch only complete chunks.
-    while time.monotonic() < deadline and min(len(list(m.glob("*.*.*"))) for m in marks) < 90:
+    while time.monotonic() < deadline and min(len(completion_marks(m)) for m in marks) < 90:
         time.sleep(0.05)
     slow.send_signal(signal.SIGKILL)
     slow.wait(timeout=30)
     assert slow.returncode == -signal.SIGKILL
-    assert min(len(list(m.glob("*.*.*"))) for m in marks) >= 90
+    assert min(len(completion_marks(m)) for m in marks) >= 90
     log = run_job(raw, out, 4, 1, "exist_ok")
     todo, total = (int(w) for w in log.split("rank 0/1: ")[1].split(" tiles")[0].split(" of "))
     assert todo < total, "the resumed job skips the tiles of complete chunks"
+    assert_identical(levels(out), one_process)
+
+
+def test_a_killed_rank_restarted_alone_completes_the_job(raw, one_process, tmp_path):
+    """Rank 1 of two is killed mid-way; rank 0 finishes its chunks and waits in close(); rank 1
+    restarted alone resumes its chunks; rank 0 then builds the downsampled level."""
+    out = tmp_path / "out.zarr" / "pred"
+
+    def rank(r: int, delay: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(JOB), raw, str(out), "4", delay], env=env(RANK=str(r), WORLD_SIZE="2"),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    first, second = rank(0, "0.05"), rank(1, "0.15")
+    marks = out / "er" / ".cellmap-progress"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and list(completion_marks(marks).values()).count("1") < 10:
+        time.sleep(0.05)
+    second.send_signal(signal.SIGKILL)
+    second.wait(timeout=30)
+    assert second.returncode == -signal.SIGKILL
+    assert first.poll() is None, "rank 0 waits for rank 1's chunks"
+    restarted = rank(1, "0")
+    log, _ = restarted.communicate(timeout=300)
+    assert restarted.returncode == 0, log
+    log, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, log
+    assert "chunks; by rank:" in log
     assert_identical(levels(out), one_process)
 
 
