@@ -480,8 +480,8 @@ def bench_writer_ranks(data: Any, processes: tuple[int, ...] = (1, 2), overlaps:
                 try:
                     barrier = os.path.join(root, "barrier")
                     os.mkdir(barrier)
-                    out = os.path.join(root, "out.zarr", "pred")
-                    jobs = [subprocess.Popen([sys.executable, "-c", _RANK_WORKLOAD, raw, out, str(overlap), str(r), str(procs), barrier],
+                    output = os.path.join(root, "out.zarr", "pred")
+                    jobs = [subprocess.Popen([sys.executable, "-c", _RANK_WORKLOAD, raw, output, str(overlap), str(r), str(procs), barrier],
                                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                             for r in range(procs)]
                     results = []
