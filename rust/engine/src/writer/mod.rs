@@ -182,7 +182,7 @@ impl ImageWriter {
             .map(|_| AtomicBool::new(false))
             .collect();
         let grid: [u64; 3] = std::array::from_fn(|k| shape0[k].div_ceil(config.chunk_shape[k] as u64));
-        let progress = plan.is_some().then(|| Progress::open(&config, grid)).transpose()?;
+        let progress = plan.as_ref().map(|p| Progress::open(&config, grid, p)).transpose()?;
         Ok(ImageWriter {
             config,
             levels,

@@ -9,7 +9,9 @@
 //!
 //! With several ranks, each owns a contiguous run of chunks in C order (whole chunks: a rank
 //! processes every tile touching its chunks and keeps only its own chunks' share), so each
-//! chunk is summed by one process in tile order, exactly as a one-rank run sums it.
+//! chunk is summed by one process in tile order, exactly as a one-rank run sums it. The runs are
+//! cut so that the largest number of tiles a rank processes is as small as it can be (tiles on a
+//! border between two runs count for both).
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
@@ -19,6 +21,7 @@ use serde::Deserialize;
 
 use super::config::WriterConfig;
 use super::store::write_atomic;
+use super::tiling::TilePlan;
 use crate::error::{Error, Result};
 
 /// This process's share of a job split over `world_size` processes.
@@ -51,6 +54,8 @@ pub(super) struct Progress {
     done_at_open: HashSet<[u64; 3]>,
     shard: Shard,
     grid: [u64; 3],
+    /// Rank `r` owns the chunks whose C-order index lies in `cuts[r]..cuts[r + 1]`.
+    cuts: Vec<u64>,
     fsync: bool,
 }
 
@@ -59,16 +64,16 @@ const PLAN_FILE: &str = "plan.json";
 impl Progress {
     /// The marks of the image at `config.path` (chunk grid `grid`): read back when writing into
     /// an existing image (`exist_ok`), started afresh otherwise.
-    pub(super) fn open(config: &WriterConfig, grid: [u64; 3]) -> Result<Progress> {
+    pub(super) fn open(config: &WriterConfig, grid: [u64; 3], plan: &TilePlan) -> Result<Progress> {
         let dir = config.path.join(".cellmap-progress");
-        let plan = plan_fingerprint(config);
+        let fingerprint = plan_fingerprint(config);
         let plan_path = dir.join(PLAN_FILE);
         let mut done_at_open = HashSet::new();
         match fs::read_to_string(&plan_path) {
             Ok(stored) if config.exist_ok => {
-                if stored != plan {
+                if stored != fingerprint {
                     return Err(Error::invalid(format!(
-                        "{}: the image's completed chunks were written with another plan ({stored}); this writer's plan is {plan}. Pass overwrite=True to start again",
+                        "{}: the image's completed chunks were written with another plan ({stored}); this writer's plan is {fingerprint}. Pass overwrite=True to start again",
                         plan_path.display()
                     )));
                 }
@@ -83,15 +88,17 @@ impl Progress {
                 if !config.exist_ok && dir.exists() {
                     fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
                 }
-                write_atomic(&plan_path, plan.as_bytes(), config.fsync).map_err(|e| Error::io(&plan_path, e))?;
+                write_atomic(&plan_path, fingerprint.as_bytes(), config.fsync).map_err(|e| Error::io(&plan_path, e))?;
             }
         }
         let shard = config.shard.unwrap_or(Shard { rank: 0, world_size: 1 });
+        let cuts = balanced_cuts(plan, config.chunk_shape, grid, shard.world_size);
         Ok(Progress {
             dir,
             done_at_open,
             shard,
             grid,
+            cuts,
             fsync: config.fsync,
         })
     }
@@ -106,10 +113,10 @@ impl Progress {
         self.grid.iter().product()
     }
 
-    /// The rank that owns `chunk`: contiguous runs of chunks in C order, as even as can be.
+    /// The rank that owns `chunk`.
     fn owner(&self, chunk: [u64; 3]) -> usize {
         let flat = (chunk[0] * self.grid[1] + chunk[1]) * self.grid[2] + chunk[2];
-        ((flat as u128 * self.shard.world_size as u128) / self.total() as u128) as usize
+        self.cuts[1..].partition_point(|&end| end <= flat)
     }
 
     /// Whether this process writes `chunk`: it owns it and it was not complete at open.
@@ -146,6 +153,85 @@ impl Progress {
     }
 }
 
+/// Plans with more tiles than this split chunks evenly instead (the search below evaluates
+/// every tile a few hundred times).
+const BALANCED_SPLIT_MAX_TILES: usize = 50_000;
+
+/// Cut points of the C-order chunk runs of `world_size` ranks (`world_size + 1` values, from 0
+/// to the chunk count): the cuts that make the largest per-rank tile count smallest, found by a
+/// binary search on that count with greedy runs; even chunk counts for very large plans.
+fn balanced_cuts(plan: &TilePlan, chunk_shape: [usize; 3], grid: [u64; 3], world_size: usize) -> Vec<u64> {
+    let total: u64 = grid.iter().product();
+    let even = || (0..=world_size as u64).map(|r| r * total / world_size as u64).collect::<Vec<_>>();
+    if world_size <= 1 || plan.len() > BALANCED_SPLIT_MAX_TILES {
+        return even();
+    }
+    let cs: [u64; 3] = std::array::from_fn(|k| chunk_shape[k] as u64);
+    // Per tile, the C-order indices of the chunks it touches, ascending.
+    let touched: Vec<Vec<u64>> = (0..plan.len())
+        .map(|i| {
+            let r = plan.region(i);
+            if (0..3).any(|k| r[k].1 <= r[k].0) {
+                return Vec::new();
+            }
+            let mut flats = Vec::new();
+            for z in r[0].0 / cs[0]..=(r[0].1 - 1) / cs[0] {
+                for y in r[1].0 / cs[1]..=(r[1].1 - 1) / cs[1] {
+                    for x in r[2].0 / cs[2]..=(r[2].1 - 1) / cs[2] {
+                        flats.push((z * grid[1] + y) * grid[2] + x);
+                    }
+                }
+            }
+            flats
+        })
+        .collect();
+    // Tiles a rank owning chunks `a..b` processes.
+    let tiles_for = |a: u64, b: u64| -> usize {
+        touched
+            .iter()
+            .filter(|flats| {
+                let i = flats.partition_point(|&f| f < a);
+                i < flats.len() && flats[i] < b
+            })
+            .count()
+    };
+    // Greedy runs of at most `most` tiles each; None when `world_size` runs do not cover all.
+    let runs_within = |most: usize| -> Option<Vec<u64>> {
+        let mut cuts = vec![0u64];
+        let mut start = 0u64;
+        for _ in 0..world_size {
+            if start < total {
+                if tiles_for(start, start + 1) > most {
+                    return None;
+                }
+                // The furthest end whose run stays within `most` (tile counts grow with the end).
+                let (mut lo, mut hi) = (start + 1, total);
+                while lo < hi {
+                    let mid = lo + (hi - lo).div_ceil(2);
+                    if tiles_for(start, mid) <= most {
+                        lo = mid;
+                    } else {
+                        hi = mid - 1;
+                    }
+                }
+                start = lo;
+            }
+            cuts.push(start);
+        }
+        (start == total).then_some(cuts)
+    };
+    let (mut lo, mut hi) = (1usize, plan.len().max(1));
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if runs_within(mid).is_some() {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    runs_within(lo).unwrap_or_else(even)
+}
+
 /// The chunk a mark's file name names (`z.y.x`), or `None` for other files.
 fn parse_mark(name: &str) -> Option<[u64; 3]> {
     let mut parts = name.split('.').map(|p| p.parse::<u64>().ok());
@@ -171,6 +257,42 @@ fn plan_fingerprint(config: &WriterConfig) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::writer::Blend;
+
+    #[test]
+    fn ranks_split_the_chunks_so_the_busiest_rank_has_the_fewest_tiles() {
+        // 320 voxels per axis, 64³ tiles stepping by 48, 64³ chunks: 343 tiles, 125 chunks.
+        let plan = TilePlan::new([320; 3], [64; 3], [16; 3], Blend::Linear);
+        let grid = [5u64; 3];
+        let cuts = balanced_cuts(&plan, [64; 3], grid, 2);
+        assert_eq!((cuts[0], cuts[2]), (0, 125));
+        let per_rank: Vec<usize> = (0..2)
+            .map(|r| {
+                (0..plan.len())
+                    .filter(|&i| {
+                        let reg = plan.region(i);
+                        (reg[0].0 / 64..=(reg[0].1 - 1) / 64).any(|z| {
+                            (reg[1].0 / 64..=(reg[1].1 - 1) / 64).any(|y| {
+                                (reg[2].0 / 64..=(reg[2].1 - 1) / 64).any(|x| {
+                                    let f = (z * 5 + y) * 5 + x;
+                                    (cuts[r]..cuts[r + 1]).contains(&f)
+                                })
+                            })
+                        })
+                    })
+                    .count()
+            })
+            .collect();
+        // Even chunk counts (cut at 62 or 63) give 172 and 228 tiles here.
+        assert!(per_rank.iter().max().unwrap() < &215, "{per_rank:?} with cuts {cuts:?}");
+        assert!(per_rank.iter().sum::<usize>() >= plan.len());
+        // Every chunk has one owner, whatever the number of ranks.
+        for world in [1, 3, 7, 200] {
+            let cuts = balanced_cuts(&plan, [64; 3], grid, world);
+            assert_eq!(cuts.len(), world + 1);
+            assert!(cuts.windows(2).all(|w| w[0] <= w[1]) && cuts[0] == 0 && cuts[world] == 125);
+        }
+    }
 
     #[test]
     fn marks_name_chunks_and_nothing_else() {
