@@ -422,6 +422,9 @@ class ImageWriter:
     def progress(self) -> tuple[dict[int, int], int] | None:
         """Completion of the first level, read from disk: ``(complete chunks per rank that wrote
         them, total chunks)``, or None without a tiling plan."""
+    def chunks_done(self) -> tuple[int, int] | None:
+        """``(complete, total)`` chunks of the first level, counted on disk (cheap: for
+        polling), or None without a tiling plan."""
     def write_tiles(self, indices: Sequence[int], data: Any) -> None:
         """Writes planned tiles ``indices``; ``data`` is a C-contiguous float32 buffer."""
     def write_boxes(self, starts: Sequence[Sequence[int]], data: Any) -> None:

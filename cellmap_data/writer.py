@@ -892,16 +892,19 @@ class CellMapDatasetWriter(torch.utils.data.Dataset):
 
     def _wait_for_ranks(self, timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
+        nap = 0.01
         while True:
-            status = self.status()
-            if status["done"] >= status["total"]:
-                return status
+            counts = [w._engine.chunks_done() for w in self.writers.values()]
+            if all(c is not None and c[0] >= c[1] for c in counts):
+                return self.status()
             if time.monotonic() > deadline:
+                status = self.status()
                 raise TimeoutError(
                     f"{self.target_path}: {status['total'] - status['done']} of {status['total']} chunks are still "
                     f"missing after {timeout:.0f} s (chunks by rank: {status['by_rank']}); a rank may have died: "
                     "restart the job with the same arguments to resume")
-            time.sleep(0.2)
+            time.sleep(nap)
+            nap = min(1.0, nap * 1.5)  # soon after the last rank at first, rarely in long waits
 
     def __enter__(self) -> "CellMapDatasetWriter":
         return self

@@ -184,3 +184,15 @@ def test_resuming_with_another_plan_is_refused(raw, tmp_path):
     CellMapDatasetWriter(raw, out, ["mito"], *arrays, overlap=2).close()
     with pytest.raises(ConfigError, match="another plan"):
         CellMapDatasetWriter(raw, out, ["mito"], *arrays, overlap=4, exist_ok=True)
+
+
+def test_rank_0_waiting_for_a_dead_rank_times_out_naming_the_missing_chunks(raw, tmp_path):
+    arrays = ({"raw": {"shape": (12,) * 3, "scale": (4,) * 3}}, {"pred": {"shape": (12,) * 3, "scale": (4,) * 3}})
+    writer = CellMapDatasetWriter(raw, str(tmp_path / "o.zarr" / "p"), ["mito"], *arrays, rank=0, world_size=2,
+                                  downsample_levels=1)
+    for batch in writer.loader(batch_size=4, progress=False):
+        writer[batch["idx"]] = {"pred": batch["raw"]}
+    status = writer.status()
+    assert 0 < status["done"] < status["total"] and list(status["by_rank"]) == [0]
+    with pytest.raises(TimeoutError, match=f"{status['total'] - status['done']} of {status['total']} chunks"):
+        writer.close(timeout=0.3)

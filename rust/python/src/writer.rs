@@ -168,6 +168,13 @@ impl ImageWriter {
         run_writer(py, move || inner.progress())
     }
 
+    /// `(complete, total)` chunks of the first level, counted on disk (cheap: for polling), or
+    /// None without a tiling plan.
+    fn chunks_done(&self, py: Python<'_>) -> PyResult<Option<(u64, u64)>> {
+        let inner = self.inner.clone();
+        run_writer(py, move || inner.chunks_done())
+    }
+
     /// Writes planned tiles `indices`: `data` is a C-contiguous float32 buffer holding one tile
     /// after another.
     fn write_tiles(&self, py: Python<'_>, indices: Vec<usize>, data: PyBuffer<f32>) -> PyResult<()> {

@@ -226,6 +226,12 @@ impl ImageWriter {
         self.progress.as_ref().map(|p| Ok((p.done_by_rank()?, p.total()))).transpose()
     }
 
+    /// Complete and total chunks of the first level (marks counted on disk, every process's);
+    /// `None` without a tiling plan. Cheaper than [`Self::progress`] for frequent polling.
+    pub fn chunks_done(&self) -> Result<Option<(u64, u64)>> {
+        self.progress.as_ref().map(|p| Ok((p.done()?, p.total()))).transpose()
+    }
+
     /// Whether this process computes the downsampled levels at close: one process does,
     /// rank 0, once every chunk of the first level is complete.
     fn builds_pyramid(&self) -> bool {
@@ -623,7 +629,7 @@ impl ImageWriter {
         lock(&self.chunks).clear();
         if self.levels.len() > 1 && self.builds_pyramid() {
             if let Some(progress) = self.progress.as_ref().filter(|p| p.shard().world_size > 1) {
-                let done: u64 = progress.done_by_rank()?.values().sum();
+                let done = progress.done()?;
                 if done < progress.total() {
                     return Err(Error::invalid(format!(
                         "{}: {} of {} chunks are complete; rank 0 builds the downsampled levels once every rank has finished",

@@ -130,6 +130,22 @@ impl Progress {
         write_atomic(&path, self.shard.rank.to_string().as_bytes(), self.fsync).map_err(|e| Error::io(&path, e))
     }
 
+    /// Complete chunks now (every process's marks; counted, not read).
+    pub(super) fn done(&self) -> Result<u64> {
+        match fs::read_dir(&self.dir) {
+            Ok(entries) => {
+                let mut n = 0;
+                for entry in entries {
+                    let entry = entry.map_err(|e| Error::io(&self.dir, e))?;
+                    n += u64::from(parse_mark(&entry.file_name().to_string_lossy()).is_some());
+                }
+                Ok(n)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(Error::io(&self.dir, e)),
+        }
+    }
+
     /// Complete chunks now, per rank that wrote them (every process's marks, read from disk).
     pub(super) fn done_by_rank(&self) -> Result<BTreeMap<usize, u64>> {
         let mut out = BTreeMap::new();
