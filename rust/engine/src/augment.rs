@@ -935,31 +935,23 @@ mod tests {
             m: IDENTITY,
             b: [0.0, 0.0, 0.5],
         };
-        let mut out = vec![0.0; 4];
-        resample(
-            &block,
-            shape,
-            [0, 0, 0],
-            &affine,
-            None,
-            [1, 1, 4],
-            Interpolation::Linear,
-            None,
-            &mut out,
-        );
-        assert_eq!(out, vec![0.5, 1.5, 2.5, 3.5]);
-        resample(
-            &block,
-            shape,
-            [0, 0, 0],
-            &affine,
-            None,
-            [1, 1, 4],
-            Interpolation::Linear,
-            Some(FiniteRegion::whole(shape)),
-            &mut out,
-        );
-        assert_eq!(out, vec![0.5, 1.5, 2.5, 3.5]);
+        let ramp = |block: &[f32], finite: Option<FiniteRegion>| {
+            let mut out = vec![0.0; 4];
+            resample(
+                block,
+                shape,
+                [0, 0, 0],
+                &affine,
+                None,
+                [1, 1, 4],
+                Interpolation::Linear,
+                finite,
+                &mut out,
+            );
+            out
+        };
+        assert_eq!(ramp(&block, None), vec![0.5, 1.5, 2.5, 3.5]);
+        assert_eq!(ramp(&block, Some(FiniteRegion::whole(shape))), vec![0.5, 1.5, 2.5, 3.5]);
         // A NaN outside the finite region is never read by the samples that do not touch it.
         let mut with_nan = block.clone();
         with_nan[7] = f32::NAN;
@@ -967,18 +959,7 @@ mod tests {
             lo: [0, 0, 0],
             hi: [2, 2, 6],
         };
-        resample(
-            &with_nan,
-            shape,
-            [0, 0, 0],
-            &affine,
-            None,
-            [1, 1, 4],
-            Interpolation::Linear,
-            Some(region),
-            &mut out,
-        );
-        assert_eq!(out, vec![0.5, 1.5, 2.5, 3.5]);
+        assert_eq!(ramp(&with_nan, Some(region)), vec![0.5, 1.5, 2.5, 3.5]);
     }
 
     /// The vectorised row kernel (whichever CPU version runs here) gives bit for bit what the
@@ -1001,30 +982,22 @@ mod tests {
                 [8.0; 3],
                 [0.0; 3],
             );
-            let mut fast = vec![0f32; 12 * 12 * 12];
-            resample(
-                &block,
-                shape,
-                [0; 3],
-                &affine,
-                None,
-                [12; 3],
-                Interpolation::Linear,
-                Some(FiniteRegion::whole(shape)),
-                &mut fast,
-            );
-            let mut aware = vec![0f32; fast.len()];
-            resample(
-                &block,
-                shape,
-                [0; 3],
-                &affine,
-                None,
-                [12; 3],
-                Interpolation::Linear,
-                None,
-                &mut aware,
-            );
+            let linear = |finite: Option<FiniteRegion>| {
+                let mut out = vec![0f32; 12 * 12 * 12];
+                resample(
+                    &block,
+                    shape,
+                    [0; 3],
+                    &affine,
+                    None,
+                    [12; 3],
+                    Interpolation::Linear,
+                    finite,
+                    &mut out,
+                );
+                out
+            };
+            let (fast, aware) = (linear(Some(FiniteRegion::whole(shape))), linear(None));
             for (row, line) in fast.chunks(12).enumerate() {
                 let start = row_start(&affine, row, 12, [0; 3]);
                 for (x, &value) in line.iter().enumerate() {

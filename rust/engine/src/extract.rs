@@ -906,27 +906,9 @@ mod read_tests {
         let shape = [4, 5, 6];
         let start = [-1i64, 1, 8];
         let centre = centre_at(start.map(|s| s as f64), shape);
-        let spec = PatchSpec::new(shape, [VOXEL; 3]).unwrap();
-        let label_options = ReadOptions {
-            interpolation: Interpolation::Nearest,
-            mode: ValueMode::Foreground,
-            pad: true,
-            pad_value: f32::NAN,
-        };
         for draw in [SpatialDraw::default(), hair_turn()] {
-            let mut a = vec![0f32; spec.len()];
-            let mut b = vec![0f32; spec.len()];
-            let group = [(&volumes[0], 0), (&volumes[1], 0)];
-            read_patch_group(
-                &group,
-                &spec,
-                centre,
-                &draw,
-                &label_options,
-                &mut [a.as_mut_slice(), b.as_mut_slice()],
-            )
-            .unwrap();
-            for (out, pattern, name) in [(&a, even, "even"), (&b, corner, "corner")] {
+            let outs = label_group_read(&volumes, shape, centre, &draw);
+            for (out, pattern, name) in [(&outs[0], even, "even"), (&outs[1], corner, "corner")] {
                 let expected = c_order(shape, |v| {
                     let p: [i64; 3] = std::array::from_fn(|k| start[k] + v[k] as i64);
                     if p.iter().all(|&i| (0..N as i64).contains(&i)) {
@@ -967,6 +949,7 @@ mod read_tests {
         }
     }
 
+    /// The label group read (level 0 of each volume, NaN padding) of a patch of `shape`.
     fn label_group_read(volumes: &[Volume], shape: [usize; 3], centre: [f64; 3], draw: &SpatialDraw) -> Vec<Vec<f32>> {
         let spec = PatchSpec::new(shape, [VOXEL; 3]).unwrap();
         let label_options = ReadOptions {

@@ -137,8 +137,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn chunk_range(lo: u64, hi: u64, chunk: u64) -> std::ops::RangeInclusive<u64> {
-    lo / chunk..=(hi - 1) / chunk
+/// The chunks of `chunk_shape` meeting the voxel box `region` (`[lo, hi)` per axis), in C
+/// order; none when the box is empty.
+pub(super) fn chunks_meeting(region: [(u64, u64); 3], chunk_shape: [usize; 3]) -> impl Iterator<Item = [u64; 3]> {
+    let empty = region.iter().any(|(lo, hi)| hi <= lo);
+    let [rz, ry, rx]: [std::ops::RangeInclusive<u64>; 3] =
+        std::array::from_fn(|k| region[k].0 / chunk_shape[k] as u64..=region[k].1.saturating_sub(1) / chunk_shape[k] as u64);
+    rz.filter(move |_| !empty).flat_map(move |z| {
+        let rx = rx.clone();
+        ry.clone().flat_map(move |y| rx.clone().map(move |x| [z, y, x]))
+    })
 }
 
 impl ImageWriter {
@@ -205,18 +213,8 @@ impl ImageWriter {
     /// (all tiles for a fresh one-rank job; fewer for a rank's share or a resumed job).
     pub fn tiles_to_write(&self) -> Result<Vec<usize>> {
         let plan = self.require_plan()?;
-        let cs: [u64; 3] = std::array::from_fn(|k| self.config.chunk_shape[k] as u64);
         Ok((0..plan.len())
-            .filter(|&i| {
-                let r = plan.region(i);
-                if (0..3).any(|k| r[k].1 <= r[k].0) {
-                    return false;
-                }
-                chunk_range(r[0].0, r[0].1, cs[0]).any(|cz| {
-                    chunk_range(r[1].0, r[1].1, cs[1])
-                        .any(|cy| chunk_range(r[2].0, r[2].1, cs[2]).any(|cx| self.writes_chunk([cz, cy, cx])))
-                })
-            })
+            .filter(|&i| chunks_meeting(plan.region(i), self.config.chunk_shape).any(|c| self.writes_chunk(c)))
             .collect())
     }
 
@@ -382,22 +380,11 @@ impl ImageWriter {
     }
 
     fn apply_pieces(&self, pieces: &[Piece<'_>]) -> Result<()> {
-        let cs: [u64; 3] = std::array::from_fn(|k| self.config.chunk_shape[k] as u64);
         let mut by_chunk: HashMap<[u64; 3], Vec<usize>> = HashMap::new();
         for (p, piece) in pieces.iter().enumerate() {
-            let r = piece.region;
-            if (0..3).any(|k| r[k].1 <= r[k].0) {
-                continue;
-            }
-            for cz in chunk_range(r[0].0, r[0].1, cs[0]) {
-                for cy in chunk_range(r[1].0, r[1].1, cs[1]) {
-                    for cx in chunk_range(r[2].0, r[2].1, cs[2]) {
-                        // Another rank's chunk, or one complete before a resume: not ours.
-                        if self.writes_chunk([cz, cy, cx]) {
-                            by_chunk.entry([cz, cy, cx]).or_default().push(p);
-                        }
-                    }
-                }
+            // Another rank's chunk, or one complete before a resume, is not ours.
+            for chunk in chunks_meeting(piece.region, self.config.chunk_shape).filter(|&c| self.writes_chunk(c)) {
+                by_chunk.entry(chunk).or_default().push(p);
             }
         }
         let mut work: Vec<([u64; 3], Vec<usize>)> = by_chunk.into_iter().collect();
@@ -459,10 +446,9 @@ impl ImageWriter {
                 if acc.remaining == 0 {
                     self.store_accumulated(chunk, std::mem::replace(acc, empty_acc()))?;
                     *state = ChunkState::Written;
-                    if self.plan.is_some() {
-                        if let Some(progress) = &self.progress {
-                            progress.mark_done(chunk)?;
-                        }
+                    // Planned writers only: a chunk is complete once all its tiles arrived.
+                    if let Some(progress) = &self.progress {
+                        progress.mark_done(chunk)?;
                     }
                 }
             }
@@ -574,30 +560,25 @@ impl ImageWriter {
             return Ok(out);
         }
         let cs: [u64; 3] = std::array::from_fn(|k| self.config.chunk_shape[k] as u64);
-        for cz in chunk_range(lo[0], hi[0], cs[0]) {
-            for cy in chunk_range(lo[1], hi[1], cs[1]) {
-                for cx in chunk_range(lo[2], hi[2], cs[2]) {
-                    let chunk = [cz, cy, cx];
-                    let slot = lock(&self.chunks).get(&chunk).cloned();
-                    let values = match slot.as_ref().map(|s| lock(s)) {
-                        Some(state) => match &*state {
-                            ChunkState::Pending(acc) => normalised(acc, fill),
-                            ChunkState::Written => self.load_chunk(0, chunk)?,
-                        },
-                        None => self.load_chunk(0, chunk)?,
-                    };
-                    let (clo, chi) = self.chunk_box(0, chunk);
-                    for z in lo[0].max(clo[0])..hi[0].min(chi[0]) {
-                        for y in lo[1].max(clo[1])..hi[1].min(chi[1]) {
-                            let x0 = lo[2].max(clo[2]);
-                            let x1 = hi[2].min(chi[2]);
-                            let src = (((z - clo[0]) * cs[1] + (y - clo[1])) * cs[2] + (x0 - clo[2])) as usize;
-                            let dst = (((z as i64 - start[0]) as usize * shape[1] + (y as i64 - start[1]) as usize) * shape[2])
-                                + (x0 as i64 - start[2]) as usize;
-                            let len = (x1 - x0) as usize;
-                            out[dst..dst + len].copy_from_slice(&values[src..src + len]);
-                        }
-                    }
+        for chunk in chunks_meeting(std::array::from_fn(|k| (lo[k], hi[k])), self.config.chunk_shape) {
+            let slot = lock(&self.chunks).get(&chunk).cloned();
+            let values = match slot.as_ref().map(|s| lock(s)) {
+                Some(state) => match &*state {
+                    ChunkState::Pending(acc) => normalised(acc, fill),
+                    ChunkState::Written => self.load_chunk(0, chunk)?,
+                },
+                None => self.load_chunk(0, chunk)?,
+            };
+            let (clo, chi) = self.chunk_box(0, chunk);
+            for z in lo[0].max(clo[0])..hi[0].min(chi[0]) {
+                for y in lo[1].max(clo[1])..hi[1].min(chi[1]) {
+                    let x0 = lo[2].max(clo[2]);
+                    let x1 = hi[2].min(chi[2]);
+                    let src = (((z - clo[0]) * cs[1] + (y - clo[1])) * cs[2] + (x0 - clo[2])) as usize;
+                    let dst = (((z as i64 - start[0]) as usize * shape[1] + (y as i64 - start[1]) as usize) * shape[2])
+                        + (x0 as i64 - start[2]) as usize;
+                    let len = (x1 - x0) as usize;
+                    out[dst..dst + len].copy_from_slice(&values[src..src + len]);
                 }
             }
         }

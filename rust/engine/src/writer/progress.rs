@@ -15,10 +15,11 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::chunks_meeting;
 use super::config::WriterConfig;
 use super::store::write_atomic;
 use super::tiling::TilePlan;
@@ -77,12 +78,7 @@ impl Progress {
                         plan_path.display()
                     )));
                 }
-                for entry in fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
-                    let entry = entry.map_err(|e| Error::io(&dir, e))?;
-                    if let Some(chunk) = parse_mark(&entry.file_name().to_string_lossy()) {
-                        done_at_open.insert(chunk);
-                    }
-                }
+                done_at_open.extend(marks_in(&dir)?.into_iter().map(|(chunk, _)| chunk));
             }
             _ => {
                 if !config.exist_ok && dir.exists() {
@@ -130,43 +126,38 @@ impl Progress {
         write_atomic(&path, self.shard.rank.to_string().as_bytes(), self.fsync).map_err(|e| Error::io(&path, e))
     }
 
-    /// Complete chunks now (every process's marks; counted, not read).
+    /// Complete chunks now (every process's marks; counted, not read: cheap enough to poll).
     pub(super) fn done(&self) -> Result<u64> {
-        match fs::read_dir(&self.dir) {
-            Ok(entries) => {
-                let mut n = 0;
-                for entry in entries {
-                    let entry = entry.map_err(|e| Error::io(&self.dir, e))?;
-                    n += u64::from(parse_mark(&entry.file_name().to_string_lossy()).is_some());
-                }
-                Ok(n)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
-            Err(e) => Err(Error::io(&self.dir, e)),
-        }
+        Ok(marks_in(&self.dir)?.len() as u64)
     }
 
-    /// Complete chunks now, per rank that wrote them (every process's marks, read from disk).
+    /// Complete chunks now, per rank that wrote them.
     pub(super) fn done_by_rank(&self) -> Result<BTreeMap<usize, u64>> {
         let mut out = BTreeMap::new();
-        let entries = match fs::read_dir(&self.dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(Error::io(&self.dir, e)),
-        };
-        for entry in entries {
-            let entry = entry.map_err(|e| Error::io(&self.dir, e))?;
-            if parse_mark(&entry.file_name().to_string_lossy()).is_some() {
-                // A mark is written whole (renamed into place); an unreadable one still counts.
-                let rank = fs::read_to_string(entry.path())
-                    .ok()
-                    .and_then(|s| s.trim().parse().ok())
-                    .unwrap_or(0);
-                *out.entry(rank).or_insert(0) += 1;
-            }
+        for (_, mark) in marks_in(&self.dir)? {
+            // A mark is written whole (renamed into place); an unreadable one still counts.
+            let rank = fs::read_to_string(&mark).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+            *out.entry(rank).or_insert(0) += 1;
         }
         Ok(out)
     }
+}
+
+/// The marks in `dir` (none when it does not exist): each chunk and its file.
+fn marks_in(dir: &Path) -> Result<Vec<([u64; 3], PathBuf)>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        if let Some(chunk) = parse_mark(&entry.file_name().to_string_lossy()) {
+            out.push((chunk, entry.path()));
+        }
+    }
+    Ok(out)
 }
 
 /// Plans with more tiles than this split chunks evenly instead (the search below evaluates
@@ -182,23 +173,12 @@ fn balanced_cuts(plan: &TilePlan, chunk_shape: [usize; 3], grid: [u64; 3], world
     if world_size <= 1 || plan.len() > BALANCED_SPLIT_MAX_TILES {
         return even();
     }
-    let cs: [u64; 3] = std::array::from_fn(|k| chunk_shape[k] as u64);
     // Per tile, the C-order indices of the chunks it touches, ascending.
     let touched: Vec<Vec<u64>> = (0..plan.len())
         .map(|i| {
-            let r = plan.region(i);
-            if (0..3).any(|k| r[k].1 <= r[k].0) {
-                return Vec::new();
-            }
-            let mut flats = Vec::new();
-            for z in r[0].0 / cs[0]..=(r[0].1 - 1) / cs[0] {
-                for y in r[1].0 / cs[1]..=(r[1].1 - 1) / cs[1] {
-                    for x in r[2].0 / cs[2]..=(r[2].1 - 1) / cs[2] {
-                        flats.push((z * grid[1] + y) * grid[2] + x);
-                    }
-                }
-            }
-            flats
+            chunks_meeting(plan.region(i), chunk_shape)
+                .map(|[z, y, x]| (z * grid[1] + y) * grid[2] + x)
+                .collect()
         })
         .collect();
     // Tiles a rank owning chunks `a..b` processes.
