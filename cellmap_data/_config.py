@@ -193,8 +193,8 @@ def _elastic_engine_form(config: Mapping[str, Any]) -> dict[str, Any]:
         out["jitter_sigma"] = [sigma.get(a, 0.0) for a in SPATIAL_AXES]
     spacing = config.get("control_point_spacing")
     if isinstance(spacing, Mapping):
-        deformed = [a for a, s in zip(SPATIAL_AXES, out.get("jitter_sigma") or [0.0] * 3) if s != 0] \
-            if isinstance(out.get("jitter_sigma"), list) else list(SPATIAL_AXES)
+        sigma = out.get("jitter_sigma")
+        deformed = [a for a, s in zip(SPATIAL_AXES, sigma) if s != 0] if isinstance(sigma, list) else list(SPATIAL_AXES)
         missing = [a for a in deformed if a not in spacing]
         if missing:
             raise ConfigError(f"spatial_transforms['elastic']['control_point_spacing'] has no spacing for axes {missing}")

@@ -218,21 +218,29 @@ def _seconds_per_epoch(loader: Any) -> float:
     return time.perf_counter() - start
 
 
+def _interleaved_samples_per_s(loaders: dict[str, Any], batches: int, repeat: int) -> dict[str, float]:
+    """Samples/s of each loader (batches of 8): an epoch each to warm the chunk cache, then
+    ``repeat`` epochs interleaved (a, b, a, b, ...) so all see the same machine; medians."""
+    for loader in loaders.values():
+        _seconds_per_epoch(loader)
+    times: dict[str, list[float]] = {name: [] for name in loaders}
+    for _ in range(repeat):
+        for name, loader in loaders.items():
+            times[name].append(_seconds_per_epoch(loader))
+    return {name: batches * 8 / statistics.median(t) for name, t in times.items()}
+
+
 def bench_transforms(data: Any, threads: int = 2, batches: int = 20, repeat: int = 3) -> dict[str, Any]:
     """The split's default value transforms against none, through the public API, interleaved
     (identity, defaults, identity, defaults, ...) so both see the same machine; medians.
     Target: defaults >= 0.9 × identity throughput."""
     out: dict[str, Any] = {}
     for config in transform_configs():
-        identity = public_api_loader(data, config, threads, batches, defaults=False)
         default = public_api_loader(data, config, threads, batches, defaults=True)
-        _seconds_per_epoch(identity), _seconds_per_epoch(default)  # warm the chunk cache
-        times: dict[str, list[float]] = {"identity": [], "defaults": []}
-        for _ in range(repeat):
-            times["identity"].append(_seconds_per_epoch(identity))
-            times["defaults"].append(_seconds_per_epoch(default))
-        samples = batches * 8
-        ident, dflt = (samples / statistics.median(times[k]) for k in ("identity", "defaults"))
+        rates = _interleaved_samples_per_s(
+            {"identity": public_api_loader(data, config, threads, batches, defaults=False), "defaults": default},
+            batches, repeat)
+        ident, dflt = rates["identity"], rates["defaults"]
         plan = default.multi.datasets[0].value_transform_plan
         out[config.name] = {"identity_samples_per_s": ident, "defaults_samples_per_s": dflt, "ratio": dflt / ident,
                             "threads": threads, "plan": plan}
@@ -244,15 +252,11 @@ def bench_elastic(data: Any, threads: int = 2, batches: int = 20, repeat: int = 
     augmentation) against rotated + elastic, interleaved; medians. Bound: elastic costs at most
     ``ELASTIC_BOUND`` × the rotated-only time per sample."""
     config = next(c for c in transform_configs() if c.name == "3d-64-4cls-rotated")
-    rotated = public_api_loader(data, config, threads, batches)
-    elastic = public_api_loader(data, config, threads, batches, augment={**AUGMENT, "elastic": ELASTIC})
-    _seconds_per_epoch(rotated), _seconds_per_epoch(elastic)  # warm the chunk cache
-    times: dict[str, list[float]] = {"rotated": [], "elastic": []}
-    for _ in range(repeat):
-        times["rotated"].append(_seconds_per_epoch(rotated))
-        times["elastic"].append(_seconds_per_epoch(elastic))
-    samples = batches * 8
-    rot, ela = (samples / statistics.median(times[k]) for k in ("rotated", "elastic"))
+    rates = _interleaved_samples_per_s({
+        "rotated": public_api_loader(data, config, threads, batches),
+        "elastic": public_api_loader(data, config, threads, batches, augment={**AUGMENT, "elastic": ELASTIC}),
+    }, batches, repeat)
+    rot, ela = rates["rotated"], rates["elastic"]
     return {"rotated_samples_per_s": rot, "elastic_samples_per_s": ela, "cost_ratio": rot / ela, "bound": ELASTIC_BOUND,
             "threads": threads, "elastic": ELASTIC}
 

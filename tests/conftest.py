@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -56,6 +57,19 @@ def write_ome_image(
     else:
         group.attrs["ome"] = {"version": "0.5", "multiscales": [multiscale]}
     return group_path
+
+
+def rotation(angles_deg: Sequence[float]) -> np.ndarray:
+    """The engine's rotation matrix, written independently: world offset = R · output offset;
+    rotating about z turns the y-x plane (applied x first)."""
+    r = np.eye(3)
+    for axis in (2, 1, 0):
+        a = math.radians(angles_deg[axis])
+        p, q = [k for k in range(3) if k != axis]
+        m = np.eye(3)
+        m[p, p], m[p, q], m[q, p], m[q, q] = math.cos(a), -math.sin(a), math.sin(a), math.cos(a)
+        r = m @ r
+    return r
 
 
 def reference_patch(data: np.ndarray, start: Sequence[int], shape: Sequence[int], pad_value: float = np.nan) -> np.ndarray:

@@ -4,7 +4,6 @@ the same for raw and labels, the same at any thread count)."""
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
@@ -15,21 +14,9 @@ from scipy import ndimage
 
 from cellmap_data import CellMapDataLoader, CellMapDataset, CellMapImage, _engine
 from cellmap_data.exceptions import ConfigError
-from conftest import write_ome_image
+from conftest import rotation, write_ome_image
 
 AXES = "zyx"
-
-
-def rotation(angles_deg):
-    """World offset = R · output offset; about z turns the y-x plane (applied x first)."""
-    r = np.eye(3)
-    for axis in (2, 1, 0):
-        a = math.radians(angles_deg[axis])
-        p, q = [k for k in range(3) if k != axis]
-        m = np.eye(3)
-        m[p, p], m[p, q], m[q, p], m[q, q] = math.cos(a), -math.sin(a), math.sin(a), math.cos(a)
-        r = m @ r
-    return r
 
 
 def field(seed, spacing, sigma, shape, voxel):

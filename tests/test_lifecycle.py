@@ -118,6 +118,15 @@ def _reply(queue, work) -> None:
         queue.put(("error", traceback.format_exc()))
 
 
+def fork_child(work):
+    """A forked child running ``work`` (see :func:`_reply`), started, and its reply queue."""
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_reply, args=(queue, work))
+    child.start()
+    return child, queue
+
+
 def wait_for_child(child, queue, timeout: float = 120):
     """The child's result; fails on a hang (no reply or no exit in time), an error or a crash."""
     try:
@@ -160,10 +169,7 @@ def test_forked_child_iterates_a_loader_built_in_the_parent_mid_epoch(tiny_data)
         loader.epoch = 0
         return {"epoch0": as_arrays(loader), "epoch2": next_epoch}
 
-    ctx = multiprocessing.get_context("fork")
-    queue = ctx.Queue()
-    child = ctx.Process(target=_reply, args=(queue, child_work))
-    child.start()
+    child, queue = fork_child(child_work)
     try:
         got = wait_for_child(child, queue)
         epoch1 = first + as_arrays(running)
@@ -190,10 +196,7 @@ def test_forked_child_can_drop_the_parent_s_stream_and_read(tiny_data):
         loader.epoch = 0
         return as_arrays(loader)
 
-    ctx = multiprocessing.get_context("fork")
-    queue = ctx.Queue()
-    child = ctx.Process(target=_reply, args=(queue, child_work))
-    child.start()
+    child, queue = fork_child(child_work)
     try:
         got = wait_for_child(child, queue)
         expected = first + as_arrays(running)

@@ -3,7 +3,6 @@ for resampled reads (order=1 raw, order=0 labels), numpy flips/transposes for th
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
@@ -13,21 +12,9 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from cellmap_data import _engine
-from conftest import write_ome_image
+from conftest import rotation, write_ome_image
 
 AXES = "zyx"
-
-
-def rotation(angles_deg):
-    """World offset = R · output offset; about z turns the y-x plane (applied x first)."""
-    r = np.eye(3)
-    for axis in (2, 1, 0):
-        a = math.radians(angles_deg[axis])
-        p, q = [k for k in range(3) if k != axis]
-        m = np.eye(3)
-        m[p, p], m[p, q], m[q, p], m[q, q] = math.cos(a), -math.sin(a), math.sin(a), math.cos(a)
-        r = m @ r
-    return r
 
 
 def orientation(mirror=(False,) * 3, permutation=(0, 1, 2), angles=(0.0,) * 3):

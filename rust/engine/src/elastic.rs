@@ -190,12 +190,8 @@ impl ElasticDraw {
         for (j, out) in fields.iter_mut().enumerate() {
             // Separable: along x, then y (on control planes, small), then z (every voxel: four
             // multiply-adds in float32, vectorised).
-            let along_x = axes[2].apply(&controls[j], counts[0] * counts[1], 1, counts[2]);
-            let along_y: Vec<f32> = axes[1]
-                .apply(&along_x, counts[0], nx, counts[1])
-                .into_iter()
-                .map(|v| v as f32)
-                .collect();
+            let along_x = axes[2].apply(&controls[j], counts[0] * counts[1], 1);
+            let along_y: Vec<f32> = axes[1].apply(&along_x, counts[0], nx).into_iter().map(|v| v as f32).collect();
             // Every value is written below: a reused buffer needs no zero fill.
             out.resize(nz * plane, 0.0);
             let largest = out
@@ -264,9 +260,8 @@ impl AxisWeights {
 
     /// Contracts the innermost-but-`inner` axis of `values` (`outer` blocks of `self.controls` ×
     /// `inner` values) with the weights: `outer` blocks of `n` × `inner`.
-    fn apply(&self, values: &[f64], outer: usize, inner: usize, controls: usize) -> Vec<f64> {
-        debug_assert_eq!(controls, self.controls);
-        let n = self.base.len();
+    fn apply(&self, values: &[f64], outer: usize, inner: usize) -> Vec<f64> {
+        let (n, controls) = (self.base.len(), self.controls);
         let mut out = vec![0.0; outer * n * inner];
         for b in 0..outer {
             for (o, (&base, w)) in self.base.iter().zip(&self.weights).enumerate() {
