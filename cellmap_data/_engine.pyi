@@ -413,7 +413,7 @@ class ImageWriter:
         """Whether ``close`` was called."""
     @property
     def stats(self) -> dict[str, int]:
-        """Counters: chunks_written, bytes_written, pending_chunks."""
+        """Counters: chunks_written, bytes_written, pending_chunks, complete_chunks."""
     def tile_centres(self, indices: Sequence[int]) -> list[list[float]]:
         """World centres (z, y, x nm) of planned tiles ``indices``."""
     def tiles_to_write(self) -> list[int]:

@@ -335,7 +335,8 @@ class ImageWriter:
 
     @property
     def stats(self) -> dict[str, int]:
-        """chunks_written, bytes_written (encoded), pending_chunks."""
+        """chunks_written, bytes_written (encoded), pending_chunks (incomplete, in memory) and
+        complete_chunks (complete, waiting to be written with the next group)."""
         return self._engine.stats
 
     @property

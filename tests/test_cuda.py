@@ -113,8 +113,8 @@ def test_predictions_written_from_gpu_tensors(tmp_path, tiny_data):
     multiscale = group.attrs.asdict()["multiscales"][0]
     voxel = multiscale["datasets"][0]["coordinateTransformations"][0]["scale"]
     origin = multiscale["datasets"][0]["coordinateTransformations"][1]["translation"]
-    edge = [o - v / 2 for o, v in zip(origin, voxel)]
-    bounds = {a: [edge[k], edge[k] + 32 * voxel[k]] for k, a in enumerate("zyx")}
+    # The translation is the corner of voxel 0 (the drop-in frame).
+    bounds = {a: [origin[k], origin[k] + 32 * voxel[k]] for k, a in enumerate("zyx")}
 
     def write(path, device):
         writer = CellMapDatasetWriter(

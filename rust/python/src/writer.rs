@@ -219,7 +219,7 @@ impl ImageWriter {
         self.inner.is_closed()
     }
 
-    /// Counters: chunks_written, bytes_written, pending_chunks.
+    /// Counters: chunks_written, bytes_written, pending_chunks, complete_chunks.
     #[getter]
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.inner.stats();
@@ -227,6 +227,7 @@ impl ImageWriter {
         d.set_item("chunks_written", s.chunks_written)?;
         d.set_item("bytes_written", s.bytes_written)?;
         d.set_item("pending_chunks", s.pending_chunks)?;
+        d.set_item("complete_chunks", s.complete_chunks)?;
         Ok(d)
     }
 

@@ -120,6 +120,9 @@ pub(super) struct Acc {
 
 pub(super) enum ChunkState {
     Pending(Acc),
+    /// Every tile arrived; waiting to be encoded and written with the next group of complete
+    /// chunks (see `ImageWriter::store_complete`).
+    Complete(Acc),
     Written,
 }
 
@@ -143,16 +146,10 @@ pub(super) fn empty_acc() -> Acc {
     }
 }
 
-/// The chunk's final values: blended sums divided by their weights (fill where no weight).
-pub(super) fn finish(acc: Acc, fill: f32) -> Vec<f32> {
-    match acc.weights {
-        None => acc.values,
-        Some(w) => acc
-            .values
-            .iter()
-            .zip(&w)
-            .map(|(&v, &w)| if w > 0.0 { v / w } else { fill })
-            .collect(),
+/// Blended sums divided by their weights, in place (fill where no weight).
+pub(super) fn normalise_in_place(values: &mut [f32], weights: &[f32], fill: f32) {
+    for (v, &w) in values.iter_mut().zip(weights) {
+        *v = if w > 0.0 { *v / w } else { fill };
     }
 }
 

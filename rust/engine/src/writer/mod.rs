@@ -19,8 +19,11 @@
 //!
 //! Writes arrive as tiles (possibly from several threads, in any order). Each tile is spread
 //! over the output chunks it touches, which are accumulated in memory (one lock per chunk) and
-//! encoded + written as soon as they are complete; complete chunks are dropped from memory at
-//! once, so memory holds only the partially covered chunks. A chunk is complete when
+//! encoded + written once complete; memory holds the partially covered chunks and at most a
+//! group of complete ones. Complete chunks are written in groups of about the thread count, in
+//! parallel: with blending a chunk completes only when the next row of tiles arrives, one or
+//! two per call, and encoding them one at a time would leave the other threads idle. A chunk
+//! is complete when
 //! - with a tiling plan (`tiling` in the config): every planned tile that touches it arrived;
 //! - without one: every voxel of it was written at least once.
 //!
@@ -67,7 +70,7 @@ use zarrs::array::Array;
 use crate::error::{Error, Result};
 use crate::volume::DType;
 
-use accumulate::{copy_piece, empty_acc, finish, normalised, with_sample, Acc, ChunkState, Piece, Sample};
+use accumulate::{copy_piece, empty_acc, normalise_in_place, normalised, with_sample, Acc, ChunkState, Piece, Sample};
 pub use config::{Downsample, TilingConfig, WriterConfig};
 use progress::Progress;
 pub use progress::Shard;
@@ -103,8 +106,10 @@ pub struct WriterStats {
     pub chunks_written: u64,
     /// Encoded bytes written.
     pub bytes_written: u64,
-    /// Chunks accumulated in memory, not yet written.
+    /// Chunks accumulated in memory, not yet complete.
     pub pending_chunks: u64,
+    /// Complete chunks in memory, waiting to be written with the next group.
+    pub complete_chunks: u64,
 }
 
 /// One level of an output image: (path below the image group, shape, voxel size, translation).
@@ -117,6 +122,11 @@ pub struct ImageWriter {
     plan: Option<TilePlan>,
     received: Vec<AtomicBool>,
     chunks: Mutex<HashMap<[u64; 3], Arc<Mutex<ChunkState>>>>,
+    /// Complete chunks not yet written (`ChunkState::Complete`).
+    complete: Mutex<Vec<[u64; 3]>>,
+    /// Buffers of written chunks, reused for new ones: a fresh chunk-sized allocation is zero
+    /// pages that fault on first write, and the faults' TLB shootdowns serialise the threads.
+    spare: Mutex<Vec<Vec<f32>>>,
     closed: AtomicBool,
     store: Arc<AtomicFileStore>,
     /// Completion marks and this process's chunks (planned writers only).
@@ -197,6 +207,8 @@ impl ImageWriter {
             plan,
             received,
             chunks: Mutex::new(HashMap::new()),
+            complete: Mutex::new(Vec::new()),
+            spare: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
             store,
             progress,
@@ -287,14 +299,19 @@ impl ImageWriter {
 
     /// Counters.
     pub fn stats(&self) -> WriterStats {
-        let pending = lock(&self.chunks)
-            .values()
-            .filter(|c| matches!(*lock(c), ChunkState::Pending(_)))
-            .count() as u64;
+        let (mut pending, mut complete) = (0, 0);
+        for slot in lock(&self.chunks).values() {
+            match *lock(slot) {
+                ChunkState::Pending(_) => pending += 1,
+                ChunkState::Complete(_) => complete += 1,
+                ChunkState::Written => {}
+            }
+        }
         WriterStats {
             chunks_written: self.store.chunks_written(),
             bytes_written: self.store.bytes_written(),
             pending_chunks: pending,
+            complete_chunks: complete,
         }
     }
 
@@ -390,7 +407,37 @@ impl ImageWriter {
         let mut work: Vec<([u64; 3], Vec<usize>)> = by_chunk.into_iter().collect();
         work.sort_unstable_by_key(|(c, _)| *c);
         work.par_iter()
-            .try_for_each(|(chunk, list)| self.apply_to_chunk(*chunk, list.iter().map(|&p| &pieces[p])))
+            .try_for_each(|(chunk, list)| self.apply_to_chunk(*chunk, list.iter().map(|&p| &pieces[p])))?;
+        if lock(&self.complete).len() >= rayon::current_num_threads() {
+            self.store_complete()?;
+        }
+        Ok(())
+    }
+
+    /// Encodes and writes every complete chunk held in memory, in parallel, then marks them
+    /// done.
+    fn store_complete(&self) -> Result<()> {
+        let group = std::mem::take(&mut *lock(&self.complete));
+        group.par_iter().try_for_each(|&chunk| {
+            let slot = lock(&self.chunks).get(&chunk).cloned();
+            match slot {
+                Some(slot) => self.store_if_complete(chunk, &mut *lock(&slot)),
+                None => Ok(()),
+            }
+        })
+    }
+
+    /// Writes a complete chunk held in memory (no-op in any other state).
+    fn store_if_complete(&self, chunk: [u64; 3], state: &mut ChunkState) -> Result<()> {
+        if let ChunkState::Complete(acc) = state {
+            self.store_accumulated(chunk, std::mem::replace(acc, empty_acc()))?;
+            *state = ChunkState::Written;
+            // Planned writers only: a chunk is complete once all its tiles arrived.
+            if let Some(progress) = &self.progress {
+                progress.mark_done(chunk)?;
+            }
+        }
+        Ok(())
     }
 
     fn chunk_box(&self, level: usize, chunk: [u64; 3]) -> ([u64; 3], [u64; 3]) {
@@ -406,18 +453,38 @@ impl ImageWriter {
         let blended = self.plan.as_ref().is_some_and(TilePlan::is_blended);
         match &self.plan {
             Some(plan) => Acc {
-                values: vec![if blended { 0.0 } else { self.config.fill_value as f32 }; n],
-                weights: blended.then(|| vec![0.0; n]),
+                values: self.buffer(n, if blended { 0.0 } else { self.config.fill_value as f32 }),
+                weights: blended.then(|| self.buffer(n, 0.0)),
                 // Shared images merge partly written chunks by the voxels written here.
                 covered: self.config.exist_ok.then(|| vec![false; n]),
                 remaining: plan.tiles_meeting(lo, hi),
             },
             None => Acc {
-                values: vec![self.config.fill_value as f32; n],
+                values: self.buffer(n, self.config.fill_value as f32),
                 weights: None,
                 covered: Some(vec![false; n]),
                 remaining: (0..3).map(|k| hi[k] - lo[k]).product(),
             },
+        }
+    }
+
+    /// A chunk buffer of `n` values `fill`, reused when one is spare.
+    fn buffer(&self, n: usize, fill: f32) -> Vec<f32> {
+        match lock(&self.spare).pop() {
+            Some(mut v) => {
+                v.clear();
+                v.resize(n, fill);
+                v
+            }
+            None => vec![fill; n],
+        }
+    }
+
+    fn recycle(&self, buffer: Vec<f32>) {
+        let mut spare = lock(&self.spare);
+        // Enough for a group of complete chunks and their weights; the rest is freed.
+        if spare.len() < 4 * rayon::current_num_threads() {
+            spare.push(buffer);
         }
     }
 
@@ -444,15 +511,14 @@ impl ImageWriter {
                     }
                 }
                 if acc.remaining == 0 {
-                    self.store_accumulated(chunk, std::mem::replace(acc, empty_acc()))?;
-                    *state = ChunkState::Written;
-                    // Planned writers only: a chunk is complete once all its tiles arrived.
-                    if let Some(progress) = &self.progress {
-                        progress.mark_done(chunk)?;
-                    }
+                    *state = ChunkState::Complete(std::mem::replace(acc, empty_acc()));
+                    lock(&self.complete).push(chunk);
                 }
             }
-            ChunkState::Written => {
+            ChunkState::Complete(_) | ChunkState::Written => {
+                // A write into a chunk already complete (a repeated tile, or a free write):
+                // written first if it is still in memory, then treated as a written one.
+                self.store_if_complete(chunk, &mut *state)?;
                 // Read back, overwrite the new voxels (last write wins), write again.
                 let _shared = self.shared_write_lock()?;
                 let mut values = self.load_chunk(0, chunk)?;
@@ -493,8 +559,12 @@ impl ImageWriter {
     /// stored voxels, the rest are kept) under the shared lock.
     fn store_accumulated(&self, chunk: [u64; 3], mut acc: Acc) -> Result<()> {
         let covered = acc.covered.take();
-        let values = finish(acc, self.config.fill_value as f32);
-        match covered {
+        let mut values = std::mem::take(&mut acc.values);
+        if let Some(weights) = acc.weights.take() {
+            normalise_in_place(&mut values, &weights, self.config.fill_value as f32);
+            self.recycle(weights);
+        }
+        let stored = match covered {
             Some(covered) if self.config.exist_ok && covered.iter().any(|c| !c) => {
                 let _shared = self.shared_write_lock()?;
                 let mut merged = self.load_chunk(0, chunk)?;
@@ -506,7 +576,9 @@ impl ImageWriter {
                 self.store_chunk(0, chunk, &merged)
             }
             _ => self.store_chunk(0, chunk, &values),
-        }
+        };
+        self.recycle(values);
+        stored
     }
 
     /// Decodes chunk `chunk` of `level` from disk as f32 (the fill value where absent).
@@ -564,7 +636,7 @@ impl ImageWriter {
             let slot = lock(&self.chunks).get(&chunk).cloned();
             let values = match slot.as_ref().map(|s| lock(s)) {
                 Some(state) => match &*state {
-                    ChunkState::Pending(acc) => normalised(acc, fill),
+                    ChunkState::Pending(acc) | ChunkState::Complete(acc) => normalised(acc, fill),
                     ChunkState::Written => self.load_chunk(0, chunk)?,
                 },
                 None => self.load_chunk(0, chunk)?,
@@ -587,6 +659,7 @@ impl ImageWriter {
 
     /// Writes every pending chunk (in parallel). Chunks never written stay absent (fill value).
     pub fn flush(&self) -> Result<()> {
+        self.store_complete()?;
         let slots: Vec<([u64; 3], Arc<Mutex<ChunkState>>)> = lock(&self.chunks).iter().map(|(k, v)| (*k, v.clone())).collect();
         slots.par_iter().try_for_each(|(chunk, slot)| {
             let mut state = lock(slot);

@@ -211,6 +211,10 @@ fn free_writes_complete_by_coverage_and_rewrite_after_flush() {
     c.tiling = None;
     let writer = ImageWriter::create(c).unwrap();
     writer.write_boxes(&[[0, 0, 0]], &vec![1.0; 64]).unwrap();
+    // Complete: written now, or held for the next group of complete chunks.
+    let s = writer.stats();
+    assert_eq!((s.pending_chunks, s.complete_chunks + s.chunks_written), (0, 1), "{s:?}");
+    writer.flush().unwrap();
     assert_eq!(writer.stats().chunks_written, 1);
     writer.write_boxes(&[[0, 2, 2]], &vec![3.0; 64]).unwrap();
     let back = writer.read_box([0, 0, 0], [1, 8, 8]).unwrap();
