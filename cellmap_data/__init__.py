@@ -35,6 +35,7 @@ _LAZY = {
     "CellMapIterableDataset": ".loader",
     "set_coordinate_frame": "._config",
     "get_coordinate_frame": "._config",
+    "configure_remote": ".remote",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -103,6 +103,24 @@ def elastic_field(
     ``(seed, control_point_spacing, jitter_sigma)`` at the voxel centres of a patch of ``shape``
     voxels of ``voxel_size`` nm: a ``[3, *shape]`` tensor (z, y, x components)."""
 
+# -- object stores ---------------------------------------------------------------------------
+
+def remote_options() -> dict[str, Any]:
+    """The object-store options in effect."""
+
+def set_remote_options(
+    *, max_in_flight: int | None = None, timeout: float | None = None, retries: int | None = None,
+    endpoint_url: str | None = None, anonymous: bool | str | None = None, disk_cache: str | None = None,
+    disk_cache_bytes: int | None = None,
+) -> None:
+    """Replaces the object-store options (stores opened afterwards use them)."""
+
+def nodes_exist(locations: list[str]) -> list[bool]:
+    """Whether a zarr group or array exists at each location (URLs in one round trip)."""
+
+def is_remote(location: str) -> bool:
+    """Whether ``location`` is an object-store URL."""
+
 # -- tensors and batches ---------------------------------------------------------------------
 
 @final

@@ -30,6 +30,7 @@ from ._config import (
 from ._stats import ClassWeights
 from .batches import expand_compact, run_torch_rest, sample_metadata_dicts
 from .exceptions import ConfigError, NotFoundError
+from .remote import groups_exist, is_url
 from .transforms.plan import ValuePlan, plan_value_transforms
 from .utils.paths import split_target_path
 
@@ -63,6 +64,8 @@ def _is_old_dataset_call(args: tuple) -> bool:
 
 
 def _is_zarr_group(path: str) -> bool:
+    if is_url(path):
+        return groups_exist([path])[0]
     return any(os.path.exists(os.path.join(path, name)) for name in (".zgroup", ".zattrs", "zarr.json"))
 
 
@@ -172,11 +175,15 @@ class CellMapDataset(ClassWeights, torch.utils.data.Dataset):
             self.target_template, self.annotated_classes = "", []
         self.spatial_transforms = spatial_transforms_json(spatial_transforms)
         self._plan_values()
-        for c in self.annotated_classes:
-            # Every class the template lists must exist, requested or not: a typo in a CSV
-            # should fail here, not silently turn into an unannotated class.
-            label_path = self.target_template.format(label=c)
-            if not os.path.exists(label_path):
+        # Every class the template lists must exist, requested or not: a typo in a CSV should
+        # fail here, not silently turn into an unannotated class. (URLs: one round trip.)
+        label_paths = [self.target_template.format(label=c) for c in self.annotated_classes]
+        if is_url(self.target_template):
+            found = groups_exist(label_paths)
+        else:
+            found = [os.path.exists(p) for p in label_paths]
+        for c, label_path, present in zip(self.annotated_classes, label_paths, found):
+            if not present:
                 raise NotFoundError(f"{label_path}: no such file or directory (class '{c}' listed in {self.target_path})")
         self._engine_handle = self._open_engine()
         self._engine_pid = os.getpid()

@@ -448,6 +448,10 @@ impl Batch {
                 byte_buffers.push(None);
             }
         }
+        // Remote volumes: every chunk of the batch requested at once, before any is decoded.
+        for (dataset, req) in items.iter().filter(|(d, _)| d.is_remote()) {
+            dataset.prefetch_sample(req.centre, &req.draw);
+        }
         let mut items: Vec<(&'d Dataset, SampleRequest)> = items.to_vec();
         let mut incidents: Vec<Vec<ReadIncident>> = vec![Vec::new(); items.len()];
         {

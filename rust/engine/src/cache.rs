@@ -181,6 +181,11 @@ impl ChunkCache {
         Ok(chunk)
     }
 
+    /// Whether `key` is held (no counters change).
+    pub fn contains(&self, key: &ChunkKey) -> bool {
+        self.chunks.contains_key(key)
+    }
+
     /// Changes the byte budget of the process-wide cache (evicting as needed).
     pub fn set_global_budget(budget_bytes: u64) {
         GLOBAL_BUDGET.store(budget_bytes, Ordering::Relaxed);

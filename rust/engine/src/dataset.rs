@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use crate::augment::{Interpolation, SpatialConfig, SpatialDraw, SpatialJson};
 use crate::cache::ChunkCache;
 use crate::error::{Error, Result};
-use crate::extract::{read_patch, read_patch_group, PatchSpec, ReadOptions};
+use crate::extract::{read_patch, read_patch_group, source_region, PatchSpec, ReadOptions};
 use crate::geometry::{tile_starts, WorldBox, AXES, MAX_VOXEL_COORDINATE};
 use crate::values::ValuePipeline;
 use crate::volume::{ValueMode, Volume};
@@ -330,6 +330,61 @@ impl Dataset {
     /// Number of target channels (requested classes).
     pub fn n_classes(&self) -> usize {
         self.sources.len()
+    }
+
+    /// Whether any of the dataset's volumes is read from an object store.
+    pub fn is_remote(&self) -> bool {
+        self.raw.is_remote()
+            || self.sources.iter().any(|s| match s {
+                ClassSource::Annotated(v) => v.is_remote(),
+                ClassSource::Inferred(vs) => vs.iter().any(|v| v.is_remote()),
+                ClassSource::Empty => false,
+            })
+    }
+
+    /// Starts the requests for the chunks one sample will read (remote volumes only), so that
+    /// a batch's requests are in flight together.
+    pub fn prefetch_sample(&self, centre: [f64; 3], draw: &SpatialDraw) {
+        let request = |volume: &Volume, level: usize, spec: &ArraySpec, options: &ReadOptions| {
+            if !volume.is_remote() {
+                return;
+            }
+            if let Some(region) = source_region(volume, level, &spec.patch, centre, draw, options) {
+                volume.prefetch(level, crate::geometry::chunks_meeting(region, volume.levels[level].chunk_shape.map(|c| c as usize)));
+            }
+        };
+        let raw_options = ReadOptions {
+            interpolation: self.config.raw_interpolation,
+            mode: ValueMode::Raw,
+            pad: self.config.pad,
+            pad_value: self.config.raw_pad_value,
+        };
+        let label_options = ReadOptions {
+            interpolation: Interpolation::Nearest,
+            mode: ValueMode::Foreground,
+            pad: self.config.pad,
+            pad_value: f32::NAN,
+        };
+        for (i, spec) in self.config.inputs.iter().enumerate() {
+            request(&self.raw, self.input_levels[i], spec, &raw_options);
+        }
+        for (t, spec) in self.config.targets.iter().enumerate() {
+            for (c, source) in self.sources.iter().enumerate() {
+                match source {
+                    ClassSource::Annotated(vol) => {
+                        if let Some(level) = self.target_levels[t][c] {
+                            request(vol, level, spec, &label_options);
+                        }
+                    }
+                    ClassSource::Inferred(related) => {
+                        for vol in related {
+                            request(vol, vol.pick_level(spec.patch.voxel_size), spec, &label_options);
+                        }
+                    }
+                    ClassSource::Empty => {}
+                }
+            }
+        }
     }
 
     /// Reads every array of one sample into `outputs` (inputs first, then targets; each

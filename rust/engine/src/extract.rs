@@ -301,6 +301,36 @@ fn check_source_reach(affine: &Affine, shift: Option<&SourceShift>, lvl: &crate:
     )))
 }
 
+/// The voxel box of `level` a read of the patch centred at `centre` gathers, clipped to the
+/// array (`None` when it lies wholly outside). Used to request a batch's chunks ahead of its
+/// reads; an elastic field's extra reach is left out (chunks it adds are read on demand).
+pub fn source_region(volume: &Volume, level: usize, spec: &PatchSpec, centre: [f64; 3], draw: &SpatialDraw, options: &ReadOptions) -> Option<[(u64, u64); 3]> {
+    let lvl = &volume.levels[level];
+    let mut affine = patch_affine(lvl, spec, centre, draw);
+    let (lo, shape) = match affine.axis_aligned_unit() {
+        Some(axes) => {
+            let mut start = [0i64; 3];
+            let mut region = [0usize; 3];
+            for (k, &(j, sign)) in axes.iter().enumerate() {
+                let b = (affine.b[j] + 0.5).floor() as i64;
+                region[j] = spec.shape[k];
+                start[j] = if sign > 0 { b } else { b - (spec.shape[k] as i64 - 1) };
+                if !options.pad {
+                    start[j] = clamp_start(start[j], region[j], lvl.shape[j]);
+                }
+            }
+            (start, region)
+        }
+        None => source_block(&mut affine, None, lvl.shape, spec, options),
+    };
+    let clipped: [(u64, u64); 3] = std::array::from_fn(|k| {
+        let a = lo[k].clamp(0, lvl.shape[k] as i64) as u64;
+        let b = (lo[k] + shape[k] as i64).clamp(0, lvl.shape[k] as i64) as u64;
+        (a, b)
+    });
+    clipped.iter().all(|(a, b)| b > a).then_some(clipped)
+}
+
 /// The source box the general path gathers (voxels every output sample may touch), moved
 /// inside the array when `pad` is false (the affine is moved with it).
 fn source_block(

@@ -205,6 +205,18 @@ pub fn tile_starts(extent: u64, tile: usize, overlap: usize) -> Vec<i64> {
     starts
 }
 
+/// The chunks of `chunk_shape` meeting the voxel box `region` (`[lo, hi)` per axis), in C
+/// order; none when the box is empty.
+pub fn chunks_meeting(region: [(u64, u64); 3], chunk_shape: [usize; 3]) -> impl Iterator<Item = [u64; 3]> {
+    let empty = region.iter().any(|(lo, hi)| hi <= lo);
+    let [rz, ry, rx]: [std::ops::RangeInclusive<u64>; 3] =
+        std::array::from_fn(|k| region[k].0 / chunk_shape[k] as u64..=region[k].1.saturating_sub(1) / chunk_shape[k] as u64);
+    rz.filter(move |_| !empty).flat_map(move |z| {
+        let rx = rx.clone();
+        ry.clone().flat_map(move |y| rx.clone().map(move |x| [z, y, x]))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,6 +17,7 @@ pub mod labels;
 pub mod loader;
 pub mod ngff;
 pub mod read_policy;
+pub mod remote;
 pub mod runtime;
 pub mod sampler;
 pub mod stats;

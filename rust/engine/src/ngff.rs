@@ -245,6 +245,26 @@ pub fn read_json(path: &Path) -> Result<Value> {
     serde_json::from_str(&text).map_err(|e| Error::metadata(path, format!("malformed JSON: {e}")))
 }
 
+/// The text of the metadata document `name` of the node at `node` (a folder or a URL);
+/// `None` when absent.
+pub fn read_node_text(node: &Path, name: &str) -> Result<Option<String>> {
+    if let Some(url) = node.to_str().filter(|s| crate::remote::is_remote(s)) {
+        let store = crate::remote::RemoteStore::open(url)?;
+        return match store.read(name)? {
+            Some(bytes) => String::from_utf8(bytes.to_vec())
+                .map(Some)
+                .map_err(|_| Error::metadata(store.key_url(name), "not UTF-8 text")),
+            None => Ok(None),
+        };
+    }
+    let path = node.join(name);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::IsADirectory) => Ok(None),
+        Err(e) => Err(Error::io(&path, e)),
+    }
+}
+
 /// Whether the zarr v3 node at `node` (its `zarr.json`) is an array; `None` when it has no
 /// readable `zarr.json`.
 pub fn is_v3_array(node: &Path) -> Option<bool> {
@@ -253,22 +273,31 @@ pub fn is_v3_array(node: &Path) -> Option<bool> {
     Some(parsed.node_type == "array")
 }
 
-/// Reads the attributes of a group or array at `node` (v3 `zarr.json` attributes, else v2 `.zattrs`).
+/// Reads the attributes of a group or array at `node` (a folder or a URL): v3 `zarr.json`
+/// attributes, else v2 `.zattrs`. Over a remote store this is one request for a v3 node and
+/// two for a v2 node with attributes; nothing is listed.
 pub fn read_attributes(node: &Path) -> Result<(ZarrFormat, Value)> {
     #[derive(Deserialize)]
     struct V3Node {
         #[serde(default)]
         attributes: Option<Value>,
     }
-    let v3 = node.join("zarr.json");
-    if v3.is_file() {
-        let text = std::fs::read_to_string(&v3).map_err(|e| Error::io(&v3, e))?;
+    if let Some(text) = read_node_text(node, "zarr.json")? {
+        let v3 = node.join("zarr.json");
         let doc: V3Node = serde_json::from_str(&text).map_err(|e| Error::metadata(&v3, format!("malformed zarr.json: {e}")))?;
         return Ok((ZarrFormat::V3, doc.attributes.unwrap_or(Value::Object(Default::default()))));
     }
-    let v2 = node.join(".zattrs");
-    if v2.is_file() {
-        return Ok((ZarrFormat::V2, read_json(&v2)?));
+    if let Some(text) = read_node_text(node, ".zattrs")? {
+        let v2 = node.join(".zattrs");
+        let value = serde_json::from_str(&text).map_err(|e| Error::metadata(&v2, format!("malformed JSON: {e}")))?;
+        return Ok((ZarrFormat::V2, value));
+    }
+    let remote = node.to_str().is_some_and(crate::remote::is_remote);
+    if remote {
+        if read_node_text(node, ".zgroup")?.is_some() || read_node_text(node, ".zarray")?.is_some() {
+            return Ok((ZarrFormat::V2, Value::Object(Default::default())));
+        }
+        return Err(Error::not_found_because(node, "no zarr.json, .zattrs, .zgroup or .zarray there"));
     }
     if node.join(".zgroup").is_file() || node.join(".zarray").is_file() {
         return Ok((ZarrFormat::V2, Value::Object(Default::default())));

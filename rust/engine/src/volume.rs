@@ -13,7 +13,9 @@ use zarrs::array::data_type::{
 use zarrs::array::{Array, ArrayBytes, ArrayToBytesCodecTraits, CodecOptions, FromArrayBytes};
 
 use crate::decode_guard::DecodeGuard;
+use crate::remote::RemoteStore;
 use zarrs::filesystem::FilesystemStore;
+use zarrs::storage::ReadableStorageTraits;
 
 use crate::cache::{with_chunk_values, Chunk, ChunkCache, ChunkData, ChunkKey};
 use crate::error::{Error, Result};
@@ -91,9 +93,9 @@ pub enum ValueMode {
 pub struct Level {
     /// Cache identity of this level.
     pub id: u64,
-    /// Filesystem path of the level's array (for messages).
+    /// Path (or URL) of the level's array (for messages).
     pub path: PathBuf,
-    array: Array<FilesystemStore>,
+    array: Array<dyn ReadableStorageTraits>,
     /// What the encoded chunks are checked for before decoding (decompression bombs).
     guard: DecodeGuard,
     /// Number of leading non-spatial axes (each of size 1).
@@ -260,13 +262,15 @@ static NEXT_LEVEL_ID: AtomicU64 = AtomicU64::new(1);
 
 /// A multiscale image with all its levels open.
 pub struct Volume {
-    /// The image group path.
+    /// The image group path (or URL).
     pub path: PathBuf,
     /// Its parsed metadata.
     pub multiscale: Multiscale,
     /// Levels in metadata order (finest first in CellMap data).
     pub levels: Vec<Level>,
     cache: Arc<ChunkCache>,
+    /// The object store of a remote volume (requests are started ahead through it).
+    remote: Option<Arc<RemoteStore>>,
 }
 
 impl std::fmt::Debug for Volume {
@@ -278,7 +282,7 @@ impl std::fmt::Debug for Volume {
     }
 }
 
-fn data_type_of(array: &Array<FilesystemStore>, path: &Path) -> Result<DType> {
+fn data_type_of(array: &Array<dyn ReadableStorageTraits>, path: &Path) -> Result<DType> {
     let dt = array.data_type();
     Ok(if dt.is::<UInt8DataType>() {
         DType::U8
@@ -317,8 +321,18 @@ impl Volume {
 
     /// Like [`Volume::open`], reading translations in `frame`.
     pub fn open_in_frame(path: impl AsRef<Path>, cache: Arc<ChunkCache>, frame: CoordinateFrame) -> Result<Volume> {
-        let path = path.as_ref().to_path_buf();
-        if !path.exists() {
+        let given = path.as_ref().to_string_lossy().into_owned();
+        let remote = if crate::remote::is_remote(&given) {
+            Some(RemoteStore::open(&given)?)
+        } else {
+            None
+        };
+        // A remote volume is named by its URL (no trailing slash); `file://` is a local path.
+        let path = match &remote {
+            Some(store) => PathBuf::from(store.url()),
+            None => crate::remote::local_path(&given),
+        };
+        if remote.is_none() && !path.exists() {
             return Err(Error::not_found(&path));
         }
         let multiscale = read_multiscale(&path)?;
@@ -334,18 +348,36 @@ impl Volume {
         if spatial != [leading, leading + 1, leading + 2] {
             return Err(Error::metadata(&path, "non-spatial axes must come before the spatial axes"));
         }
-        let store = Arc::new(FilesystemStore::new(&path).map_err(|e| Error::metadata(&path, e))?);
+        let store: Arc<dyn ReadableStorageTraits> = match &remote {
+            Some(remote) => {
+                // Every level's metadata (v3 or v2 names) requested at once: one round trip,
+                // not one per document.
+                let names = ["zarr.json", ".zarray", ".zattrs"];
+                remote.prefetch(
+                    multiscale
+                        .levels
+                        .iter()
+                        .flat_map(|m| names.iter().map(move |n| format!("{}/{n}", m.path.trim_matches('/')))),
+                );
+                remote.clone()
+            }
+            None => Arc::new(FilesystemStore::new(&path).map_err(|e| Error::metadata(&path, e))?),
+        };
         let mut levels = Vec::with_capacity(multiscale.levels.len());
         for meta in &multiscale.levels {
             let level_path = path.join(&meta.path);
-            if !level_path.exists() {
-                return Err(Error::not_found_because(
+            let missing = || {
+                Error::not_found_because(
                     &level_path,
                     format!("listed as level '{}' in the multiscales metadata of {}", meta.path, path.display()),
-                ));
+                )
+            };
+            if remote.is_none() && !level_path.exists() {
+                return Err(missing());
             }
             let key = format!("/{}", meta.path.trim_matches('/'));
             let array = Array::open(store.clone(), &key).map_err(|e| match e {
+                zarrs::array::ArrayCreateError::MissingMetadata => missing(),
                 // An unreadable .zarray/zarr.json keeps its I/O kind (permission denied...).
                 zarrs::array::ArrayCreateError::StorageError(zarrs::storage::StorageError::IOError(io)) => store_io_error(&level_path, &io),
                 other => Error::metadata(&level_path, other),
@@ -399,6 +431,7 @@ impl Volume {
             multiscale,
             levels,
             cache,
+            remote,
         })
     }
 
@@ -420,6 +453,27 @@ impl Volume {
     /// The cache this volume reads through.
     pub fn cache(&self) -> &Arc<ChunkCache> {
         &self.cache
+    }
+
+    /// Whether the volume is read from an object store.
+    pub fn is_remote(&self) -> bool {
+        self.remote.is_some()
+    }
+
+    /// Starts the requests for the chunks `indices` of `level` that are neither decoded in
+    /// the cache nor already requested (remote volumes; a no-op for local ones).
+    pub fn prefetch(&self, level: usize, indices: impl IntoIterator<Item = [u64; 3]>) {
+        let Some(remote) = &self.remote else { return };
+        let lvl = &self.levels[level];
+        let keys = indices
+            .into_iter()
+            .filter(|&index| !self.cache.contains(&ChunkKey { level_id: lvl.id, index }))
+            .map(|index| {
+                let mut full = vec![0u64; lvl.leading];
+                full.extend_from_slice(&index);
+                lvl.array.chunk_key(&full).as_str().to_string()
+            });
+        remote.prefetch(keys);
     }
 
     /// Decoded chunk `index` of `level`, through the cache.

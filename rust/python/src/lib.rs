@@ -5,6 +5,7 @@
 mod convert;
 mod dataset;
 mod loader;
+mod remote;
 mod stats;
 mod tensor;
 mod volume;
@@ -143,6 +144,10 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(coordinate_frame, m)?)?;
     m.add_function(wrap_pyfunction!(apply_value_ops, m)?)?;
     m.add_function(wrap_pyfunction!(volume::elastic_field, m)?)?;
+    m.add_function(wrap_pyfunction!(remote::remote_options, m)?)?;
+    m.add_function(wrap_pyfunction!(remote::set_remote_options, m)?)?;
+    m.add_function(wrap_pyfunction!(remote::nodes_exist, m)?)?;
+    m.add_function(wrap_pyfunction!(remote::is_remote, m)?)?;
     m.add_class::<volume::Volume>()?;
     m.add_class::<dataset::Dataset>()?;
     m.add_class::<dataset::Batch>()?;

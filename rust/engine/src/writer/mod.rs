@@ -75,6 +75,7 @@ pub use config::{Downsample, TilingConfig, WriterConfig};
 use progress::Progress;
 pub use progress::Shard;
 pub(crate) use store::write_atomic;
+pub(crate) use crate::geometry::chunks_meeting;
 pub use store::AtomicFileStore;
 pub use tiling::{Blend, TilePlan};
 
@@ -145,18 +146,6 @@ impl std::fmt::Debug for ImageWriter {
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A poisoned lock means a panic elsewhere; the data are still consistent enough to write.
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The chunks of `chunk_shape` meeting the voxel box `region` (`[lo, hi)` per axis), in C
-/// order; none when the box is empty.
-pub(super) fn chunks_meeting(region: [(u64, u64); 3], chunk_shape: [usize; 3]) -> impl Iterator<Item = [u64; 3]> {
-    let empty = region.iter().any(|(lo, hi)| hi <= lo);
-    let [rz, ry, rx]: [std::ops::RangeInclusive<u64>; 3] =
-        std::array::from_fn(|k| region[k].0 / chunk_shape[k] as u64..=region[k].1.saturating_sub(1) / chunk_shape[k] as u64);
-    rz.filter(move |_| !empty).flat_map(move |z| {
-        let rx = rx.clone();
-        ry.clone().flat_map(move |y| rx.clone().map(move |x| [z, y, x]))
-    })
 }
 
 impl ImageWriter {

@@ -1,0 +1,718 @@
+//! Object-store locations: `s3://`, `gs://`, `http(s)://` (and `file://`, which is local).
+//!
+//! A [`RemoteStore`] is a zarrs store over one location (a bucket or host, and a key prefix),
+//! built on `object_store` clients that a process shares per bucket or host. What it adds:
+//! - **Requests in flight**: [`RemoteStore::prefetch`] starts the requests for keys a batch
+//!   will read, all at once (bounded process-wide by [`RemoteOptions::max_in_flight`]); the
+//!   decode threads then find the bytes arrived or arriving, so latency is paid once per
+//!   batch rather than once per chunk.
+//! - **Faults**: retries with exponential backoff for 5xx answers, resets and timeouts (the
+//!   client's retry policy), a timeout per request, and errors that name the URL and the HTTP
+//!   status; 403 and 404 are answered at once.
+//! - **An optional disk cache** of fetched values ([`DiskCache`]).
+//!
+//! Options come from the environment ([`RemoteOptions::from_env`]) or from
+//! [`set_options`]; credentials and region come from the standard variables of each service
+//! (`AWS_*`, `GOOGLE_*`), and a store without credentials is read anonymously.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures::future::{BoxFuture, FutureExt, Shared};
+use object_store::path::Path as ObjectPath;
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload};
+use tokio::runtime::Runtime;
+use tokio::sync::Semaphore;
+use zarrs::storage::byte_range::{ByteRange, ByteRangeIterator};
+use zarrs::storage::{
+    store_set_partial_many, Bytes, ListableStorageTraits, MaybeBytes, MaybeBytesIterator, OffsetBytesIterator, ReadableStorageTraits,
+    StorageError, StoreKey, StoreKeys, StoreKeysPrefixes, StorePrefix, WritableStorageTraits,
+};
+
+use crate::error::{Error, Result};
+
+mod disk_cache;
+pub use disk_cache::DiskCache;
+
+/// Whether `location` is a URL of an object store (not a local path or `file://` URL).
+pub fn is_remote(location: &str) -> bool {
+    scheme_of(location).is_some_and(|s| s != "file")
+}
+
+fn scheme_of(location: &str) -> Option<&str> {
+    let (scheme, _) = location.split_once("://")?;
+    ["s3", "gs", "http", "https", "file"].contains(&scheme).then_some(scheme)
+}
+
+/// A `file://` URL as a local path; anything else unchanged.
+pub fn local_path(location: &str) -> PathBuf {
+    match location.strip_prefix("file://") {
+        Some(rest) => PathBuf::from(rest),
+        None => PathBuf::from(location),
+    }
+}
+
+/// How remote stores are opened and read (process-wide).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemoteOptions {
+    /// Requests in flight at most, over all remote stores of the process.
+    pub max_in_flight: usize,
+    /// Limit of one request (connect, send, receive), each try.
+    pub timeout: Duration,
+    /// Retries of a failing request (5xx, reset, timeout) before the error is raised.
+    pub max_retries: usize,
+    /// S3 endpoint of an S3-compatible store (`AWS_ENDPOINT_URL`).
+    pub endpoint: Option<String>,
+    /// `Some(true)`: never sign requests; `Some(false)`: always; `None`: sign only when
+    /// credentials are configured.
+    pub anonymous: Option<bool>,
+    /// Folder and byte budget of the disk cache of fetched values (`CELLMAP_DISK_CACHE`,
+    /// `CELLMAP_DISK_CACHE_BYTES`).
+    pub disk_cache: Option<(PathBuf, u64)>,
+}
+
+/// Default disk cache budget: 20 GiB.
+pub const DEFAULT_DISK_CACHE_BYTES: u64 = 20 << 30;
+
+impl RemoteOptions {
+    /// Defaults, overridden by `CELLMAP_REMOTE_IN_FLIGHT`, `CELLMAP_REMOTE_TIMEOUT` (seconds),
+    /// `CELLMAP_REMOTE_RETRIES`, `AWS_ENDPOINT_URL`, `CELLMAP_REMOTE_ANONYMOUS` and
+    /// `CELLMAP_DISK_CACHE` / `CELLMAP_DISK_CACHE_BYTES`.
+    pub fn from_env() -> RemoteOptions {
+        let var = |name: &str| std::env::var(name).ok().map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        let number = |name: &str| var(name).and_then(|v| v.parse::<f64>().ok()).filter(|v| v.is_finite() && *v >= 0.0);
+        RemoteOptions {
+            max_in_flight: number("CELLMAP_REMOTE_IN_FLIGHT").map_or(64, |v| (v as usize).max(1)),
+            timeout: Duration::from_secs_f64(number("CELLMAP_REMOTE_TIMEOUT").unwrap_or(30.0).max(0.001)),
+            max_retries: number("CELLMAP_REMOTE_RETRIES").map_or(5, |v| v as usize),
+            endpoint: var("AWS_ENDPOINT_URL_S3").or_else(|| var("AWS_ENDPOINT_URL")),
+            anonymous: var("CELLMAP_REMOTE_ANONYMOUS").map(|v| matches!(v.as_str(), "1" | "true" | "yes")),
+            disk_cache: var("CELLMAP_DISK_CACHE").map(|dir| {
+                let budget = number("CELLMAP_DISK_CACHE_BYTES").map_or(DEFAULT_DISK_CACHE_BYTES, |v| v as u64);
+                (PathBuf::from(dir), budget)
+            }),
+        }
+    }
+}
+
+/// The process's remote machinery: options, the async runtime, the request limit and the
+/// clients per bucket or host. Rebuilt after a fork (the parent's runtime threads are gone).
+struct Shared_ {
+    pid: u32,
+    options: RemoteOptions,
+    runtime: Arc<Runtime>,
+    in_flight: Arc<Semaphore>,
+    clients: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
+    disk: Option<Arc<DiskCache>>,
+}
+
+static STATE: Mutex<Option<Arc<Shared_>>> = Mutex::new(None);
+static OPTIONS: Mutex<Option<RemoteOptions>> = Mutex::new(None);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Replaces the process's remote options; stores opened afterwards use them.
+pub fn set_options(options: RemoteOptions) {
+    *lock(&OPTIONS) = Some(options);
+    if let Some(old) = lock(&STATE).take() {
+        // Stores already open keep the old state alive through their Arc.
+        drop(old);
+    }
+}
+
+/// The options in effect.
+pub fn options() -> RemoteOptions {
+    lock(&OPTIONS).clone().unwrap_or_else(RemoteOptions::from_env)
+}
+
+fn state() -> Result<Arc<Shared_>> {
+    let pid = std::process::id();
+    let mut guard = lock(&STATE);
+    if let Some(s) = guard.as_ref() {
+        if s.pid == pid {
+            return Ok(s.clone());
+        }
+        // A forked child: never touch the parent's runtime (its threads do not exist here).
+        std::mem::forget(guard.take());
+    }
+    let options = options();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("cellmap-remote")
+        .enable_all()
+        .build()
+        .map_err(|e| Error::invalid(format!("could not start the remote I/O runtime: {e}")))?;
+    let disk = match &options.disk_cache {
+        Some((dir, budget)) => Some(Arc::new(DiskCache::open(dir, *budget)?)),
+        None => None,
+    };
+    let s = Arc::new(Shared_ {
+        pid,
+        in_flight: Arc::new(Semaphore::new(options.max_in_flight.max(1))),
+        options,
+        runtime: Arc::new(runtime),
+        clients: Mutex::new(HashMap::new()),
+        disk,
+    });
+    *guard = Some(s.clone());
+    Ok(s)
+}
+
+/// A location split into the client's root (`s3://bucket`, `http://host:port`) and the key
+/// prefix below it.
+fn split_url(url: &str) -> Result<(String, String, String)> {
+    let bad = |why: &str| Error::invalid(format!("{url}: {why}"));
+    let scheme = scheme_of(url).ok_or_else(|| bad("not a URL this engine reads (s3://, gs://, http://, https://)"))?;
+    let rest = &url[scheme.len() + 3..];
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if authority.is_empty() {
+        return Err(bad("no bucket or host"));
+    }
+    let path = path.trim_matches('/');
+    if path.split('/').any(|part| part == "." || part == "..") {
+        return Err(bad("'.' and '..' are not allowed in a URL path"));
+    }
+    Ok((scheme.to_string(), authority.to_string(), path.to_string()))
+}
+
+fn client_options(options: &RemoteOptions) -> object_store::ClientOptions {
+    object_store::ClientOptions::new()
+        .with_timeout(options.timeout)
+        .with_connect_timeout(options.timeout.min(Duration::from_secs(10)))
+        .with_allow_http(true)
+        .with_pool_max_idle_per_host(options.max_in_flight.max(8))
+}
+
+fn retry_config(options: &RemoteOptions) -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        backoff: object_store::BackoffConfig {
+            init_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(5),
+            base: 2.0,
+        },
+        max_retries: options.max_retries,
+        // Bounded: a stalled server turns into an error, never a hang.
+        retry_timeout: options.timeout * (options.max_retries as u32 + 1),
+    }
+}
+
+/// Whether AWS credentials are configured (variables, a profile, a web identity, a
+/// credentials file): then requests are signed, else a public bucket is read anonymously.
+fn aws_credentials_configured() -> bool {
+    let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
+    if set("AWS_ACCESS_KEY_ID") || set("AWS_WEB_IDENTITY_TOKEN_FILE") || set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI") {
+        return true;
+    }
+    let file = std::env::var_os("AWS_SHARED_CREDENTIALS_FILE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".aws").join("credentials")));
+    file.is_some_and(|f| f.is_file())
+}
+
+fn build_client(scheme: &str, authority: &str, options: &RemoteOptions) -> Result<Arc<dyn ObjectStore>> {
+    let failed = |e: object_store::Error| Error::invalid(format!("{scheme}://{authority}: cannot open the store: {e}"));
+    Ok(match scheme {
+        "s3" => {
+            let mut builder = object_store::aws::AmazonS3Builder::from_env()
+                .with_bucket_name(authority)
+                .with_client_options(client_options(options))
+                .with_retry(retry_config(options));
+            if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none() {
+                builder = builder.with_region("us-east-1");
+            }
+            if let Some(endpoint) = &options.endpoint {
+                builder = builder.with_endpoint(endpoint.clone()).with_virtual_hosted_style_request(false);
+            }
+            let anonymous = options.anonymous.unwrap_or_else(|| !aws_credentials_configured());
+            if anonymous {
+                builder = builder.with_skip_signature(true);
+            }
+            Arc::new(builder.build().map_err(failed)?)
+        }
+        "gs" => {
+            let configured = ["GOOGLE_SERVICE_ACCOUNT", "GOOGLE_SERVICE_ACCOUNT_PATH", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_SERVICE_ACCOUNT_KEY"]
+                .iter()
+                .any(|v| std::env::var_os(v).is_some());
+            let anonymous = options.anonymous.unwrap_or(!configured);
+            Arc::new(
+                object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_bucket_name(authority)
+                    .with_client_options(client_options(options))
+                    .with_retry(retry_config(options))
+                    .with_skip_signature(anonymous)
+                    .build()
+                    .map_err(failed)?,
+            )
+        }
+        "http" | "https" => Arc::new(
+            object_store::http::HttpBuilder::new()
+                .with_url(format!("{scheme}://{authority}"))
+                .with_client_options(client_options(options))
+                .with_retry(retry_config(options))
+                .build()
+                .map_err(failed)?,
+        ),
+        other => return Err(Error::invalid(format!("{other}:// is not an object store"))),
+    })
+}
+
+type Fetched = std::result::Result<MaybeBytes, Arc<Error>>;
+
+/// Requests started ahead of their reads, by key; the oldest are forgotten past a bound (a
+/// planned chunk that was never read must not hold its bytes forever).
+#[derive(Default)]
+struct Prefetched {
+    futures: HashMap<String, Shared<BoxFuture<'static, Fetched>>>,
+    order: VecDeque<String>,
+}
+
+/// A zarrs store over one remote location.
+pub struct RemoteStore {
+    /// The location's URL (no trailing slash), for messages.
+    url: String,
+    /// The key prefix below the client's root.
+    prefix: String,
+    client: Arc<dyn ObjectStore>,
+    state: Arc<Shared_>,
+    prefetched: Mutex<Prefetched>,
+}
+
+impl std::fmt::Debug for RemoteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteStore").field("url", &self.url).finish()
+    }
+}
+
+/// The HTTP status in an object_store error, if it carries one. The client's error types are
+/// private, so the status is read from their text ("...status code: 503 Service...").
+fn http_status(error: &(dyn std::error::Error + 'static)) -> Option<u16> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = current {
+        let text = e.to_string();
+        if let Some(at) = text.find("status code: ") {
+            let digits: String = text[at + 13..].chars().take_while(char::is_ascii_digit).collect();
+            if let Ok(status) = digits.parse() {
+                return Some(status);
+            }
+        }
+        current = e.source();
+    }
+    None
+}
+
+/// An object_store error as the engine's, naming `url`: 404 → not found, 401/403 →
+/// permission denied, anything else (5xx after retries, resets, timeouts) → an I/O error.
+fn remote_error(url: &str, error: object_store::Error) -> Error {
+    use std::io::ErrorKind;
+    let status = http_status(&error);
+    let detail = match status {
+        Some(s) => format!("HTTP {s}: {error}"),
+        None => error.to_string(),
+    };
+    let kind = match (&error, status) {
+        (object_store::Error::NotFound { .. }, _) | (_, Some(404)) => return Error::not_found_because(url, detail),
+        (object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. }, _) | (_, Some(401 | 403)) => {
+            ErrorKind::PermissionDenied
+        }
+        _ if detail.contains("timed out") || detail.contains("timeout") => ErrorKind::TimedOut,
+        _ => ErrorKind::Other,
+    };
+    Error::io(url, std::io::Error::new(kind, detail))
+}
+
+fn storage_error(error: &Error) -> StorageError {
+    match error {
+        Error::Io { source, .. } => StorageError::IOError(Arc::new(std::io::Error::new(source.kind(), error.to_string()))),
+        other => StorageError::Other(other.to_string()),
+    }
+}
+
+impl RemoteStore {
+    /// Opens the location `url` (`s3://bucket/prefix`, `gs://…`, `http(s)://host/prefix`).
+    /// Nothing is requested until a key is read.
+    pub fn open(url: &str) -> Result<Arc<RemoteStore>> {
+        let (scheme, authority, prefix) = split_url(url)?;
+        let state = state()?;
+        let root = format!("{scheme}://{authority}");
+        let client = {
+            let mut clients = lock(&state.clients);
+            match clients.get(&root) {
+                Some(c) => c.clone(),
+                None => {
+                    // The clients' connection pools live on this runtime.
+                    let _guard = state.runtime.enter();
+                    let c = build_client(&scheme, &authority, &state.options)?;
+                    clients.insert(root.clone(), c.clone());
+                    c
+                }
+            }
+        };
+        let url = if prefix.is_empty() { root } else { format!("{root}/{prefix}") };
+        Ok(Arc::new(RemoteStore {
+            url,
+            prefix,
+            client,
+            state,
+            prefetched: Mutex::new(Prefetched::default()),
+        }))
+    }
+
+    /// The location's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The URL of `key` (for messages).
+    pub fn key_url(&self, key: &str) -> String {
+        format!("{}/{}", self.url, key.trim_start_matches('/'))
+    }
+
+    fn object_path(&self, key: &str) -> ObjectPath {
+        let key = key.trim_start_matches('/');
+        if self.prefix.is_empty() {
+            ObjectPath::from(key)
+        } else {
+            ObjectPath::from(format!("{}/{}", self.prefix, key))
+        }
+    }
+
+    fn block_on<F: Future>(&self, future: F) -> F::Output {
+        self.state.runtime.block_on(future)
+    }
+
+    /// Reads the value at `key`: `None` when absent.
+    pub fn read(&self, key: &str) -> Result<Option<Bytes>> {
+        let started = lock(&self.prefetched).futures.remove(key);
+        if let Some(shared) = started {
+            return self.block_on(shared).map_err(|e| (*e).clone_error());
+        }
+        self.block_on(self.fetch_future(key.to_string()))
+    }
+
+    /// A request for `key` through the disk cache, within the process's request limit.
+    fn fetch_future(&self, key: String) -> impl Future<Output = Result<Option<Bytes>>> + Send + 'static {
+        let client = self.client.clone();
+        let path = self.object_path(&key);
+        let url = self.key_url(&key);
+        let limit = self.state.in_flight.clone();
+        let disk = self.state.disk.clone();
+        async move {
+            if let Some(bytes) = disk.as_ref().and_then(|d| d.get(&url)) {
+                return Ok(Some(bytes));
+            }
+            let _permit = limit.acquire_owned().await.map_err(|e| Error::invalid(format!("{url}: {e}")))?;
+            let fetched = async { client.get(&path).await?.bytes().await }.await;
+            match fetched {
+                Ok(bytes) => {
+                    if let Some(d) = &disk {
+                        d.put(&url, &bytes);
+                    }
+                    Ok(Some(bytes))
+                }
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => match remote_error(&url, e) {
+                    Error::NotFound { .. } => Ok(None),
+                    other => Err(other),
+                },
+            }
+        }
+    }
+
+    /// Starts the requests for `keys` (those not already started) without waiting; later
+    /// reads of those keys wait for them instead of asking again.
+    pub fn prefetch(&self, keys: impl IntoIterator<Item = String>) {
+        let bound = 8 * self.state.options.max_in_flight.max(1);
+        let mut started = lock(&self.prefetched);
+        for key in keys {
+            if started.futures.contains_key(&key) {
+                continue;
+            }
+            let handle = self.state.runtime.spawn(self.fetch_future(key.clone()));
+            let url = self.key_url(&key);
+            let future: BoxFuture<'static, Fetched> = async move {
+                match handle.await {
+                    Ok(result) => result.map_err(Arc::new),
+                    Err(e) => Err(Arc::new(Error::Internal(format!("{url}: request task failed: {e}")))),
+                }
+            }
+            .boxed();
+            started.futures.insert(key.clone(), future.shared());
+            started.order.push_back(key);
+        }
+        while started.order.len() > bound {
+            if let Some(old) = started.order.pop_front() {
+                started.futures.remove(&old);
+            }
+        }
+        // Keys already read were removed from `futures`; keep `order` from growing with them.
+        if started.order.len() > 2 * started.futures.len() + 64 {
+            let Prefetched { futures, order } = &mut *started;
+            order.retain(|k| futures.contains_key(k));
+        }
+    }
+
+    /// Whether a value exists at `key` (one HEAD request).
+    pub fn exists(&self, key: &str) -> Result<bool> {
+        let url = self.key_url(key);
+        match self.block_on(self.client.head(&self.object_path(key))) {
+            Ok(_) => Ok(true),
+            Err(e) => match remote_error(&url, e) {
+                Error::NotFound { .. } => Ok(false),
+                other => Err(other),
+            },
+        }
+    }
+
+    /// Writes `value` at `key` (one PUT: a reader sees the old value or the new one).
+    pub fn write(&self, key: &str, value: Bytes) -> Result<()> {
+        let url = self.key_url(key);
+        self.block_on(self.client.put(&self.object_path(key), PutPayload::from_bytes(value)))
+            .map(|_| ())
+            .map_err(|e| remote_error(&url, e))
+    }
+
+    /// Deletes `key` (absent is fine).
+    pub fn delete(&self, key: &str) -> Result<()> {
+        let url = self.key_url(key);
+        match self.block_on(self.client.delete(&self.object_path(key))) {
+            Ok(()) => Ok(()),
+            Err(e) => match remote_error(&url, e) {
+                Error::NotFound { .. } => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+
+    /// Keys below `prefix` (relative to this location), listed.
+    pub fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        use futures::TryStreamExt;
+        let base = self.object_path(prefix);
+        let url = self.key_url(prefix);
+        let strip = if self.prefix.is_empty() { String::new() } else { format!("{}/", self.prefix) };
+        let listed: Vec<object_store::ObjectMeta> =
+            self.block_on(self.client.list(Some(&base)).try_collect()).map_err(|e| remote_error(&url, e))?;
+        Ok(listed
+            .into_iter()
+            .map(|m| m.location.as_ref().strip_prefix(strip.as_str()).unwrap_or(m.location.as_ref()).to_string())
+            .collect())
+    }
+
+    fn get_range(&self, key: &StoreKey, range: ByteRange) -> Result<Option<Bytes>> {
+        let url = self.key_url(key.as_str());
+        let range = match range {
+            ByteRange::FromStart(0, None) => return self.read(key.as_str()),
+            ByteRange::FromStart(offset, None) => GetRange::Offset(offset),
+            ByteRange::FromStart(offset, Some(length)) => GetRange::Bounded(offset..offset + length),
+            ByteRange::Suffix(length) => GetRange::Suffix(length),
+        };
+        let options = GetOptions::new().with_range(Some(range));
+        let path = self.object_path(key.as_str());
+        let limit = self.state.in_flight.clone();
+        let result = self.block_on(async {
+            let _permit = limit.acquire_owned().await.ok();
+            self.client.get_opts(&path, options).await?.bytes().await
+        });
+        match result {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) => match remote_error(&url, e) {
+                Error::NotFound { .. } => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+}
+
+impl Error {
+    /// A copy of this error (shared prefetch results are handed to every reader).
+    fn clone_error(&self) -> Error {
+        match self {
+            Error::NotFound { path, detail } => Error::NotFound {
+                path: path.clone(),
+                detail: detail.clone(),
+            },
+            Error::Io { path, source } => Error::Io {
+                path: path.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            Error::Metadata { path, message } => Error::Metadata {
+                path: path.clone(),
+                message: message.clone(),
+            },
+            Error::Decode { path, message } => Error::Decode {
+                path: path.clone(),
+                message: message.clone(),
+            },
+            Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
+            Error::Interrupted => Error::Interrupted,
+            Error::Internal(m) => Error::Internal(m.clone()),
+        }
+    }
+}
+
+impl ReadableStorageTraits for RemoteStore {
+    fn get(&self, key: &StoreKey) -> std::result::Result<MaybeBytes, StorageError> {
+        self.read(key.as_str()).map_err(|e| storage_error(&e))
+    }
+
+    fn get_partial_many<'a>(
+        &'a self,
+        key: &StoreKey,
+        byte_ranges: ByteRangeIterator<'a>,
+    ) -> std::result::Result<MaybeBytesIterator<'a>, StorageError> {
+        let mut parts = Vec::new();
+        for range in byte_ranges {
+            match self.get_range(key, range).map_err(|e| storage_error(&e))? {
+                Some(bytes) => parts.push(Ok(bytes)),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(Box::new(parts.into_iter())))
+    }
+
+    fn size_key(&self, key: &StoreKey) -> std::result::Result<Option<u64>, StorageError> {
+        let url = self.key_url(key.as_str());
+        match self.block_on(self.client.head(&self.object_path(key.as_str()))) {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(e) => match remote_error(&url, e) {
+                Error::NotFound { .. } => Ok(None),
+                other => Err(storage_error(&other)),
+            },
+        }
+    }
+
+    fn supports_get_partial(&self) -> bool {
+        true
+    }
+}
+
+impl WritableStorageTraits for RemoteStore {
+    fn set(&self, key: &StoreKey, value: Bytes) -> std::result::Result<(), StorageError> {
+        self.write(key.as_str(), value).map_err(|e| storage_error(&e))
+    }
+
+    fn set_partial_many(&self, key: &StoreKey, offset_values: OffsetBytesIterator) -> std::result::Result<(), StorageError> {
+        // Objects are written whole: read, patch, write.
+        store_set_partial_many(self, key, offset_values)
+    }
+
+    fn erase(&self, key: &StoreKey) -> std::result::Result<(), StorageError> {
+        self.delete(key.as_str()).map_err(|e| storage_error(&e))
+    }
+
+    fn erase_prefix(&self, prefix: &StorePrefix) -> std::result::Result<(), StorageError> {
+        for key in self.list(prefix.as_str()).map_err(|e| storage_error(&e))? {
+            self.delete(&key).map_err(|e| storage_error(&e))?;
+        }
+        Ok(())
+    }
+
+    fn supports_set_partial(&self) -> bool {
+        false
+    }
+}
+
+impl ListableStorageTraits for RemoteStore {
+    fn list(&self) -> std::result::Result<StoreKeys, StorageError> {
+        self.list_prefix(&StorePrefix::root())
+    }
+
+    fn list_prefix(&self, prefix: &StorePrefix) -> std::result::Result<StoreKeys, StorageError> {
+        let keys = RemoteStore::list(self, prefix.as_str()).map_err(|e| storage_error(&e))?;
+        keys.into_iter().map(|k| StoreKey::new(k).map_err(StorageError::from)).collect()
+    }
+
+    fn list_dir(&self, prefix: &StorePrefix) -> std::result::Result<StoreKeysPrefixes, StorageError> {
+        // Not used by the engine (it never walks a remote prefix); derived from a full listing.
+        let keys = self.list_prefix(prefix)?;
+        let mut direct = Vec::new();
+        let mut prefixes = std::collections::BTreeSet::new();
+        for key in keys {
+            let rest = &key.as_str()[prefix.as_str().len()..];
+            match rest.split_once('/') {
+                Some((dir, _)) => {
+                    prefixes.insert(format!("{}{dir}/", prefix.as_str()));
+                }
+                None => direct.push(key),
+            }
+        }
+        let prefixes = prefixes
+            .into_iter()
+            .map(|p| StorePrefix::new(p).map_err(StorageError::from))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(StoreKeysPrefixes::new(direct, prefixes))
+    }
+
+    fn size_prefix(&self, prefix: &StorePrefix) -> std::result::Result<u64, StorageError> {
+        let keys = self.list_prefix(prefix)?;
+        let mut total = 0;
+        for key in keys {
+            total += ReadableStorageTraits::size_key(self, &key)?.unwrap_or(0);
+        }
+        Ok(total)
+    }
+}
+
+/// Whether a zarr group or array exists at each of `urls` (local paths and `file://` too).
+/// Remote ones are asked together: the metadata names of every URL at once, one round trip;
+/// nothing is listed.
+pub fn nodes_exist(urls: &[String]) -> Result<Vec<bool>> {
+    const NAMES: [&str; 4] = ["zarr.json", ".zgroup", ".zarray", ".zattrs"];
+    let mut stores = Vec::with_capacity(urls.len());
+    for url in urls {
+        if is_remote(url) {
+            let store = RemoteStore::open(url)?;
+            store.prefetch(NAMES.iter().map(|n| n.to_string()));
+            stores.push(Some(store));
+        } else {
+            stores.push(None);
+        }
+    }
+    let mut out = Vec::with_capacity(urls.len());
+    for (url, store) in urls.iter().zip(stores) {
+        out.push(match store {
+            Some(store) => {
+                // Every answer is awaited so that none is left behind in the store.
+                let mut found = false;
+                for name in NAMES {
+                    found |= store.read(name)?.is_some();
+                }
+                found
+            }
+            None => {
+                let path = local_path(url);
+                NAMES.iter().any(|n| path.join(n).is_file())
+            }
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_recognised_and_split() {
+        assert!(is_remote("s3://bucket/a.zarr"));
+        assert!(is_remote("https://host:8080/x"));
+        assert!(!is_remote("file:///tmp/a.zarr"));
+        assert!(!is_remote("/tmp/a.zarr"));
+        assert!(!is_remote("ftp://host/a"));
+        assert_eq!(local_path("file:///tmp/a.zarr"), PathBuf::from("/tmp/a.zarr"));
+        assert_eq!(
+            split_url("s3://bucket/a/b.zarr/").unwrap(),
+            ("s3".to_string(), "bucket".to_string(), "a/b.zarr".to_string())
+        );
+        assert_eq!(
+            split_url("http://127.0.0.1:9/").unwrap(),
+            ("http".to_string(), "127.0.0.1:9".to_string(), String::new())
+        );
+        assert!(split_url("s3:///key").is_err());
+        assert!(split_url("s3://b/a/../c").unwrap_err().to_string().contains(".."));
+    }
+}
