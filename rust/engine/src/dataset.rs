@@ -350,7 +350,10 @@ impl Dataset {
                 return;
             }
             if let Some(region) = source_region(volume, level, &spec.patch, centre, draw, options) {
-                volume.prefetch(level, crate::geometry::chunks_meeting(region, volume.levels[level].chunk_shape.map(|c| c as usize)));
+                volume.prefetch(
+                    level,
+                    crate::geometry::chunks_meeting(region, volume.levels[level].chunk_shape.map(|c| c as usize)),
+                );
             }
         };
         let raw_options = ReadOptions {

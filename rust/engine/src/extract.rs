@@ -304,7 +304,14 @@ fn check_source_reach(affine: &Affine, shift: Option<&SourceShift>, lvl: &crate:
 /// The voxel box of `level` a read of the patch centred at `centre` gathers, clipped to the
 /// array (`None` when it lies wholly outside). Used to request a batch's chunks ahead of its
 /// reads; an elastic field's extra reach is left out (chunks it adds are read on demand).
-pub fn source_region(volume: &Volume, level: usize, spec: &PatchSpec, centre: [f64; 3], draw: &SpatialDraw, options: &ReadOptions) -> Option<[(u64, u64); 3]> {
+pub fn source_region(
+    volume: &Volume,
+    level: usize,
+    spec: &PatchSpec,
+    centre: [f64; 3],
+    draw: &SpatialDraw,
+    options: &ReadOptions,
+) -> Option<[(u64, u64); 3]> {
     let lvl = &volume.levels[level];
     let mut affine = patch_affine(lvl, spec, centre, draw);
     let (lo, shape) = match affine.axis_aligned_unit() {

@@ -282,22 +282,32 @@ pub fn read_attributes(node: &Path) -> Result<(ZarrFormat, Value)> {
         #[serde(default)]
         attributes: Option<Value>,
     }
-    if let Some(text) = read_node_text(node, "zarr.json")? {
+    let remote = node.to_str().is_some_and(crate::remote::is_remote);
+    // S3 answers 403, not 404, for a missing key where listing is not allowed: a probe for the
+    // other format's document may be refused although the node is readable.
+    let mut denied: Option<Error> = None;
+    let mut probe = |name: &str| match read_node_text(node, name) {
+        Err(e) if remote && e.kind() == crate::error::ErrorKind::PermissionDenied => {
+            denied.get_or_insert(e);
+            Ok(None)
+        }
+        other => other,
+    };
+    if let Some(text) = probe("zarr.json")? {
         let v3 = node.join("zarr.json");
         let doc: V3Node = serde_json::from_str(&text).map_err(|e| Error::metadata(&v3, format!("malformed zarr.json: {e}")))?;
         return Ok((ZarrFormat::V3, doc.attributes.unwrap_or(Value::Object(Default::default()))));
     }
-    if let Some(text) = read_node_text(node, ".zattrs")? {
+    if let Some(text) = probe(".zattrs")? {
         let v2 = node.join(".zattrs");
         let value = serde_json::from_str(&text).map_err(|e| Error::metadata(&v2, format!("malformed JSON: {e}")))?;
         return Ok((ZarrFormat::V2, value));
     }
-    let remote = node.to_str().is_some_and(crate::remote::is_remote);
     if remote {
-        if read_node_text(node, ".zgroup")?.is_some() || read_node_text(node, ".zarray")?.is_some() {
+        if probe(".zgroup")?.is_some() || probe(".zarray")?.is_some() {
             return Ok((ZarrFormat::V2, Value::Object(Default::default())));
         }
-        return Err(Error::not_found_because(node, "no zarr.json, .zattrs, .zgroup or .zarray there"));
+        return Err(denied.unwrap_or_else(|| Error::not_found_because(node, "no zarr.json, .zattrs, .zgroup or .zarray there")));
     }
     if node.join(".zgroup").is_file() || node.join(".zarray").is_file() {
         return Ok((ZarrFormat::V2, Value::Object(Default::default())));

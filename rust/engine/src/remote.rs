@@ -235,9 +235,14 @@ fn build_client(scheme: &str, authority: &str, options: &RemoteOptions) -> Resul
             Arc::new(builder.build().map_err(failed)?)
         }
         "gs" => {
-            let configured = ["GOOGLE_SERVICE_ACCOUNT", "GOOGLE_SERVICE_ACCOUNT_PATH", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_SERVICE_ACCOUNT_KEY"]
-                .iter()
-                .any(|v| std::env::var_os(v).is_some());
+            let configured = [
+                "GOOGLE_SERVICE_ACCOUNT",
+                "GOOGLE_SERVICE_ACCOUNT_PATH",
+                "GOOGLE_APPLICATION_CREDENTIALS",
+                "GOOGLE_SERVICE_ACCOUNT_KEY",
+            ]
+            .iter()
+            .any(|v| std::env::var_os(v).is_some());
             let anonymous = options.anonymous.unwrap_or(!configured);
             Arc::new(
                 object_store::gcp::GoogleCloudStorageBuilder::from_env()
@@ -259,6 +264,10 @@ fn build_client(scheme: &str, authority: &str, options: &RemoteOptions) -> Resul
         ),
         other => return Err(Error::invalid(format!("{other}:// is not an object store"))),
     })
+}
+
+fn is_metadata_name(key: &str) -> bool {
+    matches!(key.rsplit('/').next(), Some("zarr.json" | ".zarray" | ".zattrs" | ".zgroup"))
 }
 
 type Fetched = std::result::Result<MaybeBytes, Arc<Error>>;
@@ -493,12 +502,23 @@ impl RemoteStore {
         use futures::TryStreamExt;
         let base = self.object_path(prefix);
         let url = self.key_url(prefix);
-        let strip = if self.prefix.is_empty() { String::new() } else { format!("{}/", self.prefix) };
-        let listed: Vec<object_store::ObjectMeta> =
-            self.block_on(self.client.list(Some(&base)).try_collect()).map_err(|e| remote_error(&url, e))?;
+        let strip = if self.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.prefix)
+        };
+        let listed: Vec<object_store::ObjectMeta> = self
+            .block_on(self.client.list(Some(&base)).try_collect())
+            .map_err(|e| remote_error(&url, e))?;
         Ok(listed
             .into_iter()
-            .map(|m| m.location.as_ref().strip_prefix(strip.as_str()).unwrap_or(m.location.as_ref()).to_string())
+            .map(|m| {
+                m.location
+                    .as_ref()
+                    .strip_prefix(strip.as_str())
+                    .unwrap_or(m.location.as_ref())
+                    .to_string()
+            })
             .collect())
     }
 
@@ -556,7 +576,12 @@ impl Error {
 
 impl ReadableStorageTraits for RemoteStore {
     fn get(&self, key: &StoreKey) -> std::result::Result<MaybeBytes, StorageError> {
-        self.read(key.as_str()).map_err(|e| storage_error(&e))
+        match self.read(key.as_str()) {
+            // zarrs probes for both formats' documents; S3 refuses (403) a missing key where
+            // listing is not allowed, and the node's own documents were readable already.
+            Err(e) if e.kind() == crate::error::ErrorKind::PermissionDenied && is_metadata_name(key.as_str()) => Ok(None),
+            other => other.map_err(|e| storage_error(&e)),
+        }
     }
 
     fn get_partial_many<'a>(
@@ -676,12 +701,24 @@ pub fn nodes_exist(urls: &[String]) -> Result<Vec<bool>> {
     for (url, store) in urls.iter().zip(stores) {
         out.push(match store {
             Some(store) => {
-                // Every answer is awaited so that none is left behind in the store.
+                // Every answer is awaited so that none is left behind in the store. S3 answers
+                // 403 for a missing key where listing is not allowed: refused probes count as
+                // absent unless nothing was found at all.
                 let mut found = false;
+                let mut denied = None;
                 for name in NAMES {
-                    found |= store.read(name)?.is_some();
+                    match store.read(name) {
+                        Ok(value) => found |= value.is_some(),
+                        Err(e) if e.kind() == crate::error::ErrorKind::PermissionDenied => {
+                            denied.get_or_insert(e);
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
-                found
+                match denied {
+                    Some(e) if !found => return Err(e),
+                    _ => found,
+                }
             }
             None => {
                 let path = local_path(url);

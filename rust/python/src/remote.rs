@@ -64,10 +64,15 @@ pub fn set_remote_options(
         o.anonymous = if a.extract::<String>().is_ok_and(|s| s == "auto") {
             None
         } else {
-            Some(a.extract::<bool>().map_err(|_| bad("anonymous must be True, False or 'auto'".into()))?)
+            Some(
+                a.extract::<bool>()
+                    .map_err(|_| bad("anonymous must be True, False or 'auto'".into()))?,
+            )
         };
     }
-    let budget = disk_cache_bytes.or(o.disk_cache.as_ref().map(|(_, b)| *b)).unwrap_or(remote::DEFAULT_DISK_CACHE_BYTES);
+    let budget = disk_cache_bytes
+        .or(o.disk_cache.as_ref().map(|(_, b)| *b))
+        .unwrap_or(remote::DEFAULT_DISK_CACHE_BYTES);
     match disk_cache {
         Some(dir) if dir.is_empty() => o.disk_cache = None,
         Some(dir) => o.disk_cache = Some((PathBuf::from(dir), budget)),

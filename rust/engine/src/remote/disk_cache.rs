@@ -128,7 +128,12 @@ mod tests {
         assert_eq!(cache.get("s3://b/k/0.0.0").unwrap().len(), 200);
         assert!(cache.file_for("s3://b/../x").is_none(), "no escape from the folder");
         let old = SystemTime::now() - std::time::Duration::from_secs(100);
-        fs::File::options().write(true).open(dir.join("s3/b/k/0.0.0")).unwrap().set_modified(old).unwrap();
+        fs::File::options()
+            .write(true)
+            .open(dir.join("s3/b/k/0.0.0"))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
         for i in 1..5 {
             cache.put(&format!("s3://b/k/0.0.{i}"), &[i as u8; 200]);
         }

@@ -70,12 +70,12 @@ use zarrs::array::Array;
 use crate::error::{Error, Result};
 use crate::volume::DType;
 
+pub(crate) use crate::geometry::chunks_meeting;
 use accumulate::{copy_piece, empty_acc, normalise_in_place, normalised, with_sample, Acc, ChunkState, Piece, Sample};
 pub use config::{Downsample, TilingConfig, WriterConfig};
 use progress::Progress;
 pub use progress::Shard;
 pub(crate) use store::write_atomic;
-pub(crate) use crate::geometry::chunks_meeting;
 pub use store::AtomicFileStore;
 pub use tiling::{Blend, TilePlan};
 

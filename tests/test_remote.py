@@ -1,0 +1,245 @@
+"""Reading from object stores, against real servers on loopback that the tests start: an HTTP
+server over a generated dataset (with latency and injected faults) and moto's S3 endpoint.
+Remote reads must equal local reads bit for bit; faults end in bounded retries and an error
+naming the URL and status, never a hang or silently empty data."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cellmap_data import CellMapDataLoader, CellMapDataset, CellMapImage, _engine, configure_remote
+from cellmap_data.exceptions import NotFoundError, PermissionDeniedError, StorageError
+from cellmap_data.remote import groups_exist, remote_options
+from conftest import write_ome_image
+from remote_servers import DirectoryServer, http_server_factory, s3_server  # noqa: F401
+
+pytestmark = pytest.mark.timeout(120, method="thread")
+
+VOXEL = (4.0, 4.0, 4.0)
+ARRAYS = dict(input_arrays={"raw": {"shape": (8, 8, 8), "scale": VOXEL}},
+              target_arrays={"gt": {"shape": (8, 8, 8), "scale": VOXEL}})
+ROTATE = {"mirror": {"x": 0.5}, "rotate": {"z": [-40, 40]}}
+
+
+@pytest.fixture(autouse=True)
+def restore_remote_options():
+    before = remote_options()
+    _engine.clear_cache()
+    yield
+    configure_remote(
+        endpoint_url=before["endpoint_url"] or "", anonymous="auto" if before["anonymous"] is None else before["anonymous"],
+        max_in_flight=before["max_in_flight"], timeout=before["timeout"], retries=before["retries"],
+        disk_cache=before["disk_cache"] or "", disk_cache_bytes=before["disk_cache_bytes"],
+    )
+
+
+@pytest.fixture(scope="module")
+def crop(tmp_path_factory) -> Path:
+    """A 32³ raw image (8³ chunks, values never 0) and a crop of two classes over all of it."""
+    root = tmp_path_factory.mktemp("remote") / "data.zarr"
+    raw = (np.arange(32 ** 3) % 251 + 1).astype(np.float32).reshape(32, 32, 32)
+    grid = np.indices((32, 32, 32)).sum(axis=0)
+    write_ome_image(root / "raw", [raw, raw[::2, ::2, ::2]], [VOXEL, (8.0, 8.0, 8.0)], [(2.0,) * 3, (4.0,) * 3], chunks=(8, 8, 8))
+    write_ome_image(root / "crop" / "mito", [(grid % 3 == 0).astype(np.uint8)], [VOXEL], [(2.0,) * 3], chunks=(8, 8, 8))
+    write_ome_image(root / "crop" / "er", [(grid % 5 == 0).astype(np.uint8)], [VOXEL], [(2.0,) * 3], chunks=(8, 8, 8))
+    return root
+
+
+def dataset(raw: str, crop: str, **kwargs) -> CellMapDataset:
+    kwargs.setdefault("spatial_transforms", None)
+    return CellMapDataset(raw, f"{crop}/[mito,er]", ["mito", "er", "nuc"], pad=False, seed=7, **ARRAYS, **kwargs)
+
+
+def assert_same_samples(a: CellMapDataset, b: CellMapDataset, indices=range(0, 40, 7)) -> None:
+    for i in indices:
+        x, y = a[i], b[i]
+        assert torch.equal(x["raw"], y["raw"]), i
+        assert torch.equal(x["gt"].nan_to_num(-1), y["gt"].nan_to_num(-1)), i
+
+
+def served(server: DirectoryServer, path: Path) -> str:
+    return f"{server.url}/{path.relative_to(server.root).as_posix()}"
+
+
+@pytest.mark.parametrize("transforms", [None, ROTATE], ids=["axis-aligned", "rotated"])
+def test_http_reads_equal_local_reads(crop, http_server_factory, transforms):
+    server = http_server_factory(crop.parent)
+    remote = dataset(served(server, crop / "raw"), served(server, crop / "crop"), spatial_transforms=transforms)
+    local = dataset(str(crop / "raw"), str(crop / "crop"), spatial_transforms=transforms)
+    assert remote.raw_path.startswith("http://")
+    assert_same_samples(remote, local)
+    # Opening and reading never list: every request names a file.
+    assert server.count() > 0
+    assert all(not path.endswith("/") and "list" not in path for _, path, _ in server.requests), server.requests
+
+
+def test_training_batches_from_http_equal_local_batches(crop, http_server_factory):
+    server = http_server_factory(crop.parent, latency=0.005)
+
+    def batches(raw: str, labels: str) -> list[dict]:
+        loader = CellMapDataLoader(dataset(raw, labels, spatial_transforms=ROTATE), batch_size=4, num_workers=2,
+                                   iterations_per_epoch=3, seed=11)
+        return [{k: v for k, v in b.items() if isinstance(v, torch.Tensor)} for b in loader]
+
+    remote = batches(served(server, crop / "raw"), served(server, crop / "crop"))
+    local = batches(str(crop / "raw"), str(crop / "crop"))
+    assert len(remote) == len(local) == 3
+    for r, l in zip(remote, local):
+        assert r.keys() == l.keys()
+        for key in l:
+            assert torch.equal(r[key].nan_to_num(-1), l[key].nan_to_num(-1)), key
+
+
+def test_a_batch_requests_its_chunks_together(crop, http_server_factory):
+    server = http_server_factory(crop.parent)
+    remote = dataset(served(server, crop / "raw"), served(server, crop / "crop"), spatial_transforms=ROTATE)
+    server.latency = 0.1
+    server.reset_log()
+    started = time.perf_counter()
+    loader = CellMapDataLoader(remote, batch_size=8, num_workers=1, iterations_per_epoch=1, seed=3)
+    next(iter(loader))
+    elapsed = time.perf_counter() - started
+    chunk_requests = server.count(method="GET", pattern=r"/s0/\d+\.\d+\.\d+$")
+    # One engine thread: chunk by chunk this would take chunks × 0.1 s.
+    assert chunk_requests >= 8
+    assert server.max_in_flight >= 8, server.max_in_flight
+    assert elapsed < chunk_requests * 0.1 / 2, (elapsed, chunk_requests)
+
+
+def test_image_and_group_checks_from_urls(crop, http_server_factory):
+    server = http_server_factory(crop.parent)
+    image = CellMapImage(served(server, crop / "raw"), "raw", VOXEL, (8, 8, 8))
+    local = CellMapImage(str(crop / "raw"), "raw", VOXEL, (8, 8, 8))
+    centre = {"z": 40.0, "y": 60.0, "x": 70.0}
+    assert torch.equal(image[centre], local[centre])
+    urls = [served(server, crop / "crop" / c) for c in ("mito", "er", "nope")]
+    server.reset_log()
+    assert groups_exist(urls) == [True, True, False]
+    assert server.max_in_flight >= 2, "asked together"
+    assert server.count(pattern="/$") == 0
+
+
+def test_s3_reads_anonymous_and_signed(crop, s3_server, monkeypatch):
+    s3_server.create_bucket("cellmap-public")
+    s3_server.make_public("cellmap-public")
+    s3_server.upload_directory(crop.parent, "cellmap-public", "datasets")
+    s3_server.create_bucket("cellmap-private")
+    s3_server.upload_directory(crop.parent, "cellmap-private", "datasets")
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(crop.parent / "no-such-credentials"))
+    configure_remote(endpoint_url=s3_server.endpoint, anonymous="auto")
+    local = dataset(str(crop / "raw"), str(crop / "crop"), spatial_transforms=ROTATE)
+    public = dataset("s3://cellmap-public/datasets/data.zarr/raw", "s3://cellmap-public/datasets/data.zarr/crop",
+                     spatial_transforms=ROTATE)
+    assert_same_samples(public, local)
+    # Without credentials a private bucket is refused at once, naming the URL and the status.
+    with pytest.raises(PermissionDeniedError, match=r"s3://cellmap-private/datasets/data\.zarr/.*403"):
+        dataset("s3://cellmap-private/datasets/data.zarr/raw", "s3://cellmap-private/datasets/data.zarr/crop")
+    # With credentials from the environment, requests are signed.
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    configure_remote(endpoint_url="", anonymous="auto")  # AWS_ENDPOINT_URL from the environment
+    private = dataset("s3://cellmap-private/datasets/data.zarr/raw", "s3://cellmap-private/datasets/data.zarr/crop",
+                      spatial_transforms=ROTATE)
+    assert_same_samples(private, local)
+    with pytest.raises(NotFoundError, match=r"s3://cellmap-private/datasets/nothing.zarr/raw"):
+        dataset("s3://cellmap-private/datasets/nothing.zarr/raw", "s3://cellmap-private/datasets/data.zarr/crop")
+
+
+def test_missing_group_and_class_are_immediate_errors(crop, http_server_factory):
+    server = http_server_factory(crop.parent)
+    with pytest.raises(NotFoundError, match=r"http://127\.0\.0\.1:\d+/data\.zarr/nope"):
+        dataset(server.url + "/data.zarr/nope", served(server, crop / "crop"))
+    with pytest.raises(NotFoundError, match=r"crop/vesicle.*class 'vesicle'"):
+        CellMapDataset(served(server, crop / "raw"), served(server, crop / "crop") + "/[mito,vesicle]", ["mito"], **ARRAYS)
+
+
+def test_server_errors_are_retried_then_read(crop, http_server_factory):
+    server = http_server_factory(crop.parent)
+    configure_remote(retries=3, timeout=5)
+    remote = dataset(served(server, crop / "raw"), served(server, crop / "crop"))
+    local = dataset(str(crop / "raw"), str(crop / "crop"))
+    server.add_fault(r"/raw/s0/0\.0\.0$", "status", times=2, status=503)
+    server.add_fault(r"/crop/mito/s0/0\.0\.0$", "reset", times=1)
+    server.reset_log()
+    assert_same_samples(remote, local, indices=[0])
+    assert server.count(pattern=r"/raw/s0/0\.0\.0$") == 3, "two 503 answers, then the chunk"
+    assert server.count(pattern=r"/crop/mito/s0/0\.0\.0$") == 2, "a reset connection, then the chunk"
+
+
+@pytest.mark.parametrize("fault", ["status", "reset", "stall"])
+def test_persistent_faults_end_in_an_error_naming_the_url(crop, http_server_factory, fault):
+    server = http_server_factory(crop.parent)
+    configure_remote(retries=2, timeout=0.5)
+    remote = dataset(served(server, crop / "raw"), served(server, crop / "crop"))
+    server.add_fault(r"/raw/s0/\d+\.\d+\.\d+$", fault, status=500, seconds=5.0)
+    started = time.perf_counter()
+    with pytest.raises(StorageError, match=r"http://127\.0\.0\.1:\d+/data\.zarr/raw/s0/\d+\.\d+\.\d+") as caught:
+        remote[0]
+    elapsed = time.perf_counter() - started
+    assert isinstance(caught.value, OSError)
+    if fault == "status":
+        assert "500" in str(caught.value)
+    # Bounded: (retries + 1) tries of at most the timeout each, plus backoff.
+    assert elapsed < 6, elapsed
+
+
+def test_forbidden_is_not_retried(crop, http_server_factory):
+    server = http_server_factory(crop.parent)
+    configure_remote(retries=3)
+    remote = dataset(served(server, crop / "raw"), served(server, crop / "crop"))
+    server.add_fault(r"/raw/s0/\d+\.\d+\.\d+$", "status", status=403)
+    server.reset_log()
+    with pytest.raises(PermissionDeniedError, match=r"/data\.zarr/raw/s0/.*403"):
+        remote[0]
+    assert server.count(pattern=r"/raw/s0/0\.0\.0$") == 1
+
+
+def test_read_error_policy_applies_to_remote_reads(crop, http_server_factory):
+    server = http_server_factory(crop.parent)
+    configure_remote(retries=0, timeout=2)
+    remote = dataset(served(server, crop / "raw"), served(server, crop / "crop"))
+    server.add_fault(r"/raw/s0/0\.\d+\.\d+$", "status", status=500)
+    loader = CellMapDataLoader(remote, batch_size=4, num_workers=2, iterations_per_epoch=6, seed=7, on_read_error="skip",
+                               return_metadata=True)
+    with pytest.warns(Warning, match=r"raw/s0/0\.\d+\.\d+.*500"):
+        batches = list(loader)
+    assert len(batches) == 6 and all(torch.isfinite(b["raw"]).all() and (b["raw"] != 0).all() for b in batches)
+    assert loader.stats()["skipped"] > 0
+
+
+def test_disk_cache_serves_chunks_without_the_server(crop, http_server_factory, tmp_path):
+    server = http_server_factory(crop.parent)
+    configure_remote(disk_cache=tmp_path / "cache", disk_cache_bytes=1 << 30, retries=0, timeout=1)
+    first = dataset(served(server, crop / "raw"), served(server, crop / "crop"))
+    local = dataset(str(crop / "raw"), str(crop / "crop"))
+    assert_same_samples(first, local)
+    cached = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert any(p.name == "0.0.0" for p in cached), cached
+    # Chunks come from the disk now (the decoded cache is emptied; the server refuses chunks).
+    _engine.clear_cache()
+    server.add_fault(r"/s0/\d+\.\d+\.\d+$", "status", status=500)
+    server.reset_log()
+    assert_same_samples(first, local)
+    assert server.count(pattern=r"/s0/\d+\.\d+\.\d+$") == 0
+
+
+def test_bad_urls_and_options_are_refused():
+    from cellmap_data.exceptions import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'\.\.'"):
+        CellMapImage("s3://bucket/a/../b", "raw", VOXEL, (8, 8, 8))
+    with pytest.raises(ConfigError, match="max_in_flight"):
+        configure_remote(max_in_flight=0)
+    with pytest.raises(ConfigError, match="timeout"):
+        configure_remote(timeout=-1)
+    options = configure_remote(max_in_flight=7, disk_cache="")
+    assert options["max_in_flight"] == 7 and options["disk_cache"] is None
+    assert os.environ.get("CELLMAP_REMOTE_IN_FLIGHT") is None
