@@ -430,6 +430,84 @@ def run(data_dir: Path | None = None, size: str = "bench", batches: int = 40, th
     return report
 
 
+# -- reading from an object store ------------------------------------------------------------------
+
+REMOTE_WARM_BOUND = 0.5  # warm remote throughput at 20 ms per request >= this × local warm
+REMOTE_COLD_BOUND = 0.8  # cold at 20 ms and 64 in flight >= this × cold with no latency (bandwidth-limited)
+
+
+def bench_remote(data: Any, latencies: tuple[float, ...] = (0.02, 0.05), in_flight: tuple[int, ...] = (1, 8, 32, 64),
+                 threads: int = 2, batches: int = 3) -> dict[str, Any]:
+    """The loader (3D 64³ + 4 classes, augmented, split defaults) reading the bench data over a
+    loopback HTTP server that waits ``latency`` seconds before each answer, with ``in_flight``
+    requests allowed at once, against the same plan read from the local files in the same run.
+
+    Per configuration: cold samples/s (empty decoded cache: every chunk is fetched) and warm
+    samples/s (the same epoch again, decoded cache warm). Bounds: warm at 20 ms >= 0.5 × local
+    warm; cold at 20 ms with 64 in flight >= 0.8 × cold with no added latency (the server's and
+    the engine's own speed: bandwidth, not latency, limits it)."""
+    from . import _engine
+    from ._loopback import DirectoryServer
+    from .loader import CellMapDataLoader
+    from .multidataset import CellMapMultiDataset
+    from .remote import configure_remote, remote_options
+
+    config = Config("3d-64-4cls-augmented", (64, 64, 64), (8, 8, 8), True, batches=batches)
+    root = Path(data.root)
+
+    def passes(datasets: list[Any]) -> tuple[float, float]:
+        multi = CellMapMultiDataset(datasets, BENCH_CLASSES, None, None)
+        loader = CellMapDataLoader(multi, batch_size=config.batch_size, num_workers=threads, iterations_per_epoch=batches,
+                                   weighted_sampler=True, seed=0)
+        rates = []
+        _engine.clear_cache()
+        for _ in range(2):  # cold, then the same epoch warm
+            loader.epoch = 0
+            start = time.perf_counter()
+            count = sum(batch["raw"].shape[0] for batch in loader)
+            rates.append(count / (time.perf_counter() - start))
+        return rates[0], rates[1]
+
+    def remote_datasets(server: DirectoryServer) -> list[Any]:
+        def url(path: Any) -> str:
+            text = str(path)
+            head, bracket, tail = text.partition("[")
+            return f"{server.url}/{Path(head).relative_to(root).as_posix()}{'/' if head.endswith('/') else ''}{bracket}{tail}"
+
+        out = []
+        for ds in build_datasets(data, config):
+            out.append(type(ds)(url(ds.raw_path), url(ds.target_path), BENCH_CLASSES,
+                                {"raw": {"shape": config.shape, "scale": config.scale}},
+                                {"gt": {"shape": config.shape, "scale": config.scale}},
+                                pad=True, spatial_transforms=AUGMENT, seed=0))
+        return out
+
+    before = remote_options()
+    local_cold, local_warm = passes(build_datasets(data, config))
+    rows: dict[str, Any] = {}
+    try:
+        with DirectoryServer(root) as server:
+            for latency in (0.0, *latencies):
+                for n in in_flight if latency else (max(in_flight),):
+                    configure_remote(max_in_flight=n)
+                    datasets = remote_datasets(server)
+                    server.latency = latency
+                    server.reset_log()
+                    cold, warm = passes(datasets)
+                    rows[f"{latency * 1000:g}ms-{n}"] = {
+                        "latency_s": latency, "in_flight": n, "cold_samples_per_s": cold, "warm_samples_per_s": warm,
+                        "requests": server.count(), "mb_fetched": server.bytes_sent / 1e6, "peak_in_flight": server.max_in_flight,
+                        "warm_vs_local": warm / local_warm,
+                    }
+    finally:
+        configure_remote(max_in_flight=before["max_in_flight"])
+    no_latency = rows[f"0ms-{max(in_flight)}"]["cold_samples_per_s"]
+    for row in rows.values():
+        row["cold_vs_no_latency"] = row["cold_samples_per_s"] / no_latency
+    return {"local_cold_samples_per_s": local_cold, "local_warm_samples_per_s": local_warm, "threads": threads,
+            "samples": batches * config.batch_size, "runs": rows}
+
+
 # -- prediction writing over several processes ---------------------------------------------------
 
 # One rank of a prediction job (identity "model", so the figure is the writer's and the input

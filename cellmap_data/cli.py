@@ -268,6 +268,9 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--writer-ranks", default=False, action="store_true",
                         help="only measure prediction writing by 1 and 2 processes, plain and blended "
                              "(medians of --repeat runs; bound: 2 processes >= 1.6x one)")
+    parser.add_argument("--remote", default=False, action="store_true",
+                        help="only measure reading over a loopback HTTP server with 20 and 50 ms per request and 1, 8, 32 "
+                             "and 64 requests in flight, against the same data read locally")
     parser.add_argument("--against", default=None, metavar="DIR",
                         help="only compare this build with another one installed in DIR (pip install --target DIR "
                              "WHEEL): loader and writer through the public API, interleaved, medians of --repeat runs")
@@ -286,6 +289,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
                      f"  {run_['speedup']:.2f}x" if run_["threads_per_process"] != r["threads_per_process"] else "")
             print(f"writer {name:<24} {run_['mb_per_s']:8.1f} MB/s of volume ({r['volume_mb']:.0f} MB, tiles per rank "
                   f"{run_['tiles_per_rank']}, medians of {r['repeat']}){bound}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(r, indent=2))
+        return 0
+    if args.remote:
+        from cellmap_data.bench import REMOTE_COLD_BOUND, REMOTE_WARM_BOUND, bench_remote
+
+        r = bench_remote(bench_data(args.data, args.size), threads=(args.loader_threads or [2])[-1])
+        print(f"local            cold {r['local_cold_samples_per_s']:7.1f} samples/s  warm {r['local_warm_samples_per_s']:7.1f} samples/s "
+              f"({r['samples']} samples of 64³ + 4 classes, augmented, {r['threads']} threads)")
+        for name, row in r["runs"].items():
+            checks = []
+            if row["latency_s"] == 0.02:
+                checks.append(f"warm/local {row['warm_vs_local']:.2f} (bound >= {REMOTE_WARM_BOUND}: "
+                              f"{'met' if row['warm_vs_local'] >= REMOTE_WARM_BOUND else 'MISSED'})")
+                if row["in_flight"] == 64:
+                    checks.append(f"cold/no-latency cold {row['cold_vs_no_latency']:.2f} (bound >= {REMOTE_COLD_BOUND}: "
+                                  f"{'met' if row['cold_vs_no_latency'] >= REMOTE_COLD_BOUND else 'MISSED'})")
+            print(f"remote {name:<9} cold {row['cold_samples_per_s']:7.1f} samples/s  warm {row['warm_samples_per_s']:7.1f} samples/s  "
+                  f"{row['requests']:5d} requests, {row['mb_fetched']:6.1f} MB, peak {row['peak_in_flight']:2d} in flight  "
+                  f"cold/no-latency {row['cold_vs_no_latency']:.2f}  " + "  ".join(checks))
         if args.json:
             Path(args.json).write_text(json.dumps(r, indent=2))
         return 0

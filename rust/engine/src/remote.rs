@@ -435,7 +435,8 @@ impl RemoteStore {
     /// Starts the requests for `keys` (those not already started) without waiting; later
     /// reads of those keys wait for them instead of asking again.
     pub fn prefetch(&self, keys: impl IntoIterator<Item = String>) {
-        let bound = 8 * self.state.options.max_in_flight.max(1);
+        // Enough for several batches ahead even when few requests may be in flight at once.
+        let bound = (8 * self.state.options.max_in_flight).max(4096);
         let mut started = lock(&self.prefetched);
         for key in keys {
             if started.futures.contains_key(&key) {
