@@ -243,3 +243,47 @@ def test_bad_urls_and_options_are_refused():
     options = configure_remote(max_in_flight=7, disk_cache="")
     assert options["max_in_flight"] == 7 and options["disk_cache"] is None
     assert os.environ.get("CELLMAP_REMOTE_IN_FLIGHT") is None
+
+
+@pytest.mark.parametrize("overlap", [0, 2], ids=["plain", "blended"])
+def test_predictions_written_to_s3_equal_a_local_write(crop, s3_server, monkeypatch, tmp_path, overlap):
+    import zarr
+
+    from cellmap_data import CellMapDatasetWriter
+
+    bucket = f"predictions-{overlap}"
+    s3_server.create_bucket(bucket)
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    configure_remote(endpoint_url="", anonymous="auto")
+
+    def write(target: str) -> None:
+        writer = CellMapDatasetWriter(str(crop / "raw"), target, ["mito", "er"],
+                                      {"input": {"shape": (8, 8, 8), "scale": VOXEL}},
+                                      {"output": {"shape": (8, 8, 8), "scale": VOXEL}}, overlap=overlap, downsample_levels=1)
+        with writer:
+            for batch in writer.loader(batch_size=4):
+                x = batch["input"]
+                writer[batch["idx"]] = {"output": torch.cat([torch.sigmoid(x / 100.0), torch.cos(x / 30.0)], dim=1)}
+
+    write(f"s3://{bucket}/out.zarr/pred")
+    write(str(tmp_path / "local.zarr" / "pred"))
+    keys = s3_server.keys(bucket)
+    assert "out.zarr/pred/mito/.zattrs" in keys and any(k.startswith("out.zarr/pred/er/s1/") for k in keys)
+    s3_server.download_prefix(bucket, "out.zarr", tmp_path / "downloaded.zarr")
+    for cls in ("mito", "er"):
+        got = zarr.open_group(str(tmp_path / "downloaded.zarr" / "pred" / cls), mode="r")
+        want = zarr.open_group(str(tmp_path / "local.zarr" / "pred" / cls), mode="r")
+        assert got.attrs.asdict() == want.attrs.asdict()
+        for level in ("s0", "s1"):
+            np.testing.assert_array_equal(got[level][...], want[level][...])
+        # And read back through the engine from the bucket itself.
+        image = CellMapImage(f"s3://{bucket}/out.zarr/pred/{cls}", cls, VOXEL, (8, 8, 8))
+        centre = {"z": 50.0, "y": 30.0, "x": 70.0}
+        local = CellMapImage(str(tmp_path / "local.zarr" / "pred" / cls), cls, VOXEL, (8, 8, 8))
+        assert torch.equal(image[centre], local[centre])
+    # An existing remote output is refused unless overwrite or exist_ok says otherwise.
+    from cellmap_data.exceptions import OutputExistsError
+
+    with pytest.raises(OutputExistsError, match=f"s3://{bucket}/out.zarr/pred/mito"):
+        write(f"s3://{bucket}/out.zarr/pred")

@@ -499,7 +499,7 @@ impl RemoteStore {
     }
 
     /// Keys below `prefix` (relative to this location), listed.
-    pub fn list(&self, prefix: &str) -> Result<Vec<String>> {
+    pub fn list_keys(&self, prefix: &str) -> Result<Vec<String>> {
         use futures::TryStreamExt;
         let base = self.object_path(prefix);
         let url = self.key_url(prefix);
@@ -631,7 +631,7 @@ impl WritableStorageTraits for RemoteStore {
     }
 
     fn erase_prefix(&self, prefix: &StorePrefix) -> std::result::Result<(), StorageError> {
-        for key in self.list(prefix.as_str()).map_err(|e| storage_error(&e))? {
+        for key in self.list_keys(prefix.as_str()).map_err(|e| storage_error(&e))? {
             self.delete(&key).map_err(|e| storage_error(&e))?;
         }
         Ok(())
@@ -648,7 +648,7 @@ impl ListableStorageTraits for RemoteStore {
     }
 
     fn list_prefix(&self, prefix: &StorePrefix) -> std::result::Result<StoreKeys, StorageError> {
-        let keys = RemoteStore::list(self, prefix.as_str()).map_err(|e| storage_error(&e))?;
+        let keys = self.list_keys(prefix.as_str()).map_err(|e| storage_error(&e))?;
         keys.into_iter().map(|k| StoreKey::new(k).map_err(StorageError::from)).collect()
     }
 

@@ -16,7 +16,7 @@ use zarrs::plugin::{ExtensionName, ZarrVersion};
 
 use super::accumulate::{with_sample, Sample};
 use super::config::WriterConfig;
-use super::store::{temporary_sibling, AtomicFileStore};
+use super::store::{temporary_sibling, OutputStore};
 use super::LevelInfo;
 use crate::error::{Error, Result};
 use crate::geometry::AXES;
@@ -26,6 +26,9 @@ use crate::volume::DType;
 /// Absolute, lexically normalised path, with the longest existing prefix canonicalised
 /// (symlinks resolved).
 fn resolved(path: &Path) -> PathBuf {
+    if is_url(path) {
+        return path.to_path_buf();
+    }
     let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let mut clean = PathBuf::new();
     for c in absolute.components() {
@@ -55,7 +58,15 @@ fn resolved(path: &Path) -> PathBuf {
     out
 }
 
+fn is_url(path: &Path) -> bool {
+    path.to_str().is_some_and(crate::remote::is_remote)
+}
+
 fn is_zarr_node(dir: &Path) -> bool {
+    if is_url(dir) {
+        let url = dir.to_string_lossy().into_owned();
+        return crate::remote::nodes_exist(&[url]).is_ok_and(|found| found[0]);
+    }
     [".zgroup", ".zarray", ".zattrs", "zarr.json"].iter().any(|f| dir.join(f).is_file())
 }
 
@@ -131,6 +142,19 @@ pub(super) fn validate(config: &WriterConfig) -> Result<()> {
                 p.display()
             )));
         }
+    }
+    if is_url(&path) {
+        // An object store has no folders to probe: the image exists when its metadata does
+        // (one round trip); writing is checked by the first write.
+        let exists = crate::remote::nodes_exist(&[path.to_string_lossy().into_owned()])?[0];
+        if exists && !config.overwrite && !config.exist_ok {
+            return Err(exists_error(
+                &config.path,
+                std::io::ErrorKind::AlreadyExists,
+                "output already exists (pass overwrite=True to replace it, or exist_ok=True to write into it)",
+            ));
+        }
+        return Ok(());
     }
     if path.exists() {
         if !path.is_dir() {
@@ -212,7 +236,7 @@ fn node_path(root: &Path, dir: &Path) -> String {
 }
 
 fn store_group(
-    store: &Arc<AtomicFileStore>,
+    store: &Arc<OutputStore>,
     node: &str,
     format: ZarrFormat,
     attributes: serde_json::Map<String, serde_json::Value>,
@@ -259,7 +283,7 @@ fn v2_data_type(dtype: DType) -> DataTypeMetadataV2 {
 }
 
 /// Creates the array of one level (its metadata stored) and returns it open for chunk writes.
-fn create_array(config: &WriterConfig, store: &Arc<AtomicFileStore>, node: &str, shape: [u64; 3]) -> Result<Array<AtomicFileStore>> {
+fn create_array(config: &WriterConfig, store: &Arc<OutputStore>, node: &str, shape: [u64; 3]) -> Result<Array<OutputStore>> {
     let where_ = || store.root().join(node.trim_start_matches('/'));
     let chunks: Vec<u64> = config.chunk_shape.iter().map(|&c| c as u64).collect();
     let zstd = Arc::new(ZstdCodec::new(config.compression_level, false));
@@ -326,13 +350,21 @@ fn multiscale(config: &WriterConfig, levels: &[LevelInfo]) -> MultiscaleJson {
     }
 }
 
-/// Where an image's nodes go: its resolved path, the directories from the `.zarr` container
-/// root down to its parent, and the store rooted at that container (or at the image).
-fn placement(config: &WriterConfig) -> Result<(PathBuf, Vec<PathBuf>, PathBuf, Arc<AtomicFileStore>)> {
+/// The key of the image's node in its store (`""` when the store is rooted at the image).
+pub(super) fn image_key(config: &WriterConfig) -> String {
     let image = resolved(&config.path);
     let chain = container_chain(&image);
     let root = chain.first().cloned().unwrap_or_else(|| image.clone());
-    let store = Arc::new(AtomicFileStore::new(&root, config.fsync)?);
+    node_path(&root, &image).trim_start_matches('/').to_string()
+}
+
+/// Where an image's nodes go: its resolved path, the directories from the `.zarr` container
+/// root down to its parent, and the store rooted at that container (or at the image).
+fn placement(config: &WriterConfig) -> Result<(PathBuf, Vec<PathBuf>, PathBuf, Arc<OutputStore>)> {
+    let image = resolved(&config.path);
+    let chain = container_chain(&image);
+    let root = chain.first().cloned().unwrap_or_else(|| image.clone());
+    let store = Arc::new(OutputStore::new(&root, config.fsync)?);
     Ok((image, chain, root, store))
 }
 
@@ -342,7 +374,7 @@ fn open_image(
     config: &WriterConfig,
     stored: crate::ngff::Multiscale,
     levels: Vec<LevelInfo<()>>,
-) -> Result<(Arc<AtomicFileStore>, Vec<LevelInfo>)> {
+) -> Result<(Arc<OutputStore>, Vec<LevelInfo>)> {
     let (image, _, root, store) = placement(config)?;
     let mismatch = |what: String| {
         Error::invalid(format!(
@@ -392,7 +424,7 @@ fn open_image(
 /// Creates the image: parent groups from the `.zarr` container down (those lacking metadata),
 /// one array per level, then the image group's metadata last (a half-created image has no
 /// multiscales). Replaces an existing image (validated: only with `overwrite`).
-pub(super) fn create_image(config: &WriterConfig, mut levels: Vec<LevelInfo<()>>) -> Result<(Arc<AtomicFileStore>, Vec<LevelInfo>)> {
+pub(super) fn create_image(config: &WriterConfig, mut levels: Vec<LevelInfo<()>>) -> Result<(Arc<OutputStore>, Vec<LevelInfo>)> {
     let path = &config.path;
     if config.exist_ok {
         if let Ok(stored) = crate::ngff::read_multiscale(path) {
@@ -401,10 +433,14 @@ pub(super) fn create_image(config: &WriterConfig, mut levels: Vec<LevelInfo<()>>
     }
     // With exist_ok another process may be creating the same image: creating it again writes
     // the same metadata and keeps its chunks.
-    if config.overwrite && path.exists() && !is_empty_dir(path) {
+    let remote = is_url(path);
+    if config.overwrite && !remote && path.exists() && !is_empty_dir(path) {
         fs::remove_dir_all(path).map_err(|e| Error::io(path, e))?;
     }
     let (image, chain, root, store) = placement(config)?;
+    if config.overwrite && remote {
+        store.erase_below(&node_path(&root, &image))?;
+    }
     for dir in &chain {
         if !is_zarr_node(dir) {
             store_group(&store, &node_path(&root, dir), config.format, Default::default())?;

@@ -39,7 +39,7 @@
 //!
 //! # Crash safety
 //!
-//! Metadata and chunks are written through zarrs into [`AtomicFileStore`], which writes every
+//! Metadata and chunks are written through zarrs into [`OutputStore`], which writes every
 //! value whole (a hidden temporary file, then a rename): a process killed at any moment leaves
 //! each chunk absent, old or new, never torn. With `fsync` each value is also flushed before
 //! the rename, which extends this to power loss.
@@ -76,11 +76,11 @@ pub use config::{Downsample, TilingConfig, WriterConfig};
 use progress::Progress;
 pub use progress::Shard;
 pub(crate) use store::write_atomic;
-pub use store::AtomicFileStore;
+pub use store::OutputStore;
 pub use tiling::{Blend, TilePlan};
 
 /// One level of the image: its array path, geometry, and (once created) its open array.
-struct LevelInfo<A = Array<AtomicFileStore>> {
+struct LevelInfo<A = Array<OutputStore>> {
     name: String,
     shape: [u64; 3],
     voxel_size: [f64; 3],
@@ -89,7 +89,7 @@ struct LevelInfo<A = Array<AtomicFileStore>> {
 }
 
 impl LevelInfo<()> {
-    fn with_array(self, array: Array<AtomicFileStore>) -> LevelInfo {
+    fn with_array(self, array: Array<OutputStore>) -> LevelInfo {
         LevelInfo {
             name: self.name,
             shape: self.shape,
@@ -129,7 +129,7 @@ pub struct ImageWriter {
     /// pages that fault on first write, and the faults' TLB shootdowns serialise the threads.
     spare: Mutex<Vec<Vec<f32>>>,
     closed: AtomicBool,
-    store: Arc<AtomicFileStore>,
+    store: Arc<OutputStore>,
     /// Completion marks and this process's chunks (planned writers only).
     progress: Option<Progress>,
 }
@@ -189,7 +189,11 @@ impl ImageWriter {
             .map(|_| AtomicBool::new(false))
             .collect();
         let grid: [u64; 3] = std::array::from_fn(|k| shape0[k].div_ceil(config.chunk_shape[k] as u64));
-        let progress = plan.as_ref().map(|p| Progress::open(&config, grid, p)).transpose()?;
+        let image_key = layout::image_key(&config);
+        let progress = plan
+            .as_ref()
+            .map(|p| Progress::open(&config, grid, p, store.clone(), &image_key))
+            .transpose()?;
         Ok(ImageWriter {
             config,
             levels,
@@ -529,7 +533,9 @@ impl ImageWriter {
     /// With `exist_ok` (several writers may share the image): an exclusive lock on the image,
     /// held while a chunk is read, merged and written back. Blocks until it is free.
     fn shared_write_lock(&self) -> Result<Option<std::fs::File>> {
-        if !self.config.exist_ok {
+        // An object store has no file locks: writers sharing a remote image must write
+        // disjoint chunks (as ranks do).
+        if !self.config.exist_ok || self.store.is_remote() {
             return Ok(None);
         }
         let path = self.config.path.join(".cellmap-write.lock");

@@ -14,14 +14,13 @@
 //! border between two runs count for both).
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs;
-use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 
 use super::chunks_meeting;
 use super::config::WriterConfig;
-use super::store::write_atomic;
+use super::store::OutputStore;
 use super::tiling::TilePlan;
 use crate::error::{Error, Result};
 
@@ -51,13 +50,14 @@ impl Shard {
 /// The completion marks of one image and this process's chunks.
 #[derive(Debug)]
 pub(super) struct Progress {
-    dir: PathBuf,
+    /// The store holding the image, and the key of the marks' folder in it.
+    store: Arc<OutputStore>,
+    dir: String,
     done_at_open: HashSet<[u64; 3]>,
     shard: Shard,
     grid: [u64; 3],
     /// Rank `r` owns the chunks whose C-order index lies in `cuts[r]..cuts[r + 1]`.
     cuts: Vec<u64>,
-    fsync: bool,
 }
 
 const PLAN_FILE: &str = "plan.json";
@@ -65,37 +65,40 @@ const PLAN_FILE: &str = "plan.json";
 impl Progress {
     /// The marks of the image at `config.path` (chunk grid `grid`): read back when writing into
     /// an existing image (`exist_ok`), started afresh otherwise.
-    pub(super) fn open(config: &WriterConfig, grid: [u64; 3], plan: &TilePlan) -> Result<Progress> {
-        let dir = config.path.join(".cellmap-progress");
+    pub(super) fn open(config: &WriterConfig, grid: [u64; 3], plan: &TilePlan, store: Arc<OutputStore>, image_key: &str) -> Result<Progress> {
+        let dir = match image_key.trim_matches('/') {
+            "" => ".cellmap-progress".to_string(),
+            key => format!("{key}/.cellmap-progress"),
+        };
         let fingerprint = plan_fingerprint(config);
-        let plan_path = dir.join(PLAN_FILE);
+        let plan_key = format!("{dir}/{PLAN_FILE}");
         let mut done_at_open = HashSet::new();
-        match fs::read_to_string(&plan_path) {
-            Ok(stored) if config.exist_ok => {
+        match store.read_text(&plan_key) {
+            Ok(Some(stored)) if config.exist_ok => {
                 if stored != fingerprint {
                     return Err(Error::invalid(format!(
                         "{}: the image's completed chunks were written with another plan ({stored}); this writer's plan is {fingerprint}. Pass overwrite=True to start again",
-                        plan_path.display()
+                        store.describe(&plan_key).display()
                     )));
                 }
-                done_at_open.extend(marks_in(&dir)?.into_iter().map(|(chunk, _)| chunk));
+                done_at_open.extend(marks_in(&store, &dir)?.into_iter().map(|(chunk, _)| chunk));
             }
             _ => {
-                if !config.exist_ok && dir.exists() {
-                    fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+                if !config.exist_ok {
+                    store.erase_below(&dir)?;
                 }
-                write_atomic(&plan_path, fingerprint.as_bytes(), config.fsync).map_err(|e| Error::io(&plan_path, e))?;
+                store.write_value(&plan_key, fingerprint.as_bytes())?;
             }
         }
         let shard = config.shard.unwrap_or(Shard { rank: 0, world_size: 1 });
         let cuts = balanced_cuts(plan, config.chunk_shape, grid, shard.world_size);
         Ok(Progress {
+            store,
             dir,
             done_at_open,
             shard,
             grid,
             cuts,
-            fsync: config.fsync,
         })
     }
 
@@ -122,42 +125,35 @@ impl Progress {
 
     /// Marks `chunk` complete (after it was written).
     pub(super) fn mark_done(&self, chunk: [u64; 3]) -> Result<()> {
-        let path = self.dir.join(format!("{}.{}.{}", chunk[0], chunk[1], chunk[2]));
-        write_atomic(&path, self.shard.rank.to_string().as_bytes(), self.fsync).map_err(|e| Error::io(&path, e))
+        let key = format!("{}/{}.{}.{}", self.dir, chunk[0], chunk[1], chunk[2]);
+        self.store.write_value(&key, self.shard.rank.to_string().as_bytes())
     }
 
     /// Complete chunks now (every process's marks; counted, not read: cheap enough to poll).
     pub(super) fn done(&self) -> Result<u64> {
-        Ok(marks_in(&self.dir)?.len() as u64)
+        Ok(marks_in(&self.store, &self.dir)?.len() as u64)
     }
 
     /// Complete chunks now, per rank that wrote them.
     pub(super) fn done_by_rank(&self) -> Result<BTreeMap<usize, u64>> {
         let mut out = BTreeMap::new();
-        for (_, mark) in marks_in(&self.dir)? {
-            // A mark is written whole (renamed into place); an unreadable one still counts.
-            let rank = fs::read_to_string(&mark).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+        for (_, mark) in marks_in(&self.store, &self.dir)? {
+            // A mark is written whole; an unreadable one still counts.
+            let rank = self.store.read_text(&mark).ok().flatten().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
             *out.entry(rank).or_insert(0) += 1;
         }
         Ok(out)
     }
 }
 
-/// The marks in `dir` (none when it does not exist): each chunk and its file.
-fn marks_in(dir: &Path) -> Result<Vec<([u64; 3], PathBuf)>> {
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io(dir, e)),
-    };
-    let mut out = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|e| Error::io(dir, e))?;
-        if let Some(chunk) = parse_mark(&entry.file_name().to_string_lossy()) {
-            out.push((chunk, entry.path()));
-        }
-    }
-    Ok(out)
+/// The marks in the folder `dir` of `store` (none when it does not exist): each chunk and its
+/// key.
+fn marks_in(store: &OutputStore, dir: &str) -> Result<Vec<([u64; 3], String)>> {
+    Ok(store
+        .keys_below(dir)?
+        .into_iter()
+        .filter_map(|key| parse_mark(key.rsplit('/').next().unwrap_or("")).map(|chunk| (chunk, key)))
+        .collect())
 }
 
 /// Plans with more tiles than this split chunks evenly instead (the search below evaluates

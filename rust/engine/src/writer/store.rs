@@ -1,6 +1,7 @@
-//! Where the writer's bytes go: a zarrs storage adapter over [`FilesystemStore`] that makes
-//! every value write atomic, so metadata and chunks go through zarrs' own array and group
-//! code and a store with atomic puts (an object store) can take this adapter's place.
+//! Where the writer's bytes go: [`OutputStore`], a zarrs storage adapter over a folder
+//! ([`FilesystemStore`], every value write made atomic) or an object store (one PUT per value,
+//! atomic by the store's guarantee), so metadata and chunks go through zarrs' own array and
+//! group code either way.
 //!
 //! Each `set` writes a hidden temporary file beside its destination
 //! (`.<name>.<pid>-<n>.partial`) and renames it over the destination: a process killed at
@@ -20,11 +21,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use zarrs::filesystem::FilesystemStore;
 use zarrs::storage::byte_range::ByteRangeIterator;
 use zarrs::storage::{
-    store_set_partial_many, Bytes, ListableStorageTraits, MaybeBytesIterator, OffsetBytesIterator, ReadableStorageTraits, StorageError,
+    store_set_partial_many, Bytes, ListableStorageTraits, MaybeBytes, MaybeBytesIterator, OffsetBytesIterator, ReadableStorageTraits, StorageError,
     StoreKey, StoreKeys, StoreKeysPrefixes, StorePrefix, WritableStorageTraits,
 };
 
 use crate::error::{Error, Result};
+use crate::remote::RemoteStore;
+use std::sync::Arc;
 
 static TEMPORARY_COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -70,34 +73,53 @@ fn is_metadata_key(key: &StoreKey) -> bool {
     matches!(name, "zarr.json" | ".zarray" | ".zgroup" | ".zattrs")
 }
 
-/// The filesystem store rooted at one directory, with atomic (and optionally flushed) writes
-/// and counters of the chunk values written.
+/// Where an image's values go: a folder (each value written whole through a temporary file
+/// and a rename) or an object store (each value one PUT, whole by the store's own guarantee),
+/// with counters of the chunk values written.
 #[derive(Debug)]
-pub struct AtomicFileStore {
-    inner: FilesystemStore,
+pub struct OutputStore {
+    backend: Backend,
+    /// The folder or URL the store is rooted at (for messages).
     root: PathBuf,
-    fsync: bool,
     chunks_written: AtomicU64,
     bytes_written: AtomicU64,
 }
 
-impl AtomicFileStore {
-    /// A store rooted at `root` (created when missing).
-    pub fn new(root: &Path, fsync: bool) -> Result<AtomicFileStore> {
-        fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
-        let inner = FilesystemStore::new(root).map_err(|e| Error::metadata(root, e))?;
-        Ok(AtomicFileStore {
-            inner,
+#[derive(Debug)]
+enum Backend {
+    Local { inner: FilesystemStore, fsync: bool },
+    Remote(Arc<RemoteStore>),
+}
+
+impl OutputStore {
+    /// A store rooted at `root`: a folder (created when missing), or an object-store URL.
+    pub fn new(root: &Path, fsync: bool) -> Result<OutputStore> {
+        let text = root.to_string_lossy();
+        let backend = if crate::remote::is_remote(&text) {
+            Backend::Remote(RemoteStore::open(&text)?)
+        } else {
+            fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
+            Backend::Local {
+                inner: FilesystemStore::new(root).map_err(|e| Error::metadata(root, e))?,
+                fsync,
+            }
+        };
+        Ok(OutputStore {
+            backend,
             root: root.to_path_buf(),
-            fsync,
             chunks_written: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
         })
     }
 
-    /// The directory the store is rooted at.
+    /// The folder or URL the store is rooted at.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Whether the store is an object store.
+    pub fn is_remote(&self) -> bool {
+        matches!(self.backend, Backend::Remote(_))
     }
 
     /// Chunk values written so far (metadata files not counted).
@@ -109,50 +131,153 @@ impl AtomicFileStore {
     pub fn bytes_written(&self) -> u64 {
         self.bytes_written.load(Ordering::Relaxed)
     }
+
+    /// Where `key` is, for messages.
+    pub fn describe(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
+    fn store_key(&self, key: &str) -> Result<StoreKey> {
+        StoreKey::new(key.trim_start_matches('/')).map_err(|e| Error::invalid(format!("{}: {e}", self.describe(key).display())))
+    }
+
+    fn error(&self, key: &str, e: StorageError) -> Error {
+        match e {
+            StorageError::IOError(io) => Error::io(self.describe(key), std::io::Error::new(io.kind(), io.to_string())),
+            other => Error::metadata(self.describe(key), other),
+        }
+    }
+
+    /// The value at `key` as text (`None` when absent).
+    pub fn read_text(&self, key: &str) -> Result<Option<String>> {
+        let store_key = self.store_key(key)?;
+        match ReadableStorageTraits::get(self, &store_key).map_err(|e| self.error(key, e))? {
+            Some(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes `bytes` at `key` whole.
+    pub fn write_value(&self, key: &str, bytes: &[u8]) -> Result<()> {
+        let store_key = self.store_key(key)?;
+        WritableStorageTraits::set(self, &store_key, Bytes::copy_from_slice(bytes)).map_err(|e| self.error(key, e))
+    }
+
+    /// The keys below `prefix` (a folder-like key ending without `/`); none when absent.
+    pub fn keys_below(&self, prefix: &str) -> Result<Vec<String>> {
+        let prefix = format!("{}/", prefix.trim_matches('/'));
+        match &self.backend {
+            Backend::Local { .. } => {
+                let dir = self.root.join(&prefix);
+                let entries = match fs::read_dir(&dir) {
+                    Ok(entries) => entries,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                    Err(e) => return Err(Error::io(&dir, e)),
+                };
+                let mut out = Vec::new();
+                for entry in entries {
+                    let entry = entry.map_err(|e| Error::io(&dir, e))?;
+                    out.push(format!("{prefix}{}", entry.file_name().to_string_lossy()));
+                }
+                Ok(out)
+            }
+            Backend::Remote(remote) => remote.list_keys(&prefix),
+        }
+    }
+
+    /// Deletes everything below `prefix`.
+    pub fn erase_below(&self, prefix: &str) -> Result<()> {
+        let prefix = prefix.trim_matches('/');
+        match &self.backend {
+            Backend::Local { .. } => {
+                let dir = self.root.join(prefix);
+                match fs::remove_dir_all(&dir) {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(Error::io(&dir, e)),
+                }
+            }
+            Backend::Remote(remote) => {
+                for key in remote.list_keys(&format!("{prefix}/"))? {
+                    remote.delete(&key)?;
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
-impl ReadableStorageTraits for AtomicFileStore {
+impl ReadableStorageTraits for OutputStore {
     fn get_partial_many<'a>(
         &'a self,
         key: &StoreKey,
         byte_ranges: ByteRangeIterator<'a>,
     ) -> std::result::Result<MaybeBytesIterator<'a>, StorageError> {
-        self.inner.get_partial_many(key, byte_ranges)
+        match &self.backend {
+            Backend::Local { inner, .. } => inner.get_partial_many(key, byte_ranges),
+            Backend::Remote(remote) => remote.get_partial_many(key, byte_ranges),
+        }
+    }
+
+    fn get(&self, key: &StoreKey) -> std::result::Result<MaybeBytes, StorageError> {
+        match &self.backend {
+            Backend::Local { inner, .. } => inner.get(key),
+            Backend::Remote(remote) => ReadableStorageTraits::get(&**remote, key),
+        }
     }
 
     fn size_key(&self, key: &StoreKey) -> std::result::Result<Option<u64>, StorageError> {
-        self.inner.size_key(key)
+        match &self.backend {
+            Backend::Local { inner, .. } => inner.size_key(key),
+            Backend::Remote(remote) => remote.size_key(key),
+        }
     }
 
     fn supports_get_partial(&self) -> bool {
-        self.inner.supports_get_partial()
+        true
     }
 }
 
-impl ListableStorageTraits for AtomicFileStore {
+impl ListableStorageTraits for OutputStore {
     fn list(&self) -> std::result::Result<StoreKeys, StorageError> {
-        self.inner.list()
+        match &self.backend {
+            Backend::Local { inner, .. } => inner.list(),
+            Backend::Remote(remote) => ListableStorageTraits::list(&**remote),
+        }
     }
 
     fn list_prefix(&self, prefix: &StorePrefix) -> std::result::Result<StoreKeys, StorageError> {
-        self.inner.list_prefix(prefix)
+        match &self.backend {
+            Backend::Local { inner, .. } => inner.list_prefix(prefix),
+            Backend::Remote(remote) => remote.list_prefix(prefix),
+        }
     }
 
     fn list_dir(&self, prefix: &StorePrefix) -> std::result::Result<StoreKeysPrefixes, StorageError> {
-        self.inner.list_dir(prefix)
+        match &self.backend {
+            Backend::Local { inner, .. } => inner.list_dir(prefix),
+            Backend::Remote(remote) => remote.list_dir(prefix),
+        }
     }
 
     fn size_prefix(&self, prefix: &StorePrefix) -> std::result::Result<u64, StorageError> {
-        self.inner.size_prefix(prefix)
+        match &self.backend {
+            Backend::Local { inner, .. } => inner.size_prefix(prefix),
+            Backend::Remote(remote) => remote.size_prefix(prefix),
+        }
     }
 }
 
-impl WritableStorageTraits for AtomicFileStore {
+impl WritableStorageTraits for OutputStore {
     fn set(&self, key: &StoreKey, value: Bytes) -> std::result::Result<(), StorageError> {
-        write_atomic(&self.inner.key_to_fspath(key), &value, self.fsync)?;
+        let len = value.len() as u64;
+        match &self.backend {
+            Backend::Local { inner, fsync } => write_atomic(&inner.key_to_fspath(key), &value, *fsync)?,
+            Backend::Remote(remote) => remote.set(key, value)?,
+        }
         if !is_metadata_key(key) {
             self.chunks_written.fetch_add(1, Ordering::Relaxed);
-            self.bytes_written.fetch_add(value.len() as u64, Ordering::Relaxed);
+            self.bytes_written.fetch_add(len, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -163,11 +288,17 @@ impl WritableStorageTraits for AtomicFileStore {
     }
 
     fn erase(&self, key: &StoreKey) -> std::result::Result<(), StorageError> {
-        self.inner.erase(key)
+        match &self.backend {
+            Backend::Local { inner, .. } => inner.erase(key),
+            Backend::Remote(remote) => remote.erase(key),
+        }
     }
 
     fn erase_prefix(&self, prefix: &StorePrefix) -> std::result::Result<(), StorageError> {
-        self.inner.erase_prefix(prefix)
+        match &self.backend {
+            Backend::Local { inner, .. } => inner.erase_prefix(prefix),
+            Backend::Remote(remote) => remote.erase_prefix(prefix),
+        }
     }
 
     fn supports_set_partial(&self) -> bool {
@@ -184,7 +315,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("cellmap-store-test-{}", std::process::id()));
         for fsync in [false, true] {
             let _ = fs::remove_dir_all(&dir);
-            let store = AtomicFileStore::new(&dir, fsync).unwrap();
+            let store = OutputStore::new(&dir, fsync).unwrap();
             let key = StoreKey::new("a/0.0.0").unwrap();
             store.set(&key, Bytes::from_static(b"hello")).unwrap();
             store.set(&key, Bytes::from_static(b"world!")).unwrap();
