@@ -121,6 +121,9 @@ def nodes_exist(locations: list[str]) -> list[bool]:
 def is_remote(location: str) -> bool:
     """Whether ``location`` is an object-store URL."""
 
+def read_node_text(location: str, name: str) -> str | None:
+    """The metadata document ``name`` of the zarr node at ``location`` (path or URL), if any."""
+
 # -- tensors and batches ---------------------------------------------------------------------
 
 @final

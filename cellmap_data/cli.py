@@ -377,31 +377,60 @@ def _read_json(path: str) -> dict[str, Any]:
 
     try:
         with open(path, encoding="utf-8") as handle:
-            value = json.load(handle)
-    except ValueError as error:
+            text = handle.read()
+    except ValueError as error:  # not UTF-8 text
         raise MetadataError(f"{path}: malformed JSON ({error})") from None
+    return _parse_json(text, path)
+
+
+def _parse_json(text: str, where: str) -> dict[str, Any]:
+    from cellmap_data.exceptions import MetadataError
+
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise MetadataError(f"{where}: malformed JSON ({error})") from None
     if not isinstance(value, dict):
-        raise MetadataError(f"{path}: expected a JSON object")
+        raise MetadataError(f"{where}: expected a JSON object")
     return value
+
+
+def _document(path: str, name: str) -> dict[str, Any] | None:
+    """The JSON document ``name`` of the node at ``path`` (a folder or an object-store URL)."""
+    from cellmap_data.remote import is_url
+
+    if is_url(path):
+        from cellmap_data import _engine
+
+        text = _engine.read_node_text(path, name)
+        return None if text is None else _parse_json(text, f"{path}/{name}")
+    file = os.path.join(path, name)
+    return _read_json(file) if os.path.isfile(file) else None
 
 
 def _node(path: str) -> _Node:
     """The zarr node at ``path`` (v3 ``zarr.json``, or v2 ``.zarray`` / ``.zgroup`` / ``.zattrs``)."""
-    join = os.path.join
-    if os.path.isfile(join(path, "zarr.json")):
-        meta = _read_json(join(path, "zarr.json"))
+    meta = _document(path, "zarr.json")
+    if meta is not None:
         attrs = meta.get("attributes") or {}
         kind = "array" if meta.get("node_type") == "array" else "group"
         return _Node(path, kind, 3, attrs if isinstance(attrs, dict) else {}, meta if kind == "array" else {})
-    attrs = _read_json(join(path, ".zattrs")) if os.path.isfile(join(path, ".zattrs")) else {}
-    if os.path.isfile(join(path, ".zarray")):
-        return _Node(path, "array", 2, attrs, _read_json(join(path, ".zarray")))
-    if os.path.isfile(join(path, ".zgroup")) or os.path.isfile(join(path, ".zattrs")):
-        return _Node(path, "group", 2, attrs)
+    attrs = _document(path, ".zattrs")
+    array = _document(path, ".zarray")
+    if array is not None:
+        return _Node(path, "array", 2, attrs or {}, array)
+    if attrs is not None or _document(path, ".zgroup") is not None:
+        return _Node(path, "group", 2, attrs or {})
     return _Node(path, None)
 
 
 def _child_dirs(path: str) -> list[str]:
+    from cellmap_data.remote import is_url
+
+    if is_url(path):
+        # Object stores are never listed (CellMap buckets are large): name what to read.
+        raise UsageError(f"cellmap_data: error: {path}: an object store is not listed; pass an image group URL, "
+                         "or a label crop as .../crop/[class,...]")
     try:
         with os.scandir(path) as entries:
             return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
@@ -649,8 +678,11 @@ def _first_level(image: _Node) -> _Node:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Print the levels of an image group, the classes of a crop, or the images of a container."""
-    path = os.path.normpath(args.path)
-    if not os.path.exists(path):
+    from cellmap_data.remote import groups_exist, is_url
+
+    remote = is_url(args.path)
+    path = args.path.rstrip("/") if remote else os.path.normpath(args.path)
+    if not (groups_exist([path])[0] if remote else os.path.exists(path)):
         raise _not_found(path)
     node = _node(path)
     if node.kind == "array":
@@ -727,7 +759,19 @@ def _add_stats_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _find_raw(crop: str) -> str | None:
-    """The raw image next to a CellMap crop: an image group in ``<ancestor>/em`` (uint8 first)."""
+    """The raw image next to a CellMap crop: an image group in ``<ancestor>/em`` (uint8 first).
+    Over an object store (never listed) the CellMap name ``<ancestor>/em/fibsem-uint8`` is
+    looked for, every ancestor in one round trip."""
+    from cellmap_data.remote import groups_exist, is_url
+
+    if is_url(crop):
+        candidates, folder = [], crop.rstrip("/").rsplit("/", 1)[0]
+        for _ in range(MAX_SEARCH_DEPTH):
+            candidates.append(f"{folder}/em/fibsem-uint8")
+            if folder.endswith(_CONTAINER_SUFFIXES) or folder.count("/") <= 3:
+                break
+            folder = folder.rsplit("/", 1)[0]
+        return next((c for c, found in zip(candidates, groups_exist(candidates)) if found), None)
     folder = os.path.dirname(os.path.abspath(crop))
     for _ in range(MAX_SEARCH_DEPTH):
         images = _child_images(os.path.join(folder, "em"))
@@ -765,12 +809,17 @@ def _stats_rows(source: str, raw: str | None) -> tuple[str, list[tuple[str | Non
                 raise
             raise UsageError(f"cellmap_data stats: error: {source}: malformed datasplit CSV ({message})") from None
         return "csv", [(usage, row["raw"], row["gt"]) for usage, rows in split.items() for row in rows]
+    from cellmap_data.remote import groups_exist, is_url
+
     if "[" in source and not os.path.exists(source):
         template, _ = split_target_path(source)
         crop = template.split("{label}", 1)[0].rstrip("/" + os.sep)
-        if not os.path.isdir(crop):
+        if not (groups_exist([crop])[0] if is_url(crop) else os.path.isdir(crop)):
             raise _not_found(crop)
         return "template", [(None, _raw_for(crop, raw, source), source)]
+    if is_url(source):
+        raise UsageError(f"cellmap_data stats: error: {source}: an object store is not listed; pass the crop as "
+                         ".../crop/[class,...] (or a datasplit CSV whose rows are URLs)")
     if not os.path.exists(source):
         raise _not_found(source)
     node = _node(source)

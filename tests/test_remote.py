@@ -287,3 +287,45 @@ def test_predictions_written_to_s3_equal_a_local_write(crop, s3_server, monkeypa
 
     with pytest.raises(OutputExistsError, match=f"s3://{bucket}/out.zarr/pred/mito"):
         write(f"s3://{bucket}/out.zarr/pred")
+
+
+def test_datasplit_csv_rows_may_be_urls(tiny_data, http_server_factory, tmp_path):
+    from cellmap_data import CellMapDataSplit
+
+    server = http_server_factory(tiny_data.root)
+    local_csv = Path(tiny_data.csv_path).read_text()
+    remote_csv = tmp_path / "remote.csv"
+    remote_csv.write_text(local_csv.replace(str(tiny_data.root), server.url))
+    arrays = dict(input_arrays={"in": {"shape": (8, 8, 8), "scale": (8, 8, 8)}},
+                  target_arrays={"out": {"shape": (8, 8, 8), "scale": (8, 8, 8)}})
+    local = CellMapDataSplit(classes=list(tiny_data.classes), pad=True, csv_path=str(tiny_data.csv_path), **arrays)
+    remote = CellMapDataSplit(classes=list(tiny_data.classes), pad=True, csv_path=str(remote_csv), **arrays)
+    assert [d.raw_path.startswith("http://") for d in remote.train_datasets] == [True] * len(local.train_datasets)
+    for r, l in zip(remote.validation_datasets, local.validation_datasets):
+        x, y = r[0], l[0]
+        assert torch.equal(x["in"], y["in"]) and torch.equal(x["out"].nan_to_num(-1), y["out"].nan_to_num(-1))
+    assert remote.class_counts == local.class_counts
+
+
+def test_inspect_and_stats_on_the_command_line_read_urls(tiny_data, http_server_factory, capsys):
+    from cellmap_data.cli import main
+
+    server = http_server_factory(tiny_data.root)
+    dataset0 = tiny_data.datasets[0]
+    crop0 = dataset0.crops[0]
+    raw_url = f"{server.url}/{Path(dataset0.raw_path).relative_to(tiny_data.root).as_posix()}"
+    head, _, classes = crop0.target_path.partition("[")
+    template_url = f"{server.url}/{Path(head).relative_to(tiny_data.root).as_posix()}/[{classes}"
+
+    assert main(["inspect", raw_url]) == 0
+    out = capsys.readouterr().out
+    assert raw_url in out and "s0" in out and "zstd" in out
+    assert main(["stats", template_url]) == 0
+    remote_table = capsys.readouterr().out
+    assert main(["stats", crop0.target_path]) == 0
+    local_table = capsys.readouterr().out
+    # The same table; only the source named in it differs.
+    assert remote_table.replace(server.url, str(tiny_data.root)) == local_table
+    # A crop group URL without its classes would need a listing: refused with what to pass.
+    assert main(["stats", template_url.partition("[")[0]]) != 0
+    assert "[class,...]" in capsys.readouterr().err

@@ -98,3 +98,13 @@ pub fn nodes_exist(py: Python<'_>, locations: Vec<String>) -> PyResult<Vec<bool>
 pub fn is_remote(location: &str) -> bool {
     remote::is_remote(location)
 }
+
+/// The text of the metadata document `name` (`zarr.json`, `.zattrs` ...) of the zarr node at
+/// `location` (a path or URL); `None` when absent.
+#[pyfunction]
+pub fn read_node_text(py: Python<'_>, location: String, name: String) -> PyResult<Option<String>> {
+    convert::run(py, move || {
+        let node = std::path::PathBuf::from(&location);
+        cellmap_engine::ngff::read_node_text(&node, &name)
+    })
+}

@@ -65,7 +65,13 @@ const PLAN_FILE: &str = "plan.json";
 impl Progress {
     /// The marks of the image at `config.path` (chunk grid `grid`): read back when writing into
     /// an existing image (`exist_ok`), started afresh otherwise.
-    pub(super) fn open(config: &WriterConfig, grid: [u64; 3], plan: &TilePlan, store: Arc<OutputStore>, image_key: &str) -> Result<Progress> {
+    pub(super) fn open(
+        config: &WriterConfig,
+        grid: [u64; 3],
+        plan: &TilePlan,
+        store: Arc<OutputStore>,
+        image_key: &str,
+    ) -> Result<Progress> {
         let dir = match image_key.trim_matches('/') {
             "" => ".cellmap-progress".to_string(),
             key => format!("{key}/.cellmap-progress"),
@@ -139,7 +145,13 @@ impl Progress {
         let mut out = BTreeMap::new();
         for (_, mark) in marks_in(&self.store, &self.dir)? {
             // A mark is written whole; an unreadable one still counts.
-            let rank = self.store.read_text(&mark).ok().flatten().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+            let rank = self
+                .store
+                .read_text(&mark)
+                .ok()
+                .flatten()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0);
             *out.entry(rank).or_insert(0) += 1;
         }
         Ok(out)
