@@ -414,7 +414,7 @@ impl ImageWriter {
         group.par_iter().try_for_each(|&chunk| {
             let slot = lock(&self.chunks).get(&chunk).cloned();
             match slot {
-                Some(slot) => self.store_if_complete(chunk, &mut *lock(&slot)),
+                Some(slot) => self.store_if_complete(chunk, &mut lock(&slot)),
                 None => Ok(()),
             }
         })
@@ -511,7 +511,7 @@ impl ImageWriter {
             ChunkState::Complete(_) | ChunkState::Written => {
                 // A write into a chunk already complete (a repeated tile, or a free write):
                 // written first if it is still in memory, then treated as a written one.
-                self.store_if_complete(chunk, &mut *state)?;
+                self.store_if_complete(chunk, &mut state)?;
                 // Read back, overwrite the new voxels (last write wins), write again.
                 let _shared = self.shared_write_lock()?;
                 let mut values = self.load_chunk(0, chunk)?;
