@@ -735,6 +735,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn store_errors_keep_the_url_and_status() {
+        let status = |text: &str| object_store::Error::Generic {
+            store: "HTTP",
+            source: text.to_string().into(),
+        };
+        let e = remote_error("s3://b/k/0.0.0", status("Server returned non-2xx status code: 503 Service Unavailable: slow down"));
+        assert_eq!(e.kind(), crate::error::ErrorKind::Io);
+        assert!(e.to_string().starts_with("s3://b/k/0.0.0: HTTP 503"), "{e}");
+        let e = remote_error("s3://b/k/0.0.0", status("Server returned non-2xx status code: 403 Forbidden"));
+        assert_eq!(e.kind(), crate::error::ErrorKind::PermissionDenied);
+        let missing = object_store::Error::NotFound {
+            path: "k/.zattrs".into(),
+            source: "404".to_string().into(),
+        };
+        assert!(matches!(remote_error("s3://b/k/.zattrs", missing), Error::NotFound { .. }));
+        let timed_out = remote_error("http://h/x", status("error sending request: operation timed out"));
+        assert!(timed_out.is_transient(), "{timed_out}");
+    }
+
+    #[test]
     fn urls_are_recognised_and_split() {
         assert!(is_remote("s3://bucket/a.zarr"));
         assert!(is_remote("https://host:8080/x"));

@@ -157,10 +157,17 @@ impl OutputStore {
         }
     }
 
-    /// Writes `bytes` at `key` whole.
+    /// Writes `bytes` at `key` whole (bookkeeping such as completion marks: not counted as a
+    /// chunk value).
     pub fn write_value(&self, key: &str, bytes: &[u8]) -> Result<()> {
         let store_key = self.store_key(key)?;
-        WritableStorageTraits::set(self, &store_key, Bytes::copy_from_slice(bytes)).map_err(|e| self.error(key, e))
+        match &self.backend {
+            Backend::Local { inner, fsync } => {
+                let path = inner.key_to_fspath(&store_key);
+                write_atomic(&path, bytes, *fsync).map_err(|e| Error::io(&path, e))
+            }
+            Backend::Remote(remote) => remote.write(store_key.as_str(), Bytes::copy_from_slice(bytes)),
+        }
     }
 
     /// The keys below `prefix` (a folder-like key ending without `/`); none when absent.
