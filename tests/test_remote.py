@@ -125,7 +125,7 @@ def test_image_and_group_checks_from_urls(crop, http_server_factory):
     assert server.count(pattern="/$") == 0
 
 
-def test_s3_reads_anonymous_and_signed(crop, s3_server, monkeypatch):
+def test_s3_reads_anonymous_and_signed(crop, s3_server, monkeypatch, tmp_path):
     s3_server.create_bucket("cellmap-public")
     s3_server.make_public("cellmap-public")
     s3_server.upload_directory(crop.parent, "cellmap-public", "datasets")
@@ -142,6 +142,16 @@ def test_s3_reads_anonymous_and_signed(crop, s3_server, monkeypatch):
     # Without credentials a private bucket is refused at once, naming the URL and the status.
     with pytest.raises(PermissionDeniedError, match=r"s3://cellmap-private/datasets/data\.zarr/.*403"):
         dataset("s3://cellmap-private/datasets/data.zarr/raw", "s3://cellmap-private/datasets/data.zarr/crop")
+    # With keys in the shared credentials file (a profile), requests are signed.
+    credentials = tmp_path / "credentials"
+    credentials.write_text("[cellmap]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_PROFILE", "cellmap")
+    configure_remote(endpoint_url=s3_server.endpoint, anonymous="auto")
+    from_profile = dataset("s3://cellmap-private/datasets/data.zarr/raw", "s3://cellmap-private/datasets/data.zarr/crop")
+    assert_same_samples(from_profile, dataset(str(crop / "raw"), str(crop / "crop")), indices=[0, 9])
+    monkeypatch.delenv("AWS_PROFILE")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-such-credentials"))
     # With credentials from the environment, requests are signed.
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)

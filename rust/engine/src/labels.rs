@@ -397,13 +397,33 @@ pub fn scan_level(volume: &Volume, level: usize, progress: Option<&Progress>) ->
     if let Some(p) = progress {
         p.announce(n_chunks);
     }
-    (0..n_chunks)
+    let index_of = |i: u64| [i / (grid[1] * grid[2]), (i / grid[2]) % grid[1], i % grid[2]];
+    // A remote volume's chunks are requested a window at a time, all at once (a no-op locally).
+    const WINDOW: u64 = 1024;
+    let mut total = 0u64;
+    for start in (0..n_chunks).step_by(WINDOW as usize) {
+        let end = (start + WINDOW).min(n_chunks);
+        volume.prefetch(level, (start..end).map(index_of));
+        total += count_chunks(volume, level, start..end, &index_of, progress)?;
+    }
+    Ok(total)
+}
+
+fn count_chunks(
+    volume: &Volume,
+    level: usize,
+    chunks: std::ops::Range<u64>,
+    index_of: &(dyn Fn(u64) -> [u64; 3] + Sync),
+    progress: Option<&Progress>,
+) -> Result<u64> {
+    let lvl = &volume.levels[level];
+    chunks
         .into_par_iter()
         .map(|i| {
             if let Some(p) = progress {
                 p.check()?;
             }
-            let index = [i / (grid[1] * grid[2]), (i / grid[2]) % grid[1], i % grid[2]];
+            let index = index_of(i);
             let chunk = volume.chunk(level, index)?;
             let origin: [u64; 3] = std::array::from_fn(|k| index[k] * lvl.chunk_shape[k]);
             // Edge chunks may be full-size buffers: count only the part inside the array.

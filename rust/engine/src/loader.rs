@@ -90,6 +90,23 @@ impl Collection {
         Ok(batch)
     }
 
+    /// Whether any dataset reads from an object store.
+    pub fn is_remote(&self) -> bool {
+        self.datasets.iter().any(|d| d.is_remote())
+    }
+
+    /// Starts the requests for the chunks a planned batch will read (remote datasets only), so
+    /// that they are in flight before the batch is read.
+    pub fn prefetch(&self, samples: &[PlannedSample], key: StreamKey, augment: bool) {
+        for p in samples {
+            if let Some(dataset) = self.datasets.get(p.dataset).filter(|d| d.is_remote()) {
+                if let Ok(req) = request(dataset, p.index, key, p.stream, augment) {
+                    dataset.prefetch_sample(req.centre, &req.draw);
+                }
+            }
+        }
+    }
+
     /// The batches of one epoch ([`epoch_batches`] over these datasets).
     pub fn epoch_plan(&self, settings: &EpochSettings) -> Result<Vec<Vec<PlannedSample>>> {
         let annotated: Vec<Vec<bool>> = self.datasets.iter().map(|d| d.annotated_classes()).collect();
@@ -206,10 +223,20 @@ impl BatchStream {
             .name("cellmap-dispatch".into())
             .spawn(move || {
                 let collection = Arc::new(collection);
-                for samples in batches {
+                // Remote data: the requests of the batches `prefetch` places ahead start when a
+                // batch is dispatched, so the network is busy before their reads begin.
+                let lookahead = if collection.is_remote() { settings.prefetch.max(1) } else { 0 };
+                for ahead in batches.iter().take(lookahead) {
+                    collection.prefetch(ahead, settings.key, settings.augment);
+                }
+                for (i, samples) in batches.iter().enumerate() {
                     if stop.load(Ordering::Relaxed) {
                         break;
                     }
+                    if let Some(ahead) = batches.get(i + lookahead).filter(|_| lookahead > 0) {
+                        collection.prefetch(ahead, settings.key, settings.augment);
+                    }
+                    let samples = samples.clone();
                     let (tx, rx) = sync_channel(1);
                     if slot_tx.send(rx).is_err() {
                         break; // consumer gone

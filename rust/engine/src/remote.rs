@@ -17,7 +17,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -201,34 +201,80 @@ fn retry_config(options: &RemoteOptions) -> object_store::RetryConfig {
     }
 }
 
-/// Whether AWS credentials are configured (variables, a profile, a web identity, a
-/// credentials file): then requests are signed, else a public bucket is read anonymously.
-fn aws_credentials_configured() -> bool {
-    let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
-    if set("AWS_ACCESS_KEY_ID") || set("AWS_WEB_IDENTITY_TOKEN_FILE") || set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI") {
-        return true;
+/// The AWS profile's keys and region from the shared files (`~/.aws/credentials`,
+/// `~/.aws/config`, or `AWS_SHARED_CREDENTIALS_FILE` / `AWS_CONFIG_FILE`), for the profile
+/// `AWS_PROFILE` (default `default`). object_store itself reads only the environment.
+#[derive(Debug, Default, PartialEq)]
+struct AwsProfile {
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
+    session_token: Option<String>,
+    region: Option<String>,
+}
+
+fn aws_profile() -> AwsProfile {
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let file = |var: &str, name: &str| {
+        std::env::var_os(var)
+            .map(PathBuf::from)
+            .or_else(|| home.as_ref().map(|h| h.join(".aws").join(name)))
+    };
+    let profile = std::env::var("AWS_PROFILE").unwrap_or_else(|_| "default".to_string());
+    let mut out = AwsProfile::default();
+    if let Some(ini) = file("AWS_SHARED_CREDENTIALS_FILE", "credentials").and_then(|f| ini::Ini::load_from_file(f).ok()) {
+        if let Some(section) = ini.section(Some(profile.as_str())) {
+            out.access_key_id = section.get("aws_access_key_id").map(str::to_string);
+            out.secret_access_key = section.get("aws_secret_access_key").map(str::to_string);
+            out.session_token = section.get("aws_session_token").map(str::to_string);
+        }
     }
-    let file = std::env::var_os("AWS_SHARED_CREDENTIALS_FILE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".aws").join("credentials")));
-    file.is_some_and(|f| f.is_file())
+    if let Some(ini) = file("AWS_CONFIG_FILE", "config").and_then(|f| ini::Ini::load_from_file(f).ok()) {
+        // In the config file, profiles other than the default are named `profile <name>`.
+        let name = if profile == "default" {
+            profile.clone()
+        } else {
+            format!("profile {profile}")
+        };
+        out.region = ini.section(Some(name.as_str())).and_then(|s| s.get("region")).map(str::to_string);
+    }
+    out
+}
+
+/// Whether AWS credentials are configured (variables, a web identity, a container role, or a
+/// profile with keys): then requests are signed, else a public bucket is read anonymously.
+fn aws_credentials_configured(profile: &AwsProfile) -> bool {
+    let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
+    set("AWS_ACCESS_KEY_ID")
+        || set("AWS_WEB_IDENTITY_TOKEN_FILE")
+        || set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+        || profile.access_key_id.is_some()
 }
 
 fn build_client(scheme: &str, authority: &str, options: &RemoteOptions) -> Result<Arc<dyn ObjectStore>> {
     let failed = |e: object_store::Error| Error::invalid(format!("{scheme}://{authority}: cannot open the store: {e}"));
     Ok(match scheme {
         "s3" => {
+            let profile = aws_profile();
             let mut builder = object_store::aws::AmazonS3Builder::from_env()
                 .with_bucket_name(authority)
                 .with_client_options(client_options(options))
                 .with_retry(retry_config(options));
+            // The environment wins over the shared files, as in the AWS tools.
             if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none() {
-                builder = builder.with_region("us-east-1");
+                builder = builder.with_region(profile.region.clone().unwrap_or_else(|| "us-east-1".to_string()));
+            }
+            if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() {
+                if let (Some(key), Some(secret)) = (&profile.access_key_id, &profile.secret_access_key) {
+                    builder = builder.with_access_key_id(key).with_secret_access_key(secret);
+                    if let Some(token) = &profile.session_token {
+                        builder = builder.with_token(token);
+                    }
+                }
             }
             if let Some(endpoint) = &options.endpoint {
                 builder = builder.with_endpoint(endpoint.clone()).with_virtual_hosted_style_request(false);
             }
-            let anonymous = options.anonymous.unwrap_or_else(|| !aws_credentials_configured());
+            let anonymous = options.anonymous.unwrap_or_else(|| !aws_credentials_configured(&profile));
             if anonymous {
                 builder = builder.with_skip_signature(true);
             }
@@ -740,7 +786,10 @@ mod tests {
             store: "HTTP",
             source: text.to_string().into(),
         };
-        let e = remote_error("s3://b/k/0.0.0", status("Server returned non-2xx status code: 503 Service Unavailable: slow down"));
+        let e = remote_error(
+            "s3://b/k/0.0.0",
+            status("Server returned non-2xx status code: 503 Service Unavailable: slow down"),
+        );
         assert_eq!(e.kind(), crate::error::ErrorKind::Io);
         assert!(e.to_string().starts_with("s3://b/k/0.0.0: HTTP 503"), "{e}");
         let e = remote_error("s3://b/k/0.0.0", status("Server returned non-2xx status code: 403 Forbidden"));
