@@ -118,11 +118,15 @@ def test_image_and_group_checks_from_urls(crop, http_server_factory):
     local = CellMapImage(str(crop / "raw"), "raw", VOXEL, (8, 8, 8))
     centre = {"z": 40.0, "y": 60.0, "x": 70.0}
     assert torch.equal(image[centre], local[centre])
-    urls = [served(server, crop / "crop" / c) for c in ("mito", "er", "nope")]
+    urls = [served(server, crop / "crop" / c) for c in ("mito", "er", "nuc", "ves", "nope")]
     server.reset_log()
-    assert groups_exist(urls) == [True, True, False]
+    assert groups_exist(urls) == [True, True, False, False, False]
     assert server.max_in_flight >= 2, "asked together"
     assert server.count(pattern="/$") == 0
+    # The first node is asked for each format's documents, the others for the one found there
+    # (a node without it for all of them again).
+    assert server.count(pattern="/crop/er/") == 1
+    assert server.count(pattern="/crop/nope/") == 1 + 4
 
 
 def test_s3_reads_anonymous_and_signed(crop, s3_server, monkeypatch, tmp_path):

@@ -730,48 +730,74 @@ impl ListableStorageTraits for RemoteStore {
 }
 
 /// Whether a zarr group or array exists at each of `urls` (local paths and `file://` too).
-/// Remote ones are asked together: the metadata names of every URL at once, one round trip;
-/// nothing is listed.
+/// Remote ones are asked together (one round trip) and never listed: the first is asked for
+/// every format's documents, the others for the one document that answered there (one request
+/// each; a node without it is asked for all, in case formats are mixed).
 pub fn nodes_exist(urls: &[String]) -> Result<Vec<bool>> {
-    const NAMES: [&str; 4] = ["zarr.json", ".zgroup", ".zarray", ".zattrs"];
-    let mut stores = Vec::with_capacity(urls.len());
-    for url in urls {
-        if is_remote(url) {
-            let store = RemoteStore::open(url)?;
-            store.prefetch(NAMES.iter().map(|n| n.to_string()));
-            stores.push(Some(store));
-        } else {
-            stores.push(None);
+    const ALL: [&str; 4] = ["zarr.json", ".zgroup", ".zarray", ".zattrs"];
+    let mut out: Vec<bool> = urls
+        .iter()
+        .map(|u| !is_remote(u) && ALL.iter().any(|n| local_path(u).join(n).is_file()))
+        .collect();
+    let remote: Vec<usize> = (0..urls.len()).filter(|&i| is_remote(&urls[i])).collect();
+    let Some((&first, rest)) = remote.split_first() else {
+        return Ok(out);
+    };
+    let found = probe_nodes(urls, &[first], &ALL)?;
+    out[first] = found[0].is_some();
+    let retry: Vec<usize> = match found[0] {
+        Some(name) => {
+            let answers = probe_nodes(urls, rest, &[name])?;
+            let mut missing = Vec::new();
+            for (&i, answer) in rest.iter().zip(answers) {
+                out[i] = answer.is_some();
+                if answer.is_none() {
+                    missing.push(i);
+                }
+            }
+            missing
         }
+        None => rest.to_vec(),
+    };
+    for (&i, answer) in retry.iter().zip(probe_nodes(urls, &retry, &ALL)?) {
+        out[i] = answer.is_some();
     }
-    let mut out = Vec::with_capacity(urls.len());
-    for (url, store) in urls.iter().zip(stores) {
-        out.push(match store {
-            Some(store) => {
-                // Every answer is awaited so that none is left behind in the store. S3 answers
-                // 403 for a missing key where listing is not allowed: refused probes count as
-                // absent unless nothing was found at all.
-                let mut found = false;
-                let mut denied = None;
-                for name in NAMES {
-                    match store.read(name) {
-                        Ok(value) => found |= value.is_some(),
-                        Err(e) if e.kind() == crate::error::ErrorKind::PermissionDenied => {
-                            denied.get_or_insert(e);
-                        }
-                        Err(e) => return Err(e),
-                    }
+    Ok(out)
+}
+
+/// For each of `urls[which]`, the first of `names` found there, all asked at once. S3 answers
+/// 403 for a missing key where listing is not allowed: a refused document counts as absent
+/// unless none was found at that node.
+fn probe_nodes(urls: &[String], which: &[usize], names: &[&'static str]) -> Result<Vec<Option<&'static str>>> {
+    let stores = which
+        .iter()
+        .map(|&i| {
+            let store = RemoteStore::open(&urls[i])?;
+            store.prefetch(names.iter().map(|n| n.to_string()));
+            Ok(store)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut out = Vec::with_capacity(stores.len());
+    for store in stores {
+        // Every answer is awaited so that none is left behind in the store.
+        let mut found = None;
+        let mut denied = None;
+        for &name in names {
+            match store.read(name) {
+                Ok(Some(_)) => {
+                    found.get_or_insert(name);
                 }
-                match denied {
-                    Some(e) if !found => return Err(e),
-                    _ => found,
+                Ok(None) => {}
+                Err(e) if e.kind() == crate::error::ErrorKind::PermissionDenied => {
+                    denied.get_or_insert(e);
                 }
+                Err(e) => return Err(e),
             }
-            None => {
-                let path = local_path(url);
-                NAMES.iter().any(|n| path.join(n).is_file())
-            }
-        });
+        }
+        match (found, denied) {
+            (None, Some(e)) if names.len() > 1 => return Err(e),
+            (found, _) => out.push(found),
+        }
     }
     Ok(out)
 }
