@@ -221,7 +221,10 @@ def test_forked_child_gets_a_fresh_engine(tiny_data):
 def test_ctrl_c_stops_iteration_promptly(tiny_data, tmp_path):
     script = tmp_path / "loop.py"
     script.write_text(textwrap.dedent(f"""
-        import sys, threading, time
+        import signal, sys, threading, time
+        # Ctrl-C raises KeyboardInterrupt even when the test runs in a background job, whose
+        # children start with SIGINT ignored (Python then keeps it ignored).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         sys.path.insert(0, {str(os.path.dirname(__file__))!r})
         from cellmap_data import CellMapDataLoader, CellMapDataset
         d = {str(tiny_data.datasets[0].raw_path)!r}
