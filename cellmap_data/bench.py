@@ -21,6 +21,7 @@ import math
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,9 @@ def bench_data(directory: Path | None, size: str) -> Any:
     return data
 
 
-def build_datasets(data: Any, config: Config) -> list[Any]:
+def build_datasets(data: Any, config: Config, location: Callable[[str], str] = str) -> list[Any]:
+    """The training crops of the bench data as datasets; ``location`` maps each local path to
+    where it is read from (a URL for the remote bench)."""
     from .dataset import CellMapDataset
 
     out = []
@@ -87,7 +90,7 @@ def build_datasets(data: Any, config: Config) -> list[Any]:
                 continue
             out.append(
                 CellMapDataset(
-                    str(ds.raw_path), crop.target_path, BENCH_CLASSES,
+                    location(str(ds.raw_path)), location(crop.target_path), BENCH_CLASSES,
                     {"raw": {"shape": config.shape, "scale": config.scale}},
                     {"gt": {"shape": config.shape, "scale": config.scale}},
                     pad=True, spatial_transforms=AUGMENT if config.augment else None, seed=0,
@@ -472,19 +475,12 @@ def bench_remote(data: Any, latencies: tuple[float, ...] = (0.02, 0.05), in_flig
             cold.append(one_pass())
         return max(cold), one_pass()
 
-    def remote_datasets(server: DirectoryServer) -> list[Any]:
-        def url(path: Any) -> str:
-            text = str(path)
-            head, bracket, tail = text.partition("[")
+    def served(server: DirectoryServer) -> Callable[[str], str]:
+        def url(path: str) -> str:
+            head, bracket, tail = path.partition("[")
             return f"{server.url}/{Path(head).relative_to(root).as_posix()}{'/' if head.endswith('/') else ''}{bracket}{tail}"
 
-        out = []
-        for ds in build_datasets(data, config):
-            out.append(type(ds)(url(ds.raw_path), url(ds.target_path), BENCH_CLASSES,
-                                {"raw": {"shape": config.shape, "scale": config.scale}},
-                                {"gt": {"shape": config.shape, "scale": config.scale}},
-                                pad=True, spatial_transforms=AUGMENT, seed=0))
-        return out
+        return url
 
     before = remote_options()
     local_cold, local_warm = passes(build_datasets(data, config))
@@ -494,7 +490,7 @@ def bench_remote(data: Any, latencies: tuple[float, ...] = (0.02, 0.05), in_flig
             for latency in (0.0, *latencies):
                 for n in in_flight if latency else (max(in_flight),):
                     configure_remote(max_in_flight=n)
-                    datasets = remote_datasets(server)
+                    datasets = build_datasets(data, config, served(server))
                     server.latency = latency
                     server.reset_log()
                     cold, warm = passes(datasets)

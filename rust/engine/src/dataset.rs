@@ -332,6 +332,23 @@ impl Dataset {
         self.sources.len()
     }
 
+    /// How raw arrays and label arrays are read.
+    fn read_options(&self) -> (ReadOptions, ReadOptions) {
+        let raw = ReadOptions {
+            interpolation: self.config.raw_interpolation,
+            mode: ValueMode::Raw,
+            pad: self.config.pad,
+            pad_value: self.config.raw_pad_value,
+        };
+        let labels = ReadOptions {
+            interpolation: Interpolation::Nearest,
+            mode: ValueMode::Foreground,
+            pad: self.config.pad,
+            pad_value: f32::NAN,
+        };
+        (raw, labels)
+    }
+
     /// Whether any of the dataset's volumes is read from an object store.
     pub fn is_remote(&self) -> bool {
         self.raw.is_remote()
@@ -356,18 +373,7 @@ impl Dataset {
                 );
             }
         };
-        let raw_options = ReadOptions {
-            interpolation: self.config.raw_interpolation,
-            mode: ValueMode::Raw,
-            pad: self.config.pad,
-            pad_value: self.config.raw_pad_value,
-        };
-        let label_options = ReadOptions {
-            interpolation: Interpolation::Nearest,
-            mode: ValueMode::Foreground,
-            pad: self.config.pad,
-            pad_value: f32::NAN,
-        };
+        let (raw_options, label_options) = self.read_options();
         for (i, spec) in self.config.inputs.iter().enumerate() {
             request(&self.raw, self.input_levels[i], spec, &raw_options);
         }
@@ -395,18 +401,7 @@ impl Dataset {
     /// is finite (see [`ReadInfo::finite`](crate::extract::ReadInfo); targets: false).
     pub fn read_sample(&self, centre: [f64; 3], draw: &SpatialDraw, outputs: &mut [&mut [f32]]) -> Result<Vec<bool>> {
         let n_inputs = self.config.inputs.len();
-        let raw_options = ReadOptions {
-            interpolation: self.config.raw_interpolation,
-            mode: ValueMode::Raw,
-            pad: self.config.pad,
-            pad_value: self.config.raw_pad_value,
-        };
-        let label_options = ReadOptions {
-            interpolation: Interpolation::Nearest,
-            mode: ValueMode::Foreground,
-            pad: self.config.pad,
-            pad_value: f32::NAN,
-        };
+        let (raw_options, label_options) = self.read_options();
         let (input_bufs, target_bufs) = outputs.split_at_mut(n_inputs);
         let mut finite: Vec<bool> = input_bufs
             .par_iter_mut()

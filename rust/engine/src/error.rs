@@ -166,6 +166,34 @@ impl Error {
     }
 }
 
+impl Error {
+    /// A copy of this error (a shared result handed to every reader, e.g. a remote request
+    /// started ahead).
+    pub(crate) fn clone_error(&self) -> Error {
+        match self {
+            Error::NotFound { path, detail } => Error::NotFound {
+                path: path.clone(),
+                detail: detail.clone(),
+            },
+            Error::Io { path, source } => Error::Io {
+                path: path.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            Error::Metadata { path, message } => Error::Metadata {
+                path: path.clone(),
+                message: message.clone(),
+            },
+            Error::Decode { path, message } => Error::Decode {
+                path: path.clone(),
+                message: message.clone(),
+            },
+            Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
+            Error::Interrupted => Error::Interrupted,
+            Error::Internal(m) => Error::Internal(m.clone()),
+        }
+    }
+}
+
 /// Coarse error categories, one per Python exception class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {

@@ -103,32 +103,12 @@ pub fn read_patch(
     let shift = source_shift(&affine, spec, draw);
     check_source_reach(&affine, shift.as_deref(), lvl, spec)?;
     if let Some(axes) = affine.axis_aligned_unit().filter(|_| shift.is_none()) {
-        // Snap to the source grid: an axis-aligned read at the level's resolution is a copy.
-        // Halves snap upwards (as the nearest kernel does), so a plain and a mirrored read of a
-        // patch half a voxel off the grid cover the same voxels on either side of voxel 0.
-        let b: [i64; 3] = std::array::from_fn(|j| (affine.b[j] + 0.5).floor() as i64);
-        let mut start = [0i64; 3];
-        let mut region = [0usize; 3];
-        let mut strides = [0isize; 3];
-        let mut base = 0isize;
-        let out_strides = [(spec.shape[1] * spec.shape[2]) as isize, spec.shape[2] as isize, 1];
-        for (k, &(j, sign)) in axes.iter().enumerate() {
-            let n = spec.shape[k];
-            region[j] = n;
-            if sign > 0 {
-                start[j] = b[j];
-                strides[j] = out_strides[k];
-            } else {
-                start[j] = b[j] - (n as i64 - 1);
-                strides[j] = -out_strides[k];
-                base += (n as isize - 1) * out_strides[k];
-            }
-        }
-        if !options.pad {
-            for j in 0..3 {
-                start[j] = clamp_start(start[j], region[j], lvl.shape[j]);
-            }
-        }
+        let AlignedCopy {
+            start,
+            region,
+            base,
+            strides,
+        } = aligned_copy(&affine, axes, spec, lvl.shape, options.pad);
         volume.gather(level, start, region, out, base, strides, options.mode, options.pad_value)?;
         let inside = (0..3).all(|j| start[j] >= 0 && start[j] + region[j] as i64 <= lvl.shape[j] as i64);
         let data_finite = options.mode == ValueMode::Foreground || !lvl.dtype.is_float();
@@ -301,6 +281,45 @@ fn check_source_reach(affine: &Affine, shift: Option<&SourceShift>, lvl: &crate:
     )))
 }
 
+/// An axis-aligned read at the level's resolution as a strided copy: the source box, and
+/// where each source voxel goes in the output (`base` + strides, negative for mirrored axes).
+struct AlignedCopy {
+    start: [i64; 3],
+    region: [usize; 3],
+    base: isize,
+    strides: [isize; 3],
+}
+
+fn aligned_copy(affine: &Affine, axes: [(usize, i64); 3], spec: &PatchSpec, level_shape: [u64; 3], pad: bool) -> AlignedCopy {
+    // Snap to the source grid. Halves snap upwards (as the nearest kernel does), so a plain
+    // and a mirrored read of a patch half a voxel off the grid cover the same voxels on either
+    // side of voxel 0.
+    let b: [i64; 3] = std::array::from_fn(|j| (affine.b[j] + 0.5).floor() as i64);
+    let mut copy = AlignedCopy {
+        start: [0; 3],
+        region: [0; 3],
+        base: 0,
+        strides: [0; 3],
+    };
+    let out_strides = [(spec.shape[1] * spec.shape[2]) as isize, spec.shape[2] as isize, 1];
+    for (k, &(j, sign)) in axes.iter().enumerate() {
+        let n = spec.shape[k];
+        copy.region[j] = n;
+        if sign > 0 {
+            copy.start[j] = b[j];
+            copy.strides[j] = out_strides[k];
+        } else {
+            copy.start[j] = b[j] - (n as i64 - 1);
+            copy.strides[j] = -out_strides[k];
+            copy.base += (n as isize - 1) * out_strides[k];
+        }
+    }
+    if !pad {
+        copy.start = std::array::from_fn(|j| clamp_start(copy.start[j], copy.region[j], level_shape[j]));
+    }
+    copy
+}
+
 /// The voxel box of `level` a read of the patch centred at `centre` gathers, clipped to the
 /// array (`None` when it lies wholly outside). Used to request a batch's chunks ahead of its
 /// reads; an elastic field's extra reach is left out (chunks it adds are read on demand).
@@ -316,17 +335,8 @@ pub fn source_region(
     let mut affine = patch_affine(lvl, spec, centre, draw);
     let (lo, shape) = match affine.axis_aligned_unit() {
         Some(axes) => {
-            let mut start = [0i64; 3];
-            let mut region = [0usize; 3];
-            for (k, &(j, sign)) in axes.iter().enumerate() {
-                let b = (affine.b[j] + 0.5).floor() as i64;
-                region[j] = spec.shape[k];
-                start[j] = if sign > 0 { b } else { b - (spec.shape[k] as i64 - 1) };
-                if !options.pad {
-                    start[j] = clamp_start(start[j], region[j], lvl.shape[j]);
-                }
-            }
-            (start, region)
+            let copy = aligned_copy(&affine, axes, spec, lvl.shape, options.pad);
+            (copy.start, copy.region)
         }
         None => source_block(&mut affine, None, lvl.shape, spec, options),
     };

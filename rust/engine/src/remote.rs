@@ -100,7 +100,7 @@ impl RemoteOptions {
 
 /// The process's remote machinery: options, the async runtime, the request limit and the
 /// clients per bucket or host. Rebuilt after a fork (the parent's runtime threads are gone).
-struct Shared_ {
+struct RemoteState {
     pid: u32,
     options: RemoteOptions,
     runtime: Arc<Runtime>,
@@ -109,7 +109,7 @@ struct Shared_ {
     disk: Option<Arc<DiskCache>>,
 }
 
-static STATE: Mutex<Option<Arc<Shared_>>> = Mutex::new(None);
+static STATE: Mutex<Option<Arc<RemoteState>>> = Mutex::new(None);
 static OPTIONS: Mutex<Option<RemoteOptions>> = Mutex::new(None);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -119,10 +119,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Replaces the process's remote options; stores opened afterwards use them.
 pub fn set_options(options: RemoteOptions) {
     *lock(&OPTIONS) = Some(options);
-    if let Some(old) = lock(&STATE).take() {
-        // Stores already open keep the old state alive through their Arc.
-        drop(old);
-    }
+    // Stores already open keep the old state alive through their Arc.
+    lock(&STATE).take();
 }
 
 /// The options in effect.
@@ -130,7 +128,7 @@ pub fn options() -> RemoteOptions {
     lock(&OPTIONS).clone().unwrap_or_else(RemoteOptions::from_env)
 }
 
-fn state() -> Result<Arc<Shared_>> {
+fn state() -> Result<Arc<RemoteState>> {
     let pid = std::process::id();
     let mut guard = lock(&STATE);
     if let Some(s) = guard.as_ref() {
@@ -151,7 +149,7 @@ fn state() -> Result<Arc<Shared_>> {
         Some((dir, budget)) => Some(Arc::new(DiskCache::open(dir, *budget)?)),
         None => None,
     };
-    let s = Arc::new(Shared_ {
+    let s = Arc::new(RemoteState {
         pid,
         in_flight: Arc::new(Semaphore::new(options.max_in_flight.max(1))),
         options,
@@ -333,7 +331,7 @@ pub struct RemoteStore {
     /// The key prefix below the client's root.
     prefix: String,
     client: Arc<dyn ObjectStore>,
-    state: Arc<Shared_>,
+    state: Arc<RemoteState>,
     prefetched: Mutex<Prefetched>,
 }
 
@@ -378,6 +376,17 @@ fn remote_error(url: &str, error: object_store::Error) -> Error {
         _ => ErrorKind::Other,
     };
     Error::io(url, std::io::Error::new(kind, detail))
+}
+
+/// A request's result with "not found" as `None`; other errors name `url`.
+fn absent_as_none<T>(url: &str, result: object_store::Result<T>) -> Result<Option<T>> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(e) => match remote_error(url, e) {
+            Error::NotFound { .. } => Ok(None),
+            other => Err(other),
+        },
+    }
 }
 
 fn storage_error(error: &Error) -> StorageError {
@@ -461,20 +470,11 @@ impl RemoteStore {
                 return Ok(Some(bytes));
             }
             let _permit = limit.acquire_owned().await.map_err(|e| Error::invalid(format!("{url}: {e}")))?;
-            let fetched = async { client.get(&path).await?.bytes().await }.await;
-            match fetched {
-                Ok(bytes) => {
-                    if let Some(d) = &disk {
-                        d.put(&url, &bytes);
-                    }
-                    Ok(Some(bytes))
-                }
-                Err(object_store::Error::NotFound { .. }) => Ok(None),
-                Err(e) => match remote_error(&url, e) {
-                    Error::NotFound { .. } => Ok(None),
-                    other => Err(other),
-                },
+            let fetched = absent_as_none(&url, async { client.get(&path).await?.bytes().await }.await)?;
+            if let (Some(d), Some(bytes)) = (&disk, &fetched) {
+                d.put(&url, bytes);
             }
+            Ok(fetched)
         }
     }
 
@@ -515,13 +515,7 @@ impl RemoteStore {
     /// Whether a value exists at `key` (one HEAD request).
     pub fn exists(&self, key: &str) -> Result<bool> {
         let url = self.key_url(key);
-        match self.block_on(self.client.head(&self.object_path(key))) {
-            Ok(_) => Ok(true),
-            Err(e) => match remote_error(&url, e) {
-                Error::NotFound { .. } => Ok(false),
-                other => Err(other),
-            },
-        }
+        Ok(absent_as_none(&url, self.block_on(self.client.head(&self.object_path(key))))?.is_some())
     }
 
     /// Writes `value` at `key` (one PUT: a reader sees the old value or the new one).
@@ -535,13 +529,7 @@ impl RemoteStore {
     /// Deletes `key` (absent is fine).
     pub fn delete(&self, key: &str) -> Result<()> {
         let url = self.key_url(key);
-        match self.block_on(self.client.delete(&self.object_path(key))) {
-            Ok(()) => Ok(()),
-            Err(e) => match remote_error(&url, e) {
-                Error::NotFound { .. } => Ok(()),
-                other => Err(other),
-            },
-        }
+        absent_as_none(&url, self.block_on(self.client.delete(&self.object_path(key)))).map(|_| ())
     }
 
     /// Keys below `prefix` (relative to this location), listed.
@@ -584,40 +572,7 @@ impl RemoteStore {
             let _permit = limit.acquire_owned().await.ok();
             self.client.get_opts(&path, options).await?.bytes().await
         });
-        match result {
-            Ok(bytes) => Ok(Some(bytes)),
-            Err(e) => match remote_error(&url, e) {
-                Error::NotFound { .. } => Ok(None),
-                other => Err(other),
-            },
-        }
-    }
-}
-
-impl Error {
-    /// A copy of this error (shared prefetch results are handed to every reader).
-    fn clone_error(&self) -> Error {
-        match self {
-            Error::NotFound { path, detail } => Error::NotFound {
-                path: path.clone(),
-                detail: detail.clone(),
-            },
-            Error::Io { path, source } => Error::Io {
-                path: path.clone(),
-                source: std::io::Error::new(source.kind(), source.to_string()),
-            },
-            Error::Metadata { path, message } => Error::Metadata {
-                path: path.clone(),
-                message: message.clone(),
-            },
-            Error::Decode { path, message } => Error::Decode {
-                path: path.clone(),
-                message: message.clone(),
-            },
-            Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
-            Error::Interrupted => Error::Interrupted,
-            Error::Internal(m) => Error::Internal(m.clone()),
-        }
+        absent_as_none(&url, result)
     }
 }
 
@@ -648,13 +603,9 @@ impl ReadableStorageTraits for RemoteStore {
 
     fn size_key(&self, key: &StoreKey) -> std::result::Result<Option<u64>, StorageError> {
         let url = self.key_url(key.as_str());
-        match self.block_on(self.client.head(&self.object_path(key.as_str()))) {
-            Ok(meta) => Ok(Some(meta.size)),
-            Err(e) => match remote_error(&url, e) {
-                Error::NotFound { .. } => Ok(None),
-                other => Err(storage_error(&other)),
-            },
-        }
+        absent_as_none(&url, self.block_on(self.client.head(&self.object_path(key.as_str()))))
+            .map(|meta| meta.map(|m| m.size))
+            .map_err(|e| storage_error(&e))
     }
 
     fn supports_get_partial(&self) -> bool {

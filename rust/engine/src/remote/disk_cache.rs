@@ -56,7 +56,7 @@ impl DiskCache {
         let (scheme, rest) = url.split_once("://")?;
         let mut path = self.root.join(scheme);
         for part in rest.split('/') {
-            if part.is_empty() || part == "." || part == ".." || part.starts_with('.') && part.len() > 1 && part.contains(".partial") {
+            if part.is_empty() || part == "." || part == ".." {
                 return None;
             }
             path.push(part);

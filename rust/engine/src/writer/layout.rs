@@ -350,12 +350,12 @@ fn multiscale(config: &WriterConfig, levels: &[LevelInfo]) -> MultiscaleJson {
     }
 }
 
-/// The key of the image's node in its store (`""` when the store is rooted at the image).
-pub(super) fn image_key(config: &WriterConfig) -> String {
-    let image = resolved(&config.path);
-    let chain = container_chain(&image);
-    let root = chain.first().cloned().unwrap_or_else(|| image.clone());
-    node_path(&root, &image).trim_start_matches('/').to_string()
+/// An image opened or created for writing: its store, its levels, and the key of its node in
+/// the store (`""` when the store is rooted at the image).
+pub(super) type OpenedImage = (Arc<OutputStore>, Vec<LevelInfo>, String);
+
+fn image_key(root: &Path, image: &Path) -> String {
+    node_path(root, image).trim_start_matches('/').to_string()
 }
 
 /// Where an image's nodes go: its resolved path, the directories from the `.zarr` container
@@ -370,11 +370,7 @@ fn placement(config: &WriterConfig) -> Result<(PathBuf, Vec<PathBuf>, PathBuf, A
 
 /// Opens the existing image `stored` for writing into it (`exist_ok`): its levels must have
 /// the layout this writer would create (shape, chunks, data type, voxel size, translation).
-fn open_image(
-    config: &WriterConfig,
-    stored: crate::ngff::Multiscale,
-    levels: Vec<LevelInfo<()>>,
-) -> Result<(Arc<OutputStore>, Vec<LevelInfo>)> {
+fn open_image(config: &WriterConfig, stored: crate::ngff::Multiscale, levels: Vec<LevelInfo<()>>) -> Result<OpenedImage> {
     let (image, _, root, store) = placement(config)?;
     let mismatch = |what: String| {
         Error::invalid(format!(
@@ -418,13 +414,14 @@ fn open_image(
         }
         opened.push(level.with_array(array));
     }
-    Ok((store, opened))
+    let key = image_key(&root, &image);
+    Ok((store, opened, key))
 }
 
 /// Creates the image: parent groups from the `.zarr` container down (those lacking metadata),
 /// one array per level, then the image group's metadata last (a half-created image has no
 /// multiscales). Replaces an existing image (validated: only with `overwrite`).
-pub(super) fn create_image(config: &WriterConfig, mut levels: Vec<LevelInfo<()>>) -> Result<(Arc<OutputStore>, Vec<LevelInfo>)> {
+pub(super) fn create_image(config: &WriterConfig, mut levels: Vec<LevelInfo<()>>) -> Result<OpenedImage> {
     let path = &config.path;
     if config.exist_ok {
         if let Ok(stored) = crate::ngff::read_multiscale(path) {
@@ -475,5 +472,5 @@ pub(super) fn create_image(config: &WriterConfig, mut levels: Vec<LevelInfo<()>>
         other => return Err(Error::metadata(&config.path, format!("cannot encode the multiscales: {other:?}"))),
     };
     store_group(&store, &image_node, config.format, attributes)?;
-    Ok((store, opened))
+    Ok((store, opened, image_key(&root, &image)))
 }

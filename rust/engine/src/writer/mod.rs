@@ -179,7 +179,7 @@ impl ImageWriter {
                 }
             })
             .collect();
-        let (store, levels) = layout::create_image(&config, levels)?;
+        let (store, levels, image_key) = layout::create_image(&config, levels)?;
 
         let plan = config
             .tiling
@@ -189,7 +189,6 @@ impl ImageWriter {
             .map(|_| AtomicBool::new(false))
             .collect();
         let grid: [u64; 3] = std::array::from_fn(|k| shape0[k].div_ceil(config.chunk_shape[k] as u64));
-        let image_key = layout::image_key(&config);
         let progress = plan
             .as_ref()
             .map(|p| Progress::open(&config, grid, p, store.clone(), &image_key))
