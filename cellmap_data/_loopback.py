@@ -87,6 +87,7 @@ class _Handler(BaseHTTPRequestHandler):
         owner = self.server.owner
         headers = {k.lower(): v for k, v in self.headers.items()}
         fault = owner._begin_request(method, self.path, headers)
+        self._in_flight = True
         try:
             # Latency first, for every request, faulted ones included.
             if not owner._sleep(owner.latency):
@@ -101,7 +102,14 @@ class _Handler(BaseHTTPRequestHandler):
                     return self._send(fault.status, f"injected fault: {fault.status}\n".encode(), method)
             self._serve_file(method)
         finally:
-            owner._end_request()
+            self._answered()
+
+    def _answered(self) -> None:
+        """Ends this request's count of requests in flight, before its answer goes out: a client
+        that has its answer never sees the request still counted."""
+        if getattr(self, "_in_flight", False):
+            self._in_flight = False
+            self.server.owner._end_request()
 
     # -- responses
 
@@ -148,6 +156,7 @@ class _Handler(BaseHTTPRequestHandler):
         length: int | None = None,
         content_type: str = "text/plain",
     ) -> None:
+        self._answered()
         if status in (204, 304) or status < 200:
             body = b""  # these statuses carry no body
         self.send_response(status)
@@ -157,11 +166,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         if method != "HEAD" and body:
+            self.server.owner._sent(len(body))  # counted first, like the request's end above
             self.wfile.write(body)
-            self.server.owner._sent(len(body))
 
     def _reset(self) -> None:
         """Aborts the connection with a TCP RST and no response at all."""
+        self._answered()
         self.close_connection = True
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         # The rfile/wfile wrappers hold references that would defer the real close (and a later
@@ -172,6 +182,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _drop(self) -> None:
         """The server is stopping while this request slept: close without answering."""
+        self._answered()
         self.close_connection = True
 
 
