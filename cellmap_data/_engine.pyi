@@ -451,6 +451,16 @@ class ImageWriter:
     def chunks_done(self) -> tuple[int, int] | None:
         """``(complete, total)`` chunks of the first level, counted on disk (cheap: for
         polling), or None without a tiling plan."""
+    def levels_done(self) -> tuple[int, int] | None:
+        """``(built, total)`` chunks of the second level (counted on disk), or None without
+        downsampled levels or a tiling plan."""
+    def shares_built(self) -> tuple[int, int] | None:
+        """``(built, expected)`` chunks of the second level among those the ranks build at their
+        own close (not the few over two ranks' chunks, which rank 0 builds last), when several
+        ranks share it; None otherwise."""
+    def downsample_own_share(self) -> None:
+        """With several ranks: flushes, then builds the chunks of the second level over this
+        rank's own complete chunks (a no-op otherwise)."""
     def write_tiles(self, indices: Sequence[int], data: Any) -> None:
         """Writes planned tiles ``indices``; ``data`` is a C-contiguous float32 buffer."""
     def write_boxes(self, starts: Sequence[Sequence[int]], data: Any) -> None:

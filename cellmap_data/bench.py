@@ -512,7 +512,8 @@ def bench_remote(data: Any, latencies: tuple[float, ...] = (0.02, 0.05), in_flig
 
 # One rank of a prediction job (identity "model", so the figure is the writer's and the input
 # reads' cost): builds its writer, waits at a file barrier for the other ranks, writes its tiles,
-# closes (rank 0 waits for the others and builds the downsampled level), prints one JSON line.
+# closes (each rank builds the downsampled level over its own chunks; rank 0 waits for the others
+# and builds the rest), prints one JSON line.
 _RANK_WORKLOAD = r"""
 import json, os, sys, time
 from cellmap_data import CellMapDatasetWriter

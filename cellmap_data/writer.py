@@ -537,8 +537,11 @@ class CellMapDatasetWriter(torch.utils.data.Dataset):
     its own chunks' share). A chunk is summed by one process, tile by tile in index order, so the
     union of the ranks' outputs equals a one-process run bit for bit, blending included (write
     the tiles in loader order). The outputs are opened with ``exist_ok`` semantics (``overwrite``
-    is refused: remove old outputs first). Rank 0's ``close()`` waits for every rank
-    (``timeout`` seconds), writes the downsampled levels and prints a summary per rank.
+    is refused: remove old outputs first). With downsampled levels a rank's chunks are taken
+    2×2×2 at a time (the chunks under one chunk of the second level), so at ``close()`` each
+    rank builds the second level over its own chunks; rank 0's ``close()`` waits for every rank
+    (``timeout`` seconds), builds the few second-level chunks over two ranks' chunks and the
+    levels below, and prints a summary per rank.
 
     **Resume.** Each complete chunk is marked on disk after it is written; a job restarted with
     the same arguments and ``exist_ok=True`` (implied for several ranks) skips the complete
@@ -707,9 +710,13 @@ class CellMapDatasetWriter(torch.utils.data.Dataset):
     def status(self) -> dict[str, Any]:
         """Progress of the whole job, read from the completion marks on disk (every rank's):
         ``{"done", "total", "fraction", "by_rank": {rank: chunks}, "classes": {class: {"done",
-        "total"}}, "rank", "world_size"}`` (chunks of the first level, all classes together)."""
+        "total"}}, "levels", "rank", "world_size"}`` (chunks of the first level, all classes
+        together). With downsampled levels, ``levels`` is ``{"s1": {"done", "total"}}``: the
+        second level's chunks built from complete chunks (all classes together; with several
+        ranks each builds its own share at close); it is empty otherwise."""
         classes: dict[str, dict[str, int]] = {}
         by_rank: dict[int, int] = {}
+        levels: dict[str, dict[str, int]] = {}
         for c, w in self.writers.items():
             marks = w._engine.progress()
             assert marks is not None  # dataset writers always have a tiling plan
@@ -717,10 +724,16 @@ class CellMapDatasetWriter(torch.utils.data.Dataset):
             for r, n in per_rank.items():
                 by_rank[r] = by_rank.get(r, 0) + n
             classes[c] = {"done": sum(per_rank.values()), "total": total}
+            built = w._engine.levels_done()
+            if built is not None:
+                name = w._engine.levels[1]["path"]
+                level = levels.setdefault(name, {"done": 0, "total": 0})
+                level["done"] += built[0]
+                level["total"] += built[1]
         done = sum(v["done"] for v in classes.values())
         total = sum(v["total"] for v in classes.values())
         return {"done": done, "total": total, "fraction": done / total if total else 1.0,
-                "by_rank": dict(sorted(by_rank.items())), "classes": classes,
+                "by_rank": dict(sorted(by_rank.items())), "classes": classes, "levels": levels,
                 "rank": self.rank, "world_size": self.world_size}
 
     @property
@@ -879,12 +892,15 @@ class CellMapDatasetWriter(torch.utils.data.Dataset):
             w.flush()
 
     def close(self, timeout: float = 3600.0) -> None:
-        """Flushes every class's output and refuses further writes. With several ranks, rank 0
-        first waits (up to ``timeout`` seconds) until every rank's chunks are complete, then
-        writes the downsampled levels and prints a summary per rank."""
+        """Flushes every class's output and refuses further writes. With several ranks each
+        rank builds the second level over its own chunks; rank 0 then waits (up to ``timeout``
+        seconds) until every rank is done, builds the rest of the levels and prints a summary
+        per rank."""
         for w in self.writers.values():
             w.flush()
         if self.world_size > 1 and self.rank == 0 and not all(w.closed for w in self.writers.values()):
+            for w in self.writers.values():
+                w._engine.downsample_own_share()
             status = self._wait_for_ranks(timeout)
             print(f"CellMapDatasetWriter {self.target_path}: {status['done']}/{status['total']} chunks; by rank: "
                   + ", ".join(f"rank {r}: {n}" for r, n in status["by_rank"].items()), flush=True)
@@ -892,20 +908,23 @@ class CellMapDatasetWriter(torch.utils.data.Dataset):
             w.close()
 
     def _wait_for_ranks(self, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        nap = 0.01
+        start = time.monotonic()
         while True:
-            counts = [w._engine.chunks_done() for w in self.writers.values()]
-            if all(c is not None and c[0] >= c[1] for c in counts):
+            counts = [c for w in self.writers.values() for c in (w._engine.chunks_done(), w._engine.shares_built())]
+            if all(c is None or c[0] >= c[1] for c in counts):
                 return self.status()
-            if time.monotonic() > deadline:
+            waited = time.monotonic() - start
+            if waited > timeout:
                 status = self.status()
+                levels = "".join(f"; {name}: {v['done']} of {v['total']} chunks built"
+                                 for name, v in status["levels"].items() if v["done"] < v["total"])
                 raise TimeoutError(
                     f"{self.target_path}: {status['total'] - status['done']} of {status['total']} chunks are still "
-                    f"missing after {timeout:.0f} s (chunks by rank: {status['by_rank']}); a rank may have died: "
-                    "restart the job with the same arguments to resume")
-            time.sleep(nap)
-            nap = min(1.0, nap * 1.5)  # soon after the last rank at first, rarely in long waits
+                    f"missing after {timeout:.0f} s (chunks by rank: {status['by_rank']}{levels}); a rank may have "
+                    "died: restart the job with the same arguments to resume")
+            # Soon after the last rank at first; in long waits at most 5 % of the time waited
+            # late, and at most once a second.
+            time.sleep(min(1.0, max(0.005, 0.05 * waited)))
 
     def __enter__(self) -> "CellMapDatasetWriter":
         return self

@@ -4,6 +4,7 @@ a one-process run bit for bit (blending included), and the downsampled level equ
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import signal
@@ -85,15 +86,25 @@ def assert_identical(got, expected):
 def test_ranks_write_what_one_process_writes_bit_for_bit(raw, one_process, tmp_path, procs):
     out = tmp_path / "out.zarr" / "pred"
     log = run_job(raw, out, 4, procs)
-    shares = [line for line in log.splitlines() if line.startswith("rank ") and "tiles" in line]
+    # Found anywhere: the ranks share one output stream, and one rank's line can run into another's.
+    shares = re.findall(r"rank \d+/\d+: \d+ of \d+ tiles", log)
     assert len(shares) == procs, log
     assert "chunks; by rank:" in log, "rank 0 prints a summary of all ranks"
     assert_identical(levels(out), one_process)
+    written = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     status = CellMapDatasetWriter(raw, str(out), list(CLASSES), {"raw": {"shape": (12,) * 3, "scale": (4,) * 3}},
                                   {"pred": {"shape": (12,) * 3, "scale": (4,) * 3}},
                                   target_bounds={"pred": {"z": [8.0, 156.0], "y": [4.0, 168.0], "x": [0.0, 180.0]}},
                                   overlap=4, chunks=(8, 8, 8), downsample_levels=1, exist_ok=True).status()
     assert status["done"] == status["total"] and sorted(status["by_rank"]) == list(range(procs))
+    # Each rank built the second level's chunks over its own chunks.
+    n = sum(len(completion_marks(out / c / ".cellmap-progress" / "s1")) for c in CLASSES)
+    assert status["levels"] == {"s1": {"done": n, "total": n}} and n == 2 * 3 * 3 * 3
+    assert {r for c in CLASSES for r in completion_marks(out / c / ".cellmap-progress" / "s1").values()} == {
+        str(r) for r in range(procs)}
+    gc.collect()
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == written, \
+        "a writer opened only to read the status leaves the output alone when dropped"
 
 
 def test_blending_is_exercised(one_process):
@@ -194,5 +205,8 @@ def test_rank_0_waiting_for_a_dead_rank_times_out_naming_the_missing_chunks(raw,
         writer[batch["idx"]] = {"pred": batch["raw"]}
     status = writer.status()
     assert 0 < status["done"] < status["total"] and list(status["by_rank"]) == [0]
-    with pytest.raises(TimeoutError, match=f"{status['total'] - status['done']} of {status['total']} chunks"):
+    assert status["levels"]["s1"]["done"] == 0
+    with pytest.raises(TimeoutError, match=f"{status['total'] - status['done']} of {status['total']} chunks") as e:
         writer.close(timeout=0.3)
+    built = writer.status()["levels"]["s1"]  # rank 0 built its own share before waiting
+    assert 0 < built["done"] < built["total"] and f"s1: {built['done']} of {built['total']} chunks built" in str(e.value)

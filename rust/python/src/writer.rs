@@ -175,6 +175,26 @@ impl ImageWriter {
         run_writer(py, move || inner.chunks_done())
     }
 
+    /// `(built, total)` chunks of the second level (counted on disk), or None without
+    /// downsampled levels or a tiling plan.
+    fn levels_done(&self, py: Python<'_>) -> PyResult<Option<(u64, u64)>> {
+        let inner = self.inner.clone();
+        run_writer(py, move || inner.levels_done())
+    }
+
+    /// `(built, expected)` chunks of the second level among those the ranks build at their own
+    /// close, when several ranks share it (counted on disk), or None.
+    fn shares_built(&self, py: Python<'_>) -> PyResult<Option<(u64, u64)>> {
+        let inner = self.inner.clone();
+        run_writer(py, move || inner.shares_built())
+    }
+
+    /// With several ranks: flushes, then builds the second level over this rank's own chunks.
+    fn downsample_own_share(&self, py: Python<'_>) -> PyResult<()> {
+        let inner = self.inner.clone();
+        run_writer(py, move || inner.downsample_own_share())
+    }
+
     /// Writes planned tiles `indices`: `data` is a C-contiguous float32 buffer holding one tile
     /// after another.
     fn write_tiles(&self, py: Python<'_>, indices: Vec<usize>, data: PyBuffer<f32>) -> PyResult<()> {

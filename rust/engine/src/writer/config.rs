@@ -310,11 +310,17 @@ impl WriterConfig {
         let mut factor = [1u64; 3];
         let mut out = vec![(shape, factor)];
         for _ in 0..self.downsample_levels {
-            let f: [u64; 3] = std::array::from_fn(|k| if shape[k] > 1 { 2 } else { 1 });
+            let f = downsample_factors(shape);
             shape = std::array::from_fn(|k| shape[k].div_ceil(f[k]));
             factor = std::array::from_fn(|k| factor[k] * f[k]);
             out.push((shape, factor));
         }
         out
     }
+}
+
+/// The factors from a level of shape `shape` to the next: 2 along each axis longer than one
+/// voxel.
+pub(super) fn downsample_factors(shape: [u64; 3]) -> [u64; 3] {
+    std::array::from_fn(|k| if shape[k] > 1 { 2 } else { 1 })
 }

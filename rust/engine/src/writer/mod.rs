@@ -129,6 +129,8 @@ pub struct ImageWriter {
     /// pages that fault on first write, and the faults' TLB shootdowns serialise the threads.
     spare: Mutex<Vec<Vec<f32>>>,
     closed: AtomicBool,
+    /// Whether any tile or box was written through this writer.
+    received_writes: AtomicBool,
     store: Arc<OutputStore>,
     /// Completion marks and this process's chunks (planned writers only).
     progress: Option<Progress>,
@@ -189,9 +191,16 @@ impl ImageWriter {
             .map(|_| AtomicBool::new(false))
             .collect();
         let grid: [u64; 3] = std::array::from_fn(|k| shape0[k].div_ceil(config.chunk_shape[k] as u64));
+        // Ranks own runs of chunks in an order that keeps the chunks under each chunk of the
+        // second level together, so that each rank can build most of its part of that level.
+        let block = if config.downsample_levels > 0 {
+            config::downsample_factors(shape0)
+        } else {
+            [1; 3]
+        };
         let progress = plan
             .as_ref()
-            .map(|p| Progress::open(&config, grid, p, store.clone(), &image_key))
+            .map(|p| Progress::open(&config, grid, block, p, store.clone(), &image_key))
             .transpose()?;
         Ok(ImageWriter {
             config,
@@ -202,6 +211,7 @@ impl ImageWriter {
             complete: Mutex::new(Vec::new()),
             spare: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
+            received_writes: AtomicBool::new(false),
             store,
             progress,
         })
@@ -234,10 +244,78 @@ impl ImageWriter {
         self.progress.as_ref().map(|p| Ok((p.done()?, p.total()))).transpose()
     }
 
-    /// Whether this process computes the downsampled levels at close: one process does,
-    /// rank 0, once every chunk of the first level is complete.
+    /// Whether this process computes the downsampled levels at close (all of them with one
+    /// rank; with several, those below the second level): rank 0, once every rank is done.
     fn builds_pyramid(&self) -> bool {
         self.progress.as_ref().is_none_or(|p| p.shard().rank == 0)
+    }
+
+    /// The completion marks when several ranks share the second level (there is one, and more
+    /// than one rank).
+    fn shared_levels(&self) -> Option<&Progress> {
+        self.progress.as_ref().filter(|p| self.levels.len() > 1 && p.shard().world_size > 1)
+    }
+
+    /// With several ranks: writes what is pending, then builds the chunks of the second level
+    /// whose chunks below are all this rank's and complete (and that no run built before), and
+    /// marks them. `close` calls it; rank 0 calls it before waiting for the other ranks. A
+    /// no-op otherwise, and when called again.
+    pub fn downsample_own_share(&self) -> Result<()> {
+        let Some(progress) = self.shared_levels() else {
+            return Ok(());
+        };
+        self.flush()?;
+        let name = &self.levels[1].name;
+        let built = progress.level_done(name)?;
+        let rank = progress.shard().rank;
+        let chunks: Vec<[u64; 3]> = self
+            .level_chunks(1)
+            .into_iter()
+            .filter(|&c| self.builder(progress, c) == Some(rank) && !built.contains(&c) && self.sources_complete(progress, c))
+            .collect();
+        self.downsample_chunks(1, &chunks, |c| progress.mark_level_done(name, c))
+    }
+
+    /// Whether every chunk of the first level under chunk `chunk` of the second is complete.
+    fn sources_complete(&self, progress: &Progress, chunk: [u64; 3]) -> bool {
+        self.source_chunks(1, chunk).all(|s| progress.is_complete(s))
+    }
+
+    /// The rank that builds chunk `chunk` of the second level at its close: the owner of every
+    /// chunk under it; `None` where two ranks share those (rank 0 builds it last).
+    fn builder(&self, progress: &Progress, chunk: [u64; 3]) -> Option<usize> {
+        let mut owners = self.source_chunks(1, chunk).map(|s| progress.owner(s));
+        let first = owners.next()?;
+        owners.all(|o| o == first).then_some(first)
+    }
+
+    /// Built and expected chunks of the second level among those the ranks build at their own
+    /// close (not those rank 0 builds last); `None` unless several ranks share the level.
+    pub fn shares_built(&self) -> Result<Option<(u64, u64)>> {
+        let Some(progress) = self.shared_levels() else {
+            return Ok(None);
+        };
+        let built = progress.level_done(&self.levels[1].name)?;
+        let shared: Vec<[u64; 3]> = self
+            .level_chunks(1)
+            .into_iter()
+            .filter(|&c| self.builder(progress, c).is_some())
+            .collect();
+        Ok(Some((
+            shared.iter().filter(|&c| built.contains(c)).count() as u64,
+            shared.len() as u64,
+        )))
+    }
+
+    /// Built and total chunks of the second level (marks counted on disk, every process's: a
+    /// chunk is marked once built from complete chunks); `None` without a tiling plan or
+    /// downsampled levels.
+    pub fn levels_done(&self) -> Result<Option<(u64, u64)>> {
+        self.progress
+            .as_ref()
+            .filter(|_| self.levels.len() > 1)
+            .map(|p| Ok((p.level_done(&self.levels[1].name)?.len() as u64, self.level_chunks(1).len() as u64)))
+            .transpose()
     }
 
     /// The configuration.
@@ -389,6 +467,7 @@ impl ImageWriter {
     }
 
     fn apply_pieces(&self, pieces: &[Piece<'_>]) -> Result<()> {
+        self.received_writes.store(true, Ordering::Release);
         let mut by_chunk: HashMap<[u64; 3], Vec<usize>> = HashMap::new();
         for (p, piece) in pieces.iter().enumerate() {
             // Another rank's chunk, or one complete before a resume, is not ours.
@@ -666,28 +745,49 @@ impl ImageWriter {
     }
 
     /// Flushes, computes the downsampled levels, and refuses further writes. Closing twice is
-    /// a no-op. Of several ranks only rank 0 computes the downsampled levels, and only once
-    /// every chunk of the first level is complete (an error names how many are missing: wait
-    /// for the other ranks before closing rank 0).
+    /// a no-op. Of several ranks each builds the second level over its own chunks
+    /// ([`Self::downsample_own_share`]), and rank 0 the levels below it, only once every chunk
+    /// of the first two levels is there (an error names how many are missing: wait for the
+    /// other ranks before closing rank 0).
     pub fn close(&self) -> Result<()> {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
         self.flush()?;
+        self.downsample_own_share()?;
         lock(&self.chunks).clear();
         if self.levels.len() > 1 && self.builds_pyramid() {
-            if let Some(progress) = self.progress.as_ref().filter(|p| p.shard().world_size > 1) {
+            let mut first = 1;
+            if let Some(progress) = self.shared_levels() {
                 let done = progress.done()?;
-                if done < progress.total() {
+                let (built, expected) = self.shares_built()?.unwrap_or_default();
+                if done < progress.total() || built < expected {
                     return Err(Error::invalid(format!(
-                        "{}: {} of {} chunks are complete; rank 0 builds the downsampled levels once every rank has finished",
+                        "{}: {done} of {} chunks are complete and the ranks have built {built} of {expected} chunks of \
+                         {}; rank 0 finishes the downsampled levels once every rank has finished",
                         self.config.path.display(),
-                        done,
-                        progress.total()
+                        progress.total(),
+                        self.levels[1].name,
                     )));
                 }
+                // The chunks of the second level over two ranks' chunks.
+                let name = &self.levels[1].name;
+                let built = progress.level_done(name)?;
+                let rest: Vec<[u64; 3]> = self.level_chunks(1).into_iter().filter(|c| !built.contains(c)).collect();
+                self.downsample_chunks(1, &rest, |c| progress.mark_level_done(name, c))?;
+                first = 2;
             }
-            for level in 1..self.levels.len() {
+            if first == 1 {
+                // One rank builds the second level whole; a chunk of it built from complete
+                // chunks is marked, as ranks mark theirs.
+                let name = &self.levels[1].name;
+                self.downsample_chunks(1, &self.level_chunks(1), |c| match &self.progress {
+                    Some(p) if self.sources_complete(p, c) => p.mark_level_done(name, c),
+                    _ => Ok(()),
+                })?;
+                first = 2;
+            }
+            for level in first..self.levels.len() {
                 self.downsample(level)?;
             }
         }
@@ -697,8 +797,10 @@ impl ImageWriter {
 
 impl Drop for ImageWriter {
     fn drop(&mut self) {
-        // Best effort: a writer dropped without close() still writes what it holds.
-        if !self.is_closed() {
+        // Best effort: a writer dropped without close() still writes what it holds. One that
+        // received no writes (opened to watch a job's status, say) leaves the image alone: its
+        // levels are the writing processes' to build.
+        if !self.is_closed() && self.received_writes.load(Ordering::Acquire) {
             let _ = crate::runtime::install(|| self.close());
         }
     }

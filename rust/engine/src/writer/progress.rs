@@ -7,14 +7,18 @@
 //! the marks belong to is recorded next to them (`plan.json`), and a different plan refuses to
 //! resume from them.
 //!
-//! With several ranks, each owns a contiguous run of chunks in C order (whole chunks: a rank
-//! processes every tile touching its chunks and keeps only its own chunks' share), so each
-//! chunk is summed by one process in tile order, exactly as a one-rank run sums it. The runs are
-//! cut so that the largest number of tiles a rank processes is as small as it can be (tiles on a
-//! border between two runs count for both).
+//! With several ranks, each owns a contiguous run of chunks in the writing order (whole
+//! chunks: a rank processes every tile touching its chunks and keeps only its own chunks'
+//! share), so each chunk is summed by one process in tile order, exactly as a one-rank run sums
+//! it. The runs are cut so that the largest number of tiles a rank processes is as small as it
+//! can be (tiles on a border between two runs count for both). The order is C order, or, when
+//! the image has downsampled levels, C order of the 2×2×2 (1×2×2 ...) blocks of chunks under
+//! each chunk of the second level, then C order within a block: a rank then owns every chunk
+//! under most of its second-level chunks, builds those itself at close and marks them in
+//! `<image>/.cellmap-progress/<level>/`; rank 0 builds the few whose chunks two ranks share.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 
@@ -54,20 +58,26 @@ pub(super) struct Progress {
     store: Arc<OutputStore>,
     dir: String,
     done_at_open: HashSet<[u64; 3]>,
+    /// Chunks marked complete by this process since it opened.
+    marked: Mutex<HashSet<[u64; 3]>>,
     shard: Shard,
     grid: [u64; 3],
-    /// Rank `r` owns the chunks whose C-order index lies in `cuts[r]..cuts[r + 1]`.
+    /// The writing order's blocks: chunks per block along each axis.
+    block: [u64; 3],
+    /// Rank `r` owns the chunks whose place in the writing order lies in `cuts[r]..cuts[r + 1]`.
     cuts: Vec<u64>,
 }
 
 const PLAN_FILE: &str = "plan.json";
 
 impl Progress {
-    /// The marks of the image at `config.path` (chunk grid `grid`): read back when writing into
-    /// an existing image (`exist_ok`), started afresh otherwise.
+    /// The marks of the image at `config.path` (chunk grid `grid`, writing order by blocks of
+    /// `block` chunks): read back when writing into an existing image (`exist_ok`), started
+    /// afresh otherwise.
     pub(super) fn open(
         config: &WriterConfig,
         grid: [u64; 3],
+        block: [u64; 3],
         plan: &TilePlan,
         store: Arc<OutputStore>,
         image_key: &str,
@@ -97,15 +107,18 @@ impl Progress {
             }
         }
         let shard = config.shard.unwrap_or(Shard { rank: 0, world_size: 1 });
-        let cuts = balanced_cuts(plan, config.chunk_shape, grid, shard.world_size);
-        Ok(Progress {
+        let mut progress = Progress {
             store,
             dir,
             done_at_open,
+            marked: Mutex::new(HashSet::new()),
             shard,
             grid,
-            cuts,
-        })
+            block,
+            cuts: Vec::new(),
+        };
+        progress.cuts = balanced_cuts(plan, config.chunk_shape, |c| progress.place(c), progress.places(), shard.world_size);
+        Ok(progress)
     }
 
     /// This process's rank and the number of processes.
@@ -118,10 +131,25 @@ impl Progress {
         self.grid.iter().product()
     }
 
+    /// The place of `chunk` in the writing order: its block's C-order index, then its C-order
+    /// index within the block (edge blocks leave gaps).
+    fn place(&self, chunk: [u64; 3]) -> u64 {
+        let b = self.block;
+        let blocks: [u64; 3] = std::array::from_fn(|k| self.grid[k].div_ceil(b[k]));
+        let outer = (chunk[0] / b[0] * blocks[1] + chunk[1] / b[1]) * blocks[2] + chunk[2] / b[2];
+        let inner = (chunk[0] % b[0] * b[1] + chunk[1] % b[1]) * b[2] + chunk[2] % b[2];
+        outer * b.iter().product::<u64>() + inner
+    }
+
+    /// One more than the last place.
+    fn places(&self) -> u64 {
+        self.grid.iter().zip(&self.block).map(|(g, b)| g.div_ceil(*b) * b).product()
+    }
+
     /// The rank that owns `chunk`.
-    fn owner(&self, chunk: [u64; 3]) -> usize {
-        let flat = (chunk[0] * self.grid[1] + chunk[1]) * self.grid[2] + chunk[2];
-        self.cuts[1..].partition_point(|&end| end <= flat)
+    pub(super) fn owner(&self, chunk: [u64; 3]) -> usize {
+        let place = self.place(chunk);
+        self.cuts[1..].partition_point(|&end| end <= place)
     }
 
     /// Whether this process writes `chunk`: it owns it and it was not complete at open.
@@ -129,10 +157,17 @@ impl Progress {
         self.owner(chunk) == self.shard.rank && !self.done_at_open.contains(&chunk)
     }
 
+    /// Whether `chunk` is known complete here: complete at open, or marked by this process.
+    pub(super) fn is_complete(&self, chunk: [u64; 3]) -> bool {
+        self.done_at_open.contains(&chunk) || self.marked.lock().unwrap_or_else(|e| e.into_inner()).contains(&chunk)
+    }
+
     /// Marks `chunk` complete (after it was written).
     pub(super) fn mark_done(&self, chunk: [u64; 3]) -> Result<()> {
         let key = format!("{}/{}.{}.{}", self.dir, chunk[0], chunk[1], chunk[2]);
-        self.store.write_value(&key, self.shard.rank.to_string().as_bytes())
+        self.store.write_value(&key, self.shard.rank.to_string().as_bytes())?;
+        self.marked.lock().unwrap_or_else(|e| e.into_inner()).insert(chunk);
+        Ok(())
     }
 
     /// Complete chunks now (every process's marks; counted, not read: cheap enough to poll).
@@ -140,31 +175,65 @@ impl Progress {
         Ok(marks_in(&self.store, &self.dir)?.len() as u64)
     }
 
+    /// The folder of the marks of the downsampled level `level` (its array name, e.g. `s1`).
+    fn level_dir(&self, level: &str) -> String {
+        format!("{}/{level}", self.dir)
+    }
+
+    /// Marks chunk `chunk` of the downsampled level `level` built.
+    pub(super) fn mark_level_done(&self, level: &str, chunk: [u64; 3]) -> Result<()> {
+        let key = format!("{}/{}.{}.{}", self.level_dir(level), chunk[0], chunk[1], chunk[2]);
+        self.store.write_value(&key, self.shard.rank.to_string().as_bytes())
+    }
+
+    /// The chunks of the downsampled level `level` marked built (every process's marks).
+    pub(super) fn level_done(&self, level: &str) -> Result<HashSet<[u64; 3]>> {
+        Ok(marks_in(&self.store, &self.level_dir(level))?
+            .into_iter()
+            .map(|(chunk, _)| chunk)
+            .collect())
+    }
+
     /// Complete chunks now, per rank that wrote them.
     pub(super) fn done_by_rank(&self) -> Result<BTreeMap<usize, u64>> {
         let mut out = BTreeMap::new();
         for (_, mark) in marks_in(&self.store, &self.dir)? {
-            // A mark is written whole; an unreadable one still counts.
-            let rank = self
-                .store
-                .read_text(&mark)
-                .ok()
-                .flatten()
-                .and_then(|s| s.trim().parse().ok())
-                .unwrap_or(0);
-            *out.entry(rank).or_insert(0) += 1;
+            *out.entry(self.mark_rank(&mark)).or_insert(0) += 1;
         }
         Ok(out)
     }
+
+    /// The rank a mark names (a mark is written whole; an unreadable one counts as rank 0's).
+    fn mark_rank(&self, key: &str) -> usize {
+        self.store
+            .read_text(key)
+            .ok()
+            .flatten()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The chunks of the downsampled level `level` marked built, with the rank that built each.
+    #[cfg(test)]
+    pub(super) fn level_builders(&self, level: &str) -> Result<BTreeMap<[u64; 3], usize>> {
+        Ok(marks_in(&self.store, &self.level_dir(level))?
+            .into_iter()
+            .map(|(chunk, key)| (chunk, self.mark_rank(&key)))
+            .collect())
+    }
 }
 
-/// The marks in the folder `dir` of `store` (none when it does not exist): each chunk and its
-/// key.
+/// The marks in the folder `dir` of `store` (none when it does not exist; not those of the
+/// levels' subfolders, which an object store lists too): each chunk and its key.
 fn marks_in(store: &OutputStore, dir: &str) -> Result<Vec<([u64; 3], String)>> {
+    let prefix = format!("{}/", dir.trim_matches('/'));
     Ok(store
         .keys_below(dir)?
         .into_iter()
-        .filter_map(|key| parse_mark(key.rsplit('/').next().unwrap_or("")).map(|chunk| (chunk, key)))
+        .filter_map(|key| {
+            let name = key.strip_prefix(&prefix).filter(|name| !name.contains('/'))?;
+            parse_mark(name).map(|chunk| (chunk, key))
+        })
         .collect())
 }
 
@@ -172,24 +241,25 @@ fn marks_in(store: &OutputStore, dir: &str) -> Result<Vec<([u64; 3], String)>> {
 /// every tile a few hundred times).
 const BALANCED_SPLIT_MAX_TILES: usize = 50_000;
 
-/// Cut points of the C-order chunk runs of `world_size` ranks (`world_size + 1` values, from 0
-/// to the chunk count): the cuts that make the largest per-rank tile count smallest, found by a
-/// binary search on that count with greedy runs; even chunk counts for very large plans.
-fn balanced_cuts(plan: &TilePlan, chunk_shape: [usize; 3], grid: [u64; 3], world_size: usize) -> Vec<u64> {
-    let total: u64 = grid.iter().product();
+/// Cut points in the writing order (`place` of each chunk, below `places`) of the runs of
+/// `world_size` ranks (`world_size + 1` values, from 0 to `places`): the cuts that make the
+/// largest per-rank tile count smallest, found by a binary search on that count with greedy
+/// runs; even runs for very large plans.
+fn balanced_cuts(plan: &TilePlan, chunk_shape: [usize; 3], place: impl Fn([u64; 3]) -> u64, places: u64, world_size: usize) -> Vec<u64> {
+    let total = places;
     let even = || (0..=world_size as u64).map(|r| r * total / world_size as u64).collect::<Vec<_>>();
     if world_size <= 1 || plan.len() > BALANCED_SPLIT_MAX_TILES {
         return even();
     }
-    // Per tile, the C-order indices of the chunks it touches, ascending.
+    // Per tile, the places of the chunks it touches, ascending.
     let touched: Vec<Vec<u64>> = (0..plan.len())
         .map(|i| {
-            chunks_meeting(plan.region(i), chunk_shape)
-                .map(|[z, y, x]| (z * grid[1] + y) * grid[2] + x)
-                .collect()
+            let mut places: Vec<u64> = chunks_meeting(plan.region(i), chunk_shape).map(&place).collect();
+            places.sort_unstable();
+            places
         })
         .collect();
-    // Tiles a rank owning chunks `a..b` processes.
+    // Tiles a rank owning places `a..b` processes.
     let tiles_for = |a: u64, b: u64| -> usize {
         touched
             .iter()
@@ -267,8 +337,8 @@ mod tests {
     fn ranks_split_the_chunks_so_the_busiest_rank_has_the_fewest_tiles() {
         // 320 voxels per axis, 64³ tiles stepping by 48, 64³ chunks: 343 tiles, 125 chunks.
         let plan = TilePlan::new([320; 3], [64; 3], [16; 3], Blend::Linear);
-        let grid = [5u64; 3];
-        let cuts = balanced_cuts(&plan, [64; 3], grid, 2);
+        let c_order = |c: [u64; 3]| (c[0] * 5 + c[1]) * 5 + c[2];
+        let cuts = balanced_cuts(&plan, [64; 3], c_order, 125, 2);
         assert_eq!((cuts[0], cuts[2]), (0, 125));
         let per_rank: Vec<usize> = (0..2)
             .map(|r| {
@@ -292,7 +362,7 @@ mod tests {
         assert!(per_rank.iter().sum::<usize>() >= plan.len());
         // Every chunk has one owner, whatever the number of ranks.
         for world in [1, 3, 7, 200] {
-            let cuts = balanced_cuts(&plan, [64; 3], grid, world);
+            let cuts = balanced_cuts(&plan, [64; 3], c_order, 125, world);
             assert_eq!(cuts.len(), world + 1);
             assert!(cuts.windows(2).all(|w| w[0] <= w[1]) && cuts[0] == 0 && cuts[world] == 125);
         }

@@ -1,27 +1,51 @@
 //! Downsampled levels: each level the 2×2×2 (or 1×2×2 ...) block mean (raw-like outputs) or
-//! mode (labels) of the one before, computed at close from the written chunks.
+//! mode (labels) of the one before, computed at close from the written chunks. A chunk of a
+//! level depends only on the 2×2×2 chunks under it, so ranks can build their own parts.
 
 use rayon::prelude::*;
 use zarrs::array::ArraySubset;
 
 use super::accumulate::{with_sample, Sample};
-use super::config::Downsample;
+use super::config::{downsample_factors, Downsample};
 use super::ImageWriter;
 use crate::error::{Error, Result};
 use crate::volume::DType;
 
 impl ImageWriter {
-    /// Level `level` from level `level - 1`: each 2×2×2 (or 1×2×2 ...) block summarised by
-    /// the configured [`Downsample`].
-    pub(super) fn downsample(&self, level: usize) -> Result<()> {
-        let src = &self.levels[level - 1];
-        let dst = &self.levels[level];
-        let f: [u64; 3] = std::array::from_fn(|k| if src.shape[k] > 1 { 2 } else { 1 });
+    /// The chunks of level `level`, C order.
+    pub(super) fn level_chunks(&self, level: usize) -> Vec<[u64; 3]> {
         let cs = self.config.chunk_shape;
-        let grid: [u64; 3] = std::array::from_fn(|k| dst.shape[k].div_ceil(cs[k] as u64));
-        let chunks: Vec<[u64; 3]> = (0..grid[0])
+        let shape = self.levels[level].shape;
+        let grid: [u64; 3] = std::array::from_fn(|k| shape[k].div_ceil(cs[k] as u64));
+        (0..grid[0])
             .flat_map(|z| (0..grid[1]).flat_map(move |y| (0..grid[2]).map(move |x| [z, y, x])))
-            .collect();
+            .collect()
+    }
+
+    /// The chunks of level `level - 1` under chunk `chunk` of level `level`.
+    pub(super) fn source_chunks(&self, level: usize, chunk: [u64; 3]) -> impl Iterator<Item = [u64; 3]> {
+        let f = downsample_factors(self.levels[level - 1].shape);
+        let src_shape = self.levels[level - 1].shape;
+        let cs = self.config.chunk_shape;
+        let range = move |k: usize| {
+            let grid = src_shape[k].div_ceil(cs[k] as u64);
+            chunk[k] * f[k]..((chunk[k] + 1) * f[k]).min(grid)
+        };
+        range(0).flat_map(move |z| range(1).flat_map(move |y| range(2).map(move |x| [z, y, x])))
+    }
+
+    /// Level `level` from level `level - 1`, whole: each 2×2×2 (or 1×2×2 ...) block
+    /// summarised by the configured [`Downsample`].
+    pub(super) fn downsample(&self, level: usize) -> Result<()> {
+        self.downsample_chunks(level, &self.level_chunks(level), |_| Ok(()))
+    }
+
+    /// Chunks `chunks` of level `level` from level `level - 1`, in parallel; `built` is called
+    /// after each is written.
+    pub(super) fn downsample_chunks(&self, level: usize, chunks: &[[u64; 3]], built: impl Fn([u64; 3]) -> Result<()> + Sync) -> Result<()> {
+        let src = &self.levels[level - 1];
+        let f = downsample_factors(src.shape);
+        let cs = self.config.chunk_shape;
         let src_array = &src.array;
         let where_ = || src.name.clone();
         chunks.par_iter().try_for_each(|&chunk| {
@@ -65,7 +89,8 @@ impl ImageWriter {
                     }
                 }
             }
-            self.store_chunk(level, chunk, &values)
+            self.store_chunk(level, chunk, &values)?;
+            built(chunk)
         })
     }
 }

@@ -325,3 +325,95 @@ fn shared_writers_merge_partly_written_chunks_and_refuse_another_layout() {
     assert!(ImageWriter::create(both).unwrap_err().to_string().contains("exist_ok"));
     fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Every level of the image at `path`, whole, as f32 (read by the engine's reader).
+fn read_levels(path: &std::path::Path) -> Vec<Vec<f32>> {
+    let volume = Volume::open(path, ChunkCache::global()).unwrap();
+    volume
+        .levels
+        .iter()
+        .enumerate()
+        .map(|(i, level)| {
+            let s = level.shape;
+            let shape: [usize; 3] = std::array::from_fn(|k| s[k] as usize);
+            let mut out = vec![0f32; shape.iter().product()];
+            let strides = [(shape[1] * shape[2]) as isize, shape[2] as isize, 1];
+            volume
+                .gather(i, [0; 3], shape, &mut out, 0, strides, crate::volume::ValueMode::Raw, 0.0)
+                .unwrap();
+            out
+        })
+        .collect()
+}
+
+#[test]
+fn ranks_build_the_second_level_over_their_own_chunks_and_rank_0_the_rest() {
+    let dir = temp_dir("ranks-levels");
+    // Uneven 5×7×9 chunks of 8³, blended tiles, two downsampled levels.
+    let base = |path: PathBuf| {
+        let mut c = config(path, [0.0; 3], [40.0, 56.0, 72.0], [1.0; 3], [8, 8, 8]);
+        c.tiling = Some(TilingConfig {
+            overlap: [2; 3],
+            blend: Blend::Linear,
+        });
+        c.downsample_levels = 2;
+        c
+    };
+    let one_path = dir.join("one.zarr").join("x");
+    let one = ImageWriter::create(base(one_path.clone())).unwrap();
+    for i in one.tiles_to_write().unwrap() {
+        one.write_tiles(&[i], &tile_values(&one, i)).unwrap();
+    }
+    one.close().unwrap();
+
+    let path = dir.join("ranks.zarr").join("x");
+    let world = 3;
+    let ranks: Vec<ImageWriter> = (0..world)
+        .map(|rank| {
+            let mut c = base(path.clone());
+            c.exist_ok = true;
+            c.shard = Some(Shard { rank, world_size: world });
+            ImageWriter::create(c).unwrap()
+        })
+        .collect();
+    for w in &ranks {
+        for i in w.tiles_to_write().unwrap() {
+            w.write_tiles(&[i], &tile_values(w, i)).unwrap();
+        }
+    }
+    // Rank 0 builds its own share at once, then must wait for the others.
+    ranks[0].downsample_own_share().unwrap();
+    let (built, total) = ranks[0].levels_done().unwrap().unwrap();
+    assert!(built > 0 && built < total, "{built} of {total}");
+    let e = ranks[0].close().unwrap_err().to_string();
+    assert!(e.contains("chunks of s1; rank 0 finishes"), "{e}");
+    ranks[2].close().unwrap();
+    ranks[1].close().unwrap();
+    // Each second-level chunk is built by the rank that wrote the chunks under it.
+    let progress = ranks[0].progress.as_ref().unwrap();
+    let (shared_built, shared) = ranks[0].shares_built().unwrap().unwrap();
+    assert_eq!(shared_built, shared);
+    // Rank 0 finishes: it builds the chunks over two ranks' chunks, one per cut at most.
+    let mut c = base(path.clone());
+    c.exist_ok = true;
+    c.shard = Some(Shard {
+        rank: 0,
+        world_size: world,
+    });
+    ImageWriter::create(c).unwrap().close().unwrap();
+    assert_eq!(ranks[0].levels_done().unwrap(), Some((total, total)));
+    assert!(total - shared < world as u64, "{shared} of {total}");
+    let builders = progress.level_builders("s1").unwrap();
+    assert_eq!(builders.len() as u64, total);
+    for (chunk, by) in builders {
+        let mut owners: Vec<usize> = ranks[0].source_chunks(1, chunk).map(|c| progress.owner(c)).collect();
+        owners.dedup();
+        assert!(
+            owners == [by] || (owners.len() > 1 && by == 0),
+            "{chunk:?} over {owners:?} built by rank {by}"
+        );
+    }
+    assert!((0..world).all(|r| progress.level_builders("s1").unwrap().values().any(|&b| b == r)));
+    assert_eq!(read_levels(&path), read_levels(&one_path));
+    fs::remove_dir_all(&dir).unwrap();
+}
