@@ -757,37 +757,32 @@ impl ImageWriter {
         self.downsample_own_share()?;
         lock(&self.chunks).clear();
         if self.levels.len() > 1 && self.builds_pyramid() {
-            let mut first = 1;
-            if let Some(progress) = self.shared_levels() {
-                let done = progress.done()?;
-                let (built, expected) = self.shares_built()?.unwrap_or_default();
-                if done < progress.total() || built < expected {
-                    return Err(Error::invalid(format!(
-                        "{}: {done} of {} chunks are complete and the ranks have built {built} of {expected} chunks of \
-                         {}; rank 0 finishes the downsampled levels once every rank has finished",
-                        self.config.path.display(),
-                        progress.total(),
-                        self.levels[1].name,
-                    )));
+            let name = &self.levels[1].name;
+            match self.shared_levels() {
+                Some(progress) => {
+                    let done = progress.done()?;
+                    let (built, expected) = self.shares_built()?.unwrap_or_default();
+                    if done < progress.total() || built < expected {
+                        return Err(Error::invalid(format!(
+                            "{}: {done} of {} chunks are complete and the ranks have built {built} of {expected} \
+                             chunks of {name}; rank 0 finishes the downsampled levels once every rank has finished",
+                            self.config.path.display(),
+                            progress.total(),
+                        )));
+                    }
+                    // What is left: the chunks of the second level over two ranks' chunks.
+                    let built = progress.level_done(name)?;
+                    let rest: Vec<[u64; 3]> = self.level_chunks(1).into_iter().filter(|c| !built.contains(c)).collect();
+                    self.downsample_chunks(1, &rest, |c| progress.mark_level_done(name, c))?;
                 }
-                // The chunks of the second level over two ranks' chunks.
-                let name = &self.levels[1].name;
-                let built = progress.level_done(name)?;
-                let rest: Vec<[u64; 3]> = self.level_chunks(1).into_iter().filter(|c| !built.contains(c)).collect();
-                self.downsample_chunks(1, &rest, |c| progress.mark_level_done(name, c))?;
-                first = 2;
-            }
-            if first == 1 {
-                // One rank builds the second level whole; a chunk of it built from complete
-                // chunks is marked, as ranks mark theirs.
-                let name = &self.levels[1].name;
-                self.downsample_chunks(1, &self.level_chunks(1), |c| match &self.progress {
+                // One rank builds the second level whole, marking (as ranks do) the chunks built
+                // from complete chunks.
+                None => self.downsample_chunks(1, &self.level_chunks(1), |c| match &self.progress {
                     Some(p) if self.sources_complete(p, c) => p.mark_level_done(name, c),
                     _ => Ok(()),
-                })?;
-                first = 2;
+                })?,
             }
-            for level in first..self.levels.len() {
+            for level in 2..self.levels.len() {
                 self.downsample(level)?;
             }
         }

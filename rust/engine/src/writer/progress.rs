@@ -134,16 +134,12 @@ impl Progress {
     /// The place of `chunk` in the writing order: its block's C-order index, then its C-order
     /// index within the block (edge blocks leave gaps).
     fn place(&self, chunk: [u64; 3]) -> u64 {
-        let b = self.block;
-        let blocks: [u64; 3] = std::array::from_fn(|k| self.grid[k].div_ceil(b[k]));
-        let outer = (chunk[0] / b[0] * blocks[1] + chunk[1] / b[1]) * blocks[2] + chunk[2] / b[2];
-        let inner = (chunk[0] % b[0] * b[1] + chunk[1] % b[1]) * b[2] + chunk[2] % b[2];
-        outer * b.iter().product::<u64>() + inner
+        place(chunk, self.grid, self.block)
     }
 
     /// One more than the last place.
     fn places(&self) -> u64 {
-        self.grid.iter().zip(&self.block).map(|(g, b)| g.div_ceil(*b) * b).product()
+        places(self.grid, self.block)
     }
 
     /// The rank that owns `chunk`.
@@ -235,6 +231,22 @@ fn marks_in(store: &OutputStore, dir: &str) -> Result<Vec<([u64; 3], String)>> {
             parse_mark(name).map(|chunk| (chunk, key))
         })
         .collect())
+}
+
+/// The place of `chunk` (of a grid of `grid` chunks) in the writing order by blocks of `block`
+/// chunks: its block's C-order index, then its C-order index within the block (edge blocks leave
+/// gaps).
+fn place(chunk: [u64; 3], grid: [u64; 3], block: [u64; 3]) -> u64 {
+    let b = block;
+    let blocks: [u64; 3] = std::array::from_fn(|k| grid[k].div_ceil(b[k]));
+    let outer = (chunk[0] / b[0] * blocks[1] + chunk[1] / b[1]) * blocks[2] + chunk[2] / b[2];
+    let inner = (chunk[0] % b[0] * b[1] + chunk[1] % b[1]) * b[2] + chunk[2] % b[2];
+    outer * b.iter().product::<u64>() + inner
+}
+
+/// One more than the last place of a grid of `grid` chunks in blocks of `block`.
+fn places(grid: [u64; 3], block: [u64; 3]) -> u64 {
+    grid.iter().zip(&block).map(|(g, b)| g.div_ceil(*b) * b).product()
 }
 
 /// Plans with more tiles than this split chunks evenly instead (the search below evaluates
@@ -365,6 +377,48 @@ mod tests {
             let cuts = balanced_cuts(&plan, [64; 3], c_order, 125, world);
             assert_eq!(cuts.len(), world + 1);
             assert!(cuts.windows(2).all(|w| w[0] <= w[1]) && cuts[0] == 0 && cuts[world] == 125);
+        }
+    }
+
+    #[test]
+    fn runs_in_block_order_split_at_most_one_block_per_cut() {
+        for (shape, tile, overlap, block) in [
+            ([320u64, 320, 320], [64usize; 3], [16usize; 3], [2u64, 2, 2]),
+            ([40, 56, 72], [8; 3], [2; 3], [2, 2, 2]),
+            ([1, 100, 36], [1, 8, 8], [0, 0, 0], [1, 2, 2]),
+            ([24, 24, 24], [8; 3], [0; 3], [1, 1, 1]),
+        ] {
+            let plan = TilePlan::new(shape, tile, overlap, Blend::Linear);
+            let grid: [u64; 3] = std::array::from_fn(|k| shape[k].div_ceil(tile[k] as u64));
+            let chunks: Vec<[u64; 3]> = (0..grid[0])
+                .flat_map(|z| (0..grid[1]).flat_map(move |y| (0..grid[2]).map(move |x| [z, y, x])))
+                .collect();
+            // Places are distinct and below `places`.
+            let mut seen: Vec<u64> = chunks.iter().map(|&c| place(c, grid, block)).collect();
+            seen.sort_unstable();
+            seen.dedup();
+            assert_eq!(seen.len(), chunks.len());
+            assert!(seen.iter().all(|&p| p < places(grid, block)));
+            for world in 1..=5 {
+                let cuts = balanced_cuts(&plan, tile, |c| place(c, grid, block), places(grid, block), world);
+                assert_eq!((cuts.len(), cuts[0], cuts[world]), (world + 1, 0, places(grid, block)));
+                assert!(cuts.windows(2).all(|w| w[0] <= w[1]));
+                let owner = |c: [u64; 3]| cuts[1..].partition_point(|&end| end <= place(c, grid, block));
+                // Blocks (the chunks under one chunk of the next level) with chunks of two
+                // ranks: at most one per cut.
+                let mut mixed = 0;
+                for b in chunks.iter().filter(|c| (0..3).all(|k| c[k] % block[k] == 0)) {
+                    let mut owners: Vec<usize> = chunks
+                        .iter()
+                        .filter(|c| (0..3).all(|k| c[k] / block[k] == b[k] / block[k]))
+                        .map(|&c| owner(c))
+                        .collect();
+                    owners.sort_unstable();
+                    owners.dedup();
+                    mixed += usize::from(owners.len() > 1);
+                }
+                assert!(mixed < world, "{shape:?} {block:?} world {world}: {mixed} blocks shared");
+            }
         }
     }
 
