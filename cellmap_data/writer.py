@@ -537,9 +537,10 @@ class CellMapDatasetWriter(torch.utils.data.Dataset):
     its own chunks' share). A chunk is summed by one process, tile by tile in index order, so the
     union of the ranks' outputs equals a one-process run bit for bit, blending included (write
     the tiles in loader order). The outputs are opened with ``exist_ok`` semantics (``overwrite``
-    is refused: remove old outputs first). With downsampled levels a rank's chunks are taken
-    2×2×2 at a time (the chunks under one chunk of the second level), so at ``close()`` each
-    rank builds the second level over its own chunks; rank 0's ``close()`` waits for every rank
+    is refused: remove old outputs first). The runs are cut to give the busiest rank the fewest
+    tiles (in Z order, compact boxes, or in slabs, whichever does better) and keep together the
+    2×2×2 chunks under each chunk of the second level, so with downsampled levels each rank
+    builds the second level over its own chunks at ``close()``; rank 0's ``close()`` waits for every rank
     (``timeout`` seconds), builds the few second-level chunks over two ranks' chunks and the
     levels below, and prints a summary per rank.
 

@@ -191,16 +191,9 @@ impl ImageWriter {
             .map(|_| AtomicBool::new(false))
             .collect();
         let grid: [u64; 3] = std::array::from_fn(|k| shape0[k].div_ceil(config.chunk_shape[k] as u64));
-        // Ranks own runs of chunks in an order that keeps the chunks under each chunk of the
-        // second level together, so that each rank can build most of its part of that level.
-        let block = if config.downsample_levels > 0 {
-            config::downsample_factors(shape0)
-        } else {
-            [1; 3]
-        };
         let progress = plan
             .as_ref()
-            .map(|p| Progress::open(&config, grid, block, p, store.clone(), &image_key))
+            .map(|p| Progress::open(&config, grid, p, store.clone(), &image_key))
             .transpose()?;
         Ok(ImageWriter {
             config,
