@@ -534,6 +534,33 @@ print(json.dumps({"rank": rank, "start": start, "end": time.time(), "tiles": til
 """
 
 
+def _rank_results(jobs: list[Any], timeout: float) -> list[dict[str, Any]]:
+    """Each rank's JSON line, once all have exited. A rank that fails (or a timeout) stops the
+    others, which would otherwise wait for it, and raises with its error output."""
+    deadline = time.monotonic() + timeout
+    try:
+        while any(job.poll() is None for job in jobs):
+            failed = next((job for job in jobs if job.poll() not in (None, 0)), None)
+            if failed is not None:
+                raise RuntimeError(f"writer rank {jobs.index(failed)} failed (exit {failed.returncode}): "
+                                   f"{failed.communicate()[1][-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"writer ranks did not finish within {timeout:.0f} s")
+            time.sleep(0.02)
+        results = []
+        for rank, job in enumerate(jobs):
+            stdout, stderr = job.communicate()
+            if job.returncode != 0:
+                raise RuntimeError(f"writer rank {rank} failed (exit {job.returncode}): {stderr[-3000:]}")
+            results.append(json.loads(stdout.strip().splitlines()[-1]))
+        return results
+    finally:
+        for job in jobs:
+            if job.poll() is None:
+                job.kill()
+                job.communicate()
+
+
 def bench_writer_ranks(data: Any, processes: tuple[int, ...] = (1, 2), overlaps: tuple[int, ...] = (0, 16),
                        repeat: int = 3, threads_per_process: int | None = None) -> dict[str, Any]:
     """Prediction writing (64³ tiles over the first bench volume, identity model, one 2×
@@ -567,12 +594,7 @@ def bench_writer_ranks(data: Any, processes: tuple[int, ...] = (1, 2), overlaps:
                     jobs = [subprocess.Popen([sys.executable, "-c", _RANK_WORKLOAD, raw, output, str(overlap), str(r), str(procs), barrier],
                                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                             for r in range(procs)]
-                    results = []
-                    for job in jobs:
-                        stdout, stderr = job.communicate(timeout=1200)
-                        if job.returncode != 0:
-                            raise RuntimeError(f"writer rank failed: {stderr[-2000:]}")
-                        results.append(json.loads(stdout.strip().splitlines()[-1]))
+                    results = _rank_results(jobs, timeout=1200)
                 finally:
                     shutil.rmtree(root, ignore_errors=True)
                 seconds = max(r["end"] for r in results) - min(r["start"] for r in results)

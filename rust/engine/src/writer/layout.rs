@@ -67,11 +67,13 @@ fn is_zarr_node(dir: &Path) -> bool {
         let url = dir.to_string_lossy().into_owned();
         return crate::remote::nodes_exist(&[url]).is_ok_and(|found| found[0]);
     }
-    [".zgroup", ".zarray", ".zattrs", "zarr.json"].iter().any(|f| dir.join(f).is_file())
+    ZARR_METADATA_FILES.iter().any(|f| dir.join(f).is_file())
 }
 
-/// Whether `dir` holds only what an interrupted image creation leaves: folders, zarr nodes and
-/// hidden `.partial` temporaries, no file of the user's.
+/// Whether `dir` holds only what an interrupted image creation, or one under way in another
+/// process, leaves: folders, zarr nodes, zarr metadata files (one may be renamed into place
+/// between a caller's own check for them and this listing) and hidden `.partial` temporaries;
+/// no file of the user's.
 fn is_interrupted_creation(dir: &Path) -> bool {
     let Ok(entries) = fs::read_dir(dir) else { return false };
     entries.flatten().all(|entry| {
@@ -80,10 +82,13 @@ fn is_interrupted_creation(dir: &Path) -> bool {
         if path.is_dir() {
             is_zarr_node(&path) || is_interrupted_creation(&path)
         } else {
-            name.starts_with('.') && name.ends_with(".partial")
+            ZARR_METADATA_FILES.contains(&name.as_str()) || (name.starts_with('.') && name.ends_with(".partial"))
         }
     })
 }
+
+/// The files that make a folder a zarr node (v2 and v3).
+const ZARR_METADATA_FILES: [&str; 4] = [".zgroup", ".zarray", ".zattrs", "zarr.json"];
 
 fn is_empty_dir(dir: &Path) -> bool {
     fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(false)
@@ -473,4 +478,25 @@ pub(super) fn create_image(config: &WriterConfig, mut levels: Vec<LevelInfo<()>>
     };
     store_group(&store, &image_node, config.format, attributes)?;
     Ok((store, opened, image_key(&root, &image)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_creation_under_way_is_not_mistaken_for_user_data() {
+        let dir = std::env::temp_dir().join(format!("cellmap-layout-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("s0")).unwrap();
+        // Another process's temporary, and its group metadata just renamed into place.
+        fs::write(dir.join(".zattrs.77-1.partial"), b"{").unwrap();
+        fs::write(dir.join(".zgroup"), b"{\"zarr_format\": 2}").unwrap();
+        fs::write(dir.join("s0").join(".zarray.77-2.partial"), b"{").unwrap();
+        assert!(is_interrupted_creation(&dir));
+        // A file of the user's is not.
+        fs::write(dir.join("s0").join("notes.txt"), b"mine").unwrap();
+        assert!(!is_interrupted_creation(&dir));
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }
