@@ -459,8 +459,8 @@ class ImageWriter:
         own close (not the few over two ranks' chunks, which rank 0 builds last), when several
         ranks share it; None otherwise."""
     def downsample_own_share(self) -> None:
-        """With several ranks: flushes, then builds the chunks of the second level over this
-        rank's own complete chunks (a no-op otherwise)."""
+        """With several ranks: builds the chunks of the second level over this rank's own
+        complete chunks (call after ``flush``; a no-op otherwise)."""
     def write_tiles(self, indices: Sequence[int], data: Any) -> None:
         """Writes planned tiles ``indices``; ``data`` is a C-contiguous float32 buffer."""
     def write_boxes(self, starts: Sequence[Sequence[int]], data: Any) -> None:

@@ -540,9 +540,9 @@ class CellMapDatasetWriter(torch.utils.data.Dataset):
     is refused: remove old outputs first). The runs are cut to give the busiest rank the fewest
     tiles (in Z order, compact boxes, or in slabs, whichever does better) and keep together the
     2×2×2 chunks under each chunk of the second level, so with downsampled levels each rank
-    builds the second level over its own chunks at ``close()``; rank 0's ``close()`` waits for every rank
-    (``timeout`` seconds), builds the few second-level chunks over two ranks' chunks and the
-    levels below, and prints a summary per rank.
+    builds the second level over its own chunks at ``close()``; rank 0's ``close()`` waits for
+    every rank (``timeout`` seconds), builds the few second-level chunks over two ranks' chunks
+    and the levels below, and prints a summary per rank.
 
     **Resume.** Each complete chunk is marked on disk after it is written; a job restarted with
     the same arguments and ``exist_ok=True`` (implied for several ranks) skips the complete

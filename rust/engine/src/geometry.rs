@@ -217,6 +217,11 @@ pub fn chunks_meeting(region: [(u64, u64); 3], chunk_shape: [usize; 3]) -> impl 
     })
 }
 
+/// Every cell of a grid of `grid` cells (chunks, say), in C order.
+pub fn grid_cells(grid: [u64; 3]) -> impl Iterator<Item = [u64; 3]> {
+    (0..grid[0]).flat_map(move |z| (0..grid[1]).flat_map(move |y| (0..grid[2]).map(move |x| [z, y, x])))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

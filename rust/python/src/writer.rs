@@ -189,7 +189,8 @@ impl ImageWriter {
         run_writer(py, move || inner.shares_built())
     }
 
-    /// With several ranks: flushes, then builds the second level over this rank's own chunks.
+    /// With several ranks: builds the second level over this rank's own complete chunks
+    /// (call after `flush`).
     fn downsample_own_share(&self, py: Python<'_>) -> PyResult<()> {
         let inner = self.inner.clone();
         run_writer(py, move || inner.downsample_own_share())

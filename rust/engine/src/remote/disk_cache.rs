@@ -120,8 +120,8 @@ mod tests {
 
     #[test]
     fn values_round_trip_and_the_least_recently_used_go_first() {
-        let dir = std::env::temp_dir().join(format!("cellmap-disk-cache-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let tmp = crate::test_fixtures::TempDir::new("disk-cache");
+        let dir = tmp.join("cache");
         let cache = DiskCache::open(&dir, 1000).unwrap();
         assert!(cache.get("s3://b/k/0.0.0").is_none());
         cache.put("s3://b/k/0.0.0", &[1u8; 200]);
@@ -142,6 +142,5 @@ mod tests {
         assert!(cache.size() <= 900, "{}", cache.size());
         assert!(cache.get("s3://b/k/0.0.0").is_none(), "the oldest was evicted");
         assert_eq!(cache.get("s3://b/k/0.0.5").unwrap()[0], 5);
-        fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -486,8 +486,8 @@ mod tests {
 
     #[test]
     fn a_creation_under_way_is_not_mistaken_for_user_data() {
-        let dir = std::env::temp_dir().join(format!("cellmap-layout-test-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let tmp = crate::test_fixtures::TempDir::new("layout");
+        let dir = tmp.join("image");
         fs::create_dir_all(dir.join("s0")).unwrap();
         // Another process's temporary, and its group metadata just renamed into place.
         fs::write(dir.join(".zattrs.77-1.partial"), b"{").unwrap();
@@ -497,6 +497,5 @@ mod tests {
         // A file of the user's is not.
         fs::write(dir.join("s0").join("notes.txt"), b"mine").unwrap();
         assert!(!is_interrupted_creation(&dir));
-        fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -60,7 +60,7 @@ mod store;
 mod tests;
 mod tiling;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -249,15 +249,14 @@ impl ImageWriter {
         self.progress.as_ref().filter(|p| self.levels.len() > 1 && p.shard().world_size > 1)
     }
 
-    /// With several ranks: writes what is pending, then builds the chunks of the second level
-    /// whose chunks below are all this rank's and complete (and that no run built before), and
-    /// marks them. `close` calls it; rank 0 calls it before waiting for the other ranks. A
-    /// no-op otherwise, and when called again.
+    /// With several ranks: builds the chunks of the second level whose chunks below are all
+    /// this rank's and complete (written and marked: call after `flush`), and that no run built
+    /// before, and marks them. `close` calls it after its flush; rank 0 calls it before waiting
+    /// for the other ranks. A no-op otherwise, and when called again.
     pub fn downsample_own_share(&self) -> Result<()> {
         let Some(progress) = self.shared_levels() else {
             return Ok(());
         };
-        self.flush()?;
         let name = &self.levels[1].name;
         let built = progress.level_done(name)?;
         let rank = progress.shard().rank;
@@ -285,19 +284,20 @@ impl ImageWriter {
     /// Built and expected chunks of the second level among those the ranks build at their own
     /// close (not those rank 0 builds last); `None` unless several ranks share the level.
     pub fn shares_built(&self) -> Result<Option<(u64, u64)>> {
-        let Some(progress) = self.shared_levels() else {
-            return Ok(None);
-        };
-        let built = progress.level_done(&self.levels[1].name)?;
+        self.shared_levels()
+            .map(|progress| Ok(self.shares_among(progress, &progress.level_done(&self.levels[1].name)?)))
+            .transpose()
+    }
+
+    /// Of the second level's chunks the ranks build at their own close: how many are in
+    /// `built`, and how many there are.
+    fn shares_among(&self, progress: &Progress, built: &HashSet<[u64; 3]>) -> (u64, u64) {
         let shared: Vec<[u64; 3]> = self
             .level_chunks(1)
             .into_iter()
             .filter(|&c| self.builder(progress, c).is_some())
             .collect();
-        Ok(Some((
-            shared.iter().filter(|&c| built.contains(c)).count() as u64,
-            shared.len() as u64,
-        )))
+        (shared.iter().filter(|&c| built.contains(c)).count() as u64, shared.len() as u64)
     }
 
     /// Built and total chunks of the second level (marks counted on disk, every process's: a
@@ -754,17 +754,17 @@ impl ImageWriter {
             match self.shared_levels() {
                 Some(progress) => {
                     let done = progress.done()?;
-                    let (built, expected) = self.shares_built()?.unwrap_or_default();
-                    if done < progress.total() || built < expected {
+                    let built = progress.level_done(name)?;
+                    let (shares, expected) = self.shares_among(progress, &built);
+                    if done < progress.total() || shares < expected {
                         return Err(Error::invalid(format!(
-                            "{}: {done} of {} chunks are complete and the ranks have built {built} of {expected} \
+                            "{}: {done} of {} chunks are complete and the ranks have built {shares} of {expected} \
                              chunks of {name}; rank 0 finishes the downsampled levels once every rank has finished",
                             self.config.path.display(),
                             progress.total(),
                         )));
                     }
                     // What is left: the chunks of the second level over two ranks' chunks.
-                    let built = progress.level_done(name)?;
                     let rest: Vec<[u64; 3]> = self.level_chunks(1).into_iter().filter(|c| !built.contains(c)).collect();
                     self.downsample_chunks(1, &rest, |c| progress.mark_level_done(name, c))?;
                 }

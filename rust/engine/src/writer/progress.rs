@@ -30,6 +30,7 @@ use super::config::{downsample_factors, WriterConfig};
 use super::store::OutputStore;
 use super::tiling::TilePlan;
 use crate::error::{Error, Result};
+use crate::geometry::grid_cells;
 
 /// This process's share of a job split over `world_size` processes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -114,12 +115,13 @@ impl Progress {
             [1; 3]
         });
         // The order whose busiest rank has fewer tiles; Z order on a tie.
-        let (order, cuts) = [RunOrder::Z, blocks]
-            .into_iter()
-            .map(|order| (order, balanced_cuts(plan, config.chunk_shape, grid, order, shard.world_size)))
-            .min_by_key(|(_, (_, busiest))| *busiest)
-            .map(|(order, (cuts, _))| (order, cuts))
-            .unwrap_or((RunOrder::Z, vec![0, order_end(grid, RunOrder::Z)]));
+        let (z_cuts, z_busiest) = balanced_cuts(plan, config.chunk_shape, grid, RunOrder::Z, shard.world_size);
+        let (block_cuts, block_busiest) = balanced_cuts(plan, config.chunk_shape, grid, blocks, shard.world_size);
+        let (order, cuts) = if block_busiest < z_busiest {
+            (blocks, block_cuts)
+        } else {
+            (RunOrder::Z, z_cuts)
+        };
         Ok(Progress {
             store,
             dir,
@@ -308,10 +310,7 @@ fn balanced_cuts(plan: &TilePlan, chunk_shape: [usize; 3], grid: [u64; 3], order
     };
     let busiest = |cuts: &[u64]| cuts.windows(2).map(|w| tiles_for(w[0], w[1])).max().unwrap_or(0);
     if plan.len() > BALANCED_SPLIT_MAX_TILES {
-        let mut places: Vec<u64> = (0..grid[0])
-            .flat_map(|z| (0..grid[1]).flat_map(move |y| (0..grid[2]).map(move |x| [z, y, x])))
-            .map(|c| order.place(c, grid))
-            .collect();
+        let mut places: Vec<u64> = grid_cells(grid).map(|c| order.place(c, grid)).collect();
         places.sort_unstable();
         let n = places.len();
         let cuts: Vec<u64> = (0..=world_size)
@@ -393,13 +392,6 @@ mod tests {
     use super::*;
     use crate::writer::Blend;
 
-    /// The chunks of a grid, C order.
-    fn all_chunks(grid: [u64; 3]) -> Vec<[u64; 3]> {
-        (0..grid[0])
-            .flat_map(|z| (0..grid[1]).flat_map(move |y| (0..grid[2]).map(move |x| [z, y, x])))
-            .collect()
-    }
-
     /// Per rank, the tiles touching its chunks (runs of Z order).
     fn tiles_per_rank(plan: &TilePlan, chunk_shape: [usize; 3], cuts: &[u64]) -> Vec<usize> {
         (0..cuts.len() - 1)
@@ -431,7 +423,7 @@ mod tests {
         assert_eq!((cuts[0], cuts[2]), (0, total));
         assert_eq!(busiest, *tiles_per_rank(&plan, [64; 3], &cuts).iter().max().unwrap());
         // Even chunk counts in Z order give more to the busiest rank.
-        let mut places: Vec<u64> = all_chunks(grid).into_iter().map(z_order).collect();
+        let mut places: Vec<u64> = grid_cells(grid).map(z_order).collect();
         places.sort_unstable();
         let even = tiles_per_rank(&plan, [64; 3], &[0, places[62], total]);
         assert!(busiest < *even.iter().max().unwrap(), "{busiest} against {even:?}");
@@ -459,7 +451,7 @@ mod tests {
         ] {
             let plan = TilePlan::new(shape, tile, overlap, Blend::Linear);
             let grid: [u64; 3] = std::array::from_fn(|k| shape[k].div_ceil(tile[k] as u64));
-            let chunks = all_chunks(grid);
+            let chunks: Vec<[u64; 3]> = grid_cells(grid).collect();
             let block: [u64; 3] = std::array::from_fn(|k| if shape[k] > 1 { 2 } else { 1 });
             for (world, order) in (1..=5).flat_map(|w| [(w, RunOrder::Z), (w, RunOrder::Blocks(block))]) {
                 let (cuts, _) = balanced_cuts(&plan, tile, grid, order, world);

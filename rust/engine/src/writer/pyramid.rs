@@ -17,9 +17,7 @@ impl ImageWriter {
         let cs = self.config.chunk_shape;
         let shape = self.levels[level].shape;
         let grid: [u64; 3] = std::array::from_fn(|k| shape[k].div_ceil(cs[k] as u64));
-        (0..grid[0])
-            .flat_map(|z| (0..grid[1]).flat_map(move |y| (0..grid[2]).map(move |x| [z, y, x])))
-            .collect()
+        crate::geometry::grid_cells(grid).collect()
     }
 
     /// The chunks of level `level - 1` under chunk `chunk` of level `level`.

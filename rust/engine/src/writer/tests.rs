@@ -381,7 +381,8 @@ fn ranks_build_the_second_level_over_their_own_chunks_and_rank_0_the_rest() {
             w.write_tiles(&[i], &tile_values(w, i)).unwrap();
         }
     }
-    // Rank 0 builds its own share at once, then must wait for the others.
+    // Rank 0 builds its own share at once (after its flush), then must wait for the others.
+    ranks[0].flush().unwrap();
     ranks[0].downsample_own_share().unwrap();
     let (built, total) = ranks[0].levels_done().unwrap().unwrap();
     assert!(built > 0 && built < total, "{built} of {total}");
