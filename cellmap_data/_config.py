@@ -311,3 +311,30 @@ def distributed_context(rank: int | None = None, world_size: int | None = None) 
     if not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} is outside a world of {world_size}")
     return rank, world_size
+
+
+_FELL_BACK: set[str] = set()
+
+
+def resolve_device(device: Any) -> Any:
+    """``device`` as a ``torch.device`` (None stays None). A CUDA or MPS device on a machine
+    without one falls back to the CPU with one :class:`~cellmap_data.exceptions.DeviceFallbackWarning`
+    per process and device type, as the reference library runs on where torch would fail."""
+    if device is None:
+        return None
+    import torch
+
+    resolved = torch.device(device)
+    missing = (resolved.type == "cuda" and not torch.cuda.is_available()) or (
+        resolved.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()))
+    if not missing:
+        return resolved
+    if resolved.type not in _FELL_BACK:
+        _FELL_BACK.add(resolved.type)
+        import warnings
+
+        from .exceptions import DeviceFallbackWarning
+
+        warnings.warn(f"device={str(device)!r} was asked for but this machine has no {resolved.type.upper()} device: "
+                      "tensors stay on the CPU", DeviceFallbackWarning, stacklevel=3)
+    return torch.device("cpu")

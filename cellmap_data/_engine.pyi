@@ -110,6 +110,9 @@ def elastic_field(
 
 # -- object stores ---------------------------------------------------------------------------
 
+def balanced_plan(sizes: Sequence[int], annotated: Sequence[Sequence[bool]], count: int, seed: int, epoch: int) -> list[_Plan]:
+    """The class-balanced plan of ``count`` samples over rows of ``sizes`` samples, where
+    ``annotated[d][c]`` says whether row ``d`` annotates class ``c``: ``(row, index, stream)``."""
 def remote_options() -> dict[str, Any]:
     """The object-store options in effect."""
 
@@ -374,9 +377,15 @@ class Collection:
         """The batches of one epoch from its settings (JSON: source, samples, batch_size, drop_last,
         iterations, rank, world_size, worker, workers, seed, epoch); every random decision comes
         from the keyed streams."""
-    def epoch_stream(self, settings_json: str, *, threads: int, prefetch: int, augment: bool = False) -> BatchStream:
-        """Plans the epoch of ``settings_json`` and starts reading it in the background: one call,
-        the plan never crosses to Python."""
+    def epoch_stream(
+        self, settings_json: str, *, threads: int, prefetch: int, augment: bool = False, start: int = 0
+    ) -> BatchStream:
+        """Plans the epoch of ``settings_json`` and starts reading it in the background from batch
+        ``start`` (a resumed epoch): one call, the plan never crosses to Python."""
+    def epoch_shape(self, settings_json: str) -> dict[str, int]:
+        """The shape of the epoch of ``settings_json`` on this rank, without planning it:
+        ``planned`` (samples, all ranks), ``per_rank``, ``padding``, ``dropped``, ``batches`` (per
+        rank), ``worker_batches`` and ``worker_samples``."""
     def epoch_metadata(self, settings_json: str, *, augment: bool = False) -> RecordBatch:
         """The sample metadata of the epoch of ``settings_json``, read from its plan alone: the
         columns every batch's record batch carries, after a ``batch`` column."""
@@ -411,6 +420,10 @@ class ImageWriter:
     @staticmethod
     def validate(config_json: str) -> None:
         """Checks a configuration (values, existing output, write permission) without writing."""
+    @staticmethod
+    def clear(config_json: str) -> bool:
+        """Removes an existing image at the configured path (checked as ``overwrite`` checks it);
+        returns whether one was there."""
     def __len__(self) -> int: ...
     @property
     def path(self) -> str:

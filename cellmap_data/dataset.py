@@ -22,6 +22,7 @@ from ._config import (
     arrays_to_3d,
     check_axis_order,
     output_permutation,
+    resolve_device,
     spatial_transforms_engine_form,
     spatial_transforms_json,
     specs_in_zyx,
@@ -153,7 +154,7 @@ class CellMapDataset(ClassWeights, torch.utils.data.Dataset):
         self.class_relation_dict = dict(class_relation_dict) if class_relation_dict else None
         self.raw_value_transforms = raw_value_transforms
         self.target_value_transforms = target_value_transforms
-        self.device = torch.device(device) if device is not None else None
+        self.device = resolve_device(device)
         self.seed = _seed_from(seed, rng)
         self.epoch = 0
         self.raw_interpolation = raw_interpolation
@@ -491,7 +492,7 @@ class CellMapDataset(ClassWeights, torch.utils.data.Dataset):
 
     def to(self, device: str | torch.device, non_blocking: bool = True) -> "CellMapDataset":
         """Returns tensors on ``device`` from now on."""
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         return self
 
     # -- tiles, classes and counts ------------------------------------------------------

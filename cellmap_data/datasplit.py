@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ._config import accepts_older_positional_order
+from ._config import accepts_older_positional_order, resolve_device
 from .dataset import CellMapDataset
 from .exceptions import ConfigError, NotFoundError
 from .multidataset import CellMapMultiDataset, CellMapSubset
@@ -152,7 +152,7 @@ class CellMapDataSplit:
         self.target_value_transforms = default_target_transforms() if target_value_transforms is _DEFAULT else target_value_transforms
         self.class_relation_dict = dict(class_relation_dict) if class_relation_dict else None
         self.force_has_data = bool(force_has_data)
-        self.device = torch.device(device) if device is not None else None
+        self.device = resolve_device(device)
         self.empty_value = empty_value
         self.seed = seed
         self.raw_interpolation = raw_interpolation
@@ -326,7 +326,7 @@ class CellMapDataSplit:
 
     def to(self, device: str | torch.device, non_blocking: bool = True) -> "CellMapDataSplit":
         """Returns tensors on ``device`` from now on."""
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         for d in self.train_datasets + self.validation_datasets:
             d.to(device, non_blocking=non_blocking)
         return self

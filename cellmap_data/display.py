@@ -685,8 +685,8 @@ def datasplit_html(split: Any) -> str:
 
 # -- loaders ------------------------------------------------------------------------------------
 def _sampler_text(loader: Any) -> str:
-    if loader.sampler is not None:
-        return f"custom ({type(loader.sampler).__name__})"
+    if loader.user_sampler is not None:
+        return f"custom ({type(loader.user_sampler).__name__})"
     if loader.weighted_sampler and loader.is_train:
         return "class-balanced"
     if loader.is_train:
@@ -783,7 +783,7 @@ def image_html(image: Any) -> str:
         ("voxel size (nm)", _e(_triple(image._scale_zyx)) + " (z × y × x)"),
         ("shape (voxels)", _e(_triple(image._shape_zyx))),
         ("extent (nm)", _e(_extent(image._shape_zyx, image._scale_zyx))),
-        ("axis order", _code(image.axes)),
+        ("axis order", _code("".join(image.axes))),
         ("pad", _e(image.pad) + (f" (value {_e(_num(image.pad_value))})" if image.pad else "")),
         ("interpolation", _e(image.interpolation)),
         ("value transform", _e(_callable_name(image.value_transform))),

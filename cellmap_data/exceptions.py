@@ -18,6 +18,7 @@ __all__ = [
     "OutputExistsError",
     "ReadErrorWarning",
     "ReferenceDifferenceWarning",
+    "DeviceFallbackWarning",
     "warn_reference_difference",
 ]
 
@@ -62,6 +63,11 @@ class ReadErrorWarning(UserWarning):
 class ReferenceDifferenceWarning(UserWarning):
     """A setting means something different here than in the reference ``cellmap-data`` release,
     so a script written for it does a different amount of work (shown once per kind)."""
+
+
+class DeviceFallbackWarning(UserWarning):
+    """A device was asked for that this machine does not have (``device="cuda"`` without CUDA):
+    tensors stay on the CPU (shown once per process)."""
 
 
 _WARNED: set[str] = set()

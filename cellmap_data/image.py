@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Callable, Mapping
@@ -12,8 +13,10 @@ import numpy as np
 import torch
 
 from . import _engine
-from ._config import SHEAR_TERMS, SPATIAL_AXES, centre_to_zyx, check_axis_order
+from ._config import SHEAR_TERMS, SPATIAL_AXES, centre_to_zyx, check_axis_order, resolve_device
 from .exceptions import ConfigError
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["CellMapImage", "EmptyImage"]
 
@@ -53,7 +56,8 @@ class CellMapImage:
             raise ConfigError(f"interpolation must be 'nearest' or 'linear', not {interpolation!r}")
         self.path = str(path)
         self.label_class = target_class
-        self.axes = axis_order
+        #: Axis names in order (a list, as the reference library has it).
+        self.axes = list(axis_order)
         # Short specs are left-padded to the axis order (scale with its first value, shape with 1).
         scale = _left_pad(target_scale, len(axis_order), lambda v: v[0], "target_scale")
         shape = _left_pad(target_voxel_shape, len(axis_order), lambda v: 1, "target_voxel_shape")
@@ -63,7 +67,7 @@ class CellMapImage:
         self.pad_value = float(pad_value)
         self.interpolation = interpolation
         self.value_transform = value_transform
-        self.device = torch.device(device) if device is not None else None
+        self.device = resolve_device(device)
         self._spatial: dict[str, Any] | None = None
         self._volume = _engine.Volume(self.path)
         self._levels = self._volume.levels
@@ -252,12 +256,13 @@ class CellMapImage:
         outside = self._axis_outside(centre)
         if outside is not None:
             axis, (lo, hi) = outside
-            warnings.warn(
-                f"{self.path}: the patch centred at {dict(zip(SPATIAL_AXES, centre))} lies entirely outside the "
-                f"image along {axis} ([{lo:g}, {hi:g}] nm); returning {self.pad_value if self.pad else math.nan} everywhere",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            message = (f"{self.path}: the patch centred at {dict(zip(SPATIAL_AXES, centre))} lies entirely outside the "
+                       f"image along {axis} ([{lo:g}, {hi:g}] nm); returning {self.pad_value if self.pad else math.nan} "
+                       "everywhere")
+            # Both channels: scripts filter warnings, pipelines read logs (the reference logs an
+            # "out-of-bounds" record).
+            _log.warning("out-of-bounds read: %s", message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
             value = self.pad_value if self.pad else math.nan
             return self._finish(torch.full(self._shape_zyx, value, dtype=torch.float32))
         tensor = self._volume.read(
@@ -296,7 +301,7 @@ class CellMapImage:
 
     def to(self, device: str | torch.device, non_blocking: bool = True) -> "CellMapImage":
         """Returns tensors on ``device`` from now on."""
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         return self
 
     def __repr__(self) -> str:
@@ -334,7 +339,7 @@ class EmptyImage:
             scale, shape = bound.get("target_scale"), bound.get("target_voxel_shape")
             self.pad_value = float(bound.get("pad_value", math.nan))
             self.path = bound.get("path")
-        self.axes = check_axis_order(bound.get("axis_order", "zyx"))
+        self.axes = list(check_axis_order(bound.get("axis_order", "zyx")))
         if scale is None or shape is None:
             raise ConfigError("EmptyImage needs a scale and a voxel shape")
         if isinstance(scale, Mapping):
@@ -363,7 +368,7 @@ class EmptyImage:
 
     def to(self, device: str | torch.device, non_blocking: bool = True) -> "EmptyImage":
         """Returns tensors on ``device`` from now on."""
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         return self
 
     def __repr__(self) -> str:

@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from ._config import distributed_context
+from ._config import distributed_context, resolve_device
 from .batches import apply_value_transforms_by_owner, expand_compact, sample_metadata_dicts, to_axis_order_by_owner
 from .exceptions import ConfigError, ReadErrorWarning, warn_reference_difference
 
-__all__ = ["CellMapDataLoader", "CellMapIterableDataset", "ClassBalancedSampler", "distributed_context"]
+__all__ = ["CellMapDataLoader", "CellMapIterableDataset", "ClassBalancedSampler", "EpochBatchSampler", "EpochSampler",
+           "distributed_context"]
 
 _PLAN = tuple[int, int, int]
 READ_ERROR_POLICIES = ("raise", "skip", "retry")
@@ -48,31 +48,80 @@ def as_multi(dataset: Any) -> tuple[Any, list[int] | None]:
     return view(), None
 
 
+def _rows_of(dataset: Any, rows: int) -> list[int]:
+    """Samples per row of a crop-class matrix of ``rows`` rows over ``dataset``: the parts of a
+    concatenation (``datasets`` + ``cumulative_sizes``), one sample per row, or ``len(dataset)``
+    split evenly over the rows."""
+    total = len(dataset)
+    cumulative = getattr(dataset, "cumulative_sizes", None)
+    if cumulative is not None and len(cumulative) == rows:
+        ends = [int(c) for c in cumulative]
+        return [b - a for a, b in zip([0] + ends[:-1], ends)]
+    if rows == total:
+        return [1] * rows
+    if rows == 0 or rows > total:
+        raise ConfigError(f"a crop-class matrix of {rows} rows cannot describe a dataset of {total} samples")
+    base, extra = divmod(total, rows)
+    return [base + (1 if r < extra else 0) for r in range(rows)]
+
+
 class ClassBalancedSampler(torch.utils.data.Sampler[int]):
     """Class-balanced sampling, usable with a plain ``torch.utils.data.DataLoader``.
 
     Each step takes the annotated class seen least so far (ties at random), a crop annotating
     it, and a random sample of that crop. Draws are made by the engine from ``seed`` and the
-    epoch (which advances at every iteration), so runs are reproducible.
+    epoch (which advances at every iteration; ``set_epoch`` chooses it), so runs are
+    reproducible.
+
+    ``dataset`` is a CellMap dataset, multi-dataset or split combination, or any dataset that
+    answers ``get_crop_class_matrix()`` (bool ``[rows, classes]``) and ``__len__``: the rows are
+    its parts when it is a concatenation (``datasets`` + ``cumulative_sizes``), its samples when
+    there is one row per sample, and otherwise even parts of its index range.
     """
 
     def __init__(self, dataset: Any, samples_per_epoch: int | None = None, seed: int = 42) -> None:
-        self.multi, self.subset = as_multi(dataset)
-        if self.subset is not None:
-            raise ConfigError("ClassBalancedSampler needs a dataset, not a subset")
-        self.samples_per_epoch = int(samples_per_epoch) if samples_per_epoch is not None else len(self.multi)
+        self.dataset = dataset
+        self.multi: Any = None
+        if getattr(dataset, "as_multi", None) is not None and not isinstance(dataset, torch.utils.data.Subset):
+            self.multi = dataset.as_multi()
+            self._sizes = [len(d) for d in self.multi.datasets]
+            self._annotated: list[list[bool]] | None = None
+        elif hasattr(dataset, "get_crop_class_matrix") and hasattr(dataset, "__len__"):
+            import numpy as np
+
+            matrix = np.asarray(dataset.get_crop_class_matrix(), dtype=bool)
+            if matrix.ndim != 2:
+                raise ConfigError(f"get_crop_class_matrix() must return a [rows, classes] matrix, not shape {list(matrix.shape)}")
+            self._sizes = _rows_of(dataset, matrix.shape[0])
+            self._annotated = matrix.tolist()
+        else:
+            raise ConfigError(
+                f"ClassBalancedSampler needs a dataset with get_crop_class_matrix() and __len__, not {type(dataset).__name__}")
+        total = sum(self._sizes)
+        self.samples_per_epoch = int(samples_per_epoch) if samples_per_epoch is not None else total
         self.seed = int(seed)
         self.epoch = 0
 
+    def set_epoch(self, epoch: int) -> None:
+        """Chooses the epoch the next iteration draws."""
+        self.epoch = int(epoch)
+
     def plan(self, epoch: int | None = None) -> list[_PLAN]:
-        """The (dataset, index, stream) plan of an epoch."""
+        """The (row, index in row, stream) plan of an epoch."""
+        from . import _engine
+
         e = self.epoch if epoch is None else epoch
-        return self.multi.engine_collection().plan_balanced(self.samples_per_epoch, self.seed, e)
+        if self.multi is not None:
+            return self.multi.engine_collection().plan_balanced(self.samples_per_epoch, self.seed, e)
+        return _engine.balanced_plan(self._sizes, self._annotated, self.samples_per_epoch, self.seed, e)
 
     def __iter__(self) -> Iterator[int]:
         plan = self.plan()
         self.epoch += 1
-        return iter([self.multi.offset(d) + i for d, i, _ in plan])
+        starts = [0]
+        for n in self._sizes[:-1]:
+            starts.append(starts[-1] + n)
+        return iter([starts[d] + i for d, i, _ in plan])
 
     def __len__(self) -> int:
         return self.samples_per_epoch
@@ -179,7 +228,9 @@ class CellMapDataLoader:
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.weighted_sampler = bool(weighted_sampler)
-        self.sampler = sampler
+        #: The sampler the caller passed (a ``Sampler``, any iterable of indices, or a callable
+        #: returning one), or None; :attr:`sampler` is what frameworks read.
+        self.user_sampler = sampler
         self.is_train = bool(is_train)
         self.iterations_per_epoch = int(iterations_per_epoch) if iterations_per_epoch is not None else None
         if self.iterations_per_epoch is not None and self.weighted_sampler and self.is_train and self.batch_size > 1:
@@ -193,7 +244,7 @@ class CellMapDataLoader:
                 f"2026.3 release read {self.iterations_per_epoch} samples. Pass "
                 f"iterations_per_epoch={max(1, self.iterations_per_epoch // self.batch_size)} for the same amount of work.",
             )
-        self.device = torch.device(device) if device is not None else None
+        self.device = resolve_device(device)
         self.seed = _seed_of(rng, seed, self.multi)
         self._rank_arg, self._world_arg = rank, world_size
         self.return_metadata = bool(return_metadata)
@@ -222,6 +273,13 @@ class CellMapDataLoader:
         self._consumed_epoch = 0
         self._consumed_batches = 0
         self._replaced_metadata: dict[int, Any] = {}
+        # Where the next batch comes from: (epoch, batches of it already delivered).
+        self._position = (0, 0)
+        # A restored state's (epoch, batches delivered): that epoch starts after them.
+        self._resume: tuple[int, int] | None = None
+        # A user sampler's indices per epoch, drawn once so len(), the plan and the metadata of
+        # an epoch all describe the same draw (a few recent epochs kept).
+        self._drawn: dict[int, list[int]] = {}
         self._collection = None
         self._collection_key: tuple | None = None
 
@@ -231,22 +289,68 @@ class CellMapDataLoader:
         """Engine threads reading batches."""
         return self.num_workers if self.num_workers > 0 else (os.cpu_count() or 1)
 
-    def _epoch_samples(self) -> int:
-        if self.iterations_per_epoch is not None:
-            # Every rank reads iterations_per_epoch batches: the epoch plan holds all ranks' shares.
-            _, world = distributed_context(self._rank_arg, self._world_arg)
-            return self.iterations_per_epoch * self.batch_size * world
-        return len(self.subset) if self.subset is not None else len(self.multi)
+    def epoch_shape(self, epoch: int | None = None) -> dict[str, int]:
+        """How ``epoch`` (default: the one being read, or else the next) divides on this rank,
+        as the engine plans it: ``planned`` samples (all ranks), ``per_rank``, ``padding``
+        (repeats of the plan's first samples so every rank reads as many; marked in the
+        ``padding`` metadata column), ``dropped`` (cut with ``drop_last``), ``batches`` (per
+        rank) and ``worker_batches`` / ``worker_samples`` (this reader's share)."""
+        e = self._position[0] if epoch is None else int(epoch)
+        return dict(self.collection().epoch_shape(json.dumps(self.epoch_settings(e))))
 
     def __len__(self) -> int:
-        worker, workers = self.worker_shard
-        if self.iterations_per_epoch is not None:
-            total = self.iterations_per_epoch
-        else:
-            _, world = distributed_context(self._rank_arg, self._world_arg)
-            n = math.ceil(self._epoch_samples() / world)
-            total = n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-        return len(range(worker, total, workers))
+        """Batches in an epoch on this rank: the same on every rank (see :meth:`epoch_shape`)."""
+        return self.epoch_shape()["worker_batches"]
+
+    @property
+    def sampler(self) -> Any:
+        """The sampler passed in, or else an :class:`EpochSampler` over this rank's samples of
+        the epoch (what training frameworks read from a loader)."""
+        return self.user_sampler if self.user_sampler is not None else EpochSampler(self)
+
+    @property
+    def batch_sampler(self) -> "EpochBatchSampler":
+        """This rank's batches of the epoch as lists of sample indices (an :class:`EpochBatchSampler`)."""
+        return EpochBatchSampler(self)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Chooses the epoch the next iteration reads (as torch's ``DistributedSampler.set_epoch``;
+        training frameworks call it through :attr:`sampler`). A restored mid-epoch state is kept
+        when it is for this epoch."""
+        epoch = int(epoch)
+        if self._resume is not None and self._resume[0] != epoch:
+            self._resume = None
+        self.epoch = epoch
+        self._position = (epoch, self._resume[1] if self._resume is not None else 0)
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Where the loader stands, for a mid-epoch resume (the ``state_dict`` /
+        ``load_state_dict`` protocol of torchdata's ``StatefulDataLoader``, which Lightning saves in
+        its checkpoints): the epoch, the batches of it already delivered, the seed, and a user
+        sampler's indices for that epoch. The same on every rank."""
+        epoch, delivered = self._position
+        state: dict[str, Any] = {"epoch": epoch, "batches_delivered": delivered, "seed": self.seed,
+                                 "batch_size": self.batch_size}
+        if self.user_sampler is not None:
+            state["sampler_indices"] = list(self._given_indices(epoch))
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores :meth:`state_dict`: the next iteration reads that epoch from the first batch
+        not yet delivered, exactly the batches an uninterrupted run reads from there."""
+        try:
+            epoch, delivered, seed = int(state["epoch"]), int(state["batches_delivered"]), int(state["seed"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"not a CellMapDataLoader state: {e!r} in {sorted(state) if isinstance(state, Mapping) else state!r}") from None
+        if int(state.get("batch_size", self.batch_size)) != self.batch_size:
+            raise ConfigError(f"the state was saved with batch_size={state['batch_size']}, this loader has {self.batch_size}")
+        self.seed = seed
+        if "sampler_indices" in state:
+            self._drawn = {epoch: [int(i) for i in state["sampler_indices"]]}
+        self._resume = (epoch, delivered) if delivered > 0 else None
+        self.epoch = epoch
+        self._position = (epoch, delivered)
 
     @property
     def loader(self) -> "CellMapDataLoader":
@@ -262,33 +366,44 @@ class CellMapDataLoader:
             self._collection_key = key
         return self._collection
 
-    def epoch_settings(self, epoch: int) -> dict[str, Any]:
-        """Everything that decides ``epoch``'s batches on this rank and worker, as the engine takes
-        it: the engine plans the epoch from this alone, every random decision from its keyed
-        streams (no torch RNG, nothing shuffled or sliced here)."""
-        count = self._epoch_samples()
-        rank, world = distributed_context(self._rank_arg, self._world_arg)
-        source: dict[str, Any]
-        samples: int | None = count if self.iterations_per_epoch is not None else None
-        if self.sampler is not None:
-            sampler = self.sampler() if callable(self.sampler) and not isinstance(self.sampler, torch.utils.data.Sampler) else self.sampler
+    def _given_indices(self, epoch: int) -> list[int]:
+        """The user sampler's indices (into the multi-dataset) for ``epoch``, drawn once."""
+        drawn = self._drawn.get(epoch)
+        if drawn is None:
+            user = self.user_sampler
+            sampler = user() if callable(user) and not hasattr(user, "__iter__") else user
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
-            indices = [int(i) for i in iter(sampler)]
+            try:
+                drawn = [int(i) for i in iter(sampler)]
+            except TypeError as e:
+                raise ConfigError(f"sampler {type(sampler).__name__} must yield sample indices (ints): {e}") from None
             if self.subset is not None:
-                indices = [self.subset[i] for i in indices]
-            source = {"kind": "given", "indices": indices}
+                try:
+                    drawn = [self.subset[i] for i in drawn]
+                except IndexError:
+                    raise ConfigError(f"sampler index out of range for the {len(self.subset)} samples of the subset") from None
+            self._drawn = {e: v for e, v in self._drawn.items() if abs(e - epoch) <= 1}
+            self._drawn[epoch] = drawn
+        return drawn
+
+    def epoch_settings(self, epoch: int) -> dict[str, Any]:
+        """Everything that decides ``epoch``'s batches on this rank and worker, as the engine takes
+        it: the engine plans the epoch from this alone (its size and every random decision from
+        its keyed streams; nothing counted, shuffled or sliced here)."""
+        rank, world = distributed_context(self._rank_arg, self._world_arg)
+        source: dict[str, Any]
+        if self.user_sampler is not None:
+            source = {"kind": "given", "indices": self._given_indices(epoch)}
         elif self.subset is not None:
             source = {"kind": "subset", "indices": list(self.subset), "shuffle": self.is_train}
-            samples = count
         elif self.weighted_sampler and self.is_train:
             source = {"kind": "balanced"}
-            samples = count
         else:
             source = {"kind": "uniform", "shuffle": self.is_train}
         worker, workers = self.worker_shard
         return {
-            "source": source, "samples": samples, "batch_size": self.batch_size, "drop_last": self.drop_last,
+            "source": source, "batch_size": self.batch_size, "drop_last": self.drop_last,
             "iterations": self.iterations_per_epoch, "rank": rank, "world_size": world, "worker": worker,
             "workers": workers, "seed": self.seed, "epoch": int(epoch), "on_read_error": self.on_read_error,
         }
@@ -307,32 +422,43 @@ class CellMapDataLoader:
         self._collection = None
 
     # -- iteration ------------------------------------------------------------------------
-    def _stream(self, epoch: int) -> Any:
-        """The engine's stream of ``epoch``: planned and read by the engine in one call."""
-        self._batch_number = 0
-        return self.collection().epoch_stream(
+    def _begin_epoch(self) -> tuple[int, Any]:
+        """Starts the next epoch: its number and the engine's stream of it (planned and read by
+        the engine in one call), after the batches a restored state says were delivered."""
+        epoch = self.epoch
+        self.epoch += 1
+        start = self._resume[1] if self._resume is not None and self._resume[0] == epoch else 0
+        self._resume = None
+        stream = self.collection().epoch_stream(
             json.dumps(self.epoch_settings(epoch)), threads=self.threads, prefetch=self.prefetch, augment=self.is_train,
+            start=start,
         )
+        self._batch_number = start
+        self._consumed_epoch, self._consumed_batches, self._replaced_metadata = epoch, start, {}
+        self._position = (epoch, start)
+        return epoch, stream
+
+    def _end_epoch(self) -> None:
+        """The epoch was read to its end: the next batch is the next epoch's first."""
+        self._position = (self.epoch, 0)
 
     def iter_arrow(self) -> Iterator[Any]:
         """Yields the engine's batches as ``pyarrow.RecordBatch`` (tensor columns + metadata)."""
         import pyarrow as pa
 
-        epoch = self.epoch
-        self.epoch += 1
-        stream = self._stream(epoch)
+        _, stream = self._begin_epoch()
         try:
             for batch in stream:
                 self._note_incidents(batch)
+                self._consumed_batches += 1
+                self._position = (self._consumed_epoch, self._consumed_batches)
                 yield pa.record_batch(batch.record_batch())
+            self._end_epoch()
         finally:
             stream.close()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        epoch = self.epoch
-        self.epoch += 1
-        stream = self._stream(epoch)
-        self._consumed_epoch, self._consumed_batches, self._replaced_metadata = epoch, 0, {}
+        _, stream = self._begin_epoch()
         mover = _Stream(self.device)
         ahead: dict[str, Any] | None = None
         current: dict[str, Any] | None = None
@@ -346,6 +472,7 @@ class CellMapDataLoader:
                 ahead = current
             if ahead is not None:
                 yield self._finish(ahead, mover)
+            self._end_epoch()
         finally:
             # A traceback keeps this frame alive: it must not keep batches alive with it.
             ahead = current = batch = None
@@ -356,7 +483,7 @@ class CellMapDataLoader:
         for position, action, dataset, index, centre, message in batch.incidents:
             self._read_counts[action] += 1
             if len(self._read_incidents) < MAX_KEPT_INCIDENTS:
-                self._read_incidents.append({"epoch": self.epoch - 1, "batch": self._batch_number,
+                self._read_incidents.append({"epoch": self._consumed_epoch, "batch": self._batch_number,
                                              "position": position, "action": action,
                                              "dataset": dataset, "index": index, "centre": tuple(centre),
                                              "message": message})
@@ -401,6 +528,7 @@ class CellMapDataLoader:
         if any(action == "skipped" for _, action, *_ in batch.incidents):
             self._replaced_metadata[self._consumed_batches] = batch.metadata()
         self._consumed_batches += 1
+        self._position = (self._consumed_epoch, self._consumed_batches)
         return out
 
     def __getitem__(self, indices: int | Sequence[int]) -> dict[str, Any]:
@@ -457,7 +585,7 @@ class CellMapDataLoader:
 
     def to(self, device: str | torch.device, non_blocking: bool = True) -> "CellMapDataLoader":
         """Delivers batches on ``device`` from now on."""
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         return self
 
     @staticmethod
@@ -478,6 +606,62 @@ class CellMapDataLoader:
         from .display import loader_html
 
         return loader_html(self)
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """A loader's samples of one epoch on this rank, as a torch sampler: iterating yields the
+    sample indices (into the loader's multi-dataset, as in the batches' ``idx``) of the epoch the
+    next iteration reads, in order, padding repeats included; ``len()`` counts them;
+    ``set_epoch`` chooses the epoch (frameworks call it at every epoch). A view: the engine owns
+    the plan, nothing is drawn here."""
+
+    def __init__(self, loader: CellMapDataLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[int]:
+        return (index for batch in EpochBatchSampler(self.loader) for index in batch)
+
+    def __len__(self) -> int:
+        return self.loader.epoch_shape()["worker_samples"]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Chooses the epoch the loader's next iteration reads."""
+        self.loader.set_epoch(epoch)
+
+    @property
+    def shuffle(self) -> bool:
+        """Whether the epoch's order is drawn at random (training) rather than fixed."""
+        return self.loader.is_train and self.loader.user_sampler is None
+
+
+class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """A loader's batches of one epoch on this rank as lists of sample indices (see
+    :class:`EpochSampler`), with the ``sampler``, ``batch_size`` and ``drop_last`` a torch
+    ``BatchSampler`` has; ``len()`` equals ``len(loader)``."""
+
+    def __init__(self, loader: CellMapDataLoader) -> None:
+        self.loader = loader
+
+    @property
+    def sampler(self) -> EpochSampler:
+        return EpochSampler(self.loader)
+
+    @property
+    def batch_size(self) -> int:
+        return self.loader.batch_size
+
+    @property
+    def drop_last(self) -> bool:
+        return self.loader.drop_last
+
+    def __iter__(self) -> Iterator[list[int]]:
+        loader = self.loader
+        epoch = loader._position[0]
+        for batch in loader.plan_epoch(epoch):
+            yield [loader.multi.offset(d) + i for d, i, _ in batch]
+
+    def __len__(self) -> int:
+        return len(self.loader)
 
 
 class CellMapIterableDataset(torch.utils.data.IterableDataset):

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import _engine
-from ._config import SPATIAL_AXES, accepts_older_positional_order, arrays_to_3d, check_axis_order, to_json
+from ._config import SPATIAL_AXES, accepts_older_positional_order, arrays_to_3d, check_axis_order, resolve_device, to_json
 from .exceptions import ConfigError
 
 __all__ = ["CellMapDatasetWriter", "ImageWriter", "bench_write"]
@@ -438,7 +438,7 @@ class _TileLoader:
     is read on a background thread while the current one is in use."""
 
     def __init__(self, writer: "CellMapDatasetWriter", batch_size: int, indices: Sequence[int], prefetch: bool,
-                 progress: str | None = None) -> None:
+                 progress: str | None = None, device: Any = None) -> None:
         if int(batch_size) < 1:
             raise ConfigError(f"batch_size must be at least 1, not {batch_size}")
         self.dataset = writer
@@ -446,6 +446,7 @@ class _TileLoader:
         self.indices = list(indices)
         self.prefetch = prefetch
         self.progress = progress
+        self.device = resolve_device(device)
 
     def __len__(self) -> int:
         return math.ceil(len(self.indices) / self.batch_size)
@@ -461,17 +462,23 @@ class _TileLoader:
                 yield batch
                 bar.update(1)
 
+    def _read(self, group: list[int]) -> dict[str, Any]:
+        batch = self.dataset.get_batch(group)
+        if self.device is not None:
+            batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return batch
+
     def _batches(self) -> Iterator[dict[str, Any]]:
         groups = [self.indices[i: i + self.batch_size] for i in range(0, len(self.indices), self.batch_size)]
         if not self.prefetch or len(groups) < 2:
             for g in groups:
-                yield self.dataset.get_batch(g)
+                yield self._read(g)
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellmap-writer-prefetch") as pool:
-            future = pool.submit(self.dataset.get_batch, groups[0])
+            future = pool.submit(self._read, groups[0])
             for g in groups[1:]:
                 batch = future.result()
-                future = pool.submit(self.dataset.get_batch, g)
+                future = pool.submit(self._read, g)
                 yield batch
             yield future.result()
 
@@ -479,6 +486,43 @@ class _TileLoader:
 # The older release's positional order: raw_value_transforms came right after target_bounds.
 _OLD_WRITER_ORDER = ("raw_path", "target_path", "classes", "input_arrays", "target_arrays", "target_bounds",
                      "raw_value_transforms", "axis_order", "context", "rng", "empty_value", "overwrite", "device")
+
+
+def _process_group(world_size: int) -> Any:
+    """The initialised ``torch.distributed`` of ``world_size`` ranks that an overwrite by several
+    ranks needs to meet at a barrier (a clear error without one)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() != world_size:
+        raise ConfigError(
+            f"overwrite=True with {world_size} ranks needs torch.distributed initialised (dist.init_process_group) so "
+            "that rank 0 clears the old outputs while the other ranks wait; without it, remove the old outputs first "
+            "(the ranks write into one image with exist_ok=True)")
+    return dist
+
+
+def _clear_on_rank_0(rank: int, configs: Sequence[Mapping[str, Any]]) -> None:
+    """Rank 0 removes the existing outputs (each checked as ``overwrite`` checks it); every rank
+    waits for it, and raises rank 0's error if it failed, so no rank hangs or writes into an old
+    output."""
+    import torch.distributed as dist
+
+    failure: list[Any] = [None]
+    error: Exception | None = None
+    if rank == 0:
+        try:
+            for config in configs:
+                _engine.ImageWriter.validate(to_json(config))
+            for config in configs:
+                _engine.ImageWriter.clear(to_json(config))
+        except Exception as e:  # noqa: BLE001 - every rank learns of it before anyone raises
+            error, failure = e, [f"{type(e).__name__}: {e}"]
+    dist.broadcast_object_list(failure, src=0)
+    dist.barrier()
+    if error is not None:
+        raise error
+    if failure[0] is not None:
+        raise ConfigError(f"rank 0 could not clear the old outputs for overwrite=True: {failure[0]}")
 
 
 def _ranks(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -586,11 +630,13 @@ class CellMapDatasetWriter(torch.utils.data.Dataset):
     ) -> None:
         _check_axis_order(axis_order)
         self.rank, self.world_size = _ranks(rank, world_size)
+        # Several ranks asked to overwrite: rank 0 clears the outputs once every output has been
+        # checked (below), then the ranks meet at a barrier and write into them together.
+        clear_first = self.world_size > 1 and bool(overwrite)
+        if clear_first:
+            _process_group(self.world_size)
+            overwrite = False
         if self.world_size > 1:
-            if overwrite:
-                raise ConfigError(
-                    f"overwrite=True with {self.world_size} ranks would let one rank delete what another writes: "
-                    "remove the old outputs first (the ranks write into one image with exist_ok=True)")
             exist_ok = True
         self.downsample_levels = int(downsample_levels)
         empty_value = kwargs.pop("empty_value", None)
@@ -615,7 +661,7 @@ class CellMapDatasetWriter(torch.utils.data.Dataset):
         self.target_arrays = dict(target_arrays) if target_arrays else {}
         self.axis_order = axis_order
         self.context = context
-        self.device = torch.device(device) if device is not None else None
+        self.device = resolve_device(device)
         self.raw_value_transforms = raw_value_transforms
         self.overwrite = bool(overwrite)
         self.overlap = overlap
@@ -664,6 +710,10 @@ class CellMapDatasetWriter(torch.utils.data.Dataset):
             shard=(self.rank, self.world_size),
         )
         # Validate every output before creating any, so bad input leaves nothing behind.
+        if clear_first:
+            single = dict(common, shard=(0, 1), exist_ok=False, overwrite=True)
+            _clear_on_rank_0(self.rank, [ImageWriter._build_config(os.path.join(self.target_path, c), **single)
+                                         for c in self.classes])
         for c in self.classes:
             _engine.ImageWriter.validate(to_json(ImageWriter._build_config(os.path.join(self.target_path, c), **common)))
         self.writers: dict[str, ImageWriter] = {
@@ -796,12 +846,13 @@ class CellMapDatasetWriter(torch.utils.data.Dataset):
     def loader(self, batch_size: int = 1, num_workers: int = 0, **kwargs: Any) -> _TileLoader:
         """Batches of input tiles in tile order. Reading happens in the engine (``num_workers``
         and DataLoader keywords are accepted and ignored); the next batch is read while the
-        current one is in use unless ``prefetch=False``."""
+        current one is in use unless ``prefetch=False``; ``device`` moves the batches there (the
+        CPU, with a warning, on a machine without it)."""
         progress = kwargs.get("progress")
         if progress is None:
             progress = self.world_size > 1 and self.rank == 0
         return _TileLoader(self, batch_size, self.writer_indices, bool(kwargs.get("prefetch", True)),
-                           f"rank {self.rank}/{self.world_size}" if progress else None)
+                           f"rank {self.rank}/{self.world_size}" if progress else None, kwargs.get("device"))
 
     # -- writing predictions ------------------------------------------------------------
     def _indices(self, idx: Any) -> list[int]:
@@ -939,7 +990,7 @@ class CellMapDatasetWriter(torch.utils.data.Dataset):
 
     def to(self, device: str | torch.device, non_blocking: bool = True) -> "CellMapDatasetWriter":
         """Returns input tensors on ``device`` from now on."""
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         return self
 
     def verify(self) -> bool:

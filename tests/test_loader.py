@@ -127,7 +127,7 @@ def test_engine_copies_tensor_columns_into_caller_buffers(tiny_data):
     """The pinned-memory upload path: the engine fills a caller's buffer byte for byte."""
     m = multi(tiny_data, compact_targets=True)
     loader = CellMapDataLoader(m, batch_size=3, iterations_per_epoch=1, seed=6)
-    stream = loader._stream(0)
+    _, stream = loader._begin_epoch()
     try:
         batch = next(iter(stream))
         for name in batch.tensor_names:

@@ -211,6 +211,8 @@ pub struct SampleRequest {
     pub draw: SpatialDraw,
     /// Seed of the sample's value transforms (engine and torch).
     pub value_seed: u64,
+    /// A repeat added so every rank reads as many samples (see `sampler::EpochShape`).
+    pub padding: bool,
 }
 
 /// One array of a batch: `[batch, *sample_shape]` float32, C order.
@@ -266,6 +268,7 @@ pub struct Batch {
 /// | `elastic_spacing_z/y/x` | f64 | its control point spacing (nm; 0: no deformation) |
 /// | `level_<array>` | i64 | level read per array (−1: a target with no annotated class) |
 /// | `value_seed` | u64 | seed of the value transforms |
+/// | `padding` | bool | a repeat of an earlier sample, added so every rank reads as many samples |
 pub struct SampleMetadata<'a> {
     /// The requests, in order.
     pub samples: &'a [SampleRequest],
@@ -349,6 +352,9 @@ impl SampleMetadata<'_> {
         let mut seeds = UInt64Builder::with_capacity(rows);
         self.samples.iter().for_each(|s| seeds.append_value(s.value_seed));
         push("value_seed", Arc::new(seeds.finish()));
+        let mut padding = BooleanBuilder::with_capacity(rows);
+        self.samples.iter().for_each(|s| padding.append_value(s.padding));
+        push("padding", Arc::new(padding.finish()));
         out
     }
 
@@ -626,12 +632,14 @@ mod tests {
                 centre: [1.0, 2.0, 3.0],
                 draw,
                 value_seed: 42,
+                padding: false,
             },
             SampleRequest {
                 index: 7,
                 centre: [4.0, 5.0, 6.0],
                 draw: SpatialDraw::default(),
                 value_seed: 43,
+                padding: true,
             },
         ];
         let names = ["input".to_string(), "output".to_string()];
@@ -659,6 +667,7 @@ mod tests {
         assert_eq!(kind("mirror_x"), DataType::Boolean);
         assert_eq!(kind("level_output"), DataType::Int64);
         assert_eq!(kind("value_seed"), DataType::UInt64);
+        assert_eq!(kind("padding"), DataType::Boolean);
         use arrow_array::cast::AsArray;
         let level = batch
             .column_by_name("level_output")

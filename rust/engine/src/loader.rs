@@ -18,7 +18,14 @@ use crate::dataset::Dataset;
 use crate::error::{Error, Result};
 use crate::read_policy::ReadErrorPolicy;
 use crate::runtime::new_pool;
-use crate::sampler::{epoch_batches, replacement, request, EpochSettings, PlannedSample, StreamKey};
+use crate::sampler::{epoch_batches, replacement, request, EpochSettings, EpochShape, PlannedSample, StreamKey};
+
+/// The request of a planned sample (marked when it is padding).
+fn planned_request(dataset: &Dataset, planned: &PlannedSample, key: StreamKey, augment: bool) -> Result<SampleRequest> {
+    let mut req = request(dataset, planned.index, key, planned.stream, augment)?;
+    req.padding = planned.padding;
+    Ok(req)
+}
 
 /// Datasets concatenated into one index space.
 #[derive(Clone)]
@@ -71,14 +78,16 @@ impl Collection {
             .iter()
             .map(|p| {
                 let dataset = dataset_of(p)?;
-                Ok((dataset.as_ref(), request(dataset, p.index, key, p.stream, augment)?))
+                Ok((dataset.as_ref(), planned_request(dataset, p, key, augment)?))
             })
             .collect::<Result<Vec<_>>>()?;
         let replace = |position: usize, attempt: u32| -> Result<(&Dataset, SampleRequest)> {
             let p = &samples[position];
             let dataset = dataset_of(p)?;
             let (index, stream) = replacement(key, p.stream, attempt, dataset.len());
-            Ok((dataset.as_ref(), request(dataset, index, key, stream, augment)?))
+            let mut req = request(dataset, index, key, stream, augment)?;
+            req.padding = p.padding;
+            Ok((dataset.as_ref(), req))
         };
         let options = BatchReadOptions {
             cancel,
@@ -112,6 +121,11 @@ impl Collection {
         let annotated: Vec<Vec<bool>> = self.datasets.iter().map(|d| d.annotated_classes()).collect();
         epoch_batches(&self.sizes(), &annotated, settings)
     }
+
+    /// The shape of one epoch (samples planned, per rank, padding, batches), without planning it.
+    pub fn epoch_shape(&self, settings: &EpochSettings) -> Result<EpochShape> {
+        settings.shape(self.sizes().iter().sum())
+    }
 }
 
 impl Collection {
@@ -130,7 +144,7 @@ impl Collection {
                     .datasets
                     .get(p.dataset)
                     .ok_or_else(|| Error::invalid(format!("dataset {} does not exist", p.dataset)))?;
-                samples.push(request(dataset, p.index, key, p.stream, augment)?);
+                samples.push(planned_request(dataset, p, key, augment)?);
                 datasets.push(dataset.config.name());
                 crops.push(dataset.config.crop.clone());
                 levels.push(dataset.array_levels());

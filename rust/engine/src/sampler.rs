@@ -33,6 +33,7 @@ pub fn request(dataset: &Dataset, index: usize, key: StreamKey, stream_index: u6
         centre,
         draw,
         value_seed: rng.next_seed(),
+        padding: false,
     })
 }
 
@@ -58,6 +59,21 @@ pub struct PlannedSample {
     pub index: usize,
     /// Stream index for the sample's RNG.
     pub stream: u64,
+    /// A repeat of an earlier sample of the epoch, added so every rank reads the same number
+    /// of samples (see [`EpochShape`]); metrics can leave it out.
+    pub padding: bool,
+}
+
+impl PlannedSample {
+    /// A planned sample that is not padding.
+    pub fn new(dataset: usize, index: usize, stream: u64) -> PlannedSample {
+        PlannedSample {
+            dataset,
+            index,
+            stream,
+            padding: false,
+        }
+    }
 }
 
 fn epoch_rng(seed: u64, epoch: u64, salt: u64) -> SampleRng {
@@ -110,11 +126,7 @@ pub fn uniform_plan(sizes: &[usize], count: Option<usize>, shuffle: bool, seed: 
         .enumerate()
         .map(|(pos, g)| {
             let (dataset, index) = locate(sizes, g);
-            PlannedSample {
-                dataset,
-                index,
-                stream: pos as u64,
-            }
+            PlannedSample::new(dataset, index, pos as u64)
         })
         .collect())
 }
@@ -152,11 +164,7 @@ pub fn class_balanced_plan(sizes: &[usize], annotated: &[Vec<bool>], count: usiz
             }
         }
         let index = rng.below(sizes[dataset] as u64) as usize;
-        plan.push(PlannedSample {
-            dataset,
-            index,
-            stream: pos as u64,
-        });
+        plan.push(PlannedSample::new(dataset, index, pos as u64));
     }
     Ok(plan)
 }
@@ -203,7 +211,8 @@ pub enum SampleSource {
 pub struct EpochSettings {
     /// Where the samples come from.
     pub source: SampleSource,
-    /// Samples in the whole epoch, all ranks together (`None`: the source's natural count).
+    /// Samples in the whole epoch, all ranks together (`None`: `iterations` batches for every
+    /// rank, or the source's natural count; see [`EpochSettings::planned_samples`]).
     #[serde(default)]
     pub samples: Option<usize>,
     /// Samples per batch.
@@ -239,9 +248,32 @@ fn one() -> usize {
     1
 }
 
-/// The batches this rank and worker read in one epoch.
-pub fn epoch_batches(sizes: &[usize], annotated: &[Vec<bool>], settings: &EpochSettings) -> Result<Vec<Vec<PlannedSample>>> {
-    let s = settings;
+/// How one epoch divides between ranks and into batches: the one place these counts are made
+/// (the loader's `len()` reads them, and [`epoch_batches`] builds exactly this shape).
+///
+/// Every rank reads the same number of samples, as torch's `DistributedSampler` arranges it:
+/// without `drop_last` the plan is padded by repeating its first samples until it divides by
+/// the world size; with `drop_last` its tail is cut instead. Each rank's share is then cut into
+/// batches (a last, smaller batch dropped with `drop_last`), at most `iterations` of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EpochShape {
+    /// Samples the epoch's plan holds, all ranks together, before padding or cutting.
+    pub planned: usize,
+    /// Samples each rank reads (before `iterations` cuts its batches).
+    pub per_rank: usize,
+    /// Repeated samples added so the ranks' shares are equal (0 with `drop_last`).
+    pub padding: usize,
+    /// Samples cut from the plan's tail so the shares are equal (0 without `drop_last`).
+    pub dropped: usize,
+    /// Batches each rank reads.
+    pub batches: usize,
+    /// Batches this worker of the rank reads (its share of `batches`).
+    pub worker_batches: usize,
+    /// Samples in this worker's batches.
+    pub worker_samples: usize,
+}
+
+fn check_settings(s: &EpochSettings) -> Result<()> {
     if s.batch_size == 0 {
         return Err(Error::invalid("batch_size must be at least 1"));
     }
@@ -251,7 +283,75 @@ pub fn epoch_batches(sizes: &[usize], annotated: &[Vec<bool>], settings: &EpochS
     if s.workers == 0 || s.worker >= s.workers {
         return Err(Error::invalid(format!("worker {} of {} does not exist", s.worker, s.workers)));
     }
+    if s.iterations == Some(0) {
+        return Err(Error::invalid("iterations must be at least 1"));
+    }
+    Ok(())
+}
+
+impl EpochSettings {
+    /// Samples the epoch's plan holds (all ranks together) when the datasets hold `total`:
+    /// `samples` when given, else `iterations` batches for every rank, else the source's own
+    /// count (every sample, the subset, or the given indices); given indices are never repeated.
+    pub fn planned_samples(&self, total: usize) -> usize {
+        let wanted = self
+            .samples
+            .or_else(|| self.iterations.map(|n| n * self.batch_size * self.world_size));
+        match &self.source {
+            SampleSource::Uniform { .. } | SampleSource::Balanced => wanted.unwrap_or(total),
+            SampleSource::Subset { indices, .. } => wanted.unwrap_or(indices.len()),
+            SampleSource::Given { indices } => wanted.map_or(indices.len(), |n| n.min(indices.len())),
+        }
+    }
+
+    /// The epoch's shape when the datasets hold `total` samples.
+    pub fn shape(&self, total: usize) -> Result<EpochShape> {
+        check_settings(self)?;
+        let planned = self.planned_samples(total);
+        let world = self.world_size;
+        let per_rank = if self.drop_last { planned / world } else { planned.div_ceil(world) };
+        let batches = if self.drop_last {
+            per_rank / self.batch_size
+        } else {
+            per_rank.div_ceil(self.batch_size)
+        };
+        let batches = self.iterations.map_or(batches, |n| batches.min(n));
+        let mine = (self.worker..batches).step_by(self.workers);
+        Ok(EpochShape {
+            planned,
+            per_rank,
+            padding: (per_rank * world).saturating_sub(planned),
+            dropped: planned.saturating_sub(per_rank * world),
+            batches,
+            worker_batches: mine.len(),
+            worker_samples: mine.map(|b| self.batch_size.min(per_rank - b * self.batch_size)).sum(),
+        })
+    }
+}
+
+/// The plan padded or cut to `per_rank × world` samples: padding repeats the plan from its
+/// start (keeping each repeated sample's stream, so it is drawn identically) and is marked.
+fn equalise(mut plan: Vec<PlannedSample>, shape: &EpochShape, world: usize) -> Vec<PlannedSample> {
+    let target = shape.per_rank * world;
+    if plan.len() > target {
+        plan.truncate(target);
+    } else if !plan.is_empty() {
+        let originals = plan.len();
+        for k in 0..target - originals {
+            plan.push(PlannedSample {
+                padding: true,
+                ..plan[k % originals]
+            });
+        }
+    }
+    plan
+}
+
+/// The batches this rank and worker read in one epoch, in the [`EpochShape`] of `settings`.
+pub fn epoch_batches(sizes: &[usize], annotated: &[Vec<bool>], settings: &EpochSettings) -> Result<Vec<Vec<PlannedSample>>> {
+    let s = settings;
     let total: usize = sizes.iter().sum();
+    let shape = s.shape(total)?;
     let globals = |indices: &[usize]| -> Result<Vec<(usize, usize)>> {
         indices
             .iter()
@@ -265,8 +365,8 @@ pub fn epoch_batches(sizes: &[usize], annotated: &[Vec<bool>], settings: &EpochS
             .collect()
     };
     let plan: Vec<PlannedSample> = match &s.source {
-        SampleSource::Uniform { shuffle } => uniform_plan(sizes, s.samples, *shuffle, s.seed, s.epoch)?,
-        SampleSource::Balanced => class_balanced_plan(sizes, annotated, s.samples.unwrap_or(total), s.seed, s.epoch)?,
+        SampleSource::Uniform { shuffle } => uniform_plan(sizes, Some(shape.planned), *shuffle, s.seed, s.epoch)?,
+        SampleSource::Balanced => class_balanced_plan(sizes, annotated, shape.planned, s.seed, s.epoch)?,
         SampleSource::Subset { indices, shuffle } => {
             if indices.is_empty() {
                 return Err(Error::invalid("the subset has no samples to load"));
@@ -276,45 +376,29 @@ pub fn epoch_batches(sizes: &[usize], annotated: &[Vec<bool>], settings: &EpochS
                 let mut rng = epoch_rng(s.seed, s.epoch, 3);
                 order = permutation(order.len(), &mut rng).into_iter().map(|i| order[i]).collect();
             }
-            let count = s.samples.unwrap_or(order.len());
             order
                 .iter()
                 .cycle()
-                .take(count)
+                .take(shape.planned)
                 .enumerate()
-                .map(|(pos, &(dataset, index))| PlannedSample {
-                    dataset,
-                    index,
-                    stream: pos as u64,
-                })
+                .map(|(pos, &(dataset, index))| PlannedSample::new(dataset, index, pos as u64))
                 .collect()
         }
-        SampleSource::Given { indices } => {
-            let count = s.samples.unwrap_or(indices.len());
-            globals(indices)?
-                .into_iter()
-                .take(count)
-                .enumerate()
-                .map(|(pos, (dataset, index))| PlannedSample {
-                    dataset,
-                    index,
-                    stream: pos as u64,
-                })
-                .collect()
-        }
+        SampleSource::Given { indices } => globals(indices)?
+            .into_iter()
+            .take(shape.planned)
+            .enumerate()
+            .map(|(pos, (dataset, index))| PlannedSample::new(dataset, index, pos as u64))
+            .collect(),
     };
-    let plan = if s.world_size > 1 {
-        shard(&plan, s.rank, s.world_size)?
-    } else {
-        plan
-    };
-    let mut batches: Vec<Vec<PlannedSample>> = plan.chunks(s.batch_size).map(<[PlannedSample]>::to_vec).collect();
+    let plan = equalise(plan, &shape, s.world_size);
+    let mine = shard(&plan, s.rank, s.world_size)?;
+    let mut batches: Vec<Vec<PlannedSample>> = mine.chunks(s.batch_size).map(<[PlannedSample]>::to_vec).collect();
     if s.drop_last && batches.last().is_some_and(|b| b.len() < s.batch_size) {
         batches.pop();
     }
-    if let Some(n) = s.iterations {
-        batches.truncate(n);
-    }
+    batches.truncate(shape.batches);
+    debug_assert_eq!(batches.len(), shape.batches, "the plan has the epoch's shape");
     Ok(batches.into_iter().skip(s.worker).step_by(s.workers).collect())
 }
 
@@ -430,6 +514,114 @@ mod tests {
             .collect();
         union.sort_by_key(|p| p.stream);
         assert_eq!(union, whole);
+    }
+
+    /// Every rank's batches of `s` (uniform, in order) over `n` samples.
+    fn rank_batches(s: &EpochSettings, n: usize) -> Vec<Vec<Vec<PlannedSample>>> {
+        (0..s.world_size)
+            .map(|rank| {
+                let mut t = s.clone();
+                t.rank = rank;
+                epoch_batches(&[n], &[], &t).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_rank_reads_the_shapes_batch_count_and_padding_repeats_the_plans_start() {
+        for n in 1..=14 {
+            for world in 1..=4 {
+                for batch_size in 1..=4 {
+                    for drop_last in [false, true] {
+                        let mut s = settings(SampleSource::Uniform { shuffle: true });
+                        (s.world_size, s.batch_size, s.drop_last) = (world, batch_size, drop_last);
+                        let shape = s.shape(n).unwrap();
+                        let ranks = rank_batches(&s, n);
+                        let case = format!("n={n} world={world} batch={batch_size} drop_last={drop_last}");
+                        for batches in &ranks {
+                            assert_eq!(batches.len(), shape.batches, "{case}");
+                            assert_eq!(batches.iter().map(Vec::len).sum::<usize>(), shape.worker_samples, "{case}");
+                            assert!(batches.iter().all(|b| !drop_last || b.len() == batch_size), "{case}");
+                        }
+                        let whole = {
+                            let mut one = s.clone();
+                            (one.world_size, one.batch_size, one.drop_last) = (1, n, false);
+                            epoch_batches(&[n], &[], &one).unwrap().concat()
+                        };
+                        let read: Vec<PlannedSample> = ranks.concat().concat();
+                        let mut originals: Vec<PlannedSample> = read.iter().filter(|p| !p.padding).copied().collect();
+                        originals.sort_by_key(|p| p.stream);
+                        let padded: Vec<&PlannedSample> = read.iter().filter(|p| p.padding).collect();
+                        if drop_last {
+                            assert!(padded.is_empty(), "{case}");
+                            let kept = shape.per_rank * world;
+                            assert_eq!(shape.dropped, n - kept, "{case}");
+                            // Batches drop their tails too: what is read is a subset of the kept prefix.
+                            assert!(originals.iter().all(|p| (p.stream as usize) < kept), "{case}");
+                        } else {
+                            assert_eq!(originals, whole, "{case}: the ranks' union is the unsharded plan");
+                            assert_eq!(padded.len(), shape.padding, "{case}");
+                            assert_eq!(shape.padding, shape.per_rank * world - n, "{case}");
+                            for (k, p) in padded.iter().enumerate() {
+                                let repeated = whole[k % n];
+                                assert_eq!((p.dataset, p.index, p.stream), (repeated.dataset, repeated.index, repeated.stream), "{case}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn shapes_of_every_source_match_their_plans() {
+        let sizes = [5, 6];
+        let annotated = vec![vec![true, false], vec![true, true]];
+        let sources = [
+            SampleSource::Uniform { shuffle: false },
+            SampleSource::Balanced,
+            SampleSource::Subset {
+                indices: vec![1, 3, 7, 9, 10],
+                shuffle: true,
+            },
+            SampleSource::Given {
+                indices: vec![0, 0, 4, 2, 10, 8, 1],
+            },
+        ];
+        for source in sources {
+            for iterations in [None, Some(2), Some(9)] {
+                for world in [1, 3] {
+                    let mut s = settings(source.clone());
+                    (s.iterations, s.world_size, s.batch_size) = (iterations, world, 2);
+                    let shape = s.shape(11).unwrap();
+                    for rank in 0..world {
+                        s.rank = rank;
+                        let batches = epoch_batches(&sizes, &annotated, &s).unwrap();
+                        assert_eq!(batches.len(), shape.batches, "{source:?} {iterations:?} rank {rank}/{world}");
+                    }
+                    if let (Some(n), SampleSource::Given { indices }) = (iterations, &source) {
+                        assert_eq!(shape.planned, indices.len().min(n * 2 * world), "given indices are never repeated");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_worker_reads_its_share_of_the_ranks_batches() {
+        let mut s = settings(SampleSource::Uniform { shuffle: false });
+        (s.batch_size, s.workers) = (3, 2);
+        let all: Vec<usize> = (0..2)
+            .map(|w| {
+                s.worker = w;
+                let shape = s.shape(10).unwrap();
+                let batches = epoch_batches(&[10], &[], &s).unwrap();
+                assert_eq!(batches.len(), shape.worker_batches);
+                assert_eq!(batches.iter().map(Vec::len).sum::<usize>(), shape.worker_samples);
+                shape.worker_samples
+            })
+            .collect();
+        assert_eq!(all, vec![6, 4], "batches 0 and 2 (3 + 3), batches 1 and 3 (3 + 1)");
     }
 
     #[test]

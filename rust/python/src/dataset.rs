@@ -158,6 +158,7 @@ impl Dataset {
                     centre,
                     draw: SpatialDraw::default(),
                     value_seed: 0,
+                    padding: false,
                 })
                 .collect();
             EngineBatch::read(&inner, &requests)

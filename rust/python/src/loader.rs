@@ -20,7 +20,7 @@ type PlanTuple = (usize, usize, u64);
 fn to_plan(items: Vec<PlanTuple>) -> Vec<PlannedSample> {
     items
         .into_iter()
-        .map(|(dataset, index, stream)| PlannedSample { dataset, index, stream })
+        .map(|(dataset, index, stream)| PlannedSample::new(dataset, index, stream))
         .collect()
 }
 
@@ -65,9 +65,7 @@ impl Collection {
 
     /// Class-balanced plan of `count` samples.
     fn plan_balanced(&self, py: Python<'_>, count: usize, seed: u64, epoch: u64) -> PyResult<Vec<PlanTuple>> {
-        class_balanced_plan(&self.inner.sizes(), &self.annotated(), count, seed, epoch)
-            .map(from_plan)
-            .map_err(|e| to_pyerr(py, e))
+        balanced_plan(py, self.inner.sizes(), self.annotated(), count, seed, epoch)
     }
 
     /// Shard `part` of `parts` of a plan.
@@ -97,11 +95,21 @@ impl Collection {
     }
 
     /// Plans the epoch of `settings_json` ([`Collection::epoch_plan`]) and starts reading it in
-    /// the background: one call, the plan never crosses to Python.
-    #[pyo3(signature = (settings_json, *, threads, prefetch, augment=false))]
-    fn epoch_stream(&self, py: Python<'_>, settings_json: &str, threads: usize, prefetch: usize, augment: bool) -> PyResult<BatchStream> {
+    /// the background from batch `start` (a resumed epoch): one call, the plan never crosses to
+    /// Python.
+    #[pyo3(signature = (settings_json, *, threads, prefetch, augment=false, start=0))]
+    fn epoch_stream(
+        &self,
+        py: Python<'_>,
+        settings_json: &str,
+        threads: usize,
+        prefetch: usize,
+        augment: bool,
+        start: usize,
+    ) -> PyResult<BatchStream> {
         let settings = epoch_settings(py, settings_json)?;
-        let plan = self.inner.epoch_plan(&settings).map_err(|e| to_pyerr(py, e))?;
+        let mut plan = self.inner.epoch_plan(&settings).map_err(|e| to_pyerr(py, e))?;
+        plan.drain(..start.min(plan.len()));
         let stream_settings = StreamSettings {
             threads,
             prefetch,
@@ -118,6 +126,23 @@ impl Collection {
             inner: std::sync::Mutex::new(Some(stream)),
             pid: std::process::id(),
         })
+    }
+
+    /// The shape of the epoch of `settings_json` on this rank, without planning it: `planned`
+    /// (samples, all ranks), `per_rank`, `padding` (repeats added so the ranks' shares are
+    /// equal), `dropped` (cut with `drop_last`), `batches` (per rank) and `worker_batches`.
+    fn epoch_shape(&self, py: Python<'_>, settings_json: &str) -> PyResult<std::collections::HashMap<&'static str, usize>> {
+        let settings = epoch_settings(py, settings_json)?;
+        let shape = self.inner.epoch_shape(&settings).map_err(|e| to_pyerr(py, e))?;
+        Ok(std::collections::HashMap::from([
+            ("planned", shape.planned),
+            ("per_rank", shape.per_rank),
+            ("padding", shape.padding),
+            ("dropped", shape.dropped),
+            ("batches", shape.batches),
+            ("worker_batches", shape.worker_batches),
+            ("worker_samples", shape.worker_samples),
+        ]))
     }
 
     /// The sample metadata of the epoch of `settings_json`, read from its plan alone: the
@@ -173,6 +198,16 @@ impl Collection {
             pid: std::process::id(),
         })
     }
+}
+
+/// The class-balanced plan of `count` samples over datasets of `sizes` samples, where
+/// `annotated[d][c]` says whether dataset (row) `d` annotates class `c`: `(row, index in row,
+/// stream)` per sample. For any dataset that reports its crop-class matrix.
+#[pyfunction]
+pub fn balanced_plan(py: Python<'_>, sizes: Vec<usize>, annotated: Vec<Vec<bool>>, count: usize, seed: u64, epoch: u64) -> PyResult<Vec<PlanTuple>> {
+    class_balanced_plan(&sizes, &annotated, count, seed, epoch)
+        .map(from_plan)
+        .map_err(|e| to_pyerr(py, e))
 }
 
 fn epoch_settings(py: Python<'_>, settings_json: &str) -> PyResult<EpochSettings> {

@@ -88,6 +88,14 @@ impl ImageWriter {
         run_writer(py, move || EngineWriter::validate(&config))
     }
 
+    /// Removes an existing image at the configured path (checked as `overwrite` checks it);
+    /// returns whether one was there.
+    #[staticmethod]
+    fn clear(py: Python<'_>, config_json: &str) -> PyResult<bool> {
+        let config = parse_config(py, config_json)?;
+        run_writer(py, move || EngineWriter::clear(&config))
+    }
+
     /// The image group path.
     #[getter]
     fn path(&self) -> String {

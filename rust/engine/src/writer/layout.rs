@@ -423,6 +423,28 @@ fn open_image(config: &WriterConfig, stored: crate::ngff::Multiscale, levels: Ve
     Ok((store, opened, key))
 }
 
+/// Removes the image at `config.path` if there is one, checked as `overwrite` checks it (a zarr
+/// group that is not the protected input); returns whether there was one. How several ranks
+/// start a job over an old output: one rank clears it, then every rank writes into it.
+pub(super) fn clear_image(config: &WriterConfig) -> Result<bool> {
+    let mut check = config.clone();
+    check.overwrite = true;
+    check.exist_ok = false;
+    check.shard = None;
+    validate(&check)?;
+    let path = resolved(&config.path);
+    let exists = if is_url(&path) {
+        crate::remote::nodes_exist(&[path.to_string_lossy().into_owned()])?[0]
+    } else {
+        path.exists() && !is_empty_dir(&path)
+    };
+    if exists {
+        let (image, _, root, store) = placement(config)?;
+        store.erase_below(&node_path(&root, &image))?;
+    }
+    Ok(exists)
+}
+
 /// Creates the image: parent groups from the `.zarr` container down (those lacking metadata),
 /// one array per level, then the image group's metadata last (a half-created image has no
 /// multiscales). Replaces an existing image (validated: only with `overwrite`).

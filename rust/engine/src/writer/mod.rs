@@ -158,6 +158,13 @@ impl ImageWriter {
         layout::validate(config)
     }
 
+    /// Removes an existing image at the configured path (checked as `overwrite` checks it: a
+    /// zarr group, not the protected input); returns whether one was there. Several ranks
+    /// starting over an old output: one rank clears it, then every rank writes with `exist_ok`.
+    pub fn clear(config: &WriterConfig) -> Result<bool> {
+        layout::clear_image(config)
+    }
+
     /// Creates the image (parent groups, arrays, multiscales metadata) and returns a writer.
     pub fn create(config: WriterConfig) -> Result<ImageWriter> {
         Self::validate(&config)?;
