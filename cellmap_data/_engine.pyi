@@ -37,6 +37,7 @@ __all__ = [
     "nodes_exist",
     "is_remote",
     "read_node_text",
+    "balanced_plan",
     "Volume",
     "Dataset",
     "Batch",

@@ -37,7 +37,8 @@ def expand_compact(tensor: torch.Tensor) -> torch.Tensor:
 def sample_metadata_dicts(record: Any, tensor_names: Sequence[str], owners: Sequence[Any]) -> list[dict[str, Any]]:
     """Per-sample ``"__metadata__"`` dicts of an engine batch: the engine's metadata columns
     (``dataset``, ``crop``, ``idx`` within the dataset, ``centre_*``, ``mirror_*``,
-    ``transpose_*``, ``rotate_*``, ``scale_*``, ``shear_*``, ``elastic_*``, ``level_<array>``, ``value_seed``) plus the keys of the
+    ``transpose_*``, ``rotate_*``, ``scale_*``, ``shear_*``, ``elastic_*``, ``level_<array>``, ``value_seed``,
+    ``padding``) plus the keys of the
     reference library's metadata: ``raw_path``, ``target_path_str``, ``current_idx``,
     ``current_center`` (``{axis: nm}``) and ``current_spatial_transforms`` (the drawn transform
     in the form :meth:`CellMapImage.set_spatial_transforms` takes, so a sample can be re-read)."""

@@ -85,7 +85,7 @@ class ClassBalancedSampler(torch.utils.data.Sampler[int]):
         if getattr(dataset, "as_multi", None) is not None and not isinstance(dataset, torch.utils.data.Subset):
             self.multi = dataset.as_multi()
             self._sizes = [len(d) for d in self.multi.datasets]
-            self._annotated: list[list[bool]] | None = None
+            self._annotated: list[list[bool]] = []
         elif hasattr(dataset, "get_crop_class_matrix") and hasattr(dataset, "__len__"):
             import numpy as np
 
@@ -275,6 +275,7 @@ class CellMapDataLoader:
         self._replaced_metadata: dict[int, Any] = {}
         # Where the next batch comes from: (epoch, batches of it already delivered).
         self._position = (0, 0)
+        self._epoch_batches = 0
         # A restored state's (epoch, batches delivered): that epoch starts after them.
         self._resume: tuple[int, int] | None = None
         # A user sampler's indices per epoch, drawn once so len(), the plan and the metadata of
@@ -327,13 +328,21 @@ class CellMapDataLoader:
     def state_dict(self) -> dict[str, Any]:
         """Where the loader stands, for a mid-epoch resume (the ``state_dict`` /
         ``load_state_dict`` protocol of torchdata's ``StatefulDataLoader``, which Lightning saves in
-        its checkpoints): the epoch, the batches of it already delivered, the seed, and a user
-        sampler's indices for that epoch. The same on every rank."""
+        its checkpoints): the epoch, the batches of it already delivered, the seed, and with a
+        sampler of the caller's, its indices for that epoch and its own state (``state_dict()``, or
+        its torch ``generator``'s state) so later epochs draw as an uninterrupted run does. A
+        sampler drawing from torch's global random state (e.g. ``RandomSampler`` without a
+        generator) resumes its epoch exactly; its later epochs depend on that global state."""
         epoch, delivered = self._position
         state: dict[str, Any] = {"epoch": epoch, "batches_delivered": delivered, "seed": self.seed,
                                  "batch_size": self.batch_size}
-        if self.user_sampler is not None:
+        sampler = self.user_sampler
+        if sampler is not None:
             state["sampler_indices"] = list(self._given_indices(epoch))
+            if callable(getattr(sampler, "state_dict", None)) and callable(getattr(sampler, "load_state_dict", None)):
+                state["sampler_state"] = sampler.state_dict()
+            elif isinstance(getattr(sampler, "generator", None), torch.Generator):
+                state["sampler_generator"] = sampler.generator.get_state()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -348,6 +357,10 @@ class CellMapDataLoader:
         self.seed = seed
         if "sampler_indices" in state:
             self._drawn = {epoch: [int(i) for i in state["sampler_indices"]]}
+        if "sampler_state" in state:
+            self.user_sampler.load_state_dict(state["sampler_state"])
+        if "sampler_generator" in state:
+            self.user_sampler.generator.set_state(state["sampler_generator"])
         self._resume = (epoch, delivered) if delivered > 0 else None
         self.epoch = epoch
         self._position = (epoch, delivered)
@@ -429,18 +442,26 @@ class CellMapDataLoader:
         self.epoch += 1
         start = self._resume[1] if self._resume is not None and self._resume[0] == epoch else 0
         self._resume = None
-        stream = self.collection().epoch_stream(
-            json.dumps(self.epoch_settings(epoch)), threads=self.threads, prefetch=self.prefetch, augment=self.is_train,
-            start=start,
-        )
+        settings = json.dumps(self.epoch_settings(epoch))
+        collection = self.collection()
+        self._epoch_batches = collection.epoch_shape(settings)["worker_batches"]
+        stream = collection.epoch_stream(settings, threads=self.threads, prefetch=self.prefetch, augment=self.is_train,
+                                         start=start)
         self._batch_number = start
         self._consumed_epoch, self._consumed_batches, self._replaced_metadata = epoch, start, {}
         self._position = (epoch, start)
         return epoch, stream
 
+    def _delivered(self) -> None:
+        """One more batch of the epoch delivered; after its last, the next batch is the next
+        epoch's first (also when the consumer stops there without ending the loop)."""
+        self._consumed_batches += 1
+        done = self._consumed_batches >= self._epoch_batches
+        self._position = (self._consumed_epoch + 1, 0) if done else (self._consumed_epoch, self._consumed_batches)
+
     def _end_epoch(self) -> None:
         """The epoch was read to its end: the next batch is the next epoch's first."""
-        self._position = (self.epoch, 0)
+        self._position = (self._consumed_epoch + 1, 0)
 
     def iter_arrow(self) -> Iterator[Any]:
         """Yields the engine's batches as ``pyarrow.RecordBatch`` (tensor columns + metadata)."""
@@ -450,8 +471,7 @@ class CellMapDataLoader:
         try:
             for batch in stream:
                 self._note_incidents(batch)
-                self._consumed_batches += 1
-                self._position = (self._consumed_epoch, self._consumed_batches)
+                self._delivered()
                 yield pa.record_batch(batch.record_batch())
             self._end_epoch()
         finally:
@@ -527,8 +547,7 @@ class CellMapDataLoader:
             out["__metadata__"] = sample_metadata_dicts(pa.record_batch(batch.metadata()), batch.tensor_names, owners)
         if any(action == "skipped" for _, action, *_ in batch.incidents):
             self._replaced_metadata[self._consumed_batches] = batch.metadata()
-        self._consumed_batches += 1
-        self._position = (self._consumed_epoch, self._consumed_batches)
+        self._delivered()
         return out
 
     def __getitem__(self, indices: int | Sequence[int]) -> dict[str, Any]:

@@ -580,8 +580,10 @@ class CellMapDatasetWriter(torch.utils.data.Dataset):
     tiles touching them (tiles on a border between two ranks are predicted by both, each keeping
     its own chunks' share). A chunk is summed by one process, tile by tile in index order, so the
     union of the ranks' outputs equals a one-process run bit for bit, blending included (write
-    the tiles in loader order). The outputs are opened with ``exist_ok`` semantics (``overwrite``
-    is refused: remove old outputs first). The runs are cut to give the busiest rank the fewest
+    the tiles in loader order). The outputs are opened with ``exist_ok`` semantics; with
+    ``overwrite=True`` and an initialised ``torch.distributed``, rank 0 removes the old outputs and
+    the ranks meet at a barrier before writing (without a process group it is refused: remove old
+    outputs first). The runs are cut to give the busiest rank the fewest
     tiles (in Z order, compact boxes, or in slabs, whichever does better) and keep together the
     2×2×2 chunks under each chunk of the second level, so with downsampled levels each rank
     builds the second level over its own chunks at ``close()``; rank 0's ``close()`` waits for
