@@ -21,6 +21,7 @@ _StrPath: TypeAlias = str | PathLike[str]
 __all__ = [
     "cache_stats",
     "set_cache_budget",
+    "set_label_cache_budget",
     "inject_fault",
     "clear_faults",
     "fault_injection_available",
@@ -61,10 +62,15 @@ CLASS_WEIGHT_CAP: float
 
 def cache_stats() -> dict[str, Any]:
     """Counters of the shared decoded-chunk cache: hits, misses, bytes, budget, entries,
-    decode_seconds."""
+    decode_seconds, decoded_bytes; and of the label-crop cache: label_hits, label_misses,
+    label_passed, label_bytes, label_budget, label_crops, label_decoded_bytes,
+    label_decode_seconds."""
 
 def set_cache_budget(bytes: int) -> None:
     """Sets the byte budget of the shared decoded-chunk cache."""
+
+def set_label_cache_budget(bytes: int) -> None:
+    """Sets the byte budget of the label-crop cache (0 turns it off: labels are read chunk by chunk)."""
 
 def inject_fault(kind: str, pattern: str, count: int = 1) -> None:
     """Test hook (debug builds only): the next ``count`` chunk reads of arrays whose path
@@ -78,7 +84,7 @@ def fault_injection_available() -> bool:
     """Whether this build of the engine can inject faults (debug builds)."""
 
 def clear_cache() -> None:
-    """Drops every cached chunk and pooled batch buffer, and resets the hit/miss counters."""
+    """Drops every cached chunk, held label crop and pooled batch buffer, and resets the counters."""
 
 def live_batch_bytes() -> int:
     """Bytes of batch tensor memory currently alive (in the engine or held by Python tensors)."""

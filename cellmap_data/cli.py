@@ -271,6 +271,13 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--remote", default=False, action="store_true",
                         help="only measure reading over a loopback HTTP server with 20 and 50 ms per request and 1, 8, 32 "
                              "and 64 requests in flight, against the same data read locally")
+    parser.add_argument("--crops", default=None, metavar="N[,N...]",
+                        help="only run the many-crop table: a split of N crops over N/4 volumes (e.g. 6,48,144,400) "
+                             "through the public API, with samples/s, first batch, peak RSS, decoded bytes per sample, "
+                             "hit rate and the decode-bound floor; then the 6-crop head-to-head configurations")
+    parser.add_argument("--reference", default=None, metavar="PYTHON",
+                        help="with --crops: the interpreter of a separate venv holding the reference cellmap-data "
+                             "release; its loader is measured on the same split, interleaved, for the ratios")
     parser.add_argument("--against", default=None, metavar="DIR",
                         help="only compare this build with another one installed in DIR (pip install --target DIR "
                              "WHEEL): loader and writer through the public API, interleaved, medians of --repeat runs")
@@ -311,6 +318,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   f"cold/no-latency {row['cold_vs_no_latency']:.2f}  " + "  ".join(checks))
         if args.json:
             Path(args.json).write_text(json.dumps(r, indent=2))
+        return 0
+    if args.crops:
+        from cellmap_data import bench_crops
+
+        counts = tuple(int(n) for n in str(args.crops).split(",") if n.strip())
+        threads = (args.loader_threads or [2])[-1]
+        r = bench_crops.run(counts, reference=args.reference, repeat=args.repeat, threads=threads)
+        if args.soak:
+            n = 144 if 144 in counts else max(counts)
+            s = bench_crops.soak(str(bench_crops.crops_data(n).csv_path), batches=args.soak, threads=threads)
+            r["soak"] = s
+            print(f"\nsoak at {n} crops, {s['batches']} batches in {s['seconds']:.0f} s: peak RSS {s['peak_rss_mb']:.0f} MB "
+                  f"(bound {s['bound_mb']:.0f} MB = chunk budget {s['chunk_budget_mb']:.0f} + label budget "
+                  f"{s['label_budget_mb']:.0f} + {bench_crops.SOAK_SLACK_MB}: {'met' if s['within_bound'] else 'MISSED'}); "
+                  f"RSS net of the caches grew {s['net_of_caches_growth_mb']:.0f} MB after warm-up (bound "
+                  f"{s['growth_bound_mb']:.0f} MB: {'flat' if s['flat'] else 'GROWING'})")
+            print("  (batch, RSS MB, chunk cache MB, label cache MB, RSS net of the caches MB): " + ", ".join(map(str, s["curve"])))
+        if args.json:
+            Path(args.json).write_text(json.dumps(r, indent=2, default=str))
         return 0
     if args.against:
         data = bench_data(args.data, args.size)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ __all__ = [
     "SyntheticCrop",
     "SyntheticData",
     "SyntheticDataset",
+    "make_many_crops_data",
     "make_synthetic_data",
 ]
 
@@ -116,6 +118,19 @@ _PATTERNS: tuple[_DatasetPattern, ...] = (
         ),
     ),
 )
+# The many-crop layout (make_many_crops_data): 8 nm isotropic raw with five crops of about 150³
+# voxels at 8 nm (a 512³ volume), the second for validation, the others for training.
+_MANY_CROPS_PATTERN = _DatasetPattern(
+    raw_voxel_size=(8.0, 8.0, 8.0),
+    z_shape_factor=1.0,
+    random_origin=False,
+    crops=tuple(
+        _CropSpec((8.0, 8.0, 8.0), fractions)
+        for fractions in ((0.30, 0.29, 0.28), (0.25, 0.25, 0.25), (0.28, 0.30, 0.29), (0.29, 0.28, 0.30), (0.30, 0.30, 0.29))
+    ),
+)
+_MANY_CROPS_PER_VOLUME = 4
+
 # Within each dataset, the crop at this index goes to "validate", the others to "train".
 _VALIDATE_CROP_INDEX = 1
 
@@ -903,8 +918,8 @@ def _place_crop(
     return lo
 
 
-def _plan_dataset(index: int, seed: int, size) -> _DatasetPlan:
-    pattern = _PATTERNS[index % len(_PATTERNS)]
+def _plan_dataset(index: int, seed: int, size, pattern: _DatasetPattern | None = None) -> _DatasetPlan:
+    pattern = pattern or _PATTERNS[index % len(_PATTERNS)]
     rng = _rng(seed, _WORLD_STREAM, index)
     raw_shape = _raw_shape_for(pattern, size)
     raw_voxel = np.array(pattern.raw_voxel_size)
@@ -1084,6 +1099,48 @@ def _write_datasplit(path: Path, datasets: list[SyntheticDataset]) -> None:
                 )
 
 
+def _write_datasets(plans: list[_DatasetPlan], root: Path, writer: _ZarrWriter, seed: int,
+                    write_counts: bool) -> list[SyntheticDataset]:
+    """Writes every planned dataset (raw and crops) under ``root``."""
+    datasets = []
+    for plan in plans:
+        zarr_path = root / f"{plan.name}.zarr"
+        group = writer.open_root(zarr_path)
+        _write_raw(plan, writer, group, _rng(seed, _NOISE_STREAM, plan.index))
+        crops = []
+        for crop in plan.crops:
+            empty = _write_crop(plan, crop, writer, group, write_counts)
+            classes = [name for name in CLASS_NAMES if name in crop.classes]
+            crop_path = zarr_path / GROUNDTRUTH_GROUP / crop.name
+            crops.append(
+                SyntheticCrop(
+                    name=crop.name,
+                    path=crop_path,
+                    classes=classes,
+                    voxel_size=_zyx(crop.voxel_size),
+                    shape=crop.shape,
+                    translation=_zyx(crop.translation),
+                    target_path=f"{crop_path}/[{','.join(classes)}]",
+                    usage=crop.usage,
+                    instance_classes=list(crop.instance_classes),
+                    empty_classes=empty,
+                )
+            )
+        datasets.append(
+            SyntheticDataset(
+                name=plan.name,
+                zarr_path=zarr_path,
+                raw_path=zarr_path / RAW_GROUP,
+                raw_voxel_size=_zyx(plan.raw_voxel_size),
+                raw_shape=plan.raw_shape,
+                raw_translation=_zyx(plan.raw_translation),
+                crops=crops,
+            )
+        )
+
+    return datasets
+
+
 def make_synthetic_data(
     out_dir,
     *,
@@ -1141,42 +1198,99 @@ def make_synthetic_data(
     _plan_crops(plans, seed)
 
     writer = _ZarrWriter(2 if zarr_format == 2 else 3, compressor, sharded, chunk, dimension_separator)
-    datasets = []
-    for plan in plans:
-        zarr_path = root / f"{plan.name}.zarr"
-        group = writer.open_root(zarr_path)
-        _write_raw(plan, writer, group, _rng(seed, _NOISE_STREAM, plan.index))
-        crops = []
-        for crop in plan.crops:
-            empty = _write_crop(plan, crop, writer, group, write_counts)
-            classes = [name for name in CLASS_NAMES if name in crop.classes]
-            crop_path = zarr_path / GROUNDTRUTH_GROUP / crop.name
-            crops.append(
-                SyntheticCrop(
-                    name=crop.name,
-                    path=crop_path,
-                    classes=classes,
-                    voxel_size=_zyx(crop.voxel_size),
-                    shape=crop.shape,
-                    translation=_zyx(crop.translation),
-                    target_path=f"{crop_path}/[{','.join(classes)}]",
-                    usage=crop.usage,
-                    instance_classes=list(crop.instance_classes),
-                    empty_classes=empty,
-                )
-            )
-        datasets.append(
-            SyntheticDataset(
-                name=plan.name,
-                zarr_path=zarr_path,
-                raw_path=zarr_path / RAW_GROUP,
-                raw_voxel_size=_zyx(plan.raw_voxel_size),
-                raw_shape=plan.raw_shape,
-                raw_translation=_zyx(plan.raw_translation),
-                crops=crops,
-            )
-        )
-
+    datasets = _write_datasets(plans, root, writer, seed, write_counts)
     csv_path = root / "datasplit.csv"
     _write_datasplit(csv_path, datasets)
     return SyntheticData(root=root, csv_path=csv_path, datasets=datasets, classes=list(CLASS_NAMES))
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """``target`` as a copy of the folder ``source`` whose files are hard links (copies where the
+    file system cannot link). An existing complete ``target`` is kept."""
+    done = target / ".linked"
+    if done.exists():
+        return
+    for folder, _, files in os.walk(source):
+        out = target / Path(folder).relative_to(source)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            dst = out / name
+            if dst.exists():
+                continue
+            try:
+                os.link(Path(folder) / name, dst)
+            except OSError:
+                shutil.copy2(Path(folder) / name, dst)
+    done.touch()
+
+
+def _relocated(dataset: SyntheticDataset, zarr_path: Path, name: str) -> SyntheticDataset:
+    """``dataset`` as it reads from a copy of its container at ``zarr_path``."""
+    crops = []
+    for crop in dataset.crops:
+        path = zarr_path / crop.path.relative_to(dataset.zarr_path)
+        crops.append(SyntheticCrop(**{**crop.__dict__, "path": path,
+                                      "target_path": f"{path}/[{','.join(crop.classes)}]"}))
+    return SyntheticDataset(**{**dataset.__dict__, "name": name, "zarr_path": zarr_path,
+                               "raw_path": zarr_path / RAW_GROUP, "crops": crops})
+
+
+def make_many_crops_data(out_dir, crops: int, *, base_volumes: int = 2, raw_size: int = 512, seed: int = 0,
+                         compressor: str = "blosc") -> SyntheticData:
+    """A training split of ``crops`` label crops over ``ceil(crops / 4)`` volumes, as large CellMap
+    splits are (hundreds of crops over dozens of volumes).
+
+    ``base_volumes`` volumes are rendered once under ``out_dir/base`` (8 nm raw of ``raw_size``³
+    voxels in 64³ chunks, blosc-zstd by default; four training crops of about 150³ voxels at 8 nm
+    and one validation crop each); every other volume is a copy of one of them whose files are
+    hard links, so hundreds of crops cost the disk space of the base volumes while a loader sees
+    distinct volumes (distinct paths, distinct cache entries). The CSV lists ``crops`` training
+    crops (four per volume) and the base volumes' validation crops. Calling it again with the
+    same base reuses what is on disk.
+    """
+    if not isinstance(crops, int) or crops < 1:
+        raise ValueError(f"crops must be a positive integer, got {crops!r}")
+    if compressor not in ("zstd", "blosc"):
+        raise ValueError(f"compressor must be 'zstd' or 'blosc', got {compressor!r}")
+    _import_zarr()
+    root = Path(out_dir).resolve()
+    base_root = root / "base"
+    marker = base_root / f"base-{base_volumes}-{raw_size}-{seed}-{compressor}.json"
+    plans = [_plan_dataset(index, seed, (raw_size,) * 3, _MANY_CROPS_PATTERN) for index in range(base_volumes)]
+    _plan_crops(plans, seed)
+    if marker.exists():
+        import pickle
+
+        bases = pickle.loads(marker.with_suffix(".pickle").read_bytes())
+    else:
+        if base_root.exists():
+            shutil.rmtree(base_root)
+        base_root.mkdir(parents=True)
+        writer = _ZarrWriter(2, compressor, False, 64, ".")
+        bases = _write_datasets(plans, base_root, writer, seed, True)
+        import pickle
+
+        marker.with_suffix(".pickle").write_bytes(pickle.dumps(bases))
+        marker.write_text(json.dumps({"volumes": base_volumes, "raw_size": raw_size, "seed": seed}))
+    volumes = []
+    for k in range(math.ceil(crops / _MANY_CROPS_PER_VOLUME)):
+        base = bases[k % base_volumes]
+        zarr_path = root / f"vol{k:03d}.zarr"
+        _link_tree(base.zarr_path, zarr_path)
+        volumes.append(_relocated(base, zarr_path, f"vol{k:03d}"))
+    csv_path = root / f"datasplit-{crops}.csv"
+    with csv_path.open("w", newline="") as f:
+        out = csv.writer(f, quoting=csv.QUOTE_ALL, lineterminator="\n")
+        listed = 0
+        for volume in volumes:
+            for crop in volume.crops:
+                if crop.usage == "train" and listed < crops:
+                    out.writerow(["train", str(volume.zarr_path), RAW_GROUP, str(volume.zarr_path),
+                                  f"{GROUNDTRUTH_GROUP}/{crop.name}/[{','.join(crop.classes)}]"])
+                    listed += 1
+        for volume in volumes[:base_volumes]:
+            for crop in volume.crops:
+                if crop.usage == "validate":
+                    out.writerow(["validate", str(volume.zarr_path), RAW_GROUP, str(volume.zarr_path),
+                                  f"{GROUNDTRUTH_GROUP}/{crop.name}/[{','.join(crop.classes)}]"])
+    return SyntheticData(root=root, csv_path=csv_path, datasets=volumes, classes=list(CLASS_NAMES))

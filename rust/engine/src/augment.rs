@@ -500,6 +500,19 @@ fn resample_linear(
     let whole_block_finite = lo == [0; 3] && (0..3).all(|k| hi[k] == block_shape[k] as i64);
     let step = [affine.m[0][2], affine.m[1][2], affine.m[2][2]];
     let reach = shift.map_or([0.0; 3], |s| s.reach);
+    let kernels = RowKernels {
+        block,
+        sz,
+        sy,
+        max_idx,
+        lo,
+        hi,
+        whole_block_finite,
+        step,
+    };
+    if shift.is_none() && affine.plane_separable() && out_shape[0] > 1 && SHARE_PLANES.with(|s| s.get()) {
+        return resample_linear_planes(&kernels, block_lo, affine, out_shape, out);
+    }
     out.par_chunks_mut(nx).with_min_len(4).enumerate().for_each(|(row, line)| {
         let start = row_start(affine, row, ny, block_lo);
         let row_shift = shift.map(|s| s.row(row, nx));
@@ -529,6 +542,152 @@ fn resample_linear(
             }
         }
     });
+}
+
+thread_local! {
+    /// Whether plane-separable maps share in-plane work between output planes (always, but for
+    /// tests that compare with the per-row kernels).
+    static SHARE_PLANES: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Runs `f` with the per-row kernels only (no sharing between planes), on this thread: for
+/// tests comparing the two.
+#[cfg(test)]
+pub(crate) fn without_shared_planes<T>(f: impl FnOnce() -> T) -> T {
+    SHARE_PLANES.with(|s| s.set(false));
+    let out = f();
+    SHARE_PLANES.with(|s| s.set(true));
+    out
+}
+
+/// What the linear row kernels share: the block, its strides and last indices, the NaN-free
+/// region and the step along a row.
+struct RowKernels<'a> {
+    block: &'a [f32],
+    sz: usize,
+    sy: usize,
+    max_idx: [i64; 3],
+    lo: [i64; 3],
+    hi: [i64; 3],
+    whole_block_finite: bool,
+    step: [f64; 3],
+}
+
+impl RowKernels<'_> {
+    /// Whether every sample of a row starting at `start` has its eight neighbours in the
+    /// NaN-free region (so the vectorised arithmetic applies).
+    fn interior(&self, start: [f64; 3], nx: usize) -> bool {
+        (0..3).all(|k| {
+            let end = start[k] + self.step[k] * (nx - 1) as f64;
+            let (a, b) = if start[k] <= end { (start[k], end) } else { (end, start[k]) };
+            floor_i(a) >= self.lo[k] && floor_i(b) + 1 < self.hi[k]
+        })
+    }
+
+    /// A row that is not interior: clamped at the block's edges, or NaN-aware.
+    fn edge_row(&self, start: [f64; 3], line: &mut [f32]) {
+        for (x, value) in line.iter_mut().enumerate() {
+            let s = position(start, self.step, None, x);
+            *value = if self.whole_block_finite {
+                trilinear_clamped(self.block, self.sz, self.sy, self.max_idx, s)
+            } else {
+                trilinear(self.block, self.sz, self.sy, self.max_idx, s)
+            };
+        }
+    }
+}
+
+/// Trilinear resampling of a plane-separable map ([`Affine::plane_separable`], no shift): the
+/// in-plane (y, x) positions and weights are the same in every output plane, so each source
+/// plane's bilinear values are computed once for the consecutive output planes that use it and
+/// each output voxel is the lerp of two of them in z — the arithmetic of the trilinear kernel,
+/// term for term, so bit for bit its values, for about half its loads. Rows whose neighbours
+/// leave the NaN-free region take the same edge kernels as in [`resample_linear`].
+fn resample_linear_planes(k: &RowKernels, block_lo: [i64; 3], affine: &Affine, out_shape: [usize; 3], out: &mut [f32]) {
+    let [nz, ny, nx] = out_shape;
+    let plane_len = ny * nx;
+    // Consecutive output planes per task, so tasks reuse source planes (any grouping gives the
+    // same values).
+    let group = (nz / (4 * rayon::current_num_threads()).max(1)).max(1);
+    out.par_chunks_mut(plane_len * group).enumerate().for_each(|(g, planes)| {
+        // Bilinear rows of two source planes, computed on demand: (plane index, row computed?).
+        let mut slots: [(i64, Vec<f32>, Vec<bool>); 2] = [
+            (i64::MIN, vec![0f32; plane_len], vec![false; ny]),
+            (i64::MIN, vec![0f32; plane_len], vec![false; ny]),
+        ];
+        for (p, plane) in planes.chunks_mut(plane_len).enumerate() {
+            let z = g * group + p;
+            for (y, line) in plane.chunks_mut(nx).enumerate() {
+                let start = row_start(affine, z * ny + y, ny, block_lo);
+                if !k.interior(start, nx) {
+                    k.edge_row(start, line);
+                    continue;
+                }
+                // SAFETY: interior rows have 0 <= start[0] < block size (see the row kernels).
+                let z0 = unsafe { start[0].to_int_unchecked::<i32>() } as i64;
+                let tz = (start[0] - z0 as f64) as f32;
+                let need = [z0, z0 + 1];
+                // The next output plane moves by a source plane (up, or down when z is mirrored):
+                // the plane both use changes slots instead of being computed again.
+                if slots[0].0 == need[1] || slots[1].0 == need[0] {
+                    slots.swap(0, 1);
+                }
+                for (which, source) in need.into_iter().enumerate() {
+                    if slots[which].0 != source {
+                        slots[which].0 = source;
+                        slots[which].2.fill(false);
+                    }
+                    let (_, values, done) = &mut slots[which];
+                    if !done[y] {
+                        bilinear_row(k.block, source as usize * k.sz, k.sy, start, k.step, &mut values[y * nx..(y + 1) * nx]);
+                        done[y] = true;
+                    }
+                }
+                let (c0, c1) = (&slots[0].1[y * nx..(y + 1) * nx], &slots[1].1[y * nx..(y + 1) * nx]);
+                for ((o, a), b) in line.iter_mut().zip(c0).zip(c1) {
+                    *o = a + tz * (b - a);
+                }
+            }
+        }
+    });
+}
+
+/// The bilinear values of one source plane (element offset `plane`) along an output row: the
+/// `c0` (or `c1`) of the trilinear kernel, with the same positions, weights and arithmetic.
+#[multiversion(targets("x86_64+avx2+fma", "x86_64+sse4.1"))]
+fn bilinear_row(block: &[f32], plane: usize, sy: usize, start: [f64; 3], step: [f64; 3], line: &mut [f32]) {
+    let mut base = [0u32; LANES];
+    let mut weight = [[0f32; LANES]; 2];
+    let mut corner = [[0f32; LANES]; 4];
+    let offsets = [0, 1, sy, sy + 1];
+    for (c, out) in line.chunks_mut(LANES).enumerate() {
+        let n = out.len();
+        let x0 = c * LANES;
+        let (ty, tx) = weight.split_at_mut(1);
+        let (ty, tx) = (&mut ty[0][..n], &mut tx[0][..n]);
+        for (i, ((b, wy), wx)) in base[..n].iter_mut().zip(ty.iter_mut()).zip(tx.iter_mut()).enumerate() {
+            let x = (x0 + i) as f64;
+            let s = [start[1] + step[1] * x, start[2] + step[2] * x];
+            // SAFETY: interior rows have 0 <= s < the block's size on every axis.
+            let f: [i32; 2] = std::array::from_fn(|k| unsafe { s[k].to_int_unchecked::<i32>() });
+            *wy = (s[0] - f[0] as f64) as f32;
+            *wx = (s[1] - f[1] as f64) as f32;
+            *b = plane as u32 + f[0] as u32 * sy as u32 + f[1] as u32;
+        }
+        for (i, &b) in base[..n].iter().enumerate() {
+            for (values, &o) in corner.iter_mut().zip(&offsets) {
+                debug_assert!(b as usize + o < block.len());
+                // SAFETY: interior rows keep every neighbour inside the block.
+                values[i] = unsafe { *block.get_unchecked(b as usize + o) };
+            }
+        }
+        let [v0, v1, v2, v3] = &corner;
+        for i in 0..n {
+            let c00 = v0[i] + tx[i] * (v1[i] - v0[i]);
+            let c01 = v2[i] + tx[i] * (v3[i] - v2[i]);
+            out[i] = c00 + ty[i] * (c01 - c00);
+        }
+    }
 }
 
 /// Output voxels per pass of the row kernels (their scratch arrays stay in L1).
@@ -688,6 +847,28 @@ pub fn nearest_indices(
     let (sy, sz) = (block_shape[2], block_shape[1] * block_shape[2]);
     let step = [affine.m[0][2], affine.m[1][2], affine.m[2][2]];
     let max: [f64; 3] = std::array::from_fn(|k| (block_shape[k] - 1) as f64);
+    if shift.is_none() && affine.plane_separable() && out_shape[0] > 1 && SHARE_PLANES.with(|s| s.get()) {
+        // Every output plane has the first plane's in-plane indices; only the source plane
+        // differs (the same rounding and clamping as the row kernel, per plane).
+        let plane_len = ny * nx;
+        let (first, rest) = index.split_at_mut(plane_len);
+        first.par_chunks_mut(nx).with_min_len(4).enumerate().for_each(|(row, line)| {
+            nearest_row(row_start(affine, row, ny, block_lo), step, max, sz, sy, line);
+        });
+        let plane_of = |z: usize| {
+            let s0 = row_start(affine, z * ny, ny, block_lo)[0];
+            (s0 + 0.5).floor().clamp(0.0, max[0]) as i32 * sz as i32
+        };
+        let first_plane = plane_of(0);
+        let first: &[u32] = first;
+        rest.par_chunks_mut(plane_len).enumerate().for_each(|(p, plane)| {
+            let offset = plane_of(p + 1) - first_plane;
+            for (o, &i) in plane.iter_mut().zip(first) {
+                *o = (i as i32 + offset) as u32;
+            }
+        });
+        return;
+    }
     index.par_chunks_mut(nx).with_min_len(4).enumerate().for_each(|(row, line)| {
         let start = row_start(affine, row, ny, block_lo);
         match shift {

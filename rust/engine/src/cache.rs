@@ -104,6 +104,8 @@ pub struct CacheStats {
     pub entries: u64,
     /// Total time spent decoding chunks, summed over threads (nanoseconds).
     pub decode_nanos: u64,
+    /// Bytes of the chunks decoded (their decoded size).
+    pub decoded_bytes: u64,
 }
 
 /// The shared decoded-chunk cache.
@@ -112,18 +114,18 @@ pub struct ChunkCache {
     hits: AtomicU64,
     misses: AtomicU64,
     decode_nanos: AtomicU64,
+    decoded_bytes: AtomicU64,
 }
 
 static GLOBAL: Mutex<Option<(u32, Arc<ChunkCache>)>> = Mutex::new(None);
 /// Budget of the process-wide cache, remembered so a forked child's fresh cache keeps it.
 static GLOBAL_BUDGET: AtomicU64 = AtomicU64::new(0);
 
-/// Default budget: 2 GiB, or `CELLMAP_CACHE_BYTES` when set.
+/// Default budget: `CELLMAP_CACHE_BYTES` when set, else an eighth of the memory limit shared
+/// among the job's processes on this machine, at least 2 GiB and at most 32 GiB (2 GiB where
+/// the memory cannot be read). A 24 GB machine with one process gets 3 GiB.
 pub fn default_budget() -> u64 {
-    std::env::var("CELLMAP_CACHE_BYTES")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(2 << 30)
+    crate::runtime::memory_budget("CELLMAP_CACHE_BYTES", 8, 2 << 30, 32 << 30)
 }
 
 impl ChunkCache {
@@ -136,6 +138,7 @@ impl ChunkCache {
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             decode_nanos: AtomicU64::new(0),
+            decoded_bytes: AtomicU64::new(0),
         }
     }
 
@@ -171,6 +174,9 @@ impl ChunkCache {
             let started = std::time::Instant::now();
             let chunk = decode().map(Arc::new);
             self.decode_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            if let Ok(c) = &chunk {
+                self.decoded_bytes.fetch_add(c.data.nbytes() as u64, Ordering::Relaxed);
+            }
             chunk
         })?;
         if decoded_here {
@@ -207,6 +213,7 @@ impl ChunkCache {
         self.hits.store(0, Ordering::Relaxed);
         self.misses.store(0, Ordering::Relaxed);
         self.decode_nanos.store(0, Ordering::Relaxed);
+        self.decoded_bytes.store(0, Ordering::Relaxed);
     }
 
     /// Current counters.
@@ -218,6 +225,7 @@ impl ChunkCache {
             budget: self.chunks.capacity(),
             entries: self.chunks.len() as u64,
             decode_nanos: self.decode_nanos.load(Ordering::Relaxed),
+            decoded_bytes: self.decoded_bytes.load(Ordering::Relaxed),
         }
     }
 }

@@ -9,7 +9,8 @@ use rayon::prelude::*;
 use crate::augment::{Interpolation, SpatialConfig, SpatialDraw, SpatialJson};
 use crate::cache::ChunkCache;
 use crate::error::{Error, Result};
-use crate::extract::{read_patch, read_patch_group, source_region, PatchSpec, ReadOptions};
+use crate::extract::{read_packed_group, read_patch, read_patch_group, reads_as_copy, source_region, PatchSpec, ReadOptions};
+use crate::label_cache::LabelCache;
 use crate::geometry::{tile_starts, WorldBox, AXES, MAX_VOXEL_COORDINATE};
 use crate::values::ValuePipeline;
 use crate::volume::{ValueMode, Volume};
@@ -138,6 +139,8 @@ pub struct Dataset {
     grid_step: [f64; 3],
     /// Singleton axis shared by every array (2D patches), if any.
     pub planar_axis: Option<usize>,
+    /// Where the crop's label classes are held decoded (see [`LabelCache`]).
+    labels: Arc<LabelCache>,
 }
 
 impl std::fmt::Debug for Dataset {
@@ -257,6 +260,7 @@ impl Dataset {
             grid,
             grid_step,
             planar_axis,
+            labels: LabelCache::global(),
         })
     }
 
@@ -408,7 +412,9 @@ impl Dataset {
             .enumerate()
             .map(|(i, buf)| {
                 let spec = &self.config.inputs[i];
-                read_patch(&self.raw, self.input_levels[i], &spec.patch, centre, draw, &raw_options, buf).map(|info| info.finite)
+                let level = self.input_levels[i];
+                let options = self.copy_padding(level, &spec.patch, centre, draw, raw_options);
+                read_patch(&self.raw, level, &spec.patch, centre, draw, &options, buf).map(|info| info.finite)
             })
             .collect::<Result<_>>()?;
         finite.resize(n_inputs + target_bufs.len(), false);
@@ -437,7 +443,7 @@ impl Dataset {
                     })
                     .collect();
                 let mut outs: Vec<&mut [f32]> = members.iter().map(|&c| channels[c].take().expect("channel used once")).collect();
-                read_patch_group(&volumes, &spec.patch, centre, draw, &label_options, &mut outs)?;
+                self.read_labels(&volumes, &spec.patch, centre, draw, &label_options, &mut outs)?;
             }
             let rest: Vec<(usize, &mut [f32])> = channels
                 .into_iter()
@@ -450,7 +456,7 @@ impl Dataset {
                     let mut present = vec![0f32; n];
                     for vol in related {
                         let level = vol.pick_level(spec.patch.voxel_size);
-                        read_patch(vol, level, &spec.patch, centre, draw, &label_options, &mut present)?;
+                        self.read_labels(&[(vol.as_ref(), level)], &spec.patch, centre, draw, &label_options, &mut [&mut present])?;
                         for (value, p) in channel.iter_mut().zip(&present) {
                             if *p == 1.0 {
                                 *value = 0.0;
@@ -467,6 +473,43 @@ impl Dataset {
             })?;
         }
         Ok(finite)
+    }
+
+    /// The raw read options of one input read: a copy of integer data that would pad with NaN
+    /// before the value transforms replace NaN (the split's default `NaNtoNum`) pads with the
+    /// replacement instead, so the read is finite and that pass over the patch is skipped; the
+    /// values are the same. Resampled reads keep NaN padding, which interpolation spreads.
+    fn copy_padding(&self, level: usize, patch: &PatchSpec, centre: [f64; 3], draw: &SpatialDraw, options: ReadOptions) -> ReadOptions {
+        let lvl = &self.raw.levels[level];
+        match self.config.raw_values.nan_replacement() {
+            Some(value) if options.pad_value.is_nan() && !lvl.dtype.is_float() && reads_as_copy(lvl, patch, centre, draw) => ReadOptions {
+                pad_value: value,
+                ..options
+            },
+            _ => options,
+        }
+    }
+
+    /// Reads label classes that share one voxel grid: from their crop held decoded in the label
+    /// cache (built on first use), or chunk by chunk when the crop is not held (too large for
+    /// the cache's budget, remote, or its chunks failed to decode: the chunk reads then report
+    /// the failure for the samples that touch it).
+    fn read_labels(
+        &self,
+        volumes: &[(&Volume, usize)],
+        patch: &PatchSpec,
+        centre: [f64; 3],
+        draw: &SpatialDraw,
+        options: &ReadOptions,
+        outs: &mut [&mut [f32]],
+    ) -> Result<()> {
+        match self.labels.get(volumes)? {
+            Some(crop) => {
+                let (volume, level) = volumes[0];
+                read_packed_group(&crop, &volume.levels[level], patch, centre, draw, options, outs)
+            }
+            None => read_patch_group(volumes, patch, centre, draw, options, outs),
+        }
     }
 
     /// Applies the engine's value transforms to one sample's arrays (as [`Dataset::read_sample`]

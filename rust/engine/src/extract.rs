@@ -10,6 +10,7 @@ use crate::augment::{nearest_indices, resample, FiniteRegion, Interpolation, Spa
 use crate::elastic::{ElasticDraw, SourceShift};
 use crate::error::{Error, Result};
 use crate::geometry::{Affine, MAX_VOXEL_COORDINATE};
+use crate::label_cache::PackedLabels;
 use crate::volume::{Level, ValueMode, Volume};
 
 /// What to read: output shape (z, y, x; a 1 marks a 2D slice) and voxel size in nm.
@@ -72,6 +73,14 @@ pub struct ReadInfo {
     /// Whether every value written is finite (no NaN or infinity): integer data read without
     /// NaN padding. Value transforms that only replace non-finite values can then be skipped.
     pub finite: bool,
+}
+
+/// Whether a read of `spec` at `centre` with `draw` from `lvl` is a plain copy of source voxels
+/// (axis-aligned at the level's resolution, not deformed): each output voxel then holds one
+/// source voxel or the padding, and no kernel mixes padding into values.
+pub fn reads_as_copy(lvl: &Level, spec: &PatchSpec, centre: [f64; 3], draw: &SpatialDraw) -> bool {
+    let affine = patch_affine(lvl, spec, centre, draw);
+    affine.axis_aligned_unit().is_some() && source_shift(&affine, spec, draw).is_none()
 }
 
 /// Reads the patch centred at `centre` (nm) into `out` (C order, `spec.len()` values).
@@ -283,6 +292,7 @@ fn check_source_reach(affine: &Affine, shift: Option<&SourceShift>, lvl: &crate:
 
 /// An axis-aligned read at the level's resolution as a strided copy: the source box, and
 /// where each source voxel goes in the output (`base` + strides, negative for mirrored axes).
+#[derive(Clone, Copy)]
 struct AlignedCopy {
     start: [i64; 3],
     region: [usize; 3],
@@ -454,8 +464,126 @@ pub fn read_patch_group(
     result
 }
 
+/// Reads the same patch of every class of a held crop ([`PackedLabels`], whose grid is
+/// `level`'s): what [`read_patch_group`] reads from the crop's label chunks, bit for bit, with
+/// the packed block copied from the crop instead of gathered and packed class by class (and an
+/// axis-aligned read copied straight from the crop's bits).
+pub fn read_packed_group(
+    crop: &PackedLabels,
+    lvl: &Level,
+    spec: &PatchSpec,
+    centre: [f64; 3],
+    draw: &SpatialDraw,
+    options: &ReadOptions,
+    outs: &mut [&mut [f32]],
+) -> Result<()> {
+    debug_assert_eq!(crop.shape, lvl.shape.map(|n| n as usize), "the crop is held on the level's grid");
+    let mut affine = patch_affine(lvl, spec, centre, draw);
+    let shift = source_shift(&affine, spec, draw);
+    check_source_reach(&affine, shift.as_deref(), lvl, spec)?;
+    if shift.is_none() {
+        if let Some(axes) = affine.axis_aligned_unit() {
+            let copy = aligned_copy(&affine, axes, spec, lvl.shape, options.pad);
+            for (c, out) in outs.iter_mut().enumerate() {
+                copy_bits(&crop.planes[c / PACKED_CLASSES], crop.shape, &copy, (c % PACKED_CLASSES) as u32, options.pad_value, out);
+            }
+            return Ok(());
+        }
+    }
+    let (block_lo, block_shape) = source_block(&mut affine, shift.as_deref(), lvl.shape, spec, options);
+    let block_len: usize = block_shape.iter().product();
+    let spans = row_spans(&affine, shift.as_deref(), spec.shape, block_lo, block_shape, options.interpolation);
+    let mut index = take_scratch(&INDEX_SCRATCH, spec.len());
+    let index_len = spec.len();
+    nearest_indices(block_shape, block_lo, &affine, shift.as_deref(), spec.shape, &mut index[..index_len]);
+    let mut packed = take_scratch(&MASK_SCRATCH, block_len);
+    for (plane, group_outs) in crop.planes.iter().zip(outs.chunks_mut(PACKED_CLASSES)) {
+        copy_plane_block(plane, crop.shape, block_lo, block_shape, &spans, &mut packed[..block_len]);
+        unpack_bits(&packed[..block_len], &index[..index_len], options.pad_value, group_outs);
+    }
+    return_scratch(&MASK_SCRATCH, packed);
+    return_scratch(&INDEX_SCRATCH, index);
+    Ok(())
+}
+
+/// Copies the spans of a source block from a packed plane of `shape`, marking the voxels outside
+/// it as padding: the block [`read_patch_group`] packs from the chunks, byte for byte.
+fn copy_plane_block(plane: &[u8], shape: [usize; 3], block_lo: [i64; 3], block_shape: [usize; 3], spans: &[[u32; 2]], block: &mut [u8]) {
+    let [bz, by, bx] = block_shape;
+    for z in 0..bz {
+        let sz = block_lo[0] + z as i64;
+        for y in 0..by {
+            let [a, b] = spans[z * by + y];
+            if a >= b {
+                continue;
+            }
+            let row = &mut block[(z * by + y) * bx..][a as usize..b as usize];
+            let sy = block_lo[1] + y as i64;
+            if sz < 0 || sz >= shape[0] as i64 || sy < 0 || sy >= shape[1] as i64 {
+                row.fill(PACKED_OUTSIDE);
+                continue;
+            }
+            let (x0, x1) = (block_lo[2] + a as i64, block_lo[2] + b as i64);
+            let (in0, in1) = inside_span(x0, x1, shape[2]);
+            let src = (sz as usize * shape[1] + sy as usize) * shape[2];
+            let (before, rest) = row.split_at_mut((in0 - x0) as usize);
+            before.fill(PACKED_OUTSIDE);
+            let (inside, after) = rest.split_at_mut((in1 - in0) as usize);
+            if in1 > in0 {
+                inside.copy_from_slice(&plane[src + in0 as usize..src + in1 as usize]);
+            }
+            after.fill(PACKED_OUTSIDE);
+        }
+    }
+}
+
+/// The part `[in0, in1)` of the row span `[x0, x1)` that lies in `[0, len)` (empty, at a
+/// position inside the span, when none does).
+fn inside_span(x0: i64, x1: i64, len: usize) -> (i64, i64) {
+    let in0 = x0.max(0).min(x1);
+    (in0, x1.min(len as i64).max(in0))
+}
+
+/// An axis-aligned read of one class from a packed plane: bit `bit` of each voxel of the copy's
+/// source box as 0.0 / 1.0 at its output position, `pad_value` outside the grid (what
+/// [`Volume::gather`] writes from the label chunks in foreground mode).
+fn copy_bits(plane: &[u8], shape: [usize; 3], copy: &AlignedCopy, bit: u32, pad_value: f32, out: &mut [f32]) {
+    let AlignedCopy { start, region, base, strides } = *copy;
+    for z in 0..region[0] {
+        let sz = start[0] + z as i64;
+        for y in 0..region[1] {
+            let sy = start[1] + y as i64;
+            let row = base + z as isize * strides[0] + y as isize * strides[1];
+            let inside_row = sz >= 0 && sz < shape[0] as i64 && sy >= 0 && sy < shape[1] as i64;
+            let src = if inside_row { (sz as usize * shape[1] + sy as usize) * shape[2] } else { 0 };
+            if strides[2] == 1 {
+                let dst = &mut out[row as usize..row as usize + region[2]];
+                let x0 = start[2];
+                let (in0, in1) = if inside_row { inside_span(x0, x0 + region[2] as i64, shape[2]) } else { (x0, x0) };
+                let (before, rest) = dst.split_at_mut((in0 - x0) as usize);
+                before.fill(pad_value);
+                let (inside, after) = rest.split_at_mut((in1 - in0) as usize);
+                if in1 > in0 {
+                    bits_to_floats(&plane[src + in0 as usize..src + in1 as usize], bit, pad_value, inside);
+                }
+                after.fill(pad_value);
+            } else {
+                for x in 0..region[2] {
+                    let sx = start[2] + x as i64;
+                    let value = if inside_row && sx >= 0 && sx < shape[2] as i64 {
+                        (plane[src + sx as usize] >> bit & 1) as f32
+                    } else {
+                        pad_value
+                    };
+                    out[(row + x as isize * strides[2]) as usize] = value;
+                }
+            }
+        }
+    }
+}
+
 /// Classes per packed byte: bits 0..7 hold the classes' masks, the top bit marks padding.
-const PACKED_CLASSES: usize = 7;
+const PACKED_CLASSES: usize = crate::label_cache::CLASSES_PER_PLANE;
 const PACKED_OUTSIDE: u8 = 0x80;
 
 /// Puts one class's mask (0, 1, or `MASK_OUTSIDE`) into bit `bit` of the packed block, over
@@ -965,6 +1093,144 @@ mod read_tests {
                     }
                 });
                 assert_same(out, &expected, &format!("{name} with {:?}", draw.angles_deg));
+            }
+        }
+    }
+
+    /// Maps that keep z planes apart (rotations about z, in-plane mirrors and transposes, a z
+    /// mirror or zoom) share in-plane work between output planes; the values are the per-row
+    /// kernels' bit for bit: trilinear raw with NaN padding at every edge, nearest labels.
+    #[test]
+    fn shared_plane_reads_equal_the_per_row_kernels_bit_for_bit() {
+        let dir = TempDir::new("planes");
+        let path = dir.join("r.zarr").join("raw");
+        let mut image = ImageSpec::new([0.0; 3], [VOXEL; 3], [N; 3]);
+        image.frame = CoordinateFrame::Corner;
+        // An irregular field: a kernel that mixed its terms differently would round differently.
+        image.write(&path, |[z, y, x]| ((z * 7919 + y * 104_729 + x * 1299) % 1013) as f32 * 0.37 + 1.0 / (1 + x + y) as f32);
+        let raw = Volume::open_in_frame(&path, ChunkCache::global(), CoordinateFrame::Corner).unwrap();
+        let labels = [
+            masks(&dir, "a", |[z, y, x]| (z + 2 * y + 3 * x) % 4 == 0),
+            masks(&dir, "b", |[z, y, _]| z > 5 && y < 7),
+        ];
+        let group: Vec<(&Volume, usize)> = labels.iter().map(|v| (v, 0)).collect();
+        let mut checked = 0;
+        for (case, angle) in [0.0, 17.0, -133.0, 90.0, 45.0, 180.0].iter().enumerate() {
+            for (mirror, permutation, zoom) in [
+                ([false; 3], [0, 1, 2], [1.0; 3]),
+                ([true, false, true], [0, 2, 1], [1.0; 3]),
+                ([false, true, false], [0, 1, 2], [0.7, 1.0, 1.0]),
+                ([true, true, true], [0, 2, 1], [1.3, 0.9, 1.1]),
+            ] {
+                let draw = SpatialDraw {
+                    mirror,
+                    permutation,
+                    angles_deg: [*angle, 0.0, 0.0],
+                    zoom,
+                    ..SpatialDraw::default()
+                };
+                for (shape, centre) in [([7, 9, 8], [12.0, 12.0, 12.0]), ([5, 6, 11], [3.0, 20.0, -1.0]), ([9, 4, 4], [23.0, 2.0, 15.0])] {
+                    let spec = PatchSpec::new(shape, [VOXEL; 3]).unwrap();
+                    let lvl = &raw.levels[0];
+                    if !patch_affine(lvl, &spec, centre, &draw).plane_separable() {
+                        continue;
+                    }
+                    checked += 1;
+                    let raw_options = ReadOptions {
+                        interpolation: Interpolation::Linear,
+                        mode: ValueMode::Raw,
+                        pad: true,
+                        pad_value: f32::NAN,
+                    };
+                    let label_options = ReadOptions {
+                        interpolation: Interpolation::Nearest,
+                        mode: ValueMode::Foreground,
+                        pad: true,
+                        pad_value: f32::NAN,
+                    };
+                    let read_all = || {
+                        let mut values = vec![0f32; spec.len()];
+                        read_patch(&raw, 0, &spec, centre, &draw, &raw_options, &mut values).unwrap();
+                        let mut masks = vec![vec![0f32; spec.len()]; 2];
+                        let mut outs: Vec<&mut [f32]> = masks.iter_mut().map(|m| m.as_mut_slice()).collect();
+                        read_patch_group(&group, &spec, centre, &draw, &label_options, &mut outs).unwrap();
+                        (values, masks)
+                    };
+                    let (shared, shared_masks) = read_all();
+                    let (rows, row_masks) = crate::augment::without_shared_planes(read_all);
+                    let context = format!("case {case}, {draw:?}, shape {shape:?}, centre {centre:?}");
+                    assert!(shared.iter().any(|v| v.is_nan()) || centre == [12.0; 3], "{context}: edge cases pad");
+                    assert_same(&shared, &rows, &context);
+                    for (a, b) in shared_masks.iter().zip(&row_masks) {
+                        assert_same(a, b, &context);
+                    }
+                }
+            }
+        }
+        assert!(checked >= 40, "{checked} separable reads checked");
+    }
+
+    /// A crop held in the label cache reads, bit for bit, what its chunks read: nine classes (two
+    /// planes), plain, mirrored, transposed, turned, zoomed and deformed patches, centred inside,
+    /// across the edge and wholly outside the crop, padded or moved inside.
+    #[test]
+    fn held_crops_read_what_their_chunks_read_bit_for_bit() {
+        use crate::label_cache::PackedLabels;
+        let dir = TempDir::new("held");
+        let patterns: [fn([usize; 3]) -> bool; 9] = [
+            |[z, y, x]| (z + y + x) % 2 == 0,
+            |[z, y, x]| z < 3 && y < 6 && x >= 4,
+            |[z, _, _]| z % 3 == 1,
+            |[_, y, _]| y > 7,
+            |[z, y, x]| (z * 7 + y * 3 + x) % 5 < 2,
+            |[_, _, x]| x == 0 || x == N - 1,
+            |[z, y, _]| z == y,
+            |_| true,
+            |_| false,
+        ];
+        let volumes: Vec<Volume> = patterns.iter().enumerate().map(|(i, p)| masks(&dir, &format!("c{i}"), *p)).collect();
+        let group: Vec<(&Volume, usize)> = volumes.iter().map(|v| (v, 0)).collect();
+        let crop = PackedLabels::build(&group, &std::sync::atomic::AtomicU64::new(0)).unwrap();
+        assert_eq!((crop.planes.len(), crop.nbytes()), (2, 2 * N * N * N));
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move |n: u64| {
+            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            (state >> 33) % n
+        };
+        for case in 0..240 {
+            let shape = [1 + next(7) as usize, 1 + next(9) as usize, 1 + next(8) as usize];
+            let draw = SpatialDraw {
+                mirror: [next(2) == 1, next(2) == 1, next(2) == 1],
+                permutation: [[0, 1, 2], [0, 2, 1], [1, 0, 2], [2, 1, 0]][next(4) as usize],
+                angles_deg: match case % 4 {
+                    0 => [0.0; 3],
+                    1 => [0.0, 0.0, next(360) as f64 - 180.0],
+                    _ => [next(60) as f64 - 30.0, next(60) as f64 - 30.0, next(360) as f64],
+                },
+                zoom: if case % 5 == 0 { [1.0, 1.25, 0.8] } else { [1.0; 3] },
+                elastic: (case % 6 == 5).then(|| elastic(next(1000), 0.8)),
+                ..SpatialDraw::default()
+            };
+            // From wholly inside to far outside the crop (which spans 0..24 nm per axis).
+            let reach = [20.0, 40.0, 400.0][case % 3];
+            let centre: [f64; 3] = std::array::from_fn(|_| next((2.0 * reach) as u64) as f64 - reach / 2.0 + 12.0);
+            for pad in [true, false] {
+                let spec = PatchSpec::new(shape, [VOXEL; 3]).unwrap();
+                let options = ReadOptions {
+                    interpolation: Interpolation::Nearest,
+                    mode: ValueMode::Foreground,
+                    pad,
+                    pad_value: f32::NAN,
+                };
+                let mut from_chunks = vec![vec![0f32; spec.len()]; patterns.len()];
+                let mut held = vec![vec![0f32; spec.len()]; patterns.len()];
+                let mut a: Vec<&mut [f32]> = from_chunks.iter_mut().map(|o| o.as_mut_slice()).collect();
+                read_patch_group(&group, &spec, centre, &draw, &options, &mut a).unwrap();
+                let mut b: Vec<&mut [f32]> = held.iter_mut().map(|o| o.as_mut_slice()).collect();
+                read_packed_group(&crop, &volumes[0].levels[0], &spec, centre, &draw, &options, &mut b).unwrap();
+                for (c, (x, y)) in held.iter().zip(&from_chunks).enumerate() {
+                    assert_same(x, y, &format!("case {case}, class {c}, pad {pad}, centre {centre:?}, {draw:?}"));
+                }
             }
         }
     }

@@ -116,6 +116,13 @@ impl Affine {
         Affine { m, b }
     }
 
+    /// Whether output z planes map to source z planes with no other axis mixed in (the linear
+    /// part's z row and z column are zero off the diagonal): every output plane then samples the
+    /// same in-plane positions, as a rotation about z with mirrors and in-plane transposes does.
+    pub fn plane_separable(&self) -> bool {
+        self.m[0][1] == 0.0 && self.m[0][2] == 0.0 && self.m[1][0] == 0.0 && self.m[2][0] == 0.0
+    }
+
     /// When the linear part is a signed axis permutation with unit scale, returns for each
     /// output axis `k` the source axis it walks and the direction (±1).
     pub fn axis_aligned_unit(&self) -> Option<[(usize, i64); 3]> {

@@ -13,6 +13,7 @@ pub mod error;
 pub mod extract;
 pub mod faults;
 pub mod geometry;
+pub mod label_cache;
 pub mod labels;
 pub mod loader;
 pub mod ngff;

@@ -468,12 +468,14 @@ mod tests {
         let retried: Vec<&ReadIncident> = batches.iter().flat_map(|b| &b.incidents).collect();
         assert_eq!(retried.len(), 2, "{retried:?}");
         assert!(retried.iter().all(|i| i.action == "retried"));
-        // Faults fire on chunk reads: empty the cache so the chunks are read again.
+        // Faults fire on chunk reads: empty the caches so the chunks are read again.
         ChunkCache::global().clear();
+        crate::label_cache::LabelCache::global().clear();
         crate::faults::inject(crate::faults::FaultKind::Eio, &pattern, 1).unwrap();
         let e = read_epoch(&collection, 2, ReadErrorPolicy::Raise).map(|_| ()).unwrap_err();
         assert!(e.is_transient() && e.to_string().contains("crop1"), "{e}");
         ChunkCache::global().clear();
+        crate::label_cache::LabelCache::global().clear();
         crate::faults::inject(crate::faults::FaultKind::Panic, &pattern, 1).unwrap();
         let e = read_epoch(&collection, 2, ReadErrorPolicy::Skip).map(|_| ()).unwrap_err();
         assert!(matches!(e, Error::Internal(_)) && e.to_string().contains("injected fault"), "{e}");

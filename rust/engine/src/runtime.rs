@@ -24,6 +24,44 @@ pub fn default_threads() -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
 }
 
+/// Memory this process may use: the machine's (`MemTotal` of `/proc/meminfo`), or the
+/// container's limit when a cgroup sets a smaller one; `None` where neither can be read.
+pub fn memory_limit() -> Option<u64> {
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
+        let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib * 1024)
+    });
+    let cgroup = ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .filter_map(|v| v.trim().parse::<u64>().ok())
+        .min();
+    match (total, cgroup) {
+        (Some(t), Some(c)) => Some(t.min(c)),
+        (t, c) => t.or(c),
+    }
+}
+
+/// Processes of this job on this machine (torchrun's `LOCAL_WORLD_SIZE`, else 1): each holds
+/// caches of its own, so memory-sized budgets are shared out among them.
+pub fn local_processes() -> u64 {
+    std::env::var("LOCAL_WORLD_SIZE")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(1)
+}
+
+/// A cache budget: `variable` when set (bytes), else `1 / share` of this process's part of the
+/// memory limit (see [`memory_limit`], [`local_processes`]), kept within `[floor, ceiling]`
+/// (`floor` where the memory cannot be read).
+pub fn memory_budget(variable: &str, share: u64, floor: u64, ceiling: u64) -> u64 {
+    if let Some(bytes) = std::env::var(variable).ok().and_then(|v| v.trim().parse().ok()) {
+        return bytes;
+    }
+    memory_limit().map_or(floor, |memory| (memory / share / local_processes()).clamp(floor, ceiling))
+}
+
 /// A new pool of `threads` threads named `cellmap-<role>-<i>`.
 pub fn new_pool(threads: usize, role: &str) -> Result<Arc<ThreadPool>> {
     let role = role.to_string();

@@ -168,6 +168,16 @@ impl ValuePipeline {
         self.apply_known(values, shape, value_seed, stream, false);
     }
 
+    /// The value a leading `NanToNum` gives NaN, if the pipeline starts with one: a read that
+    /// would pad with NaN may pad with this instead (on integer data nothing else is NaN), and
+    /// then skips the op.
+    pub fn nan_replacement(&self) -> Option<f32> {
+        match self.ops.first() {
+            Some(ValueOp::NanToNum { nan, .. }) => Some(*nan),
+            _ => None,
+        }
+    }
+
     /// [`ValuePipeline::apply`] knowing whether every value is finite: `NanToNum` of finite values
     /// changes nothing and is skipped (the split's default raw transform costs no pass over a
     /// patch read without padding). Finiteness is tracked through the ops.

@@ -134,7 +134,7 @@ impl Level {
         std::array::from_fn(|k| (world[k] - self.translation[k]) / self.voxel_size[k])
     }
 
-    fn decode_chunk(&self, index: [u64; 3]) -> Result<Chunk> {
+    pub(crate) fn decode_chunk(&self, index: [u64; 3]) -> Result<Chunk> {
         let mut full_index = vec![0u64; self.leading];
         full_index.extend_from_slice(&index);
         let where_ = || format!("{} chunk {:?}", self.path.display(), index);
@@ -160,7 +160,10 @@ impl Level {
                         &chunk_shape,
                         self.array.data_type(),
                         self.array.fill_value(),
-                        &CodecOptions::default(),
+                        // One thread per chunk: chunks are decoded in parallel by the callers,
+                        // and a decode runs while a cache holds the chunk's (or crop's) key, where
+                        // a rayon task stolen inside the codec could wait for that same key.
+                        &CodecOptions::default().with_concurrent_target(1),
                     )
                     .map_err(|e| Error::decode(where_(), e))?
                     .into_owned()
@@ -500,7 +503,8 @@ impl Volume {
         mode: ValueMode,
         pad_value: O,
     ) -> Result<()> {
-        self.gather_region(level, start, shape, out, base, strides, None, mode, pad_value)
+        // The output is a batch buffer this thread does not read again: streamed past the cache.
+        self.gather_region(level, start, shape, out, base, strides, None, mode, pad_value, true)
     }
 
     /// Like [`Volume::gather`] into a C-order block of `shape`, but only the voxels of each
@@ -519,7 +523,7 @@ impl Volume {
     ) -> Result<()> {
         assert_eq!(spans.len(), shape[0] * shape[1], "one span per block row");
         let strides = [(shape[1] * shape[2]) as isize, shape[2] as isize, 1];
-        self.gather_region(level, start, shape, out, 0, strides, Some(spans), mode, pad_value)
+        self.gather_region(level, start, shape, out, 0, strides, Some(spans), mode, pad_value, false)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -534,6 +538,7 @@ impl Volume {
         spans: Option<&[[u32; 2]]>,
         mode: ValueMode,
         pad_value: O,
+        streaming: bool,
     ) -> Result<()> {
         let lvl = &self.levels[level];
         let mut inside_lo = [0i64; 3];
@@ -547,7 +552,7 @@ impl Volume {
             }
         }
         if !fully_inside {
-            fill_region(out, base, strides, shape, spans, pad_value);
+            fill_outside(out, base, strides, start, shape, lvl.shape, spans, pad_value);
         }
         if (0..3).any(|k| inside_hi[k] <= inside_lo[k]) {
             return Ok(());
@@ -581,19 +586,56 @@ impl Volume {
                 region_rows: shape[1],
                 spans,
             };
-            copy_chunk_part(&chunk, &part, out, base, strides, mode);
+            copy_chunk_part(&chunk, &part, out, base, strides, mode, streaming);
+        }
+        if streaming {
+            store_fence();
         }
         Ok(())
     }
 }
 
-fn fill_region<O: Copy>(out: &mut [O], base: isize, strides: [isize; 3], shape: [usize; 3], spans: Option<&[[u32; 2]]>, value: O) {
+/// Writes `value` at the voxels of the region `[start, start + shape)` that lie outside an
+/// array of `level_shape` (within each row's span when `spans` is given); the voxels inside are
+/// left to the chunk copies, so each output voxel is written once.
+#[allow(clippy::too_many_arguments)]
+fn fill_outside<O: Copy>(
+    out: &mut [O],
+    base: isize,
+    strides: [isize; 3],
+    start: [i64; 3],
+    shape: [usize; 3],
+    level_shape: [u64; 3],
+    spans: Option<&[[u32; 2]]>,
+    value: O,
+) {
+    let inside = |k: usize, i: usize| (0..level_shape[k] as i64).contains(&(start[k] + i as i64));
+    // The x range of the region inside the array, in region coordinates.
+    let x_in0 = (-start[2]).clamp(0, shape[2] as i64) as usize;
+    let x_in1 = (level_shape[2] as i64 - start[2]).clamp(x_in0 as i64, shape[2] as i64) as usize;
     for z in 0..shape[0] {
         for y in 0..shape[1] {
             let row = base + z as isize * strides[0] + y as isize * strides[1];
-            let [x0, x1] = spans.map_or([0, shape[2] as u32], |s| s[z * shape[1] + y]);
-            for x in x0 as usize..x1 as usize {
-                out[(row + x as isize * strides[2]) as usize] = value;
+            let [x0, x1] = spans.map_or([0, shape[2] as u32], |s| s[z * shape[1] + y]).map(|v| v as usize);
+            if x0 >= x1 {
+                continue;
+            }
+            let parts: [(usize, usize); 2] = if inside(0, z) && inside(1, y) {
+                [(x0, x1.min(x_in0)), (x0.max(x_in1), x1)]
+            } else {
+                [(x0, x1), (0, 0)]
+            };
+            for (a, b) in parts {
+                if a >= b {
+                    continue;
+                }
+                if strides[2] == 1 {
+                    out[(row + a as isize) as usize..(row + b as isize) as usize].fill(value);
+                } else {
+                    for x in a..b {
+                        out[(row + x as isize * strides[2]) as usize] = value;
+                    }
+                }
             }
         }
     }
@@ -617,6 +659,24 @@ pub trait ToF32: Copy {
     fn to_f32(self) -> f32;
     /// Whether the value is non-zero (foreground).
     fn is_nonzero(self) -> bool;
+    /// Converts a contiguous run of values (the rows of a copy); `streaming`: the output is not
+    /// read again soon and may bypass the cache.
+    #[inline(always)]
+    fn convert_run<O: OutputElement>(src: &[Self], dst: &mut [O], mode: ValueMode, _streaming: bool) {
+        convert_run_scalar(src, dst, mode);
+    }
+}
+
+#[inline(always)]
+fn convert_run_scalar<T: ToF32, O: OutputElement>(src: &[T], dst: &mut [O], mode: ValueMode) {
+    match mode {
+        // Separate loops so each is a straight conversion the compiler vectorises.
+        ValueMode::Raw => dst.iter_mut().zip(src).for_each(|(d, s)| *d = O::convert(*s, ValueMode::Raw)),
+        ValueMode::Foreground => dst
+            .iter_mut()
+            .zip(src)
+            .for_each(|(d, s)| *d = O::convert(*s, ValueMode::Foreground)),
+    }
 }
 
 /// What a gather can write: float32 values, or uint8 foreground masks (used by nearest-neighbour
@@ -624,9 +684,67 @@ pub trait ToF32: Copy {
 pub trait OutputElement: Copy + Send + Sync {
     /// Converts one stored value.
     fn convert<T: ToF32>(value: T, mode: ValueMode) -> Self;
+    /// Converts a contiguous run of uint8 values (see [`ToF32::convert_run`]).
+    #[inline(always)]
+    fn convert_u8_run(src: &[u8], dst: &mut [Self], mode: ValueMode, _streaming: bool) {
+        convert_run_scalar(src, dst, mode);
+    }
+}
+
+/// Orders the streaming stores of a copy before anything later (a batch handed to another
+/// thread); a no-op where none are used.
+#[inline]
+fn store_fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of x86_64.
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    };
+}
+
+/// uint8 → float32 with the output streamed past the cache (AVX2): copies write megabytes of
+/// batch output that the producing thread never reads, and a plain store first reads each
+/// line into the cache. The values are the exact conversions of the scalar loop.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn u8_to_f32_streaming(src: &[u8], dst: &mut [f32]) {
+    use std::arch::x86_64::{_mm256_cvtepi32_ps, _mm256_cvtepu8_epi32, _mm256_stream_ps, _mm_loadu_si128, _mm_srli_si128};
+    let n = src.len().min(dst.len());
+    // Whole cache lines only: a line written partly by streaming stores is flushed partly,
+    // which costs a read-modify-write in memory.
+    let misaligned = (dst.as_ptr() as usize & 63) / 4;
+    let head = if misaligned == 0 { 0 } else { (16 - misaligned).min(n) };
+    for i in 0..head {
+        dst[i] = f32::from(src[i]);
+    }
+    let mut i = head;
+    while i + 16 <= n {
+        // SAFETY: i + 16 <= n bounds both slices; dst + i is 64-byte aligned (after the head).
+        unsafe {
+            let bytes = _mm_loadu_si128(src.as_ptr().add(i).cast());
+            _mm256_stream_ps(dst.as_mut_ptr().add(i), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)));
+            _mm256_stream_ps(dst.as_mut_ptr().add(i + 8), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(bytes))));
+        }
+        i += 16;
+    }
+    for j in i..n {
+        dst[j] = f32::from(src[j]);
+    }
 }
 
 impl OutputElement for f32 {
+    #[inline(always)]
+    fn convert_u8_run(src: &[u8], dst: &mut [f32], mode: ValueMode, streaming: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if streaming && mode == ValueMode::Raw && src.len() >= 32 && std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 is available (checked just above).
+            unsafe { u8_to_f32_streaming(src, dst) };
+            return;
+        }
+        let _ = streaming;
+        convert_run_scalar(src, dst, mode);
+    }
+
     #[inline(always)]
     fn convert<T: ToF32>(value: T, mode: ValueMode) -> f32 {
         match mode {
@@ -660,13 +778,37 @@ macro_rules! impl_to_f32 {
         }
     )*};
 }
-impl_to_f32!(u8, u16, u32, u64, i8, i16, i32, i64, f32, f64);
+impl_to_f32!(u16, u32, u64, i8, i16, i32, i64, f32, f64);
 
-fn copy_chunk_part<O: OutputElement>(chunk: &Chunk, part: &ChunkPart, out: &mut [O], base: isize, strides: [isize; 3], mode: ValueMode) {
-    with_chunk_values!(&chunk.data, v => copy_typed(v, chunk.shape, part, out, base, strides, mode))
+impl ToF32 for u8 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from(self)
+    }
+    #[inline(always)]
+    fn is_nonzero(self) -> bool {
+        self != 0
+    }
+    #[inline(always)]
+    fn convert_run<O: OutputElement>(src: &[u8], dst: &mut [O], mode: ValueMode, streaming: bool) {
+        O::convert_u8_run(src, dst, mode, streaming);
+    }
+}
+
+fn copy_chunk_part<O: OutputElement>(
+    chunk: &Chunk,
+    part: &ChunkPart,
+    out: &mut [O],
+    base: isize,
+    strides: [isize; 3],
+    mode: ValueMode,
+    streaming: bool,
+) {
+    with_chunk_values!(&chunk.data, v => copy_typed(v, chunk.shape, part, out, base, strides, mode, streaming))
 }
 
 #[inline]
+#[allow(clippy::too_many_arguments)]
 fn copy_typed<T: ToF32, O: OutputElement>(
     data: &[T],
     chunk_shape: [usize; 3],
@@ -675,6 +817,7 @@ fn copy_typed<T: ToF32, O: OutputElement>(
     base: isize,
     strides: [isize; 3],
     mode: ValueMode,
+    streaming: bool,
 ) {
     let ChunkPart {
         origin,
@@ -703,15 +846,7 @@ fn copy_typed<T: ToF32, O: OutputElement>(
                 + (y - region_start[1]) as isize * strides[1]
                 + (x_lo - region_start[2]) as isize * strides[2];
             if strides[2] == 1 {
-                let dst = &mut out[dst0 as usize..dst0 as usize + run];
-                match mode {
-                    // Separate loops so each is a straight conversion the compiler vectorises.
-                    ValueMode::Raw => dst.iter_mut().zip(src).for_each(|(d, s)| *d = O::convert(*s, ValueMode::Raw)),
-                    ValueMode::Foreground => dst
-                        .iter_mut()
-                        .zip(src)
-                        .for_each(|(d, s)| *d = O::convert(*s, ValueMode::Foreground)),
-                }
+                T::convert_run(src, &mut out[dst0 as usize..dst0 as usize + run], mode, streaming);
             } else {
                 for (i, s) in src.iter().enumerate() {
                     out[(dst0 + i as isize * strides[2]) as usize] = O::convert(*s, mode);

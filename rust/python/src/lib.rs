@@ -13,7 +13,12 @@ mod writer;
 
 use pyo3::prelude::*;
 
+/// Every allocation of the engine goes through mimalloc (see the workspace Cargo.toml).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use cellmap_engine::cache::ChunkCache;
+use cellmap_engine::label_cache::LabelCache;
 use cellmap_engine::ngff::CoordinateFrame;
 use cellmap_engine::values::ValuePipeline;
 
@@ -28,6 +33,16 @@ fn cache_stats(py: Python<'_>) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
     d.set_item("budget", s.budget)?;
     d.set_item("entries", s.entries)?;
     d.set_item("decode_seconds", s.decode_nanos as f64 * 1e-9)?;
+    d.set_item("decoded_bytes", s.decoded_bytes)?;
+    let l = LabelCache::global().stats();
+    d.set_item("label_hits", l.hits)?;
+    d.set_item("label_misses", l.misses)?;
+    d.set_item("label_passed", l.passed)?;
+    d.set_item("label_bytes", l.bytes)?;
+    d.set_item("label_budget", l.budget)?;
+    d.set_item("label_crops", l.crops)?;
+    d.set_item("label_decoded_bytes", l.decoded_bytes)?;
+    d.set_item("label_decode_seconds", l.decode_nanos as f64 * 1e-9)?;
     Ok(d)
 }
 
@@ -58,13 +73,23 @@ fn set_cache_budget(bytes: u64) {
     ChunkCache::set_global_budget(bytes);
 }
 
-/// Drops every cached chunk and pooled batch buffer, and resets the hit/miss counters.
+/// Sets the byte budget of the label-crop cache (0 turns it off: labels are read chunk by chunk).
+#[pyfunction]
+fn set_label_cache_budget(bytes: u64) {
+    LabelCache::set_global_budget(bytes);
+}
+
+/// Drops every cached chunk, held label crop and pooled batch buffer, and resets the counters.
 #[pyfunction]
 fn clear_cache() {
     let cache = ChunkCache::global();
     cache.clear();
     cache.reset_counters();
+    LabelCache::global().clear();
     cellmap_engine::batch::release_pooled_buffers();
+    // Freed memory goes back to the system now rather than after mimalloc's purge delay.
+    // SAFETY: mi_collect only walks the allocator's own free lists.
+    unsafe { libmimalloc_sys::mi_collect(true) };
 }
 
 /// Bytes of batch tensor memory currently alive (in the engine or held by Python tensors).
@@ -133,6 +158,7 @@ fn is_optimized_build() -> bool {
 fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cache_stats, m)?)?;
     m.add_function(wrap_pyfunction!(set_cache_budget, m)?)?;
+    m.add_function(wrap_pyfunction!(set_label_cache_budget, m)?)?;
     m.add_function(wrap_pyfunction!(inject_fault, m)?)?;
     m.add_function(wrap_pyfunction!(clear_faults, m)?)?;
     m.add_function(wrap_pyfunction!(fault_injection_available, m)?)?;
