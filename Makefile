@@ -40,8 +40,11 @@ test-python: build
 test-notebooks: build
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then $(PY) -m pytest -q --nbmake notebooks/ -p no:cacheprovider; else echo "no notebooks"; fi
 
+# REFERENCE=/path/to/venv/bin/python (a venv holding the reference cellmap-data release) adds the
+# ratios of the many-crop table; the project never depends on it.
 bench: build-release
 	$(PY) -m cellmap_data bench --repeat 3
+	$(PY) -m cellmap_data bench --crops 6,48,144,400 $(if $(REFERENCE),--reference $(REFERENCE))
 
 lint:
 	cargo fmt --all --check

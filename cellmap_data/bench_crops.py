@@ -315,9 +315,14 @@ def run(crop_counts: tuple[int, ...] = CROP_COUNTS, *, reference: str | None = N
     return report
 
 
+def _config_from(fields: dict[str, Any]) -> CropConfig:
+    """A configuration from its JSON form (lists back to tuples)."""
+    values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    return CropConfig(**values)
+
+
 if __name__ == "__main__":
     request = json.loads(sys.argv[1])
-    result = measure_ours(request["csv"], CropConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                                       for k, v in request["config"].items()}),
-                          request["warmup"], request["batches"], request["threads"])
+    result = measure_ours(request["csv"], _config_from(request["config"]), request["warmup"], request["batches"],
+                          request["threads"])
     print(json.dumps(result))
