@@ -606,6 +606,7 @@ impl RowKernels<'_> {
 fn resample_linear_planes(k: &RowKernels, block_lo: [i64; 3], affine: &Affine, out_shape: [usize; 3], out: &mut [f32]) {
     let [nz, ny, nx] = out_shape;
     let plane_len = ny * nx;
+    let table = PlaneTable::of(k, block_lo, affine, ny, nx);
     // Consecutive output planes per task, so tasks reuse source planes (any grouping gives the
     // same values).
     let group = (nz / (4 * rayon::current_num_threads()).max(1)).max(1);
@@ -632,6 +633,7 @@ fn resample_linear_planes(k: &RowKernels, block_lo: [i64; 3], affine: &Affine, o
                 if slots[0].0 == need[1] || slots[1].0 == need[0] {
                     slots.swap(0, 1);
                 }
+                let row = y * nx..(y + 1) * nx;
                 for (which, source) in need.into_iter().enumerate() {
                     if slots[which].0 != source {
                         slots[which].0 = source;
@@ -639,11 +641,12 @@ fn resample_linear_planes(k: &RowKernels, block_lo: [i64; 3], affine: &Affine, o
                     }
                     let (_, values, done) = &mut slots[which];
                     if !done[y] {
-                        bilinear_row(k.block, source as usize * k.sz, k.sy, start, k.step, &mut values[y * nx..(y + 1) * nx]);
+                        let (base, ty, tx) = (&table.base[row.clone()], &table.ty[row.clone()], &table.tx[row.clone()]);
+                        bilinear_row(k.block, (source as usize * k.sz) as u32, k.sy, base, ty, tx, &mut values[row.clone()]);
                         done[y] = true;
                     }
                 }
-                let (c0, c1) = (&slots[0].1[y * nx..(y + 1) * nx], &slots[1].1[y * nx..(y + 1) * nx]);
+                let (c0, c1) = (&slots[0].1[row.clone()], &slots[1].1[row]);
                 for ((o, a), b) in line.iter_mut().zip(c0).zip(c1) {
                     *o = a + tz * (b - a);
                 }
@@ -652,33 +655,69 @@ fn resample_linear_planes(k: &RowKernels, block_lo: [i64; 3], affine: &Affine, o
     });
 }
 
-/// The bilinear values of one source plane (element offset `plane`) along an output row: the
-/// `c0` (or `c1`) of the trilinear kernel, with the same positions, weights and arithmetic.
+/// The in-plane part of a plane-separable map, computed once for every output plane: per
+/// output (y, x), the flat offset of its source voxel in a source plane and its y and x weights,
+/// as the trilinear kernel computes them (positions of rows that leave the block are clamped,
+/// and never used: such rows take the edge kernels).
+struct PlaneTable {
+    base: Vec<u32>,
+    ty: Vec<f32>,
+    tx: Vec<f32>,
+}
+
+impl PlaneTable {
+    fn of(k: &RowKernels, block_lo: [i64; 3], affine: &Affine, ny: usize, nx: usize) -> PlaneTable {
+        let mut table = PlaneTable {
+            base: vec![0; ny * nx],
+            ty: vec![0.0; ny * nx],
+            tx: vec![0.0; ny * nx],
+        };
+        table
+            .base
+            .par_chunks_mut(nx)
+            .zip(table.ty.par_chunks_mut(nx))
+            .zip(table.tx.par_chunks_mut(nx))
+            .enumerate()
+            .for_each(|(y, ((base, ty), tx))| {
+                let start = row_start(affine, y, ny, block_lo);
+                plane_table_row(start, k.step, k.sy, base, ty, tx);
+            });
+        table
+    }
+}
+
+/// One row of a [`PlaneTable`].
 #[multiversion(targets("x86_64+avx2+fma", "x86_64+sse4.1"))]
-fn bilinear_row(block: &[f32], plane: usize, sy: usize, start: [f64; 3], step: [f64; 3], line: &mut [f32]) {
-    let mut base = [0u32; LANES];
-    let mut weight = [[0f32; LANES]; 2];
+fn plane_table_row(start: [f64; 3], step: [f64; 3], sy: usize, base: &mut [u32], ty: &mut [f32], tx: &mut [f32]) {
+    for (i, ((b, wy), wx)) in base.iter_mut().zip(ty.iter_mut()).zip(tx.iter_mut()).enumerate() {
+        let x = i as f64;
+        let s = [start[1] + step[1] * x, start[2] + step[2] * x];
+        // `as` saturates (positions of rows that leave the block); inside it truncates, which
+        // for the non-negative positions of interior rows is the kernel's floor.
+        let f = [s[0] as i32, s[1] as i32];
+        *wy = (s[0] - f[0] as f64) as f32;
+        *wx = (s[1] - f[1] as f64) as f32;
+        *b = (f[0] as u32).wrapping_mul(sy as u32).wrapping_add(f[1] as u32);
+    }
+}
+
+/// The bilinear values of one source plane (element offset `plane`) along an output row from
+/// its [`PlaneTable`] row: the `c0` (or `c1`) of the trilinear kernel, with the same positions,
+/// weights and arithmetic.
+#[multiversion(targets("x86_64+avx2+fma", "x86_64+sse4.1"))]
+fn bilinear_row(block: &[f32], plane: u32, sy: usize, base: &[u32], ty: &[f32], tx: &[f32], line: &mut [f32]) {
     let mut corner = [[0f32; LANES]; 4];
     let offsets = [0, 1, sy, sy + 1];
     for (c, out) in line.chunks_mut(LANES).enumerate() {
         let n = out.len();
         let x0 = c * LANES;
-        let (ty, tx) = weight.split_at_mut(1);
-        let (ty, tx) = (&mut ty[0][..n], &mut tx[0][..n]);
-        for (i, ((b, wy), wx)) in base[..n].iter_mut().zip(ty.iter_mut()).zip(tx.iter_mut()).enumerate() {
-            let x = (x0 + i) as f64;
-            let s = [start[1] + step[1] * x, start[2] + step[2] * x];
-            // SAFETY: interior rows have 0 <= s < the block's size on every axis.
-            let f: [i32; 2] = std::array::from_fn(|k| unsafe { s[k].to_int_unchecked::<i32>() });
-            *wy = (s[0] - f[0] as f64) as f32;
-            *wx = (s[1] - f[1] as f64) as f32;
-            *b = plane as u32 + f[0] as u32 * sy as u32 + f[1] as u32;
-        }
-        for (i, &b) in base[..n].iter().enumerate() {
+        let (base, ty, tx) = (&base[x0..x0 + n], &ty[x0..x0 + n], &tx[x0..x0 + n]);
+        for (i, &b) in base.iter().enumerate() {
+            let b = plane.wrapping_add(b) as usize;
             for (values, &o) in corner.iter_mut().zip(&offsets) {
-                debug_assert!(b as usize + o < block.len());
+                debug_assert!(b + o < block.len());
                 // SAFETY: interior rows keep every neighbour inside the block.
-                values[i] = unsafe { *block.get_unchecked(b as usize + o) };
+                values[i] = unsafe { *block.get_unchecked(b + o) };
             }
         }
         let [v0, v1, v2, v3] = &corner;
