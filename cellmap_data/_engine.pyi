@@ -242,6 +242,9 @@ class Batch:
         """The whole batch as an Arrow record batch (Arrow PyCapsule interface)."""
     def metadata(self) -> RecordBatch:
         """The per-sample metadata columns only (no tensor column), as a record batch."""
+    def class_tallies(self) -> RecordBatch:
+        """The per-class counts of the delivered targets only (``foreground_*``, ``fraction_*``,
+        ``unknown_*`` columns), as a record batch."""
     @property
     def indices(self) -> list[int]:
         """Each sample's index within its dataset."""

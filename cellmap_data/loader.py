@@ -273,6 +273,9 @@ class CellMapDataLoader:
         self._consumed_epoch = 0
         self._consumed_batches = 0
         self._replaced_metadata: dict[int, Any] = {}
+        # Per delivered batch of the current iteration: its per-class target counts.
+        self._delivered_counts: dict[int, Any] = {}
+        self._weights: dict[str, float] | None = None
         # Where the next batch comes from: (epoch, batches of it already delivered).
         self._position = (0, 0)
         self._epoch_batches = 0
@@ -449,6 +452,7 @@ class CellMapDataLoader:
                                          start=start)
         self._batch_number = start
         self._consumed_epoch, self._consumed_batches, self._replaced_metadata = epoch, start, {}
+        self._delivered_counts = {}
         self._position = (epoch, start)
         return epoch, stream
 
@@ -471,6 +475,7 @@ class CellMapDataLoader:
         try:
             for batch in stream:
                 self._note_incidents(batch)
+                self._delivered_counts[self._consumed_batches] = batch.class_tallies()
                 self._delivered()
                 yield pa.record_batch(batch.record_batch())
             self._end_epoch()
@@ -547,6 +552,7 @@ class CellMapDataLoader:
             out["__metadata__"] = sample_metadata_dicts(pa.record_batch(batch.metadata()), batch.tensor_names, owners)
         if any(action == "skipped" for _, action, *_ in batch.incidents):
             self._replaced_metadata[self._consumed_batches] = batch.metadata()
+        self._delivered_counts[self._consumed_batches] = batch.class_tallies()
         self._delivered()
         return out
 
@@ -581,18 +587,34 @@ class CellMapDataLoader:
     def epoch_metadata(self, epoch: int | None = None) -> Any:
         """The sample metadata of a whole epoch (default: the one the next iteration reads) as
         one polars DataFrame, without reading any voxel: ``batch`` (this rank's batch number),
-        then the columns of every batch (``dataset``, ``crop``, ``idx``, ``centre_*``,
-        ``mirror_*``, ``transpose_*``, ``rotate_*``, ``level_<array>``, ``value_seed``). The
-        engine draws exactly these samples when that epoch is iterated."""
+        then the plan's columns of every batch (``dataset``, ``crop``, ``idx``, ``centre_*``,
+        ``mirror_*``, ``transpose_*``, ``rotate_*``, ``level_<array>``, ``value_seed``,
+        ``padding``, and per class ``annotated_<class>``), and per class ``weight_<class>``, the
+        weight the dataset's ``class_weights`` gives it (the same for every sample). The engine
+        draws exactly these samples when that epoch is iterated. docs/metadata.md lists every
+        column."""
         import polars as pl
 
         e = self.epoch if epoch is None else int(epoch)
-        return pl.DataFrame(self.collection().epoch_metadata(json.dumps(self.epoch_settings(e)), augment=self.is_train))
+        frame = pl.DataFrame(self.collection().epoch_metadata(json.dumps(self.epoch_settings(e)), augment=self.is_train))
+        return frame.with_columns(self._weight_columns())
+
+    def _weight_columns(self) -> list[Any]:
+        """``weight_<class>`` columns: the class weights of the loader's datasets (computed once)."""
+        import polars as pl
+
+        if getattr(self, "_weights", None) is None:
+            weights = self.multi.class_weights
+            self._weights = {c: float(weights.get(c, float("nan"))) for c in self.multi.classes}
+        return [pl.lit(w, dtype=pl.Float64).alias(f"weight_{c}") for c, w in self._weights.items()]
 
     def consumed_metadata(self) -> Any:
         """The sample metadata of the batches the current (or last) iteration has delivered so
-        far, as one polars DataFrame with the columns of :meth:`epoch_metadata` (a replaced
-        sample, with ``on_read_error="skip"``, shows its replacement)."""
+        far, as one polars DataFrame: the columns of :meth:`epoch_metadata` (a replaced sample,
+        with ``on_read_error="skip"``, shows its replacement), then what the delivered targets
+        held, per class: ``foreground_<class>`` (voxels above 0 after the spatial transforms),
+        ``fraction_<class>`` (of the target patch) and ``unknown_<class>`` (NaN share), counted by
+        the engine as it wrote them (null for batches delivered before a restored state)."""
         import polars as pl
 
         planned = self.epoch_metadata(self._consumed_epoch)
@@ -600,7 +622,14 @@ class CellMapDataLoader:
         for number, record in self._replaced_metadata.items():
             delivered = pl.DataFrame(record).with_columns(pl.lit(number, dtype=planned.schema["batch"]).alias("batch"))
             frame = pl.concat([frame.filter(pl.col("batch") != number), delivered.select(planned.columns)])
-        return frame.sort("batch", maintain_order=True)
+        frame = frame.sort("batch", maintain_order=True)
+        if not self._delivered_counts:
+            return frame
+        position = pl.int_range(pl.len()).over("batch").alias("_position")
+        counts = pl.concat([pl.DataFrame(record).with_columns(pl.lit(number, dtype=planned.schema["batch"]).alias("batch"))
+                            for number, record in sorted(self._delivered_counts.items())], how="vertical_relaxed")
+        joined = frame.with_columns(position).join(counts.with_columns(position), on=["batch", "_position"], how="left")
+        return joined.drop("_position")
 
     def to(self, device: str | torch.device, non_blocking: bool = True) -> "CellMapDataLoader":
         """Delivers batches on ``device`` from now on."""

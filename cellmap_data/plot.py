@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # matplotlib and polars are imported lazily
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["class_balance", "crop_locations", "sample_grid", "sampling_audit"]
+__all__ = ["class_balance", "crop_locations", "no_foreground", "sample_grid", "sampling_audit"]
 
 #: Background of unknown (NaN) voxels ...
 UNKNOWN_BACKGROUND = "#b0b0b0"
@@ -850,23 +850,29 @@ def sampling_audit(
 
     Panels: samples per crop (horizontal bars), where the sample centres fell (``centre_x``
     against ``centre_y``, world nm, coloured by crop), and the distribution of rotation
-    angles (a histogram of each ``rotate_*`` column with a non-zero angle). With ``stats`` (the statistics
-    table of the datasets sampled), a fourth panel shows each class's share of the samples'
-    annotations (a sample counts for every class its crop annotates; ``crop`` of the
-    metadata is matched to ``crop`` of the table) against the uniform share ``1 /
-    classes``.
+    angles (a histogram of each ``rotate_*`` column with a non-zero angle). When the metadata
+    says which classes each sample's crop annotates (the ``annotated_<class>`` columns of the
+    loader's tables) — or, for tables without them, given ``stats`` (the statistics table of the
+    datasets sampled; ``crop`` of the metadata is matched to ``crop`` of the table) — a fourth
+    panel shows each class's share of the samples' annotations (a sample counts for every class
+    its crop annotates) against the uniform share ``1 / classes``. When the metadata is what was
+    delivered (``consumed_metadata()``: ``fraction_<class>`` columns), two more panels show the
+    mean foreground fraction each class had in the samples whose crop annotates it, and the
+    share of samples with no foreground of any class their crop annotates.
 
     Args:
         metadata: the epoch's sample metadata: a polars DataFrame with columns ``crop``,
-            ``centre_y``, ``centre_x`` and optionally ``rotate_z/y/x`` (the loader's
-            per-sample metadata, e.g. ``CellMapDataLoader.metadata(batch)`` concatenated over
-            an epoch's batches), or a list of per-sample dicts (a batch's ``"__metadata__"``).
+            ``centre_y``, ``centre_x`` and optionally ``rotate_z/y/x``, ``annotated_<class>`` and
+            ``fraction_<class>`` (``CellMapDataLoader.epoch_metadata()`` or
+            ``consumed_metadata()``), or a list of per-sample dicts (a batch's ``"__metadata__"``).
         stats: the polars statistics table (``dataset.stats()`` / ``split.stats()`` /
-            ``multi.stats()``), for the per-class panel.
-        figsize: figure size in inches (default ``(15, 4)``, or ``(11, 8)`` with ``stats``).
+            ``multi.stats()``), for the per-class panel of metadata without ``annotated_*``.
+        figsize: figure size in inches (default ``(15, 4)``; ``(11, 8)`` with the class panel;
+            ``(16, 8)`` with the delivered panels).
 
     Returns:
-        A :class:`matplotlib.figure.Figure` with 3 axes (1 row), or 4 (2 x 2) with ``stats``.
+        A :class:`matplotlib.figure.Figure` with 3 axes (1 row), 4 (2 x 2) with the class
+        panel, or 6 (2 x 3) with the delivered panels.
 
     Raises:
         ValueError: metadata that is not a table, is empty or lacks columns; ``stats`` that
@@ -882,7 +888,11 @@ def sampling_audit(
     frame = frame.with_columns(_crop_key_column(frame))
 
     annotations = None
-    if stats is not None:
+    classes = [name[len("annotated_"):] for name in frame.columns if name.startswith("annotated_")]
+    if classes:
+        counts = [int((frame[f"annotated_{c}"] == "annotated").sum()) for c in classes]
+        annotations = (classes, counts)
+    elif stats is not None:
         table = _require_polars(stats, "stats")
         _require_columns(table, ["crop", "class", "annotated"], "stats")
         table = table.with_columns(_crop_key_column(table), pl.col("annotated").fill_null(False))
@@ -891,16 +901,21 @@ def sampling_audit(
         if not set(frame["_crop"].unique().to_list()) & set(table["_crop"].unique().to_list()):
             raise ValueError("no crop of the metadata appears in stats: are they of the same datasets?")
         joined = frame.select("_crop").join(annotated, on="_crop", how="inner")
-        counts = dict(joined.group_by("class").agg(pl.len().alias("n")).iter_rows())
-        annotations = (class_order, [int(counts.get(c, 0)) for c in class_order])
+        counts_by_class = dict(joined.group_by("class").agg(pl.len().alias("n")).iter_rows())
+        annotations = (class_order, [int(counts_by_class.get(c, 0)) for c in class_order])
+    delivered = classes and all(f"fraction_{c}" in frame.columns for c in classes)
 
-    if stats is None:
+    fg_ax = none_ax = None
+    if annotations is None:
         fig = _new_figure(size or (15.0, 4.0))
         crop_ax, centre_ax, rotation_ax = fig.subplots(1, 3)
         class_ax = None
-    else:
+    elif not delivered:
         fig = _new_figure(size or (11.0, 8.0))
         (crop_ax, centre_ax), (rotation_ax, class_ax) = fig.subplots(2, 2)
+    else:
+        fig = _new_figure(size or (16.0, 8.0))
+        (crop_ax, centre_ax, rotation_ax), (class_ax, fg_ax, none_ax) = fig.subplots(2, 3)
 
     per_crop = frame.group_by("_crop", maintain_order=True).agg(pl.len().alias("n"))
     names = _short_names(per_crop["_crop"].to_list())
@@ -951,4 +966,37 @@ def sampling_audit(
             class_ax.legend(fontsize="x-small")
         class_ax.set_ylabel("share of annotated samples")
         class_ax.set_title("samples per class (labels: samples whose crop annotates it)", fontsize="small")
+    if fg_ax is not None and none_ax is not None:
+        means, shown = [], []
+        for c in classes:
+            rows = frame.filter(pl.col(f"annotated_{c}") == "annotated")
+            means.append(float(rows[f"fraction_{c}"].mean()) if rows.height else 0.0)
+            shown.append(rows.height)
+        bars = fg_ax.bar(classes, means, color=[col[:3] for col in _colours(len(classes))])
+        fg_ax.bar_label(bars, labels=[f"{m:.1%}" for m in means], fontsize="x-small", padding=1)
+        fg_ax.set_ylabel("mean foreground fraction")
+        fg_ax.set_title("delivered foreground per class (samples whose crop annotates it)", fontsize="small")
+        empty = no_foreground(frame, classes)
+        share = float(empty.mean()) if empty.len() else 0.0
+        none_bars = none_ax.bar(["some foreground", "no foreground"], [1.0 - share, share], color=["tab:green", "tab:grey"])
+        none_ax.bar_label(none_bars, labels=[f"{1.0 - share:.1%}", f"{share:.1%}"], fontsize="x-small", padding=1)
+        none_ax.set_ylim(0, 1.05)
+        none_ax.set_ylabel("share of samples")
+        none_ax.set_title("samples by foreground of the classes their crop annotates", fontsize="small")
     return fig
+
+
+def no_foreground(metadata: Any, classes: Sequence[str] | None = None) -> Any:
+    """Per sample of delivered metadata (``consumed_metadata()``), whether it held no foreground
+    of any class its crop annotates (a polars boolean Series): such samples teach the model only
+    background. ``classes`` defaults to every class with ``annotated_<class>`` and
+    ``foreground_<class>`` columns."""
+    import polars as pl
+
+    frame = _metadata_frame(metadata)
+    if classes is None:
+        classes = [n[len("annotated_"):] for n in frame.columns
+                   if n.startswith("annotated_") and f"foreground_{n[len('annotated_'):]}" in frame.columns]
+    _require_columns(frame, [f"{k}_{c}" for c in classes for k in ("annotated", "foreground")], "metadata")
+    held = [((pl.col(f"annotated_{c}") == "annotated") & (pl.col(f"foreground_{c}") > 0)) for c in classes]
+    return frame.select((~pl.any_horizontal(held)) if held else pl.lit(True)).to_series().alias("no_foreground")

@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from cellmap_data import CellMapDataSplit, CellMapDataset, CellMapMultiDataset  # noqa: E402
+from cellmap_data import CellMapDataLoader, CellMapDataSplit, CellMapDataset, CellMapMultiDataset  # noqa: E402
 from cellmap_data import plot  # noqa: E402
 from cellmap_data.utils.figs import get_fig_dict  # noqa: E402
 
@@ -395,3 +395,39 @@ def test_figures_show_as_png_in_a_notebook_without_pyplot(tiny_data):
              "output": torch.from_numpy((rng.random((2, 2, 8, 8)) > 0.5).astype(np.float32))}
     png = plot.sample_grid(batch, classes=["mito", "er"])._repr_png_()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+def test_sampling_audit_reads_the_plan_s_annotated_columns_without_stats(multi, stats, tiny_data):
+    loader = CellMapDataLoader(multi, batch_size=4, iterations_per_epoch=10, weighted_sampler=True, seed=2)
+    plan = loader.epoch_metadata()
+    fig = plot.sampling_audit(plan)
+    assert len(fig.axes) == 4
+    shares = [r.get_height() for r in rectangles(fig.axes[3])]
+    counts = [int((plan[f"annotated_{c}"] == "annotated").sum()) for c in tiny_data.classes]
+    assert shares == pytest.approx([n / sum(counts) for n in counts])
+    # The same shares the statistics table gives for these samples (the older way, a join).
+    joined = plot.sampling_audit(plan.select(pl.exclude("^annotated_.*$")), stats=stats)
+    assert [r.get_height() for r in rectangles(joined.axes[3])] == pytest.approx(shares)
+    render(fig)
+
+
+def test_sampling_audit_of_delivered_samples_shows_their_foreground(multi, tiny_data):
+    loader = CellMapDataLoader(multi, batch_size=4, iterations_per_epoch=10, weighted_sampler=True, seed=2)
+    for _ in loader:
+        pass
+    delivered = loader.consumed_metadata()
+    fig = plot.sampling_audit(delivered)
+    assert len(fig.axes) == 6
+    np.testing.assert_allclose(fig.get_size_inches(), [16, 8])
+    foreground_ax, none_ax = fig.axes[4], fig.axes[5]
+    expected = []
+    for c in tiny_data.classes:
+        rows = delivered.filter(pl.col(f"annotated_{c}") == "annotated")
+        expected.append(float(rows[f"fraction_{c}"].mean()) if rows.height else 0.0)
+    assert [r.get_height() for r in rectangles(foreground_ax)] == pytest.approx(expected)
+    empty = plot.no_foreground(delivered)
+    by_hand = [not any(row[f"annotated_{c}"] == "annotated" and row[f"foreground_{c}"] > 0 for c in tiny_data.classes)
+               for row in delivered.iter_rows(named=True)]
+    assert empty.to_list() == by_hand
+    assert [r.get_height() for r in rectangles(none_ax)] == pytest.approx([1 - np.mean(by_hand), np.mean(by_hand)])
+    render(fig)

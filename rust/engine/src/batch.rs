@@ -14,7 +14,8 @@ use arrow_schema::{DataType, Field, Schema};
 use rayon::prelude::*;
 
 use crate::augment::{SpatialDraw, SHEAR_TERMS};
-use crate::dataset::Dataset;
+use crate::dataset::{Annotation, Dataset};
+use crate::extract::Tally;
 use crate::elastic::ElasticDraw;
 use crate::error::{Error, Result};
 use crate::geometry::AXES;
@@ -242,6 +243,12 @@ pub struct Batch {
     /// Per sample, the level read for each array (same order as columns; a target reports the
     /// level of its first annotated class, or -1 when none is annotated).
     pub levels: Vec<Vec<i64>>,
+    /// The requested classes and the target arrays' names and sizes.
+    pub classes: ClassInfo,
+    /// Per sample and class, whether the sample's crop annotates the class.
+    pub annotation: Vec<Vec<Annotation>>,
+    /// Per sample, per target array and class (target-major): foreground and unknown voxels.
+    pub tallies: Vec<Vec<Tally>>,
     /// Per sample, the position of its dataset in the collection it was read from (empty for a
     /// batch read from one dataset).
     pub positions: Vec<usize>,
@@ -269,6 +276,13 @@ pub struct Batch {
 /// | `level_<array>` | i64 | level read per array (−1: a target with no annotated class) |
 /// | `value_seed` | u64 | seed of the value transforms |
 /// | `padding` | bool | a repeat of an earlier sample, added so every rank reads as many samples |
+/// | `annotated_<class>` | utf8 | `annotated` (the crop labels the class), `inferred` (not labelled, but exclusive with labelled classes: 0 where they are present, NaN elsewhere) or `unknown` (NaN everywhere) |
+/// | `foreground_<class>` | u64 | delivered batches only: target voxels above 0 after the spatial transforms |
+/// | `fraction_<class>` | f64 | delivered batches only: `foreground_<class>` / voxels of the target patch |
+/// | `unknown_<class>` | f64 | delivered batches only: NaN voxels / voxels of the target patch |
+///
+/// The per-class columns describe the first target array; a second array's are named
+/// `foreground_<array>_<class>` and so on.
 pub struct SampleMetadata<'a> {
     /// The requests, in order.
     pub samples: &'a [SampleRequest],
@@ -280,6 +294,43 @@ pub struct SampleMetadata<'a> {
     pub levels: &'a [Vec<i64>],
     /// The arrays' names (inputs then targets).
     pub array_names: &'a [String],
+    /// The requested classes and the target arrays.
+    pub classes: &'a ClassInfo,
+    /// Per sample and class, whether the sample's crop annotates the class.
+    pub annotation: &'a [Vec<Annotation>],
+    /// Per sample (target-major, then class), what the delivered targets hold; `None` for a
+    /// plan (nothing read yet).
+    pub tallies: Option<&'a [Vec<Tally>]>,
+}
+
+/// The requested classes and the target arrays (name, voxels per channel) a sample table
+/// describes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClassInfo {
+    /// Requested classes, in channel order.
+    pub names: Vec<String>,
+    /// Target arrays: name and voxels of one channel's patch.
+    pub targets: Vec<(String, usize)>,
+}
+
+impl ClassInfo {
+    /// The classes and target arrays of `dataset`.
+    pub fn of(dataset: &Dataset) -> ClassInfo {
+        ClassInfo {
+            names: dataset.config.classes.iter().map(|(name, _)| name.clone()).collect(),
+            targets: dataset.config.targets.iter().map(|t| (t.name.clone(), t.patch.len())).collect(),
+        }
+    }
+
+    /// The suffix of target array `t`'s class columns: the class, after the array's name for
+    /// every array but the first.
+    fn column(&self, t: usize, class: &str) -> String {
+        if t == 0 {
+            class.to_string()
+        } else {
+            format!("{}_{class}", self.targets[t].0)
+        }
+    }
 }
 
 impl SampleMetadata<'_> {
@@ -352,6 +403,32 @@ impl SampleMetadata<'_> {
         let mut seeds = UInt64Builder::with_capacity(rows);
         self.samples.iter().for_each(|s| seeds.append_value(s.value_seed));
         push("value_seed", Arc::new(seeds.finish()));
+        for (c, class) in self.classes.names.iter().enumerate() {
+            let mut a = StringBuilder::with_capacity(rows, rows * 9);
+            self.annotation.iter().for_each(|per| a.append_value(per.get(c).map_or("unknown", |s| s.as_str())));
+            push(&format!("annotated_{class}"), Arc::new(a.finish()));
+        }
+        if let Some(tallies) = self.tallies {
+            let n_classes = self.classes.names.len();
+            for (t, &(_, voxels)) in self.classes.targets.iter().enumerate() {
+                for (c, class) in self.classes.names.iter().enumerate() {
+                    let suffix = self.classes.column(t, class);
+                    let at = |per: &Vec<Tally>| per.get(t * n_classes + c).copied().unwrap_or_default();
+                    let mut count = UInt64Builder::with_capacity(rows);
+                    let mut fraction = Float64Builder::with_capacity(rows);
+                    let mut unknown = Float64Builder::with_capacity(rows);
+                    for per in tallies {
+                        let tally = at(per);
+                        count.append_value(tally.foreground);
+                        fraction.append_value(tally.foreground as f64 / voxels.max(1) as f64);
+                        unknown.append_value(tally.unknown as f64 / voxels.max(1) as f64);
+                    }
+                    push(&format!("foreground_{suffix}"), Arc::new(count.finish()));
+                    push(&format!("fraction_{suffix}"), Arc::new(fraction.finish()));
+                    push(&format!("unknown_{suffix}"), Arc::new(unknown.finish()));
+                }
+            }
+        }
         let mut padding = BooleanBuilder::with_capacity(rows);
         self.samples.iter().for_each(|s| padding.append_value(s.padding));
         push("padding", Arc::new(padding.finish()));
@@ -382,7 +459,7 @@ pub struct BatchReadOptions<'a, 'd> {
 }
 
 /// Reads one sample into its output slices (float columns, then compact byte columns).
-fn read_one(dataset: &Dataset, req: &SampleRequest, floats: &mut [&mut [f32]], bytes: &mut [&mut [u8]]) -> Result<()> {
+fn read_one(dataset: &Dataset, req: &SampleRequest, floats: &mut [&mut [f32]], bytes: &mut [&mut [u8]]) -> Result<Vec<Tally>> {
     let in_sample = |e: Error| {
         let c = req.centre;
         e.with_context(format!(
@@ -395,23 +472,23 @@ fn read_one(dataset: &Dataset, req: &SampleRequest, floats: &mut [&mut [f32]], b
         ))
     };
     if bytes.is_empty() {
-        let finite = dataset.read_sample(req.centre, &req.draw, floats).map_err(in_sample)?;
-        dataset.apply_values(req.value_seed, floats, &finite);
-        return Ok(());
+        let mut read = dataset.read_sample(req.centre, &req.draw, floats).map_err(in_sample)?;
+        dataset.apply_values(req.value_seed, floats, &mut read);
+        return Ok(read.tallies);
     }
     // Compact targets: read as float, then pack (0, 1, 255 = unknown).
     let mut scratch: Vec<Vec<f32>> = bytes.iter().map(|b| vec![0f32; b.len()]).collect();
     let mut outs: Vec<&mut [f32]> = floats.iter_mut().map(|s| &mut **s).collect();
     outs.extend(scratch.iter_mut().map(|v| v.as_mut_slice()));
-    let finite = dataset.read_sample(req.centre, &req.draw, &mut outs).map_err(in_sample)?;
+    let mut read = dataset.read_sample(req.centre, &req.draw, &mut outs).map_err(in_sample)?;
     // Compact targets carry no engine value transforms (they stay 0/1/NaN).
-    dataset.apply_values(req.value_seed, &mut outs, &finite);
+    dataset.apply_values(req.value_seed, &mut outs, &mut read);
     for (dst, src) in bytes.iter_mut().zip(&scratch) {
         for (d, v) in dst.iter_mut().zip(src) {
             *d = if v.is_nan() { COMPACT_UNKNOWN } else { *v as u8 };
         }
     }
-    Ok(())
+    Ok(read.tallies)
 }
 
 impl Batch {
@@ -460,6 +537,7 @@ impl Batch {
         }
         let mut items: Vec<(&'d Dataset, SampleRequest)> = items.to_vec();
         let mut incidents: Vec<Vec<ReadIncident>> = vec![Vec::new(); items.len()];
+        let mut tallies: Vec<Vec<Tally>> = vec![Vec::new(); items.len()];
         {
             // Per sample: a float slice per float column, a byte slice per compact column.
             let mut float_slots: Vec<Vec<&mut [f32]>> = (0..items.len()).map(|_| Vec::new()).collect();
@@ -481,8 +559,9 @@ impl Batch {
                 .zip(byte_slots.par_iter_mut())
                 .zip(items.par_iter_mut())
                 .zip(incidents.par_iter_mut())
+                .zip(tallies.par_iter_mut())
                 .enumerate()
-                .try_for_each(|(position, (((floats, bytes), item), log))| {
+                .try_for_each(|(position, ((((floats, bytes), item), log), tally))| {
                     let mut attempt = 0u32;
                     loop {
                         if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
@@ -504,7 +583,10 @@ impl Batch {
                             |e| log.push(incident("retried", e)),
                         );
                         let error = match outcome {
-                            Ok(()) => return Ok(()),
+                            Ok(counted) => {
+                                *tally = counted;
+                                return Ok(());
+                            }
                             Err(e) => e,
                         };
                         let replace = match options.replace {
@@ -542,6 +624,9 @@ impl Batch {
             dataset_labels: items.iter().map(|(d, _)| d.config.name()).collect(),
             crop_labels: items.iter().map(|(d, _)| d.config.crop.clone()).collect(),
             levels: items.iter().map(|(d, _)| d.array_levels()).collect(),
+            classes: ClassInfo::of(first),
+            annotation: items.iter().map(|(d, _)| d.annotation()).collect(),
+            tallies,
             positions: Vec::new(),
         })
     }
@@ -597,6 +682,9 @@ impl Batch {
             crop_labels: &self.crop_labels,
             levels: &self.levels,
             array_names: &array_names,
+            classes: &self.classes,
+            annotation: &self.annotation,
+            tallies: Some(&self.tallies),
         };
         for (field, array) in meta.columns() {
             fields.push(field);
@@ -643,12 +731,31 @@ mod tests {
             },
         ];
         let names = ["input".to_string(), "output".to_string()];
+        let classes = ClassInfo {
+            names: vec!["mito".to_string(), "er".to_string()],
+            targets: vec![("output".to_string(), 8), ("extra".to_string(), 4)],
+        };
+        let tallies = [
+            vec![
+                Tally { foreground: 2, unknown: 0 },
+                Tally { foreground: 0, unknown: 8 },
+                Tally { foreground: 1, unknown: 1 },
+                Tally::default(),
+            ],
+            vec![Tally { foreground: 8, unknown: 0 }, Tally::default(), Tally::default(), Tally::default()],
+        ];
         let meta = SampleMetadata {
             samples: &samples,
             dataset_labels: &["/d/raw".to_string(), "/d/raw".to_string()],
             crop_labels: &["/d/crop1".to_string(), "/d/crop2".to_string()],
             levels: &[vec![0, 1], vec![1, -1]],
             array_names: &names,
+            classes: &classes,
+            annotation: &[
+                vec![Annotation::Annotated, Annotation::Unknown],
+                vec![Annotation::Annotated, Annotation::Inferred],
+            ],
+            tallies: Some(&tallies),
         };
         let batch = meta.record_batch(Vec::new()).unwrap();
         let schema = batch.schema();
@@ -699,6 +806,25 @@ mod tests {
             .as_primitive::<arrow_array::types::UInt8Type>()
             .value(0);
         assert_eq!(transpose, 2);
+        let text = |name: &str| -> Vec<String> {
+            let column = batch.column_by_name(name).unwrap().as_string::<i32>().clone();
+            column.iter().map(|v| v.unwrap().to_string()).collect()
+        };
+        assert_eq!(text("annotated_mito"), ["annotated", "annotated"]);
+        assert_eq!(text("annotated_er"), ["unknown", "inferred"]);
+        let counts = batch
+            .column_by_name("foreground_mito")
+            .unwrap()
+            .as_primitive::<arrow_array::types::UInt64Type>()
+            .values()
+            .to_vec();
+        assert_eq!(counts, vec![2, 8]);
+        assert_eq!(column("fraction_mito"), vec![0.25, 1.0]);
+        assert_eq!(column("unknown_er"), vec![1.0, 0.0]);
+        assert_eq!(column("fraction_extra_mito"), vec![0.25, 0.0], "a second target array's columns are prefixed");
+        assert_eq!(column("unknown_extra_mito"), vec![0.25, 0.0]);
+        let plan = SampleMetadata { tallies: None, ..meta }.record_batch(Vec::new()).unwrap();
+        assert!(plan.column_by_name("annotated_er").is_some() && plan.column_by_name("foreground_mito").is_none());
     }
 
     #[test]

@@ -9,12 +9,44 @@ use rayon::prelude::*;
 use crate::augment::{Interpolation, SpatialConfig, SpatialDraw, SpatialJson};
 use crate::cache::ChunkCache;
 use crate::error::{Error, Result};
-use crate::extract::{read_packed_group, read_patch, read_patch_group, reads_as_copy, source_region, PatchSpec, ReadOptions};
+use crate::extract::{read_packed_group, read_patch, read_patch_group, reads_as_copy, source_region, PatchSpec, ReadOptions, Tally};
 use crate::label_cache::LabelCache;
 use crate::geometry::{tile_starts, WorldBox, AXES, MAX_VOXEL_COORDINATE};
 use crate::values::ValuePipeline;
 use crate::volume::{ValueMode, Volume};
 use serde::Deserialize;
+
+/// Whether a crop labels a requested class (the sample metadata's `annotated_<class>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Annotation {
+    /// The crop labels it.
+    Annotated,
+    /// Not labelled, but exclusive with labelled classes: 0 where they are present, else NaN.
+    Inferred,
+    /// Not labelled: NaN everywhere.
+    Unknown,
+}
+
+impl Annotation {
+    /// The table's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Annotation::Annotated => "annotated",
+            Annotation::Inferred => "inferred",
+            Annotation::Unknown => "unknown",
+        }
+    }
+}
+
+/// What reading one sample found besides its values: per output whether every value is finite,
+/// and per target array and class (target-major) the foreground and unknown voxels.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SampleRead {
+    /// Per output (inputs, then targets): every value finite.
+    pub finite: Vec<bool>,
+    /// Per target array and class: foreground and unknown voxels of the delivered patch.
+    pub tallies: Vec<Tally>,
+}
 
 /// Identity of a level's voxel grid (voxel size, origin, shape): levels with equal keys map
 /// world positions to the same voxel indices.
@@ -331,6 +363,18 @@ impl Dataset {
         self.sources.iter().map(|s| matches!(s, ClassSource::Annotated(_))).collect()
     }
 
+    /// Per requested class, whether this crop labels it.
+    pub fn annotation(&self) -> Vec<Annotation> {
+        self.sources
+            .iter()
+            .map(|s| match s {
+                ClassSource::Annotated(_) => Annotation::Annotated,
+                ClassSource::Inferred(_) => Annotation::Inferred,
+                ClassSource::Empty => Annotation::Unknown,
+            })
+            .collect()
+    }
+
     /// Number of target channels (requested classes).
     pub fn n_classes(&self) -> usize {
         self.sources.len()
@@ -402,8 +446,10 @@ impl Dataset {
 
     /// Reads every array of one sample into `outputs` (inputs first, then targets; each
     /// target buffer holds `n_classes` channels). Returns, per output, whether every value read
-    /// is finite (see [`ReadInfo::finite`](crate::extract::ReadInfo); targets: false).
-    pub fn read_sample(&self, centre: [f64; 3], draw: &SpatialDraw, outputs: &mut [&mut [f32]]) -> Result<Vec<bool>> {
+    /// is finite (see [`ReadInfo::finite`](crate::extract::ReadInfo); targets: false), and per
+    /// target array and class (target-major) its foreground and unknown voxels, counted as the
+    /// labels were written.
+    pub fn read_sample(&self, centre: [f64; 3], draw: &SpatialDraw, outputs: &mut [&mut [f32]]) -> Result<SampleRead> {
         let n_inputs = self.config.inputs.len();
         let (raw_options, label_options) = self.read_options();
         let (input_bufs, target_bufs) = outputs.split_at_mut(n_inputs);
@@ -418,9 +464,12 @@ impl Dataset {
             })
             .collect::<Result<_>>()?;
         finite.resize(n_inputs + target_bufs.len(), false);
+        let n_classes = self.sources.len();
+        let mut tallies = vec![Tally::default(); target_bufs.len() * n_classes];
         for (t, buf) in target_bufs.iter_mut().enumerate() {
             let spec = &self.config.targets[t];
             let n = spec.patch.len();
+            let tallies = &mut tallies[t * n_classes..(t + 1) * n_classes];
             let mut channels: Vec<Option<&mut [f32]>> = buf.chunks_mut(n).map(Some).collect();
             // Annotated classes whose chosen levels share one voxel grid are read together.
             let mut groups: Vec<(GridKey, Vec<usize>)> = Vec::new();
@@ -443,36 +492,47 @@ impl Dataset {
                     })
                     .collect();
                 let mut outs: Vec<&mut [f32]> = members.iter().map(|&c| channels[c].take().expect("channel used once")).collect();
-                self.read_labels(&volumes, &spec.patch, centre, draw, &label_options, &mut outs)?;
+                let counted = self.read_labels(&volumes, &spec.patch, centre, draw, &label_options, &mut outs)?;
+                for (&c, tally) in members.iter().zip(counted) {
+                    tallies[c] = tally;
+                }
             }
             let rest: Vec<(usize, &mut [f32])> = channels
                 .into_iter()
                 .enumerate()
                 .filter_map(|(c, ch)| ch.map(|ch| (c, ch)))
                 .collect();
-            rest.into_par_iter().try_for_each(|(c, channel)| match &self.sources[c] {
-                ClassSource::Inferred(related) => {
-                    channel.fill(f32::NAN);
-                    let mut present = vec![0f32; n];
-                    for vol in related {
-                        let level = vol.pick_level(spec.patch.voxel_size);
-                        self.read_labels(&[(vol.as_ref(), level)], &spec.patch, centre, draw, &label_options, &mut [&mut present])?;
-                        for (value, p) in channel.iter_mut().zip(&present) {
-                            if *p == 1.0 {
-                                *value = 0.0;
+            let counted: Vec<(usize, Tally)> = rest
+                .into_par_iter()
+                .map(|(c, channel)| match &self.sources[c] {
+                    ClassSource::Inferred(related) => {
+                        channel.fill(f32::NAN);
+                        let mut present = vec![0f32; n];
+                        for vol in related {
+                            let level = vol.pick_level(spec.patch.voxel_size);
+                            self.read_labels(&[(vol.as_ref(), level)], &spec.patch, centre, draw, &label_options, &mut [&mut present])?;
+                            for (value, p) in channel.iter_mut().zip(&present) {
+                                if *p == 1.0 {
+                                    *value = 0.0;
+                                }
                             }
                         }
+                        // True negatives (0) or unknown: no foreground.
+                        let unknown = channel.iter().filter(|v| v.is_nan()).count() as u64;
+                        Ok((c, Tally { foreground: 0, unknown }))
                     }
-                    Ok(())
-                }
-                ClassSource::Empty => {
-                    channel.fill(f32::NAN);
-                    Ok(())
-                }
-                ClassSource::Annotated(_) => unreachable!("annotated classes were read in groups"),
-            })?;
+                    ClassSource::Empty => {
+                        channel.fill(f32::NAN);
+                        Ok((c, Tally::padding(n, f32::NAN)))
+                    }
+                    ClassSource::Annotated(_) => unreachable!("annotated classes were read in groups"),
+                })
+                .collect::<Result<_>>()?;
+            for (c, tally) in counted {
+                tallies[c] = tally;
+            }
         }
-        Ok(finite)
+        Ok(SampleRead { finite, tallies })
     }
 
     /// The raw read options of one input read: a copy of integer data that would pad with NaN
@@ -502,7 +562,7 @@ impl Dataset {
         draw: &SpatialDraw,
         options: &ReadOptions,
         outs: &mut [&mut [f32]],
-    ) -> Result<()> {
+    ) -> Result<Vec<Tally>> {
         match self.labels.get(volumes)? {
             Some(crop) => {
                 let (volume, level) = volumes[0];
@@ -516,7 +576,8 @@ impl Dataset {
     /// left them: inputs first, then targets), drawing from the sample's `value_seed`; `finite`
     /// is what `read_sample` returned (ops that only replace non-finite values are skipped on
     /// arrays known to hold none).
-    pub fn apply_values(&self, value_seed: u64, outputs: &mut [&mut [f32]], finite: &[bool]) {
+    pub fn apply_values(&self, value_seed: u64, outputs: &mut [&mut [f32]], read: &mut SampleRead) {
+        let finite = &read.finite;
         if self.config.raw_values.is_empty() && self.config.target_values.is_empty() {
             return;
         }
@@ -544,6 +605,10 @@ impl Dataset {
                     },
                 };
                 pipeline.apply(channel, &channel_shape, value_seed, stream + 1 + c as u64);
+                // The transforms may change what a voxel holds: the counts follow the values.
+                if !pipeline.is_empty() {
+                    read.tallies[(i - n_inputs) * self.sources.len() + c] = Tally::of(channel);
+                }
             }
         }
     }

@@ -400,9 +400,9 @@ pub fn read_patch_group(
     draw: &SpatialDraw,
     options: &ReadOptions,
     outs: &mut [&mut [f32]],
-) -> Result<()> {
+) -> Result<Vec<Tally>> {
     let Some(&(first, first_level)) = volumes.first() else {
-        return Ok(());
+        return Ok(Vec::new());
     };
     let lvl = &first.levels[first_level];
     let mut affine = patch_affine(lvl, spec, centre, draw);
@@ -417,10 +417,12 @@ pub fn read_patch_group(
             elastic: draw.elastic.filter(|_| shift.is_some()),
             ..*draw
         };
+        let mut tallies = Vec::with_capacity(outs.len());
         for ((volume, level), out) in volumes.iter().zip(outs.iter_mut()) {
             read_patch(volume, *level, spec, centre, &draw, options, out)?;
+            tallies.push(Tally::of(out));
         }
-        return Ok(());
+        return Ok(tallies);
     }
     let (block_lo, block_shape) = source_block(&mut affine, shift.as_deref(), lvl.shape, spec, options);
     let block_len: usize = block_shape.iter().product();
@@ -438,6 +440,7 @@ pub fn read_patch_group(
     let mut mask = take_scratch(&MASK_SCRATCH, block_len);
     let mut packed = take_scratch(&MASK_SCRATCH, block_len);
     let mut result = Ok(());
+    let mut tallies = Vec::with_capacity(outs.len());
     // Classes are packed as bits of one byte per source voxel, so each output voxel needs one
     // lookup for up to seven classes instead of one per class.
     'groups: for (group, group_outs) in volumes.chunks(PACKED_CLASSES).zip(outs.chunks_mut(PACKED_CLASSES)) {
@@ -456,12 +459,12 @@ pub fn read_patch_group(
             }
             pack_bit(&mask[..block_len], &mut packed[..block_len], &spans, block_shape[2], bit as u32);
         }
-        unpack_bits(&packed[..block_len], &index[..index_len], options.pad_value, group_outs);
+        tallies.extend(unpack_bits(&packed[..block_len], &index[..index_len], options.pad_value, group_outs));
     }
     return_scratch(&MASK_SCRATCH, mask);
     return_scratch(&MASK_SCRATCH, packed);
     return_scratch(&INDEX_SCRATCH, index);
-    result
+    result.map(|()| tallies)
 }
 
 /// Reads the same patch of every class of a held crop ([`PackedLabels`], whose grid is
@@ -476,7 +479,7 @@ pub fn read_packed_group(
     draw: &SpatialDraw,
     options: &ReadOptions,
     outs: &mut [&mut [f32]],
-) -> Result<()> {
+) -> Result<Vec<Tally>> {
     debug_assert_eq!(crop.shape, lvl.shape.map(|n| n as usize), "the crop is held on the level's grid");
     let mut affine = patch_affine(lvl, spec, centre, draw);
     let shift = source_shift(&affine, spec, draw);
@@ -484,10 +487,12 @@ pub fn read_packed_group(
     if shift.is_none() {
         if let Some(axes) = affine.axis_aligned_unit() {
             let copy = aligned_copy(&affine, axes, spec, lvl.shape, options.pad);
-            for (c, out) in outs.iter_mut().enumerate() {
-                copy_bits(&crop.planes[c / PACKED_CLASSES], crop.shape, &copy, (c % PACKED_CLASSES) as u32, options.pad_value, out);
-            }
-            return Ok(());
+            let tallies = outs
+                .iter_mut()
+                .enumerate()
+                .map(|(c, out)| copy_bits(&crop.planes[c / PACKED_CLASSES], crop.shape, &copy, (c % PACKED_CLASSES) as u32, options.pad_value, out))
+                .collect();
+            return Ok(tallies);
         }
     }
     let (block_lo, block_shape) = source_block(&mut affine, shift.as_deref(), lvl.shape, spec, options);
@@ -497,13 +502,14 @@ pub fn read_packed_group(
     let index_len = spec.len();
     nearest_indices(block_shape, block_lo, &affine, shift.as_deref(), spec.shape, &mut index[..index_len]);
     let mut packed = take_scratch(&MASK_SCRATCH, block_len);
+    let mut tallies = Vec::with_capacity(outs.len());
     for (plane, group_outs) in crop.planes.iter().zip(outs.chunks_mut(PACKED_CLASSES)) {
         copy_plane_block(plane, crop.shape, block_lo, block_shape, &spans, &mut packed[..block_len]);
-        unpack_bits(&packed[..block_len], &index[..index_len], options.pad_value, group_outs);
+        tallies.extend(unpack_bits(&packed[..block_len], &index[..index_len], options.pad_value, group_outs));
     }
     return_scratch(&MASK_SCRATCH, packed);
     return_scratch(&INDEX_SCRATCH, index);
-    Ok(())
+    Ok(tallies)
 }
 
 /// Copies the spans of a source block from a packed plane of `shape`, marking the voxels outside
@@ -547,8 +553,9 @@ fn inside_span(x0: i64, x1: i64, len: usize) -> (i64, i64) {
 /// An axis-aligned read of one class from a packed plane: bit `bit` of each voxel of the copy's
 /// source box as 0.0 / 1.0 at its output position, `pad_value` outside the grid (what
 /// [`Volume::gather`] writes from the label chunks in foreground mode).
-fn copy_bits(plane: &[u8], shape: [usize; 3], copy: &AlignedCopy, bit: u32, pad_value: f32, out: &mut [f32]) {
+fn copy_bits(plane: &[u8], shape: [usize; 3], copy: &AlignedCopy, bit: u32, pad_value: f32, out: &mut [f32]) -> Tally {
     let AlignedCopy { start, region, base, strides } = *copy;
+    let mut tally = Tally::default();
     for z in 0..region[0] {
         let sz = start[0] + z as i64;
         for y in 0..region[1] {
@@ -564,15 +571,19 @@ fn copy_bits(plane: &[u8], shape: [usize; 3], copy: &AlignedCopy, bit: u32, pad_
                 before.fill(pad_value);
                 let (inside, after) = rest.split_at_mut((in1 - in0) as usize);
                 if in1 > in0 {
-                    bits_to_floats(&plane[src + in0 as usize..src + in1 as usize], bit, pad_value, inside);
+                    tally.add(bits_to_floats(&plane[src + in0 as usize..src + in1 as usize], bit, pad_value, inside));
                 }
                 after.fill(pad_value);
+                tally.add(Tally::padding(before.len() + after.len(), pad_value));
             } else {
                 for x in 0..region[2] {
                     let sx = start[2] + x as i64;
                     let value = if inside_row && sx >= 0 && sx < shape[2] as i64 {
-                        (plane[src + sx as usize] >> bit & 1) as f32
+                        let one = plane[src + sx as usize] >> bit & 1;
+                        tally.foreground += u64::from(one);
+                        f32::from(one)
                     } else {
+                        tally.add(Tally::padding(1, pad_value));
                         pad_value
                     };
                     out[(row + x as isize * strides[2]) as usize] = value;
@@ -580,6 +591,7 @@ fn copy_bits(plane: &[u8], shape: [usize; 3], copy: &AlignedCopy, bit: u32, pad_
             }
         }
     }
+    tally
 }
 
 /// Classes per packed byte: bits 0..7 hold the classes' masks, the top bit marks padding.
@@ -606,11 +618,13 @@ fn pack_bit(mask: &[u8], packed: &mut [u8], spans: &[[u32; 2]], row_len: usize, 
 }
 
 /// Writes each class of a packed block at the nearest-voxel `index` of every output voxel
-/// (`pad_value` where the voxel is padding). Tiles of voxels: one pass of random byte loads,
-/// then per class a straight bit-to-float pass that vectorises.
-fn unpack_bits(packed: &[u8], index: &[u32], pad_value: f32, outs: &mut [&mut [f32]]) {
+/// (`pad_value` where the voxel is padding), counting each class's foreground and padding as
+/// it goes. Tiles of voxels: one pass of random byte loads, then per class a straight
+/// bit-to-float pass that vectorises.
+fn unpack_bits(packed: &[u8], index: &[u32], pad_value: f32, outs: &mut [&mut [f32]]) -> Vec<Tally> {
     const TILE: usize = 256;
     let mut bytes = [0u8; TILE];
+    let mut tallies = vec![Tally::default(); outs.len()];
     for (t, tile) in index.chunks(TILE).enumerate() {
         let bytes = &mut bytes[..tile.len()];
         for (b, &i) in bytes.iter_mut().zip(tile) {
@@ -619,21 +633,67 @@ fn unpack_bits(packed: &[u8], index: &[u32], pad_value: f32, outs: &mut [&mut [f
             *b = unsafe { *packed.get_unchecked(i as usize) };
         }
         let at = t * TILE;
-        for (bit, out) in outs.iter_mut().enumerate() {
-            bits_to_floats(bytes, bit as u32, pad_value, &mut out[at..at + tile.len()]);
+        for (bit, (out, tally)) in outs.iter_mut().zip(tallies.iter_mut()).enumerate() {
+            tally.add(bits_to_floats(bytes, bit as u32, pad_value, &mut out[at..at + tile.len()]));
         }
     }
+    tallies
 }
 
-/// Bit `bit` of each packed byte as 0.0 / 1.0, or `pad_value` where the byte marks padding.
+/// Bit `bit` of each packed byte as 0.0 / 1.0, or `pad_value` where the byte marks padding;
+/// returns the ones and the padded voxels (counted in the same pass, which stays vectorised).
 #[multiversion(targets("x86_64+avx2+fma", "x86_64+sse4.1"))]
-fn bits_to_floats(bytes: &[u8], bit: u32, pad_value: f32, out: &mut [f32]) {
+fn bits_to_floats(bytes: &[u8], bit: u32, pad_value: f32, out: &mut [f32]) -> Tally {
+    let (mut ones, mut padded) = (0u32, 0u32);
     for (o, &b) in out.iter_mut().zip(bytes) {
-        *o = if b & PACKED_OUTSIDE != 0 {
-            pad_value
-        } else {
-            (b >> bit & 1) as f32
-        };
+        let pad = b & PACKED_OUTSIDE != 0;
+        // A padding byte is exactly PACKED_OUTSIDE: its class bits are clear.
+        let one = u32::from(b >> bit & 1);
+        ones += one;
+        padded += u32::from(pad);
+        *o = if pad { pad_value } else { one as f32 };
+    }
+    let mut tally = Tally {
+        foreground: u64::from(ones),
+        unknown: 0,
+    };
+    tally.add(Tally::padding(padded as usize, pad_value));
+    tally
+}
+
+/// What a class's patch holds: foreground voxels (value > 0) and unknown ones (NaN), counted
+/// while the patch is written (the sample metadata's `foreground_<class>` / `unknown_<class>`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Voxels whose value is above 0.
+    pub foreground: u64,
+    /// Voxels whose value is NaN.
+    pub unknown: u64,
+}
+
+impl Tally {
+    /// Counts a written patch (the paths that do not count as they write).
+    pub fn of(values: &[f32]) -> Tally {
+        let (mut foreground, mut unknown) = (0u64, 0u64);
+        for v in values {
+            foreground += u64::from(*v > 0.0);
+            unknown += u64::from(v.is_nan());
+        }
+        Tally { foreground, unknown }
+    }
+
+    /// `n` voxels of padding `value`.
+    pub fn padding(n: usize, value: f32) -> Tally {
+        Tally {
+            foreground: if value > 0.0 { n as u64 } else { 0 },
+            unknown: if value.is_nan() { n as u64 } else { 0 },
+        }
+    }
+
+    /// Adds another part's counts.
+    pub fn add(&mut self, other: Tally) {
+        self.foreground += other.foreground;
+        self.unknown += other.unknown;
     }
 }
 
@@ -1225,11 +1285,15 @@ mod read_tests {
                 let mut from_chunks = vec![vec![0f32; spec.len()]; patterns.len()];
                 let mut held = vec![vec![0f32; spec.len()]; patterns.len()];
                 let mut a: Vec<&mut [f32]> = from_chunks.iter_mut().map(|o| o.as_mut_slice()).collect();
-                read_patch_group(&group, &spec, centre, &draw, &options, &mut a).unwrap();
+                let tallies_from_chunks = read_patch_group(&group, &spec, centre, &draw, &options, &mut a).unwrap();
                 let mut b: Vec<&mut [f32]> = held.iter_mut().map(|o| o.as_mut_slice()).collect();
-                read_packed_group(&crop, &volumes[0].levels[0], &spec, centre, &draw, &options, &mut b).unwrap();
+                let tallies = read_packed_group(&crop, &volumes[0].levels[0], &spec, centre, &draw, &options, &mut b).unwrap();
                 for (c, (x, y)) in held.iter().zip(&from_chunks).enumerate() {
-                    assert_same(x, y, &format!("case {case}, class {c}, pad {pad}, centre {centre:?}, {draw:?}"));
+                    let context = format!("case {case}, class {c}, pad {pad}, centre {centre:?}, {draw:?}");
+                    assert_same(x, y, &context);
+                    // Counted while written: what a pass over the written patch counts.
+                    assert_eq!(tallies[c], Tally::of(x), "{context}");
+                    assert_eq!(tallies_from_chunks[c], Tally::of(y), "{context}");
                 }
             }
         }

@@ -13,7 +13,7 @@ use arrow_array::{ArrayRef, RecordBatch, UInt64Array};
 use arrow_schema::{DataType, Field};
 
 use crate::batch::SampleRequest;
-use crate::batch::{Batch, BatchReadOptions, SampleMetadata};
+use crate::batch::{Batch, BatchReadOptions, ClassInfo, SampleMetadata};
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
 use crate::read_policy::ReadErrorPolicy;
@@ -138,6 +138,7 @@ impl Collection {
         let mut crops = Vec::new();
         let mut levels = Vec::new();
         let mut batch_numbers = Vec::new();
+        let mut annotation = Vec::new();
         for (b, batch) in batches.iter().enumerate() {
             for p in batch {
                 let dataset = self
@@ -148,6 +149,7 @@ impl Collection {
                 datasets.push(dataset.config.name());
                 crops.push(dataset.config.crop.clone());
                 levels.push(dataset.array_levels());
+                annotation.push(dataset.annotation());
                 batch_numbers.push(b as u64);
             }
         }
@@ -155,12 +157,16 @@ impl Collection {
             Some(d) => d.config.inputs.iter().chain(&d.config.targets).map(|a| a.name.clone()).collect(),
             None => Vec::new(),
         };
+        let classes = self.datasets.first().map(|d| ClassInfo::of(d)).unwrap_or_default();
         let meta = SampleMetadata {
             samples: &samples,
             dataset_labels: &datasets,
             crop_labels: &crops,
             levels: &levels,
             array_names: &array_names,
+            classes: &classes,
+            annotation: &annotation,
+            tallies: None,
         };
         let batch_column: ArrayRef = Arc::new(UInt64Array::from(batch_numbers));
         meta.record_batch(vec![(Field::new("batch", DataType::UInt64, false), batch_column)])

@@ -281,6 +281,23 @@ impl Batch {
         Ok(PyRecordBatch::new(projected))
     }
 
+    /// The per-class counts of the delivered targets only (`foreground_*`, `fraction_*`,
+    /// `unknown_*` columns), as a record batch.
+    fn class_tallies(&self, py: Python<'_>) -> PyResult<PyRecordBatch> {
+        let schema = self.record_batch.schema();
+        let keep: Vec<usize> = (0..self.record_batch.num_columns())
+            .filter(|&i| {
+                let name = schema.field(i).name();
+                ["foreground_", "fraction_", "unknown_"].iter().any(|p| name.starts_with(p))
+            })
+            .collect();
+        let projected = self
+            .record_batch
+            .project(&keep)
+            .map_err(|e| to_pyerr(py, Error::invalid(format!("selecting the class columns: {e}"))))?;
+        Ok(PyRecordBatch::new(projected))
+    }
+
     /// Each sample's index within its dataset.
     #[getter]
     fn indices(&self) -> Vec<u64> {
