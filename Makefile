@@ -9,7 +9,7 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/cellmap-data/target
 # One build profile for demo and tests (dev with opt-level 1); `make bench` builds release.
 PROFILE ?= dev
 
-.PHONY: demo test build build-release bench test-rust test-python test-notebooks lint clean
+.PHONY: demo test build build-release bench test-rust test-python test-notebooks lint clean wheel test-wheel
 
 # No pip cache: torch and its CUDA libraries would otherwise take ~3 GB twice on a fresh machine.
 $(VENV)/.deps-installed: requirements-dev.txt
@@ -18,10 +18,14 @@ $(VENV)/.deps-installed: requirements-dev.txt
 	$(PY) -m pip install -q --no-cache-dir -r requirements-dev.txt
 	touch $@
 
+# The extension is built for the stable ABI (_engine.abi3.so); an older per-version build left
+# in the package would be imported first, so it is removed.
 build: $(VENV)/.deps-installed
+	rm -f cellmap_data/_engine.cpython-*.so
 	VIRTUAL_ENV=$(VENV) $(VENV)/bin/maturin develop --profile $(PROFILE) -q
 
 build-release: $(VENV)/.deps-installed
+	rm -f cellmap_data/_engine.cpython-*.so
 	VIRTUAL_ENV=$(VENV) $(VENV)/bin/maturin develop --release -q
 
 demo: build
@@ -45,6 +49,19 @@ test-notebooks: build
 bench: build-release
 	$(PY) -m cellmap_data bench --repeat 3
 	$(PY) -m cellmap_data bench --crops 6,48,144,400 $(if $(REFERENCE),--reference $(REFERENCE))
+
+# The distribution: one abi3 wheel (CPython >= 3.10, manylinux, release, stripped) and an sdist,
+# in dist/. `make test-wheel` installs the wheel the way a user would (a fresh venv, no cargo or
+# maturin on PATH) and runs the demo and every public import from outside the clone.
+wheel: $(VENV)/.deps-installed
+	rm -rf dist
+	$(VENV)/bin/maturin build --release --strip -o dist -q
+	$(VENV)/bin/maturin sdist -o dist
+	@ls -l dist
+
+test-wheel: $(VENV)/.deps-installed
+	@ls dist/*.whl >/dev/null 2>&1 || { echo "no wheel in dist/: run make wheel first"; exit 1; }
+	$(PY) -m pytest -q -m wheel tests/test_wheel.py -p no:cacheprovider
 
 lint:
 	cargo fmt --all --check

@@ -235,9 +235,9 @@ class Batch:
     def tensor(self, name: str) -> Tensor:
         """The tensor column ``name`` as a ``[batch, *sample_shape]`` DLPack tensor (no copy)."""
     def copy_tensor_into(self, name: str, out: Any) -> None:
-        """Copies the tensor column ``name`` into ``out``, a writable C-contiguous buffer of exactly its
-        size in bytes (e.g. a uint8 numpy view of a pinned torch tensor), on the engine's
-        threads without the GIL."""
+        """Copies the tensor column ``name`` into ``out``, a writable C-contiguous uint8 numpy array of
+        exactly its size in bytes (e.g. a view of a pinned torch tensor), on the engine's threads
+        without the GIL."""
     def record_batch(self) -> RecordBatch:
         """The whole batch as an Arrow record batch (Arrow PyCapsule interface)."""
     def metadata(self) -> RecordBatch:
@@ -485,7 +485,7 @@ class ImageWriter:
         """With several ranks: builds the chunks of the second level over this rank's own
         complete chunks (call after ``flush``; a no-op otherwise)."""
     def write_tiles(self, indices: Sequence[int], data: Any) -> None:
-        """Writes planned tiles ``indices``; ``data`` is a C-contiguous float32 buffer."""
+        """Writes planned tiles ``indices``; ``data`` is a C-contiguous float32 numpy array."""
     def write_boxes(self, starts: Sequence[Sequence[int]], data: Any) -> None:
         """Writes boxes of the write shape at ``starts`` (array voxels; clipped to the array)."""
     def read_box(self, start: Sequence[int], shape: Sequence[int]) -> Tensor:

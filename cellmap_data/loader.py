@@ -603,7 +603,7 @@ class CellMapDataLoader:
         """``weight_<class>`` columns: the class weights of the loader's datasets (computed once)."""
         import polars as pl
 
-        if getattr(self, "_weights", None) is None:
+        if self._weights is None:
             weights = self.multi.class_weights
             self._weights = {c: float(weights.get(c, float("nan"))) for c in self.multi.classes}
         return [pl.lit(w, dtype=pl.Float64).alias(f"weight_{c}") for c, w in self._weights.items()]

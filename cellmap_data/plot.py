@@ -967,11 +967,11 @@ def sampling_audit(
         class_ax.set_ylabel("share of annotated samples")
         class_ax.set_title("samples per class (labels: samples whose crop annotates it)", fontsize="small")
     if fg_ax is not None and none_ax is not None:
-        means, shown = [], []
+        means: list[float] = []
         for c in classes:
             rows = frame.filter(pl.col(f"annotated_{c}") == "annotated")
-            means.append(float(rows[f"fraction_{c}"].mean()) if rows.height else 0.0)
-            shown.append(rows.height)
+            values = rows[f"fraction_{c}"].cast(pl.Float64).fill_null(0.0).to_numpy()
+            means.append(float(values.mean()) if len(values) else 0.0)
         bars = fg_ax.bar(classes, means, color=[col[:3] for col in _colours(len(classes))])
         fg_ax.bar_label(bars, labels=[f"{m:.1%}" for m in means], fontsize="x-small", padding=1)
         fg_ax.set_ylabel("mean foreground fraction")

@@ -13,12 +13,11 @@ use cellmap_engine::dataset::{Dataset as EngineDataset, DatasetConfig};
 use cellmap_engine::read_policy::ReadIncident;
 use cellmap_engine::sampler::{request, StreamKey};
 use cellmap_engine::Error;
-use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyKeyError, PyValueError};
 use pyo3::prelude::*;
 use pyo3_arrow::{PyRecordBatch, PyTable};
 
-use crate::convert::{parse_json, run, to_pyerr};
+use crate::convert::{parse_json, run, to_pyerr, ArrayMemory};
 use crate::tensor::{Element, Tensor};
 
 /// One raw volume with one crop's labels, as configured by `CellMapDataset`.
@@ -234,34 +233,30 @@ impl Batch {
         Tensor::with_element(values, shape, element)
     }
 
-    /// Copies the tensor column `name` into `out`, a writable C-contiguous buffer of exactly its
-    /// size in bytes (e.g. a uint8 numpy view of a pinned torch tensor), on the engine's
-    /// threads without the GIL.
+    /// Copies the tensor column `name` into `out`, a writable C-contiguous uint8 numpy array of
+    /// exactly its size in bytes (e.g. a view of a pinned torch tensor), on the engine's threads
+    /// without the GIL.
     fn copy_tensor_into(&self, py: Python<'_>, name: &str, out: &Bound<'_, PyAny>) -> PyResult<()> {
         let (source, _, _) = self.column(name)?;
-        let buffer = PyBuffer::<u8>::get(out)?;
-        if buffer.readonly() || !buffer.is_c_contiguous() {
-            return Err(PyValueError::new_err(
-                "copy_tensor_into needs a writable, C-contiguous uint8 buffer",
-            ));
+        let memory = ArrayMemory::of(out, "|u1", "copy_tensor_into")?;
+        if !memory.writable {
+            return Err(PyValueError::new_err("copy_tensor_into needs a writable, C-contiguous uint8 array"));
         }
-        if buffer.len_bytes() != source.len() {
+        if memory.len != source.len() {
             return Err(PyValueError::new_err(format!(
                 "tensor '{name}' holds {} bytes but the destination has {}",
                 source.len(),
-                buffer.len_bytes()
+                memory.len
             )));
         }
-        let address = buffer.buf_ptr() as usize;
+        let address = memory.address;
         run(py, move || {
-            // SAFETY: the buffer is writable, C-contiguous and exactly this long (checked
-            // above), and `buffer` keeps its exporter alive until this call returns.
+            // SAFETY: the array is writable, C-contiguous and exactly this long (checked above),
+            // and `out` (held by this call) keeps it alive until the call returns.
             let dst = unsafe { std::slice::from_raw_parts_mut(address as *mut u8, source.len()) };
             cellmap_engine::batch::copy_parallel(source.as_slice(), dst);
             Ok(())
-        })?;
-        drop(buffer);
-        Ok(())
+        })
     }
 
     /// The whole batch as an Arrow record batch (Arrow PyCapsule interface).

@@ -7,11 +7,10 @@ use std::sync::Arc;
 use arrow_buffer::Buffer;
 use cellmap_engine::writer::{ImageWriter as EngineWriter, WriterConfig};
 use cellmap_engine::Error;
-use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::convert::{parse_json, run, to_pyerr};
+use crate::convert::{parse_json, run, to_pyerr, ArrayMemory};
 use crate::tensor::Tensor;
 
 /// An output image being written (zarr v2 + OME-NGFF 0.4 or zarr v3 + OME-NGFF 0.5).
@@ -20,19 +19,21 @@ pub struct ImageWriter {
     inner: Arc<EngineWriter>,
 }
 
-/// A read-only view of a C-contiguous float32 buffer, usable without the GIL.
+/// A read-only view of a C-contiguous float32 numpy array, usable without the GIL.
 struct Values(NonNull<[f32]>);
-// SAFETY: the buffer is kept alive (and its exporter locked) by the `PyBuffer` the caller
-// holds for the whole call; the engine only reads it.
+// SAFETY: the array is kept alive by the reference the caller holds for the whole call; the
+// engine only reads it.
 unsafe impl Send for Values {}
 unsafe impl Sync for Values {}
 
 impl Values {
-    fn of(py: Python<'_>, buffer: &PyBuffer<f32>) -> PyResult<Values> {
-        buffer
-            .as_slice_ptr()
+    fn of(py: Python<'_>, array: &Bound<'_, PyAny>) -> PyResult<Values> {
+        let memory = ArrayMemory::of(array, "<f4", "prediction data")
+            .map_err(|e| to_pyerr(py, Error::invalid(format!("must be a C-contiguous float32 array ({e})"))))?;
+        let slice = std::ptr::slice_from_raw_parts_mut(memory.address as *mut f32, memory.len);
+        NonNull::new(slice)
             .map(Values)
-            .ok_or_else(|| to_pyerr(py, Error::invalid("prediction data must be a C-contiguous float32 buffer")))
+            .ok_or_else(|| to_pyerr(py, Error::invalid("prediction data is a null array")))
     }
 
     fn slice(&self) -> &[f32] {
@@ -204,23 +205,19 @@ impl ImageWriter {
         run_writer(py, move || inner.downsample_own_share())
     }
 
-    /// Writes planned tiles `indices`: `data` is a C-contiguous float32 buffer holding one tile
-    /// after another.
-    fn write_tiles(&self, py: Python<'_>, indices: Vec<usize>, data: PyBuffer<f32>) -> PyResult<()> {
-        let values = Values::of(py, &data)?;
+    /// Writes planned tiles `indices`: `data` is a C-contiguous float32 numpy array holding one
+    /// tile after another.
+    fn write_tiles(&self, py: Python<'_>, indices: Vec<usize>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let values = Values::of(py, data)?;
         let inner = self.inner.clone();
-        let result = run_writer(py, move || inner.write_tiles(&indices, values.slice()));
-        drop(data);
-        result
+        run_writer(py, move || inner.write_tiles(&indices, values.slice()))
     }
 
     /// Writes boxes of the write shape at `starts` (array voxels; clipped to the array).
-    fn write_boxes(&self, py: Python<'_>, starts: Vec<[i64; 3]>, data: PyBuffer<f32>) -> PyResult<()> {
-        let values = Values::of(py, &data)?;
+    fn write_boxes(&self, py: Python<'_>, starts: Vec<[i64; 3]>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let values = Values::of(py, data)?;
         let inner = self.inner.clone();
-        let result = run_writer(py, move || inner.write_boxes(&starts, values.slice()));
-        drop(data);
-        result
+        run_writer(py, move || inner.write_boxes(&starts, values.slice()))
     }
 
     /// Reads back `shape` voxels starting at `start` (pending data included).
