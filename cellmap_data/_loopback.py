@@ -3,8 +3,9 @@ mode of the bench reads through it, and the remote-store tests use it to inject 
 
 It serves files over HTTP/1.1 (GET with a single byte range, HEAD; never a directory listing)
 from a ``ThreadingHTTPServer`` on 127.0.0.1, sleeps ``latency`` seconds before each answer, can
-answer chosen requests with an error status, a connection reset or a stall, and keeps a
-thread-safe log of the requests, the bytes sent and the peak number of requests in flight.
+answer chosen requests with an error status, a connection reset, a stall or a body cut short,
+and keeps a thread-safe log of the requests, the bytes sent and the peak number of requests in
+flight.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any, Literal
 
 __all__ = ["DirectoryServer", "FaultAction", "RequestRecord"]
 
-FaultAction = Literal["status", "reset", "stall"]
+FaultAction = Literal["status", "reset", "stall", "truncate"]
 RequestRecord = tuple[str, str, dict[str, str]]
 
 # How long stop() waits for handler threads to wind down (sleeps are interrupted at once).
@@ -98,6 +99,8 @@ class _Handler(BaseHTTPRequestHandler):
                 if fault.action == "stall":
                     if not owner._sleep(fault.seconds):
                         return self._drop()
+                elif fault.action == "truncate":
+                    return self._serve_file(method, truncate=True)
                 else:
                     return self._send(fault.status, f"injected fault: {fault.status}\n".encode(), method)
             self._serve_file(method)
@@ -113,7 +116,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- responses
 
-    def _serve_file(self, method: str) -> None:
+    def _serve_file(self, method: str, truncate: bool = False) -> None:
         root = self.server.owner.root
         url_path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
         if "\x00" in url_path:
@@ -144,7 +147,8 @@ class _Handler(BaseHTTPRequestHandler):
             with open(target, "rb") as f:
                 f.seek(start)
                 body = f.read(end - start)
-        self._send(status, body, method, extra, length=end - start, content_type="application/octet-stream")
+        self._send(status, body, method, extra, length=end - start, content_type="application/octet-stream",
+                   truncate=truncate)
 
     def _send(
         self,
@@ -155,6 +159,7 @@ class _Handler(BaseHTTPRequestHandler):
         *,
         length: int | None = None,
         content_type: str = "text/plain",
+        truncate: bool = False,
     ) -> None:
         self._answered()
         if status in (204, 304) or status < 200:
@@ -166,8 +171,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         if method != "HEAD" and body:
+            if truncate:
+                # The full Content-Length, half the bytes, then the connection closes.
+                body = body[: len(body) // 2]
+                self.close_connection = True
             self.server.owner._sent(len(body))  # counted first, like the request's end above
             self.wfile.write(body)
+            if truncate:
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
 
     def _reset(self) -> None:
         """Aborts the connection with a TCP RST and no response at all."""
@@ -295,9 +307,11 @@ class DirectoryServer:
         """Affects the next ``times`` requests (None: all) whose path matches ``pattern`` (re.search).
 
         ``"status"`` answers ``status`` with a short body; ``"reset"`` aborts the TCP connection
-        with no response; ``"stall"`` waits ``seconds`` and then answers normally.  When several
-        faults match, the earliest added one still in force applies (one fault per request)."""
-        if action not in ("status", "reset", "stall"):
+        with no response; ``"stall"`` waits ``seconds`` and then answers normally; ``"truncate"``
+        answers with the full ``Content-Length`` but only half the body, then closes the
+        connection (a body cut short).  When several faults match, the earliest added one still
+        in force applies (one fault per request)."""
+        if action not in ("status", "reset", "stall", "truncate"):
             raise ValueError(f"unknown fault action {action!r}")
         with self._lock:
             self._faults.append(_Fault(re.compile(pattern), action, times, status, seconds))

@@ -188,7 +188,22 @@ def test_server_errors_are_retried_then_read(crop, http_server_factory):
     assert server.count(pattern=r"/crop/mito/s0/0\.0\.0$") == 2, "a reset connection, then the chunk"
 
 
-@pytest.mark.parametrize("fault", ["status", "reset", "stall"])
+def test_bodies_cut_short_are_requested_again_and_never_decoded(crop, http_server_factory):
+    # The answer announces the whole chunk, sends half of it and closes the connection: the
+    # chunk is requested again (with the retry budget of resets and 5xx), never decoded short.
+    server = http_server_factory(crop.parent)
+    configure_remote(retries=3, timeout=5)
+    remote = dataset(served(server, crop / "raw"), served(server, crop / "crop"), spatial_transforms=ROTATE)
+    local = dataset(str(crop / "raw"), str(crop / "crop"), spatial_transforms=ROTATE)
+    server.add_fault(r"/raw/s0/0\.0\.0$", "truncate", times=2)
+    server.add_fault(r"/crop/er/s0/0\.0\.0$", "truncate", times=1)
+    server.reset_log()
+    assert_same_samples(remote, local, indices=[0, 7])
+    assert server.count(pattern=r"/raw/s0/0\.0\.0$") == 3, "two bodies cut short, then the chunk"
+    assert server.count(pattern=r"/crop/er/s0/0\.0\.0$") == 2
+
+
+@pytest.mark.parametrize("fault", ["status", "reset", "stall", "truncate"])
 def test_persistent_faults_end_in_an_error_naming_the_url(crop, http_server_factory, fault):
     server = http_server_factory(crop.parent)
     configure_remote(retries=2, timeout=0.5)

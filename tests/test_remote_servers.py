@@ -156,6 +156,19 @@ def test_stall_fault(server: DirectoryServer) -> None:
         fetch(f"{server.url}/data.bin", timeout=0.2)  # a client timeout fires first
 
 
+def test_truncate_fault_announces_the_whole_body_and_sends_half(server: DirectoryServer) -> None:
+    server.add_fault("data", "truncate", times=1)
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    connection.request("GET", "/data.bin")
+    answer = connection.getresponse()
+    assert answer.status == 200 and int(answer.getheader("Content-Length")) == len(DATA)
+    with pytest.raises(http.client.IncompleteRead) as caught:
+        answer.read()
+    assert caught.value.partial == DATA[: len(DATA) // 2]
+    connection.close()
+    assert fetch(f"{server.url}/data.bin")[:2] == (200, DATA)
+
+
 def test_unknown_fault_action_is_refused(server: DirectoryServer) -> None:
     with pytest.raises(ValueError):
         server.add_fault("x", "explode")  # type: ignore[arg-type]

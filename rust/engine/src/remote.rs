@@ -199,6 +199,39 @@ fn retry_config(options: &RemoteOptions) -> object_store::RetryConfig {
     }
 }
 
+/// Reads one value (or a range of it) whole. The client retries a request that fails before
+/// its answer (5xx, resets, timeouts); a body that breaks off after the answer began — the
+/// connection closes mid-body, or fewer bytes arrive than the answer announced — is requested
+/// again here with the same backoff and number of retries, and a short body is never returned
+/// (so never decoded).
+async fn get_whole(
+    client: &dyn ObjectStore,
+    path: &ObjectPath,
+    options: GetOptions,
+    retry: &object_store::RetryConfig,
+) -> object_store::Result<Bytes> {
+    let mut backoff = retry.backoff.init_backoff;
+    let mut attempt = 0;
+    loop {
+        let answer = client.get_opts(path, options.clone()).await?;
+        let expected = answer.range.end - answer.range.start;
+        let failure = match answer.bytes().await {
+            Ok(bytes) if bytes.len() as u64 == expected => return Ok(bytes),
+            Ok(bytes) => object_store::Error::Generic {
+                store: "HTTP",
+                source: format!("the body ended after {} of {expected} bytes", bytes.len()).into(),
+            },
+            Err(e) => e,
+        };
+        if attempt >= retry.max_retries {
+            return Err(failure);
+        }
+        attempt += 1;
+        tokio::time::sleep(backoff).await;
+        backoff = backoff.mul_f64(retry.backoff.base).min(retry.backoff.max_backoff);
+    }
+}
+
 /// The AWS profile's keys and region from the shared files (`~/.aws/credentials`,
 /// `~/.aws/config`, or `AWS_SHARED_CREDENTIALS_FILE` / `AWS_CONFIG_FILE`), for the profile
 /// `AWS_PROFILE` (default `default`). object_store itself reads only the environment.
@@ -465,12 +498,13 @@ impl RemoteStore {
         let url = self.key_url(&key);
         let limit = self.state.in_flight.clone();
         let disk = self.state.disk.clone();
+        let retry = retry_config(&self.state.options);
         async move {
             if let Some(bytes) = disk.as_ref().and_then(|d| d.get(&url)) {
                 return Ok(Some(bytes));
             }
             let _permit = limit.acquire_owned().await.map_err(|e| Error::invalid(format!("{url}: {e}")))?;
-            let fetched = absent_as_none(&url, async { client.get(&path).await?.bytes().await }.await)?;
+            let fetched = absent_as_none(&url, get_whole(client.as_ref(), &path, GetOptions::default(), &retry).await)?;
             if let (Some(d), Some(bytes)) = (&disk, &fetched) {
                 d.put(&url, bytes);
             }
@@ -568,9 +602,10 @@ impl RemoteStore {
         let options = GetOptions::new().with_range(Some(range));
         let path = self.object_path(key.as_str());
         let limit = self.state.in_flight.clone();
+        let retry = retry_config(&self.state.options);
         let result = self.block_on(async {
             let _permit = limit.acquire_owned().await.ok();
-            self.client.get_opts(&path, options).await?.bytes().await
+            get_whole(self.client.as_ref(), &path, options, &retry).await
         });
         absent_as_none(&url, result)
     }
