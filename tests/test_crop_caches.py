@@ -102,7 +102,7 @@ def test_rss_stays_flat_over_a_144_crop_split(tmp_path_factory, restore_budgets)
     _engine.set_label_cache_budget(2 << 20)
     _engine.clear_cache()
     config = CropConfig("soak-16", (16, 16, 16), (8, 8, 8), (16, 16, 16), (8, 8, 8), True)
-    r = soak(str(data.csv_path), batches=1200, config=config, batch_size=4, every=100, warmup=300)
+    r = soak(str(data.csv_path), batches=3000, config=config, batch_size=4, every=100, warmup=300)
     described = f"{r}"
     assert r["label_crops"] > 0 and r["label_misses"] > r["label_crops"], "crops were evicted and read again: " + described
     assert r["flat"], "RSS net of the caches kept growing: " + described

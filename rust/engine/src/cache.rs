@@ -2,12 +2,13 @@
 //! budget, one decode per chunk even when many threads ask for it at once, and hit/miss counters.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use quick_cache::sync::Cache;
 use quick_cache::Weighter;
 
 use crate::error::Result;
+use crate::runtime::PerProcess;
 
 /// A decoded chunk in its native element type, C order over (z, y, x).
 #[derive(Debug, Clone)]
@@ -117,7 +118,7 @@ pub struct ChunkCache {
     decoded_bytes: AtomicU64,
 }
 
-static GLOBAL: Mutex<Option<(u32, Arc<ChunkCache>)>> = Mutex::new(None);
+static GLOBAL: PerProcess<ChunkCache> = PerProcess::new();
 /// Budget of the process-wide cache, remembered so a forked child's fresh cache keeps it.
 static GLOBAL_BUDGET: AtomicU64 = AtomicU64::new(0);
 
@@ -142,27 +143,14 @@ impl ChunkCache {
         }
     }
 
-    /// The process-wide cache. A forked child gets a fresh one: the parent's may have been
-    /// locked by a thread that does not exist in the child.
+    /// The process-wide cache. A forked child gets a fresh one (see [`PerProcess`]).
     pub fn global() -> Arc<ChunkCache> {
-        let pid = std::process::id();
-        let mut guard = GLOBAL.lock().unwrap_or_else(|e| e.into_inner());
-        match guard.as_ref() {
-            Some((owner, cache)) if *owner == pid => cache.clone(),
-            _ => {
-                if GLOBAL_BUDGET.load(Ordering::Relaxed) == 0 {
-                    GLOBAL_BUDGET.store(default_budget(), Ordering::Relaxed);
-                }
-                let budget = GLOBAL_BUDGET.load(Ordering::Relaxed);
-                if let Some(old) = guard.take() {
-                    // Never touch the parent's cache in a child (its locks may be held).
-                    std::mem::forget(old);
-                }
-                let cache = Arc::new(ChunkCache::new(budget));
-                *guard = Some((pid, cache.clone()));
-                cache
+        GLOBAL.get(|| {
+            if GLOBAL_BUDGET.load(Ordering::Relaxed) == 0 {
+                GLOBAL_BUDGET.store(default_budget(), Ordering::Relaxed);
             }
-        }
+            ChunkCache::new(GLOBAL_BUDGET.load(Ordering::Relaxed))
+        })
     }
 
     /// Returns the chunk for `key`, decoding it with `decode` if absent. Concurrent callers

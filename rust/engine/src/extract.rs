@@ -424,19 +424,13 @@ pub fn read_patch_group(
         }
         return Ok(tallies);
     }
-    let (block_lo, block_shape) = source_block(&mut affine, shift.as_deref(), lvl.shape, spec, options);
-    let block_len: usize = block_shape.iter().product();
-    let spans = row_spans(&affine, shift.as_deref(), spec.shape, block_lo, block_shape, options.interpolation);
-    let mut index = take_scratch(&INDEX_SCRATCH, spec.len());
-    let index_len = spec.len();
-    nearest_indices(
-        block_shape,
-        block_lo,
-        &affine,
-        shift.as_deref(),
-        spec.shape,
-        &mut index[..index_len],
-    );
+    let NearestBlock {
+        lo: block_lo,
+        shape: block_shape,
+        spans,
+        index,
+    } = NearestBlock::of(&mut affine, shift.as_deref(), lvl.shape, spec, options);
+    let (block_len, index_len) = (block_shape.iter().product::<usize>(), spec.len());
     let mut mask = take_scratch(&MASK_SCRATCH, block_len);
     let mut packed = take_scratch(&MASK_SCRATCH, block_len);
     let mut result = Ok(());
@@ -467,6 +461,26 @@ pub fn read_patch_group(
     result.map(|()| tallies)
 }
 
+/// The source block a nearest-neighbour label read gathers: its box, the span of each row the
+/// output reaches, and the nearest block index of every output voxel (a scratch buffer the
+/// caller gives back).
+struct NearestBlock {
+    lo: [i64; 3],
+    shape: [usize; 3],
+    spans: Vec<[u32; 2]>,
+    index: Vec<u32>,
+}
+
+impl NearestBlock {
+    fn of(affine: &mut Affine, shift: Option<&SourceShift>, level_shape: [u64; 3], spec: &PatchSpec, options: &ReadOptions) -> NearestBlock {
+        let (lo, shape) = source_block(affine, shift, level_shape, spec, options);
+        let spans = row_spans(affine, shift, spec.shape, lo, shape, options.interpolation);
+        let mut index = take_scratch(&INDEX_SCRATCH, spec.len());
+        nearest_indices(shape, lo, affine, shift, spec.shape, &mut index[..spec.len()]);
+        NearestBlock { lo, shape, spans, index }
+    }
+}
+
 /// Reads the same patch of every class of a held crop ([`PackedLabels`], whose grid is
 /// `level`'s): what [`read_patch_group`] reads from the crop's label chunks, bit for bit, with
 /// the packed block copied from the crop instead of gathered and packed class by class (and an
@@ -495,12 +509,13 @@ pub fn read_packed_group(
             return Ok(tallies);
         }
     }
-    let (block_lo, block_shape) = source_block(&mut affine, shift.as_deref(), lvl.shape, spec, options);
-    let block_len: usize = block_shape.iter().product();
-    let spans = row_spans(&affine, shift.as_deref(), spec.shape, block_lo, block_shape, options.interpolation);
-    let mut index = take_scratch(&INDEX_SCRATCH, spec.len());
-    let index_len = spec.len();
-    nearest_indices(block_shape, block_lo, &affine, shift.as_deref(), spec.shape, &mut index[..index_len]);
+    let NearestBlock {
+        lo: block_lo,
+        shape: block_shape,
+        spans,
+        index,
+    } = NearestBlock::of(&mut affine, shift.as_deref(), lvl.shape, spec, options);
+    let (block_len, index_len) = (block_shape.iter().product::<usize>(), spec.len());
     let mut packed = take_scratch(&MASK_SCRATCH, block_len);
     let mut tallies = Vec::with_capacity(outs.len());
     for (plane, group_outs) in crop.planes.iter().zip(outs.chunks_mut(PACKED_CLASSES)) {

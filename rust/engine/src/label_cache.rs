@@ -17,6 +17,7 @@ use quick_cache::Weighter;
 use crate::cache::with_chunk_values;
 use crate::error::Result;
 use crate::geometry::grid_cells;
+use crate::runtime::PerProcess;
 use crate::volume::{ToF32, Volume};
 
 /// Classes per plane (the top bit of a packed byte marks padding in a gathered block).
@@ -141,7 +142,7 @@ pub struct LabelCache {
     failed: Mutex<HashSet<LabelKey>>,
 }
 
-static GLOBAL: Mutex<Option<(u32, Arc<LabelCache>)>> = Mutex::new(None);
+static GLOBAL: PerProcess<LabelCache> = PerProcess::new();
 static GLOBAL_BUDGET: AtomicU64 = AtomicU64::new(0);
 
 /// Default budget: `CELLMAP_LABEL_CACHE_BYTES` when set (0 turns the cache off: every label
@@ -170,25 +171,14 @@ impl LabelCache {
         }
     }
 
-    /// The process-wide cache; a forked child gets a fresh one (the parent's locks may be
-    /// held by threads that do not exist in the child).
+    /// The process-wide cache; a forked child gets a fresh one (see [`PerProcess`]).
     pub fn global() -> Arc<LabelCache> {
-        let pid = std::process::id();
-        let mut guard = GLOBAL.lock().unwrap_or_else(|e| e.into_inner());
-        match guard.as_ref() {
-            Some((owner, cache)) if *owner == pid => cache.clone(),
-            _ => {
-                if GLOBAL_BUDGET.load(Ordering::Relaxed) == 0 {
-                    GLOBAL_BUDGET.store(default_budget().max(1), Ordering::Relaxed);
-                }
-                if let Some(old) = guard.take() {
-                    std::mem::forget(old);
-                }
-                let cache = Arc::new(LabelCache::new(GLOBAL_BUDGET.load(Ordering::Relaxed)));
-                *guard = Some((pid, cache.clone()));
-                cache
+        GLOBAL.get(|| {
+            if GLOBAL_BUDGET.load(Ordering::Relaxed) == 0 {
+                GLOBAL_BUDGET.store(default_budget().max(1), Ordering::Relaxed);
             }
-        }
+            LabelCache::new(GLOBAL_BUDGET.load(Ordering::Relaxed))
+        })
     }
 
     /// Changes the byte budget of the process-wide cache (evicting as needed); 0 turns it off.

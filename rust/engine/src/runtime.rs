@@ -62,6 +62,41 @@ pub fn memory_budget(variable: &str, share: u64, floor: u64, ceiling: u64) -> u6
     memory_limit().map_or(floor, |memory| (memory / share / local_processes()).clamp(floor, ceiling))
 }
 
+/// A process-wide value that a forked child builds afresh (the parent's copy may hold locks of
+/// threads the child does not have): the caches' `global()`.
+pub struct PerProcess<T>(Mutex<Option<(u32, Arc<T>)>>);
+
+impl<T> PerProcess<T> {
+    /// Empty until first used.
+    pub const fn new() -> PerProcess<T> {
+        PerProcess(Mutex::new(None))
+    }
+
+    /// This process's value, built with `make` on first use here (a parent's is forgotten,
+    /// never dropped: its locks may be held).
+    pub fn get(&self, make: impl FnOnce() -> T) -> Arc<T> {
+        let pid = std::process::id();
+        let mut guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match guard.as_ref() {
+            Some((owner, value)) if *owner == pid => value.clone(),
+            _ => {
+                if let Some(inherited) = guard.take() {
+                    std::mem::forget(inherited);
+                }
+                let value = Arc::new(make());
+                *guard = Some((pid, value.clone()));
+                value
+            }
+        }
+    }
+}
+
+impl<T> Default for PerProcess<T> {
+    fn default() -> Self {
+        PerProcess::new()
+    }
+}
+
 /// A new pool of `threads` threads named `cellmap-<role>-<i>`.
 pub fn new_pool(threads: usize, role: &str) -> Result<Arc<ThreadPool>> {
     let role = role.to_string();
