@@ -397,6 +397,29 @@ impl SampleRng {
     }
 }
 
+/// An element of a source block: float32 (every dtype converted as it is gathered), or uint8
+/// raw data kept as stored, whose blocks take a quarter of the memory (a rotated 128³ read's
+/// source planes then stay in the first-level cache). A uint8 value converts to float32
+/// exactly, so both give the same samples bit for bit.
+pub trait BlockValue: Copy + Send + Sync + 'static {
+    /// The value as float32.
+    fn value(self) -> f32;
+}
+
+impl BlockValue for f32 {
+    #[inline(always)]
+    fn value(self) -> f32 {
+        self
+    }
+}
+
+impl BlockValue for u8 {
+    #[inline(always)]
+    fn value(self) -> f32 {
+        f32::from(self)
+    }
+}
+
 /// The part of a source block known to hold no NaN, as a box `[lo, hi)` in block indices:
 /// integer data read from inside the array (the rest may be NaN padding), or the whole block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -426,8 +449,8 @@ impl FiniteRegion {
 /// deformation) moves each output voxel's source position further; a zero shift gives the
 /// unshifted result bit for bit.
 #[allow(clippy::too_many_arguments)]
-pub fn resample(
-    block: &[f32],
+pub fn resample<V: BlockValue>(
+    block: &[V],
     block_shape: [usize; 3],
     block_lo: [i64; 3],
     affine: &Affine,
@@ -441,10 +464,27 @@ pub fn resample(
         // No NaN-free region: every row takes the NaN-aware kernel.
         Interpolation::Linear => {
             let region = finite.unwrap_or(FiniteRegion { lo: [0; 3], hi: [0; 3] });
-            resample_linear(block, block_shape, block_lo, affine, shift, out_shape, region, out)
+            resample_linear(block, block_shape, block_lo, affine, shift, out_shape, region, None, out)
         }
         Interpolation::Nearest => resample_nearest(block, block_shape, block_lo, affine, shift, out_shape, out),
     }
+}
+
+/// Linear resampling of a uint8 block of which only `inside` holds data: the voxels outside it
+/// are NaN padding (the uint8 block cannot hold NaN, so the NaN-aware kernel reads them as NaN).
+/// The same values, bit for bit, as [`resample`] of the float32 block padded with NaN.
+#[allow(clippy::too_many_arguments)]
+pub fn resample_nan_padded(
+    block: &[u8],
+    block_shape: [usize; 3],
+    block_lo: [i64; 3],
+    affine: &Affine,
+    shift: Option<&SourceShift>,
+    out_shape: [usize; 3],
+    inside: FiniteRegion,
+    out: &mut [f32],
+) {
+    resample_linear(block, block_shape, block_lo, affine, shift, out_shape, inside, Some(inside), out)
 }
 
 /// Source position of sample `x` of a row: `start + step · x`, plus the row's shift when there
@@ -474,14 +514,15 @@ fn shifted_position(start: [f64; 3], step: [f64; 3], x: f64, shift: Option<[&[f3
 /// neighbours inside the NaN-free `region` take the vectorised kernel; rows elsewhere in a
 /// wholly NaN-free block take the clamped kernel; the rest the NaN-aware kernel.
 #[allow(clippy::too_many_arguments)]
-fn resample_linear(
-    block: &[f32],
+fn resample_linear<V: BlockValue>(
+    block: &[V],
     block_shape: [usize; 3],
     block_lo: [i64; 3],
     affine: &Affine,
     shift: Option<&SourceShift>,
     out_shape: [usize; 3],
     region: FiniteRegion,
+    nan_outside: Option<FiniteRegion>,
     out: &mut [f32],
 ) {
     let [_, ny, nx] = out_shape;
@@ -498,6 +539,7 @@ fn resample_linear(
     let lo: [i64; 3] = std::array::from_fn(|k| region.lo[k].max(0));
     let hi: [i64; 3] = std::array::from_fn(|k| region.hi[k].min(block_shape[k] as i64));
     let whole_block_finite = lo == [0; 3] && (0..3).all(|k| hi[k] == block_shape[k] as i64);
+    let nan_outside = nan_outside.filter(|_| !whole_block_finite).map(|r| (r.lo, r.hi));
     let step = [affine.m[0][2], affine.m[1][2], affine.m[2][2]];
     let reach = shift.map_or([0.0; 3], |s| s.reach);
     let kernels = RowKernels {
@@ -508,6 +550,7 @@ fn resample_linear(
         lo,
         hi,
         whole_block_finite,
+        nan_outside,
         step,
     };
     if shift.is_none() && affine.plane_separable() && out_shape[0] > 1 && SHARE_PLANES.with(|s| s.get()) {
@@ -538,7 +581,7 @@ fn resample_linear(
             }
         } else {
             for (x, value) in line.iter_mut().enumerate() {
-                *value = trilinear(block, sz, sy, max_idx, position(start, step, row_shift, x));
+                *value = trilinear(block, sz, sy, max_idx, nan_outside, position(start, step, row_shift, x));
             }
         }
     });
@@ -562,36 +605,74 @@ pub(crate) fn without_shared_planes<T>(f: impl FnOnce() -> T) -> T {
 
 /// What the linear row kernels share: the block, its strides and last indices, the NaN-free
 /// region and the step along a row.
-struct RowKernels<'a> {
-    block: &'a [f32],
+struct RowKernels<'a, V> {
+    block: &'a [V],
     sz: usize,
     sy: usize,
     max_idx: [i64; 3],
     lo: [i64; 3],
     hi: [i64; 3],
     whole_block_finite: bool,
+    /// The box outside which the block's voxels read as NaN padding (uint8 blocks).
+    nan_outside: Option<([i64; 3], [i64; 3])>,
     step: [f64; 3],
 }
 
-impl RowKernels<'_> {
-    /// Whether every sample of a row starting at `start` has its eight neighbours in the
-    /// NaN-free region (so the vectorised arithmetic applies).
-    fn interior(&self, start: [f64; 3], nx: usize) -> bool {
-        (0..3).all(|k| {
-            let end = start[k] + self.step[k] * (nx - 1) as f64;
-            let (a, b) = if start[k] <= end { (start[k], end) } else { (end, start[k]) };
-            floor_i(a) >= self.lo[k] && floor_i(b) + 1 < self.hi[k]
-        })
+impl<V: BlockValue> RowKernels<'_, V> {
+    /// The samples `[x0, x1)` of a row starting at `start` whose eight neighbours all lie in
+    /// the NaN-free region (empty when none do): positions move linearly along a row, so the
+    /// interior samples are one run, and checking its two ends checks it all.
+    fn interior_span(&self, start: [f64; 3], nx: usize) -> (usize, usize) {
+        let inside = |x: usize| {
+            let s = position(start, self.step, None, x);
+            (0..3).all(|k| floor_i(s[k]) >= self.lo[k] && floor_i(s[k]) + 1 < self.hi[k])
+        };
+        // A first guess from the linear bounds, then moved to the exact ends.
+        let (mut x0, mut x1) = (0f64, nx as f64);
+        for k in 0..3 {
+            let (step, lo, hi) = (self.step[k], self.lo[k] as f64 - start[k], (self.hi[k] - 1) as f64 - start[k]);
+            if step > 0.0 {
+                x0 = x0.max(lo / step);
+                x1 = x1.min(hi / step);
+            } else if step < 0.0 {
+                x0 = x0.max(hi / step);
+                x1 = x1.min(lo / step);
+            }
+        }
+        let mut x0 = (x0.ceil().max(0.0) as usize).min(nx);
+        let mut x1 = (x1.floor().max(0.0) as usize + 1).min(nx);
+        while x0 < x1 && !inside(x0) {
+            x0 += 1;
+        }
+        while x1 > x0 && !inside(x1 - 1) {
+            x1 -= 1;
+        }
+        if x1 <= x0 {
+            return (0, 0);
+        }
+        // Widen over interior samples the guess left out (rounding), one at a time.
+        while x0 > 0 && inside(x0 - 1) {
+            x0 -= 1;
+        }
+        while x1 < nx && inside(x1) {
+            x1 += 1;
+        }
+        (x0, x1)
     }
 
     /// A row that is not interior: clamped at the block's edges, or NaN-aware.
     fn edge_row(&self, start: [f64; 3], line: &mut [f32]) {
-        for (x, value) in line.iter_mut().enumerate() {
-            let s = position(start, self.step, None, x);
+        self.edge_samples(start, 0, line);
+    }
+
+    /// Samples `first..first + line.len()` of a row with the edge kernels.
+    fn edge_samples(&self, start: [f64; 3], first: usize, line: &mut [f32]) {
+        for (i, value) in line.iter_mut().enumerate() {
+            let s = position(start, self.step, None, first + i);
             *value = if self.whole_block_finite {
                 trilinear_clamped(self.block, self.sz, self.sy, self.max_idx, s)
             } else {
-                trilinear(self.block, self.sz, self.sy, self.max_idx, s)
+                trilinear(self.block, self.sz, self.sy, self.max_idx, self.nan_outside, s)
             };
         }
     }
@@ -603,7 +684,7 @@ impl RowKernels<'_> {
 /// each output voxel is the lerp of two of them in z — the arithmetic of the trilinear kernel,
 /// term for term, so bit for bit its values, for about half its loads. Rows whose neighbours
 /// leave the NaN-free region take the same edge kernels as in [`resample_linear`].
-fn resample_linear_planes(k: &RowKernels, block_lo: [i64; 3], affine: &Affine, out_shape: [usize; 3], out: &mut [f32]) {
+fn resample_linear_planes<V: BlockValue>(k: &RowKernels<V>, block_lo: [i64; 3], affine: &Affine, out_shape: [usize; 3], out: &mut [f32]) {
     let [nz, ny, nx] = out_shape;
     let plane_len = ny * nx;
     let table = PlaneTable::of(k, block_lo, affine, ny, nx);
@@ -620,11 +701,16 @@ fn resample_linear_planes(k: &RowKernels, block_lo: [i64; 3], affine: &Affine, o
             let z = g * group + p;
             for (y, line) in plane.chunks_mut(nx).enumerate() {
                 let start = row_start(affine, z * ny + y, ny, block_lo);
-                if !k.interior(start, nx) {
+                // The row's interior run takes the shared planes; the samples before and after
+                // it (rows crossing the array's edge) the edge kernels, with the same values.
+                let (x0, x1) = k.interior_span(start, nx);
+                if x1 <= x0 {
                     k.edge_row(start, line);
                     continue;
                 }
-                // SAFETY: interior rows have 0 <= start[0] < block size (see the row kernels).
+                k.edge_samples(start, 0, &mut line[..x0]);
+                k.edge_samples(start, x1, &mut line[x1..]);
+                // SAFETY: interior samples have 0 <= start[0] < block size (see the row kernels).
                 let z0 = unsafe { start[0].to_int_unchecked::<i32>() } as i64;
                 let tz = (start[0] - z0 as f64) as f32;
                 let need = [z0, z0 + 1];
@@ -633,7 +719,10 @@ fn resample_linear_planes(k: &RowKernels, block_lo: [i64; 3], affine: &Affine, o
                 if slots[0].0 == need[1] || slots[1].0 == need[0] {
                     slots.swap(0, 1);
                 }
-                let row = y * nx..(y + 1) * nx;
+                // A row's interior run is the same in every plane whose rows are interior in z
+                // (the in-plane positions do not depend on the plane), so a computed run is the
+                // row's for the slot's plane.
+                let run = y * nx + x0..y * nx + x1;
                 for (which, source) in need.into_iter().enumerate() {
                     if slots[which].0 != source {
                         slots[which].0 = source;
@@ -641,18 +730,25 @@ fn resample_linear_planes(k: &RowKernels, block_lo: [i64; 3], affine: &Affine, o
                     }
                     let (_, values, done) = &mut slots[which];
                     if !done[y] {
-                        let (base, ty, tx) = (&table.base[row.clone()], &table.ty[row.clone()], &table.tx[row.clone()]);
-                        bilinear_row(k.block, (source as usize * k.sz) as u32, k.sy, base, ty, tx, &mut values[row.clone()]);
+                        let (base, ty, tx) = (&table.base[run.clone()], &table.ty[run.clone()], &table.tx[run.clone()]);
+                        bilinear_row(k.block, (source as usize * k.sz) as u32, k.sy, base, ty, tx, &mut values[run.clone()]);
                         done[y] = true;
                     }
                 }
-                let (c0, c1) = (&slots[0].1[row.clone()], &slots[1].1[row]);
-                for ((o, a), b) in line.iter_mut().zip(c0).zip(c1) {
-                    *o = a + tz * (b - a);
-                }
+                let (c0, c1) = (&slots[0].1[run.clone()], &slots[1].1[run]);
+                lerp_planes(c0, c1, tz, &mut line[x0..x1]);
             }
         }
     });
+}
+
+/// `c0 + tz · (c1 − c0)` per sample: the z step of the trilinear kernel over two source planes'
+/// bilinear values.
+#[multiversion(targets("x86_64+avx2+fma", "x86_64+sse4.1"))]
+fn lerp_planes(c0: &[f32], c1: &[f32], tz: f32, line: &mut [f32]) {
+    for ((o, a), b) in line.iter_mut().zip(c0).zip(c1) {
+        *o = a + tz * (b - a);
+    }
 }
 
 /// The in-plane part of a plane-separable map, computed once for every output plane: per
@@ -666,7 +762,7 @@ struct PlaneTable {
 }
 
 impl PlaneTable {
-    fn of(k: &RowKernels, block_lo: [i64; 3], affine: &Affine, ny: usize, nx: usize) -> PlaneTable {
+    fn of<V: BlockValue>(k: &RowKernels<V>, block_lo: [i64; 3], affine: &Affine, ny: usize, nx: usize) -> PlaneTable {
         let mut table = PlaneTable {
             base: vec![0; ny * nx],
             ty: vec![0.0; ny * nx],
@@ -705,7 +801,7 @@ fn plane_table_row(start: [f64; 3], step: [f64; 3], sy: usize, base: &mut [u32],
 /// its [`PlaneTable`] row: the `c0` (or `c1`) of the trilinear kernel, with the same positions,
 /// weights and arithmetic.
 #[multiversion(targets("x86_64+avx2+fma", "x86_64+sse4.1"))]
-fn bilinear_row(block: &[f32], plane: u32, sy: usize, base: &[u32], ty: &[f32], tx: &[f32], line: &mut [f32]) {
+fn bilinear_row<V: BlockValue>(block: &[V], plane: u32, sy: usize, base: &[u32], ty: &[f32], tx: &[f32], line: &mut [f32]) {
     let mut corner = [[0f32; LANES]; 4];
     let offsets = [0, 1, sy, sy + 1];
     for (c, out) in line.chunks_mut(LANES).enumerate() {
@@ -717,7 +813,7 @@ fn bilinear_row(block: &[f32], plane: u32, sy: usize, base: &[u32], ty: &[f32], 
             for (values, &o) in corner.iter_mut().zip(&offsets) {
                 debug_assert!(b + o < block.len());
                 // SAFETY: interior rows keep every neighbour inside the block.
-                values[i] = unsafe { *block.get_unchecked(b + o) };
+                values[i] = unsafe { block.get_unchecked(b + o).value() };
             }
         }
         let [v0, v1, v2, v3] = &corner;
@@ -738,14 +834,14 @@ const LANES: usize = 64;
 /// compiled for AVX2 and SSE4.1 as well and picked at run time. The arithmetic is the same in
 /// every version (no fused multiply-add), so results do not depend on the CPU.
 #[multiversion(targets("x86_64+avx2+fma", "x86_64+sse4.1"))]
-fn trilinear_row_interior(block: &[f32], sz: usize, sy: usize, start: [f64; 3], step: [f64; 3], line: &mut [f32]) {
+fn trilinear_row_interior<V: BlockValue>(block: &[V], sz: usize, sy: usize, start: [f64; 3], step: [f64; 3], line: &mut [f32]) {
     trilinear_row_interior_kernel(block, sz, sy, start, step, None, line);
 }
 
 /// [`trilinear_row_interior`] with each sample moved by the row's shift.
 #[multiversion(targets("x86_64+avx2+fma", "x86_64+sse4.1"))]
-fn trilinear_row_interior_shifted(
-    block: &[f32],
+fn trilinear_row_interior_shifted<V: BlockValue>(
+    block: &[V],
     sz: usize,
     sy: usize,
     start: [f64; 3],
@@ -759,8 +855,8 @@ fn trilinear_row_interior_shifted(
 /// The body of the interior row kernels (inlined into each CPU version; `shift` is a constant
 /// there, so the unshifted kernel carries no shift code).
 #[inline(always)]
-fn trilinear_row_interior_kernel(
-    block: &[f32],
+fn trilinear_row_interior_kernel<V: BlockValue>(
+    block: &[V],
     sz: usize,
     sy: usize,
     start: [f64; 3],
@@ -800,7 +896,7 @@ fn trilinear_row_interior_kernel(
             for (values, &o) in corner.iter_mut().zip(&offsets) {
                 debug_assert!(b as usize + o < block.len());
                 // SAFETY: interior rows keep every neighbour (base + offset) inside the block.
-                values[i] = unsafe { *block.get_unchecked(b as usize + o) };
+                values[i] = unsafe { block.get_unchecked(b as usize + o).value() };
             }
         }
         let [v0, v1, v2, v3, v4, v5, v6, v7] = &corner;
@@ -845,7 +941,7 @@ fn nearest_row_kernel(start: [f64; 3], step: [f64; 3], shift: Option<[&[f32]; 3]
 
 /// Trilinear sample of a NaN-free block with clamping at its edges (rows that leave the block).
 #[inline(always)]
-fn trilinear_clamped(block: &[f32], sz: usize, sy: usize, max_idx: [i64; 3], s: [f64; 3]) -> f32 {
+fn trilinear_clamped<V: BlockValue>(block: &[V], sz: usize, sy: usize, max_idx: [i64; 3], s: [f64; 3]) -> f32 {
     let mut i0 = [0usize; 3];
     let mut i1 = [0usize; 3];
     let mut t = [0f32; 3];
@@ -856,7 +952,7 @@ fn trilinear_clamped(block: &[f32], sz: usize, sy: usize, max_idx: [i64; 3], s: 
         i1[k] = (base + 1).min(max_idx[k]) as usize;
         t[k] = if f < 0 || f > max_idx[k] { 0.0 } else { (s[k] - f as f64) as f32 };
     }
-    let v = |z: usize, y: usize, x: usize| block[z * sz + y * sy + x];
+    let v = |z: usize, y: usize, x: usize| block[z * sz + y * sy + x].value();
     let c00 = v(i0[0], i0[1], i0[2]) + t[2] * (v(i0[0], i0[1], i1[2]) - v(i0[0], i0[1], i0[2]));
     let c01 = v(i0[0], i1[1], i0[2]) + t[2] * (v(i0[0], i1[1], i1[2]) - v(i0[0], i1[1], i0[2]));
     let c10 = v(i1[0], i0[1], i0[2]) + t[2] * (v(i1[0], i0[1], i1[2]) - v(i1[0], i0[1], i0[2]));
@@ -886,27 +982,18 @@ pub fn nearest_indices(
     let (sy, sz) = (block_shape[2], block_shape[1] * block_shape[2]);
     let step = [affine.m[0][2], affine.m[1][2], affine.m[2][2]];
     let max: [f64; 3] = std::array::from_fn(|k| (block_shape[k] - 1) as f64);
-    if shift.is_none() && affine.plane_separable() && out_shape[0] > 1 && SHARE_PLANES.with(|s| s.get()) {
-        // Every output plane has the first plane's in-plane indices; only the source plane
-        // differs (the same rounding and clamping as the row kernel, per plane).
-        let plane_len = ny * nx;
+    let plane_len = ny * nx;
+    if shift.is_none() {
         let (first, rest) = index.split_at_mut(plane_len);
-        first.par_chunks_mut(nx).with_min_len(4).enumerate().for_each(|(row, line)| {
-            nearest_row(row_start(affine, row, ny, block_lo), step, max, sz, sy, line);
-        });
-        let plane_of = |z: usize| {
-            let s0 = row_start(affine, z * ny, ny, block_lo)[0];
-            (s0 + 0.5).floor().clamp(0.0, max[0]) as i32 * sz as i32
-        };
-        let first_plane = plane_of(0);
-        let first: &[u32] = first;
-        rest.par_chunks_mut(plane_len).enumerate().for_each(|(p, plane)| {
-            let offset = plane_of(p + 1) - first_plane;
-            for (o, &i) in plane.iter_mut().zip(first) {
-                *o = (i as i32 + offset) as u32;
-            }
-        });
-        return;
+        if let Some(offsets) = nearest_plane_offsets(block_shape, block_lo, affine, out_shape, first) {
+            let first: &[u32] = first;
+            rest.par_chunks_mut(plane_len).zip(&offsets[1..]).for_each(|(plane, &offset)| {
+                for (o, &i) in plane.iter_mut().zip(first) {
+                    *o = (i as i32 + offset) as u32;
+                }
+            });
+            return;
+        }
     }
     index.par_chunks_mut(nx).with_min_len(4).enumerate().for_each(|(row, line)| {
         let start = row_start(affine, row, ny, block_lo);
@@ -917,12 +1004,45 @@ pub fn nearest_indices(
     });
 }
 
+/// For a plane-separable map (no shift, more than one output plane): writes the nearest block
+/// indices of the first output plane into `first` (`ny · nx` values) and returns each output
+/// plane's offset from them, so that plane `p`'s index `i` is `first[i] + offsets[p]` — what
+/// [`nearest_indices`] writes, without writing it. None for other maps.
+pub fn nearest_plane_offsets(
+    block_shape: [usize; 3],
+    block_lo: [i64; 3],
+    affine: &Affine,
+    out_shape: [usize; 3],
+    first: &mut [u32],
+) -> Option<Vec<i32>> {
+    let [nz, ny, nx] = out_shape;
+    if !(affine.plane_separable() && nz > 1 && nx > 0 && ny > 0 && SHARE_PLANES.with(|s| s.get())) {
+        return None;
+    }
+    assert_eq!(first.len(), ny * nx);
+    assert!(block_shape.iter().product::<usize>() <= i32::MAX as usize, "source block too large");
+    let (sy, sz) = (block_shape[2], block_shape[1] * block_shape[2]);
+    let step = [affine.m[0][2], affine.m[1][2], affine.m[2][2]];
+    let max: [f64; 3] = std::array::from_fn(|k| (block_shape[k] - 1) as f64);
+    // Every output plane has the first plane's in-plane indices; only the source plane differs
+    // (the same rounding and clamping as the row kernel, per plane).
+    first.par_chunks_mut(nx).with_min_len(4).enumerate().for_each(|(row, line)| {
+        nearest_row(row_start(affine, row, ny, block_lo), step, max, sz, sy, line);
+    });
+    let plane_of = |z: usize| {
+        let s0 = row_start(affine, z * ny, ny, block_lo)[0];
+        (s0 + 0.5).floor().clamp(0.0, max[0]) as i32 * sz as i32
+    };
+    let first_plane = plane_of(0);
+    Some((0..nz).map(|z| plane_of(z) - first_plane).collect())
+}
+
 /// Marker for "outside the array" in uint8 mask blocks (masks hold 0 and 1).
 pub const MASK_OUTSIDE: u8 = 255;
 
 /// Nearest-voxel resampling of a float block (the same indices as the label reads).
-fn resample_nearest(
-    block: &[f32],
+fn resample_nearest<V: BlockValue>(
+    block: &[V],
     block_shape: [usize; 3],
     block_lo: [i64; 3],
     affine: &Affine,
@@ -937,7 +1057,7 @@ fn resample_nearest(
     out.par_iter_mut().zip(&index).with_min_len(4096).for_each(|(value, &i)| {
         debug_assert!((i as usize) < block.len());
         // SAFETY: nearest_indices clamps every index into the block.
-        *value = unsafe { *block.get_unchecked(i as usize) };
+        *value = unsafe { block.get_unchecked(i as usize).value() };
     });
 }
 
@@ -967,7 +1087,7 @@ fn lerp(a: f32, b: f32, t: f32) -> f32 {
 }
 
 #[inline(always)]
-fn trilinear(block: &[f32], sz: usize, sy: usize, max_idx: [i64; 3], s: [f64; 3]) -> f32 {
+fn trilinear<V: BlockValue>(block: &[V], sz: usize, sy: usize, max_idx: [i64; 3], nan_outside: Option<([i64; 3], [i64; 3])>, s: [f64; 3]) -> f32 {
     let mut i0 = [0usize; 3];
     let mut d = [0usize; 3];
     let mut t = [0f32; 3];
@@ -984,26 +1104,33 @@ fn trilinear(block: &[f32], sz: usize, sy: usize, max_idx: [i64; 3], s: [f64; 3]
             t[k] = (s[k] - f as f64) as f32;
         }
     }
-    let (dz, dy, dx) = (d[0] * sz, d[1] * sy, d[2]);
-    let base = i0[0] * sz + i0[1] * sy + i0[2];
-    debug_assert!(base + dz + dy + dx < block.len());
-    // SAFETY: every index is clamped to [0, max_idx] per axis above (d is 0 at the far edge),
-    // so base + dz + dy + dx addresses a voxel inside the block.
-    let at = |o: usize| unsafe { *block.get_unchecked(base + o) };
-    let a = lerp(at(0), at(dx), t[2]);
+    debug_assert!((i0[0] + d[0]) * sz + (i0[1] + d[1]) * sy + i0[2] + d[2] < block.len());
+    // The corner (kz, ky, kx), each 0 or 1: NaN where the block holds padding it cannot store.
+    let at = |kz: usize, ky: usize, kx: usize| {
+        let c = [i0[0] + kz * d[0], i0[1] + ky * d[1], i0[2] + kx * d[2]];
+        if let Some((lo, hi)) = nan_outside {
+            if (0..3).any(|k| (c[k] as i64) < lo[k] || (c[k] as i64) >= hi[k]) {
+                return f32::NAN;
+            }
+        }
+        // SAFETY: every index is clamped to [0, max_idx] per axis above (d is 0 at the far
+        // edge), so the corner is a voxel inside the block.
+        unsafe { block.get_unchecked(c[0] * sz + c[1] * sy + c[2]).value() }
+    };
+    let a = lerp(at(0, 0, 0), at(0, 0, 1), t[2]);
     let a = if t[1] == 0.0 {
         a
     } else {
-        lerp(a, lerp(at(dy), at(dy + dx), t[2]), t[1])
+        lerp(a, lerp(at(0, 1, 0), at(0, 1, 1), t[2]), t[1])
     };
     if t[0] == 0.0 {
         return a;
     }
-    let b = lerp(at(dz), at(dz + dx), t[2]);
+    let b = lerp(at(1, 0, 0), at(1, 0, 1), t[2]);
     let b = if t[1] == 0.0 {
         b
     } else {
-        lerp(b, lerp(at(dz + dy), at(dz + dy + dx), t[2]), t[1])
+        lerp(b, lerp(at(1, 1, 0), at(1, 1, 1), t[2]), t[1])
     };
     lerp(a, b, t[0])
 }
@@ -1180,6 +1307,37 @@ mod tests {
             hi: [2, 2, 6],
         };
         assert_eq!(ramp(&with_nan, Some(region)), vec![0.5, 1.5, 2.5, 3.5]);
+    }
+
+    /// A uint8 block resamples to exactly what the float32 block of its values gives, with every
+    /// kernel: plane-shared and per-row, interior and edge rows, linear and nearest.
+    #[test]
+    fn uint8_blocks_resample_as_their_float_values() {
+        let shape = [30usize, 37, 41];
+        let bytes: Vec<u8> = (0..shape.iter().product::<usize>()).map(|i| ((i * 7919) % 256) as u8).collect();
+        let floats: Vec<f32> = bytes.iter().map(|&b| f32::from(b)).collect();
+        for (angles, centre) in [
+            ([37.0, 0.0, 0.0], [120.0, 148.0, 164.0]),
+            ([-140.0, 0.0, 0.0], [40.0, 20.0, 300.0]),
+            ([11.0, -23.0, 160.0], [120.0, 148.0, 164.0]),
+        ] {
+            let affine = Affine::compose([16, 16, 16], [8.0; 3], centre, &rotation_matrix(angles), [8.0; 3], [0.0; 3]);
+            for interpolation in [Interpolation::Linear, Interpolation::Nearest] {
+                let read = |block: &dyn Fn(&mut [f32])| {
+                    let mut shared = vec![0f32; 16 * 16 * 16];
+                    block(&mut shared);
+                    let mut per_row = vec![0f32; 16 * 16 * 16];
+                    without_shared_planes(|| block(&mut per_row));
+                    (shared, per_row)
+                };
+                let whole = Some(FiniteRegion::whole(shape));
+                let from_bytes = read(&|out| resample(&bytes, shape, [0; 3], &affine, None, [16; 3], interpolation, whole, out));
+                let from_floats = read(&|out| resample(&floats, shape, [0; 3], &affine, None, [16; 3], interpolation, whole, out));
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&from_bytes.0), bits(&from_floats.0), "{angles:?} {interpolation:?} shared planes");
+                assert_eq!(bits(&from_bytes.1), bits(&from_floats.1), "{angles:?} {interpolation:?} per row");
+            }
+        }
     }
 
     /// The vectorised row kernel (whichever CPU version runs here) gives bit for bit what the

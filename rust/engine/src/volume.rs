@@ -680,7 +680,7 @@ fn convert_run_scalar<T: ToF32, O: OutputElement>(src: &[T], dst: &mut [O], mode
 }
 
 /// What a gather can write: float32 values, or uint8 foreground masks (used by nearest-neighbour
-/// label reads, whose source blocks are then 4× smaller and stay in cache).
+/// label reads, whose source blocks are then 4× smaller and stay in cache) and uint8 raw bytes.
 pub trait OutputElement: Copy + Send + Sync {
     /// Converts one stored value.
     fn convert<T: ToF32>(value: T, mode: ValueMode) -> Self;
@@ -760,10 +760,26 @@ impl OutputElement for f32 {
     }
 }
 
+/// uint8 output: foreground masks, or in raw mode the stored bytes of a uint8 array as they are
+/// (source blocks of rotated raw reads; only uint8 arrays are gathered so).
 impl OutputElement for u8 {
     #[inline(always)]
-    fn convert<T: ToF32>(value: T, _mode: ValueMode) -> u8 {
-        value.is_nonzero() as u8
+    fn convert<T: ToF32>(value: T, mode: ValueMode) -> u8 {
+        match mode {
+            ValueMode::Foreground => value.is_nonzero() as u8,
+            ValueMode::Raw => {
+                debug_assert!(value.to_f32() == f32::from(value.to_f32() as u8), "raw uint8 gathers read uint8 data");
+                value.to_f32() as u8
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn convert_u8_run(src: &[u8], dst: &mut [u8], mode: ValueMode, _streaming: bool) {
+        match mode {
+            ValueMode::Raw => dst.copy_from_slice(src),
+            ValueMode::Foreground => convert_run_scalar(src, dst, mode),
+        }
     }
 }
 
