@@ -627,6 +627,9 @@ impl<V: BlockValue> RowKernels<'_, V> {
             let s = position(start, self.step, None, x);
             (0..3).all(|k| floor_i(s[k]) >= self.lo[k] && floor_i(s[k]) + 1 < self.hi[k])
         };
+        if nx == 0 || (inside(0) && inside(nx - 1)) {
+            return (0, nx);
+        }
         // A first guess from the linear bounds, then moved to the exact ends.
         let (mut x0, mut x1) = (0f64, nx as f64);
         for k in 0..3 {
@@ -639,8 +642,9 @@ impl<V: BlockValue> RowKernels<'_, V> {
                 x1 = x1.min(lo / step);
             }
         }
-        let mut x0 = (x0.ceil().max(0.0) as usize).min(nx);
-        let mut x1 = (x1.floor().max(0.0) as usize + 1).min(nx);
+        // floor_i rather than floor/ceil: no libm call (see floor_i).
+        let mut x0 = ((floor_i(x0) + 1).max(0) as usize).min(nx);
+        let mut x1 = ((floor_i(x1) + 1).max(0) as usize).min(nx);
         while x0 < x1 && !inside(x0) {
             x0 += 1;
         }
