@@ -735,7 +735,15 @@ fn resample_linear_planes<V: BlockValue>(k: &RowKernels<V>, block_lo: [i64; 3], 
                     let (_, values, done) = &mut slots[which];
                     if !done[y] {
                         let (base, ty, tx) = (&table.base[run.clone()], &table.ty[run.clone()], &table.tx[run.clone()]);
-                        bilinear_row(k.block, (source as usize * k.sz) as u32, k.sy, base, ty, tx, &mut values[run.clone()]);
+                        bilinear_row(
+                            k.block,
+                            (source as usize * k.sz) as u32,
+                            k.sy,
+                            base,
+                            ty,
+                            tx,
+                            &mut values[run.clone()],
+                        );
                         done[y] = true;
                     }
                 }
@@ -1091,7 +1099,14 @@ fn lerp(a: f32, b: f32, t: f32) -> f32 {
 }
 
 #[inline(always)]
-fn trilinear<V: BlockValue>(block: &[V], sz: usize, sy: usize, max_idx: [i64; 3], nan_outside: Option<([i64; 3], [i64; 3])>, s: [f64; 3]) -> f32 {
+fn trilinear<V: BlockValue>(
+    block: &[V],
+    sz: usize,
+    sy: usize,
+    max_idx: [i64; 3],
+    nan_outside: Option<([i64; 3], [i64; 3])>,
+    s: [f64; 3],
+) -> f32 {
     let mut i0 = [0usize; 3];
     let mut d = [0usize; 3];
     let mut t = [0f32; 3];
@@ -1338,7 +1353,11 @@ mod tests {
                 let from_bytes = read(&|out| resample(&bytes, shape, [0; 3], &affine, None, [16; 3], interpolation, whole, out));
                 let from_floats = read(&|out| resample(&floats, shape, [0; 3], &affine, None, [16; 3], interpolation, whole, out));
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&from_bytes.0), bits(&from_floats.0), "{angles:?} {interpolation:?} shared planes");
+                assert_eq!(
+                    bits(&from_bytes.0),
+                    bits(&from_floats.0),
+                    "{angles:?} {interpolation:?} shared planes"
+                );
                 assert_eq!(bits(&from_bytes.1), bits(&from_floats.1), "{angles:?} {interpolation:?} per row");
             }
         }

@@ -15,9 +15,9 @@ use rayon::prelude::*;
 
 use crate::augment::{SpatialDraw, SHEAR_TERMS};
 use crate::dataset::{Annotation, Dataset};
-use crate::extract::Tally;
 use crate::elastic::ElasticDraw;
 use crate::error::{Error, Result};
+use crate::extract::Tally;
 use crate::geometry::AXES;
 use crate::read_policy::{with_retries, ReadErrorPolicy, ReadIncident, MAX_REPLACEMENTS};
 
@@ -406,7 +406,9 @@ impl SampleMetadata<'_> {
         push("value_seed", Arc::new(seeds.finish()));
         for (c, class) in self.classes.names.iter().enumerate() {
             let mut a = StringBuilder::with_capacity(rows, rows * 9);
-            self.annotation.iter().for_each(|per| a.append_value(per.get(c).map_or("unknown", |s| s.as_str())));
+            self.annotation
+                .iter()
+                .for_each(|per| a.append_value(per.get(c).map_or("unknown", |s| s.as_str())));
             push(&format!("annotated_{class}"), Arc::new(a.finish()));
         }
         if let Some(tallies) = self.tallies {
@@ -743,7 +745,12 @@ mod tests {
                 Tally { foreground: 1, unknown: 1 },
                 Tally::default(),
             ],
-            vec![Tally { foreground: 8, unknown: 0 }, Tally::default(), Tally::default(), Tally::default()],
+            vec![
+                Tally { foreground: 8, unknown: 0 },
+                Tally::default(),
+                Tally::default(),
+                Tally::default(),
+            ],
         ];
         let meta = SampleMetadata {
             samples: &samples,
@@ -822,7 +829,11 @@ mod tests {
         assert_eq!(counts, vec![2, 8]);
         assert_eq!(column("fraction_mito"), vec![0.25, 1.0]);
         assert_eq!(column("unknown_er"), vec![1.0, 0.0]);
-        assert_eq!(column("fraction_extra_mito"), vec![0.25, 0.0], "a second target array's columns are prefixed");
+        assert_eq!(
+            column("fraction_extra_mito"),
+            vec![0.25, 0.0],
+            "a second target array's columns are prefixed"
+        );
         assert_eq!(column("unknown_extra_mito"), vec![0.25, 0.0]);
         let plan = SampleMetadata { tallies: None, ..meta }.record_batch(Vec::new()).unwrap();
         assert!(plan.column_by_name("annotated_er").is_some() && plan.column_by_name("foreground_mito").is_none());

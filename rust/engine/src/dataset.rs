@@ -10,8 +10,8 @@ use crate::augment::{Interpolation, SpatialConfig, SpatialDraw, SpatialJson};
 use crate::cache::ChunkCache;
 use crate::error::{Error, Result};
 use crate::extract::{read_packed_group, read_patch, read_patch_group, reads_as_copy, source_region, PatchSpec, ReadOptions, Tally};
-use crate::label_cache::LabelCache;
 use crate::geometry::{tile_starts, WorldBox, AXES, MAX_VOXEL_COORDINATE};
+use crate::label_cache::LabelCache;
 use crate::values::ValuePipeline;
 use crate::volume::{ValueMode, Volume};
 use serde::Deserialize;
@@ -510,7 +510,14 @@ impl Dataset {
                         let mut present = vec![0f32; n];
                         for vol in related {
                             let level = vol.pick_level(spec.patch.voxel_size);
-                            self.read_labels(&[(vol.as_ref(), level)], &spec.patch, centre, draw, &label_options, &mut [&mut present])?;
+                            self.read_labels(
+                                &[(vol.as_ref(), level)],
+                                &spec.patch,
+                                centre,
+                                draw,
+                                &label_options,
+                                &mut [&mut present],
+                            )?;
                             for (value, p) in channel.iter_mut().zip(&present) {
                                 if *p == 1.0 {
                                     *value = 0.0;

@@ -6,7 +6,9 @@ use std::rc::Rc;
 
 use multiversion::multiversion;
 
-use crate::augment::{nearest_indices, nearest_plane_offsets, resample, resample_nan_padded, FiniteRegion, Interpolation, SpatialDraw, MASK_OUTSIDE};
+use crate::augment::{
+    nearest_indices, nearest_plane_offsets, resample, resample_nan_padded, FiniteRegion, Interpolation, SpatialDraw, MASK_OUTSIDE,
+};
 use crate::elastic::{ElasticDraw, SourceShift};
 use crate::error::{Error, Result};
 use crate::geometry::{Affine, MAX_VOXEL_COORDINATE};
@@ -152,7 +154,17 @@ pub fn read_patch(
             let (shift, shape) = (shift.as_deref(), spec.shape);
             if whole {
                 let finite = Some(FiniteRegion::whole(block_shape));
-                resample(block, block_shape, block_lo, &affine, shift, shape, options.interpolation, finite, out);
+                resample(
+                    block,
+                    block_shape,
+                    block_lo,
+                    &affine,
+                    shift,
+                    shape,
+                    options.interpolation,
+                    finite,
+                    out,
+                );
             } else {
                 resample_nan_padded(block, block_shape, block_lo, &affine, shift, shape, inside, out);
             }
@@ -498,7 +510,13 @@ struct NearestBlock {
 }
 
 impl NearestBlock {
-    fn of(affine: &mut Affine, shift: Option<&SourceShift>, level_shape: [u64; 3], spec: &PatchSpec, options: &ReadOptions) -> NearestBlock {
+    fn of(
+        affine: &mut Affine,
+        shift: Option<&SourceShift>,
+        level_shape: [u64; 3],
+        spec: &PatchSpec,
+        options: &ReadOptions,
+    ) -> NearestBlock {
         let (lo, shape) = source_block(affine, shift, level_shape, spec, options);
         let spans = row_spans(affine, shift, spec.shape, lo, shape, options.interpolation);
         let plane_len = spec.shape[1] * spec.shape[2];
@@ -563,7 +581,16 @@ pub fn read_packed_group(
             let tallies = outs
                 .iter_mut()
                 .enumerate()
-                .map(|(c, out)| copy_bits(&crop.planes[c / PACKED_CLASSES], crop.shape, &copy, (c % PACKED_CLASSES) as u32, options.pad_value, out))
+                .map(|(c, out)| {
+                    copy_bits(
+                        &crop.planes[c / PACKED_CLASSES],
+                        crop.shape,
+                        &copy,
+                        (c % PACKED_CLASSES) as u32,
+                        options.pad_value,
+                        out,
+                    )
+                })
                 .collect();
             return Ok(tallies);
         }
@@ -573,7 +600,14 @@ pub fn read_packed_group(
     let mut packed = take_scratch(&MASK_SCRATCH, block_len);
     let mut tallies = Vec::with_capacity(outs.len());
     for (plane, group_outs) in crop.planes.iter().zip(outs.chunks_mut(PACKED_CLASSES)) {
-        copy_plane_block(plane, crop.shape, nearest.lo, nearest.shape, &nearest.spans, &mut packed[..block_len]);
+        copy_plane_block(
+            plane,
+            crop.shape,
+            nearest.lo,
+            nearest.shape,
+            &nearest.spans,
+            &mut packed[..block_len],
+        );
         tallies.extend(nearest.unpack(&packed[..block_len], spec.len(), options.pad_value, group_outs));
     }
     return_scratch(&MASK_SCRATCH, packed);
@@ -623,7 +657,12 @@ fn inside_span(x0: i64, x1: i64, len: usize) -> (i64, i64) {
 /// source box as 0.0 / 1.0 at its output position, `pad_value` outside the grid (what
 /// [`Volume::gather`] writes from the label chunks in foreground mode).
 fn copy_bits(plane: &[u8], shape: [usize; 3], copy: &AlignedCopy, bit: u32, pad_value: f32, out: &mut [f32]) -> Tally {
-    let AlignedCopy { start, region, base, strides } = *copy;
+    let AlignedCopy {
+        start,
+        region,
+        base,
+        strides,
+    } = *copy;
     let mut tally = Tally::default();
     for z in 0..region[0] {
         let sz = start[0] + z as i64;
@@ -631,16 +670,29 @@ fn copy_bits(plane: &[u8], shape: [usize; 3], copy: &AlignedCopy, bit: u32, pad_
             let sy = start[1] + y as i64;
             let row = base + z as isize * strides[0] + y as isize * strides[1];
             let inside_row = sz >= 0 && sz < shape[0] as i64 && sy >= 0 && sy < shape[1] as i64;
-            let src = if inside_row { (sz as usize * shape[1] + sy as usize) * shape[2] } else { 0 };
+            let src = if inside_row {
+                (sz as usize * shape[1] + sy as usize) * shape[2]
+            } else {
+                0
+            };
             if strides[2] == 1 {
                 let dst = &mut out[row as usize..row as usize + region[2]];
                 let x0 = start[2];
-                let (in0, in1) = if inside_row { inside_span(x0, x0 + region[2] as i64, shape[2]) } else { (x0, x0) };
+                let (in0, in1) = if inside_row {
+                    inside_span(x0, x0 + region[2] as i64, shape[2])
+                } else {
+                    (x0, x0)
+                };
                 let (before, rest) = dst.split_at_mut((in0 - x0) as usize);
                 before.fill(pad_value);
                 let (inside, after) = rest.split_at_mut((in1 - in0) as usize);
                 if in1 > in0 {
-                    tally.add(bits_to_floats(&plane[src + in0 as usize..src + in1 as usize], bit, pad_value, inside));
+                    tally.add(bits_to_floats(
+                        &plane[src + in0 as usize..src + in1 as usize],
+                        bit,
+                        pad_value,
+                        inside,
+                    ));
                 }
                 after.fill(pad_value);
                 tally.add(Tally::padding(before.len() + after.len(), pad_value));
@@ -1188,7 +1240,11 @@ mod read_tests {
             Volume::open_in_frame(&path, ChunkCache::global(), CoordinateFrame::Corner).unwrap()
         };
         let (bytes, words) = (open("u8", DType::U8), open("u16", DType::U16));
-        let bits = |v: &[f32]| v.iter().map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() }).collect::<Vec<_>>();
+        let bits = |v: &[f32]| {
+            v.iter()
+                .map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() })
+                .collect::<Vec<_>>()
+        };
         for angles in [[33.0, 0.0, 0.0], [-150.0, 0.0, 0.0], [17.0, -40.0, 100.0]] {
             let draw = SpatialDraw {
                 angles_deg: angles,
@@ -1277,7 +1333,9 @@ mod read_tests {
         let mut image = ImageSpec::new([0.0; 3], [VOXEL; 3], [N; 3]);
         image.frame = CoordinateFrame::Corner;
         // An irregular field: a kernel that mixed its terms differently would round differently.
-        image.write(&path, |[z, y, x]| ((z * 7919 + y * 104_729 + x * 1299) % 1013) as f32 * 0.37 + 1.0 / (1 + x + y) as f32);
+        image.write(&path, |[z, y, x]| {
+            ((z * 7919 + y * 104_729 + x * 1299) % 1013) as f32 * 0.37 + 1.0 / (1 + x + y) as f32
+        });
         let raw = Volume::open_in_frame(&path, ChunkCache::global(), CoordinateFrame::Corner).unwrap();
         let labels = [
             masks(&dir, "a", |[z, y, x]| (z + 2 * y + 3 * x) % 4 == 0),
@@ -1299,7 +1357,11 @@ mod read_tests {
                     zoom,
                     ..SpatialDraw::default()
                 };
-                for (shape, centre) in [([7, 9, 8], [12.0, 12.0, 12.0]), ([5, 6, 11], [3.0, 20.0, -1.0]), ([9, 4, 4], [23.0, 2.0, 15.0])] {
+                for (shape, centre) in [
+                    ([7, 9, 8], [12.0, 12.0, 12.0]),
+                    ([5, 6, 11], [3.0, 20.0, -1.0]),
+                    ([9, 4, 4], [23.0, 2.0, 15.0]),
+                ] {
                     let spec = PatchSpec::new(shape, [VOXEL; 3]).unwrap();
                     let lvl = &raw.levels[0];
                     if !patch_affine(lvl, &spec, centre, &draw).plane_separable() {
@@ -1329,7 +1391,10 @@ mod read_tests {
                     let (shared, shared_masks) = read_all();
                     let (rows, row_masks) = crate::augment::without_shared_planes(read_all);
                     let context = format!("case {case}, {draw:?}, shape {shape:?}, centre {centre:?}");
-                    assert!(shared.iter().any(|v| v.is_nan()) || centre == [12.0; 3], "{context}: edge cases pad");
+                    assert!(
+                        shared.iter().any(|v| v.is_nan()) || centre == [12.0; 3],
+                        "{context}: edge cases pad"
+                    );
                     assert_same(&shared, &rows, &context);
                     for (a, b) in shared_masks.iter().zip(&row_masks) {
                         assert_same(a, b, &context);
@@ -1358,13 +1423,19 @@ mod read_tests {
             |_| true,
             |_| false,
         ];
-        let volumes: Vec<Volume> = patterns.iter().enumerate().map(|(i, p)| masks(&dir, &format!("c{i}"), *p)).collect();
+        let volumes: Vec<Volume> = patterns
+            .iter()
+            .enumerate()
+            .map(|(i, p)| masks(&dir, &format!("c{i}"), *p))
+            .collect();
         let group: Vec<(&Volume, usize)> = volumes.iter().map(|v| (v, 0)).collect();
         let crop = PackedLabels::build(&group, &std::sync::atomic::AtomicU64::new(0)).unwrap();
         assert_eq!((crop.planes.len(), crop.nbytes()), (2, 2 * N * N * N));
         let mut state = 0x9E37_79B9_7F4A_7C15u64;
         let mut next = move |n: u64| {
-            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
             (state >> 33) % n
         };
         for case in 0..240 {

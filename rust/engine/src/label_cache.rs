@@ -161,7 +161,11 @@ impl LabelCache {
     /// A cache holding at most `budget_bytes` of packed crops.
     pub fn new(budget_bytes: u64) -> LabelCache {
         LabelCache {
-            crops: Cache::with_weighter(((budget_bytes >> 20) as usize).clamp(16, 1 << 16), budget_bytes.max(1), ByteWeighter),
+            crops: Cache::with_weighter(
+                ((budget_bytes >> 20) as usize).clamp(16, 1 << 16),
+                budget_bytes.max(1),
+                ByteWeighter,
+            ),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             passed: AtomicU64::new(0),

@@ -564,7 +564,11 @@ mod tests {
                             assert_eq!(shape.padding, shape.per_rank * world - n, "{case}");
                             for (k, p) in padded.iter().enumerate() {
                                 let repeated = whole[k % n];
-                                assert_eq!((p.dataset, p.index, p.stream), (repeated.dataset, repeated.index, repeated.stream), "{case}");
+                                assert_eq!(
+                                    (p.dataset, p.index, p.stream),
+                                    (repeated.dataset, repeated.index, repeated.stream),
+                                    "{case}"
+                                );
                             }
                         }
                     }

@@ -723,7 +723,10 @@ unsafe fn u8_to_f32_streaming(src: &[u8], dst: &mut [f32]) {
         unsafe {
             let bytes = _mm_loadu_si128(src.as_ptr().add(i).cast());
             _mm256_stream_ps(dst.as_mut_ptr().add(i), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)));
-            _mm256_stream_ps(dst.as_mut_ptr().add(i + 8), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(bytes))));
+            _mm256_stream_ps(
+                dst.as_mut_ptr().add(i + 8),
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(bytes))),
+            );
         }
         i += 16;
     }
@@ -768,7 +771,10 @@ impl OutputElement for u8 {
         match mode {
             ValueMode::Foreground => value.is_nonzero() as u8,
             ValueMode::Raw => {
-                debug_assert!(value.to_f32() == f32::from(value.to_f32() as u8), "raw uint8 gathers read uint8 data");
+                debug_assert!(
+                    value.to_f32() == f32::from(value.to_f32() as u8),
+                    "raw uint8 gathers read uint8 data"
+                );
                 value.to_f32() as u8
             }
         }

@@ -61,9 +61,12 @@ impl ArrayMemory {
     /// `typestr` (e.g. `"<f4"`, `"|u1"`). The caller keeps `array` alive while it uses the memory.
     pub fn of(array: &Bound<'_, PyAny>, typestr: &str, what: &str) -> PyResult<ArrayMemory> {
         let invalid = |detail: String| PyErr::from(pyo3::exceptions::PyValueError::new_err(format!("{what}: {detail}")));
-        let interface = array
-            .getattr("__array_interface__")
-            .map_err(|_| invalid(format!("expected a numpy array, not {}", array.get_type().name().map_or_else(|_| "?".into(), |n| n.to_string()))))?;
+        let interface = array.getattr("__array_interface__").map_err(|_| {
+            invalid(format!(
+                "expected a numpy array, not {}",
+                array.get_type().name().map_or_else(|_| "?".into(), |n| n.to_string())
+            ))
+        })?;
         let found: String = interface.get_item("typestr")?.extract()?;
         if found != typestr {
             return Err(invalid(format!("expected elements of type {typestr}, not {found}")));

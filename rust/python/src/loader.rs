@@ -204,7 +204,14 @@ impl Collection {
 /// `annotated[d][c]` says whether dataset (row) `d` annotates class `c`: `(row, index in row,
 /// stream)` per sample. For any dataset that reports its crop-class matrix.
 #[pyfunction]
-pub fn balanced_plan(py: Python<'_>, sizes: Vec<usize>, annotated: Vec<Vec<bool>>, count: usize, seed: u64, epoch: u64) -> PyResult<Vec<PlanTuple>> {
+pub fn balanced_plan(
+    py: Python<'_>,
+    sizes: Vec<usize>,
+    annotated: Vec<Vec<bool>>,
+    count: usize,
+    seed: u64,
+    epoch: u64,
+) -> PyResult<Vec<PlanTuple>> {
     class_balanced_plan(&sizes, &annotated, count, seed, epoch)
         .map(from_plan)
         .map_err(|e| to_pyerr(py, e))
