@@ -164,7 +164,7 @@ def bench_loader(data: Any, config: Config, threads: int, batches: int, device: 
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-@dataclass
+@dataclass(frozen=True)
 class TransformConfig:
     """A public-API training configuration for the value-transform comparison."""
 
@@ -306,6 +306,14 @@ def current_rss_mb() -> float:
 SOAK_RSS_JITTER_MB = 8
 
 
+def growth_between_halves(values: list[float]) -> float:
+    """How much a series sampled over a run grew: the median of its second half minus the median
+    of its first. Medians, so one sample caught mid-allocation decides nothing, while steady
+    growth shows as the difference of the halves."""
+    half = len(values) // 2
+    return statistics.median(values[-half:]) - statistics.median(values[:half]) if half else 0.0
+
+
 def bench_soak(data: Any, batches: int = 10_000, threads: int = 2, cache_mb: float = 256, *, batch_size: int = 8,
                shape: tuple[int, int, int] = (32, 32, 32), scale: tuple[float, float, float] = (8, 8, 8),
                warmup: int = 200, every: int = 500, seed: int = 0) -> dict[str, Any]:
@@ -361,9 +369,7 @@ def bench_soak(data: Any, batches: int = 10_000, threads: int = 2, cache_mb: flo
     bound = baseline + budget / 2**20 + slack
     after = [point for point in curve if point[0] >= warmup] or curve[-1:]
     peak_after_warmup = max(point[1] for point in after)
-    half = len(after) // 2
-    net = [point[3] for point in after]
-    net_growth = statistics.median(net[-half:]) - statistics.median(net[:half]) if half else 0.0
+    net_growth = growth_between_halves([point[3] for point in after])
     return {"batches": batches, "samples": batches * config.batch_size, "batch_size": config.batch_size,
             "threads": threads, "prefetch": loader.prefetch, "seconds": elapsed, "curve": curve, "warmup_batches": warmup,
             "rss_after_warmup_mb": baseline, "peak_after_warmup_mb": peak_after_warmup, "bound_mb": bound,

@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .bench import TransformConfig, growth_between_halves
+
 CROP_COUNTS = (6, 48, 144, 400)
 CLASSES = ["mito", "er", "nuc", "ves"]
 # Mirror and transpose in the plane, rotation about z: the configuration the crop table uses.
@@ -40,16 +42,10 @@ ROTATED = {"mirror": {"axes": {"x": 0.5, "y": 0.5}}, "transpose": {"axes": ["x",
 
 
 @dataclass(frozen=True)
-class CropConfig:
-    """One loader configuration: input and target specs, augmentation, and the ratio to the
+class CropConfig(TransformConfig):
+    """One loader configuration (input and target specs, augmentation) with the ratio to the
     reference the issue asks for (None: no ratio target) or an absolute samples/s target."""
 
-    name: str
-    input_shape: tuple[int, int, int]
-    input_scale: tuple[float, float, float]
-    target_shape: tuple[int, int, int]
-    target_scale: tuple[float, float, float]
-    augment: bool
     ratio_target: float | None = None
     samples_per_s_target: float | None = None
 
@@ -241,8 +237,7 @@ def soak(csv: str, batches: int = 10_000, *, config: CropConfig = MAIN, threads:
     bound is the chunk-cache budget + the label-cache budget + ``SOAK_SLACK_MB``; after warm-up
     RSS net of the caches' bytes must stay flat: the median of the second half of the samples
     may exceed the median of the first half by at most the batches in flight (prefetch + 2
-    batches) plus ``RSS_JITTER_MB``. Medians, so one sample caught mid-allocation decides
-    nothing, while steady growth shows as the difference of the halves."""
+    batches) plus ``RSS_JITTER_MB`` (:func:`~cellmap_data.bench.growth_between_halves`)."""
     import warnings
 
     from . import _engine
@@ -272,9 +267,7 @@ def soak(csv: str, batches: int = 10_000, *, config: CropConfig = MAIN, threads:
     voxels = [int(v) for v in config.input_shape]
     batch_mb = batch_size * (1 + len(CLASSES)) * voxels[0] * voxels[1] * voxels[2] * 4 / 2**20
     bound = stats["budget"] / 2**20 + stats["label_budget"] / 2**20 + SOAK_SLACK_MB
-    after = [p[4] for p in curve if p[0] >= warmup]
-    half = len(after) // 2
-    growth = statistics.median(after[-half:]) - statistics.median(after[:half]) if half else 0.0
+    growth = growth_between_halves([p[4] for p in curve if p[0] >= warmup])
     slack = (loader.prefetch + 2) * batch_mb + RSS_JITTER_MB
     return {"batches": batches, "seconds": seconds, "curve": curve, "warmup": warmup,
             "peak_rss_mb": max(p[1] for p in curve), "bound_mb": bound, "within_bound": max(p[1] for p in curve) <= bound,

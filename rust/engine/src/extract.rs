@@ -540,21 +540,25 @@ impl NearestBlock {
     /// The classes packed in `packed` (this block's bytes) at every output voxel; see
     /// [`unpack_bits`].
     fn unpack(&self, packed: &[u8], out_len: usize, pad_value: f32, outs: &mut [&mut [f32]]) -> Vec<Tally> {
+        let mut tallies = vec![Tally::default(); outs.len()];
         match &self.plane_offsets {
-            None => unpack_bits(packed, &self.index[..out_len], 0, 0, pad_value, outs),
+            None => unpack_bits(packed, &self.index[..out_len], 0, 0, pad_value, outs, &mut tallies),
             Some(offsets) => {
                 let plane_len = out_len / offsets.len();
-                let mut tallies = vec![Tally::default(); outs.len()];
                 for (p, &offset) in offsets.iter().enumerate() {
-                    let index = &self.index[..plane_len];
-                    let planes = unpack_bits(packed, index, offset, p * plane_len, pad_value, outs);
-                    for (total, t) in tallies.iter_mut().zip(planes) {
-                        total.add(t);
-                    }
+                    unpack_bits(
+                        packed,
+                        &self.index[..plane_len],
+                        offset,
+                        p * plane_len,
+                        pad_value,
+                        outs,
+                        &mut tallies,
+                    );
                 }
-                tallies
             }
         }
+        tallies
     }
 }
 
@@ -739,13 +743,12 @@ fn pack_bit(mask: &[u8], packed: &mut [u8], spans: &[[u32; 2]], row_len: usize, 
 }
 
 /// Writes each class of a packed block at the nearest-voxel `index` (moved by `offset`) of the
-/// output voxels from `first` on (`pad_value` where the voxel is padding), counting each class's foreground and padding as
-/// it goes. Tiles of voxels: one pass of random byte loads, then per class a straight
+/// output voxels from `first` on (`pad_value` where the voxel is padding), adding each class's
+/// foreground and padding to `tallies` as it goes. Tiles of voxels: one pass of random byte loads, then per class a straight
 /// bit-to-float pass that vectorises.
-fn unpack_bits(packed: &[u8], index: &[u32], offset: i32, first: usize, pad_value: f32, outs: &mut [&mut [f32]]) -> Vec<Tally> {
+fn unpack_bits(packed: &[u8], index: &[u32], offset: i32, first: usize, pad_value: f32, outs: &mut [&mut [f32]], tallies: &mut [Tally]) {
     const TILE: usize = 256;
     let mut bytes = [0u8; TILE];
-    let mut tallies = vec![Tally::default(); outs.len()];
     for (t, tile) in index.chunks(TILE).enumerate() {
         let bytes = &mut bytes[..tile.len()];
         for (b, &i) in bytes.iter_mut().zip(tile) {
@@ -759,7 +762,6 @@ fn unpack_bits(packed: &[u8], index: &[u32], offset: i32, first: usize, pad_valu
             tally.add(bits_to_floats(bytes, bit as u32, pad_value, &mut out[at..at + tile.len()]));
         }
     }
-    tallies
 }
 
 /// Bit `bit` of each packed byte as 0.0 / 1.0, or `pad_value` where the byte marks padding;
