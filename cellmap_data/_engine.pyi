@@ -33,6 +33,8 @@ __all__ = [
     "coordinate_frame",
     "apply_value_ops",
     "elastic_field",
+    "check_spatial_draw",
+    "finish_ranks",
     "remote_options",
     "set_remote_options",
     "nodes_exist",
@@ -114,6 +116,19 @@ def elastic_field(
     """The elastic displacement field (nm, in the patch's frame before its rotation) of the draw
     ``(seed, control_point_spacing, jitter_sigma)`` at the voxel centres of a patch of ``shape``
     voxels of ``voxel_size`` nm: a ``[3, *shape]`` tensor (z, y, x components)."""
+
+def check_spatial_draw(
+    *,
+    mirror: Sequence[bool] = ...,
+    permutation: Sequence[int] = ...,
+    rotation_deg: _Triple = ...,
+    rotation_matrix: Sequence[Sequence[float]] | None = None,
+    zoom: _Triple = ...,
+    shear: Sequence[float] = ...,
+    elastic: tuple[int, _Triple, _Triple] | None = None,
+) -> None:
+    """Checks a hand-given spatial transform as ``Volume.read`` does (permutation, orthonormal
+    rotation, zoom, shear, elastic draw); raises ``ConfigError`` naming what is wrong."""
 
 # -- object stores ---------------------------------------------------------------------------
 
@@ -471,19 +486,9 @@ class ImageWriter:
     def progress(self) -> tuple[dict[int, int], int] | None:
         """Completion of the first level, read from disk: ``(complete chunks per rank that wrote
         them, total chunks)``, or None without a tiling plan."""
-    def chunks_done(self) -> tuple[int, int] | None:
-        """``(complete, total)`` chunks of the first level, counted on disk (cheap: for
-        polling), or None without a tiling plan."""
     def levels_done(self) -> tuple[int, int] | None:
         """``(built, total)`` chunks of the second level (counted on disk), or None without
         downsampled levels or a tiling plan."""
-    def shares_built(self) -> tuple[int, int] | None:
-        """``(built, expected)`` chunks of the second level among those the ranks build at their
-        own close (not the few over two ranks' chunks, which rank 0 builds last), when several
-        ranks share it; None otherwise."""
-    def downsample_own_share(self) -> None:
-        """With several ranks: builds the chunks of the second level over this rank's own
-        complete chunks (call after ``flush``; a no-op otherwise)."""
     def write_tiles(self, indices: Sequence[int], data: Any) -> None:
         """Writes planned tiles ``indices``; ``data`` is a C-contiguous float32 numpy array."""
     def write_boxes(self, starts: Sequence[Sequence[int]], data: Any) -> None:
@@ -494,6 +499,12 @@ class ImageWriter:
         """Writes every pending chunk."""
     def close(self) -> None:
         """Flushes, writes the downsampled levels, and refuses further writes."""
+
+def finish_ranks(writers: Sequence[ImageWriter], job: str, timeout: float) -> dict[str, Any]:
+    """Rank 0's close of a job written by several ranks: flushes ``writers``, builds rank 0's
+    shares of their second levels and waits (up to ``timeout`` seconds; Ctrl-C ends it) until
+    every rank's chunks are there. Returns ``{"done", "total", "by_rank": [(rank, chunks)]}``;
+    raises ``WaitTimeoutError`` naming ``job`` and what is missing."""
 
 # -- class counts and statistics -------------------------------------------------------------
 

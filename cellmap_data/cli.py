@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from cellmap_data.presentation.formatting import short_names, text_table, triple_text
+
 __all__ = [
     "SUBCOMMANDS", "Subcommand", "build_parser", "cmd_inspect", "cmd_stats", "cmd_synth", "main", "register",
 ]
@@ -149,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parse_size(text: str):
     """``tiny``/``small``/``bench`` or an explicit raw shape ``ZxYxX``."""
-    from cellmap_data.synthetic import SIZE_PRESETS
+    from cellmap_data.tools.synthetic import SIZE_PRESETS
 
     if text in SIZE_PRESETS:
         return text
@@ -187,7 +189,7 @@ def _add_synth_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     """Write synthetic CellMap-style data and print where it went."""
-    from cellmap_data.synthetic import make_synthetic_data
+    from cellmap_data.tools.synthetic import make_synthetic_data
 
     started = time.perf_counter()
     try:
@@ -242,7 +244,7 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cellmap_data.demo import run_demo
+    from cellmap_data.tools.demo import run_demo
 
     run_demo(out=args.out, size=args.size, batches=args.batches, batch_size=args.batch_size, threads=args.threads)
     return 0
@@ -284,10 +286,10 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from cellmap_data.bench import bench_data, compare_builds, run
+    from cellmap_data.tools.bench import bench_data, compare_builds, run
 
     if args.writer_ranks:
-        from cellmap_data.bench import bench_writer_ranks
+        from cellmap_data.tools.bench import bench_writer_ranks
 
         r = bench_writer_ranks(bench_data(args.data, args.size), repeat=args.repeat)
         for name, run_ in r["runs"].items():
@@ -300,7 +302,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             Path(args.json).write_text(json.dumps(r, indent=2))
         return 0
     if args.remote:
-        from cellmap_data.bench import REMOTE_COLD_BOUND, REMOTE_WARM_BOUND, bench_remote
+        from cellmap_data.tools.bench import REMOTE_COLD_BOUND, REMOTE_WARM_BOUND, bench_remote
 
         r = bench_remote(bench_data(args.data, args.size), threads=(args.loader_threads or [2])[-1])
         print(f"local            cold {r['local_cold_samples_per_s']:7.1f} samples/s  warm {r['local_warm_samples_per_s']:7.1f} samples/s "
@@ -320,7 +322,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             Path(args.json).write_text(json.dumps(r, indent=2))
         return 0
     if args.crops:
-        from cellmap_data import bench_crops
+        from cellmap_data.tools import bench_crops
 
         counts = tuple(int(n) for n in str(args.crops).split(",") if n.strip())
         threads = (args.loader_threads or [2])[-1]
@@ -528,25 +530,8 @@ def _not_a_group(path: str) -> Exception:
 # ----------------------------------------------------------------------------- formatting
 
 
-def _num(value: float) -> str:
-    return f"{float(value):g}"
-
-
-def _triple(values: Sequence[float], sep: str = ",") -> str:
-    return sep.join(_num(v) for v in values)
-
-
 def _shape(values: Sequence[int]) -> str:
     return "x".join(str(int(v)) for v in values)
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "  ") -> str:
-    """A plain text table, columns separated by two spaces."""
-    widths = [max([len(h)] + [len(str(r[i])) for r in rows]) for i, h in enumerate(headers)]
-    lines = [indent + "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
-    for row in rows:
-        lines.append(indent + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
-    return "\n".join(lines)
 
 
 def _codec_text(name: str, config: Any) -> str:
@@ -634,14 +619,14 @@ def _image_report(path: str, indent: str = "") -> list[str]:
         counts.append(", ".join(f"{k}={v}" for k, v in complement.items()) if isinstance(complement, dict) else "")
         rows.append([
             level["path"], _shape(level["shape"]), _shape(level["chunks"]), str(level["dtype"]),
-            _triple(level["voxel_size"]), _triple(level["translation"]),
-            f"({_triple(lo)})-({_triple(hi)})", _array_codecs(array),
+            triple_text(level["voxel_size"], ","), triple_text(level["translation"], ","),
+            f"({triple_text(lo, ',')})-({triple_text(hi, ',')})", _array_codecs(array),
         ])
     headers = ["level", "shape", "chunks", "dtype", "voxel size (nm)", "translation (nm)", "world box (nm)", "codecs"]
     if any(counts):
         headers.append("complement_counts")
         rows = [row + [count or "-"] for row, count in zip(rows, counts)]
-    lines.append(_table(headers, rows, indent=indent + "  "))
+    lines.append(text_table(headers, rows, indent=indent + "  "))
     return lines
 
 
@@ -665,7 +650,7 @@ def _summary(node: _Node) -> tuple[str, str, str, str, str]:
     except (CellMapError, OSError, ValueError, IndexError) as error:
         return ("error", _first_line(error), "", "", "")
     return (f"{len(volume.levels)} ({volume.ngff_version})", _shape(s0["shape"]), _shape(s0["chunks"]),
-            str(s0["dtype"]), _triple(s0["voxel_size"]))
+            str(s0["dtype"]), triple_text(s0["voxel_size"], ","))
 
 
 def _container_report(path: str, max_depth: int) -> list[str]:
@@ -680,7 +665,7 @@ def _container_report(path: str, max_depth: int) -> list[str]:
             levels, shape, chunks, dtype, voxel = _summary(image)
             rows.append([rel(image.path), levels, shape, chunks, dtype, voxel, _array_codecs(_first_level(image))])
         lines.append("image groups:")
-        lines.append(_table(["path", "levels (ngff)", "s0 shape", "s0 chunks", "dtype", "s0 voxel size (nm)",
+        lines.append(text_table(["path", "levels (ngff)", "s0 shape", "s0 chunks", "dtype", "s0 voxel size (nm)",
                              "codecs"], rows))
     if crops:
         rows = []
@@ -689,7 +674,7 @@ def _container_report(path: str, max_depth: int) -> list[str]:
             names = ",".join(os.path.basename(c.path) for c in classes)
             rows.append([rel(crop.path), str(len(classes)), names, shape, dtype, voxel])
         lines.append("label crops (first class's s0):")
-        lines.append(_table(["path", "classes", "names", "s0 shape", "dtype", "voxel size (nm)"], rows))
+        lines.append(text_table(["path", "classes", "names", "s0 shape", "dtype", "voxel size (nm)"], rows))
     if not images and not crops:
         lines.append(f"no OME-NGFF image group found under {path}")
     return lines
@@ -885,31 +870,13 @@ def _default_scale(rows: Sequence[tuple[str | None, str, str]]) -> tuple[float, 
     return None
 
 
-def _short_names(paths: Sequence[str]) -> dict[str, str]:
-    """Container names (``ds0.zarr``) when they tell the paths apart, else the paths relative to
-    their common folder."""
-    unique = list(dict.fromkeys(paths))
-
-    def container(path: str) -> str | None:
-        parts = os.path.normpath(path).split(os.sep)
-        return next((p for p in parts if p.endswith(_CONTAINER_SUFFIXES)), None)
-
-    names = [container(p) for p in unique]
-    if all(names) and len(set(names)) == len(unique):
-        return dict(zip(unique, names))  # type: ignore[arg-type]
-    if len(unique) == 1:
-        return {unique[0]: unique[0]}
-    common = os.path.commonpath([os.path.abspath(p) for p in unique])
-    return {p: os.path.relpath(os.path.abspath(p), common) for p in unique}
-
-
 def _display_table(df: Any, wide: bool, all_rows: bool) -> Any:
     import polars as pl
 
     view = df if all_rows else df.filter(pl.col("annotated"))
     if wide:
         return view
-    datasets = _short_names(view["dataset"].to_list()) if view.height else {}
+    datasets = short_names(view["dataset"].to_list()) if view.height else {}
 
     def triple(prefix: str, fmt: Callable[[Any], str]) -> list[str]:
         out = []
@@ -928,7 +895,7 @@ def _display_table(df: Any, wide: bool, all_rows: bool) -> Any:
     columns["level"] = view["level"]
     columns["source"] = view["count_source"]
     columns["shape"] = triple("shape", _shape)
-    columns["voxel_size"] = triple("voxel_size", _triple)
+    columns["voxel_size"] = triple("voxel_size", lambda values: triple_text(values, ","))
     for name in ("foreground_voxels", "total_voxels"):
         columns[name] = _rounded_counts(view[name])
     columns["fraction"] = view["fraction"].round(4)
@@ -1053,7 +1020,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"{source}: {len(opened)} crop{'s' if len(opened) != 1 else ''}"
           f"{f' ({counted})' if counted else ''} of {n_datasets} dataset{'s' if n_datasets != 1 else ''}, "
           f"{len(classes)} class{'es' if len(classes) != 1 else ''}; counts in training voxels of "
-          f"{_triple(scale, 'x')} nm" + (f"; {len(skipped)} skipped" if skipped else ""))
+          f"{triple_text(scale, 'x')} nm" + (f"; {len(skipped)} skipped" if skipped else ""))
     display = _display_table(df, args.wide, args.all_rows)
     with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=10_000, fmt_str_lengths=500,
                    tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True,

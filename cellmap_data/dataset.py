@@ -267,6 +267,20 @@ class CellMapDataset(ClassWeights, torch.utils.data.Dataset):
     def _engine(self) -> Any:
         return self.engine
 
+    @property
+    def input_levels(self) -> dict[str, int]:
+        """The multiscale level of the raw volume each input array is read from, by array name.
+        Without classes the target arrays are raw reads too, and are listed here."""
+        inputs, _ = self._engine_arrays()
+        return {spec["name"]: int(level) for spec, level in zip(inputs, self.engine.input_levels)}
+
+    @property
+    def target_levels(self) -> dict[str, list[int | None]]:
+        """The multiscale level of each class's label volume read for each target array, by array
+        name: one entry per class of ``classes``, None where the crop does not annotate it."""
+        _, targets = self._engine_arrays()
+        return {spec["name"]: list(levels) for spec, levels in zip(targets, self.engine.target_levels)}
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_engine_handle", None)
@@ -583,11 +597,11 @@ class CellMapDataset(ClassWeights, torch.utils.data.Dataset):
         return CellMapIterableDataset(self, batch_size=batch_size, **loader_kwargs)
 
     def __repr__(self) -> str:
-        from .display import dataset_text
+        from .presentation.display import dataset_text
 
         return dataset_text(self)
 
     def _repr_html_(self) -> str:
-        from .display import dataset_html
+        from .presentation.display import dataset_html
 
         return dataset_html(self)

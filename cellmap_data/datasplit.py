@@ -332,11 +332,11 @@ class CellMapDataSplit:
         return self
 
     def __repr__(self) -> str:
-        from .display import datasplit_text
+        from .presentation.display import datasplit_text
 
         return datasplit_text(self)
 
     def _repr_html_(self) -> str:
-        from .display import datasplit_html
+        from .presentation.display import datasplit_html
 
         return datasplit_html(self)

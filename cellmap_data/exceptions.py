@@ -16,6 +16,7 @@ __all__ = [
     "PermissionDeniedError",
     "StorageError",
     "OutputExistsError",
+    "WaitTimeoutError",
     "ReadErrorWarning",
     "ReferenceDifferenceWarning",
     "DeviceFallbackWarning",
@@ -53,6 +54,11 @@ class StorageError(CellMapError, OSError):
 
 class OutputExistsError(CellMapError, FileExistsError):
     """An output image already exists and ``overwrite`` is false."""
+
+
+class WaitTimeoutError(CellMapError, TimeoutError):
+    """A wait ran past its limit: rank 0 closing a writer before the other ranks' chunks
+    arrived (a rank may have died; a restart with the same arguments resumes)."""
 
 
 class ReadErrorWarning(UserWarning):

@@ -99,6 +99,13 @@ class CellMapImage:
         return [(lv["path"], lv["voxel_size"], lv["translation"]) for lv in self._levels]
 
     @property
+    def levels(self) -> list[dict[str, Any]]:
+        """The multiscale levels, finest first, as the engine opened them: ``path``,
+        ``voxel_size``, ``translation``, ``shape``, ``chunks``, ``dtype`` and ``world_box``
+        (z, y, x; nm)."""
+        return [dict(level) for level in self._levels]
+
+    @property
     def bounding_box(self) -> dict[str, tuple[float, float]]:
         """World box (nm, voxel edges) of the finest level."""
         lo, hi = self._levels[0]["world_box"]
@@ -189,7 +196,8 @@ class CellMapImage:
             raise ConfigError(f"unknown spatial transform(s) {sorted(unknown)}")
         self._spatial = dict(transforms) if transforms else None
         if self._spatial is not None:
-            self._draw_arguments()  # errors now, not at the next read
+            # The engine's own check of a hand-given transform: errors now, not at the next read.
+            _engine.check_spatial_draw(**self._draw_arguments())
 
     def _axes_of(self, what: str, values: Any) -> list[str]:
         """Axis names from names, or from positions in ``axis_order``."""
@@ -243,8 +251,6 @@ class CellMapImage:
         n = len(self.axes)
         if r.shape != (n, n):
             raise ConfigError(f"rotation_matrix must be {n}x{n} for axis_order {self.axes!r}, not {list(r.shape)}")
-        if not np.isfinite(r).all() or not np.allclose(r.T @ r, np.eye(n), atol=1e-6):
-            raise ConfigError(f"rotation_matrix {r.tolist()} must be finite and orthonormal (a rotation)")
         full = np.eye(3)
         index = [SPATIAL_AXES.index(a) for a in self.axes]
         full[np.ix_(index, index)] = r
@@ -305,12 +311,12 @@ class CellMapImage:
         return self
 
     def __repr__(self) -> str:
-        from .display import image_text
+        from .presentation.display import image_text
 
         return image_text(self)
 
     def _repr_html_(self) -> str:
-        from .display import image_html
+        from .presentation.display import image_html
 
         return image_html(self)
 

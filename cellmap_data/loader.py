@@ -289,6 +289,14 @@ class CellMapDataLoader:
 
     # -- sizes ----------------------------------------------------------------------------
     @property
+    def rank_and_world_size(self) -> tuple[int, int]:
+        """``(rank, world_size)`` this loader shards epochs for: the ``rank`` / ``world_size``
+        given, else those of an initialised ``torch.distributed`` group, else ``(0, 1)``. Read
+        when asked, so a process group initialised after the loader was built counts; a rank
+        outside the world raises :class:`~cellmap_data.exceptions.ConfigError`."""
+        return distributed_context(self._rank_arg, self._world_arg)
+
+    @property
     def threads(self) -> int:
         """Engine threads reading batches."""
         return self.num_workers if self.num_workers > 0 else (os.cpu_count() or 1)
@@ -407,7 +415,7 @@ class CellMapDataLoader:
         """Everything that decides ``epoch``'s batches on this rank and worker, as the engine takes
         it: the engine plans the epoch from this alone (its size and every random decision from
         its keyed streams; nothing counted, shuffled or sliced here)."""
-        rank, world = distributed_context(self._rank_arg, self._world_arg)
+        rank, world = self.rank_and_world_size
         source: dict[str, Any]
         if self.user_sampler is not None:
             source = {"kind": "given", "indices": self._given_indices(epoch)}
@@ -646,12 +654,12 @@ class CellMapDataLoader:
         return out
 
     def __repr__(self) -> str:
-        from .display import loader_text
+        from .presentation.display import loader_text
 
         return loader_text(self)
 
     def _repr_html_(self) -> str:
-        from .display import loader_html
+        from .presentation.display import loader_html
 
         return loader_html(self)
 

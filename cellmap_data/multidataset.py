@@ -155,12 +155,12 @@ class CellMapMultiDataset(ClassWeights, torch.utils.data.ConcatDataset):
         return CellMapIterableDataset(self, batch_size=batch_size, **loader_kwargs)
 
     def __repr__(self) -> str:
-        from .display import multidataset_text
+        from .presentation.display import multidataset_text
 
         return multidataset_text(self)
 
     def _repr_html_(self) -> str:
-        from .display import multidataset_html
+        from .presentation.display import multidataset_html
 
         return multidataset_html(self)
 
@@ -184,11 +184,11 @@ class CellMapSubset(torch.utils.data.Subset):
         return self
 
     def __repr__(self) -> str:
-        from .display import subset_text
+        from .presentation.display import subset_text
 
         return subset_text(self)
 
     def _repr_html_(self) -> str:
-        from .display import subset_html
+        from .presentation.display import subset_html
 
         return subset_html(self)

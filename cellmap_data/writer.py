@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +33,7 @@ from . import _engine
 from ._config import SPATIAL_AXES, accepts_older_positional_order, arrays_to_3d, check_axis_order, resolve_device, to_json
 from .exceptions import ConfigError
 
-__all__ = ["CellMapDatasetWriter", "ImageWriter", "bench_write"]
+__all__ = ["CellMapDatasetWriter", "ImageWriter"]
 
 _TORCH_DTYPES = {
     torch.float32: "float32",
@@ -950,35 +949,14 @@ class CellMapDatasetWriter(torch.utils.data.Dataset):
         rank builds the second level over its own chunks; rank 0 then waits (up to ``timeout``
         seconds) until every rank is done, builds the rest of the levels and prints a summary
         per rank."""
-        for w in self.writers.values():
-            w.flush()
         if self.world_size > 1 and self.rank == 0 and not all(w.closed for w in self.writers.values()):
-            for w in self.writers.values():
-                w._engine.downsample_own_share()
-            status = self._wait_for_ranks(timeout)
-            print(f"CellMapDatasetWriter {self.target_path}: {status['done']}/{status['total']} chunks; by rank: "
-                  + ", ".join(f"rank {r}: {n}" for r, n in status["by_rank"].items()), flush=True)
+            # The engine flushes, builds rank 0's share of the second level and waits for the
+            # other ranks' chunks (a TimeoutError names what is missing).
+            done = _engine.finish_ranks([w._engine for w in self.writers.values()], str(self.target_path), timeout)
+            print(f"CellMapDatasetWriter {self.target_path}: {done['done']}/{done['total']} chunks; by rank: "
+                  + ", ".join(f"rank {r}: {n}" for r, n in done["by_rank"]), flush=True)
         for w in self.writers.values():
             w.close()
-
-    def _wait_for_ranks(self, timeout: float) -> dict[str, Any]:
-        start = time.monotonic()
-        while True:
-            counts = [c for w in self.writers.values() for c in (w._engine.chunks_done(), w._engine.shares_built())]
-            if all(c is None or c[0] >= c[1] for c in counts):
-                return self.status()
-            waited = time.monotonic() - start
-            if waited > timeout:
-                status = self.status()
-                levels = "".join(f"; {name}: {v['done']} of {v['total']} chunks built"
-                                 for name, v in status["levels"].items() if v["done"] < v["total"])
-                raise TimeoutError(
-                    f"{self.target_path}: {status['total'] - status['done']} of {status['total']} chunks are still "
-                    f"missing after {timeout:.0f} s (chunks by rank: {status['by_rank']}{levels}); a rank may have "
-                    "died: restart the job with the same arguments to resume")
-            # Soon after the last rank at first; in long waits at most 5 % of the time waited
-            # late, and at most once a second.
-            time.sleep(min(1.0, max(0.005, 0.05 * waited)))
 
     def __enter__(self) -> "CellMapDatasetWriter":
         return self
@@ -1005,80 +983,3 @@ class CellMapDatasetWriter(torch.utils.data.Dataset):
             f"tiles={len(self)})"
         )
 
-
-def bench_write(
-    out_dir: str | os.PathLike | None = None,
-    size: int = 512,
-    tile: int = 128,
-    *,
-    batch_size: int = 4,
-    dtype: Any = "float32",
-    zarr_format: int = 2,
-    overlap: int = 0,
-    blend: str = "linear",
-    keep: bool = False,
-) -> dict[str, Any]:
-    """Writes a ``size``³ float32 prediction volume in ``tile``³ tiles (smooth values, as a
-    model would predict) through the engine and reports the throughput.
-
-    ``mb_per_s`` counts the uncompressed prediction bytes handed to the writer per second of
-    wall time, from the first write to the end of ``close()``; ``volume_mb_per_s`` counts the
-    output volume instead (smaller when tiles overlap). Tile data are generated before
-    the clock starts. Returns the numbers (and prints them).
-    """
-    import shutil
-    import tempfile
-
-    own_dir = out_dir is None
-    root = tempfile.mkdtemp(prefix="cellmap-bench-write-") if out_dir is None else os.fspath(out_dir)
-    path = os.path.join(root, "bench.zarr", "predictions", "mito")
-    voxel = 8.0
-    box = {a: (0.0, size * voxel) for a in SPATIAL_AXES}
-    writer = ImageWriter(path, "mito", (voxel,) * 3, box, (tile,) * 3, overwrite=True, dtype=dtype,
-                         zarr_format=zarr_format, overlap=overlap, blend=blend)
-    grid = np.indices((tile,) * 3, dtype=np.float32).reshape(3, -1)
-    pool = [
-        (np.sin(grid[0] * 0.05 + s) * np.cos(grid[1] * 0.07 - s) + grid[2] * 1e-3).astype(np.float32).reshape(1, -1)
-        for s in range(8)
-    ]
-    tiles = np.concatenate([pool[i % len(pool)] for i in range(batch_size)])
-    n = len(writer)
-    start = time.perf_counter()
-    for i in range(0, n, batch_size):
-        idx = list(range(i, min(i + batch_size, n)))
-        writer.write_tiles(idx, tiles[: len(idx)])
-    writer.close()
-    seconds = time.perf_counter() - start
-    bytes_in = n * tile ** 3 * 4
-    stats = writer.stats
-    result = {
-        "size": size,
-        "tile": tile,
-        "tiles": n,
-        "overlap": overlap,
-        "zarr_format": zarr_format,
-        "seconds": seconds,
-        "bytes_in": bytes_in,
-        "bytes_written": stats["bytes_written"],
-        "mb_per_s": bytes_in / seconds / 1e6,
-        "volume_mb_per_s": size ** 3 * 4 / seconds / 1e6,
-        "optimized_build": _engine.is_optimized_build(),
-        "threads": os.environ.get("CELLMAP_NUM_THREADS") or os.cpu_count(),
-    }
-    print(
-        f"wrote {size}^3 float32 ({bytes_in / 1e6:.0f} MB, {n} tiles of {tile}^3, overlap {overlap}) in "
-        f"{seconds:.2f} s: {result['mb_per_s']:.0f} MB/s of tiles, {result['volume_mb_per_s']:.0f} MB/s of volume "
-        f"({stats['bytes_written'] / 1e6:.0f} MB on disk, "
-        f"{'release' if result['optimized_build'] else 'debug'} build)"
-    )
-    if own_dir and not keep:
-        shutil.rmtree(root, ignore_errors=True)
-    return result
-
-
-if __name__ == "__main__":  # python -m cellmap_data.writer [size] [tile] [overlap]
-    import sys
-
-    numbers = [int(a) for a in sys.argv[1:]]
-    options: dict[str, Any] = {"overlap": numbers[2]} if len(numbers) > 2 else {}
-    bench_write(None, *(numbers[:2]), **options)

@@ -85,7 +85,7 @@ def reference_patch(data: np.ndarray, start: Sequence[int], shape: Sequence[int]
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """The tiny synthetic CellMap-layout dataset (zarr v2), generated once per session."""
-    from cellmap_data.synthetic import make_synthetic_data
+    from cellmap_data.tools.synthetic import make_synthetic_data
 
     return make_synthetic_data(tmp_path_factory.mktemp("tiny"), size="tiny", seed=0)
 

@@ -6,7 +6,7 @@ Not a test module.  Tests import it by name (``tests/`` is on ``sys.path`` under
     from remote_servers import DirectoryServer, MotoS3Server
     from remote_servers import http_server_factory, s3_server  # noqa: F401  (fixtures)
 
-``DirectoryServer`` (from ``cellmap_data._loopback``, which the bench's remote mode uses too)
+``DirectoryServer`` (from ``cellmap_data.tools.loopback``, which the bench's remote mode uses too)
 serves a local folder over HTTP/1.1 (GET with single byte ranges, HEAD) from a
 ``ThreadingHTTPServer`` on 127.0.0.1, with settable latency, fault injection (error status,
 connection reset, stall) and a thread-safe request log including the peak number of requests in
@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from cellmap_data._loopback import DirectoryServer, FaultAction, RequestRecord
+from cellmap_data.tools.loopback import DirectoryServer, FaultAction, RequestRecord
 
 __all__ = ["DirectoryServer", "FaultAction", "RequestRecord", "MotoS3Server", "http_server_factory", "s3_server"]
 

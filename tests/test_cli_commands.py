@@ -329,7 +329,7 @@ def test_inspect_container_lists_past_a_broken_group(tmp_path, capsys):
 
 
 def test_bench_elastic_compares_rotated_with_rotated_and_elastic(tmp_path):
-    from cellmap_data import bench
+    from cellmap_data.tools import bench
 
     r = bench.bench_elastic(bench.bench_data(tmp_path / "bench", "tiny"), threads=1, batches=1, repeat=1)
     assert r["rotated_samples_per_s"] > 0 and r["elastic_samples_per_s"] > 0

@@ -203,7 +203,7 @@ def test_metadata_counts_of_synthetic_data_agree_with_a_scan(tiny_data):
 
 
 def test_sharded_zarr_v3_scan_agrees_with_metadata(tmp_path):
-    from cellmap_data.synthetic import make_synthetic_data
+    from cellmap_data.tools.synthetic import make_synthetic_data
 
     data = make_synthetic_data(tmp_path / "v3", size="tiny", n_datasets=1, zarr_format=3, sharded=True)
     for crop in data.datasets[0].crops:
@@ -373,7 +373,7 @@ def test_stats_of_synthetic_split_use_metadata(tiny_data):
 def test_bench_stats_timing(tmp_path_factory):
     """Stats of generated data without count metadata: cold scans, then cached scans (the
     figure for the benchmark-size data comes from `python -m cellmap_data stats` on it)."""
-    from cellmap_data.synthetic import make_synthetic_data
+    from cellmap_data.tools.synthetic import make_synthetic_data
 
     data = make_synthetic_data(tmp_path_factory.mktemp("bench"), size="small", seed=0, write_counts=False)
     datasets = [

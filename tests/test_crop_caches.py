@@ -92,8 +92,8 @@ def test_a_held_crop_is_decoded_once_and_counted_against_its_budget(tiny_data, r
 
 @pytest.mark.timeout(300)
 def test_rss_stays_flat_over_a_144_crop_split(tmp_path_factory, restore_budgets):
-    from cellmap_data.bench_crops import CropConfig, soak
-    from cellmap_data.synthetic import make_many_crops_data
+    from cellmap_data.tools.bench_crops import CropConfig, soak
+    from cellmap_data.tools.synthetic import make_many_crops_data
 
     data = make_many_crops_data(tmp_path_factory.mktemp("crops"), 144, raw_size=96)
     assert len(data.datasets) == 36

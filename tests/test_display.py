@@ -20,8 +20,8 @@ from cellmap_data import (
     CellMapMultiDataset,
     CellMapSubset,
     _engine,
-    display,
 )
+from cellmap_data.presentation import display
 
 RELATIONS = {"ecs": ["mito"]}  # crop1 annotates mito but not ecs: ecs is inferred there; pm is absent
 
@@ -228,7 +228,7 @@ def test_image_shows_the_level_read(objects):
     assert image.scale_level == 1
     page = html_of(image)
     rows = re.findall(r"<tr><td>(\d+)</td><td><code>([^<]*)</code></td>.*?</tr>", page)
-    assert [r[1] for r in rows] == [lv["path"] for lv in image._levels]
+    assert [r[1] for r in rows] == [lv["path"] for lv in image.levels]
     read = re.search(r"<tr><td>(\d+)</td><td><code>([^<]*)</code></td>(?:(?!</tr>).)*◀ read", page)
     assert read is not None and read.groups() == ("1", "s1")
     assert "8 × 8 × 8" in page and "4 × 8 × 8" in page

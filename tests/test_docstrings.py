@@ -14,7 +14,8 @@ import cellmap_data
 
 PUBLIC_MODULES = ["cellmap_data", "cellmap_data.transforms", "cellmap_data.transforms.augment",
                   "cellmap_data.transforms.seeding", "cellmap_data.transforms.plan", "cellmap_data.utils",
-                  "cellmap_data.plot", "cellmap_data.display", "cellmap_data.batches",
+                  "cellmap_data.presentation.plot", "cellmap_data.presentation.display",
+                  "cellmap_data.presentation.formatting", "cellmap_data.batches",
                   "cellmap_data.exceptions",
                   # the reference's module layout (REFERENCE_API §1.1)
                   "cellmap_data.dataloader", "cellmap_data.dataset", "cellmap_data.dataset_writer",

@@ -604,7 +604,7 @@ def _spatial_target(harness: Harness) -> list[Callable[[], None]]:
     from hypothesis import strategies as st
 
     from cellmap_data import CellMapDataset
-    from cellmap_data.synthetic import make_synthetic_data
+    from cellmap_data.tools.synthetic import make_synthetic_data
 
     data = make_synthetic_data(harness.workdir / "data", size="tiny", n_datasets=1, seed=0, write_counts=False)
     d = data.datasets[0]

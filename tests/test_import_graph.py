@@ -3,8 +3,9 @@
 The graph is read from the source (``ast``), counting every import — at module level and inside
 functions alike, since a deferred import still ties the two modules together — plus the package
 ``__init__`` of every imported submodule (Python runs it first). Layers then read bottom-up:
-configuration and the engine, transforms, batches, images and datasets, loaders, writers,
-displays and plots, the command line.
+configuration and the engine, transforms, batches, images and datasets, loaders, writers (the
+public API modules), then ``presentation`` (reprs, figures, their formatting), the command
+line and ``tools`` (synthetic data, benchmarks, the demo, the loopback server).
 """
 
 from __future__ import annotations
@@ -89,6 +90,28 @@ def test_the_graph_is_read_from_every_module():
 def test_the_package_modules_import_each_other_without_a_circle():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import circle: " + " -> ".join(cycle or [])
+
+
+def _importers_of(graph: dict[str, set[str]], package: str) -> set[str]:
+    """Modules outside ``package`` that import it or one of its modules."""
+    return {m for m, edges in graph.items() if not (m == package or m.startswith(package + "."))
+            and any(e == package or e.startswith(package + ".") for e in edges)}
+
+
+def test_only_the_command_line_imports_the_tools():
+    """The library (its reprs and figures included) never needs the benchmarks, the demo or
+    synthetic data; ``python -m cellmap_data bench|demo|synth`` reaches them through the CLI."""
+    assert _importers_of(import_graph(), "cellmap_data.tools") <= {"cellmap_data.cli"}
+
+
+def test_presentation_imports_none_of_the_classes_it_shows():
+    """Reprs and figures read objects through their public attributes, so the classes can import
+    them (for ``__repr__``) without a circle."""
+    api = {"cellmap_data.dataset", "cellmap_data.multidataset", "cellmap_data.datasplit", "cellmap_data.loader",
+           "cellmap_data.image", "cellmap_data.writer"}
+    graph = import_graph()
+    for module in (m for m in graph if m.startswith("cellmap_data.presentation.")):
+        assert not graph[module] & api, f"{module} imports {sorted(graph[module] & api)}"
 
 
 def test_the_cycle_finder_finds_a_circle():

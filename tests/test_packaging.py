@@ -175,7 +175,7 @@ def test_runtime_requirements_resolve_with_zarr2_and_zarr3(tmp_path):
 
 @pytest.mark.parametrize("case", ["missing", "zarr2"])
 def test_synthetic_names_the_extra_without_zarr3(case, tmp_path, monkeypatch):
-    from cellmap_data.synthetic import make_synthetic_data
+    from cellmap_data.tools.synthetic import make_synthetic_data
 
     if case == "missing":
         monkeypatch.setitem(sys.modules, "zarr", None)  # `import zarr` raises ImportError
@@ -196,7 +196,7 @@ def test_package_imports_without_zarr():
         "import sys\n"
         "sys.modules['zarr'] = None\n"
         "sys.modules['numcodecs'] = None\n"
-        "import cellmap_data, cellmap_data.cli, cellmap_data.synthetic, cellmap_data.writer\n"
+        "import cellmap_data, cellmap_data.cli, cellmap_data.tools.synthetic, cellmap_data.writer\n"
         "for name in cellmap_data.__all__:\n"
         "    getattr(cellmap_data, name)\n"
         "print('ok')\n"

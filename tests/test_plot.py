@@ -1,5 +1,6 @@
-"""cellmap_data.plot: every figure renders (Agg) to a non-blank image of the documented size and
-layout, unknown (NaN) voxels look different from background, and bad input is a ValueError."""
+"""cellmap_data.presentation.plot: every figure renders (Agg) to a non-blank image of the
+documented size and layout, unknown (NaN) voxels look different from background, and bad input
+is a ValueError."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from cellmap_data import CellMapDataLoader, CellMapDataSplit, CellMapDataset, CellMapMultiDataset  # noqa: E402
-from cellmap_data import plot  # noqa: E402
+from cellmap_data.presentation import plot  # noqa: E402
 from cellmap_data.utils.figs import get_fig_dict  # noqa: E402
 
 INPUTS = {"input": {"shape": (1, 12, 12), "scale": (8, 8, 8)}}
@@ -104,7 +105,7 @@ def metadata(datasets):
 
 # -- module -------------------------------------------------------------------------------------
 def test_importing_the_module_does_not_import_matplotlib():
-    code = "import sys, cellmap_data.plot; assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
+    code = "import sys, cellmap_data.presentation.plot; assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
     assert result.returncode == 0, result.stderr
 
@@ -388,7 +389,7 @@ def test_get_fig_dict_draws_unknown_voxels_as_sample_grid_does():
 def test_figures_show_as_png_in_a_notebook_without_pyplot(tiny_data):
     """Jupyter displays an object through ``_repr_png_`` when no matplotlib backend registered
     its own hook; the returned figures answer it with a real PNG."""
-    from cellmap_data import plot
+    from cellmap_data.presentation import plot
 
     rng = np.random.default_rng(0)
     batch = {"input": torch.from_numpy(rng.random((2, 1, 8, 8), dtype=np.float32)),

@@ -6,6 +6,8 @@ naming the URL and status, never a hang or silently empty data."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -203,6 +205,29 @@ def test_bodies_cut_short_are_requested_again_and_never_decoded(crop, http_serve
     assert server.count(pattern=r"/crop/er/s0/0\.0\.0$") == 2
 
 
+def test_batches_through_a_server_misbehaving_at_random_equal_local_batches(crop, http_server_factory):
+    # An object store over a long run: 503 answers, connections reset before the answer, slow
+    # answers and bodies cut short, at random on a fifth of the requests. Every batch still
+    # equals the local one (nothing is decoded short, nothing is lost).
+    server = http_server_factory(crop.parent)
+    configure_remote(retries=8, timeout=5)
+
+    def batches(raw: str, labels: str) -> list[dict]:
+        loader = CellMapDataLoader(dataset(raw, labels, spatial_transforms=ROTATE), batch_size=4, num_workers=2,
+                                   iterations_per_epoch=4, seed=5)
+        return [{k: v for k, v in b.items() if isinstance(v, torch.Tensor)} for b in loader]
+
+    local = batches(str(crop / "raw"), str(crop / "crop"))
+    server.add_random_faults(0.2, seed=3)
+    remote = batches(served(server, crop / "raw"), served(server, crop / "crop"))
+    assert server.random_faults_served >= 5, "the run met faults"
+    assert len(remote) == len(local) == 4
+    for r, l in zip(remote, local):
+        assert r.keys() == l.keys()
+        for key in l:
+            assert torch.equal(r[key].nan_to_num(-1), l[key].nan_to_num(-1)), key
+
+
 @pytest.mark.parametrize("fault", ["status", "reset", "stall", "truncate"])
 def test_persistent_faults_end_in_an_error_naming_the_url(crop, http_server_factory, fault):
     server = http_server_factory(crop.parent)
@@ -258,6 +283,17 @@ def test_disk_cache_serves_chunks_without_the_server(crop, http_server_factory, 
     server.reset_log()
     assert_same_samples(first, local)
     assert server.count(pattern=r"/s0/\d+\.\d+\.\d+$") == 0
+
+
+@pytest.mark.parametrize("variable, value", [("CELLMAP_REMOTE_TIMEOUT", "soon"), ("CELLMAP_REMOTE_IN_FLIGHT", "0"),
+                                             ("CELLMAP_REMOTE_ANONYMOUS", "perhaps")])
+def test_a_bad_environment_value_is_an_error_naming_its_variable(variable, value):
+    # Read in a fresh process: the environment is read once, when the options are first needed.
+    code = ("from cellmap_data.exceptions import ConfigError\nfrom cellmap_data.remote import remote_options\n"
+            "try:\n    remote_options()\nexcept ConfigError as e:\n    print('refused:', e)\n")
+    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, variable: value}, capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.startswith("refused:") and variable in result.stdout, result.stdout + result.stderr
 
 
 def test_bad_urls_and_options_are_refused():

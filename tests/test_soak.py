@@ -1,6 +1,6 @@
 """Memory soaks: long augmented runs whose RSS after warm-up must stay under a bound computed in
 the same run from the configured chunk-cache budget and the batch buffers
-(:func:`cellmap_data.bench.bench_soak`).
+(:func:`cellmap_data.tools.bench.bench_soak`).
 
 The 2 000-sample soaks run with the normal suite; the 100 000-sample soak is marked ``slow`` and
 runs only when asked for (see docs/testing.md)::
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from cellmap_data.bench import bench_soak
+from cellmap_data.tools.bench import bench_soak
 
 # One configuration for all soaks: 32^3 patches at 4 nm (the s0 level of the isotropic
 # datasets), mirror + transpose + rotation, 4 classes, class-balanced, batches of 2 (a common
@@ -25,7 +25,7 @@ CACHE_MB = 8  # smaller than the chunks the run touches (~11 MB): the cache fill
 def soak_data(tmp_path_factory):
     """Two synthetic datasets of 192^3 raw voxels (32^3 chunks): enough distinct chunks that an
     8 MB cache fills and evicts during a soak."""
-    from cellmap_data.synthetic import make_synthetic_data
+    from cellmap_data.tools.synthetic import make_synthetic_data
 
     return make_synthetic_data(tmp_path_factory.mktemp("soak"), size=(192, 192, 192), seed=0)
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import zarr
 
-from cellmap_data.synthetic import CLASS_NAMES, SyntheticData, make_synthetic_data
+from cellmap_data.tools.synthetic import CLASS_NAMES, SyntheticData, make_synthetic_data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ZSTD_V2 = {"id": "zstd", "level": 6, "checksum": False}

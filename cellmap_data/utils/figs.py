@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 
-from cellmap_data.plot import UNKNOWN_BACKGROUND, _new_figure, _plane, _show_image, _to_numpy
+from cellmap_data.presentation.plot import UNKNOWN_BACKGROUND, _new_figure, _plane, _show_image, _to_numpy
 
 if TYPE_CHECKING:  # matplotlib is imported lazily: it is slow to import.
     from matplotlib.figure import Figure
@@ -26,7 +26,7 @@ __all__ = [
     "get_image_grid_numpy",
 ]
 
-# NaN voxels are drawn as grey stripes over this background (cellmap_data.plot draws them).
+# NaN voxels are drawn as grey stripes over this background (cellmap_data.presentation.plot draws them).
 NAN_BACKGROUND = UNKNOWN_BACKGROUND
 # Outline of the output's field of view drawn on the full input.
 FOV_EDGE_COLOUR = "red"
@@ -36,7 +36,7 @@ def _middle_slice(image: np.ndarray) -> np.ndarray:
     """A 2-D plane of one sample's channel: singleton axes dropped, then the middle z slice.
 
     ``(y, x)`` is returned as is, ``(1, y, x)`` and ``(z, 1, x)`` lose their singleton axis,
-    and a 3-D ``(z, y, x)`` gives ``image[z // 2]`` (:func:`cellmap_data.plot._plane`).
+    and a 3-D ``(z, y, x)`` gives ``image[z // 2]`` (:func:`cellmap_data.presentation.plot._plane`).
 
     Raises:
         ValueError: fewer than 2 or more than 3 non-singleton axes.
@@ -53,7 +53,7 @@ def _show(
     colorbar: bool,
     colorbar_size: float,
 ) -> None:
-    """Draw ``image`` on ``ax`` with the shared NaN-aware display of :mod:`cellmap_data.plot`
+    """Draw ``image`` on ``ax`` with the shared NaN-aware display of :mod:`cellmap_data.presentation.plot`
     (NaN voxels striped grey), no ticks, optional colour bar."""
     _show_image(ax, image, cmap=cmap_name, clim=clim, colorbar=colorbar, colorbar_size=colorbar_size)
 
@@ -120,7 +120,7 @@ def get_image_grid(
     with the prediction's field of view outlined in red), "Raw" (the input
     cropped to that centred field of view), then "GT <class>" and
     "Pred. <class>" for each class.  3-D data shows its middle z slice;
-    NaN voxels are drawn as grey stripes (as in :mod:`cellmap_data.plot`).
+    NaN voxels are drawn as grey stripes (as in :mod:`cellmap_data.presentation.plot`).
 
     Args:
         input_data: ``[B, C_in, (z,) y, x]`` tensor or array.
@@ -236,7 +236,7 @@ def get_fig_dict(
     Each figure has one row per sample (the first ``batch_size`` samples, all
     by default) and three columns: input (first channel), target and
     prediction for that class.  For 3-D data the middle z slice is shown.
-    NaN voxels are drawn as grey stripes (as in :mod:`cellmap_data.plot`).
+    NaN voxels are drawn as grey stripes (as in :mod:`cellmap_data.presentation.plot`).
 
     Args:
         input_data: ``[B, C_in, (z,) y, x]`` tensor or array.

@@ -42,6 +42,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A wait ran past its limit (e.g. rank 0 waiting for the other ranks' chunks).
+    #[error("{0}")]
+    TimedOut(String),
     /// The operation was cancelled (e.g. Ctrl-C or a stopped loader).
     #[error("operation interrupted")]
     Interrupted,
@@ -124,6 +127,7 @@ impl Error {
                 source,
             },
             Error::Internal(message) => Error::Internal(format!("{message} ({context})")),
+            Error::TimedOut(message) => Error::TimedOut(format!("{message} ({context})")),
             Error::Interrupted => Error::Interrupted,
         }
     }
@@ -159,7 +163,9 @@ impl Error {
             Error::Decode { .. } => ErrorKind::Decode,
             Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
             Error::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => ErrorKind::PermissionDenied,
+            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::AlreadyExists => ErrorKind::AlreadyExists,
             Error::Io { .. } => ErrorKind::Io,
+            Error::TimedOut(_) => ErrorKind::TimedOut,
             Error::Interrupted => ErrorKind::Interrupted,
             Error::Internal(_) => ErrorKind::Internal,
         }
@@ -188,6 +194,7 @@ impl Error {
                 message: message.clone(),
             },
             Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
+            Error::TimedOut(m) => Error::TimedOut(m.clone()),
             Error::Interrupted => Error::Interrupted,
             Error::Internal(m) => Error::Internal(m.clone()),
         }
@@ -207,8 +214,12 @@ pub enum ErrorKind {
     InvalidArgument,
     /// `PermissionError`
     PermissionDenied,
+    /// `FileExistsError` (an output that is already there)
+    AlreadyExists,
     /// `OSError`
     Io,
+    /// `TimeoutError` (a wait ran past its limit)
+    TimedOut,
     /// `KeyboardInterrupt`
     Interrupted,
     /// `CellMapError` (an engine bug)

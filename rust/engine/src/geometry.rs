@@ -250,7 +250,7 @@ mod tests {
 
     #[test]
     fn inverse_linear_undoes_the_map() {
-        let r = crate::augment::rotation_matrix([20.0, -35.0, 110.0]);
+        let r = crate::sample::augment::rotation_matrix([20.0, -35.0, 110.0]);
         let a = Affine::compose([8, 8, 8], [8.0, 6.0, 4.0], [0.0; 3], &r, [4.0, 4.0, 2.0], [0.0; 3]);
         let inv = a.inverse_linear().expect("rotation and scale are invertible");
         let product = matmul(&inv, &a.m);

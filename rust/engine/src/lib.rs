@@ -3,27 +3,22 @@
 //! assembles batches as Arrow record batches. No Python here: the `cellmap-python` crate binds it.
 #![deny(missing_docs)]
 
-pub mod augment;
-pub mod batch;
-pub mod cache;
-pub mod dataset;
-pub mod decode_guard;
-pub mod elastic;
+// Layers, each built only on those listed before it (checked by `module_graph_has_no_cycle`):
+// error, geometry, runtime → io → format → source → sample → pipeline; writer (on source).
 pub mod error;
-pub mod extract;
-pub mod faults;
 pub mod geometry;
-pub mod label_cache;
-pub mod labels;
-pub mod loader;
-pub mod ngff;
-pub mod read_policy;
-pub mod remote;
 pub mod runtime;
-pub mod sampler;
-pub mod stats;
-pub mod values;
-pub mod volume;
+
+pub mod io;
+
+pub mod format;
+
+pub mod source;
+
+pub mod sample;
+
+pub mod pipeline;
+
 pub mod writer;
 
 #[cfg(test)]

@@ -5,9 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::format::dtype::DType;
+use crate::format::ngff::{CoordinateFrame, ZarrFormat};
 use crate::geometry::WorldBox;
-use crate::ngff::{CoordinateFrame, ZarrFormat};
-use crate::volume::DType;
 use crate::writer::{ImageWriter, WriterConfig};
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);

@@ -3,46 +3,78 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use cellmap_engine::{Error, ErrorKind};
-use pyo3::exceptions::PyRuntimeError;
+use pyo3::exceptions::PyKeyboardInterrupt;
 use pyo3::prelude::*;
 
-/// Maps an engine error onto the `cellmap_data.exceptions` hierarchy.
-pub fn to_pyerr(py: Python<'_>, error: Error) -> PyErr {
-    let class = match error.kind() {
-        ErrorKind::NotFound => "NotFoundError",
-        ErrorKind::Metadata => "MetadataError",
-        ErrorKind::Decode => "ChunkDecodeError",
-        ErrorKind::InvalidArgument => "ConfigError",
-        ErrorKind::PermissionDenied => "PermissionDeniedError",
-        ErrorKind::Io => "StorageError",
-        ErrorKind::Interrupted => return pyo3::exceptions::PyKeyboardInterrupt::new_err(error.to_string()),
-        ErrorKind::Internal => "CellMapError",
-    };
-    let message = error.to_string();
-    match py
-        .import("cellmap_data.exceptions")
-        .and_then(|m| m.getattr(class))
-        .and_then(|cls| cls.call1((message.clone(),)))
-    {
-        Ok(instance) => PyErr::from_value(instance),
-        Err(_) => PyRuntimeError::new_err(message),
+pyo3::import_exception!(cellmap_data.exceptions, CellMapError);
+pyo3::import_exception!(cellmap_data.exceptions, NotFoundError);
+pyo3::import_exception!(cellmap_data.exceptions, MetadataError);
+pyo3::import_exception!(cellmap_data.exceptions, ChunkDecodeError);
+pyo3::import_exception!(cellmap_data.exceptions, ConfigError);
+pyo3::import_exception!(cellmap_data.exceptions, PermissionDeniedError);
+pyo3::import_exception!(cellmap_data.exceptions, StorageError);
+pyo3::import_exception!(cellmap_data.exceptions, OutputExistsError);
+pyo3::import_exception!(cellmap_data.exceptions, WaitTimeoutError);
+
+/// An error on its way out of a binding function: the engine's, or one raised by Python while
+/// converting arguments or results. Binding functions return [`BindResult`] and use `?` on both;
+/// this is the one place an engine error becomes a `cellmap_data.exceptions` class.
+pub enum BindingError {
+    /// An engine error, mapped by its kind.
+    Engine(Error),
+    /// A Python exception, passed through.
+    Python(PyErr),
+}
+
+/// The result type of binding functions.
+pub type BindResult<T> = Result<T, BindingError>;
+
+impl From<Error> for BindingError {
+    fn from(error: Error) -> Self {
+        BindingError::Engine(error)
+    }
+}
+
+impl From<PyErr> for BindingError {
+    fn from(error: PyErr) -> Self {
+        BindingError::Python(error)
+    }
+}
+
+impl From<BindingError> for PyErr {
+    fn from(error: BindingError) -> PyErr {
+        let error = match error {
+            BindingError::Python(error) => return error,
+            BindingError::Engine(error) => error,
+        };
+        let message = error.to_string();
+        match error.kind() {
+            ErrorKind::NotFound => NotFoundError::new_err(message),
+            ErrorKind::Metadata => MetadataError::new_err(message),
+            ErrorKind::Decode => ChunkDecodeError::new_err(message),
+            ErrorKind::InvalidArgument => ConfigError::new_err(message),
+            ErrorKind::PermissionDenied => PermissionDeniedError::new_err(message),
+            ErrorKind::AlreadyExists => OutputExistsError::new_err(message),
+            ErrorKind::Io => StorageError::new_err(message),
+            ErrorKind::TimedOut => WaitTimeoutError::new_err(message),
+            ErrorKind::Interrupted => PyKeyboardInterrupt::new_err(message),
+            ErrorKind::Internal => CellMapError::new_err(message),
+        }
     }
 }
 
 /// Runs `work` without the GIL inside the engine's thread pool, turning engine errors and
 /// panics into Python exceptions.
-pub fn run<T: Send>(py: Python<'_>, work: impl FnOnce() -> cellmap_engine::Result<T> + Send) -> PyResult<T> {
-    let outcome = py.detach(|| catch_unwind(AssertUnwindSafe(|| cellmap_engine::runtime::install(work))));
-    match outcome {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(error)) => Err(to_pyerr(py, error)),
-        Err(payload) => Err(to_pyerr(py, Error::from_panic(payload))),
+pub fn run<T: Send>(py: Python<'_>, work: impl FnOnce() -> cellmap_engine::Result<T> + Send) -> BindResult<T> {
+    match py.detach(|| catch_unwind(AssertUnwindSafe(|| cellmap_engine::runtime::install(work)))) {
+        Ok(outcome) => Ok(outcome?),
+        Err(payload) => Err(Error::from_panic(payload).into()),
     }
 }
 
 /// Parses a JSON string coming from the Python layer.
-pub fn parse_json(py: Python<'_>, text: &str) -> PyResult<serde_json::Value> {
-    serde_json::from_str(text).map_err(|e| to_pyerr(py, Error::invalid(format!("invalid configuration JSON: {e}"))))
+pub fn parse_json(text: &str) -> cellmap_engine::Result<serde_json::Value> {
+    serde_json::from_str(text).map_err(|e| Error::invalid(format!("invalid configuration JSON: {e}")))
 }
 
 /// The memory of a C-contiguous numpy array, read from its `__array_interface__` (the buffer

@@ -6,18 +6,18 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::{Float32Type, UInt64Type, UInt8Type};
 use arrow_array::{Array, RecordBatch};
 use arrow_buffer::Buffer;
-use cellmap_engine::augment::SpatialDraw;
-use cellmap_engine::batch::{Batch as EngineBatch, SampleRequest};
-use cellmap_engine::cache::ChunkCache;
-use cellmap_engine::dataset::{Dataset as EngineDataset, DatasetConfig};
-use cellmap_engine::read_policy::ReadIncident;
-use cellmap_engine::sampler::{request, StreamKey};
+use cellmap_engine::pipeline::batch::{Batch as EngineBatch, SampleRequest};
+use cellmap_engine::pipeline::dataset::{Dataset as EngineDataset, DatasetConfig};
+use cellmap_engine::pipeline::read_policy::ReadIncident;
+use cellmap_engine::pipeline::sampler::{request, StreamKey};
+use cellmap_engine::sample::augment::SpatialDraw;
+use cellmap_engine::source::cache::ChunkCache;
 use cellmap_engine::Error;
 use pyo3::exceptions::{PyKeyError, PyValueError};
 use pyo3::prelude::*;
 use pyo3_arrow::{PyRecordBatch, PyTable};
 
-use crate::convert::{parse_json, run, to_pyerr, ArrayMemory};
+use crate::convert::{parse_json, run, ArrayMemory, BindResult, BindingError};
 use crate::tensor::{Element, Tensor};
 
 /// One raw volume with one crop's labels, as configured by `CellMapDataset`.
@@ -39,8 +39,8 @@ impl Dataset {
 impl Dataset {
     /// Opens a dataset from its JSON configuration (built by `cellmap_data._config`).
     #[new]
-    fn new(py: Python<'_>, config_json: &str) -> PyResult<Self> {
-        let value = parse_json(py, config_json)?;
+    fn new(py: Python<'_>, config_json: &str) -> BindResult<Self> {
+        let value = parse_json(config_json)?;
         let inner = run(py, move || {
             let config = DatasetConfig::from_json(&value)?;
             EngineDataset::open(config, ChunkCache::global())
@@ -53,8 +53,8 @@ impl Dataset {
     }
 
     /// World centre (z, y, x nm) of grid sample `index`.
-    fn centre(&self, py: Python<'_>, index: usize) -> PyResult<[f64; 3]> {
-        self.inner.centre(index).map_err(|e| to_pyerr(py, e))
+    fn centre(&self, index: usize) -> BindResult<[f64; 3]> {
+        self.inner.centre(index).map_err(Into::into)
     }
 
     /// Intersection of the raw and annotated label boxes, as (lo, hi).
@@ -120,10 +120,10 @@ impl Dataset {
         rank: u64,
         augment: bool,
         stream_indices: Option<Vec<u64>>,
-    ) -> PyResult<Batch> {
+    ) -> BindResult<Batch> {
         if let Some(s) = &stream_indices {
             if s.len() != indices.len() {
-                return Err(to_pyerr(py, Error::invalid("stream_indices must have one entry per index")));
+                return Err(BindingError::from(Error::invalid("stream_indices must have one entry per index")));
             }
         }
         let inner = self.inner.clone();
@@ -139,13 +139,13 @@ impl Dataset {
                 .collect::<cellmap_engine::Result<Vec<_>>>()?;
             EngineBatch::read(&inner, &requests)
         })?;
-        Batch::from_engine(py, batch)
+        Batch::from_engine(batch)
     }
     /// Reads patches centred at arbitrary world `centres` (z, y, x nm) without augmentation;
     /// `indices` label the samples in the batch's `idx` column.
-    fn read_centres(&self, py: Python<'_>, centres: Vec<[f64; 3]>, indices: Vec<u64>) -> PyResult<Batch> {
+    fn read_centres(&self, py: Python<'_>, centres: Vec<[f64; 3]>, indices: Vec<u64>) -> BindResult<Batch> {
         if centres.len() != indices.len() {
-            return Err(to_pyerr(py, Error::invalid("centres and indices must have the same length")));
+            return Err(BindingError::from(Error::invalid("centres and indices must have the same length")));
         }
         let inner = self.inner.clone();
         let batch = run(py, move || {
@@ -162,7 +162,7 @@ impl Dataset {
                 .collect();
             EngineBatch::read(&inner, &requests)
         })?;
-        Batch::from_engine(py, batch)
+        Batch::from_engine(batch)
     }
 }
 
@@ -181,11 +181,11 @@ pub struct Batch {
 
 impl Batch {
     /// Converts an engine batch (into Arrow, without copying tensors).
-    pub fn from_engine(py: Python<'_>, batch: EngineBatch) -> PyResult<Batch> {
+    pub fn from_engine(batch: EngineBatch) -> BindResult<Batch> {
         let shapes = batch.columns.iter().map(|c| (c.name.clone(), c.sample_shape.clone())).collect();
         let positions = batch.positions.clone();
         let incidents = batch.incidents.clone();
-        let record_batch = batch.into_record_batch().map_err(|e| to_pyerr(py, e))?;
+        let record_batch = batch.into_record_batch()?;
         Ok(Batch {
             record_batch,
             shapes,
@@ -198,7 +198,7 @@ impl Batch {
 impl Batch {
     /// The values buffer of tensor column `name`, its `[batch, *sample_shape]` shape and its
     /// element type.
-    fn column(&self, name: &str) -> PyResult<(Buffer, Vec<usize>, Element)> {
+    fn column(&self, name: &str) -> BindResult<(Buffer, Vec<usize>, Element)> {
         let (_, sample_shape) = self
             .shapes
             .iter()
@@ -228,7 +228,7 @@ impl Batch {
     }
 
     /// The tensor column `name` as a `[batch, *sample_shape]` DLPack tensor (no copy).
-    fn tensor(&self, name: &str) -> PyResult<Tensor> {
+    fn tensor(&self, name: &str) -> BindResult<Tensor> {
         let (values, shape, element) = self.column(name)?;
         Tensor::with_element(values, shape, element)
     }
@@ -236,25 +236,26 @@ impl Batch {
     /// Copies the tensor column `name` into `out`, a writable C-contiguous uint8 numpy array of
     /// exactly its size in bytes (e.g. a view of a pinned torch tensor), on the engine's threads
     /// without the GIL.
-    fn copy_tensor_into(&self, py: Python<'_>, name: &str, out: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn copy_tensor_into(&self, py: Python<'_>, name: &str, out: &Bound<'_, PyAny>) -> BindResult<()> {
         let (source, _, _) = self.column(name)?;
         let memory = ArrayMemory::of(out, "|u1", "copy_tensor_into")?;
         if !memory.writable {
-            return Err(PyValueError::new_err("copy_tensor_into needs a writable, C-contiguous uint8 array"));
+            return Err(PyValueError::new_err("copy_tensor_into needs a writable, C-contiguous uint8 array").into());
         }
         if memory.len != source.len() {
             return Err(PyValueError::new_err(format!(
                 "tensor '{name}' holds {} bytes but the destination has {}",
                 source.len(),
                 memory.len
-            )));
+            ))
+            .into());
         }
         let address = memory.address;
         run(py, move || {
             // SAFETY: the array is writable, C-contiguous and exactly this long (checked above),
             // and `out` (held by this call) keeps it alive until the call returns.
             let dst = unsafe { std::slice::from_raw_parts_mut(address as *mut u8, source.len()) };
-            cellmap_engine::batch::copy_parallel(source.as_slice(), dst);
+            cellmap_engine::pipeline::batch::copy_parallel(source.as_slice(), dst);
             Ok(())
         })
     }
@@ -265,20 +266,20 @@ impl Batch {
     }
 
     /// The per-sample metadata columns only (no tensor column), as a record batch.
-    fn metadata(&self, py: Python<'_>) -> PyResult<PyRecordBatch> {
+    fn metadata(&self) -> BindResult<PyRecordBatch> {
         let keep: Vec<usize> = (0..self.record_batch.num_columns())
             .filter(|&i| !self.shapes.iter().any(|(n, _)| n == self.record_batch.schema().field(i).name()))
             .collect();
         let projected = self
             .record_batch
             .project(&keep)
-            .map_err(|e| to_pyerr(py, Error::invalid(format!("selecting metadata columns: {e}"))))?;
+            .map_err(|e| BindingError::from(Error::invalid(format!("selecting metadata columns: {e}"))))?;
         Ok(PyRecordBatch::new(projected))
     }
 
     /// The per-class counts of the delivered targets only (`foreground_*`, `fraction_*`,
     /// `unknown_*` columns), as a record batch.
-    fn class_tallies(&self, py: Python<'_>) -> PyResult<PyRecordBatch> {
+    fn class_tallies(&self) -> BindResult<PyRecordBatch> {
         let schema = self.record_batch.schema();
         let keep: Vec<usize> = (0..self.record_batch.num_columns())
             .filter(|&i| {
@@ -289,7 +290,7 @@ impl Batch {
         let projected = self
             .record_batch
             .project(&keep)
-            .map_err(|e| to_pyerr(py, Error::invalid(format!("selecting the class columns: {e}"))))?;
+            .map_err(|e| BindingError::from(Error::invalid(format!("selecting the class columns: {e}"))))?;
         Ok(PyRecordBatch::new(projected))
     }
 
@@ -329,19 +330,19 @@ impl Batch {
     /// `polars.from_arrow`, `pyarrow.record_batch` and DuckDB take it directly. Tensor columns
     /// keep their fixed-shape-tensor extension type.
     #[pyo3(signature = (requested_schema=None))]
-    fn __arrow_c_array__<'py>(&self, py: Python<'py>, requested_schema: Option<Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyAny>> {
-        Bound::new(py, self.record_batch())?.call_method1("__arrow_c_array__", (requested_schema,))
+    fn __arrow_c_array__<'py>(&self, py: Python<'py>, requested_schema: Option<Bound<'py, PyAny>>) -> BindResult<Bound<'py, PyAny>> {
+        Ok(Bound::new(py, self.record_batch())?.call_method1("__arrow_c_array__", (requested_schema,))?)
     }
 
     /// Arrow PyCapsule interface: the batch's schema.
-    fn __arrow_c_schema__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        Bound::new(py, self.record_batch())?.call_method0("__arrow_c_schema__")
+    fn __arrow_c_schema__<'py>(&self, py: Python<'py>) -> BindResult<Bound<'py, PyAny>> {
+        Ok(Bound::new(py, self.record_batch())?.call_method0("__arrow_c_schema__")?)
     }
 
     /// Arrow PyCapsule interface: the batch as a stream of one record batch.
     #[pyo3(signature = (requested_schema=None))]
-    fn __arrow_c_stream__<'py>(&self, py: Python<'py>, requested_schema: Option<Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyAny>> {
+    fn __arrow_c_stream__<'py>(&self, py: Python<'py>, requested_schema: Option<Bound<'py, PyAny>>) -> BindResult<Bound<'py, PyAny>> {
         let table = PyTable::try_new(vec![self.record_batch.clone()], self.record_batch.schema())?;
-        Bound::new(py, table)?.call_method1("__arrow_c_stream__", (requested_schema,))
+        Ok(Bound::new(py, table)?.call_method1("__arrow_c_stream__", (requested_schema,))?)
     }
 }

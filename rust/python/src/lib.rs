@@ -3,6 +3,7 @@
 //! no Rust panic reaches Python as anything but a `CellMapError`.
 
 mod convert;
+use convert::{BindResult, BindingError};
 mod dataset;
 mod loader;
 mod remote;
@@ -17,14 +18,14 @@ use pyo3::prelude::*;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use cellmap_engine::cache::ChunkCache;
-use cellmap_engine::label_cache::LabelCache;
-use cellmap_engine::ngff::CoordinateFrame;
-use cellmap_engine::values::ValuePipeline;
+use cellmap_engine::format::ngff::CoordinateFrame;
+use cellmap_engine::pipeline::values::ValuePipeline;
+use cellmap_engine::source::cache::ChunkCache;
+use cellmap_engine::source::label_cache::LabelCache;
 
 /// Counters of the shared decoded-chunk cache.
 #[pyfunction]
-fn cache_stats(py: Python<'_>) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
+fn cache_stats(py: Python<'_>) -> BindResult<Bound<'_, pyo3::types::PyDict>> {
     let s = ChunkCache::global().stats();
     let d = pyo3::types::PyDict::new(py);
     d.set_item("hits", s.hits)?;
@@ -50,21 +51,21 @@ fn cache_stats(py: Python<'_>) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
 /// `pattern` fail with `kind` (`eio`: a transient I/O error; `panic`: a panic in the read).
 #[pyfunction]
 #[pyo3(signature = (kind, pattern, count = 1))]
-fn inject_fault(py: Python<'_>, kind: &str, pattern: &str, count: u64) -> PyResult<()> {
-    let kind = cellmap_engine::faults::FaultKind::parse(kind).map_err(|e| convert::to_pyerr(py, e))?;
-    cellmap_engine::faults::inject(kind, pattern, count).map_err(|e| convert::to_pyerr(py, e))
+fn inject_fault(kind: &str, pattern: &str, count: u64) -> BindResult<()> {
+    let kind = cellmap_engine::io::faults::FaultKind::parse(kind)?;
+    cellmap_engine::io::faults::inject(kind, pattern, count).map_err(Into::into)
 }
 
 /// Disarms any injected fault.
 #[pyfunction]
 fn clear_faults() {
-    cellmap_engine::faults::clear();
+    cellmap_engine::io::faults::clear();
 }
 
 /// Whether this build of the engine can inject faults (debug builds).
 #[pyfunction]
 fn fault_injection_available() -> bool {
-    cellmap_engine::faults::available()
+    cellmap_engine::io::faults::available()
 }
 
 /// Sets the byte budget of the shared decoded-chunk cache.
@@ -86,7 +87,7 @@ fn clear_cache() {
     cache.clear();
     cache.reset_counters();
     LabelCache::global().clear();
-    cellmap_engine::batch::release_pooled_buffers();
+    cellmap_engine::pipeline::batch::release_pooled_buffers();
     // Freed memory goes back to the system now rather than after mimalloc's purge delay.
     // SAFETY: mi_collect only walks the allocator's own free lists.
     unsafe { libmimalloc_sys::mi_collect(true) };
@@ -95,21 +96,21 @@ fn clear_cache() {
 /// Bytes of batch tensor memory currently alive (in the engine or held by Python tensors).
 #[pyfunction]
 fn live_batch_bytes() -> i64 {
-    cellmap_engine::batch::live_batch_bytes()
+    cellmap_engine::pipeline::batch::live_batch_bytes()
 }
 
 /// Bytes of freed batch buffers the engine keeps for reuse by later batches (at most 512 MiB
 /// per element type; `clear_cache()` frees them).
 #[pyfunction]
 fn pooled_batch_bytes() -> usize {
-    cellmap_engine::batch::pooled_batch_bytes()
+    cellmap_engine::pipeline::batch::pooled_batch_bytes()
 }
 
 /// Sets what an OME-NGFF `translation` marks for volumes and writers opened from now on:
 /// `"corner"` (of voxel 0; the default) or `"centre"`.
 #[pyfunction]
-fn set_coordinate_frame(py: Python<'_>, frame: &str) -> PyResult<()> {
-    let frame = CoordinateFrame::parse(frame).map_err(|e| convert::to_pyerr(py, e))?;
+fn set_coordinate_frame(frame: &str) -> BindResult<()> {
+    let frame = CoordinateFrame::parse(frame)?;
     frame.set_current();
     Ok(())
 }
@@ -132,14 +133,14 @@ fn apply_value_ops(
     shape: Vec<usize>,
     value_seed: u64,
     stream: u64,
-) -> PyResult<Vec<f32>> {
-    let json = convert::parse_json(py, ops_json)?;
-    let pipeline = ValuePipeline::from_json(&json, "value transforms").map_err(|e| convert::to_pyerr(py, e))?;
+) -> BindResult<Vec<f32>> {
+    let json = convert::parse_json(ops_json)?;
+    let pipeline = ValuePipeline::from_json(&json, "value transforms")?;
     if shape.iter().product::<usize>() != values.len() {
-        return Err(convert::to_pyerr(
-            py,
-            cellmap_engine::Error::invalid(format!("shape {shape:?} does not hold {} values", values.len())),
-        ));
+        return Err(BindingError::from(cellmap_engine::Error::invalid(format!(
+            "shape {shape:?} does not hold {} values",
+            values.len()
+        ))));
     }
     convert::run(py, move || {
         let mut values = values;
@@ -170,6 +171,7 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(coordinate_frame, m)?)?;
     m.add_function(wrap_pyfunction!(apply_value_ops, m)?)?;
     m.add_function(wrap_pyfunction!(volume::elastic_field, m)?)?;
+    m.add_function(wrap_pyfunction!(volume::check_spatial_draw, m)?)?;
     m.add_function(wrap_pyfunction!(remote::remote_options, m)?)?;
     m.add_function(wrap_pyfunction!(remote::set_remote_options, m)?)?;
     m.add_function(wrap_pyfunction!(remote::nodes_exist, m)?)?;
@@ -184,6 +186,7 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tensor::Tensor>()?;
     m.add_class::<pyo3_arrow::PyRecordBatch>()?;
     m.add_class::<writer::ImageWriter>()?;
+    m.add_function(wrap_pyfunction!(writer::finish_ranks, m)?)?;
     stats::register(m)?;
     Ok(())
 }

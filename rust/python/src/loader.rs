@@ -4,15 +4,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cellmap_engine::loader::{BatchStream as EngineStream, Collection as EngineCollection, Next, StreamSettings};
-use cellmap_engine::read_policy::ReadErrorPolicy;
-use cellmap_engine::sampler::{class_balanced_plan, shard, uniform_plan, EpochSettings, PlannedSample, StreamKey};
+use cellmap_engine::pipeline::loader::{BatchStream as EngineStream, Collection as EngineCollection, Next, StreamSettings};
+use cellmap_engine::pipeline::read_policy::ReadErrorPolicy;
+use cellmap_engine::pipeline::sampler::{class_balanced_plan, shard, uniform_plan, EpochSettings, PlannedSample, StreamKey};
 use cellmap_engine::Error;
 use pyo3::exceptions::PyStopIteration;
 use pyo3::prelude::*;
 use pyo3_arrow::PyRecordBatch;
 
-use crate::convert::{run, to_pyerr};
+use crate::convert::{run, BindResult, BindingError};
 use crate::dataset::{Batch, Dataset};
 
 type PlanTuple = (usize, usize, u64);
@@ -38,8 +38,8 @@ pub struct Collection {
 impl Collection {
     /// Builds a collection; every dataset must produce the same arrays.
     #[new]
-    fn new(py: Python<'_>, datasets: Vec<PyRef<'_, Dataset>>) -> PyResult<Self> {
-        let inner = EngineCollection::new(datasets.iter().map(|d| d.engine()).collect()).map_err(|e| to_pyerr(py, e))?;
+    fn new(datasets: Vec<PyRef<'_, Dataset>>) -> BindResult<Self> {
+        let inner = EngineCollection::new(datasets.iter().map(|d| d.engine()).collect())?;
         Ok(Collection { inner: Arc::new(inner) })
     }
 
@@ -57,40 +57,40 @@ impl Collection {
 
     /// Uniform plan: `count` samples (None: all once), shuffled or in order.
     #[pyo3(signature = (count, shuffle, seed, epoch))]
-    fn plan_uniform(&self, py: Python<'_>, count: Option<usize>, shuffle: bool, seed: u64, epoch: u64) -> PyResult<Vec<PlanTuple>> {
+    fn plan_uniform(&self, count: Option<usize>, shuffle: bool, seed: u64, epoch: u64) -> BindResult<Vec<PlanTuple>> {
         uniform_plan(&self.inner.sizes(), count, shuffle, seed, epoch)
             .map(from_plan)
-            .map_err(|e| to_pyerr(py, e))
+            .map_err(Into::into)
     }
 
     /// Class-balanced plan of `count` samples.
-    fn plan_balanced(&self, py: Python<'_>, count: usize, seed: u64, epoch: u64) -> PyResult<Vec<PlanTuple>> {
-        balanced_plan(py, self.inner.sizes(), self.annotated(), count, seed, epoch)
+    fn plan_balanced(&self, count: usize, seed: u64, epoch: u64) -> BindResult<Vec<PlanTuple>> {
+        balanced_plan(self.inner.sizes(), self.annotated(), count, seed, epoch)
     }
 
     /// Shard `part` of `parts` of a plan.
     #[staticmethod]
-    fn shard(py: Python<'_>, plan: Vec<PlanTuple>, part: usize, parts: usize) -> PyResult<Vec<PlanTuple>> {
-        shard(&to_plan(plan), part, parts).map(from_plan).map_err(|e| to_pyerr(py, e))
+    fn shard(plan: Vec<PlanTuple>, part: usize, parts: usize) -> BindResult<Vec<PlanTuple>> {
+        shard(&to_plan(plan), part, parts).map(from_plan).map_err(Into::into)
     }
 
     /// Reads one batch of planned samples now.
     #[pyo3(signature = (samples, *, seed=0, epoch=0, augment=false))]
-    fn read(&self, py: Python<'_>, samples: Vec<PlanTuple>, seed: u64, epoch: u64, augment: bool) -> PyResult<Batch> {
+    fn read(&self, py: Python<'_>, samples: Vec<PlanTuple>, seed: u64, epoch: u64, augment: bool) -> BindResult<Batch> {
         let inner = self.inner.clone();
         let key = StreamKey { seed, epoch, rank: 0 };
         let batch = run(py, move || {
             inner.read(&to_plan(samples), key, augment, None, ReadErrorPolicy::Raise)
         })?;
-        Batch::from_engine(py, batch)
+        Batch::from_engine(batch)
     }
 
     /// The batches of one epoch from its settings (JSON: source, samples, batch_size, drop_last,
     /// iterations, rank, world_size, worker, workers, seed, epoch); every random decision comes
     /// from the keyed streams.
-    fn epoch_plan(&self, py: Python<'_>, settings_json: &str) -> PyResult<Vec<Vec<PlanTuple>>> {
-        let settings = epoch_settings(py, settings_json)?;
-        let batches = self.inner.epoch_plan(&settings).map_err(|e| to_pyerr(py, e))?;
+    fn epoch_plan(&self, settings_json: &str) -> BindResult<Vec<Vec<PlanTuple>>> {
+        let settings = epoch_settings(settings_json)?;
+        let batches = self.inner.epoch_plan(&settings)?;
         Ok(batches.into_iter().map(from_plan).collect())
     }
 
@@ -98,17 +98,9 @@ impl Collection {
     /// the background from batch `start` (a resumed epoch): one call, the plan never crosses to
     /// Python.
     #[pyo3(signature = (settings_json, *, threads, prefetch, augment=false, start=0))]
-    fn epoch_stream(
-        &self,
-        py: Python<'_>,
-        settings_json: &str,
-        threads: usize,
-        prefetch: usize,
-        augment: bool,
-        start: usize,
-    ) -> PyResult<BatchStream> {
-        let settings = epoch_settings(py, settings_json)?;
-        let mut plan = self.inner.epoch_plan(&settings).map_err(|e| to_pyerr(py, e))?;
+    fn epoch_stream(&self, settings_json: &str, threads: usize, prefetch: usize, augment: bool, start: usize) -> BindResult<BatchStream> {
+        let settings = epoch_settings(settings_json)?;
+        let mut plan = self.inner.epoch_plan(&settings)?;
         plan.drain(..start.min(plan.len()));
         let stream_settings = StreamSettings {
             threads,
@@ -121,7 +113,7 @@ impl Collection {
             augment,
             on_read_error: settings.on_read_error,
         };
-        let stream = EngineStream::start((*self.inner).clone(), plan, stream_settings).map_err(|e| to_pyerr(py, e))?;
+        let stream = EngineStream::start((*self.inner).clone(), plan, stream_settings)?;
         Ok(BatchStream {
             inner: std::sync::Mutex::new(Some(stream)),
             pid: std::process::id(),
@@ -131,9 +123,9 @@ impl Collection {
     /// The shape of the epoch of `settings_json` on this rank, without planning it: `planned`
     /// (samples, all ranks), `per_rank`, `padding` (repeats added so the ranks' shares are
     /// equal), `dropped` (cut with `drop_last`), `batches` (per rank) and `worker_batches`.
-    fn epoch_shape(&self, py: Python<'_>, settings_json: &str) -> PyResult<std::collections::HashMap<&'static str, usize>> {
-        let settings = epoch_settings(py, settings_json)?;
-        let shape = self.inner.epoch_shape(&settings).map_err(|e| to_pyerr(py, e))?;
+    fn epoch_shape(&self, settings_json: &str) -> BindResult<std::collections::HashMap<&'static str, usize>> {
+        let settings = epoch_settings(settings_json)?;
+        let shape = self.inner.epoch_shape(&settings)?;
         Ok(std::collections::HashMap::from([
             ("planned", shape.planned),
             ("per_rank", shape.per_rank),
@@ -148,8 +140,8 @@ impl Collection {
     /// The sample metadata of the epoch of `settings_json`, read from its plan alone: the
     /// columns every batch's record batch carries, after a `batch` column.
     #[pyo3(signature = (settings_json, *, augment=false))]
-    fn epoch_metadata(&self, py: Python<'_>, settings_json: &str, augment: bool) -> PyResult<PyRecordBatch> {
-        let settings = epoch_settings(py, settings_json)?;
+    fn epoch_metadata(&self, py: Python<'_>, settings_json: &str, augment: bool) -> BindResult<PyRecordBatch> {
+        let settings = epoch_settings(settings_json)?;
         let inner = self.inner.clone();
         let table = run(py, move || {
             let plan = inner.epoch_plan(&settings)?;
@@ -172,16 +164,15 @@ impl Collection {
     #[allow(clippy::too_many_arguments)]
     fn stream(
         &self,
-        py: Python<'_>,
         batches: Vec<Vec<PlanTuple>>,
         threads: usize,
         prefetch: usize,
         seed: u64,
         epoch: u64,
         augment: bool,
-    ) -> PyResult<BatchStream> {
+    ) -> BindResult<BatchStream> {
         if batches.iter().any(Vec::is_empty) {
-            return Err(to_pyerr(py, Error::invalid("a batch needs at least one sample")));
+            return Err(BindingError::from(Error::invalid("a batch needs at least one sample")));
         }
         let settings = StreamSettings {
             threads,
@@ -192,7 +183,7 @@ impl Collection {
         };
         let collection = (*self.inner).clone();
         let plan = batches.into_iter().map(to_plan).collect();
-        let stream = EngineStream::start(collection, plan, settings).map_err(|e| to_pyerr(py, e))?;
+        let stream = EngineStream::start(collection, plan, settings)?;
         Ok(BatchStream {
             inner: std::sync::Mutex::new(Some(stream)),
             pid: std::process::id(),
@@ -204,21 +195,14 @@ impl Collection {
 /// `annotated[d][c]` says whether dataset (row) `d` annotates class `c`: `(row, index in row,
 /// stream)` per sample. For any dataset that reports its crop-class matrix.
 #[pyfunction]
-pub fn balanced_plan(
-    py: Python<'_>,
-    sizes: Vec<usize>,
-    annotated: Vec<Vec<bool>>,
-    count: usize,
-    seed: u64,
-    epoch: u64,
-) -> PyResult<Vec<PlanTuple>> {
+pub fn balanced_plan(sizes: Vec<usize>, annotated: Vec<Vec<bool>>, count: usize, seed: u64, epoch: u64) -> BindResult<Vec<PlanTuple>> {
     class_balanced_plan(&sizes, &annotated, count, seed, epoch)
         .map(from_plan)
-        .map_err(|e| to_pyerr(py, e))
+        .map_err(Into::into)
 }
 
-fn epoch_settings(py: Python<'_>, settings_json: &str) -> PyResult<EpochSettings> {
-    serde_json::from_str(settings_json).map_err(|e| to_pyerr(py, Error::invalid(format!("epoch settings: {e}"))))
+fn epoch_settings(settings_json: &str) -> BindResult<EpochSettings> {
+    serde_json::from_str(settings_json).map_err(|e| BindingError::from(Error::invalid(format!("epoch settings: {e}"))))
 }
 
 /// An epoch being read by engine threads; iterate it to get `Batch`es in plan order.
@@ -234,12 +218,11 @@ impl BatchStream {
         slf
     }
 
-    fn __next__(&self, py: Python<'_>) -> PyResult<Batch> {
+    fn __next__(&self, py: Python<'_>) -> BindResult<Batch> {
         if std::process::id() != self.pid {
-            return Err(to_pyerr(
-                py,
-                Error::invalid("this batch stream belongs to the parent process; iterate the loader again in this process"),
-            ));
+            return Err(BindingError::from(Error::invalid(
+                "this batch stream belongs to the parent process; iterate the loader again in this process",
+            )));
         }
         loop {
             let next = py.detach(|| {
@@ -250,20 +233,20 @@ impl BatchStream {
                 }
             });
             match next {
-                Next::Batch(Ok(batch)) => return Batch::from_engine(py, batch),
+                Next::Batch(Ok(batch)) => return Batch::from_engine(batch),
                 Next::Batch(Err(error)) => {
                     self.close(py);
-                    return Err(to_pyerr(py, error));
+                    return Err(BindingError::from(error));
                 }
                 Next::Done => {
                     self.close(py);
-                    return Err(PyStopIteration::new_err(()));
+                    return Err(PyStopIteration::new_err(()).into());
                 }
                 Next::Pending => {
                     // Ctrl-C while waiting: stop the engine threads, then raise.
                     if let Err(interrupt) = py.check_signals() {
                         self.close(py);
-                        return Err(interrupt);
+                        return Err(interrupt.into());
                     }
                 }
             }

@@ -1,19 +1,18 @@
 //! Remote-store options and checks (`cellmap_data.remote` in Python).
 
-use std::path::PathBuf;
-use std::time::Duration;
-
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use cellmap_engine::remote::{self, RemoteOptions};
+use cellmap_engine::io::location::Location;
+use cellmap_engine::io::remote::{self, RemoteOptionsUpdate};
+use cellmap_engine::io::store::Store;
 
-use crate::convert;
+use crate::convert::{self, BindResult};
 
 /// The options in effect for remote stores, as a dict.
 #[pyfunction]
-pub fn remote_options(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
-    let o = remote::options();
+pub fn remote_options(py: Python<'_>) -> BindResult<Bound<'_, PyDict>> {
+    let o = remote::options()?;
     let d = PyDict::new(py);
     d.set_item("max_in_flight", o.max_in_flight)?;
     d.set_item("timeout", o.timeout.as_secs_f64())?;
@@ -26,12 +25,11 @@ pub fn remote_options(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 }
 
 /// Replaces the remote options (stores opened afterwards use them). `None` keeps a value;
-/// `endpoint_url=""`, `disk_cache=""` and `anonymous="auto"` clear one.
+/// `endpoint_url=""`, `disk_cache=""` and `anonymous="auto"` clear one. The engine checks them.
 #[pyfunction]
 #[pyo3(signature = (*, max_in_flight=None, timeout=None, retries=None, endpoint_url=None, anonymous=None, disk_cache=None, disk_cache_bytes=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn set_remote_options(
-    py: Python<'_>,
     max_in_flight: Option<usize>,
     timeout: Option<f64>,
     retries: Option<usize>,
@@ -39,72 +37,43 @@ pub fn set_remote_options(
     anonymous: Option<&Bound<'_, PyAny>>,
     disk_cache: Option<String>,
     disk_cache_bytes: Option<u64>,
-) -> PyResult<()> {
-    let bad = |m: String| convert::to_pyerr(py, cellmap_engine::Error::invalid(m));
-    let mut o: RemoteOptions = remote::options();
-    if let Some(n) = max_in_flight {
-        if n == 0 {
-            return Err(bad("max_in_flight must be at least 1".into()));
-        }
-        o.max_in_flight = n;
-    }
-    if let Some(t) = timeout {
-        if !(t.is_finite() && t > 0.0) {
-            return Err(bad(format!("timeout must be a positive number of seconds, not {t}")));
-        }
-        o.timeout = Duration::from_secs_f64(t);
-    }
-    if let Some(r) = retries {
-        o.max_retries = r;
-    }
-    if let Some(e) = endpoint_url {
-        o.endpoint = (!e.is_empty()).then_some(e);
-    }
-    if let Some(a) = anonymous {
-        o.anonymous = if a.extract::<String>().is_ok_and(|s| s == "auto") {
-            None
-        } else {
-            Some(
-                a.extract::<bool>()
-                    .map_err(|_| bad("anonymous must be True, False or 'auto'".into()))?,
-            )
-        };
-    }
-    let budget = disk_cache_bytes
-        .or(o.disk_cache.as_ref().map(|(_, b)| *b))
-        .unwrap_or(remote::DEFAULT_DISK_CACHE_BYTES);
-    match disk_cache {
-        Some(dir) if dir.is_empty() => o.disk_cache = None,
-        Some(dir) => o.disk_cache = Some((PathBuf::from(dir), budget)),
-        None => {
-            if let Some((_, b)) = o.disk_cache.as_mut() {
-                *b = budget;
-            }
-        }
-    }
-    remote::set_options(o);
+) -> BindResult<()> {
+    // A Python bool or string, as the engine reads it ("true"/"false"/"auto").
+    let anonymous = anonymous
+        .map(|a| match a.extract::<bool>() {
+            Ok(flag) => Ok(flag.to_string()),
+            Err(_) => a.str().map(|s| s.to_string()),
+        })
+        .transpose()?;
+    let update = RemoteOptionsUpdate {
+        max_in_flight,
+        timeout,
+        retries,
+        endpoint_url,
+        anonymous,
+        disk_cache,
+        disk_cache_bytes,
+    };
+    remote::update_options(&update)?;
     Ok(())
 }
 
 /// Whether a zarr group or array exists at each of `locations` (paths or URLs); remote ones
 /// are asked in one round trip, without listing.
 #[pyfunction]
-pub fn nodes_exist(py: Python<'_>, locations: Vec<String>) -> PyResult<Vec<bool>> {
+pub fn nodes_exist(py: Python<'_>, locations: Vec<String>) -> BindResult<Vec<bool>> {
     convert::run(py, move || remote::nodes_exist(&locations))
 }
 
 /// Whether `location` is an object-store URL (`s3://`, `gs://`, `http(s)://`).
 #[pyfunction]
 pub fn is_remote(location: &str) -> bool {
-    remote::is_remote(location)
+    Location::parse(location).is_remote()
 }
 
 /// The text of the metadata document `name` (`zarr.json`, `.zattrs` ...) of the zarr node at
 /// `location` (a path or URL); `None` when absent.
 #[pyfunction]
-pub fn read_node_text(py: Python<'_>, location: String, name: String) -> PyResult<Option<String>> {
-    convert::run(py, move || {
-        let node = std::path::PathBuf::from(&location);
-        cellmap_engine::ngff::read_node_text(&node, &name)
-    })
+pub fn read_node_text(py: Python<'_>, location: String, name: String) -> BindResult<Option<String>> {
+    convert::run(py, move || Store::open(&Location::parse(&location))?.read_text(&name))
 }

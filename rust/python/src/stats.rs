@@ -4,13 +4,13 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use cellmap_engine::labels::{self, ClassCounts, CountCache, CountOptions, Progress};
-use cellmap_engine::stats::{self, StatsEntry};
+use cellmap_engine::pipeline::labels::{self, ClassCounts, CountCache, CountOptions, Progress};
+use cellmap_engine::pipeline::stats::{self, StatsEntry};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use pyo3_arrow::PyRecordBatch;
 
-use crate::convert::run;
+use crate::convert::{run, BindResult};
 
 /// Progress of a running count (chunks scanned / announced), shared with the engine threads;
 /// `cancel()` makes the count stop with `KeyboardInterrupt`.
@@ -61,7 +61,7 @@ fn options(cache_dir: Option<PathBuf>, use_cache: bool, use_metadata: bool) -> C
     CountOptions { cache, use_metadata }
 }
 
-fn counts_dict<'py>(py: Python<'py>, c: &ClassCounts) -> PyResult<Bound<'py, PyDict>> {
+fn counts_dict<'py>(py: Python<'py>, c: &ClassCounts) -> BindResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("path", c.path.display().to_string())?;
     d.set_item("level", c.level)?;
@@ -82,7 +82,7 @@ fn counts_dict<'py>(py: Python<'py>, c: &ClassCounts) -> PyResult<Bound<'py, PyD
 }
 
 /// Foreground/total counts of the label group `path` at the training `voxel_size` (z, y, x nm),
-/// from metadata, the count cache, or a parallel scan (see `cellmap_engine::labels`).
+/// from metadata, the count cache, or a parallel scan (see `cellmap_engine::pipeline::labels`).
 #[pyfunction]
 #[pyo3(signature = (path, voxel_size, *, cache_dir=None, use_cache=true, use_metadata=true, progress=None))]
 fn label_counts<'py>(
@@ -93,7 +93,7 @@ fn label_counts<'py>(
     use_cache: bool,
     use_metadata: bool,
     progress: Option<PyRef<'py, CountProgress>>,
-) -> PyResult<Bound<'py, PyDict>> {
+) -> BindResult<Bound<'py, PyDict>> {
     let options = options(cache_dir, use_cache, use_metadata);
     let progress = progress.map(|p| p.inner.clone());
     let counts = run(py, move || {
@@ -117,7 +117,7 @@ fn class_stats<'py>(
     use_cache: bool,
     use_metadata: bool,
     progress: Option<PyRef<'py, CountProgress>>,
-) -> PyResult<PyRecordBatch> {
+) -> BindResult<PyRecordBatch> {
     let options = options(cache_dir, use_cache, use_metadata);
     let progress = progress.map(|p| p.inner.clone());
     let entries: Vec<StatsEntry> = entries
@@ -146,7 +146,7 @@ fn default_count_cache_dir() -> Option<PathBuf> {
 }
 
 /// Adds this module's functions and classes to `_engine`.
-pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+pub fn register(m: &Bound<'_, PyModule>) -> BindResult<()> {
     m.add_class::<CountProgress>()?;
     m.add_function(wrap_pyfunction!(label_counts, m)?)?;
     m.add_function(wrap_pyfunction!(class_stats, m)?)?;

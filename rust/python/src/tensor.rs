@@ -12,6 +12,8 @@ use dlpark::{DlpackFlags, Managed, ManagedTensorBase};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
+use crate::convert::BindResult;
+
 /// Element types a batch tensor can have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Element {
@@ -47,18 +49,15 @@ pub struct Tensor {
 
 impl Tensor {
     /// A float32 tensor of `shape` over `buffer`.
-    pub fn new(buffer: Buffer, shape: Vec<usize>) -> PyResult<Tensor> {
+    pub fn new(buffer: Buffer, shape: Vec<usize>) -> BindResult<Tensor> {
         Tensor::with_element(buffer, shape, Element::F32)
     }
 
     /// A tensor of `shape` and `element` type over `buffer` (which must hold exactly that many values).
-    pub fn with_element(buffer: Buffer, shape: Vec<usize>, element: Element) -> PyResult<Tensor> {
+    pub fn with_element(buffer: Buffer, shape: Vec<usize>, element: Element) -> BindResult<Tensor> {
         let n: usize = shape.iter().product();
         if n * element.size() != buffer.len() {
-            return Err(PyValueError::new_err(format!(
-                "tensor shape {shape:?} does not match a buffer of {} bytes",
-                buffer.len()
-            )));
+            return Err(PyValueError::new_err(format!("tensor shape {shape:?} does not match a buffer of {} bytes", buffer.len())).into());
         }
         Ok(Tensor {
             buffer,

@@ -2,16 +2,16 @@
 
 use std::sync::Arc;
 
-use cellmap_engine::augment::{Interpolation, SpatialDraw};
-use cellmap_engine::batch::TrackedVec;
-use cellmap_engine::cache::ChunkCache;
-use cellmap_engine::elastic::ElasticDraw;
-use cellmap_engine::extract::{read_patch, PatchSpec, ReadOptions};
-use cellmap_engine::volume::{ValueMode, Volume as EngineVolume};
+use cellmap_engine::pipeline::batch::TrackedVec;
+use cellmap_engine::sample::augment::{Interpolation, SpatialDraw};
+use cellmap_engine::sample::elastic::ElasticDraw;
+use cellmap_engine::sample::extract::{read_patch, PatchSpec, ReadOptions};
+use cellmap_engine::source::cache::ChunkCache;
+use cellmap_engine::source::volume::{ValueMode, Volume as EngineVolume};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::convert::{run, to_pyerr};
+use crate::convert::{run, BindResult, BindingError};
 use crate::tensor::Tensor;
 
 /// A multiscale OME-NGFF image opened by the engine.
@@ -24,7 +24,7 @@ pub struct Volume {
 impl Volume {
     /// Opens the image group at `path` (e.g. `.../recon-1/em/fibsem-uint8`).
     #[new]
-    fn new(py: Python<'_>, path: String) -> PyResult<Self> {
+    fn new(py: Python<'_>, path: String) -> BindResult<Self> {
         let inner = run(py, || EngineVolume::open(&path, ChunkCache::global()))?;
         Ok(Volume { inner: Arc::new(inner) })
     }
@@ -55,7 +55,7 @@ impl Volume {
     /// One dict per level: path, shape, chunks, voxel_size, translation (as written),
     /// voxel0_centre (world centre of voxel 0 in the coordinate frame), dtype, world box.
     #[getter]
-    fn levels<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+    fn levels<'py>(&self, py: Python<'py>) -> BindResult<Vec<Bound<'py, PyDict>>> {
         self.inner
             .levels
             .iter()
@@ -106,40 +106,16 @@ impl Volume {
         zoom: [f64; 3],
         shear: [f64; 6],
         elastic: Option<(u64, [f64; 3], [f64; 3])>,
-    ) -> PyResult<Tensor> {
-        let interpolation = Interpolation::parse(interpolation).map_err(|e| to_pyerr(py, e))?;
-        let spec = PatchSpec::new(shape, voxel_size).map_err(|e| to_pyerr(py, e))?;
+    ) -> BindResult<Tensor> {
+        let interpolation = Interpolation::parse(interpolation)?;
+        let spec = PatchSpec::new(shape, voxel_size)?;
         let level = level.unwrap_or_else(|| self.inner.pick_level(voxel_size));
         if level >= self.inner.levels.len() {
-            return Err(to_pyerr(
-                py,
-                cellmap_engine::Error::invalid(format!("level {level} does not exist")),
-            ));
+            return Err(BindingError::from(cellmap_engine::Error::invalid(format!(
+                "level {level} does not exist"
+            ))));
         }
-        let mut sorted = permutation;
-        sorted.sort_unstable();
-        if sorted != [0, 1, 2] {
-            return Err(to_pyerr(
-                py,
-                cellmap_engine::Error::invalid(format!("permutation {permutation:?} is not a permutation of 0, 1, 2")),
-            ));
-        }
-        if let Some(r) = &rotation_matrix {
-            check_rotation(r).map_err(|e| to_pyerr(py, e))?;
-        }
-        let elastic = elastic
-            .map(|(seed, spacing, sigma)| ElasticDraw { seed, spacing, sigma }.checked())
-            .transpose()
-            .map_err(|e| to_pyerr(py, e))?;
-        let draw = SpatialDraw {
-            mirror,
-            permutation,
-            angles_deg: rotation_deg,
-            rotation: rotation_matrix,
-            zoom,
-            shear,
-            elastic,
-        };
+        let draw = spatial_draw(mirror, permutation, rotation_deg, rotation_matrix, zoom, shear, elastic)?;
         let options = ReadOptions {
             interpolation,
             mode: if foreground { ValueMode::Foreground } else { ValueMode::Raw },
@@ -171,15 +147,14 @@ pub fn elastic_field(
     jitter_sigma: [f64; 3],
     shape: [usize; 3],
     voxel_size: [f64; 3],
-) -> PyResult<Tensor> {
+) -> BindResult<Tensor> {
     let draw = ElasticDraw {
         seed,
         spacing: control_point_spacing,
         sigma: jitter_sigma,
     }
-    .checked()
-    .map_err(|e| to_pyerr(py, e))?;
-    let spec = PatchSpec::new(shape, voxel_size).map_err(|e| to_pyerr(py, e))?;
+    .checked()?;
+    let spec = PatchSpec::new(shape, voxel_size)?;
     let data = run(py, move || {
         let mut out = TrackedVec::<f32>::for_overwrite(3 * spec.len());
         for (k, component) in draw.field_nm(shape, voxel_size).iter().enumerate() {
@@ -190,21 +165,43 @@ pub fn elastic_field(
     Tensor::new(data.into_buffer(), vec![3, shape[0], shape[1], shape[2]])
 }
 
-/// A rotation matrix must be finite and orthonormal (a turn, possibly with a reflection): the
-/// read path samples a patch of the requested size, which a scaling or shearing matrix would not.
-fn check_rotation(r: &[[f64; 3]; 3]) -> cellmap_engine::Result<()> {
-    let bad = |why: &str| cellmap_engine::Error::invalid(format!("rotation_matrix {r:?} {why}"));
-    if r.iter().flatten().any(|v| !v.is_finite()) {
-        return Err(bad("must be finite"));
+/// Checks a hand-given spatial transform in the engine (the same check `Volume.read` makes), so
+/// `CellMapImage.set_spatial_transforms` refuses a bad one when it is set, not at the next read.
+#[pyfunction]
+#[pyo3(signature = (*, mirror=[false; 3], permutation=[0, 1, 2], rotation_deg=[0.0; 3], rotation_matrix=None,
+                    zoom=[1.0; 3], shear=[0.0; 6], elastic=None))]
+pub fn check_spatial_draw(
+    mirror: [bool; 3],
+    permutation: [usize; 3],
+    rotation_deg: [f64; 3],
+    rotation_matrix: Option<[[f64; 3]; 3]>,
+    zoom: [f64; 3],
+    shear: [f64; 6],
+    elastic: Option<(u64, [f64; 3], [f64; 3])>,
+) -> BindResult<()> {
+    spatial_draw(mirror, permutation, rotation_deg, rotation_matrix, zoom, shear, elastic)
+        .map(|_| ())
+        .map_err(Into::into)
+}
+
+fn spatial_draw(
+    mirror: [bool; 3],
+    permutation: [usize; 3],
+    angles_deg: [f64; 3],
+    rotation: Option<[[f64; 3]; 3]>,
+    zoom: [f64; 3],
+    shear: [f64; 6],
+    elastic: Option<(u64, [f64; 3], [f64; 3])>,
+) -> cellmap_engine::Result<SpatialDraw> {
+    let elastic = elastic.map(|(seed, spacing, sigma)| ElasticDraw { seed, spacing, sigma });
+    SpatialDraw {
+        mirror,
+        permutation,
+        angles_deg,
+        rotation,
+        zoom,
+        shear,
+        elastic,
     }
-    for i in 0..3 {
-        for j in 0..3 {
-            let dot: f64 = (0..3).map(|k| r[k][i] * r[k][j]).sum();
-            let expected = if i == j { 1.0 } else { 0.0 };
-            if (dot - expected).abs() > 1e-6 {
-                return Err(bad("must be orthonormal (a rotation)"));
-            }
-        }
-    }
-    Ok(())
+    .checked()
 }

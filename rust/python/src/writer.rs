@@ -5,12 +5,12 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 
 use arrow_buffer::Buffer;
-use cellmap_engine::writer::{ImageWriter as EngineWriter, WriterConfig};
+use cellmap_engine::writer::{finish_ranks as finish_ranks_in_engine, ImageWriter as EngineWriter, WriterConfig};
 use cellmap_engine::Error;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::convert::{parse_json, run, to_pyerr, ArrayMemory};
+use crate::convert::{parse_json, run, ArrayMemory, BindResult, BindingError};
 use crate::tensor::Tensor;
 
 /// An output image being written (zarr v2 + OME-NGFF 0.4 or zarr v3 + OME-NGFF 0.5).
@@ -27,13 +27,13 @@ unsafe impl Send for Values {}
 unsafe impl Sync for Values {}
 
 impl Values {
-    fn of(py: Python<'_>, array: &Bound<'_, PyAny>) -> PyResult<Values> {
+    fn of(array: &Bound<'_, PyAny>) -> BindResult<Values> {
         let memory = ArrayMemory::of(array, "<f4", "prediction data")
-            .map_err(|e| to_pyerr(py, Error::invalid(format!("must be a C-contiguous float32 array ({e})"))))?;
+            .map_err(|e| BindingError::from(Error::invalid(format!("must be a C-contiguous float32 array ({e})"))))?;
         let slice = std::ptr::slice_from_raw_parts_mut(memory.address as *mut f32, memory.len);
         NonNull::new(slice)
             .map(Values)
-            .ok_or_else(|| to_pyerr(py, Error::invalid("prediction data is a null array")))
+            .ok_or_else(|| BindingError::from(Error::invalid("prediction data is a null array")))
     }
 
     fn slice(&self) -> &[f32] {
@@ -42,59 +42,34 @@ impl Values {
     }
 }
 
-/// Engine errors, with an existing output raised as `OutputExistsError` (a `FileExistsError`).
-fn writer_err(py: Python<'_>, error: Error) -> PyErr {
-    if let Error::Io { source, .. } = &error {
-        if source.kind() == std::io::ErrorKind::AlreadyExists {
-            let message = error.to_string();
-            if let Ok(instance) = py
-                .import("cellmap_data.exceptions")
-                .and_then(|m| m.getattr("OutputExistsError"))
-                .and_then(|cls| cls.call1((message,)))
-            {
-                return PyErr::from_value(instance);
-            }
-        }
-    }
-    to_pyerr(py, error)
-}
-
-/// Like `convert::run`, with the writer's error mapping.
-fn run_writer<T: Send>(py: Python<'_>, work: impl FnOnce() -> cellmap_engine::Result<T> + Send) -> PyResult<T> {
-    match run(py, move || Ok(work()))? {
-        Ok(value) => Ok(value),
-        Err(error) => Err(writer_err(py, error)),
-    }
-}
-
-fn parse_config(py: Python<'_>, config_json: &str) -> PyResult<WriterConfig> {
-    let value = parse_json(py, config_json)?;
-    WriterConfig::from_json(&value).map_err(|e| to_pyerr(py, e))
+fn parse_config(config_json: &str) -> BindResult<WriterConfig> {
+    let value = parse_json(config_json)?;
+    WriterConfig::from_json(&value).map_err(Into::into)
 }
 
 #[pymethods]
 impl ImageWriter {
     /// Creates the output image described by `config_json` (built by `cellmap_data.writer`).
     #[new]
-    fn new(py: Python<'_>, config_json: &str) -> PyResult<Self> {
-        let config = parse_config(py, config_json)?;
-        let inner = run_writer(py, move || EngineWriter::create(config))?;
+    fn new(py: Python<'_>, config_json: &str) -> BindResult<Self> {
+        let config = parse_config(config_json)?;
+        let inner = run(py, move || EngineWriter::create(config))?;
         Ok(ImageWriter { inner: Arc::new(inner) })
     }
 
     /// Checks a configuration (values, existing output, write permission) without writing.
     #[staticmethod]
-    fn validate(py: Python<'_>, config_json: &str) -> PyResult<()> {
-        let config = parse_config(py, config_json)?;
-        run_writer(py, move || EngineWriter::validate(&config))
+    fn validate(py: Python<'_>, config_json: &str) -> BindResult<()> {
+        let config = parse_config(config_json)?;
+        run(py, move || EngineWriter::validate(&config))
     }
 
     /// Removes an existing image at the configured path (checked as `overwrite` checks it);
     /// returns whether one was there.
     #[staticmethod]
-    fn clear(py: Python<'_>, config_json: &str) -> PyResult<bool> {
-        let config = parse_config(py, config_json)?;
-        run_writer(py, move || EngineWriter::clear(&config))
+    fn clear(py: Python<'_>, config_json: &str) -> BindResult<bool> {
+        let config = parse_config(config_json)?;
+        run(py, move || EngineWriter::clear(&config))
     }
 
     /// The image group path.
@@ -129,7 +104,7 @@ impl ImageWriter {
 
     /// One dict per level: path, shape, voxel_size, translation.
     #[getter]
-    fn levels<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+    fn levels<'py>(&self, py: Python<'py>) -> BindResult<Vec<Bound<'py, PyDict>>> {
         self.inner
             .levels()
             .into_iter()
@@ -156,87 +131,63 @@ impl ImageWriter {
     }
 
     /// World centres (z, y, x nm) of planned tiles `indices`.
-    fn tile_centres(&self, py: Python<'_>, indices: Vec<usize>) -> PyResult<Vec<[f64; 3]>> {
-        indices
-            .iter()
-            .map(|&i| self.inner.tile_centre(i).map_err(|e| to_pyerr(py, e)))
-            .collect()
+    fn tile_centres(&self, indices: Vec<usize>) -> BindResult<Vec<[f64; 3]>> {
+        indices.iter().map(|&i| self.inner.tile_centre(i).map_err(Into::into)).collect()
     }
 
     /// The planned tiles this process has to write, ascending (its rank's share; without the
     /// chunks already complete when it opened).
-    fn tiles_to_write(&self, py: Python<'_>) -> PyResult<Vec<usize>> {
+    fn tiles_to_write(&self, py: Python<'_>) -> BindResult<Vec<usize>> {
         let inner = self.inner.clone();
-        run_writer(py, move || inner.tiles_to_write())
+        run(py, move || inner.tiles_to_write())
     }
 
     /// Completion of the first level, read from disk: `(complete chunks per rank that wrote
     /// them, total chunks)`, or None without a tiling plan.
-    fn progress(&self, py: Python<'_>) -> PyResult<Option<(std::collections::BTreeMap<usize, u64>, u64)>> {
+    fn progress(&self, py: Python<'_>) -> BindResult<Option<(std::collections::BTreeMap<usize, u64>, u64)>> {
         let inner = self.inner.clone();
-        run_writer(py, move || inner.progress())
-    }
-
-    /// `(complete, total)` chunks of the first level, counted on disk (cheap: for polling), or
-    /// None without a tiling plan.
-    fn chunks_done(&self, py: Python<'_>) -> PyResult<Option<(u64, u64)>> {
-        let inner = self.inner.clone();
-        run_writer(py, move || inner.chunks_done())
+        run(py, move || inner.progress())
     }
 
     /// `(built, total)` chunks of the second level (counted on disk), or None without
     /// downsampled levels or a tiling plan.
-    fn levels_done(&self, py: Python<'_>) -> PyResult<Option<(u64, u64)>> {
+    fn levels_done(&self, py: Python<'_>) -> BindResult<Option<(u64, u64)>> {
         let inner = self.inner.clone();
-        run_writer(py, move || inner.levels_done())
-    }
-
-    /// `(built, expected)` chunks of the second level among those the ranks build at their own
-    /// close, when several ranks share it (counted on disk), or None.
-    fn shares_built(&self, py: Python<'_>) -> PyResult<Option<(u64, u64)>> {
-        let inner = self.inner.clone();
-        run_writer(py, move || inner.shares_built())
-    }
-
-    /// With several ranks: builds the second level over this rank's own complete chunks
-    /// (call after `flush`).
-    fn downsample_own_share(&self, py: Python<'_>) -> PyResult<()> {
-        let inner = self.inner.clone();
-        run_writer(py, move || inner.downsample_own_share())
+        run(py, move || inner.levels_done())
     }
 
     /// Writes planned tiles `indices`: `data` is a C-contiguous float32 numpy array holding one
     /// tile after another.
-    fn write_tiles(&self, py: Python<'_>, indices: Vec<usize>, data: &Bound<'_, PyAny>) -> PyResult<()> {
-        let values = Values::of(py, data)?;
+    fn write_tiles(&self, py: Python<'_>, indices: Vec<usize>, data: &Bound<'_, PyAny>) -> BindResult<()> {
+        let values = Values::of(data)?;
         let inner = self.inner.clone();
-        run_writer(py, move || inner.write_tiles(&indices, values.slice()))
+        run(py, move || inner.write_tiles(&indices, values.slice()))
     }
 
     /// Writes boxes of the write shape at `starts` (array voxels; clipped to the array).
-    fn write_boxes(&self, py: Python<'_>, starts: Vec<[i64; 3]>, data: &Bound<'_, PyAny>) -> PyResult<()> {
-        let values = Values::of(py, data)?;
+    fn write_boxes(&self, py: Python<'_>, starts: Vec<[i64; 3]>, data: &Bound<'_, PyAny>) -> BindResult<()> {
+        let values = Values::of(data)?;
         let inner = self.inner.clone();
-        run_writer(py, move || inner.write_boxes(&starts, values.slice()))
+        run(py, move || inner.write_boxes(&starts, values.slice()))
     }
 
     /// Reads back `shape` voxels starting at `start` (pending data included).
-    fn read_box(&self, py: Python<'_>, start: [i64; 3], shape: [usize; 3]) -> PyResult<Tensor> {
+    fn read_box(&self, py: Python<'_>, start: [i64; 3], shape: [usize; 3]) -> BindResult<Tensor> {
         let inner = self.inner.clone();
-        let values = run_writer(py, move || inner.read_box(start, shape))?;
+        let values = run(py, move || inner.read_box(start, shape))?;
         Tensor::new(Buffer::from_vec(values), shape.to_vec())
     }
 
     /// Writes every pending chunk.
-    fn flush(&self, py: Python<'_>) -> PyResult<()> {
+    fn flush(&self, py: Python<'_>) -> BindResult<()> {
         let inner = self.inner.clone();
-        run_writer(py, move || inner.flush())
+        run(py, move || inner.flush())
     }
 
     /// Flushes, writes the downsampled levels, and refuses further writes.
-    fn close(&self, py: Python<'_>) -> PyResult<()> {
+    fn close(&self, py: Python<'_>) -> BindResult<()> {
         let inner = self.inner.clone();
-        run_writer(py, move || inner.close())
+        run(py, move || inner.close())
     }
 
     /// Whether `close` was called.
@@ -247,7 +198,7 @@ impl ImageWriter {
 
     /// Counters: chunks_written, bytes_written, pending_chunks, complete_chunks.
     #[getter]
-    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+    fn stats<'py>(&self, py: Python<'py>) -> BindResult<Bound<'py, PyDict>> {
         let s = self.inner.stats();
         let d = PyDict::new(py);
         d.set_item("chunks_written", s.chunks_written)?;
@@ -264,4 +215,39 @@ impl ImageWriter {
             self.inner.shape()
         )
     }
+}
+
+/// Rank 0's close of a job written by several ranks (`CellMapDatasetWriter.close`): flushes
+/// `writers`, builds rank 0's shares of their second levels, and waits (up to `timeout`
+/// seconds, Ctrl-C ends it) until every rank's chunks are there. Returns
+/// `{"done", "total", "by_rank"}`; raises `TimeoutError` naming `job` and what is missing.
+#[pyfunction]
+pub fn finish_ranks<'py>(
+    py: Python<'py>,
+    writers: Vec<PyRef<'py, ImageWriter>>,
+    job: &str,
+    timeout: f64,
+) -> BindResult<Bound<'py, PyDict>> {
+    if !(timeout.is_finite() && timeout >= 0.0) {
+        return Err(Error::invalid(format!("timeout must be a non-negative number of seconds, not {timeout}")).into());
+    }
+    let engines: Vec<Arc<EngineWriter>> = writers.iter().map(|w| w.inner.clone()).collect();
+    let job = job.to_string();
+    let outcome = py.detach(move || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let refs: Vec<&EngineWriter> = engines.iter().map(|w| w.as_ref()).collect();
+            // Signals are seen on the main thread, which waits here.
+            let interrupted = || Python::attach(|py| py.check_signals().is_err());
+            finish_ranks_in_engine(&refs, &job, std::time::Duration::from_secs_f64(timeout), &interrupted)
+        }))
+    });
+    let done = match outcome {
+        Ok(result) => result?,
+        Err(payload) => return Err(Error::from_panic(payload).into()),
+    };
+    let d = PyDict::new(py);
+    d.set_item("done", done.done)?;
+    d.set_item("total", done.total)?;
+    d.set_item("by_rank", done.by_rank.into_iter().collect::<Vec<_>>())?;
+    Ok(d)
 }

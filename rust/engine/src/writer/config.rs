@@ -9,9 +9,9 @@ use serde_json::Value;
 use super::progress::Shard;
 use super::tiling::Blend;
 use crate::error::{Error, Result};
+use crate::format::dtype::DType;
+use crate::format::ngff::{CoordinateFrame, ZarrFormat};
 use crate::geometry::{WorldBox, AXES};
-use crate::ngff::{CoordinateFrame, ZarrFormat};
-use crate::volume::DType;
 
 /// Blending / tiling part of a writer configuration.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -76,26 +76,6 @@ pub enum Downsample {
     Mean,
     /// The most frequent value, the smallest on a tie (labels).
     Mode,
-}
-
-fn parse_dtype(name: &str) -> Result<DType> {
-    Ok(match name {
-        "float32" => DType::F32,
-        "float64" => DType::F64,
-        "uint8" => DType::U8,
-        "uint16" => DType::U16,
-        "uint32" => DType::U32,
-        "uint64" => DType::U64,
-        "int8" => DType::I8,
-        "int16" => DType::I16,
-        "int32" => DType::I32,
-        "int64" => DType::I64,
-        other => {
-            return Err(Error::invalid(format!(
-                "dtype must be a float or integer type name such as 'float32', not '{other}'"
-            )))
-        }
-    })
 }
 
 /// The tiling part of a writer's configuration as the Python layer sends it.
@@ -187,7 +167,7 @@ impl WriterConfig {
                 blend: Blend::parse(t.blend.as_deref().unwrap_or("linear"))?,
             }),
         };
-        let dtype = parse_dtype(&parsed.dtype)?;
+        let dtype = DType::from_name(&parsed.dtype)?;
         let downsample = match parsed.downsample.as_deref() {
             None if dtype.is_float() => Downsample::Mean,
             None => Downsample::Mode,

@@ -8,20 +8,24 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use zarrs::array::codec::ZstdCodec;
-use zarrs::array::{data_type, Array, ArrayBuilder, ArrayMetadata, ArrayMetadataOptions, CodecTraits, DataType, FillValue};
+use zarrs::array::{Array, ArrayBuilder, ArrayMetadata, ArrayMetadataOptions, CodecTraits, FillValue};
 use zarrs::group::{Group, GroupMetadata};
 use zarrs::metadata::v2::{ArrayMetadataV2, DataTypeMetadataV2, GroupMetadataV2, MetadataV2};
 use zarrs::metadata::v3::GroupMetadataV3;
 use zarrs::plugin::{ExtensionName, ZarrVersion};
 
-use super::accumulate::{with_sample, Sample};
+use super::accumulate::Sample;
 use super::config::WriterConfig;
-use super::store::{temporary_sibling, OutputStore};
+use super::store::OutputStore;
 use super::LevelInfo;
 use crate::error::{Error, Result};
+use crate::format::ngff::{AxisJson, ImageAttributesJson, LevelJson, MultiscaleJson, OmeJson, TransformJson, ZarrFormat};
+use crate::format::zarr_node::read_multiscale;
 use crate::geometry::AXES;
-use crate::ngff::{AxisJson, ImageAttributesJson, LevelJson, MultiscaleJson, OmeJson, TransformJson, ZarrFormat};
-use crate::volume::DType;
+use crate::io::atomic::temporary_sibling;
+use crate::io::location::Location;
+use crate::io::store::Store;
+use crate::with_dtype;
 
 /// Absolute, lexically normalised path, with the longest existing prefix canonicalised
 /// (symlinks resolved).
@@ -59,13 +63,13 @@ fn resolved(path: &Path) -> PathBuf {
 }
 
 fn is_url(path: &Path) -> bool {
-    path.to_str().is_some_and(crate::remote::is_remote)
+    Location::of_path(path).is_remote()
 }
 
 fn is_zarr_node(dir: &Path) -> bool {
     if is_url(dir) {
         let url = dir.to_string_lossy().into_owned();
-        return crate::remote::nodes_exist(&[url]).is_ok_and(|found| found[0]);
+        return crate::io::remote::nodes_exist(&[url]).is_ok_and(|found| found[0]);
     }
     ZARR_METADATA_FILES.iter().any(|f| dir.join(f).is_file())
 }
@@ -151,7 +155,7 @@ pub(super) fn validate(config: &WriterConfig) -> Result<()> {
     if is_url(&path) {
         // An object store has no folders to probe: the image exists when its metadata does
         // (one round trip); writing is checked by the first write.
-        let exists = crate::remote::nodes_exist(&[path.to_string_lossy().into_owned()])?[0];
+        let exists = crate::io::remote::nodes_exist(&[path.to_string_lossy().into_owned()])?[0];
         if exists && !config.overwrite && !config.exist_ok {
             return Err(exists_error(
                 &config.path,
@@ -186,7 +190,7 @@ pub(super) fn validate(config: &WriterConfig) -> Result<()> {
         }
     }
     for dir in container_chain(&path) {
-        if dir.join(".zarray").is_file() || crate::ngff::is_v3_array(&dir) == Some(true) {
+        if dir.join(".zarray").is_file() || crate::format::zarr_node::is_v3_array(&dir) == Some(true) {
             return Err(Error::invalid(format!(
                 "{}: is a zarr array, not a group; cannot write inside it",
                 dir.display()
@@ -255,45 +259,13 @@ fn store_group(
     group.store_metadata().map_err(|e| Error::metadata(where_(), e))
 }
 
-fn data_type(dtype: DType) -> DataType {
-    match dtype {
-        DType::U8 => data_type::uint8(),
-        DType::U16 => data_type::uint16(),
-        DType::U32 => data_type::uint32(),
-        DType::U64 => data_type::uint64(),
-        DType::I8 => data_type::int8(),
-        DType::I16 => data_type::int16(),
-        DType::I32 => data_type::int32(),
-        DType::I64 => data_type::int64(),
-        DType::F32 => data_type::float32(),
-        DType::F64 => data_type::float64(),
-    }
-}
-
-/// The numpy type string zarr v2 names a little-endian `dtype` by.
-fn v2_data_type(dtype: DType) -> DataTypeMetadataV2 {
-    let name = match dtype {
-        DType::U8 => "|u1",
-        DType::U16 => "<u2",
-        DType::U32 => "<u4",
-        DType::U64 => "<u8",
-        DType::I8 => "|i1",
-        DType::I16 => "<i2",
-        DType::I32 => "<i4",
-        DType::I64 => "<i8",
-        DType::F32 => "<f4",
-        DType::F64 => "<f8",
-    };
-    DataTypeMetadataV2::Simple(name.into())
-}
-
 /// Creates the array of one level (its metadata stored) and returns it open for chunk writes.
 fn create_array(config: &WriterConfig, store: &Arc<OutputStore>, node: &str, shape: [u64; 3]) -> Result<Array<OutputStore>> {
     let where_ = || store.root().join(node.trim_start_matches('/'));
     let chunks: Vec<u64> = config.chunk_shape.iter().map(|&c| c as u64).collect();
     let zstd = Arc::new(ZstdCodec::new(config.compression_level, false));
-    let fill: FillValue = with_sample!(config.dtype, T => FillValue::from(<T as Sample>::from_f64(config.fill_value)));
-    let mut builder = ArrayBuilder::new(shape.to_vec(), chunks.clone(), data_type(config.dtype), fill);
+    let fill: FillValue = with_dtype!(config.dtype, T => FillValue::from(<T as Sample>::from_f64(config.fill_value)));
+    let mut builder = ArrayBuilder::new(shape.to_vec(), chunks.clone(), config.dtype.zarrs(), fill);
     builder.bytes_to_bytes_codecs(vec![zstd.clone()]).dimension_names(Some(AXES));
     let array = match config.format {
         ZarrFormat::V3 => builder.build(store.clone(), node).map_err(|e| Error::metadata(where_(), e))?,
@@ -309,7 +281,7 @@ fn create_array(config: &WriterConfig, store: &Arc<OutputStore>, node: &str, sha
             let metadata = ArrayMetadataV2::new(
                 shape.to_vec(),
                 chunk_shape,
-                v2_data_type(config.dtype),
+                DataTypeMetadataV2::Simple(config.dtype.v2_name().into()),
                 v3.fill_value,
                 Some(compressor),
                 None,
@@ -375,7 +347,7 @@ fn placement(config: &WriterConfig) -> Result<(PathBuf, Vec<PathBuf>, PathBuf, A
 
 /// Opens the existing image `stored` for writing into it (`exist_ok`): its levels must have
 /// the layout this writer would create (shape, chunks, data type, voxel size, translation).
-fn open_image(config: &WriterConfig, stored: crate::ngff::Multiscale, levels: Vec<LevelInfo<()>>) -> Result<OpenedImage> {
+fn open_image(config: &WriterConfig, stored: crate::format::ngff::Multiscale, levels: Vec<LevelInfo<()>>) -> Result<OpenedImage> {
     let (image, _, root, store) = placement(config)?;
     let mismatch = |what: String| {
         Error::invalid(format!(
@@ -407,7 +379,7 @@ fn open_image(config: &WriterConfig, stored: crate::ngff::Multiscale, levels: Ve
             .map(|c| c.get())
             .collect();
         let want_chunk: Vec<u64> = config.chunk_shape.iter().map(|&c| c as u64).collect();
-        if array.shape() != level.shape || chunk != want_chunk || *array.data_type() != data_type(config.dtype) {
+        if array.shape() != level.shape || chunk != want_chunk || *array.data_type() != config.dtype.zarrs() {
             return Err(mismatch(format!(
                 "level '{}' of shape {:?}, chunks {chunk:?} and data type {}, not {:?}, {want_chunk:?} and {}",
                 level.name,
@@ -434,7 +406,7 @@ pub(super) fn clear_image(config: &WriterConfig) -> Result<bool> {
     validate(&check)?;
     let path = resolved(&config.path);
     let exists = if is_url(&path) {
-        crate::remote::nodes_exist(&[path.to_string_lossy().into_owned()])?[0]
+        crate::io::remote::nodes_exist(&[path.to_string_lossy().into_owned()])?[0]
     } else {
         path.exists() && !is_empty_dir(&path)
     };
@@ -451,7 +423,7 @@ pub(super) fn clear_image(config: &WriterConfig) -> Result<bool> {
 pub(super) fn create_image(config: &WriterConfig, mut levels: Vec<LevelInfo<()>>) -> Result<OpenedImage> {
     let path = &config.path;
     if config.exist_ok {
-        if let Ok(stored) = crate::ngff::read_multiscale(path) {
+        if let Ok(stored) = Store::open(&Location::of_path(path)).and_then(|store| read_multiscale(&store, "")) {
             return open_image(config, stored, levels);
         }
     }

@@ -55,6 +55,7 @@ mod config;
 mod layout;
 mod progress;
 mod pyramid;
+mod ranks;
 mod store;
 #[cfg(test)]
 mod tests;
@@ -68,14 +69,15 @@ use rayon::prelude::*;
 use zarrs::array::Array;
 
 use crate::error::{Error, Result};
-use crate::volume::DType;
+use crate::with_dtype;
 
 pub(crate) use crate::geometry::chunks_meeting;
-use accumulate::{copy_piece, empty_acc, normalise_in_place, normalised, with_sample, Acc, ChunkState, Piece, Sample};
+use accumulate::{copy_piece, empty_acc, normalise_in_place, normalised, Acc, ChunkState, Piece, Sample};
 pub use config::{Downsample, TilingConfig, WriterConfig};
 use progress::Progress;
 pub use progress::Shard;
-pub(crate) use store::write_atomic;
+
+pub use ranks::{finish_ranks, RanksDone};
 pub use store::OutputStore;
 pub use tiling::{Blend, TilePlan};
 
@@ -659,7 +661,7 @@ impl ImageWriter {
         let info = &self.levels[level];
         let n: usize = self.config.chunk_shape.iter().product();
         let where_ = || format!("{} chunk {:?}", self.config.path.join(&info.name).display(), chunk);
-        with_sample!(self.config.dtype, T => {
+        with_dtype!(self.config.dtype, T => {
             match info.array.retrieve_chunk_if_exists::<Vec<T>>(&chunk).map_err(|e| Error::decode(where_(), e))? {
                 Some(v) => Ok(v.into_iter().map(Sample::to_f32).collect()),
                 None => Ok(vec![self.config.fill_value as f32; n]),
@@ -673,7 +675,7 @@ impl ImageWriter {
     fn store_chunk(&self, level: usize, chunk: [u64; 3], values: &[f32]) -> Result<()> {
         let info = &self.levels[level];
         let where_ = || format!("{} chunk {:?}", self.config.path.join(&info.name).display(), chunk);
-        with_sample!(self.config.dtype, T => {
+        with_dtype!(self.config.dtype, T => {
             let fill = <T as Sample>::from_f64(self.config.fill_value);
             // Every NaN becomes the fill's NaN, so an all-NaN chunk is recognised as fill.
             let typed: Vec<T> = values

@@ -5,11 +5,11 @@
 use rayon::prelude::*;
 use zarrs::array::ArraySubset;
 
-use super::accumulate::{with_sample, Sample};
+use super::accumulate::Sample;
 use super::config::{downsample_factors, Downsample};
 use super::ImageWriter;
 use crate::error::{Error, Result};
-use crate::volume::DType;
+use crate::with_dtype;
 
 impl ImageWriter {
     /// The chunks of level `level`, C order.
@@ -52,7 +52,7 @@ impl ImageWriter {
             let shi: [u64; 3] = std::array::from_fn(|k| (hi[k] * f[k]).min(src.shape[k]));
             let sshape: [usize; 3] = std::array::from_fn(|k| (shi[k] - slo[k]) as usize);
             let subset = ArraySubset::new_with_ranges(&[slo[0]..shi[0], slo[1]..shi[1], slo[2]..shi[2]]);
-            let source: Vec<f32> = with_sample!(self.config.dtype, T => {
+            let source: Vec<f32> = with_dtype!(self.config.dtype, T => {
                 src_array
                     .retrieve_array_subset::<Vec<T>>(&subset)
                     .map_err(|e| Error::decode(self.config.path.join(where_()), e))?

@@ -14,7 +14,6 @@
 //! several processes writing one volume (or a re-run after a crash) would hit.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -26,46 +25,10 @@ use zarrs::storage::{
 };
 
 use crate::error::{Error, Result};
-use crate::remote::RemoteStore;
+use crate::io::atomic::write_atomic;
+use crate::io::location::Location;
+use crate::io::remote::RemoteStore;
 use std::sync::Arc;
-
-static TEMPORARY_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// A unique hidden name beside `path` (process id and a per-process counter).
-pub(super) fn temporary_sibling(path: &Path, suffix: &str) -> PathBuf {
-    let parent = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("value");
-    parent.join(format!(
-        ".{name}.{}-{}.{suffix}",
-        std::process::id(),
-        TEMPORARY_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ))
-}
-
-/// Writes `bytes` to `path` whole: a hidden temporary file beside it, then a rename (folders
-/// are created as needed). Used by the store and by the engine's other small files.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8], fsync: bool) -> std::io::Result<()> {
-    let parent = path.parent().unwrap_or(Path::new("."));
-    let tmp = temporary_sibling(path, "partial");
-    let attempt = || -> std::io::Result<()> {
-        let mut file = match fs::File::create(&tmp) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                fs::create_dir_all(parent)?;
-                fs::File::create(&tmp)?
-            }
-            other => other?,
-        };
-        file.write_all(bytes)?;
-        if fsync {
-            file.sync_all()?;
-        }
-        drop(file);
-        fs::rename(&tmp, path)
-    };
-    attempt().inspect_err(|_| {
-        let _ = fs::remove_file(&tmp);
-    })
-}
 
 /// Whether a store key names zarr metadata rather than a chunk.
 fn is_metadata_key(key: &StoreKey) -> bool {
@@ -95,7 +58,7 @@ impl OutputStore {
     /// A store rooted at `root`: a folder (created when missing), or an object-store URL.
     pub fn new(root: &Path, fsync: bool) -> Result<OutputStore> {
         let text = root.to_string_lossy();
-        let backend = if crate::remote::is_remote(&text) {
+        let backend = if Location::parse(&text).is_remote() {
             Backend::Remote(RemoteStore::open(&text)?)
         } else {
             fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;

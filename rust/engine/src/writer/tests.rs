@@ -6,10 +6,11 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::*;
-use crate::cache::ChunkCache;
+use crate::format::dtype::DType;
+use crate::format::ngff::{CoordinateFrame, ZarrFormat};
 use crate::geometry::WorldBox;
-use crate::ngff::{CoordinateFrame, ZarrFormat};
-use crate::volume::Volume;
+use crate::source::cache::ChunkCache;
+use crate::source::volume::Volume;
 
 static TEST_DIRS: AtomicU64 = AtomicU64::new(0);
 
@@ -141,7 +142,7 @@ fn round_trip_exact_and_readable_by_the_engine() {
             &mut out,
             0,
             [70 * 45, 45, 1],
-            crate::volume::ValueMode::Raw,
+            crate::source::volume::ValueMode::Raw,
             f32::NAN,
         )
         .unwrap();
@@ -244,7 +245,16 @@ fn downsampled_level_is_the_block_mean() {
     assert_eq!(volume.levels[1].translation, [1.0; 3]);
     let mut out = vec![0f32; 32];
     volume
-        .gather(1, [0, 0, 0], [2, 4, 4], &mut out, 0, [16, 4, 1], crate::volume::ValueMode::Raw, 0.0)
+        .gather(
+            1,
+            [0, 0, 0],
+            [2, 4, 4],
+            &mut out,
+            0,
+            [16, 4, 1],
+            crate::source::volume::ValueMode::Raw,
+            0.0,
+        )
         .unwrap();
     // block (0,0,0): z 0-1, y 0-1, x 0-1 of i = z*64 + y*8 + x
     let expect = [0, 1, 8, 9, 64, 65, 72, 73].iter().sum::<i32>() as f32 / 8.0;
@@ -339,7 +349,7 @@ fn read_levels(path: &std::path::Path) -> Vec<Vec<f32>> {
             let mut out = vec![0f32; shape.iter().product()];
             let strides = [(shape[1] * shape[2]) as isize, shape[2] as isize, 1];
             volume
-                .gather(i, [0; 3], shape, &mut out, 0, strides, crate::volume::ValueMode::Raw, 0.0)
+                .gather(i, [0; 3], shape, &mut out, 0, strides, crate::source::volume::ValueMode::Raw, 0.0)
                 .unwrap();
             out
         })
