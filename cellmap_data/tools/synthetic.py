@@ -1258,18 +1258,20 @@ def make_many_crops_data(out_dir, crops: int, *, base_volumes: int = 2, raw_size
     marker = base_root / f"base-{base_volumes}-{raw_size}-{seed}-{compressor}.json"
     plans = [_plan_dataset(index, seed, (raw_size,) * 3, _MANY_CROPS_PATTERN) for index in range(base_volumes)]
     _plan_crops(plans, seed)
-    if marker.exists():
-        import pickle
+    import pickle
 
-        bases = pickle.loads(marker.with_suffix(".pickle").read_bytes())
-    else:
+    bases = None
+    if marker.exists():
+        try:
+            bases = pickle.loads(marker.with_suffix(".pickle").read_bytes())
+        except (OSError, pickle.UnpicklingError, ImportError, AttributeError, EOFError):
+            bases = None  # written by another version of this module (or cut short): built again
+    if bases is None:
         if base_root.exists():
             shutil.rmtree(base_root)
         base_root.mkdir(parents=True)
         writer = _ZarrWriter(2, compressor, False, 64, ".")
         bases = _write_datasets(plans, base_root, writer, seed, True)
-        import pickle
-
         marker.with_suffix(".pickle").write_bytes(pickle.dumps(bases))
         marker.write_text(json.dumps({"volumes": base_volumes, "raw_size": raw_size, "seed": seed}))
     volumes = []

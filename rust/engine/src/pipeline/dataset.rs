@@ -15,6 +15,7 @@ use crate::sample::extract::{
 };
 use crate::source::cache::ChunkCache;
 use crate::source::label_cache::LabelCache;
+use crate::source::streaming;
 use crate::source::volume::{ValueMode, Volume};
 use serde::Deserialize;
 
@@ -508,6 +509,7 @@ impl Dataset {
                 .into_par_iter()
                 .map(|(c, channel)| match &self.sources[c] {
                     ClassSource::Inferred(related) => {
+                        // Read back at once below: kept in the cache.
                         channel.fill(f32::NAN);
                         let mut present = vec![0f32; n];
                         for vol in related {
@@ -531,7 +533,8 @@ impl Dataset {
                         Ok((c, Tally { foreground: 0, unknown }))
                     }
                     ClassSource::Empty => {
-                        channel.fill(f32::NAN);
+                        streaming::fill(channel, f32::NAN);
+                        streaming::store_fence();
                         Ok((c, Tally::padding(n, f32::NAN)))
                     }
                     ClassSource::Annotated(_) => unreachable!("annotated classes were read in groups"),

@@ -13,6 +13,7 @@ use crate::sample::augment::{Interpolation, SpatialDraw};
 use crate::sample::elastic::{ElasticDraw, SourceShift};
 use crate::sample::resample::{nearest_indices, nearest_plane_offsets, resample, resample_nan_padded, FiniteRegion, MASK_OUTSIDE};
 use crate::source::label_cache::PackedLabels;
+use crate::source::streaming;
 use crate::source::volume::{Level, ValueMode, Volume};
 
 /// What to read: output shape (z, y, x; a 1 marks a 2D slice) and voxel size in nm.
@@ -716,6 +717,7 @@ fn copy_bits(plane: &[u8], shape: [usize; 3], copy: &AlignedCopy, bit: u32, pad_
             }
         }
     }
+    streaming::store_fence();
     tally
 }
 
@@ -762,12 +764,23 @@ fn unpack_bits(packed: &[u8], index: &[u32], offset: i32, first: usize, pad_valu
             tally.add(bits_to_floats(bytes, bit as u32, pad_value, &mut out[at..at + tile.len()]));
         }
     }
+    streaming::store_fence();
 }
 
 /// Bit `bit` of each packed byte as 0.0 / 1.0, or `pad_value` where the byte marks padding;
-/// returns the ones and the padded voxels (counted in the same pass, which stays vectorised).
-#[multiversion(targets("x86_64+avx2+fma", "x86_64+sse4.1"))]
+/// returns the ones and the padded voxels (counted in the same pass). Long runs are streamed
+/// past the cache (see [`streaming`]; the caller fences), with the same values and counts.
 fn bits_to_floats(bytes: &[u8], bit: u32, pad_value: f32, out: &mut [f32]) -> Tally {
+    #[cfg(target_arch = "x86_64")]
+    if bytes.len() >= streaming::STREAMING_MIN && streaming::available() {
+        // SAFETY: AVX2 is available (checked just above).
+        return unsafe { bits_to_floats_streaming(bytes, bit, pad_value, out) };
+    }
+    bits_to_floats_plain(bytes, bit, pad_value, out)
+}
+
+#[multiversion(targets("x86_64+avx2+fma", "x86_64+sse4.1"))]
+fn bits_to_floats_plain(bytes: &[u8], bit: u32, pad_value: f32, out: &mut [f32]) -> Tally {
     let (mut ones, mut padded) = (0u32, 0u32);
     for (o, &b) in out.iter_mut().zip(bytes) {
         let pad = b & PACKED_OUTSIDE != 0;
@@ -782,6 +795,50 @@ fn bits_to_floats(bytes: &[u8], bit: u32, pad_value: f32, out: &mut [f32]) -> Ta
         unknown: 0,
     };
     tally.add(Tally::padding(padded as usize, pad_value));
+    tally
+}
+
+/// [`bits_to_floats_plain`] eight voxels at a time, the floats written with streaming stores.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn bits_to_floats_streaming(bytes: &[u8], bit: u32, pad_value: f32, out: &mut [f32]) -> Tally {
+    use std::arch::x86_64::*;
+    let n = bytes.len().min(out.len());
+    let head = streaming::unaligned_head(&out[..n]);
+    let mut tally = bits_to_floats_plain(&bytes[..head], bit, pad_value, &mut out[..head]);
+    let shift = _mm_cvtsi32_si128(bit as i32);
+    let low_bit = _mm256_set1_epi32(1);
+    let outside = _mm256_set1_epi32(i32::from(PACKED_OUTSIDE));
+    let pad = _mm256_set1_ps(pad_value);
+    let (mut ones, mut padded) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+    let mut i = head;
+    while i + 8 <= n {
+        // SAFETY: i + 8 <= n bounds both slices; out + i is 32-byte aligned (after the head,
+        // in steps of 8 floats).
+        unsafe {
+            let values = _mm256_cvtepu8_epi32(_mm_loadl_epi64(bytes.as_ptr().add(i).cast()));
+            let one = _mm256_and_si256(_mm256_srl_epi32(values, shift), low_bit);
+            let is_pad = _mm256_cmpeq_epi32(_mm256_and_si256(values, outside), outside);
+            let floats = _mm256_blendv_ps(_mm256_cvtepi32_ps(one), pad, _mm256_castsi256_ps(is_pad));
+            _mm256_stream_ps(out.as_mut_ptr().add(i), floats);
+            ones = _mm256_add_epi32(ones, one);
+            // A padding lane's mask is -1.
+            padded = _mm256_sub_epi32(padded, is_pad);
+        }
+        i += 8;
+    }
+    let lanes = |v: __m256i| -> u64 {
+        let mut out = [0u32; 8];
+        // SAFETY: `out` holds 32 bytes.
+        unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), v) };
+        out.iter().map(|&x| u64::from(x)).sum()
+    };
+    tally.add(Tally {
+        foreground: lanes(ones),
+        unknown: 0,
+    });
+    tally.add(Tally::padding(lanes(padded) as usize, pad_value));
+    tally.add(bits_to_floats_plain(&bytes[i..n], bit, pad_value, &mut out[i..n]));
     tally
 }
 
@@ -1248,11 +1305,27 @@ mod read_tests {
                 .map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() })
                 .collect::<Vec<_>>()
         };
-        for angles in [[33.0, 0.0, 0.0], [-150.0, 0.0, 0.0], [17.0, -40.0, 100.0]] {
+        // No turn and a quarter turn are copies (uint8 rows put together across chunk seams);
+        // the others resample.
+        for angles in [
+            [0.0, 0.0, 0.0],
+            [90.0, 0.0, 0.0],
+            [33.0, 0.0, 0.0],
+            [-150.0, 0.0, 0.0],
+            [17.0, -40.0, 100.0],
+        ] {
             let draw = SpatialDraw {
                 angles_deg: angles,
                 ..SpatialDraw::default()
             };
+            if angles == [0.0; 3] {
+                assert!(reads_as_copy(
+                    &bytes.levels[0],
+                    &PatchSpec::new([5, 7, 6], [VOXEL; 3]).unwrap(),
+                    [12.0; 3],
+                    &draw
+                ));
+            }
             for centre in [[12.0, 12.0, 12.0], [3.0, 20.0, 5.0], [22.0, 1.0, 23.0]] {
                 for pad_value in [f32::NAN, 0.0, 7.0, -5.0, 2.5, -0.0] {
                     for interpolation in [Interpolation::Linear, Interpolation::Nearest] {
@@ -1690,6 +1763,35 @@ mod read_tests {
             for (r, l) in raw.iter().zip(label) {
                 assert!(*l == 0.0 || *l == 1.0, "a label value {l}");
                 assert_eq!(*l == 1.0, f64::from(*r) > 800.0, "label and raw disagree: {l} vs {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn streamed_bits_equal_the_plain_loop_bit_for_bit() {
+        // Bytes with every class bit pattern and padding bytes, at every offset and length
+        // around the streaming threshold and the cache-line boundaries.
+        let bytes: Vec<u8> = (0..700u32)
+            .map(|i| {
+                if i % 11 == 3 {
+                    PACKED_OUTSIDE
+                } else {
+                    (i.wrapping_mul(2_654_435_761) >> 9) as u8 & 0x7f
+                }
+            })
+            .collect();
+        for bit in 0..PACKED_CLASSES as u32 {
+            for pad_value in [f32::NAN, 0.0, 2.5] {
+                for (start, len) in [(0, 0), (3, 5), (0, 31), (1, 32), (5, 33), (13, 64), (0, 300), (7, 650)] {
+                    let mut plain = vec![-1.0f32; 700];
+                    let mut streamed = vec![-1.0f32; 700];
+                    let t_plain = bits_to_floats_plain(&bytes[start..start + len], bit, pad_value, &mut plain[start..start + len]);
+                    let t_streamed = bits_to_floats(&bytes[start..start + len], bit, pad_value, &mut streamed[start..start + len]);
+                    streaming::store_fence();
+                    assert_eq!(t_plain, t_streamed, "bit {bit} start {start} len {len}");
+                    let same = plain.iter().zip(&streamed).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "bit {bit} pad {pad_value} start {start} len {len}");
+                }
             }
         }
     }
