@@ -668,6 +668,7 @@ fn copy_bits(plane: &[u8], shape: [usize; 3], copy: &AlignedCopy, bit: u32, pad_
         base,
         strides,
     } = *copy;
+    let stream = streaming::worth_streaming(region.iter().product());
     let mut tally = Tally::default();
     for z in 0..region[0] {
         let sz = start[0] + z as i64;
@@ -697,6 +698,7 @@ fn copy_bits(plane: &[u8], shape: [usize; 3], copy: &AlignedCopy, bit: u32, pad_
                         bit,
                         pad_value,
                         inside,
+                        stream,
                     ));
                 }
                 after.fill(pad_value);
@@ -750,6 +752,7 @@ fn pack_bit(mask: &[u8], packed: &mut [u8], spans: &[[u32; 2]], row_len: usize, 
 /// bit-to-float pass that vectorises.
 fn unpack_bits(packed: &[u8], index: &[u32], offset: i32, first: usize, pad_value: f32, outs: &mut [&mut [f32]], tallies: &mut [Tally]) {
     const TILE: usize = 256;
+    let stream = outs.first().is_some_and(|out| streaming::worth_streaming(out.len()));
     let mut bytes = [0u8; TILE];
     for (t, tile) in index.chunks(TILE).enumerate() {
         let bytes = &mut bytes[..tile.len()];
@@ -761,7 +764,7 @@ fn unpack_bits(packed: &[u8], index: &[u32], offset: i32, first: usize, pad_valu
         }
         let at = first + t * TILE;
         for (bit, (out, tally)) in outs.iter_mut().zip(tallies.iter_mut()).enumerate() {
-            tally.add(bits_to_floats(bytes, bit as u32, pad_value, &mut out[at..at + tile.len()]));
+            tally.add(bits_to_floats(bytes, bit as u32, pad_value, &mut out[at..at + tile.len()], stream));
         }
     }
     streaming::store_fence();
@@ -769,10 +772,11 @@ fn unpack_bits(packed: &[u8], index: &[u32], offset: i32, first: usize, pad_valu
 
 /// Bit `bit` of each packed byte as 0.0 / 1.0, or `pad_value` where the byte marks padding;
 /// returns the ones and the padded voxels (counted in the same pass). Long runs are streamed
-/// past the cache (see [`streaming`]; the caller fences), with the same values and counts.
-fn bits_to_floats(bytes: &[u8], bit: u32, pad_value: f32, out: &mut [f32]) -> Tally {
+/// past the cache when `stream` (a large patch, on a CPU that can: see [`streaming`]; the
+/// caller fences), with the same values and counts.
+fn bits_to_floats(bytes: &[u8], bit: u32, pad_value: f32, out: &mut [f32], stream: bool) -> Tally {
     #[cfg(target_arch = "x86_64")]
-    if bytes.len() >= streaming::STREAMING_MIN && streaming::available() {
+    if stream && bytes.len() >= streaming::STREAMING_MIN {
         // SAFETY: AVX2 is available (checked just above).
         return unsafe { bits_to_floats_streaming(bytes, bit, pad_value, out) };
     }
@@ -1786,7 +1790,7 @@ mod read_tests {
                     let mut plain = vec![-1.0f32; 700];
                     let mut streamed = vec![-1.0f32; 700];
                     let t_plain = bits_to_floats_plain(&bytes[start..start + len], bit, pad_value, &mut plain[start..start + len]);
-                    let t_streamed = bits_to_floats(&bytes[start..start + len], bit, pad_value, &mut streamed[start..start + len]);
+                    let t_streamed = bits_to_floats(&bytes[start..start + len], bit, pad_value, &mut streamed[start..start + len], true);
                     streaming::store_fence();
                     assert_eq!(t_plain, t_streamed, "bit {bit} start {start} len {len}");
                     let same = plain.iter().zip(&streamed).all(|(a, b)| a.to_bits() == b.to_bits());

@@ -7,6 +7,17 @@
 /// Below this many values a plain loop is as fast (and leaves the data in cache for a reader).
 pub const STREAMING_MIN: usize = 32;
 
+/// Patches smaller than this many float32 values (1 MiB) are written with plain stores: they
+/// stay in the cache for the value transforms and counts that read them back at once (a 2D
+/// 256² patch read twice as fast that way), while larger ones would leave it anyway.
+pub const PATCH_MIN: usize = 1 << 18;
+
+/// Whether a patch of `len` values is written past the cache.
+#[inline]
+pub fn worth_streaming(len: usize) -> bool {
+    len >= PATCH_MIN && available()
+}
+
 /// Orders the streaming stores made so far before anything later (a batch handed to another
 /// thread). Cheap where none were made.
 #[inline]
