@@ -41,6 +41,12 @@ impl From<PyErr> for BindingError {
     }
 }
 
+impl From<pyo3_arrow::error::PyArrowError> for BindingError {
+    fn from(error: pyo3_arrow::error::PyArrowError) -> Self {
+        BindingError::Python(error.into())
+    }
+}
+
 impl From<BindingError> for PyErr {
     fn from(error: BindingError) -> PyErr {
         let error = match error {

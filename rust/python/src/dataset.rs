@@ -5,7 +5,9 @@ use std::sync::Arc;
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float32Type, UInt64Type, UInt8Type};
 use arrow_array::{Array, RecordBatch};
+use arrow_array::{ArrayRef, StructArray};
 use arrow_buffer::Buffer;
+use arrow_schema::{Field, FieldRef};
 use cellmap_engine::pipeline::batch::{Batch as EngineBatch, SampleRequest};
 use cellmap_engine::pipeline::dataset::{Dataset as EngineDataset, DatasetConfig};
 use cellmap_engine::pipeline::read_policy::ReadIncident;
@@ -15,7 +17,9 @@ use cellmap_engine::source::cache::ChunkCache;
 use cellmap_engine::Error;
 use pyo3::exceptions::{PyKeyError, PyValueError};
 use pyo3::prelude::*;
-use pyo3_arrow::{PyRecordBatch, PyTable};
+use pyo3::types::{PyCapsule, PyTuple};
+use pyo3_arrow::ffi::{to_array_pycapsules, to_schema_pycapsule, to_stream_pycapsule, ArrayIterator};
+use pyo3_arrow::PyRecordBatch;
 
 use crate::convert::{parse_json, run, ArrayMemory, BindResult, BindingError};
 use crate::tensor::{Element, Tensor};
@@ -328,21 +332,35 @@ impl Batch {
 
     /// Arrow PyCapsule interface: the batch as one Arrow array (a struct of its columns), so
     /// `polars.from_arrow`, `pyarrow.record_batch` and DuckDB take it directly. Tensor columns
-    /// keep their fixed-shape-tensor extension type.
+    /// keep their fixed-shape-tensor extension type. Exported from the batch itself, no copy.
     #[pyo3(signature = (requested_schema=None))]
-    fn __arrow_c_array__<'py>(&self, py: Python<'py>, requested_schema: Option<Bound<'py, PyAny>>) -> BindResult<Bound<'py, PyAny>> {
-        Ok(Bound::new(py, self.record_batch())?.call_method1("__arrow_c_array__", (requested_schema,))?)
+    fn __arrow_c_array__<'py>(&self, py: Python<'py>, requested_schema: Option<Bound<'py, PyCapsule>>) -> BindResult<Bound<'py, PyTuple>> {
+        let array = StructArray::from(self.record_batch.clone());
+        Ok(to_array_pycapsules(py, self.struct_field(), &array, requested_schema)?)
     }
 
     /// Arrow PyCapsule interface: the batch's schema.
-    fn __arrow_c_schema__<'py>(&self, py: Python<'py>) -> BindResult<Bound<'py, PyAny>> {
-        Ok(Bound::new(py, self.record_batch())?.call_method0("__arrow_c_schema__")?)
+    fn __arrow_c_schema__<'py>(&self, py: Python<'py>) -> BindResult<Bound<'py, PyCapsule>> {
+        Ok(to_schema_pycapsule(py, self.record_batch.schema().as_ref())?)
     }
 
     /// Arrow PyCapsule interface: the batch as a stream of one record batch.
     #[pyo3(signature = (requested_schema=None))]
-    fn __arrow_c_stream__<'py>(&self, py: Python<'py>, requested_schema: Option<Bound<'py, PyAny>>) -> BindResult<Bound<'py, PyAny>> {
-        let table = PyTable::try_new(vec![self.record_batch.clone()], self.record_batch.schema())?;
-        Ok(Bound::new(py, table)?.call_method1("__arrow_c_stream__", (requested_schema,))?)
+    fn __arrow_c_stream__<'py>(
+        &self,
+        py: Python<'py>,
+        requested_schema: Option<Bound<'py, PyCapsule>>,
+    ) -> BindResult<Bound<'py, PyCapsule>> {
+        let array: ArrayRef = Arc::new(StructArray::from(self.record_batch.clone()));
+        let reader = ArrayIterator::new(std::iter::once(Ok(array)), self.struct_field());
+        Ok(to_stream_pycapsule(py, Box::new(reader), requested_schema)?)
+    }
+}
+
+impl Batch {
+    /// The batch's columns as the fields of one struct (with the schema's metadata).
+    fn struct_field(&self) -> FieldRef {
+        let schema = self.record_batch.schema();
+        Arc::new(Field::new_struct("", schema.fields().clone(), false).with_metadata(schema.metadata().clone()))
     }
 }

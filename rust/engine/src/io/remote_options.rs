@@ -221,26 +221,17 @@ mod tests {
     fn updates_are_checked_and_name_the_keyword() {
         let o = RemoteOptions::default();
         let keyword = |f: &str| f.to_string();
-        let bad = RemoteOptionsUpdate {
+        let refused = |update: RemoteOptionsUpdate| o.clone().updated(&update, keyword).unwrap_err().to_string();
+        assert!(refused(RemoteOptionsUpdate {
             timeout: Some(0.0),
             ..Default::default()
-        };
-        assert!(o
-            .clone()
-            .updated(&bad, keyword)
-            .unwrap_err()
-            .to_string()
-            .contains("timeout must be a positive"));
-        let bad = RemoteOptionsUpdate {
+        })
+        .contains("timeout must be a positive"));
+        assert!(refused(RemoteOptionsUpdate {
             anonymous: Some("perhaps".into()),
             ..Default::default()
-        };
-        assert!(o
-            .clone()
-            .updated(&bad, keyword)
-            .unwrap_err()
-            .to_string()
-            .contains("anonymous must be"));
+        })
+        .contains("anonymous must be"));
         let set = RemoteOptionsUpdate {
             disk_cache: Some("/tmp/d".into()),
             ..Default::default()
