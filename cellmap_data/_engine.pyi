@@ -434,6 +434,9 @@ class BatchStream:
     def __next__(self) -> Batch: ...
     def close(self) -> None:
         """Stops the background reads and frees queued batches."""
+    def __arrow_c_stream__(self, requested_schema: object | None = None) -> object:
+        """The rest of the epoch as an Arrow C stream of record batches (the stream takes over
+        the reads; the first batch is awaited)."""
 
 # -- writing ---------------------------------------------------------------------------------
 

@@ -3,12 +3,16 @@ schema everywhere, and batches handed to Arrow consumers through the PyCapsule i
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
 import torch
 
 from cellmap_data import CellMapDataLoader, CellMapDataset, CellMapMultiDataset, _engine
+from cellmap_data.exceptions import ConfigError
 
 CLASSES = ["mito", "er", "nuc"]
 SPATIAL = {"mirror": {"axes": {"x": 0.5}}, "transpose": {"axes": ["x", "y"]}, "rotate": {"axes": {"z": [-30, 30]}}}
@@ -104,6 +108,36 @@ def test_batches_speak_the_arrow_pycapsule_interface(multi):
     values = torch.from_numpy(record.column("input").storage.flatten().to_numpy(zero_copy_only=False).reshape(3, 1, 8, 8, 8))
     torch.testing.assert_close(values, torch.from_dlpack(batch.tensor("input")), equal_nan=True)
     assert batch.value_seeds == record.column("value_seed").to_pylist()
+
+
+def test_an_epoch_stream_exports_as_an_arrow_stream_of_its_batches(multi):
+    # The same epoch read batch by batch and read as one Arrow stream: the same record batches.
+    loader = make_loader(multi)
+    settings = json.dumps(loader.epoch_settings(0))
+    collection = loader.collection()
+
+    def stream():
+        return collection.epoch_stream(settings, threads=2, prefetch=2, augment=True)
+
+    expected = [pa.record_batch(batch) for batch in stream()]
+    reader = pa.RecordBatchReader.from_stream(stream())
+    exported = list(reader)
+    assert len(exported) == len(expected) == 5
+    def values(column: pa.Array) -> np.ndarray:
+        # Tensor and list columns down to their numbers (NaN compares equal to NaN below).
+        while not (pa.types.is_primitive(column.type) or pa.types.is_string(column.type)):
+            column = column.storage if isinstance(column, pa.ExtensionArray) else column.flatten()
+        return column.to_numpy(zero_copy_only=False)
+
+    for got, want in zip(exported, expected):
+        assert got.schema.equals(want.schema, check_metadata=True)
+        for name in want.schema.names:
+            if not got.column(name).equals(want.column(name)):
+                np.testing.assert_array_equal(values(got.column(name)), values(want.column(name)), err_msg=name)
+    spent = stream()
+    pa.RecordBatchReader.from_stream(spent).read_all()
+    with pytest.raises(ConfigError, match="read to its end or closed"):
+        pa.RecordBatchReader.from_stream(spent)
 
 
 def test_the_training_loop_converts_no_record_batch(multi, monkeypatch):

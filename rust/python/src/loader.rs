@@ -4,12 +4,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use arrow_array::{ArrayRef, RecordBatch, StructArray};
+use arrow_schema::{ArrowError, Field, FieldRef};
 use cellmap_engine::pipeline::loader::{BatchStream as EngineStream, Collection as EngineCollection, Next, StreamSettings};
 use cellmap_engine::pipeline::read_policy::ReadErrorPolicy;
 use cellmap_engine::pipeline::sampler::{class_balanced_plan, shard, uniform_plan, EpochSettings, PlannedSample, StreamKey};
 use cellmap_engine::Error;
 use pyo3::exceptions::PyStopIteration;
 use pyo3::prelude::*;
+use pyo3::types::PyCapsule;
+use pyo3_arrow::ffi::{to_stream_pycapsule, ArrayIterator};
 use pyo3_arrow::PyRecordBatch;
 
 use crate::convert::{run, BindResult, BindingError};
@@ -253,6 +257,40 @@ impl BatchStream {
         }
     }
 
+    /// Arrow PyCapsule interface: the rest of the epoch as a stream of record batches (each
+    /// batch one struct array of its columns), for `pyarrow.RecordBatchReader.from_stream`,
+    /// `polars` and DuckDB. The stream takes over the engine's reads: this object is then spent.
+    /// The first batch is awaited here (its schema is the stream's).
+    #[pyo3(signature = (requested_schema=None))]
+    fn __arrow_c_stream__<'py>(
+        &self,
+        py: Python<'py>,
+        requested_schema: Option<Bound<'py, PyCapsule>>,
+    ) -> BindResult<Bound<'py, PyCapsule>> {
+        if std::process::id() != self.pid {
+            return Err(Error::invalid("this batch stream belongs to the parent process; iterate the loader again in this process").into());
+        }
+        let taken = self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut stream = taken.ok_or_else(|| Error::invalid("this batch stream was read to its end or closed"))?;
+        let first = py.detach(|| next_record_batch(&mut stream)).transpose()?;
+        let Some(first) = first else {
+            return Err(Error::invalid("this batch stream has no batches left to export").into());
+        };
+        let schema = first.schema();
+        let field: FieldRef = Arc::new(Field::new_struct("", schema.fields().clone(), false).with_metadata(schema.metadata().clone()));
+        let rest = std::iter::from_fn(move || {
+            next_record_batch(&mut stream).map(|result| result.map_err(|e| ArrowError::ExternalError(Box::new(e))))
+        });
+        let arrays = std::iter::once(Ok(first))
+            .chain(rest)
+            .map(|batch| batch.map(|b| Arc::new(StructArray::from(b)) as ArrayRef));
+        Ok(to_stream_pycapsule(
+            py,
+            Box::new(ArrayIterator::new(arrays, field)),
+            requested_schema,
+        )?)
+    }
+
     /// Stops the background reads and frees queued batches.
     fn close(&self, py: Python<'_>) {
         let stream = self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -264,6 +302,17 @@ impl BatchStream {
                 return;
             }
             py.detach(move || s.stop());
+        }
+    }
+}
+
+/// The stream's next batch as a record batch, waiting for it; `None` at the end.
+fn next_record_batch(stream: &mut EngineStream) -> Option<cellmap_engine::Result<RecordBatch>> {
+    loop {
+        match stream.next(Duration::from_millis(50)) {
+            Next::Batch(batch) => return Some(batch.and_then(|b| b.into_record_batch())),
+            Next::Done => return None,
+            Next::Pending => {}
         }
     }
 }
