@@ -584,7 +584,6 @@ fn copy_u8_rows<O: OutputElement>(
 /// array of `level_shape` (within each row's span when `spans` is given); the voxels inside are
 /// left to the chunk copies, so each output voxel is written once.
 #[allow(clippy::too_many_arguments)]
-#[allow(clippy::too_many_arguments)]
 fn fill_outside<O: OutputElement>(
     out: &mut [O],
     base: isize,
