@@ -109,3 +109,12 @@ def test_cache_counts_hits_and_misses(tmp_path):
     assert first["misses"] == 1 and first["hits"] == 0
     assert second["misses"] == 1 and second["hits"] == 1
     assert second["bytes"] >= 16 ** 3
+
+
+def test_a_level_the_image_lacks_is_refused_naming_it(tmp_path):
+    from cellmap_data.exceptions import ConfigError
+
+    path = write_ome_image(tmp_path / "img", [make_array(np.uint8)], [VOXEL], [ORIGIN])
+    volume = _engine.Volume(str(path))
+    with pytest.raises(ConfigError, match=r"level 3 does not exist \(1 levels\)"):
+        volume.read(centre_of((0, 0, 0), (4, 4, 4)), [4, 4, 4], list(VOXEL), level=3)

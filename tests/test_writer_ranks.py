@@ -197,6 +197,14 @@ def test_resuming_with_another_plan_is_refused(raw, tmp_path):
         CellMapDatasetWriter(raw, out, ["mito"], *arrays, overlap=4, exist_ok=True)
 
 
+@pytest.mark.parametrize("timeout", [-1.0, float("nan"), float("inf")])
+def test_a_close_timeout_that_is_not_a_number_of_seconds_is_refused(raw, tmp_path, timeout):
+    arrays = ({"raw": {"shape": (12,) * 3, "scale": (4,) * 3}}, {"pred": {"shape": (12,) * 3, "scale": (4,) * 3}})
+    writer = CellMapDatasetWriter(raw, str(tmp_path / "o.zarr" / "p"), ["mito"], *arrays, rank=0, world_size=2)
+    with pytest.raises(ConfigError, match="timeout must be a non-negative number of seconds"):
+        writer.close(timeout=timeout)
+
+
 def test_rank_0_waiting_for_a_dead_rank_times_out_naming_the_missing_chunks(raw, tmp_path):
     arrays = ({"raw": {"shape": (12,) * 3, "scale": (4,) * 3}}, {"pred": {"shape": (12,) * 3, "scale": (4,) * 3}})
     writer = CellMapDatasetWriter(raw, str(tmp_path / "o.zarr" / "p"), ["mito"], *arrays, rank=0, world_size=2,

@@ -11,7 +11,7 @@ use cellmap_engine::source::volume::{ValueMode, Volume as EngineVolume};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::convert::{run, BindResult, BindingError};
+use crate::convert::{run, BindResult};
 use crate::tensor::Tensor;
 
 /// A multiscale OME-NGFF image opened by the engine.
@@ -110,11 +110,6 @@ impl Volume {
         let interpolation = Interpolation::parse(interpolation)?;
         let spec = PatchSpec::new(shape, voxel_size)?;
         let level = level.unwrap_or_else(|| self.inner.pick_level(voxel_size));
-        if level >= self.inner.levels.len() {
-            return Err(BindingError::from(cellmap_engine::Error::invalid(format!(
-                "level {level} does not exist"
-            ))));
-        }
         let draw = spatial_draw(mirror, permutation, rotation_deg, rotation_matrix, zoom, shear, elastic)?;
         let options = ReadOptions {
             interpolation,

@@ -228,9 +228,6 @@ pub fn finish_ranks<'py>(
     job: &str,
     timeout: f64,
 ) -> BindResult<Bound<'py, PyDict>> {
-    if !(timeout.is_finite() && timeout >= 0.0) {
-        return Err(Error::invalid(format!("timeout must be a non-negative number of seconds, not {timeout}")).into());
-    }
     let engines: Vec<Arc<EngineWriter>> = writers.iter().map(|w| w.inner.clone()).collect();
     let job = job.to_string();
     let outcome = py.detach(move || {
@@ -238,7 +235,7 @@ pub fn finish_ranks<'py>(
             let refs: Vec<&EngineWriter> = engines.iter().map(|w| w.as_ref()).collect();
             // Signals are seen on the main thread, which waits here.
             let interrupted = || Python::attach(|py| py.check_signals().is_err());
-            finish_ranks_in_engine(&refs, &job, std::time::Duration::from_secs_f64(timeout), &interrupted)
+            finish_ranks_in_engine(&refs, &job, timeout, &interrupted)
         }))
     });
     let done = match outcome {

@@ -97,7 +97,13 @@ pub fn read_patch(
     out: &mut [f32],
 ) -> Result<ReadInfo> {
     debug_assert_eq!(out.len(), spec.len());
-    let lvl = &volume.levels[level];
+    let lvl = volume.levels.get(level).ok_or_else(|| {
+        Error::invalid(format!(
+            "{}: level {level} does not exist ({} levels)",
+            volume.path.display(),
+            volume.levels.len()
+        ))
+    })?;
     let mut affine = patch_affine(lvl, spec, centre, draw);
     if options.mode == ValueMode::Foreground
         && options.interpolation == Interpolation::Nearest

@@ -21,11 +21,18 @@ pub struct RanksDone {
 }
 
 /// Flushes rank 0's `writers` and builds its shares of their second levels, then waits (up to
-/// `timeout`) until every rank has completed its chunks and shares. `interrupted` is asked
+/// `timeout_s` seconds: finite, not negative) until every rank has completed its chunks and
+/// shares. `interrupted` is asked
 /// between polls (a Ctrl-C ends the wait). The error after `timeout` names `job`, the chunks
 /// still missing, the chunks per rank and the second-level chunks built: a rank has probably
 /// died, and a restart with the same arguments resumes.
-pub fn finish_ranks(writers: &[&ImageWriter], job: &str, timeout: Duration, interrupted: &dyn Fn() -> bool) -> Result<RanksDone> {
+pub fn finish_ranks(writers: &[&ImageWriter], job: &str, timeout_s: f64, interrupted: &dyn Fn() -> bool) -> Result<RanksDone> {
+    if !(timeout_s.is_finite() && timeout_s >= 0.0) {
+        return Err(Error::invalid(format!(
+            "timeout must be a non-negative number of seconds, not {timeout_s}"
+        )));
+    }
+    let timeout = Duration::from_secs_f64(timeout_s);
     // The writes on the engine's threads; the wait on the caller's (which can see a Ctrl-C).
     crate::runtime::install(|| {
         writers.iter().try_for_each(|writer| {
