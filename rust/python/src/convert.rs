@@ -98,7 +98,7 @@ impl ArrayMemory {
     /// The memory of `array`, which must be a C-contiguous numpy array of element type
     /// `typestr` (e.g. `"<f4"`, `"|u1"`). The caller keeps `array` alive while it uses the memory.
     pub fn of(array: &Bound<'_, PyAny>, typestr: &str, what: &str) -> PyResult<ArrayMemory> {
-        let invalid = |detail: String| PyErr::from(pyo3::exceptions::PyValueError::new_err(format!("{what}: {detail}")));
+        let invalid = |detail: String| pyo3::exceptions::PyValueError::new_err(format!("{what}: {detail}"));
         let interface = array.getattr("__array_interface__").map_err(|_| {
             invalid(format!(
                 "expected a numpy array, not {}",

@@ -7,7 +7,7 @@ use arrow_array::types::{Float32Type, UInt64Type, UInt8Type};
 use arrow_array::{Array, RecordBatch};
 use arrow_array::{ArrayRef, StructArray};
 use arrow_buffer::Buffer;
-use arrow_schema::{Field, FieldRef};
+use arrow_schema::{Field, FieldRef, Schema};
 use cellmap_engine::pipeline::batch::{Batch as EngineBatch, SampleRequest};
 use cellmap_engine::pipeline::dataset::{Dataset as EngineDataset, DatasetConfig};
 use cellmap_engine::pipeline::read_policy::ReadIncident;
@@ -358,9 +358,13 @@ impl Batch {
 }
 
 impl Batch {
-    /// The batch's columns as the fields of one struct (with the schema's metadata).
     fn struct_field(&self) -> FieldRef {
-        let schema = self.record_batch.schema();
-        Arc::new(Field::new_struct("", schema.fields().clone(), false).with_metadata(schema.metadata().clone()))
+        struct_field(&self.record_batch.schema())
     }
+}
+
+/// A record batch's columns as the fields of one struct (with the schema's metadata): the
+/// field every Arrow export of batches names.
+pub(crate) fn struct_field(schema: &Schema) -> FieldRef {
+    Arc::new(Field::new_struct("", schema.fields().clone(), false).with_metadata(schema.metadata().clone()))
 }

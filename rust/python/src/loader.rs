@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arrow_array::{ArrayRef, RecordBatch, StructArray};
-use arrow_schema::{ArrowError, Field, FieldRef};
+use arrow_schema::ArrowError;
 use cellmap_engine::pipeline::loader::{BatchStream as EngineStream, Collection as EngineCollection, Next, StreamSettings};
 use cellmap_engine::pipeline::read_policy::ReadErrorPolicy;
 use cellmap_engine::pipeline::sampler::{class_balanced_plan, shard, uniform_plan, EpochSettings, PlannedSample, StreamKey};
@@ -17,7 +17,7 @@ use pyo3_arrow::ffi::{to_stream_pycapsule, ArrayIterator};
 use pyo3_arrow::PyRecordBatch;
 
 use crate::convert::{run, BindResult, BindingError};
-use crate::dataset::{Batch, Dataset};
+use crate::dataset::{struct_field, Batch, Dataset};
 
 type PlanTuple = (usize, usize, u64);
 
@@ -223,11 +223,7 @@ impl BatchStream {
     }
 
     fn __next__(&self, py: Python<'_>) -> BindResult<Batch> {
-        if std::process::id() != self.pid {
-            return Err(BindingError::from(Error::invalid(
-                "this batch stream belongs to the parent process; iterate the loader again in this process",
-            )));
-        }
+        self.check_process()?;
         loop {
             let next = py.detach(|| {
                 let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -267,9 +263,7 @@ impl BatchStream {
         py: Python<'py>,
         requested_schema: Option<Bound<'py, PyCapsule>>,
     ) -> BindResult<Bound<'py, PyCapsule>> {
-        if std::process::id() != self.pid {
-            return Err(Error::invalid("this batch stream belongs to the parent process; iterate the loader again in this process").into());
-        }
+        self.check_process()?;
         let taken = self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
         let mut stream = taken.ok_or_else(|| Error::invalid("this batch stream was read to its end or closed"))?;
         let first = py.detach(|| next_record_batch(&mut stream)).transpose()?;
@@ -277,7 +271,7 @@ impl BatchStream {
             return Err(Error::invalid("this batch stream has no batches left to export").into());
         };
         let schema = first.schema();
-        let field: FieldRef = Arc::new(Field::new_struct("", schema.fields().clone(), false).with_metadata(schema.metadata().clone()));
+        let field = struct_field(&schema);
         let rest = std::iter::from_fn(move || {
             next_record_batch(&mut stream).map(|result| result.map_err(|e| ArrowError::ExternalError(Box::new(e))))
         });
@@ -303,6 +297,16 @@ impl BatchStream {
             }
             py.detach(move || s.stop());
         }
+    }
+}
+
+impl BatchStream {
+    /// A forked child inherits the stream but not the engine threads reading it.
+    fn check_process(&self) -> BindResult<()> {
+        if std::process::id() != self.pid {
+            return Err(Error::invalid("this batch stream belongs to the parent process; iterate the loader again in this process").into());
+        }
+        Ok(())
     }
 }
 

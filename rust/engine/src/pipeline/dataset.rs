@@ -533,12 +533,7 @@ impl Dataset {
                         Ok((c, Tally { foreground: 0, unknown }))
                     }
                     ClassSource::Empty => {
-                        if streaming::worth_streaming(channel.len()) {
-                            streaming::fill(channel, f32::NAN);
-                            streaming::store_fence();
-                        } else {
-                            channel.fill(f32::NAN);
-                        }
+                        streaming::fill_patch(channel, f32::NAN);
                         Ok((c, Tally::padding(n, f32::NAN)))
                     }
                     ClassSource::Annotated(_) => unreachable!("annotated classes were read in groups"),

@@ -66,6 +66,17 @@ pub fn fill(out: &mut [f32], value: f32) {
     out.fill(value);
 }
 
+/// Fills a whole patch: streamed and fenced when it is large enough to be worth it (see
+/// [`PATCH_MIN`]), else with plain stores that leave it in the cache.
+pub fn fill_patch(out: &mut [f32], value: f32) {
+    if worth_streaming(out.len()) {
+        fill(out, value);
+        store_fence();
+    } else {
+        out.fill(value);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn fill_avx2(out: &mut [f32], value: f32) {
