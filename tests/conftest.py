@@ -23,18 +23,21 @@ def write_ome_image(
     chunks: Sequence[int] = (16, 16, 16),
     axes: Sequence[str] = ("z", "y", "x"),
     fill_value: float | int = 0,
+    shards: Sequence[int] | None = None,
 ) -> Path:
     """Writes an OME-NGFF multiscale image (0.4 on zarr v2, 0.5 on zarr v3) with zarr-python.
 
     Tests place voxels by the world position of the *centre* of voxel 0 of each level; the
     metadata gets the translation the default (corner) coordinate frame reads as that: the corner
-    of voxel 0, half a voxel lower."""
+    of voxel 0, half a voxel lower. ``shards`` (zarr v3 only) groups ``chunks`` into shards."""
     group_path = Path(group_path)
     group = zarr.open_group(str(group_path), mode="w", zarr_format=zarr_format)
     datasets = []
     for i, (data, scale, centre) in enumerate(zip(levels, scales, voxel0_centres)):
         translation = [c - v / 2 for c, v in zip(map(float, centre), map(float, scale))]
         kwargs = {"compressors": [Zstd(level=6)]} if zarr_format == 2 else {}
+        if shards is not None:
+            kwargs["shards"] = tuple(shards)[-data.ndim:]
         array = group.create_array(
             f"s{i}", shape=data.shape, chunks=tuple(chunks)[-data.ndim:], dtype=data.dtype,
             fill_value=fill_value, **kwargs,

@@ -59,6 +59,45 @@ def test_unpadded_read_is_moved_inside(tmp_path, zarr_format):
     np.testing.assert_array_equal(got, data[24:40, 0:16, 44:60].astype(np.float32))
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_sharded_reads_match_numpy_slicing(tmp_path, dtype):
+    # Shards of 2x2x2 inner chunks that do not divide the array: edge shards are partly empty.
+    data = make_array(dtype)
+    path = write_ome_image(tmp_path / "img", [data], [VOXEL], [ORIGIN], zarr_format=3, chunks=(8, 8, 8), shards=(16, 16, 16))
+    array = zarr.open_array(str(path / "s0"), mode="r")
+    assert array.shards == (16, 16, 16) and array.chunks == (8, 8, 8)
+    np.testing.assert_array_equal(array[...], data)
+    volume = _engine.Volume(str(path))
+    for start, shape in WINDOWS:
+        got = torch.from_dlpack(volume.read(centre_of(start, shape), list(shape), list(VOXEL))).numpy()
+        np.testing.assert_array_equal(got, reference_patch(data, start, shape), err_msg=f"window {start} {shape}")
+
+
+def test_a_shard_larger_than_a_whole_chunk_read_is_read_by_inner_chunk(tmp_path):
+    # One 512³ shard (128 MiB of uint8) over a 40x50x60 array: read whole, the shard would be
+    # refused (at most 64 MiB for an array this small); its 16³ inner chunks are read instead.
+    data = make_array(np.uint8)
+    path = write_ome_image(tmp_path / "img", [data], [VOXEL], [ORIGIN], zarr_format=3, chunks=(16, 16, 16), shards=(512, 512, 512))
+    assert zarr.open_array(str(path / "s0"), mode="r").shards == (512, 512, 512)
+    volume = _engine.Volume(str(path))
+    for start, shape in WINDOWS[:3]:
+        got = torch.from_dlpack(volume.read(centre_of(start, shape), list(shape), list(VOXEL))).numpy()
+        np.testing.assert_array_equal(got, reference_patch(data, start, shape), err_msg=f"window {start} {shape}")
+
+
+def test_empty_inner_chunks_and_absent_shards_read_as_fill_value(tmp_path):
+    group = zarr.open_group(str(tmp_path / "img"), mode="w", zarr_format=3)
+    array = group.create_array("s0", shape=(32, 32, 48), chunks=(8, 8, 8), shards=(16, 16, 16), dtype="uint16", fill_value=7)
+    array[2:12, 3:9, 20:30] = 1  # part of one shard: its other inner chunks are stored empty
+    array[20:22, 20:22, 40:42] = 9
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": [{"name": a, "type": "space"} for a in "zyx"], "datasets": [
+        {"path": "s0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, 1.0]}]}]}]}
+    assert not (tmp_path / "img" / "s0" / "c" / "1" / "0" / "0").exists()  # an absent shard
+    volume = _engine.Volume(str(tmp_path / "img"))
+    got = torch.from_dlpack(volume.read([16.0, 16.0, 24.0], [32, 32, 48], [1.0, 1.0, 1.0])).numpy()
+    np.testing.assert_array_equal(got, zarr.open_array(str(tmp_path / "img" / "s0"))[...].astype(np.float32))
+
+
 def test_missing_chunks_read_as_fill_value(tmp_path):
     group = zarr.open_group(str(tmp_path / "img"), mode="w", zarr_format=2)
     array = group.create_array("s0", shape=(32, 32, 32), chunks=(16, 16, 16), dtype="uint8", fill_value=7)

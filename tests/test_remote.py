@@ -114,6 +114,50 @@ def test_a_batch_requests_its_chunks_together(crop, http_server_factory):
     assert elapsed < chunk_requests * 0.1 / 2, (elapsed, chunk_requests)
 
 
+@pytest.fixture(scope="module")
+def sharded_crop(tmp_path_factory) -> Path:
+    """The same voxels as ``crop`` in zarr v3 shards of 2x2x2 inner chunks of 8³."""
+    root = tmp_path_factory.mktemp("remote-sharded") / "data.zarr"
+    raw = (np.arange(32 ** 3) % 251 + 1).astype(np.float32).reshape(32, 32, 32)
+    grid = np.indices((32, 32, 32)).sum(axis=0)
+    sharding = dict(zarr_format=3, chunks=(8, 8, 8), shards=(16, 16, 16))
+    write_ome_image(root / "raw", [raw, raw[::2, ::2, ::2]], [VOXEL, (8.0, 8.0, 8.0)], [(2.0,) * 3, (4.0,) * 3], **sharding)
+    write_ome_image(root / "crop" / "mito", [(grid % 3 == 0).astype(np.uint8)], [VOXEL], [(2.0,) * 3], **sharding)
+    write_ome_image(root / "crop" / "er", [(grid % 5 == 0).astype(np.uint8)], [VOXEL], [(2.0,) * 3], **sharding)
+    return root
+
+
+def test_sharded_batches_from_http_equal_local_unsharded_batches(crop, sharded_crop, http_server_factory):
+    server = http_server_factory(sharded_crop.parent)
+    remote = dataset(served(server, sharded_crop / "raw"), served(server, sharded_crop / "crop"), spatial_transforms=ROTATE)
+    local = dataset(str(crop / "raw"), str(crop / "crop"), spatial_transforms=ROTATE)
+    assert_same_samples(remote, local)
+
+    def batches(source: CellMapDataset) -> list[dict]:
+        loader = CellMapDataLoader(source, batch_size=4, num_workers=2, iterations_per_epoch=3, seed=11)
+        return list(loader)
+
+    for r, l in zip(batches(remote), batches(local), strict=True):
+        assert torch.equal(r["raw"], l["raw"])
+        assert torch.equal(r["gt"].nan_to_num(-1), l["gt"].nan_to_num(-1))
+
+
+def test_a_read_asks_for_the_inner_chunks_of_a_shard_in_one_range_request(sharded_crop, http_server_factory):
+    server = http_server_factory(sharded_crop.parent)
+    image = CellMapImage(served(server, sharded_crop / "raw"), "raw", VOXEL, (16, 16, 16))
+    server.reset_log()
+    # Exactly the second shard along x: its 8 inner chunks, voxels [0, 16) x [0, 16) x [16, 32).
+    patch = image[{"z": 32.0, "y": 32.0, "x": 96.0}].numpy()
+    raw = (np.arange(32 ** 3) % 251 + 1).astype(np.float32).reshape(32, 32, 32)
+    np.testing.assert_array_equal(patch, raw[:16, :16, 16:])
+    shard = [(headers.get("range") or "") for method, path, headers in server.requests if path.endswith("/raw/s0/c/0/0/1")]
+    index_reads = [r for r in shard if r.startswith("bytes=-")]
+    range_reads = [r for r in shard if r.startswith("bytes=") and not r.startswith("bytes=-")]
+    # One read of the shard's index, then its 8 inner chunks as one coalesced range.
+    assert len(index_reads) == 1 and len(range_reads) == 1, shard
+    assert server.count(method="GET", pattern=r"/raw/s0/c/") == 2, server.requests
+
+
 def test_image_and_group_checks_from_urls(crop, http_server_factory):
     server = http_server_factory(crop.parent)
     image = CellMapImage(served(server, crop / "raw"), "raw", VOXEL, (8, 8, 8))

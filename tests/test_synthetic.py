@@ -340,6 +340,13 @@ def test_sharded_v3_opens(tmp_path, tiny):
     np.testing.assert_array_equal(labels[...], _read(tiny.datasets[0].crops[0].path / "mito" / "s0"))
 
 
+def test_chunks_per_shard_sets_the_shard_shape(tmp_path, tiny):
+    data = make_synthetic_data(tmp_path, size="tiny", zarr_format=3, sharded=True, chunks_per_shard=3, n_datasets=1)
+    raw = zarr.open_array(str(data.datasets[0].raw_path / "s0"), mode="r")
+    assert raw.shards == (96, 96, 96) and raw.chunks == (32, 32, 32)
+    np.testing.assert_array_equal(raw[...], _read(tiny.datasets[0].raw_path / "s0"))
+
+
 def test_more_datasets_cycle_patterns_and_explicit_shape(tmp_path):
     data = make_synthetic_data(tmp_path, size=(32, 40, 48), n_datasets=3)
     assert [d.raw_voxel_size for d in data.datasets] == [(4.0, 4.0, 4.0), (5.24, 4.0, 4.0), (4.0, 4.0, 4.0)]
@@ -355,6 +362,8 @@ def test_more_datasets_cycle_patterns_and_explicit_shape(tmp_path):
         {"size": (8, 64, 64)},
         {"zarr_format": 4},
         {"sharded": True},
+        {"zarr_format": 3, "sharded": True, "chunks_per_shard": 0},
+        {"zarr_format": 3, "sharded": True, "chunks_per_shard": 2.5},
         {"compressor": "lz4"},
         {"n_datasets": 0},
         {"seed": -1},

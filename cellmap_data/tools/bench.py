@@ -523,6 +523,113 @@ def bench_remote(data: Any, latencies: tuple[float, ...] = (0.02, 0.05), in_flig
             "samples": batches * config.batch_size, "runs": rows}
 
 
+# -- sharded data from an object store, build against build --------------------------------------
+
+# One pass of the loader over a sharded split served by a loopback HTTP server with a latency per
+# request, through the public API only (so any build can run it). Prints one JSON line: wait per
+# batch, requests and bytes the server answered, and a digest of every batch's tensors.
+_SHARDED_REMOTE_WORKLOAD = r"""
+import hashlib, json, sys, tempfile, time, warnings
+from pathlib import Path
+import torch
+import cellmap_data
+from cellmap_data import CellMapDataLoader, CellMapDataSplit
+from cellmap_data.tools.loopback import DirectoryServer
+
+root, csv_path, batches, threads, latency = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+augment, classes = json.loads(sys.argv[6]), json.loads(sys.argv[7])
+with DirectoryServer(root) as server, tempfile.TemporaryDirectory() as folder:
+    remote_csv = Path(folder) / "datasplit.csv"
+    remote_csv.write_text(Path(csv_path).read_text().replace(str(root), server.url))
+    server.latency = latency
+    split = CellMapDataSplit(input_arrays={"input": {"shape": (64, 64, 64), "scale": (8, 8, 8)}},
+                             target_arrays={"output": {"shape": (64, 64, 64), "scale": (8, 8, 8)}},
+                             classes=classes, pad=True, csv_path=str(remote_csv), spatial_transforms=augment)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loader = CellMapDataLoader(split.train_datasets_combined, classes=classes, batch_size=8, num_workers=threads,
+                                   weighted_sampler=True, iterations_per_epoch=batches, is_train=True, seed=0)
+    opening_requests = server.count()
+    server.reset_log()
+    digest = hashlib.sha256()
+    waits = []
+    asked = time.perf_counter()
+    for batch in loader:
+        waits.append(time.perf_counter() - asked)
+        for key in sorted(k for k, v in batch.items() if isinstance(v, torch.Tensor)):
+            digest.update(key.encode())
+            digest.update(batch[key].nan_to_num(-1.0).contiguous().numpy().tobytes())
+        asked = time.perf_counter()
+    ranged = sum(1 for _, _, headers in server.requests if "range" in headers)
+    print(json.dumps({"version": cellmap_data.__version__, "file": cellmap_data.__file__, "waits_s": waits,
+                      "requests": server.count(), "ranged_requests": ranged, "mb": server.bytes_sent / 1e6,
+                      "opening_requests": opening_requests, "digest": digest.hexdigest()}))
+"""
+
+
+def sharded_bench_data(chunks_per_shard: int = 4) -> Any:
+    """The bench data (640³ raw, 64³ chunks) written as zarr v3 with shards of
+    ``chunks_per_shard``³ chunks, generated once (deterministic) and reused."""
+    import pickle
+
+    from .synthetic import make_synthetic_data
+
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cellmap-data" / f"bench-data-sharded-{chunks_per_shard}"
+    description = root / "description.pickle"
+    if description.exists():
+        try:
+            return pickle.loads(description.read_bytes())
+        except Exception:  # an older layout: regenerate
+            pass
+    data = make_synthetic_data(root, size="bench", seed=0, zarr_format=3, sharded=True, chunks_per_shard=chunks_per_shard)
+    description.write_bytes(pickle.dumps(data))
+    return data
+
+
+def bench_remote_sharded(other: Path | None, data: Any, repeat: int = 3, batches: int = 12, threads: int = 2,
+                         latency: float = 0.02) -> dict[str, Any]:
+    """The loader (64³ input and targets at 8 nm, 4 classes, augmented, batches of 8) reading a
+    sharded zarr v3 split from a loopback HTTP server that waits ``latency`` seconds before each
+    answer. With ``other`` (a folder holding another build, ``pip install --target OTHER
+    WHEEL``), both builds run interleaved in fresh interpreters (cold caches), ``repeat`` times
+    each. Per build: requests and MB per batch (medians), the median wait for a batch, and
+    whether every build's batches are bit-identical (one digest)."""
+    import subprocess
+    import sys
+
+    builds: dict[str, dict[str, str]] = {"this": dict(os.environ)}
+    if other is not None:
+        other = Path(other).resolve()
+        if not (other / "cellmap_data").is_dir():
+            raise FileNotFoundError(f"{other}: no cellmap_data package installed there (pip install --target {other} WHEEL)")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(other), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        builds = {"other": env, **builds}
+    args = [str(data.root), str(data.csv_path), str(batches), str(threads), str(latency), json.dumps(AUGMENT), json.dumps(BENCH_CLASSES)]
+    runs: dict[str, list[dict[str, Any]]] = {which: [] for which in builds}
+    for _ in range(repeat):
+        for which, env in builds.items():
+            done = subprocess.run([sys.executable, "-c", _SHARDED_REMOTE_WORKLOAD, *args], env=env, capture_output=True,
+                                  text=True, check=False, cwd=str(Path(data.root).parent))
+            if done.returncode != 0:
+                raise RuntimeError(f"the {which} build's workload failed:\n{done.stderr[-2000:]}")
+            runs[which].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    out: dict[str, Any] = {"repeat": repeat, "batches": batches, "threads": threads, "latency_s": latency, "builds": {}}
+    for which, results in runs.items():
+        out["builds"][which] = {
+            "version": results[0]["version"], "file": results[0]["file"],
+            "requests_per_batch": statistics.median(r["requests"] / batches for r in results),
+            "ranged_requests_per_batch": statistics.median(r["ranged_requests"] / batches for r in results),
+            "mb_per_batch": statistics.median(r["mb"] / batches for r in results),
+            "batch_wait_s": statistics.median(statistics.median(r["waits_s"]) for r in results),
+            "epoch_s": statistics.median(sum(r["waits_s"]) for r in results),
+            "opening_requests": statistics.median(r["opening_requests"] for r in results),
+            "digests": sorted({r["digest"] for r in results}),
+        }
+    out["bit_identical"] = len({d for b in out["builds"].values() for d in b["digests"]}) == 1
+    return out
+
+
 # -- prediction writing over several processes ---------------------------------------------------
 
 # One rank of a prediction job (identity "model", so the figure is the writer's and the input

@@ -732,7 +732,8 @@ class _ZarrWriter:
     """Creates groups and arrays of one container in the requested flavour of Zarr."""
 
     def __init__(
-        self, zarr_format: Literal[2, 3], compressor: str, sharded: bool, chunk: int, dimension_separator: str
+        self, zarr_format: Literal[2, 3], compressor: str, sharded: bool, chunk: int, dimension_separator: str,
+        chunks_per_shard: int = 2,
     ):
         zarr, numcodecs = _import_zarr()
         from zarr.codecs import BloscCodec, ZstdCodec
@@ -740,7 +741,7 @@ class _ZarrWriter:
         self.zarr = zarr
         self.zarr_format = zarr_format
         self.chunks = (chunk,) * 3
-        self.shards = (2 * chunk,) * 3 if sharded else None
+        self.shards = (chunks_per_shard * chunk,) * 3 if sharded else None
         self.dimension_separator = dimension_separator
         if zarr_format == 2:
             self.compressor = (
@@ -1149,6 +1150,7 @@ def make_synthetic_data(
     seed: int = 0,
     zarr_format: int = 2,
     sharded: bool = False,
+    chunks_per_shard: int = 2,
     compressor: str = "zstd",
     write_counts: bool = True,
     dimension_separator: str = ".",
@@ -1167,7 +1169,8 @@ def make_synthetic_data(
             (crops at 4 nm and 8 nm) and an anisotropic (5.24, 4, 4) nm one.
         seed: Everything is a deterministic function of it.
         zarr_format: 2 (OME-NGFF 0.4 ``multiscales``) or 3 (OME-NGFF 0.5 ``ome``).
-        sharded: Zarr v3 only; shards of 2x2x2 chunks.
+        sharded: Zarr v3 only; shards of ``chunks_per_shard`` chunks along each axis.
+        chunks_per_shard: Chunks per shard along each axis when ``sharded`` (default 2).
         compressor: ``"zstd"`` (level 6, as CellMap) or ``"blosc"`` (zstd, level 5, shuffle).
         write_counts: Store ``complement_counts`` on every label array, as real data does.
         dimension_separator: Chunk-key separator of Zarr v2 arrays, ``"."`` or ``"/"``
@@ -1180,6 +1183,8 @@ def make_synthetic_data(
         raise ValueError(f"zarr_format must be 2 or 3, got {zarr_format!r}")
     if sharded and zarr_format != 3:
         raise ValueError("sharding needs zarr_format=3")
+    if not isinstance(chunks_per_shard, int) or isinstance(chunks_per_shard, bool) or chunks_per_shard < 1:
+        raise ValueError(f"chunks_per_shard must be a positive integer, got {chunks_per_shard!r}")
     if compressor not in ("zstd", "blosc"):
         raise ValueError(f"compressor must be 'zstd' or 'blosc', got {compressor!r}")
     if dimension_separator not in (".", "/"):
@@ -1197,7 +1202,7 @@ def make_synthetic_data(
     plans = [_plan_dataset(index, seed, raw_size) for index in range(n_datasets)]
     _plan_crops(plans, seed)
 
-    writer = _ZarrWriter(2 if zarr_format == 2 else 3, compressor, sharded, chunk, dimension_separator)
+    writer = _ZarrWriter(2 if zarr_format == 2 else 3, compressor, sharded, chunk, dimension_separator, chunks_per_shard)
     datasets = _write_datasets(plans, root, writer, seed, write_counts)
     csv_path = root / "datasplit.csv"
     _write_datasplit(csv_path, datasets)

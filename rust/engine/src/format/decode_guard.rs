@@ -5,7 +5,7 @@
 
 use std::io::Read;
 
-use zarrs::array::{Array, BytesToBytesCodecTraits};
+use zarrs::array::{Array, BytesToBytesCodecTraits, CodecChain};
 use zarrs::plugin::{ExtensionName, ZarrVersion};
 
 /// The outermost compressor of an array's codec chain, when its encoded form tells the decoded
@@ -31,7 +31,11 @@ pub enum DecodeGuard {
 impl DecodeGuard {
     /// The guard for `array`'s chunks.
     pub fn of<T: ?Sized>(array: &Array<T>) -> DecodeGuard {
-        let chain = array.codecs();
+        Self::of_chain(&array.codecs())
+    }
+
+    /// The guard for chunks encoded by `chain` (a sharded array's inner chunks).
+    pub fn of_chain(chain: &CodecChain) -> DecodeGuard {
         if !chain.array_to_array_codecs().is_empty() || chain.array_to_bytes_codec().name(ZarrVersion::V3).as_deref() != Some("bytes") {
             return DecodeGuard::None;
         }

@@ -9,7 +9,11 @@
 //! - **Faults**: retries with exponential backoff for 5xx answers, resets and timeouts (the
 //!   client's retry policy), a timeout per request, and errors that name the URL and the HTTP
 //!   status; 403 and 404 are answered at once.
-//! - **An optional disk cache** of fetched values ([`DiskCache`]).
+//! - **Byte ranges together**: the ranges of one object a read asks for (inner chunks of a
+//!   shard) go out as few requests: object_store's `coalesce_ranges` merges ranges less than
+//!   1 MiB apart into one request and runs the requests concurrently; [`RemoteStore::prefetch_ranges`]
+//!   starts them ahead of the reads like [`RemoteStore::prefetch`].
+//! - **An optional disk cache** of fetched values and ranges ([`DiskCache`]).
 //!
 //! Options come from the environment ([`RemoteOptions::from_env`]) or from
 //! [`set_options`]; credentials and region come from the standard variables of each service
@@ -17,13 +21,14 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::future::{BoxFuture, FutureExt, Shared};
 use object_store::path::Path as ObjectPath;
-use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{coalesce_ranges, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, OBJECT_STORE_COALESCE_DEFAULT};
 use tokio::runtime::Runtime;
 use tokio::sync::Semaphore;
 use zarrs::storage::byte_range::{ByteRange, ByteRangeIterator};
@@ -300,6 +305,19 @@ fn is_metadata_name(key: &str) -> bool {
 
 type Fetched = std::result::Result<MaybeBytes, Arc<Error>>;
 
+/// The name a byte range of `key` is prefetched and disk-cached under.
+fn range_key(key: &str, range: &Range<u64>) -> String {
+    format!("{key}#bytes={}-{}", range.start, range.end)
+}
+
+/// A range with both ends known (the form inner chunks of a shard are asked for in).
+fn bounded(range: &ByteRange) -> Option<Range<u64>> {
+    match *range {
+        ByteRange::FromStart(offset, Some(length)) if length > 0 => Some(offset..offset + length),
+        _ => None,
+    }
+}
+
 /// Requests started ahead of their reads, by key; the oldest are forgotten past a bound (a
 /// planned chunk that was never read must not hold its bytes forever).
 #[derive(Default)]
@@ -466,8 +484,6 @@ impl RemoteStore {
     /// Starts the requests for `keys` (those not already started) without waiting; later
     /// reads of those keys wait for them instead of asking again.
     pub fn prefetch(&self, keys: impl IntoIterator<Item = String>) {
-        // Enough for several batches ahead even when few requests may be in flight at once.
-        let bound = (8 * self.state.options.max_in_flight).max(4096);
         let mut started = lock(&self.prefetched);
         for key in keys {
             if started.futures.contains_key(&key) {
@@ -485,6 +501,13 @@ impl RemoteStore {
             started.futures.insert(key.clone(), future.shared());
             started.order.push_back(key);
         }
+        Self::forget_oldest(&mut started, self.state.options.max_in_flight);
+    }
+
+    /// Forgets the oldest requests started ahead past a bound: enough for several batches
+    /// ahead even when few requests may be in flight at once.
+    fn forget_oldest(started: &mut Prefetched, max_in_flight: usize) {
+        let bound = (8 * max_in_flight).max(4096);
         while started.order.len() > bound {
             if let Some(old) = started.order.pop_front() {
                 started.futures.remove(&old);
@@ -492,9 +515,105 @@ impl RemoteStore {
         }
         // Keys already read were removed from `futures`; keep `order` from growing with them.
         if started.order.len() > 2 * started.futures.len() + 64 {
-            let Prefetched { futures, order } = &mut *started;
+            let Prefetched { futures, order } = started;
             order.retain(|k| futures.contains_key(k));
         }
+    }
+
+    /// The byte `ranges` of `key`, in order, through the disk cache: ranges less than 1 MiB
+    /// apart go out as one request (object_store's coalescing), each request within the
+    /// process's request limit and retried like a whole read. `None` when the key is absent.
+    fn ranges_future(&self, key: String, ranges: Vec<Range<u64>>) -> impl Future<Output = Result<Option<Vec<Bytes>>>> + Send + 'static {
+        let client = self.client.clone();
+        let path = self.object_path(&key);
+        let url = self.key_url(&key);
+        let limit = self.state.in_flight.clone();
+        let disk = self.state.disk.clone();
+        let retry = retry_config(&self.state.options);
+        async move {
+            let cached: Option<Vec<Bytes>> = disk.as_ref().and_then(|d| ranges.iter().map(|r| d.get(&range_key(&url, r))).collect());
+            if let Some(parts) = cached {
+                return Ok(Some(parts));
+            }
+            let fetch = |range: Range<u64>| {
+                let (client, path, limit, retry) = (client.clone(), path.clone(), limit.clone(), retry.clone());
+                async move {
+                    let _permit = limit.acquire_owned().await.map_err(|e| object_store::Error::Generic {
+                        store: "HTTP",
+                        source: Box::new(e),
+                    })?;
+                    let options = GetOptions::new().with_range(Some(GetRange::Bounded(range)));
+                    get_whole(client.as_ref(), &path, options, &retry).await
+                }
+            };
+            let fetched = absent_as_none(&url, coalesce_ranges(&ranges, fetch, OBJECT_STORE_COALESCE_DEFAULT).await)?;
+            if let (Some(d), Some(parts)) = (&disk, &fetched) {
+                for (range, bytes) in ranges.iter().zip(parts) {
+                    d.put(&range_key(&url, range), bytes.as_ref());
+                }
+            }
+            Ok(fetched)
+        }
+    }
+
+    /// Starts the requests for byte `ranges` of `key` (those not already started) without
+    /// waiting, coalesced as [`RemoteStore::ranges_future`] does; a later partial read of one of
+    /// those ranges waits for it instead of asking again.
+    pub fn prefetch_ranges(&self, key: &str, ranges: Vec<Range<u64>>) {
+        let mut started = lock(&self.prefetched);
+        let mut ranges: Vec<Range<u64>> = ranges
+            .into_iter()
+            .filter(|r| r.end > r.start && !started.futures.contains_key(&range_key(key, r)))
+            .collect();
+        ranges.sort_by_key(|r| (r.start, r.end));
+        ranges.dedup();
+        if ranges.is_empty() {
+            return;
+        }
+        let handle = self.state.runtime.spawn(self.ranges_future(key.to_string(), ranges.clone()));
+        let url = self.key_url(key);
+        type Group = std::result::Result<Option<Arc<Vec<Bytes>>>, Arc<Error>>;
+        let group: Shared<BoxFuture<'static, Group>> = async move {
+            match handle.await {
+                Ok(result) => result.map(|parts| parts.map(Arc::new)).map_err(Arc::new),
+                Err(e) => Err(Arc::new(Error::Internal(format!("{url}: request task failed: {e}")))),
+            }
+        }
+        .boxed()
+        .shared();
+        for (i, range) in ranges.iter().enumerate() {
+            let name = range_key(key, range);
+            let part: BoxFuture<'static, Fetched> = group.clone().map(move |g| g.map(|parts| parts.map(|p| p[i].clone()))).boxed();
+            started.futures.insert(name.clone(), part.shared());
+            started.order.push_back(name);
+        }
+        Self::forget_oldest(&mut started, self.state.options.max_in_flight);
+    }
+
+    /// Reads byte `ranges` of `key`: those prefetched are awaited, the rest fetched together.
+    fn read_ranges(&self, key: &str, ranges: &[Range<u64>]) -> Result<Option<Vec<Bytes>>> {
+        let mut parts: Vec<Option<Bytes>> = vec![None; ranges.len()];
+        let mut missing = Vec::new();
+        for (i, range) in ranges.iter().enumerate() {
+            let started = lock(&self.prefetched).futures.remove(&range_key(key, range));
+            match started {
+                Some(shared) => match self.block_on(shared).map_err(|e| (*e).clone_error())? {
+                    Some(bytes) => parts[i] = Some(bytes),
+                    None => return Ok(None),
+                },
+                None => missing.push(i),
+            }
+        }
+        if !missing.is_empty() {
+            let wanted: Vec<Range<u64>> = missing.iter().map(|&i| ranges[i].clone()).collect();
+            let Some(fetched) = self.block_on(self.ranges_future(key.to_string(), wanted))? else {
+                return Ok(None);
+            };
+            for (i, bytes) in missing.into_iter().zip(fetched) {
+                parts[i] = Some(bytes);
+            }
+        }
+        Ok(Some(parts.into_iter().flatten().collect()))
     }
 
     /// Whether a value exists at `key` (one HEAD request).
@@ -577,6 +696,16 @@ impl ReadableStorageTraits for RemoteStore {
         key: &StoreKey,
         byte_ranges: ByteRangeIterator<'a>,
     ) -> std::result::Result<MaybeBytesIterator<'a>, StorageError> {
+        let byte_ranges: Vec<ByteRange> = byte_ranges.collect();
+        // Ranges with both ends known (inner chunks) go out together; a suffix (a shard's
+        // index) or an open end is one request of its own.
+        let known: Option<Vec<Range<u64>>> = byte_ranges.iter().map(bounded).collect();
+        if let Some(ranges) = known.filter(|r| !r.is_empty()) {
+            return match self.read_ranges(key.as_str(), &ranges).map_err(|e| storage_error(&e))? {
+                Some(parts) => Ok(Some(Box::new(parts.into_iter().map(Ok)))),
+                None => Ok(None),
+            };
+        }
         let mut parts = Vec::new();
         for range in byte_ranges {
             match self.get_range(key, range).map_err(|e| storage_error(&e))? {

@@ -2,10 +2,11 @@
 //! zarrs' filesystem store, or a URL through [`RemoteStore`]), opened once and shared by the
 //! metadata reads and the arrays of that location.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use zarrs::filesystem::FilesystemStore;
-use zarrs::storage::ReadableStorageTraits;
+use zarrs::storage::{ReadableStorageTraits, StorageError};
 
 use super::location::Location;
 use super::remote::RemoteStore;
@@ -99,4 +100,23 @@ impl Store {
             }
         }
     }
+}
+
+/// A read's error from the store at `place`: an I/O error keeps its kind (permission denied,
+/// EIO...), so it maps onto the matching exception and can be retried; anything else is a
+/// decode error.
+pub fn storage_read_error(place: impl AsRef<Path>, error: StorageError) -> Error {
+    match &error {
+        StorageError::IOError(io) => store_io_error(place, io),
+        _ => Error::decode(place, error),
+    }
+}
+
+/// An I/O error of the store (shared, so rebuilt) with its kind and OS code kept.
+pub fn store_io_error(place: impl AsRef<Path>, io: &std::io::Error) -> Error {
+    let io = match io.raw_os_error() {
+        Some(code) => std::io::Error::from_raw_os_error(code),
+        None => std::io::Error::new(io.kind(), io.to_string()),
+    };
+    Error::io(place, io)
 }

@@ -4,5 +4,6 @@
 
 pub mod cache;
 pub mod label_cache;
+pub mod shards;
 pub mod streaming;
 pub mod volume;

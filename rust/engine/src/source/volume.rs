@@ -6,11 +6,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use rayon::prelude::*;
-use zarrs::array::{Array, ArrayBytes, ArrayToBytesCodecTraits, CodecOptions, FromArrayBytes};
+use zarrs::array::{Array, ArrayBytes, ArrayToBytesCodecTraits, CodecChain, CodecOptions, FromArrayBytes};
 
 use crate::format::decode_guard::DecodeGuard;
 use crate::io::location::Location;
-use crate::io::store::Store;
+use crate::io::store::{storage_read_error, store_io_error, Store};
 use zarrs::storage::ReadableStorageTraits;
 
 use crate::error::{Error, Result};
@@ -19,6 +19,7 @@ use crate::format::ngff::{CoordinateFrame, Multiscale};
 use crate::format::zarr_node::read_multiscale;
 use crate::geometry::{WorldBox, AXES, MAX_VOXEL_COORDINATE};
 use crate::source::cache::{with_chunk_values, Chunk, ChunkCache, ChunkData, ChunkKey};
+use crate::source::shards::ShardedReads;
 
 /// How stored values become output values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,11 +39,16 @@ pub struct Level {
     array: Array<dyn ReadableStorageTraits>,
     /// What the encoded chunks are checked for before decoding (decompression bombs).
     guard: DecodeGuard,
+    /// Sharded levels: inner chunks read as byte ranges of their shard.
+    sharded: Option<ShardedReads>,
+    /// The store the array reads from (inner chunks are read from it directly).
+    storage: Arc<dyn ReadableStorageTraits>,
     /// Number of leading non-spatial axes (each of size 1).
     leading: usize,
     /// Spatial shape (z, y, x) in voxels.
     pub shape: [u64; 3],
-    /// Regular chunk shape (z, y, x).
+    /// Shape (z, y, x) of the unit read, decoded and cached: the chunk, or a sharded array's
+    /// inner chunk.
     pub chunk_shape: [u64; 3],
     /// Voxel size (z, y, x) in world units (nm).
     pub voxel_size: [f64; 3],
@@ -79,22 +85,29 @@ impl Level {
         full_index.extend_from_slice(&index);
         let where_ = || format!("{} chunk {:?}", self.path.display(), index);
         crate::io::faults::check(&self.path).map_err(|e| e.with_context(format!("chunk {index:?}")))?;
-        let chunk_shape = self.array.chunk_shape(&full_index).map_err(|e| Error::decode(where_(), e))?;
+        let (chunk_shape, encoded) = match &self.sharded {
+            // An inner chunk: its byte range from the shard's index, then those bytes only.
+            Some(sharded) => (sharded.inner_shape.clone(), sharded.read_encoded(&self.array, self.storage.as_ref(), &full_index)?),
+            None => {
+                let shape = self.array.chunk_shape(&full_index).map_err(|e| Error::decode(where_(), e))?;
+                let encoded = self.array.retrieve_encoded_chunk(&full_index).map_err(|e| storage_read_error(where_(), e))?;
+                (shape.to_vec(), encoded.map(|b| b.to_vec()))
+            }
+        };
         let shape_u64: Vec<u64> = chunk_shape.iter().map(|s| s.get()).collect();
         let spatial: [usize; 3] = std::array::from_fn(|k| shape_u64[self.leading + k] as usize);
-        // Read once, check the encoded bytes, then decode them (an absent chunk is the fill).
-        let encoded = self
-            .array
-            .retrieve_encoded_chunk(&full_index)
-            .map_err(|e| chunk_error(where_(), zarrs::array::ArrayError::StorageError(e)))?;
         let elements: u64 = shape_u64.iter().product();
         let bytes = match encoded {
             Some(bytes) => {
                 self.guard
                     .check(&bytes, elements * self.dtype.size() as u64)
                     .map_err(|m| Error::decode(where_(), m))?;
-                self.array
-                    .codecs()
+                let codecs = self.array.codecs();
+                let codecs: &CodecChain = match &self.sharded {
+                    Some(sharded) => &sharded.inner_codecs,
+                    None => &codecs,
+                };
+                codecs
                     .decode(
                         std::borrow::Cow::Owned(bytes),
                         &chunk_shape,
@@ -179,26 +192,6 @@ fn check_level_geometry(path: &Path, shape: [u64; 3], chunk: [u64; 3], dtype: DT
         }
     }
     Ok(())
-}
-
-/// A chunk read's error: an I/O error of the store keeps its kind (permission denied, EIO...),
-/// so it maps onto the matching exception and can be retried; anything else is a decode error.
-fn chunk_error(place: String, error: zarrs::array::ArrayError) -> Error {
-    use zarrs::array::ArrayError;
-    use zarrs::storage::StorageError;
-    match &error {
-        ArrayError::StorageError(StorageError::IOError(io)) => store_io_error(place, io),
-        _ => Error::decode(place, error),
-    }
-}
-
-/// An I/O error of the store (shared, so rebuilt) with its kind and OS code kept.
-fn store_io_error(place: impl AsRef<Path>, io: &std::io::Error) -> Error {
-    let io = match io.raw_os_error() {
-        Some(code) => std::io::Error::from_raw_os_error(code),
-        None => std::io::Error::new(io.kind(), io.to_string()),
-    };
-    Error::io(place, io)
 }
 
 static NEXT_LEVEL_ID: AtomicU64 = AtomicU64::new(1);
@@ -312,9 +305,11 @@ impl Volume {
                     ),
                 ));
             }
-            let chunk0 = array
-                .chunk_shape(&vec![0; full_shape.len()])
-                .map_err(|e| Error::metadata(&level_path, e))?;
+            let sharded = ShardedReads::of(&array, &path, &level_path)?;
+            let chunk0 = match &sharded {
+                Some(reads) => reads.inner_shape.clone(),
+                None => array.chunk_shape(&vec![0; full_shape.len()]).map_err(|e| Error::metadata(&level_path, e))?.to_vec(),
+            };
             let dtype = data_type_of(&array, &level_path)?;
             let s = |v: &[f64]| [v[leading], v[leading + 1], v[leading + 2]];
             let voxel_size = s(&meta.scale);
@@ -332,7 +327,12 @@ impl Volume {
                 translation: std::array::from_fn(|k| origin[k] + frame.centre_offset(voxel_size[k])),
                 origin,
                 dtype,
-                guard: DecodeGuard::of(&array),
+                guard: match &sharded {
+                    Some(reads) => DecodeGuard::of_chain(&reads.inner_codecs),
+                    None => DecodeGuard::of(&array),
+                },
+                sharded,
+                storage: store.storage(),
                 array,
             });
         }
@@ -380,15 +380,29 @@ impl Volume {
     pub fn prefetch(&self, level: usize, indices: impl IntoIterator<Item = [u64; 3]>) {
         let Some(remote) = self.store.remote() else { return };
         let lvl = &self.levels[level];
-        let keys = indices
+        let wanted = indices
             .into_iter()
             .filter(|&index| !self.cache.contains(&ChunkKey { level_id: lvl.id, index }))
             .map(|index| {
                 let mut full = vec![0u64; lvl.leading];
                 full.extend_from_slice(&index);
-                lvl.array.chunk_key(&full).as_str().to_string()
+                full
             });
-        remote.prefetch(keys);
+        let Some(sharded) = &lvl.sharded else {
+            remote.prefetch(wanted.map(|full| lvl.array.chunk_key(&full).as_str().to_string()));
+            return;
+        };
+        // Inner chunks grouped by shard: each shard's ranges go out together (coalesced). The
+        // index of a shard not seen before is read here, once; an error is left for the read.
+        let mut by_shard: std::collections::BTreeMap<String, Vec<std::ops::Range<u64>>> = Default::default();
+        for full in wanted {
+            if let Ok(Some((key, range))) = sharded.locate(&lvl.array, lvl.storage.as_ref(), &full) {
+                by_shard.entry(key.as_str().to_string()).or_default().push(range);
+            }
+        }
+        for (key, ranges) in by_shard {
+            remote.prefetch_ranges(&key, ranges);
+        }
     }
 
     /// Decoded chunk `index` of `level`, through the cache.
@@ -479,6 +493,9 @@ impl Volume {
                 }
             }
         }
+        // Remote: the region's chunks requested together (a shard's inner chunks as coalesced
+        // ranges); a batch has usually asked for them already.
+        self.prefetch(level, indices.iter().copied());
         // Decode in parallel (cache misses dominate cold reads), copy afterwards.
         let chunks: Vec<(usize, Arc<Chunk>)> = indices
             .par_iter()
