@@ -89,3 +89,17 @@ def test_exception_hierarchy():
     assert issubclass(ConfigError, ValueError)
     assert issubclass(ChunkDecodeError, OSError)
     assert all(issubclass(c, CellMapError) for c in (NotFoundError, MetadataError, ConfigError, ChunkDecodeError))
+
+
+def test_batch_arguments_of_unequal_length_are_refused_by_the_engine(tiny_data):
+    from cellmap_data import CellMapDataset
+
+    ds = tiny_data.datasets[0]
+    crop = ds.crops[0]
+    arrays = {"raw": {"shape": (8, 8, 8), "scale": (8.0, 8.0, 8.0)}}
+    dataset = CellMapDataset(str(ds.raw_path), f"{crop.path}/[{','.join(crop.classes)}]", crop.classes,
+                             input_arrays=arrays, target_arrays={"gt": arrays["raw"]}, pad=True)
+    with pytest.raises(ConfigError, match="stream_indices has 1 entries for 2 indices"):
+        dataset.read_batch_raw([0, 1], stream_indices=[4])
+    with pytest.raises(ConfigError, match="does not hold 4 values"):
+        _engine.apply_value_ops("[]", [0.0] * 4, [1, 3])

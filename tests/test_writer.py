@@ -4,6 +4,7 @@ and numpy, blending, concurrency, crash safety and bad input."""
 from __future__ import annotations
 
 import json
+import re
 import math
 import os
 import signal
@@ -313,6 +314,29 @@ def test_chunks_other_than_the_tile_and_blended_2d(tmp_path, tiny_data):
 
 
 # -- ImageWriter -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options, named",
+    [
+        ({"write_voxel_shape": (4, -4, 4)}, "write_voxel_shape [4, -4, 4] must be positive"),
+        ({"write_voxel_shape": (4, 0, 4)}, "write_voxel_shape [4, 0, 4] must be positive"),
+        ({"chunks": (8, 8, -8)}, "chunks [8, 8, -8] must be positive"),
+        ({"scale_level": -1}, "scale_level -1 must be non-negative"),
+        ({"downsample_levels": -2}, "downsample_levels -2 must be non-negative"),
+        ({"zarr_format": 4}, "zarr_format must be 2 or 3, not 4"),
+        ({"overlap": -1}, "overlap [-1, -1, -1] must be non-negative"),
+        ({"overlap": 4}, "overlap 4 on axis 'z' must be smaller than the tile"),
+        ({"overlap": 1, "blend": "cubic"}, "blend must be 'linear' or 'gaussian', not 'cubic'"),
+        ({"compression_level": 99}, "compression_level 99 is not a zstd level"),
+    ],
+)
+def test_writer_options_are_checked_once_by_the_engine_naming_the_option(tmp_path, options, named):
+    options = {"write_voxel_shape": (4, 4, 4), **options}
+    box = {"z": (0.0, 16.0), "y": (0.0, 16.0), "x": (0.0, 16.0)}
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        ImageWriter(str(tmp_path / "out.zarr" / "c"), "c", 1.0, box, **options)
+    assert not (tmp_path / "out.zarr").exists()
 
 
 def test_image_writer_centres_batches_and_read_back(tmp_path):

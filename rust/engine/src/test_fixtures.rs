@@ -87,7 +87,7 @@ impl ImageSpec {
 
     fn config(&self, path: &Path, write_shape: [usize; 3]) -> WriterConfig {
         WriterConfig {
-            path: path.to_path_buf(),
+            path: crate::io::location::Location::Local(path.to_path_buf()),
             name: None,
             voxel_size: self.voxel,
             bounds: self.bounds(),

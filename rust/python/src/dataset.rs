@@ -8,11 +8,10 @@ use arrow_array::{Array, RecordBatch};
 use arrow_array::{ArrayRef, StructArray};
 use arrow_buffer::Buffer;
 use arrow_schema::{Field, FieldRef, Schema};
-use cellmap_engine::pipeline::batch::{Batch as EngineBatch, SampleRequest};
+use cellmap_engine::pipeline::batch::Batch as EngineBatch;
 use cellmap_engine::pipeline::dataset::{Dataset as EngineDataset, DatasetConfig};
 use cellmap_engine::pipeline::read_policy::ReadIncident;
-use cellmap_engine::pipeline::sampler::{request, StreamKey};
-use cellmap_engine::sample::augment::SpatialDraw;
+use cellmap_engine::pipeline::sampler::{centred_requests, requests, StreamKey};
 use cellmap_engine::source::cache::ChunkCache;
 use cellmap_engine::Error;
 use pyo3::exceptions::{PyKeyError, PyValueError};
@@ -125,22 +124,10 @@ impl Dataset {
         augment: bool,
         stream_indices: Option<Vec<u64>>,
     ) -> BindResult<Batch> {
-        if let Some(s) = &stream_indices {
-            if s.len() != indices.len() {
-                return Err(BindingError::from(Error::invalid("stream_indices must have one entry per index")));
-            }
-        }
         let inner = self.inner.clone();
         let key = StreamKey { seed, epoch, rank };
         let batch = run(py, move || {
-            let requests = indices
-                .iter()
-                .enumerate()
-                .map(|(i, &index)| {
-                    let stream = stream_indices.as_ref().map_or(index as u64, |s| s[i]);
-                    request(&inner, index, key, stream, augment)
-                })
-                .collect::<cellmap_engine::Result<Vec<_>>>()?;
+            let requests = requests(&inner, &indices, stream_indices.as_deref(), key, augment)?;
             EngineBatch::read(&inner, &requests)
         })?;
         Batch::from_engine(batch)
@@ -148,24 +135,8 @@ impl Dataset {
     /// Reads patches centred at arbitrary world `centres` (z, y, x nm) without augmentation;
     /// `indices` label the samples in the batch's `idx` column.
     fn read_centres(&self, py: Python<'_>, centres: Vec<[f64; 3]>, indices: Vec<u64>) -> BindResult<Batch> {
-        if centres.len() != indices.len() {
-            return Err(BindingError::from(Error::invalid("centres and indices must have the same length")));
-        }
         let inner = self.inner.clone();
-        let batch = run(py, move || {
-            let requests: Vec<SampleRequest> = centres
-                .iter()
-                .zip(&indices)
-                .map(|(&centre, &index)| SampleRequest {
-                    index,
-                    centre,
-                    draw: SpatialDraw::default(),
-                    value_seed: 0,
-                    padding: false,
-                })
-                .collect();
-            EngineBatch::read(&inner, &requests)
-        })?;
+        let batch = run(py, move || EngineBatch::read(&inner, &centred_requests(&centres, &indices)?))?;
         Batch::from_engine(batch)
     }
 }

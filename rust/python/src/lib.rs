@@ -3,7 +3,7 @@
 //! no Rust panic reaches Python as anything but a `CellMapError`.
 
 mod convert;
-use convert::{BindResult, BindingError};
+use convert::BindResult;
 mod dataset;
 mod loader;
 mod remote;
@@ -136,15 +136,9 @@ fn apply_value_ops(
 ) -> BindResult<Vec<f32>> {
     let json = convert::parse_json(ops_json)?;
     let pipeline = ValuePipeline::from_json(&json, "value transforms")?;
-    if shape.iter().product::<usize>() != values.len() {
-        return Err(BindingError::from(cellmap_engine::Error::invalid(format!(
-            "shape {shape:?} does not hold {} values",
-            values.len()
-        ))));
-    }
     convert::run(py, move || {
         let mut values = values;
-        pipeline.apply(&mut values, &shape, value_seed, stream);
+        pipeline.apply_to(&mut values, &shape, value_seed, stream)?;
         Ok(values)
     })
 }

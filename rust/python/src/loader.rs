@@ -175,9 +175,6 @@ impl Collection {
         epoch: u64,
         augment: bool,
     ) -> BindResult<BatchStream> {
-        if batches.iter().any(Vec::is_empty) {
-            return Err(BindingError::from(Error::invalid("a batch needs at least one sample")));
-        }
         let settings = StreamSettings {
             threads,
             prefetch,

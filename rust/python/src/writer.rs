@@ -75,7 +75,7 @@ impl ImageWriter {
     /// The image group path.
     #[getter]
     fn path(&self) -> String {
-        self.inner.config().path.display().to_string()
+        self.inner.config().path.to_string()
     }
 
     /// Array shape of the first level (z, y, x voxels).
@@ -211,7 +211,7 @@ impl ImageWriter {
     fn __repr__(&self) -> String {
         format!(
             "ImageWriter('{}', shape={:?})",
-            self.inner.config().path.display(),
+            self.inner.config().path,
             self.inner.shape()
         )
     }

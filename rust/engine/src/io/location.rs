@@ -68,6 +68,59 @@ impl Location {
         }
     }
 
+    /// The location this one is directly below (`None` at a root: `/`, or a URL's bucket or host).
+    pub fn parent(&self) -> Option<Location> {
+        match self {
+            Location::Local(path) => path.parent().map(|p| Location::Local(p.to_path_buf())),
+            Location::Remote(url) => {
+                let (root, key) = split_remote(url);
+                let key = key.trim_end_matches('/');
+                if key.is_empty() {
+                    return None;
+                }
+                Some(match key.rfind('/') {
+                    Some(cut) => Location::Remote(format!("{root}/{}", &key[..cut])),
+                    None => Location::Remote(root.to_string()),
+                })
+            }
+        }
+    }
+
+    /// The last part of the location (a folder's name, a URL's last key segment).
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            Location::Local(path) => path.file_name().and_then(|n| n.to_str()),
+            Location::Remote(url) => {
+                let (_, key) = split_remote(url);
+                key.rsplit('/').next().filter(|n| !n.is_empty())
+            }
+        }
+    }
+
+    /// The slash-separated key of this location below `root` (`""` for `root` itself);
+    /// `None` when it is not below `root`.
+    pub fn relative_to(&self, root: &Location) -> Option<String> {
+        match (self, root) {
+            (Location::Local(path), Location::Local(root)) => path.strip_prefix(root).ok().map(|rest| {
+                rest.components()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+                    .join("/")
+            }),
+            (Location::Remote(url), Location::Remote(root)) => match url.strip_prefix(root.as_str()) {
+                Some("") => Some(String::new()),
+                Some(rest) if rest.starts_with('/') => Some(rest.trim_matches('/').to_string()),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Whether this location is `other` or lies below it.
+    pub fn starts_with(&self, other: &Location) -> bool {
+        self.relative_to(other).is_some()
+    }
+
     /// The name messages and errors use: the path, or the URL.
     pub fn display_path(&self) -> PathBuf {
         match self {
@@ -93,6 +146,15 @@ impl AsRef<Path> for Location {
             Location::Local(path) => path,
             Location::Remote(url) => Path::new(url),
         }
+    }
+}
+
+/// A URL split after its bucket or host: (`scheme://authority`, the key path).
+fn split_remote(url: &str) -> (&str, &str) {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    match url[after_scheme..].find('/') {
+        Some(i) => (&url[..after_scheme + i], &url[after_scheme + i + 1..]),
+        None => (url, ""),
     }
 }
 
@@ -136,6 +198,26 @@ mod tests {
             assert!(is_remote(url));
         }
         assert!(!is_remote("file:///a") && !is_remote("relative/a.zarr"));
+    }
+
+    #[test]
+    fn parents_names_and_relative_keys_of_paths_and_urls() {
+        let url = Location::parse("s3://bucket/out/pred.zarr/mito");
+        assert_eq!(url.parent(), Some(Location::parse("s3://bucket/out/pred.zarr")));
+        assert_eq!(url.name(), Some("mito"));
+        assert_eq!(Location::parse("s3://bucket/out").parent(), Some(Location::parse("s3://bucket")));
+        assert_eq!(Location::parse("s3://bucket").parent(), None, "a bucket has no parent");
+        assert_eq!(Location::parse("http://h:8/a").name(), Some("a"));
+        let root = Location::parse("s3://bucket/out/pred.zarr");
+        assert_eq!(url.relative_to(&root).as_deref(), Some("mito"));
+        assert_eq!(root.relative_to(&root).as_deref(), Some(""));
+        assert_eq!(Location::parse("s3://bucket/out/pred.zarr2").relative_to(&root), None, "a sibling with a longer name");
+        assert!(url.starts_with(&root) && !root.starts_with(&url));
+        let local = Location::parse("/data/pred.zarr/mito/s0");
+        assert_eq!(local.relative_to(&Location::parse("/data/pred.zarr")).as_deref(), Some("mito/s0"));
+        assert_eq!(local.parent(), Some(Location::parse("/data/pred.zarr/mito")));
+        assert_eq!(local.name(), Some("s0"));
+        assert!(!local.starts_with(&Location::parse("s3://data")), "a path is never below a URL");
     }
 
     #[test]

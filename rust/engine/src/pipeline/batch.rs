@@ -535,7 +535,7 @@ impl Batch {
             }
         }
         // Remote volumes: every chunk of the batch requested at once, before any is decoded.
-        for (dataset, req) in items.iter().filter(|(d, _)| d.is_remote()) {
+        for (dataset, req) in items.iter().filter(|(d, _)| d.reads_ahead()) {
             dataset.prefetch_sample(req.centre, &req.draw);
         }
         let mut items: Vec<(&'d Dataset, SampleRequest)> = items.to_vec();

@@ -400,12 +400,12 @@ impl Dataset {
         (raw, labels)
     }
 
-    /// Whether any of the dataset's volumes is read from an object store.
-    pub fn is_remote(&self) -> bool {
-        self.raw.is_remote()
+    /// Whether any of the dataset's volumes reads ahead (is read from an object store).
+    pub fn reads_ahead(&self) -> bool {
+        self.raw.reads_ahead()
             || self.sources.iter().any(|s| match s {
-                ClassSource::Annotated(v) => v.is_remote(),
-                ClassSource::Inferred(vs) => vs.iter().any(|v| v.is_remote()),
+                ClassSource::Annotated(v) => v.reads_ahead(),
+                ClassSource::Inferred(vs) => vs.iter().any(|v| v.reads_ahead()),
                 ClassSource::Empty => false,
             })
     }
@@ -414,7 +414,7 @@ impl Dataset {
     /// a batch's requests are in flight together.
     pub fn prefetch_sample(&self, centre: [f64; 3], draw: &SpatialDraw) {
         let request = |volume: &Volume, level: usize, spec: &ArraySpec, options: &ReadOptions| {
-            if !volume.is_remote() {
+            if !volume.reads_ahead() {
                 return;
             }
             if let Some(region) = source_region(volume, level, &spec.patch, centre, draw, options) {

@@ -99,16 +99,16 @@ impl Collection {
         Ok(batch)
     }
 
-    /// Whether any dataset reads from an object store.
-    pub fn is_remote(&self) -> bool {
-        self.datasets.iter().any(|d| d.is_remote())
+    /// Whether any dataset reads ahead (is read from an object store).
+    pub fn reads_ahead(&self) -> bool {
+        self.datasets.iter().any(|d| d.reads_ahead())
     }
 
     /// Starts the requests for the chunks a planned batch will read (remote datasets only), so
     /// that they are in flight before the batch is read.
     pub fn prefetch(&self, samples: &[PlannedSample], key: StreamKey, augment: bool) {
         for p in samples {
-            if let Some(dataset) = self.datasets.get(p.dataset).filter(|d| d.is_remote()) {
+            if let Some(dataset) = self.datasets.get(p.dataset).filter(|d| d.reads_ahead()) {
                 if let Ok(req) = request(dataset, p.index, key, p.stream, augment) {
                     dataset.prefetch_sample(req.centre, &req.draw);
                 }
@@ -232,6 +232,9 @@ const STOP_WAIT: Duration = Duration::from_secs(10);
 impl BatchStream {
     /// Starts reading `batches` (each a list of planned samples) from `collection`.
     pub fn start(collection: Collection, batches: Vec<Vec<PlannedSample>>, settings: StreamSettings) -> Result<BatchStream> {
+        if let Some(empty) = batches.iter().position(Vec::is_empty) {
+            return Err(Error::invalid(format!("batch {empty} of the plan has no samples; a batch needs at least one")));
+        }
         let pool = new_pool(settings.threads, "loader")?;
         let cancel = Arc::new(AtomicBool::new(false));
         // The slot queue is bounded: the dispatcher waits when `prefetch` batches are ahead.
@@ -245,7 +248,7 @@ impl BatchStream {
                 let collection = Arc::new(collection);
                 // Remote data: the requests of the batches `prefetch` places ahead start when a
                 // batch is dispatched, so the network is busy before their reads begin.
-                let lookahead = if collection.is_remote() { settings.prefetch.max(1) } else { 0 };
+                let lookahead = if collection.reads_ahead() { settings.prefetch.max(1) } else { 0 };
                 for ahead in batches.iter().take(lookahead) {
                     collection.prefetch(ahead, settings.key, settings.augment);
                 }

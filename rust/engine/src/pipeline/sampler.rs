@@ -38,6 +38,46 @@ pub fn request(dataset: &Dataset, index: usize, key: StreamKey, stream_index: u6
     })
 }
 
+/// The requests of one batch of `dataset`: sample `indices[i]` draws its augmentation from
+/// stream `streams[i]` when given (one per index), else from its own index.
+pub fn requests(dataset: &Dataset, indices: &[usize], streams: Option<&[u64]>, key: StreamKey, augment: bool) -> Result<Vec<SampleRequest>> {
+    if let Some(streams) = streams.filter(|s| s.len() != indices.len()) {
+        return Err(Error::invalid(format!(
+            "stream_indices has {} entries for {} indices; give one per index",
+            streams.len(),
+            indices.len()
+        )));
+    }
+    indices
+        .iter()
+        .enumerate()
+        .map(|(i, &index)| request(dataset, index, key, streams.map_or(index as u64, |s| s[i]), augment))
+        .collect()
+}
+
+/// Requests for patches centred at world `centres` (z, y, x), without augmentation, labelled
+/// `indices` (one per centre).
+pub fn centred_requests(centres: &[[f64; 3]], indices: &[u64]) -> Result<Vec<SampleRequest>> {
+    if centres.len() != indices.len() {
+        return Err(Error::invalid(format!(
+            "{} centres and {} indices: give one index per centre",
+            centres.len(),
+            indices.len()
+        )));
+    }
+    Ok(centres
+        .iter()
+        .zip(indices)
+        .map(|(&centre, &index)| SampleRequest {
+            index,
+            centre,
+            draw: SpatialDraw::default(),
+            value_seed: 0,
+            padding: false,
+        })
+        .collect())
+}
+
 /// The sample that replaces a failed one when reads skip failures: attempt `attempt` (1, 2,
 /// ...) for planned stream `stream` draws a grid index of the same dataset (of `len` samples)
 /// from its own keyed stream, and returns it with the stream its draws are keyed by. The same
@@ -406,6 +446,15 @@ pub fn epoch_batches(sizes: &[usize], annotated: &[Vec<bool>], settings: &EpochS
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn centred_requests_need_one_index_per_centre() {
+        let err = centred_requests(&[[0.0; 3], [1.0; 3]], &[5]).unwrap_err();
+        assert!(err.to_string().contains("2 centres and 1 indices"), "{err}");
+        let made = centred_requests(&[[0.0; 3], [1.0, 2.0, 3.0]], &[5, 9]).unwrap();
+        assert_eq!(made.iter().map(|r| (r.index, r.centre)).collect::<Vec<_>>(), vec![(5, [0.0; 3]), (9, [1.0, 2.0, 3.0])]);
+        assert!(made.iter().all(|r| r.draw == SpatialDraw::default() && !r.padding));
+    }
 
     #[test]
     fn uniform_plan_covers_every_sample_once_per_pass() {

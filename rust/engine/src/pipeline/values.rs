@@ -153,6 +153,17 @@ impl ValuePipeline {
         self.apply_known(values, shape, value_seed, stream, false);
     }
 
+    /// [`ValuePipeline::apply`] on values a caller shaped: refused when `shape` does not hold
+    /// exactly `values.len()` values.
+    pub fn apply_to(&self, values: &mut [f32], shape: &[usize], value_seed: u64, stream: u64) -> Result<()> {
+        let held = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        if held != Some(values.len()) {
+            return Err(Error::invalid(format!("shape {shape:?} does not hold {} values", values.len())));
+        }
+        self.apply(values, shape, value_seed, stream);
+        Ok(())
+    }
+
     /// The value a leading `NanToNum` gives NaN, if the pipeline starts with one: a read that
     /// would pad with NaN may pad with this instead (on integer data nothing else is NaN), and
     /// then skips the op.
@@ -315,6 +326,18 @@ mod tests {
 
     fn pipeline(v: serde_json::Value) -> ValuePipeline {
         ValuePipeline::from_json(&v, "test").unwrap()
+    }
+
+    #[test]
+    fn apply_to_refuses_a_shape_that_does_not_hold_the_values() {
+        let p = pipeline(json!([{"op": "binarize", "threshold": 0.5}]));
+        let mut values = vec![0.2f32, 0.7, 0.9, 0.1];
+        let err = p.apply_to(&mut values, &[1, 3], 0, 0).unwrap_err();
+        assert_eq!(err.kind(), crate::error::ErrorKind::InvalidArgument);
+        assert!(err.to_string().contains("shape [1, 3] does not hold 4 values"), "{err}");
+        assert!(p.apply_to(&mut values, &[usize::MAX, 2], 0, 0).is_err(), "an overflowing shape holds nothing");
+        p.apply_to(&mut values, &[2, 2], 0, 0).unwrap();
+        assert_eq!(values, vec![0.0, 1.0, 1.0, 0.0]);
     }
 
     #[test]

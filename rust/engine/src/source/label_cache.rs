@@ -202,7 +202,7 @@ impl LabelCache {
         };
         let voxels: u64 = first.levels[level].shape.iter().product();
         let bytes = voxels * members.len().div_ceil(CLASSES_PER_PLANE) as u64;
-        if bytes.saturating_mul(MAX_CROP_SHARE) > self.crops.capacity() || members.iter().any(|(v, _)| v.is_remote()) {
+        if bytes.saturating_mul(MAX_CROP_SHARE) > self.crops.capacity() || members.iter().any(|(v, _)| v.reads_ahead()) {
             self.passed.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         }

@@ -370,8 +370,9 @@ impl Volume {
         &self.store
     }
 
-    /// Whether the volume is read from an object store.
-    pub fn is_remote(&self) -> bool {
+    /// Whether the volume's reads are requests worth starting ahead of their use (it is read
+    /// from an object store, where latency, not decoding, bounds a read).
+    pub fn reads_ahead(&self) -> bool {
         self.store.remote().is_some()
     }
 

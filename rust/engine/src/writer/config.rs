@@ -1,8 +1,6 @@
 //! A writer's configuration: the typed form the Python layer sends (unknown keys rejected),
 //! and the one place its values are checked.
 
-use std::path::PathBuf;
-
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -12,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::format::dtype::DType;
 use crate::format::ngff::{CoordinateFrame, ZarrFormat};
 use crate::geometry::{WorldBox, AXES};
+use crate::io::location::Location;
 
 /// Blending / tiling part of a writer configuration.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -25,8 +24,8 @@ pub struct TilingConfig {
 /// Everything needed to create one output image.
 #[derive(Debug, Clone)]
 pub struct WriterConfig {
-    /// The image group to create, e.g. `<target_path>/<class>`.
-    pub path: PathBuf,
+    /// The image group to create, e.g. `<target_path>/<class>` (a folder or an object-store URL).
+    pub path: Location,
     /// `name` of the multiscale (default: the path below the `.zarr` container).
     pub name: Option<String>,
     /// Voxel size (nm, z y x).
@@ -57,8 +56,8 @@ pub struct WriterConfig {
     pub compression_level: i32,
     /// Tiling plan (dataset writer) or `None` (free writes at any position).
     pub tiling: Option<TilingConfig>,
-    /// Paths the writer must never write into (the raw input).
-    pub protected: Vec<PathBuf>,
+    /// Locations the writer must never write into (the raw input).
+    pub protected: Vec<Location>,
     /// fsync every chunk before renaming it into place.
     pub fsync: bool,
     /// What the written translation marks (default: the process-wide frame).
@@ -83,7 +82,7 @@ pub enum Downsample {
 #[serde(deny_unknown_fields)]
 struct TilingJson {
     #[serde(default)]
-    overlap: Option<[usize; 3]>,
+    overlap: Option<[i64; 3]>,
     #[serde(default)]
     blend: Option<String>,
 }
@@ -105,15 +104,15 @@ fn default_compression_level() -> i32 {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WriterJson {
-    path: PathBuf,
+    path: String,
     #[serde(default)]
     name: Option<String>,
     voxel_size: [f64; 3],
     bounds_lo: [f64; 3],
     bounds_hi: [f64; 3],
-    write_shape: [usize; 3],
+    write_shape: [i64; 3],
     #[serde(default)]
-    chunk_shape: Option<[usize; 3]>,
+    chunk_shape: Option<[i64; 3]>,
     #[serde(default = "default_dtype")]
     dtype: String,
     /// `null` (JSON has no NaN): NaN; absent: 0.
@@ -126,15 +125,15 @@ struct WriterJson {
     #[serde(default)]
     exist_ok: bool,
     #[serde(default)]
-    first_level: usize,
+    first_level: i64,
     #[serde(default)]
-    downsample_levels: usize,
+    downsample_levels: i64,
     #[serde(default = "default_compression_level")]
     compression_level: i32,
     #[serde(default)]
     tiling: Option<TilingJson>,
     #[serde(default)]
-    protected: Vec<PathBuf>,
+    protected: Vec<String>,
     #[serde(default)]
     fsync: bool,
     #[serde(default)]
@@ -150,6 +149,18 @@ fn zero_fill() -> Option<f64> {
     Some(0.0)
 }
 
+/// Signed numbers from the caller as counts, refusing a negative one by the name the caller
+/// knows it by (`write_voxel_shape`, `overlap`...): serde's own message would name a Rust type.
+fn counts<const N: usize>(name: &str, values: [i64; N], positive: bool) -> Result<[usize; N]> {
+    let least = i64::from(positive);
+    if values.iter().any(|&v| v < least) {
+        let shown = if N == 1 { values[0].to_string() } else { format!("{values:?}") };
+        let rule = if positive { "positive" } else { "non-negative" };
+        return Err(Error::invalid(format!("{name} {shown} must be {rule}")));
+    }
+    Ok(values.map(|v| v as usize))
+}
+
 impl WriterConfig {
     /// Parses the JSON the Python layer sends (see `cellmap_data/writer.py`). `fill_value:
     /// null` means NaN.
@@ -160,10 +171,17 @@ impl WriterConfig {
             3 => ZarrFormat::V3,
             other => return Err(Error::invalid(format!("zarr_format must be 2 or 3, not {other}"))),
         };
+        let write_shape = counts("write_voxel_shape", parsed.write_shape, true)?;
+        let chunk_shape = match parsed.chunk_shape {
+            Some(chunks) => counts("chunks", chunks, true)?,
+            None => write_shape,
+        };
+        let [first_level] = counts("scale_level", [parsed.first_level], false)?;
+        let [downsample_levels] = counts("downsample_levels", [parsed.downsample_levels], false)?;
         let tiling = match parsed.tiling {
             None => None,
             Some(t) => Some(TilingConfig {
-                overlap: t.overlap.unwrap_or([0; 3]),
+                overlap: counts("overlap", t.overlap.unwrap_or([0; 3]), false)?,
                 blend: Blend::parse(t.blend.as_deref().unwrap_or("linear"))?,
             }),
         };
@@ -176,25 +194,25 @@ impl WriterConfig {
             Some(other) => return Err(Error::invalid(format!("downsample must be 'mean' or 'mode', not '{other}'"))),
         };
         Ok(WriterConfig {
-            path: parsed.path,
+            path: Location::parse(&parsed.path),
             name: parsed.name,
             voxel_size: parsed.voxel_size,
             bounds: WorldBox {
                 lo: parsed.bounds_lo,
                 hi: parsed.bounds_hi,
             },
-            write_shape: parsed.write_shape,
-            chunk_shape: parsed.chunk_shape.unwrap_or(parsed.write_shape),
+            write_shape,
+            chunk_shape,
             dtype,
             fill_value: parsed.fill_value.unwrap_or(f64::NAN),
             format,
             overwrite: parsed.overwrite,
             exist_ok: parsed.exist_ok,
-            first_level: parsed.first_level,
-            downsample_levels: parsed.downsample_levels,
+            first_level,
+            downsample_levels,
             compression_level: parsed.compression_level,
             tiling,
-            protected: parsed.protected,
+            protected: parsed.protected.iter().map(|p| Location::parse(p)).collect(),
             fsync: parsed.fsync,
             frame: match parsed.coordinate_frame {
                 Some(name) => CoordinateFrame::parse(&name)?,

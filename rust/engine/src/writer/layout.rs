@@ -27,12 +27,16 @@ use crate::io::location::Location;
 use crate::io::store::Store;
 use crate::with_dtype;
 
-/// Absolute, lexically normalised path, with the longest existing prefix canonicalised
-/// (symlinks resolved).
-fn resolved(path: &Path) -> PathBuf {
-    if is_url(path) {
-        return path.to_path_buf();
+/// A local location as an absolute, lexically normalised path, with the longest existing prefix
+/// canonicalised (symlinks resolved); a URL as it is.
+fn resolved(location: &Location) -> Location {
+    match location {
+        Location::Remote(_) => location.clone(),
+        Location::Local(path) => Location::Local(resolved_path(path)),
     }
+}
+
+fn resolved_path(path: &Path) -> PathBuf {
     let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let mut clean = PathBuf::new();
     for c in absolute.components() {
@@ -62,15 +66,15 @@ fn resolved(path: &Path) -> PathBuf {
     out
 }
 
-fn is_url(path: &Path) -> bool {
-    Location::of_path(path).is_remote()
+/// Whether a zarr node (group or array metadata) is at `location`: one round trip for a URL.
+fn is_zarr_node(location: &Location) -> Result<bool> {
+    match location {
+        Location::Remote(url) => Ok(crate::io::remote::nodes_exist(std::slice::from_ref(url))?[0]),
+        Location::Local(dir) => Ok(is_local_zarr_node(dir)),
+    }
 }
 
-fn is_zarr_node(dir: &Path) -> bool {
-    if is_url(dir) {
-        let url = dir.to_string_lossy().into_owned();
-        return crate::io::remote::nodes_exist(&[url]).is_ok_and(|found| found[0]);
-    }
+fn is_local_zarr_node(dir: &Path) -> bool {
     ZARR_METADATA_FILES.iter().any(|f| dir.join(f).is_file())
 }
 
@@ -84,7 +88,7 @@ fn is_interrupted_creation(dir: &Path) -> bool {
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
         if path.is_dir() {
-            is_zarr_node(&path) || is_interrupted_creation(&path)
+            is_local_zarr_node(&path) || is_interrupted_creation(&path)
         } else {
             ZARR_METADATA_FILES.contains(&name.as_str()) || (name.starts_with('.') && name.ends_with(".partial"))
         }
@@ -98,17 +102,20 @@ fn is_empty_dir(dir: &Path) -> bool {
     fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(false)
 }
 
-/// The directories from the `.zarr` container root (if the path is inside one) down to the
+/// The locations from the `.zarr` container root (if the image is inside one) down to the
 /// parent of `image`.
-fn container_chain(image: &Path) -> Vec<PathBuf> {
-    let ancestors: Vec<&Path> = image.ancestors().skip(1).collect();
-    let root = ancestors.iter().position(|p| {
-        p.file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.to_ascii_lowercase().ends_with(".zarr"))
-    });
+fn container_chain(image: &Location) -> Vec<Location> {
+    let mut ancestors = Vec::new();
+    let mut next = image.parent();
+    while let Some(location) = next {
+        next = location.parent();
+        ancestors.push(location);
+    }
+    let root = ancestors
+        .iter()
+        .position(|l| l.name().is_some_and(|n| n.to_ascii_lowercase().ends_with(".zarr")));
     match root {
-        Some(i) => ancestors[..=i].iter().rev().map(|p| p.to_path_buf()).collect(),
+        Some(i) => ancestors[..=i].iter().rev().cloned().collect(),
         None => Vec::new(),
     }
 }
@@ -117,22 +124,13 @@ fn multiscale_name(config: &WriterConfig) -> String {
     if let Some(n) = &config.name {
         return n.clone();
     }
-    let chain = container_chain(&config.path);
-    match chain.first() {
-        Some(root) => config
-            .path
-            .strip_prefix(root)
-            .map(|p| p.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        None => config
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+    match container_chain(&config.path).first() {
+        Some(root) => config.path.relative_to(root).unwrap_or_default(),
+        None => config.path.name().unwrap_or_default().to_string(),
     }
 }
 
-fn exists_error(path: &Path, kind: std::io::ErrorKind, message: &str) -> Error {
+fn exists_error(path: impl AsRef<Path>, kind: std::io::ErrorKind, message: &str) -> Error {
     Error::io(path, std::io::Error::new(kind, message.to_string()))
 }
 
@@ -146,25 +144,24 @@ pub(super) fn validate(config: &WriterConfig) -> Result<()> {
         let p = resolved(p);
         if path.starts_with(&p) || p.starts_with(&path) {
             return Err(Error::invalid(format!(
-                "output {} would write into the input data at {}; choose another target path",
-                config.path.display(),
-                p.display()
+                "output {} would write into the input data at {p}; choose another target path",
+                config.path
             )));
         }
     }
-    if is_url(&path) {
-        // An object store has no folders to probe: the image exists when its metadata does
-        // (one round trip); writing is checked by the first write.
-        let exists = crate::io::remote::nodes_exist(&[path.to_string_lossy().into_owned()])?[0];
-        if exists && !config.overwrite && !config.exist_ok {
-            return Err(exists_error(
-                &config.path,
-                std::io::ErrorKind::AlreadyExists,
-                "output already exists (pass overwrite=True to replace it, or exist_ok=True to write into it)",
-            ));
+    let already = "output already exists (pass overwrite=True to replace it, or exist_ok=True to write into it)";
+    let chain = container_chain(&path);
+    let path = match path {
+        Location::Remote(_) => {
+            // An object store has no folders to probe: the image exists when its metadata does
+            // (one round trip); writing is checked by the first write.
+            if is_zarr_node(&path)? && !config.overwrite && !config.exist_ok {
+                return Err(exists_error(&config.path, std::io::ErrorKind::AlreadyExists, already));
+            }
+            return Ok(());
         }
-        return Ok(());
-    }
+        Location::Local(path) => path,
+    };
     if path.exists() {
         if !path.is_dir() {
             return Err(exists_error(
@@ -175,22 +172,18 @@ pub(super) fn validate(config: &WriterConfig) -> Result<()> {
         }
         if !is_empty_dir(&path) {
             if !config.overwrite && !config.exist_ok {
-                return Err(exists_error(
-                    &config.path,
-                    std::io::ErrorKind::AlreadyExists,
-                    "output already exists (pass overwrite=True to replace it, or exist_ok=True to write into it)",
-                ));
+                return Err(exists_error(&config.path, std::io::ErrorKind::AlreadyExists, already));
             }
-            if !is_zarr_node(&path) && !is_interrupted_creation(&path) {
+            if !is_local_zarr_node(&path) && !is_interrupted_creation(&path) {
                 return Err(Error::invalid(format!(
                     "{}: exists and is not a zarr group; refusing to delete it for overwrite=True or to write into it",
-                    config.path.display()
+                    config.path
                 )));
             }
         }
     }
-    for dir in container_chain(&path) {
-        if dir.join(".zarray").is_file() || crate::format::zarr_node::is_v3_array(&dir) == Some(true) {
+    for dir in chain.iter().filter_map(|l| l.local()) {
+        if dir.join(".zarray").is_file() || crate::format::zarr_node::is_v3_array(dir) == Some(true) {
             return Err(Error::invalid(format!(
                 "{}: is a zarr array, not a group; cannot write inside it",
                 dir.display()
@@ -228,20 +221,15 @@ pub(super) fn validate(config: &WriterConfig) -> Result<()> {
             Ok(())
         }
         Err(e) => Err(Error::io(
-            format!("{}: cannot create the output {} here", existing.display(), config.path.display()),
+            format!("{}: cannot create the output {} here", existing.display(), config.path),
             e,
         )),
     }
 }
 
 /// The zarrs node path of `dir` in a store rooted at `root`.
-fn node_path(root: &Path, dir: &Path) -> String {
-    let relative = dir.strip_prefix(root).unwrap_or(Path::new(""));
-    let parts: Vec<String> = relative
-        .components()
-        .map(|c| c.as_os_str().to_string_lossy().into_owned())
-        .collect();
-    format!("/{}", parts.join("/"))
+fn node_path(root: &Location, dir: &Location) -> String {
+    format!("/{}", dir.relative_to(root).unwrap_or_default())
 }
 
 fn store_group(
@@ -331,13 +319,13 @@ fn multiscale(config: &WriterConfig, levels: &[LevelInfo]) -> MultiscaleJson {
 /// the store (`""` when the store is rooted at the image).
 pub(super) type OpenedImage = (Arc<OutputStore>, Vec<LevelInfo>, String);
 
-fn image_key(root: &Path, image: &Path) -> String {
+fn image_key(root: &Location, image: &Location) -> String {
     node_path(root, image).trim_start_matches('/').to_string()
 }
 
-/// Where an image's nodes go: its resolved path, the directories from the `.zarr` container
+/// Where an image's nodes go: its resolved location, the locations from the `.zarr` container
 /// root down to its parent, and the store rooted at that container (or at the image).
-fn placement(config: &WriterConfig) -> Result<(PathBuf, Vec<PathBuf>, PathBuf, Arc<OutputStore>)> {
+fn placement(config: &WriterConfig) -> Result<(Location, Vec<Location>, Location, Arc<OutputStore>)> {
     let image = resolved(&config.path);
     let chain = container_chain(&image);
     let root = chain.first().cloned().unwrap_or_else(|| image.clone());
@@ -352,7 +340,7 @@ fn open_image(config: &WriterConfig, stored: crate::format::ngff::Multiscale, le
     let mismatch = |what: String| {
         Error::invalid(format!(
             "{}: exists with {what}; exist_ok=True writes only into an image of the same layout (pass overwrite=True to replace it)",
-            config.path.display()
+            config.path
         ))
     };
     let mut opened = Vec::with_capacity(levels.len());
@@ -404,11 +392,9 @@ pub(super) fn clear_image(config: &WriterConfig) -> Result<bool> {
     check.exist_ok = false;
     check.shard = None;
     validate(&check)?;
-    let path = resolved(&config.path);
-    let exists = if is_url(&path) {
-        crate::io::remote::nodes_exist(&[path.to_string_lossy().into_owned()])?[0]
-    } else {
-        path.exists() && !is_empty_dir(&path)
+    let exists = match resolved(&config.path) {
+        remote @ Location::Remote(_) => is_zarr_node(&remote)?,
+        Location::Local(path) => path.exists() && !is_empty_dir(&path),
     };
     if exists {
         let (image, _, root, store) = placement(config)?;
@@ -421,16 +407,15 @@ pub(super) fn clear_image(config: &WriterConfig) -> Result<bool> {
 /// one array per level, then the image group's metadata last (a half-created image has no
 /// multiscales). Replaces an existing image (validated: only with `overwrite`).
 pub(super) fn create_image(config: &WriterConfig, mut levels: Vec<LevelInfo<()>>) -> Result<OpenedImage> {
-    let path = &config.path;
     if config.exist_ok {
-        if let Ok(stored) = Store::open(&Location::of_path(path)).and_then(|store| read_multiscale(&store, "")) {
+        if let Ok(stored) = Store::open(&config.path).and_then(|store| read_multiscale(&store, "")) {
             return open_image(config, stored, levels);
         }
     }
     // With exist_ok another process may be creating the same image: creating it again writes
     // the same metadata and keeps its chunks.
-    let remote = is_url(path);
-    if config.overwrite && !remote && path.exists() && !is_empty_dir(path) {
+    let remote = config.path.url().is_some();
+    if let Some(path) = config.path.local().filter(|p| config.overwrite && p.exists() && !is_empty_dir(p)) {
         fs::remove_dir_all(path).map_err(|e| Error::io(path, e))?;
     }
     let (image, chain, root, store) = placement(config)?;
@@ -438,7 +423,7 @@ pub(super) fn create_image(config: &WriterConfig, mut levels: Vec<LevelInfo<()>>
         store.erase_below(&node_path(&root, &image))?;
     }
     for dir in &chain {
-        if !is_zarr_node(dir) {
+        if !is_zarr_node(dir)? {
             store_group(&store, &node_path(&root, dir), config.format, Default::default())?;
         }
     }

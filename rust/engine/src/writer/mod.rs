@@ -390,12 +390,12 @@ impl ImageWriter {
     fn require_plan(&self) -> Result<&TilePlan> {
         self.plan
             .as_ref()
-            .ok_or_else(|| Error::invalid(format!("{}: this writer has no tiling plan", self.config.path.display())))
+            .ok_or_else(|| Error::invalid(format!("{}: this writer has no tiling plan", self.config.path)))
     }
 
     fn check_open(&self) -> Result<()> {
         if self.is_closed() {
-            return Err(Error::invalid(format!("{}: the writer is closed", self.config.path.display())));
+            return Err(Error::invalid(format!("{}: the writer is closed", self.config.path)));
         }
         Ok(())
     }
@@ -409,7 +409,7 @@ impl ImageWriter {
         if data.len() != indices.len() * n {
             return Err(Error::invalid(format!(
                 "{}: {} values for {} tiles of shape {:?} (expected {})",
-                self.config.path.display(),
+                self.config.path,
                 data.len(),
                 indices.len(),
                 plan.tile,
@@ -442,7 +442,7 @@ impl ImageWriter {
         if data.len() != starts.len() * n {
             return Err(Error::invalid(format!(
                 "{}: {} values for {} writes of shape {:?} (expected {})",
-                self.config.path.display(),
+                self.config.path,
                 data.len(),
                 starts.len(),
                 shape,
@@ -615,10 +615,10 @@ impl ImageWriter {
     fn shared_write_lock(&self) -> Result<Option<std::fs::File>> {
         // An object store has no file locks: writers sharing a remote image must write
         // disjoint chunks (as ranks do).
-        if !self.config.exist_ok || self.store.is_remote() {
+        let Some(image) = self.config.path.local().filter(|_| self.config.exist_ok) else {
             return Ok(None);
-        }
-        let path = self.config.path.join(".cellmap-write.lock");
+        };
+        let path = image.join(".cellmap-write.lock");
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -660,7 +660,7 @@ impl ImageWriter {
     fn load_chunk(&self, level: usize, chunk: [u64; 3]) -> Result<Vec<f32>> {
         let info = &self.levels[level];
         let n: usize = self.config.chunk_shape.iter().product();
-        let where_ = || format!("{} chunk {:?}", self.config.path.join(&info.name).display(), chunk);
+        let where_ = || format!("{} chunk {:?}", self.config.path.join(&info.name), chunk);
         with_dtype!(self.config.dtype, T => {
             match info.array.retrieve_chunk_if_exists::<Vec<T>>(&chunk).map_err(|e| Error::decode(where_(), e))? {
                 Some(v) => Ok(v.into_iter().map(Sample::to_f32).collect()),
@@ -674,7 +674,7 @@ impl ImageWriter {
     /// erased.
     fn store_chunk(&self, level: usize, chunk: [u64; 3], values: &[f32]) -> Result<()> {
         let info = &self.levels[level];
-        let where_ = || format!("{} chunk {:?}", self.config.path.join(&info.name).display(), chunk);
+        let where_ = || format!("{} chunk {:?}", self.config.path.join(&info.name), chunk);
         with_dtype!(self.config.dtype, T => {
             let fill = <T as Sample>::from_f64(self.config.fill_value);
             // Every NaN becomes the fill's NaN, so an all-NaN chunk is recognised as fill.
@@ -769,7 +769,7 @@ impl ImageWriter {
                         return Err(Error::invalid(format!(
                             "{}: {done} of {} chunks are complete and the ranks have built {shares} of {expected} \
                              chunks of {name}; rank 0 finishes the downsampled levels once every rank has finished",
-                            self.config.path.display(),
+                            self.config.path,
                             progress.total(),
                         )));
                     }

@@ -96,7 +96,7 @@ impl Progress {
                 if stored != fingerprint {
                     return Err(Error::invalid(format!(
                         "{}: the image's completed chunks were written with another plan ({stored}); this writer's plan is {fingerprint}. Pass overwrite=True to start again",
-                        store.describe(&plan_key).display()
+                        store.describe(&plan_key)
                     )));
                 }
                 done_at_open.extend(marks_in(&store, &dir)?.into_iter().map(|(chunk, _)| chunk));

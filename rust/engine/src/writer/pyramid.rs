@@ -55,7 +55,7 @@ impl ImageWriter {
             let source: Vec<f32> = with_dtype!(self.config.dtype, T => {
                 src_array
                     .retrieve_array_subset::<Vec<T>>(&subset)
-                    .map_err(|e| Error::decode(self.config.path.join(where_()), e))?
+                    .map_err(|e| Error::decode(self.config.path.join(&where_()), e))?
                     .into_iter()
                     .map(Sample::to_f32)
                     .collect()

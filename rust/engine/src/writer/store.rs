@@ -14,7 +14,7 @@
 //! several processes writing one volume (or a re-run after a crash) would hit.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use zarrs::filesystem::FilesystemStore;
@@ -43,7 +43,7 @@ fn is_metadata_key(key: &StoreKey) -> bool {
 pub struct OutputStore {
     backend: Backend,
     /// The folder or URL the store is rooted at (for messages).
-    root: PathBuf,
+    root: Location,
     chunks_written: AtomicU64,
     bytes_written: AtomicU64,
 }
@@ -56,33 +56,28 @@ enum Backend {
 
 impl OutputStore {
     /// A store rooted at `root`: a folder (created when missing), or an object-store URL.
-    pub fn new(root: &Path, fsync: bool) -> Result<OutputStore> {
-        let text = root.to_string_lossy();
-        let backend = if Location::parse(&text).is_remote() {
-            Backend::Remote(RemoteStore::open(&text)?)
-        } else {
-            fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
-            Backend::Local {
-                inner: FilesystemStore::new(root).map_err(|e| Error::metadata(root, e))?,
-                fsync,
+    pub fn new(root: &Location, fsync: bool) -> Result<OutputStore> {
+        let backend = match root {
+            Location::Remote(url) => Backend::Remote(RemoteStore::open(url)?),
+            Location::Local(dir) => {
+                fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+                Backend::Local {
+                    inner: FilesystemStore::new(dir).map_err(|e| Error::metadata(dir, e))?,
+                    fsync,
+                }
             }
         };
         Ok(OutputStore {
             backend,
-            root: root.to_path_buf(),
+            root: root.clone(),
             chunks_written: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
         })
     }
 
     /// The folder or URL the store is rooted at.
-    pub fn root(&self) -> &Path {
+    pub fn root(&self) -> &Location {
         &self.root
-    }
-
-    /// Whether the store is an object store.
-    pub fn is_remote(&self) -> bool {
-        matches!(self.backend, Backend::Remote(_))
     }
 
     /// Chunk values written so far (metadata files not counted).
@@ -96,12 +91,12 @@ impl OutputStore {
     }
 
     /// Where `key` is, for messages.
-    pub fn describe(&self, key: &str) -> PathBuf {
+    pub fn describe(&self, key: &str) -> Location {
         self.root.join(key)
     }
 
     fn store_key(&self, key: &str) -> Result<StoreKey> {
-        StoreKey::new(key.trim_start_matches('/')).map_err(|e| Error::invalid(format!("{}: {e}", self.describe(key).display())))
+        StoreKey::new(key.trim_start_matches('/')).map_err(|e| Error::invalid(format!("{}: {e}", self.describe(key))))
     }
 
     fn error(&self, key: &str, e: StorageError) -> Error {
@@ -285,7 +280,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("cellmap-store-test-{}", std::process::id()));
         for fsync in [false, true] {
             let _ = fs::remove_dir_all(&dir);
-            let store = OutputStore::new(&dir, fsync).unwrap();
+            let store = OutputStore::new(&Location::Local(dir.clone()), fsync).unwrap();
             let key = StoreKey::new("a/0.0.0").unwrap();
             store.set(&key, Bytes::from_static(b"hello")).unwrap();
             store.set(&key, Bytes::from_static(b"world!")).unwrap();

@@ -9,6 +9,7 @@ use super::*;
 use crate::format::dtype::DType;
 use crate::format::ngff::{CoordinateFrame, ZarrFormat};
 use crate::geometry::WorldBox;
+use crate::io::location::Location;
 use crate::source::cache::ChunkCache;
 use crate::source::volume::Volume;
 
@@ -27,7 +28,7 @@ fn temp_dir(name: &str) -> PathBuf {
 
 fn config(path: PathBuf, lo: [f64; 3], hi: [f64; 3], voxel: [f64; 3], tile: [usize; 3]) -> WriterConfig {
     WriterConfig {
-        path,
+        path: Location::Local(path),
         name: None,
         voxel_size: voxel,
         bounds: WorldBox { lo, hi },
@@ -198,7 +199,7 @@ fn existing_output_needs_overwrite_and_input_is_protected() {
     ImageWriter::create(o).unwrap();
     let mut p = c;
     p.overwrite = true;
-    p.protected = vec![dir.join("o.zarr")];
+    p.protected = vec![Location::Local(dir.join("o.zarr"))];
     let e = ImageWriter::create(p).unwrap_err();
     assert!(e.to_string().contains("input data"), "{e}");
     fs::remove_dir_all(&dir).unwrap();

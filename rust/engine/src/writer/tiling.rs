@@ -16,9 +16,9 @@ pub enum Blend {
 impl Blend {
     /// Parses `linear` (also `tent`) or `gaussian`.
     pub fn parse(name: &str) -> Result<Blend> {
-        match name.to_ascii_lowercase().as_str() {
-            "linear" | "tent" => Ok(Blend::Linear),
-            "gaussian" | "gauss" => Ok(Blend::Gaussian),
+        match name {
+            "linear" => Ok(Blend::Linear),
+            "gaussian" => Ok(Blend::Gaussian),
             other => Err(Error::invalid(format!("blend must be 'linear' or 'gaussian', not '{other}'"))),
         }
     }
