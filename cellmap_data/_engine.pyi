@@ -141,7 +141,7 @@ def remote_options() -> dict[str, Any]:
 def set_remote_options(
     *, max_in_flight: int | None = None, timeout: float | None = None, retries: int | None = None,
     endpoint_url: str | None = None, anonymous: bool | str | None = None, disk_cache: str | None = None,
-    disk_cache_bytes: int | None = None,
+    disk_cache_bytes: int | None = None, range_gap: int | None = None,
 ) -> None:
     """Replaces the object-store options (stores opened afterwards use them)."""
 

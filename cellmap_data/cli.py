@@ -274,9 +274,11 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only measure reading over a loopback HTTP server with 20 and 50 ms per request and 1, 8, 32 "
                              "and 64 requests in flight, against the same data read locally")
     parser.add_argument("--remote-sharded", default=False, action="store_true",
-                        help="only measure the loader reading a sharded zarr v3 split (shards of 4³ chunks of 64³) over "
+                        help="only measure the loader reading a sharded zarr v3 split (shards of 8³ chunks of 64³) over "
                              "a loopback HTTP server at 20 ms per request: requests, MB and wait per batch, and a digest "
                              "of the batches; with --against DIR, that build too, interleaved")
+    parser.add_argument("--chunks-per-shard", default=8, type=_positive_int,
+                        help="with --remote-sharded: chunks of 64³ per shard along each axis (default 8: shards of 512³)")
     parser.add_argument("--crops", default=None, metavar="N[,N...]",
                         help="only run the many-crop table: a split of N crops over N/4 volumes (e.g. 6,48,144,400) "
                              "through the public API, with samples/s, first batch, peak RSS, decoded bytes per sample, "
@@ -328,10 +330,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.remote_sharded:
         from cellmap_data.tools.bench import bench_remote_sharded, sharded_bench_data
 
-        r = bench_remote_sharded(args.against, sharded_bench_data(), repeat=args.repeat, batches=min(args.batches, 12),
+        r = bench_remote_sharded(args.against, sharded_bench_data(args.chunks_per_shard), repeat=args.repeat, batches=args.batches,
                                  threads=(args.loader_threads or [2])[-1])
         for which, b in r["builds"].items():
-            print(f"{which:<5} {b['requests_per_batch']:6.1f} requests/batch ({b['ranged_requests_per_batch']:.1f} byte ranges)  "
+            if "error" in b:
+                print(f"{which:<17} refused the data: {b['error'][:300]}")
+                continue
+            print(f"{which:<17} {b['requests_per_batch']:6.1f} requests/batch ({b['ranged_requests_per_batch']:.1f} byte ranges)  "
                   f"{b['mb_per_batch']:7.1f} MB/batch  wait {b['batch_wait_s'] * 1000:7.1f} ms/batch (median)  "
                   f"epoch {b['epoch_s']:6.2f} s  ({b['opening_requests']:.0f} requests to open; {b['version']} at {b['file']})")
         print(f"{r['batches']} batches of 8 at {r['latency_s'] * 1000:g} ms per request, medians of {r['repeat']} cold runs"

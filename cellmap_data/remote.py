@@ -32,6 +32,7 @@ def configure_remote(
     retries: int | None = None,
     disk_cache: str | os.PathLike[str] | None = None,
     disk_cache_bytes: int | None = None,
+    range_gap: int | None = None,
 ) -> dict[str, Any]:
     """Sets how object stores are read; ``None`` keeps a setting. Returns the options now in
     effect.
@@ -48,10 +49,14 @@ def configure_remote(
             ``""`` turns it off.
         disk_cache_bytes: the disk cache's budget (default 20 GiB); least recently used
             chunks are deleted beyond it.
+        range_gap: byte ranges of one object (inner chunks of a shard) less than this many
+            bytes apart are asked for in one request (default 1 MiB); 0 asks for each range on
+            its own. Larger values trade bytes for fewer round trips on high-latency stores.
     """
     _engine.set_remote_options(
         endpoint_url=endpoint_url, anonymous=anonymous, max_in_flight=max_in_flight, timeout=timeout, retries=retries,
         disk_cache=None if disk_cache is None else os.fspath(disk_cache), disk_cache_bytes=disk_cache_bytes,
+        range_gap=range_gap,
     )
     return remote_options()
 

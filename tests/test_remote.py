@@ -37,7 +37,7 @@ def restore_remote_options():
     configure_remote(
         endpoint_url=before["endpoint_url"] or "", anonymous="auto" if before["anonymous"] is None else before["anonymous"],
         max_in_flight=before["max_in_flight"], timeout=before["timeout"], retries=before["retries"],
-        disk_cache=before["disk_cache"] or "", disk_cache_bytes=before["disk_cache_bytes"],
+        disk_cache=before["disk_cache"] or "", disk_cache_bytes=before["disk_cache_bytes"], range_gap=before["range_gap"],
     )
 
 
@@ -114,22 +114,36 @@ def test_a_batch_requests_its_chunks_together(crop, http_server_factory):
     assert elapsed < chunk_requests * 0.1 / 2, (elapsed, chunk_requests)
 
 
-@pytest.fixture(scope="module")
-def sharded_crop(tmp_path_factory) -> Path:
-    """The same voxels as ``crop`` in zarr v3 shards of 2x2x2 inner chunks of 8³."""
-    root = tmp_path_factory.mktemp("remote-sharded") / "data.zarr"
+def write_sharded_crop(root: Path, raw_shards: int, label_shards: int) -> Path:
+    """The same voxels as ``crop`` in zarr v3 shards (raw: inner chunks of 8³, labels of 16³)."""
     raw = (np.arange(32 ** 3) % 251 + 1).astype(np.float32).reshape(32, 32, 32)
     grid = np.indices((32, 32, 32)).sum(axis=0)
-    sharding = dict(zarr_format=3, chunks=(8, 8, 8), shards=(16, 16, 16))
-    write_ome_image(root / "raw", [raw, raw[::2, ::2, ::2]], [VOXEL, (8.0, 8.0, 8.0)], [(2.0,) * 3, (4.0,) * 3], **sharding)
-    write_ome_image(root / "crop" / "mito", [(grid % 3 == 0).astype(np.uint8)], [VOXEL], [(2.0,) * 3], **sharding)
-    write_ome_image(root / "crop" / "er", [(grid % 5 == 0).astype(np.uint8)], [VOXEL], [(2.0,) * 3], **sharding)
+    raw_sharding = dict(zarr_format=3, chunks=(8, 8, 8), shards=(raw_shards,) * 3)
+    label_sharding = dict(zarr_format=3, chunks=(16, 16, 16), shards=(label_shards,) * 3)
+    write_ome_image(root / "raw", [raw, raw[::2, ::2, ::2]], [VOXEL, (8.0, 8.0, 8.0)], [(2.0,) * 3, (4.0,) * 3], **raw_sharding)
+    write_ome_image(root / "crop" / "mito", [(grid % 3 == 0).astype(np.uint8)], [VOXEL], [(2.0,) * 3], **label_sharding)
+    write_ome_image(root / "crop" / "er", [(grid % 5 == 0).astype(np.uint8)], [VOXEL], [(2.0,) * 3], **label_sharding)
     return root
 
 
-def test_sharded_batches_from_http_equal_local_unsharded_batches(crop, sharded_crop, http_server_factory):
-    server = http_server_factory(sharded_crop.parent)
-    remote = dataset(served(server, sharded_crop / "raw"), served(server, sharded_crop / "crop"), spatial_transforms=ROTATE)
+@pytest.fixture(scope="module")
+def sharded_crop(tmp_path_factory) -> Path:
+    """Shards far larger than the data (raw 256³ float32, labels 512³ uint8, 64 and 128 MiB
+    decoded): read remotely by inner chunk."""
+    return write_sharded_crop(tmp_path_factory.mktemp("remote-sharded") / "data.zarr", 256, 512)
+
+
+@pytest.fixture(scope="module")
+def small_shard_crop(tmp_path_factory) -> Path:
+    """Shards of 2x2x2 inner chunks (16 KiB of raw): read remotely a whole shard at a time."""
+    return write_sharded_crop(tmp_path_factory.mktemp("remote-small-shards") / "data.zarr", 16, 32)
+
+
+@pytest.mark.parametrize("source", ["sharded_crop", "small_shard_crop"])
+def test_sharded_batches_from_http_equal_local_unsharded_batches(crop, source, http_server_factory, request):
+    sharded = request.getfixturevalue(source)
+    server = http_server_factory(sharded.parent)
+    remote = dataset(served(server, sharded / "raw"), served(server, sharded / "crop"), spatial_transforms=ROTATE)
     local = dataset(str(crop / "raw"), str(crop / "crop"), spatial_transforms=ROTATE)
     assert_same_samples(remote, local)
 
@@ -142,20 +156,40 @@ def test_sharded_batches_from_http_equal_local_unsharded_batches(crop, sharded_c
         assert torch.equal(r["gt"].nan_to_num(-1), l["gt"].nan_to_num(-1))
 
 
-def test_a_read_asks_for_the_inner_chunks_of_a_shard_in_one_range_request(sharded_crop, http_server_factory):
+RAW = (np.arange(32 ** 3) % 251 + 1).astype(np.float32).reshape(32, 32, 32)
+
+
+def shard_requests(server: DirectoryServer, key: str) -> tuple[list[str], list[str], list[str]]:
+    """The index reads (suffix ranges), byte-range reads and whole reads of one shard."""
+    ranges = [(headers.get("range") or "") for _, path, headers in server.requests if path.endswith(key)]
+    return ([r for r in ranges if r.startswith("bytes=-")], [r for r in ranges if r.startswith("bytes=") and "=-" not in r],
+            [r for r in ranges if not r])
+
+
+@pytest.mark.parametrize("range_gap, range_requests", [(None, 1), (0, 8)], ids=["coalesced", "one-per-inner-chunk"])
+def test_a_read_asks_for_the_inner_chunks_of_a_shard_together(sharded_crop, http_server_factory, range_gap, range_requests):
+    if range_gap is not None:
+        configure_remote(range_gap=range_gap)
     server = http_server_factory(sharded_crop.parent)
     image = CellMapImage(served(server, sharded_crop / "raw"), "raw", VOXEL, (16, 16, 16))
     server.reset_log()
-    # Exactly the second shard along x: its 8 inner chunks, voxels [0, 16) x [0, 16) x [16, 32).
-    patch = image[{"z": 32.0, "y": 32.0, "x": 96.0}].numpy()
-    raw = (np.arange(32 ** 3) % 251 + 1).astype(np.float32).reshape(32, 32, 32)
-    np.testing.assert_array_equal(patch, raw[:16, :16, 16:])
-    shard = [(headers.get("range") or "") for method, path, headers in server.requests if path.endswith("/raw/s0/c/0/0/1")]
-    index_reads = [r for r in shard if r.startswith("bytes=-")]
-    range_reads = [r for r in shard if r.startswith("bytes=") and not r.startswith("bytes=-")]
-    # One read of the shard's index, then its 8 inner chunks as one coalesced range.
-    assert len(index_reads) == 1 and len(range_reads) == 1, shard
-    assert server.count(method="GET", pattern=r"/raw/s0/c/") == 2, server.requests
+    # Voxels [0, 16) x [0, 16) x [16, 32): 8 inner chunks of the one 256³ shard.
+    np.testing.assert_array_equal(image[{"z": 32.0, "y": 32.0, "x": 96.0}].numpy(), RAW[:16, :16, 16:])
+    index, ranged, whole = shard_requests(server, "/raw/s0/c/0/0/0")
+    # One read of the shard's index, then its 8 inner chunks: one coalesced range, or 8 ranges.
+    assert (len(index), len(ranged), len(whole)) == (1, range_requests, 0), server.requests
+    server.reset_log()
+    np.testing.assert_array_equal(image[{"z": 32.0, "y": 32.0, "x": 96.0}].numpy(), RAW[:16, :16, 16:])
+    assert server.count(method="GET") == 0, "read again from the decoded cache"
+
+
+def test_a_small_remote_shard_is_read_whole_in_one_request(small_shard_crop, http_server_factory):
+    server = http_server_factory(small_shard_crop.parent)
+    image = CellMapImage(served(server, small_shard_crop / "raw"), "raw", VOXEL, (16, 16, 16))
+    server.reset_log()
+    np.testing.assert_array_equal(image[{"z": 32.0, "y": 32.0, "x": 96.0}].numpy(), RAW[:16, :16, 16:])
+    assert shard_requests(server, "/raw/s0/c/0/0/1") == ([], [], [""])
+    assert server.count(method="GET", pattern=r"/raw/s0/c/") == 1, server.requests
 
 
 def test_image_and_group_checks_from_urls(crop, http_server_factory):
@@ -249,11 +283,14 @@ def test_bodies_cut_short_are_requested_again_and_never_decoded(crop, http_serve
     assert server.count(pattern=r"/crop/er/s0/0\.0\.0$") == 2
 
 
-def test_batches_through_a_server_misbehaving_at_random_equal_local_batches(crop, http_server_factory):
+@pytest.mark.parametrize("source", ["crop", "sharded_crop"], ids=["chunks", "byte-ranges-of-shards"])
+def test_batches_through_a_server_misbehaving_at_random_equal_local_batches(crop, source, http_server_factory, request):
     # An object store over a long run: 503 answers, connections reset before the answer, slow
     # answers and bodies cut short, at random on a fifth of the requests. Every batch still
-    # equals the local one (nothing is decoded short, nothing is lost).
-    server = http_server_factory(crop.parent)
+    # equals the local one (nothing is decoded short, nothing is lost), whole chunks or byte
+    # ranges of shards alike.
+    served_root = request.getfixturevalue(source)
+    server = http_server_factory(served_root.parent)
     configure_remote(retries=8, timeout=5)
 
     def batches(raw: str, labels: str) -> list[dict]:
@@ -263,7 +300,7 @@ def test_batches_through_a_server_misbehaving_at_random_equal_local_batches(crop
 
     local = batches(str(crop / "raw"), str(crop / "crop"))
     server.add_random_faults(0.2, seed=3)
-    remote = batches(served(server, crop / "raw"), served(server, crop / "crop"))
+    remote = batches(served(server, served_root / "raw"), served(server, served_root / "crop"))
     assert server.random_faults_served >= 5, "the run met faults"
     assert len(remote) == len(local) == 4
     for r, l in zip(remote, local):

@@ -21,13 +21,14 @@ pub fn remote_options(py: Python<'_>) -> BindResult<Bound<'_, PyDict>> {
     d.set_item("anonymous", o.anonymous)?;
     d.set_item("disk_cache", o.disk_cache.as_ref().map(|(p, _)| p.display().to_string()))?;
     d.set_item("disk_cache_bytes", o.disk_cache.as_ref().map(|(_, b)| *b))?;
+    d.set_item("range_gap", o.range_gap)?;
     Ok(d)
 }
 
 /// Replaces the remote options (stores opened afterwards use them). `None` keeps a value;
 /// `endpoint_url=""`, `disk_cache=""` and `anonymous="auto"` clear one. The engine checks them.
 #[pyfunction]
-#[pyo3(signature = (*, max_in_flight=None, timeout=None, retries=None, endpoint_url=None, anonymous=None, disk_cache=None, disk_cache_bytes=None))]
+#[pyo3(signature = (*, max_in_flight=None, timeout=None, retries=None, endpoint_url=None, anonymous=None, disk_cache=None, disk_cache_bytes=None, range_gap=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn set_remote_options(
     max_in_flight: Option<usize>,
@@ -37,6 +38,7 @@ pub fn set_remote_options(
     anonymous: Option<&Bound<'_, PyAny>>,
     disk_cache: Option<String>,
     disk_cache_bytes: Option<u64>,
+    range_gap: Option<u64>,
 ) -> BindResult<()> {
     // A Python bool or string, as the engine reads it ("true"/"false"/"auto").
     let anonymous = anonymous
@@ -53,6 +55,7 @@ pub fn set_remote_options(
         anonymous,
         disk_cache,
         disk_cache_bytes,
+        range_gap,
     };
     remote::update_options(&update)?;
     Ok(())

@@ -11,7 +11,8 @@
 //!   status; 403 and 404 are answered at once.
 //! - **Byte ranges together**: the ranges of one object a read asks for (inner chunks of a
 //!   shard) go out as few requests: object_store's `coalesce_ranges` merges ranges less than
-//!   1 MiB apart into one request and runs the requests concurrently; [`RemoteStore::prefetch_ranges`]
+//!   [`RemoteOptions::range_gap`] apart (1 MiB by default) into one request and runs the
+//!   requests concurrently; [`RemoteStore::prefetch_ranges`]
 //!   starts them ahead of the reads like [`RemoteStore::prefetch`].
 //! - **An optional disk cache** of fetched values and ranges ([`DiskCache`]).
 //!
@@ -28,7 +29,7 @@ use std::time::Duration;
 
 use futures::future::{BoxFuture, FutureExt, Shared};
 use object_store::path::Path as ObjectPath;
-use object_store::{coalesce_ranges, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, OBJECT_STORE_COALESCE_DEFAULT};
+use object_store::{coalesce_ranges, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload};
 use tokio::runtime::Runtime;
 use tokio::sync::Semaphore;
 use zarrs::storage::byte_range::{ByteRange, ByteRangeIterator};
@@ -520,9 +521,10 @@ impl RemoteStore {
         }
     }
 
-    /// The byte `ranges` of `key`, in order, through the disk cache: ranges less than 1 MiB
-    /// apart go out as one request (object_store's coalescing), each request within the
-    /// process's request limit and retried like a whole read. `None` when the key is absent.
+    /// The byte `ranges` of `key`, in order, through the disk cache: ranges less than
+    /// [`RemoteOptions::range_gap`] apart go out as one request (object_store's coalescing; a
+    /// gap of 0 asks for each on its own), each request within the process's request limit and
+    /// retried like a whole read. `None` when the key is absent.
     fn ranges_future(&self, key: String, ranges: Vec<Range<u64>>) -> impl Future<Output = Result<Option<Vec<Bytes>>>> + Send + 'static {
         let client = self.client.clone();
         let path = self.object_path(&key);
@@ -530,6 +532,7 @@ impl RemoteStore {
         let limit = self.state.in_flight.clone();
         let disk = self.state.disk.clone();
         let retry = retry_config(&self.state.options);
+        let gap = self.state.options.range_gap;
         async move {
             let cached: Option<Vec<Bytes>> = disk.as_ref().and_then(|d| ranges.iter().map(|r| d.get(&range_key(&url, r))).collect());
             if let Some(parts) = cached {
@@ -546,7 +549,12 @@ impl RemoteStore {
                     get_whole(client.as_ref(), &path, options, &retry).await
                 }
             };
-            let fetched = absent_as_none(&url, coalesce_ranges(&ranges, fetch, OBJECT_STORE_COALESCE_DEFAULT).await)?;
+            let fetched = if gap == 0 {
+                futures::future::try_join_all(ranges.iter().cloned().map(fetch)).await
+            } else {
+                coalesce_ranges(&ranges, fetch, gap).await
+            };
+            let fetched = absent_as_none(&url, fetched)?;
             if let (Some(d), Some(parts)) = (&disk, &fetched) {
                 for (range, bytes) in ranges.iter().zip(parts) {
                     d.put(&range_key(&url, range), bytes.as_ref());

@@ -28,7 +28,13 @@ pub struct RemoteOptions {
     /// Folder and byte budget of the disk cache of fetched values (`CELLMAP_DISK_CACHE`,
     /// `CELLMAP_DISK_CACHE_BYTES`).
     pub disk_cache: Option<(PathBuf, u64)>,
+    /// Byte ranges of one object (inner chunks of a shard) less than this many bytes apart go
+    /// out as one request; 0 asks for each range on its own (`CELLMAP_REMOTE_RANGE_GAP`).
+    pub range_gap: u64,
 }
+
+/// Default gap below which byte ranges are merged into one request: object_store's 1 MiB.
+pub const DEFAULT_RANGE_GAP: u64 = object_store::OBJECT_STORE_COALESCE_DEFAULT;
 
 /// Default disk cache budget: 20 GiB.
 pub const DEFAULT_DISK_CACHE_BYTES: u64 = 20 << 30;
@@ -42,6 +48,7 @@ impl Default for RemoteOptions {
             endpoint: None,
             anonymous: None,
             disk_cache: None,
+            range_gap: DEFAULT_RANGE_GAP,
         }
     }
 }
@@ -65,10 +72,12 @@ pub struct RemoteOptionsUpdate {
     pub disk_cache: Option<String>,
     /// Disk cache budget in bytes.
     pub disk_cache_bytes: Option<u64>,
+    /// Bytes between ranges of one object below which they are one request (0: never).
+    pub range_gap: Option<u64>,
 }
 
 /// The environment variable each update field is read from.
-const ENVIRONMENT: [(&str, &str); 7] = [
+const ENVIRONMENT: [(&str, &str); 8] = [
     ("max_in_flight", "CELLMAP_REMOTE_IN_FLIGHT"),
     ("timeout", "CELLMAP_REMOTE_TIMEOUT"),
     ("retries", "CELLMAP_REMOTE_RETRIES"),
@@ -76,6 +85,7 @@ const ENVIRONMENT: [(&str, &str); 7] = [
     ("anonymous", "CELLMAP_REMOTE_ANONYMOUS"),
     ("disk_cache", "CELLMAP_DISK_CACHE"),
     ("disk_cache_bytes", "CELLMAP_DISK_CACHE_BYTES"),
+    ("range_gap", "CELLMAP_REMOTE_RANGE_GAP"),
 ];
 
 fn environment_name(field: &str) -> String {
@@ -85,7 +95,8 @@ fn environment_name(field: &str) -> String {
 impl RemoteOptions {
     /// The defaults, overridden by `CELLMAP_REMOTE_IN_FLIGHT`, `CELLMAP_REMOTE_TIMEOUT`
     /// (seconds), `CELLMAP_REMOTE_RETRIES`, `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`,
-    /// `CELLMAP_REMOTE_ANONYMOUS` and `CELLMAP_DISK_CACHE` / `CELLMAP_DISK_CACHE_BYTES`. A value
+    /// `CELLMAP_REMOTE_ANONYMOUS`, `CELLMAP_DISK_CACHE` / `CELLMAP_DISK_CACHE_BYTES` and
+    /// `CELLMAP_REMOTE_RANGE_GAP` (bytes). A value
     /// that cannot be used is an error naming its variable.
     pub fn from_env() -> Result<RemoteOptions> {
         Self::from_variables(|name| std::env::var(name).ok())
@@ -109,6 +120,7 @@ impl RemoteOptions {
             anonymous: var("CELLMAP_REMOTE_ANONYMOUS"),
             disk_cache: var("CELLMAP_DISK_CACHE"),
             disk_cache_bytes: number("CELLMAP_DISK_CACHE_BYTES", var("CELLMAP_DISK_CACHE_BYTES"))?,
+            range_gap: number("CELLMAP_REMOTE_RANGE_GAP", var("CELLMAP_REMOTE_RANGE_GAP"))?,
         };
         RemoteOptions::default().updated(&update, |field| format!("environment variable {}", environment_name(field)))
     }
@@ -133,6 +145,9 @@ impl RemoteOptions {
         }
         if let Some(r) = update.retries {
             self.max_retries = r;
+        }
+        if let Some(gap) = update.range_gap {
+            self.range_gap = gap;
         }
         if let Some(e) = &update.endpoint_url {
             self.endpoint = (!e.is_empty()).then(|| e.clone());
@@ -188,8 +203,10 @@ mod tests {
             ("CELLMAP_REMOTE_ANONYMOUS", "yes"),
             ("CELLMAP_DISK_CACHE", "/tmp/c"),
             ("CELLMAP_DISK_CACHE_BYTES", "1000"),
+            ("CELLMAP_REMOTE_RANGE_GAP", "0"),
         ])
         .unwrap();
+        assert_eq!(o.range_gap, 0);
         assert_eq!(o.max_in_flight, 8);
         assert_eq!(o.timeout, Duration::from_millis(2500));
         assert_eq!(o.max_retries, 0);
@@ -211,6 +228,7 @@ mod tests {
             ("CELLMAP_REMOTE_RETRIES", "2.5"),
             ("CELLMAP_REMOTE_ANONYMOUS", "maybe"),
             ("CELLMAP_DISK_CACHE_BYTES", "20GB"),
+            ("CELLMAP_REMOTE_RANGE_GAP", "-1"),
         ] {
             let message = from(&[(var, value)]).unwrap_err().to_string();
             assert!(message.contains(var), "{var}={value}: {message}");

@@ -154,6 +154,17 @@ impl Level {
 /// whole chunk of the fill value): 256 MiB, far above EM chunk sizes (256³ float32 is 64 MiB).
 pub const MAX_CHUNK_BYTES: u64 = 256 << 20;
 
+/// Remote sharded levels whose shards decode to at most this are read a whole shard at a time
+/// (one request, no index request); larger shards by inner chunk.
+pub const WHOLE_REMOTE_SHARD_BYTES: u64 = 16 << 20;
+
+/// Decoded bytes of one (outer) chunk of `array`.
+fn chunk_bytes(array: &Array<dyn ReadableStorageTraits>, path: &Path) -> Result<u64> {
+    let shape = array.chunk_shape(&vec![0; array.dimensionality()]).map_err(|e| Error::metadata(path, e))?;
+    let size = DType::from_zarrs(array.data_type()).map_or(8, |d| d.size() as u64);
+    Ok(shape.iter().fold(size, |n, s| n.saturating_mul(s.get())))
+}
+
 /// Largest decoded chunk of an array smaller than that: 64 MiB.
 const SMALL_ARRAY_CHUNK_BYTES: u64 = 64 << 20;
 
@@ -305,7 +316,10 @@ impl Volume {
                     ),
                 ));
             }
-            let sharded = ShardedReads::of(&array, &path, &level_path)?;
+            // A sharded level is read by inner chunk, except a remote one whose shards are small:
+            // one request for a whole shard then costs about what the index request alone would.
+            let whole_shards = remote.is_some() && chunk_bytes(&array, &level_path)? <= WHOLE_REMOTE_SHARD_BYTES;
+            let sharded = if whole_shards { None } else { ShardedReads::of(&array, &path, &level_path)? };
             let chunk0 = match &sharded {
                 Some(reads) => reads.inner_shape.clone(),
                 None => array.chunk_shape(&vec![0; full_shape.len()]).map_err(|e| Error::metadata(&level_path, e))?.to_vec(),
