@@ -39,7 +39,7 @@ __all__ = [
     "set_remote_options",
     "nodes_exist",
     "is_remote",
-    "read_node_text",
+    "describe",
     "balanced_plan",
     "Volume",
     "Dataset",
@@ -151,8 +151,8 @@ def nodes_exist(locations: list[str]) -> list[bool]:
 def is_remote(location: str) -> bool:
     """Whether ``location`` is an object-store URL."""
 
-def read_node_text(location: str, name: str) -> str | None:
-    """The metadata document ``name`` of the zarr node at ``location`` (path or URL), if any."""
+def describe(location: str) -> str:
+    """The engine's description of the zarr node at ``location`` (path or URL), as JSON."""
 
 # -- tensors and batches ---------------------------------------------------------------------
 

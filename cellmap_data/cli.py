@@ -20,11 +20,14 @@ import sys
 import time
 import traceback
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from cellmap_data.presentation.formatting import short_names, text_table, triple_text
+
+if TYPE_CHECKING:
+    from cellmap_data.describe import Codec, NodeDescription
 
 __all__ = [
     "SUBCOMMANDS", "Subcommand", "build_parser", "cmd_inspect", "cmd_stats", "cmd_synth", "main", "register",
@@ -399,81 +402,40 @@ _CONTAINER_SUFFIXES = (".zarr", ".n5")
 
 @dataclass
 class _Node:
-    """A folder's zarr metadata, read with the json module (no chunk is read)."""
+    """A zarr node as the engine describes it (no chunk is read), or one whose metadata could not
+    be read (``kind == "broken"``, with the first line of the error)."""
 
     path: str
     kind: str | None  # "group", "array", "broken" (unreadable metadata) or None (not a zarr node)
-    zarr_format: int | None = None
-    attrs: dict[str, Any] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)  # zarr.json / .zarray of an array
+    description: NodeDescription | None = None
+    error: str = ""
 
     @property
-    def multiscales(self) -> list[Any]:
-        ome = self.attrs.get("ome")
-        found = self.attrs.get("multiscales") or (ome.get("multiscales") if isinstance(ome, dict) else None)
-        return found if isinstance(found, list) else []
+    def zarr_format(self) -> int | None:
+        return self.description.zarr_format if self.description else None
 
     @property
     def is_image(self) -> bool:
-        return self.kind == "group" and bool(self.multiscales)
+        return self.description is not None and self.description.is_image
+
+    @property
+    def first_level(self) -> str | None:
+        multiscale = self.description.multiscale if self.description else None
+        return multiscale.levels[0].path if multiscale and multiscale.levels else None
 
     @property
     def annotation(self) -> dict[str, Any]:
-        cellmap = self.attrs.get("cellmap")
+        cellmap = self.description.attributes.get("cellmap") if self.description else None
         annotation = cellmap.get("annotation") if isinstance(cellmap, dict) else None
         return annotation if isinstance(annotation, dict) else {}
 
 
-def _read_json(path: str) -> dict[str, Any]:
-    from cellmap_data.exceptions import MetadataError
-
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except ValueError as error:  # not UTF-8 text
-        raise MetadataError(f"{path}: malformed JSON ({error})") from None
-    return _parse_json(text, path)
-
-
-def _parse_json(text: str, where: str) -> dict[str, Any]:
-    from cellmap_data.exceptions import MetadataError
-
-    try:
-        value = json.loads(text)
-    except ValueError as error:
-        raise MetadataError(f"{where}: malformed JSON ({error})") from None
-    if not isinstance(value, dict):
-        raise MetadataError(f"{where}: expected a JSON object")
-    return value
-
-
-def _document(path: str, name: str) -> dict[str, Any] | None:
-    """The JSON document ``name`` of the node at ``path`` (a folder or an object-store URL)."""
-    from cellmap_data.remote import is_url
-
-    if is_url(path):
-        from cellmap_data import _engine
-
-        text = _engine.read_node_text(path, name)
-        return None if text is None else _parse_json(text, f"{path}/{name}")
-    file = os.path.join(path, name)
-    return _read_json(file) if os.path.isfile(file) else None
-
-
 def _node(path: str) -> _Node:
-    """The zarr node at ``path`` (v3 ``zarr.json``, or v2 ``.zarray`` / ``.zgroup`` / ``.zattrs``)."""
-    meta = _document(path, "zarr.json")
-    if meta is not None:
-        attrs = meta.get("attributes") or {}
-        kind = "array" if meta.get("node_type") == "array" else "group"
-        return _Node(path, kind, 3, attrs if isinstance(attrs, dict) else {}, meta if kind == "array" else {})
-    attrs = _document(path, ".zattrs")
-    array = _document(path, ".zarray")
-    if array is not None:
-        return _Node(path, "array", 2, attrs or {}, array)
-    if attrs is not None or _document(path, ".zgroup") is not None:
-        return _Node(path, "group", 2, attrs or {})
-    return _Node(path, None)
+    """The zarr node at ``path`` (a folder or an object-store URL), described by the engine."""
+    from cellmap_data.describe import describe
+
+    description = describe(path)
+    return _Node(path, description.kind, description)
 
 
 def _child_dirs(path: str) -> list[str]:
@@ -496,7 +458,7 @@ def _node_or_broken(path: str) -> _Node:
     try:
         return _node(path)
     except (OSError, ValueError) as error:
-        return _Node(path, "broken", meta={"error": _first_line(error)})
+        return _Node(path, "broken", error=_first_line(error))
 
 
 def _child_images(path: str) -> list[_Node]:
@@ -571,32 +533,25 @@ def _codec_text(name: str, config: Any) -> str:
     return f"{name}({', '.join(parts)})"
 
 
-def _v3_codecs(codecs: Any) -> str:
+def _codecs_text(codecs: Sequence[Codec]) -> str:
     texts = []
-    for codec in codecs if isinstance(codecs, list) else []:
-        if not isinstance(codec, dict):
-            continue
-        name, config = str(codec.get("name", "?")), codec.get("configuration") or {}
-        if name == "sharding_indexed" and isinstance(config, dict):
-            inner = _shape(config.get("chunk_shape") or [])
-            texts.append(f"sharding_indexed(inner chunks {inner}: {_v3_codecs(config.get('codecs'))})")
+    for codec in codecs:
+        if codec.name == "sharding_indexed":
+            texts.append(f"sharding_indexed({_codecs_text(codec.inner)})")
         else:
-            texts.append(_codec_text(name, config))
+            texts.append(_codec_text(codec.name, codec.configuration))
     return ", ".join(texts) or "none"
 
 
 def _array_codecs(node: _Node) -> str:
-    """The codecs of a zarr array as written: v3 ``codecs``; v2 ``filters`` then ``compressor``."""
-    if node.kind != "array":
+    """The codecs of a zarr array (zarr v3 form; a sharded array's inner codecs in brackets)."""
+    array = node.description.array if node.kind == "array" and node.description else None
+    if array is None:
         return "?"
-    if node.zarr_format == 3:
-        return _v3_codecs(node.meta.get("codecs"))
-    texts = []
-    for codec in (node.meta.get("filters") or []) + [node.meta.get("compressor")]:
-        if isinstance(codec, dict):
-            config = {k: v for k, v in codec.items() if k != "id"}
-            texts.append(_codec_text(str(codec.get("id", "?")), config))
-    return ", ".join(texts) or "none"
+    text = _codecs_text(array.codecs)
+    if array.inner_chunks is not None:
+        text = text.replace("sharding_indexed(", f"sharding_indexed(inner chunks {_shape(array.inner_chunks)}: ", 1)
+    return text
 
 
 # ----------------------------------------------------------------------------- inspect
@@ -642,7 +597,7 @@ def _image_report(path: str, indent: str = "") -> list[str]:
         complement = array.annotation.get("complement_counts")
         counts.append(", ".join(f"{k}={v}" for k, v in complement.items()) if isinstance(complement, dict) else "")
         rows.append([
-            level["path"], _shape(level["shape"]), _shape(level["chunks"]), str(level["dtype"]),
+            level["path"], _shape(level["shape"]), _stored_chunks(array, level["chunks"]), str(level["dtype"]),
             triple_text(level["voxel_size"], ","), triple_text(level["translation"], ","),
             f"({triple_text(lo, ',')})-({triple_text(hi, ',')})", _array_codecs(array),
         ])
@@ -661,19 +616,26 @@ def _progress(items: Sequence[Any], desc: str, unit: str) -> Any:
     return tqdm(items, desc=desc, unit=unit, delay=1.0, disable=None, leave=False)
 
 
+def _stored_chunks(array: _Node, read_chunks: Sequence[int]) -> str:
+    """The chunk shape as stored (a sharded array's shards), else the engine's read unit."""
+    layout = array.description.array if array.description else None
+    return _shape(layout.chunks[-3:]) if layout is not None else _shape(read_chunks)
+
+
 def _summary(node: _Node) -> tuple[str, str, str, str, str]:
     """(levels, s0 shape, chunks, dtype, voxel size) of an image group, or an error note."""
     from cellmap_data import _engine
     from cellmap_data.exceptions import CellMapError
 
     if node.kind == "broken":
-        return ("error", node.meta["error"], "", "", "")
+        return ("error", node.error, "", "", "")
     try:
         volume = _engine.Volume(node.path)
         s0 = volume.levels[0]
     except (CellMapError, OSError, ValueError, IndexError) as error:
         return ("error", _first_line(error), "", "", "")
-    return (f"{len(volume.levels)} ({volume.ngff_version})", _shape(s0["shape"]), _shape(s0["chunks"]),
+    chunks = _stored_chunks(_first_level(node), s0["chunks"])
+    return (f"{len(volume.levels)} ({volume.ngff_version})", _shape(s0["shape"]), chunks,
             str(s0["dtype"]), triple_text(s0["voxel_size"], ","))
 
 
@@ -705,10 +667,8 @@ def _container_report(path: str, max_depth: int) -> list[str]:
 
 
 def _first_level(image: _Node) -> _Node:
-    multiscale = image.multiscales[0] if image.multiscales else None
-    datasets = multiscale.get("datasets") if isinstance(multiscale, dict) else None
-    first = datasets[0].get("path") if datasets and isinstance(datasets[0], dict) else None
-    return _node_or_broken(os.path.join(image.path, str(first))) if first is not None else _Node(image.path, None)
+    first = image.first_level
+    return _node_or_broken(os.path.join(image.path, first)) if first is not None else _Node(image.path, None)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

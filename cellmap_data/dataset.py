@@ -30,6 +30,7 @@ from ._config import (
 )
 from ._stats import ClassWeights
 from .batches import expand_compact, run_torch_rest, sample_metadata_dicts
+from .describe import describe
 from .exceptions import ConfigError, NotFoundError
 from .remote import groups_exist, is_url
 from .transforms.plan import ValuePlan, plan_value_transforms
@@ -65,9 +66,7 @@ def _is_old_dataset_call(args: tuple) -> bool:
 
 
 def _is_zarr_group(path: str) -> bool:
-    if is_url(path):
-        return groups_exist([path])[0]
-    return any(os.path.exists(os.path.join(path, name)) for name in (".zgroup", ".zattrs", "zarr.json"))
+    return describe(path).kind == "group"
 
 
 def class_path_template(template: str) -> str:

@@ -220,14 +220,15 @@ def test_inspect_zarr_v3_sharded_image(tmp_path, capsys):
     from conftest import write_ome_image
 
     path = write_ome_image(tmp_path / "v3.zarr" / "img", [np.zeros((20, 24, 28), np.uint16)], [(8, 4, 4)],
-                           [(4, 2, 2)], zarr_format=3, chunks=(8, 8, 8))
+                           [(4, 2, 2)], zarr_format=3, chunks=(8, 8, 8), shards=(16, 16, 16))
     code, stdout, stderr = cli(capsys, "inspect", path)
     assert code == 0, stderr
     assert "OME-NGFF 0.5 image, zarr v3, 1 level" in stdout
-    codecs = json.loads((path / "s0" / "zarr.json").read_text())["codecs"]
+    [sharding] = json.loads((path / "s0" / "zarr.json").read_text())["codecs"]
     line = next(line for line in stdout.splitlines() if line.split()[:1] == ["s0"])
-    assert line.split()[1:4] == ["20x24x28", "8x8x8", "uint16"]
-    assert all(codec["name"] in line for codec in codecs)
+    assert line.split()[1:4] == ["20x24x28", "16x16x16", "uint16"], "the chunks column shows the shards"
+    assert "sharding_indexed(inner chunks 8x8x8: " in line
+    assert all(codec["name"] in line for codec in sharding["configuration"]["codecs"])
 
 
 def test_inspect_crop_group(tiny_data, capsys):

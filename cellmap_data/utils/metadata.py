@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, MutableMapping, Optional, Sequence, Union
 
+from cellmap_data.describe import Multiscale, describe
 from cellmap_data.exceptions import MetadataError, NotFoundError
 
 __all__ = [
@@ -40,8 +41,6 @@ NGFF_VERSION = "0.4"
 # Relative slack when comparing voxel sizes, so float noise in stored metadata
 # (8.000000000001 nm) doesn't make a level count as coarser than requested.
 SCALE_TOLERANCE = 1e-6
-# Axis names that are not spatial when axes are given as bare strings (NGFF 0.3).
-_NON_SPATIAL_AXIS_NAMES = {"c", "t"}
 
 
 def _plain_number(value: Any) -> Union[int, float]:
@@ -215,36 +214,17 @@ def create_multiscale_metadata(
     return z_attrs
 
 
-def _read_multiscales(path: PathLike) -> Mapping[str, Any]:
-    """The first ``multiscales`` entry of a zarr v2 (``.zattrs``) or v3 (``zarr.json``) group."""
-    group = Path(path)
-    if not group.exists():
-        raise NotFoundError(f"multiscale group {str(group)!r} does not exist")
-    candidates = [(group / ".zattrs", None), (group / "zarr.json", "attributes")]
-    for file, key in candidates:
-        if not file.is_file():
-            continue
-        try:
-            attrs = json.loads(file.read_text())
-        except (OSError, ValueError) as error:
-            raise MetadataError(f"cannot read metadata {str(file)!r}: {error}") from error
-        if key is not None:
-            attrs = attrs.get(key, {})
-        multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
-        if multiscales:
-            return multiscales[0]
-    raise MetadataError(f"{str(group)!r} has no OME-NGFF multiscales metadata (.zattrs or zarr.json)")
-
-
-def _axis_entries(multiscale: Mapping[str, Any]) -> list[tuple[str, bool]]:
-    """``(name, is_spatial)`` per axis; bare-string axes (NGFF 0.3) are spatial unless c or t."""
-    entries = []
-    for axis in multiscale.get("axes", []):
-        if isinstance(axis, str):
-            entries.append((axis, axis not in _NON_SPATIAL_AXIS_NAMES))
-        else:
-            entries.append((axis["name"], axis.get("type", "space") == "space"))
-    return entries
+def _read_multiscale(path: PathLike) -> Multiscale:
+    """The first multiscale of the image group at ``path``, as the engine reads it (zarr v2
+    ``.zattrs`` or v3 ``zarr.json``)."""
+    node = describe(path)
+    if node.kind is None and not Path(path).exists():
+        raise NotFoundError(f"multiscale group {str(path)!r} does not exist")
+    if node.multiscale is None:
+        if node.multiscale_error is not None:
+            raise MetadataError(node.multiscale_error)
+        raise MetadataError(f"{str(path)!r} has no OME-NGFF multiscales metadata (.zattrs or zarr.json)")
+    return node.multiscale
 
 
 def find_level(path: PathLike, target_scale: Union[Mapping[str, float], Sequence[float]]) -> str:
@@ -270,9 +250,8 @@ def find_level(path: PathLike, target_scale: Union[Mapping[str, float], Sequence
         MetadataError: no multiscales metadata, no datasets, or a level without scale.
         KeyError: ``target_scale`` lacks a spatial axis of the image.
     """
-    multiscale = _read_multiscales(path)
-    axes = _axis_entries(multiscale)
-    spatial = [name for name, is_spatial in axes if is_spatial]
+    multiscale = _read_multiscale(path)
+    spatial = [axis.name for axis in multiscale.axes if axis.spatial]
     if isinstance(target_scale, Mapping):
         missing = [name for name in spatial if name not in target_scale]
         if missing:
@@ -283,20 +262,10 @@ def find_level(path: PathLike, target_scale: Union[Mapping[str, float], Sequence
         if len(values) != len(spatial):
             raise KeyError(f"target_scale {values} does not match the spatial axes {spatial} of {str(path)!r}")
         target = dict(zip(spatial, (float(value) for value in values)))
-    datasets = multiscale.get("datasets", [])
-    if not datasets:
-        raise MetadataError(f"multiscales metadata of {str(path)!r} has no datasets")
     previous: Optional[str] = None
-    for dataset in datasets:
-        scale = _transform_values(dataset, "scale")
-        if scale is None:
-            raise MetadataError(f"level {dataset.get('path')!r} of {str(path)!r} has no scale transform")
-        if len(scale) != len(axes):
-            raise MetadataError(
-                f"level {dataset.get('path')!r} of {str(path)!r} has {len(scale)} scale values for {len(axes)} axes"
-            )
-        sizes = {name: float(size) for (name, _), size in zip(axes, scale)}
+    for level in multiscale.levels:
+        sizes = {axis.name: size for axis, size in zip(multiscale.axes, level.scale)}
         if any(sizes[name] > target[name] * (1 + SCALE_TOLERANCE) for name in spatial):
-            return previous if previous is not None else str(dataset["path"])
-        previous = str(dataset["path"])
+            return previous if previous is not None else level.path
+        previous = level.path
     return str(previous)

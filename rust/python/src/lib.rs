@@ -170,7 +170,7 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(remote::set_remote_options, m)?)?;
     m.add_function(wrap_pyfunction!(remote::nodes_exist, m)?)?;
     m.add_function(wrap_pyfunction!(remote::is_remote, m)?)?;
-    m.add_function(wrap_pyfunction!(remote::read_node_text, m)?)?;
+    m.add_function(wrap_pyfunction!(remote::describe, m)?)?;
     m.add_function(wrap_pyfunction!(loader::balanced_plan, m)?)?;
     m.add_class::<volume::Volume>()?;
     m.add_class::<dataset::Dataset>()?;

@@ -1,8 +1,10 @@
-//! Remote-store options and checks (`cellmap_data.remote` in Python).
+//! Remote-store options and checks (`cellmap_data.remote` in Python), and the description of a
+//! zarr node at a path or URL (`cellmap_data.describe`).
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use cellmap_engine::format::zarr_node;
 use cellmap_engine::io::location::Location;
 use cellmap_engine::io::remote::{self, RemoteOptionsUpdate};
 use cellmap_engine::io::store::Store;
@@ -74,9 +76,13 @@ pub fn is_remote(location: &str) -> bool {
     Location::parse(location).is_remote()
 }
 
-/// The text of the metadata document `name` (`zarr.json`, `.zattrs` ...) of the zarr node at
-/// `location` (a path or URL); `None` when absent.
+/// The engine's description of the zarr node at `location` (a path or URL), as JSON: kind,
+/// zarr format, attributes, the parsed multiscale of an image group, an array's layout and
+/// codecs. A location without zarr metadata has kind `null`.
 #[pyfunction]
-pub fn read_node_text(py: Python<'_>, location: String, name: String) -> BindResult<Option<String>> {
-    convert::run(py, move || Store::open(&Location::parse(&location))?.read_text(&name))
+pub fn describe(py: Python<'_>, location: String) -> BindResult<String> {
+    convert::run(py, move || {
+        let described = zarr_node::describe(&Store::open(&Location::parse(&location))?, "")?;
+        serde_json::to_string(&described).map_err(|e| cellmap_engine::Error::Internal(format!("{location}: {e}")))
+    })
 }

@@ -209,11 +209,7 @@ impl ImageWriter {
     }
 
     fn __repr__(&self) -> String {
-        format!(
-            "ImageWriter('{}', shape={:?})",
-            self.inner.config().path,
-            self.inner.shape()
-        )
+        format!("ImageWriter('{}', shape={:?})", self.inner.config().path, self.inner.shape())
     }
 }
 

@@ -35,7 +35,7 @@ impl Axis {
 }
 
 /// One resolution level: where its array lives and how its voxels map to the world.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LevelMeta {
     /// Path of the array relative to the image group, e.g. `s0`.
     pub path: String,

@@ -211,7 +211,11 @@ mod tests {
         let root = Location::parse("s3://bucket/out/pred.zarr");
         assert_eq!(url.relative_to(&root).as_deref(), Some("mito"));
         assert_eq!(root.relative_to(&root).as_deref(), Some(""));
-        assert_eq!(Location::parse("s3://bucket/out/pred.zarr2").relative_to(&root), None, "a sibling with a longer name");
+        assert_eq!(
+            Location::parse("s3://bucket/out/pred.zarr2").relative_to(&root),
+            None,
+            "a sibling with a longer name"
+        );
         assert!(url.starts_with(&root) && !root.starts_with(&url));
         let local = Location::parse("/data/pred.zarr/mito/s0");
         assert_eq!(local.relative_to(&Location::parse("/data/pred.zarr")).as_deref(), Some("mito/s0"));

@@ -534,7 +534,9 @@ impl RemoteStore {
         let retry = retry_config(&self.state.options);
         let gap = self.state.options.range_gap;
         async move {
-            let cached: Option<Vec<Bytes>> = disk.as_ref().and_then(|d| ranges.iter().map(|r| d.get(&range_key(&url, r))).collect());
+            let cached: Option<Vec<Bytes>> = disk
+                .as_ref()
+                .and_then(|d| ranges.iter().map(|r| d.get(&range_key(&url, r))).collect());
             if let Some(parts) = cached {
                 return Ok(Some(parts));
             }

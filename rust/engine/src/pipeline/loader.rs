@@ -188,7 +188,9 @@ pub struct StreamSettings {
     pub on_read_error: ReadErrorPolicy,
 }
 
-/// What `next` returns.
+/// What `next` returns. A batch travels by value once per call: boxing it to even out the
+/// variants would only add an allocation per batch.
+#[allow(clippy::large_enum_variant)]
 pub enum Next {
     /// A batch (or the error reading it).
     Batch(Result<Batch>),
@@ -233,7 +235,9 @@ impl BatchStream {
     /// Starts reading `batches` (each a list of planned samples) from `collection`.
     pub fn start(collection: Collection, batches: Vec<Vec<PlannedSample>>, settings: StreamSettings) -> Result<BatchStream> {
         if let Some(empty) = batches.iter().position(Vec::is_empty) {
-            return Err(Error::invalid(format!("batch {empty} of the plan has no samples; a batch needs at least one")));
+            return Err(Error::invalid(format!(
+                "batch {empty} of the plan has no samples; a batch needs at least one"
+            )));
         }
         let pool = new_pool(settings.threads, "loader")?;
         let cancel = Arc::new(AtomicBool::new(false));

@@ -40,7 +40,13 @@ pub fn request(dataset: &Dataset, index: usize, key: StreamKey, stream_index: u6
 
 /// The requests of one batch of `dataset`: sample `indices[i]` draws its augmentation from
 /// stream `streams[i]` when given (one per index), else from its own index.
-pub fn requests(dataset: &Dataset, indices: &[usize], streams: Option<&[u64]>, key: StreamKey, augment: bool) -> Result<Vec<SampleRequest>> {
+pub fn requests(
+    dataset: &Dataset,
+    indices: &[usize],
+    streams: Option<&[u64]>,
+    key: StreamKey,
+    augment: bool,
+) -> Result<Vec<SampleRequest>> {
     if let Some(streams) = streams.filter(|s| s.len() != indices.len()) {
         return Err(Error::invalid(format!(
             "stream_indices has {} entries for {} indices; give one per index",
@@ -452,7 +458,10 @@ mod tests {
         let err = centred_requests(&[[0.0; 3], [1.0; 3]], &[5]).unwrap_err();
         assert!(err.to_string().contains("2 centres and 1 indices"), "{err}");
         let made = centred_requests(&[[0.0; 3], [1.0, 2.0, 3.0]], &[5, 9]).unwrap();
-        assert_eq!(made.iter().map(|r| (r.index, r.centre)).collect::<Vec<_>>(), vec![(5, [0.0; 3]), (9, [1.0, 2.0, 3.0])]);
+        assert_eq!(
+            made.iter().map(|r| (r.index, r.centre)).collect::<Vec<_>>(),
+            vec![(5, [0.0; 3]), (9, [1.0, 2.0, 3.0])]
+        );
         assert!(made.iter().all(|r| r.draw == SpatialDraw::default() && !r.padding));
     }
 

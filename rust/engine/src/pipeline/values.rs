@@ -335,7 +335,10 @@ mod tests {
         let err = p.apply_to(&mut values, &[1, 3], 0, 0).unwrap_err();
         assert_eq!(err.kind(), crate::error::ErrorKind::InvalidArgument);
         assert!(err.to_string().contains("shape [1, 3] does not hold 4 values"), "{err}");
-        assert!(p.apply_to(&mut values, &[usize::MAX, 2], 0, 0).is_err(), "an overflowing shape holds nothing");
+        assert!(
+            p.apply_to(&mut values, &[usize::MAX, 2], 0, 0).is_err(),
+            "an overflowing shape holds nothing"
+        );
         p.apply_to(&mut values, &[2, 2], 0, 0).unwrap();
         assert_eq!(values, vec![0.0, 1.0, 1.0, 0.0]);
     }

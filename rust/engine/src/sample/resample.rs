@@ -245,8 +245,8 @@ impl<V: BlockValue> RowKernels<'_, V> {
         }
         // A first guess from the linear bounds, then moved to the exact ends.
         let (mut x0, mut x1) = (0f64, nx as f64);
-        for k in 0..3 {
-            let (step, lo, hi) = (self.step[k], self.lo[k] as f64 - start[k], (self.hi[k] - 1) as f64 - start[k]);
+        for (k, &origin) in start.iter().enumerate() {
+            let (step, lo, hi) = (self.step[k], self.lo[k] as f64 - origin, (self.hi[k] - 1) as f64 - origin);
             if step > 0.0 {
                 x0 = x0.max(lo / step);
                 x1 = x1.min(hi / step);

@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use zarrs::array::codec::ShardingCodec;
-use zarrs::array::{Array, ArrayShardedExt, ArrayToBytesCodecTraits, BytesRepresentation, CodecChain, CodecMetadataOptions, CodecOptions, FillValue};
+use zarrs::array::{
+    Array, ArrayShardedExt, ArrayToBytesCodecTraits, BytesRepresentation, CodecChain, CodecMetadataOptions, CodecOptions, FillValue,
+};
 use zarrs::metadata::ConfigurationSerialize;
 use zarrs::metadata_ext::codec::sharding::{ShardingCodecConfiguration, ShardingIndexLocation};
 use zarrs::storage::byte_range::ByteRange;
@@ -28,6 +30,9 @@ const MAX_SHARD_INDEXES: usize = 4096;
 
 /// An index entry that marks an inner chunk as not stored (the fill value).
 const EMPTY: u64 = u64::MAX;
+
+/// A shard's decoded index (offset and size of each inner chunk); `None`: the shard is absent.
+type ShardIndex = Option<Arc<Vec<u64>>>;
 
 /// Where an inner chunk's bytes are: its shard's key and the range within it.
 pub type InnerChunkPlace = (StoreKey, Range<u64>);
@@ -43,8 +48,8 @@ pub struct ShardedReads {
     per_shard: Vec<NonZeroU64>,
     /// Where the index sits in a shard, and its encoded size.
     index_range: ByteRange,
-    /// Indexes read so far, by shard (`None`: the shard is absent).
-    indexes: Mutex<HashMap<Vec<u64>, Option<Arc<Vec<u64>>>>>,
+    /// Indexes read so far, by shard.
+    indexes: Mutex<HashMap<Vec<u64>, ShardIndex>>,
     /// The store's root (path or URL), which errors name a shard's key under.
     root: PathBuf,
 }
@@ -69,12 +74,19 @@ impl ShardedReads {
         };
         let codec = ShardingCodec::new_with_configuration(&configuration).map_err(|e| bad(e.to_string()))?;
         let inner_codecs = CodecChain::from_metadata(&v1.codecs).map_err(|e| bad(e.to_string()))?;
-        let shard = array.chunk_shape(&vec![0; array.dimensionality()]).map_err(|e| Error::metadata(path, e))?;
-        let inner_shape = array.effective_subchunk_shape().ok_or_else(|| bad("no inner chunk shape".into()))?.to_vec();
+        let shard = array
+            .chunk_shape(&vec![0; array.dimensionality()])
+            .map_err(|e| Error::metadata(path, e))?;
+        let inner_shape = array
+            .effective_subchunk_shape()
+            .ok_or_else(|| bad("no inner chunk shape".into()))?
+            .to_vec();
         let per_shard: Vec<NonZeroU64> = shard
             .iter()
             .zip(&inner_shape)
-            .map(|(s, i)| NonZeroU64::new(s.get() / i.get()).ok_or_else(|| bad(format!("inner chunks {inner_shape:?} larger than shards {shard:?}"))))
+            .map(|(s, i)| {
+                NonZeroU64::new(s.get() / i.get()).ok_or_else(|| bad(format!("inner chunks {inner_shape:?} larger than shards {shard:?}")))
+            })
             .collect::<Result<_>>()?;
         let mut index_shape = per_shard.clone();
         index_shape.push(NonZeroU64::new(2).expect("non-zero"));
@@ -102,7 +114,12 @@ impl ShardedReads {
     }
 
     /// The index of `shard` (read once, then kept); `None` when the shard is absent.
-    fn index(&self, array: &Array<dyn ReadableStorageTraits>, storage: &dyn ReadableStorageTraits, shard: &[u64]) -> Result<Option<Arc<Vec<u64>>>> {
+    fn index(
+        &self,
+        array: &Array<dyn ReadableStorageTraits>,
+        storage: &dyn ReadableStorageTraits,
+        shard: &[u64],
+    ) -> Result<Option<Arc<Vec<u64>>>> {
         let lock = || self.indexes.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(known) = lock().get(shard) {
             return Ok(known.clone());

@@ -87,10 +87,16 @@ impl Level {
         crate::io::faults::check(&self.path).map_err(|e| e.with_context(format!("chunk {index:?}")))?;
         let (chunk_shape, encoded) = match &self.sharded {
             // An inner chunk: its byte range from the shard's index, then those bytes only.
-            Some(sharded) => (sharded.inner_shape.clone(), sharded.read_encoded(&self.array, self.storage.as_ref(), &full_index)?),
+            Some(sharded) => (
+                sharded.inner_shape.clone(),
+                sharded.read_encoded(&self.array, self.storage.as_ref(), &full_index)?,
+            ),
             None => {
                 let shape = self.array.chunk_shape(&full_index).map_err(|e| Error::decode(where_(), e))?;
-                let encoded = self.array.retrieve_encoded_chunk(&full_index).map_err(|e| storage_read_error(where_(), e))?;
+                let encoded = self
+                    .array
+                    .retrieve_encoded_chunk(&full_index)
+                    .map_err(|e| storage_read_error(where_(), e))?;
                 (shape.to_vec(), encoded.map(|b| b.to_vec()))
             }
         };
@@ -160,7 +166,9 @@ pub const WHOLE_REMOTE_SHARD_BYTES: u64 = 16 << 20;
 
 /// Decoded bytes of one (outer) chunk of `array`.
 fn chunk_bytes(array: &Array<dyn ReadableStorageTraits>, path: &Path) -> Result<u64> {
-    let shape = array.chunk_shape(&vec![0; array.dimensionality()]).map_err(|e| Error::metadata(path, e))?;
+    let shape = array
+        .chunk_shape(&vec![0; array.dimensionality()])
+        .map_err(|e| Error::metadata(path, e))?;
     let size = DType::from_zarrs(array.data_type()).map_or(8, |d| d.size() as u64);
     Ok(shape.iter().fold(size, |n, s| n.saturating_mul(s.get())))
 }
@@ -319,10 +327,17 @@ impl Volume {
             // A sharded level is read by inner chunk, except a remote one whose shards are small:
             // one request for a whole shard then costs about what the index request alone would.
             let whole_shards = remote.is_some() && chunk_bytes(&array, &level_path)? <= WHOLE_REMOTE_SHARD_BYTES;
-            let sharded = if whole_shards { None } else { ShardedReads::of(&array, &path, &level_path)? };
+            let sharded = if whole_shards {
+                None
+            } else {
+                ShardedReads::of(&array, &path, &level_path)?
+            };
             let chunk0 = match &sharded {
                 Some(reads) => reads.inner_shape.clone(),
-                None => array.chunk_shape(&vec![0; full_shape.len()]).map_err(|e| Error::metadata(&level_path, e))?.to_vec(),
+                None => array
+                    .chunk_shape(&vec![0; full_shape.len()])
+                    .map_err(|e| Error::metadata(&level_path, e))?
+                    .to_vec(),
             };
             let dtype = data_type_of(&array, &level_path)?;
             let s = |v: &[f64]| [v[leading], v[leading + 1], v[leading + 2]];
