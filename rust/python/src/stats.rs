@@ -2,6 +2,8 @@
 //! `CountProgress` handle a progress bar polls while a count runs with the GIL released.
 
 use std::path::PathBuf;
+
+use cellmap_engine::io::location::Location;
 use std::sync::Arc;
 
 use cellmap_engine::pipeline::labels::{self, ClassCounts, CountCache, CountOptions, Progress};
@@ -63,9 +65,9 @@ fn options(cache_dir: Option<PathBuf>, use_cache: bool, use_metadata: bool) -> C
 
 fn counts_dict<'py>(py: Python<'py>, c: &ClassCounts) -> BindResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
-    d.set_item("path", c.path.display().to_string())?;
+    d.set_item("path", c.path.to_string())?;
     d.set_item("level", c.level)?;
-    d.set_item("level_path", c.level_path.display().to_string())?;
+    d.set_item("level_path", c.level_path.to_string())?;
     d.set_item("voxel_size", c.voxel_size.to_vec())?;
     d.set_item("shape", c.shape.to_vec())?;
     d.set_item("world_box", (c.world_box.lo.to_vec(), c.world_box.hi.to_vec()))?;
@@ -87,7 +89,7 @@ fn counts_dict<'py>(py: Python<'py>, c: &ClassCounts) -> BindResult<Bound<'py, P
 #[pyo3(signature = (path, voxel_size, *, cache_dir=None, use_cache=true, use_metadata=true, progress=None))]
 fn label_counts<'py>(
     py: Python<'py>,
-    path: PathBuf,
+    path: String,
     voxel_size: [f64; 3],
     cache_dir: Option<PathBuf>,
     use_cache: bool,
@@ -97,13 +99,13 @@ fn label_counts<'py>(
     let options = options(cache_dir, use_cache, use_metadata);
     let progress = progress.map(|p| p.inner.clone());
     let counts = run(py, move || {
-        labels::count_label_group(&path, voxel_size, &options, progress.as_deref())
+        labels::count_label_group(Location::parse(&path), voxel_size, &options, progress.as_deref())
     })?;
     counts_dict(py, &counts)
 }
 
 /// `(dataset, crop, class, label group path or None, training voxel size)` as Python passes it.
-type EntryTuple = (String, String, String, Option<PathBuf>, [f64; 3]);
+type EntryTuple = (String, String, String, Option<String>, [f64; 3]);
 
 /// The class statistics table (Arrow record batch) of `entries`, each a tuple
 /// `(dataset, crop, class, label group path or None, training voxel size (z, y, x))`; distinct
@@ -126,7 +128,7 @@ fn class_stats<'py>(
             dataset,
             crop,
             class,
-            label_path,
+            label_path: label_path.as_deref().map(Location::parse),
             training_voxel_size,
         })
         .collect();

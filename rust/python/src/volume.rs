@@ -25,14 +25,14 @@ impl Volume {
     /// Opens the image group at `path` (e.g. `.../recon-1/em/fibsem-uint8`).
     #[new]
     fn new(py: Python<'_>, path: String) -> BindResult<Self> {
-        let inner = run(py, || EngineVolume::open(&path, ChunkCache::global()))?;
+        let inner = run(py, || EngineVolume::open(path.as_str(), ChunkCache::global()))?;
         Ok(Volume { inner: Arc::new(inner) })
     }
 
     /// The image group path.
     #[getter]
     fn path(&self) -> String {
-        self.inner.path.display().to_string()
+        self.inner.path.to_string()
     }
 
     /// OME-NGFF version of the metadata.
@@ -127,7 +127,7 @@ impl Volume {
     }
 
     fn __repr__(&self) -> String {
-        format!("Volume('{}', levels={})", self.inner.path.display(), self.inner.levels.len())
+        format!("Volume('{}', levels={})", self.inner.path, self.inner.levels.len())
     }
 }
 

@@ -5,13 +5,14 @@
 //! level. How a translation is read (the corner or the centre of voxel 0) is the
 //! [`CoordinateFrame`], a process-wide setting.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::io::location::Location;
 
 /// One axis of a multiscale image.
 #[derive(Debug, Clone, PartialEq)]
@@ -123,7 +124,7 @@ impl CoordinateFrame {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Multiscale {
     /// The image group this was read from.
-    pub group: PathBuf,
+    pub group: Location,
     /// `0.4`, `0.5`, ...
     pub version: String,
     /// Axes in array order.
@@ -235,7 +236,7 @@ pub struct OmeJson {
 
 /// The multiscale metadata of the image group at `group`, from its attributes (`format` says
 /// which document they were read from, for messages).
-pub fn multiscale_from_attributes(format: ZarrFormat, attrs: &Value, group: &Path) -> Result<Multiscale> {
+pub fn multiscale_from_attributes(format: ZarrFormat, attrs: &Value, group: &Location) -> Result<Multiscale> {
     let source = match format {
         ZarrFormat::V3 => group.join("zarr.json"),
         ZarrFormat::V2 => group.join(".zattrs"),
@@ -248,13 +249,13 @@ pub fn multiscale_from_attributes(format: ZarrFormat, attrs: &Value, group: &Pat
         None => (None, None),
     };
     let multiscales = nested.or(parsed.multiscales);
-    parse_multiscales(&source, group, multiscales, ome_version.as_deref().unwrap_or("0.4"))
+    parse_multiscales(source.as_ref(), group, multiscales, ome_version.as_deref().unwrap_or("0.4"))
 }
 
 /// Checks the first of `multiscales` (read from `source`) and resolves its levels.
 pub fn parse_multiscales(
     source: &Path,
-    group: &Path,
+    group: &Location,
     multiscales: Option<Vec<MultiscaleJson>>,
     default_version: &str,
 ) -> Result<Multiscale> {
@@ -314,7 +315,7 @@ pub fn parse_multiscales(
         });
     }
     Ok(Multiscale {
-        group: group.to_path_buf(),
+        group: group.clone(),
         version,
         axes,
         levels,
@@ -375,7 +376,7 @@ mod tests {
 
     fn parse(source: &str, value: Value) -> Result<Multiscale> {
         let list: Option<Vec<MultiscaleJson>> = serde_json::from_value(value).map_err(|e| Error::metadata(source, e))?;
-        parse_multiscales(Path::new(source), Path::new("a"), list, "0.4")
+        parse_multiscales(Path::new(source), &Location::from("a"), list, "0.4")
     }
 
     #[test]

@@ -266,7 +266,7 @@ pub fn describe(store: &Store, node: &str) -> Result<NodeDescription> {
     };
     let declares = |key: &str| found.attributes.get(key).is_some();
     let (multiscale, multiscale_error) = if !is_array && (declares("multiscales") || declares("ome")) {
-        match multiscale_from_attributes(found.format, &found.attributes, &location.display_path()) {
+        match multiscale_from_attributes(found.format, &found.attributes, &location) {
             Ok(m) => (
                 Some(MultiscaleDescription {
                     version: m.version,
@@ -310,7 +310,7 @@ pub fn describe(store: &Store, node: &str) -> Result<NodeDescription> {
 /// The multiscale metadata of the image group `node` of `store`.
 pub fn read_multiscale(store: &Store, node: &str) -> Result<Multiscale> {
     let (format, attrs) = read_attributes(store, node)?;
-    multiscale_from_attributes(format, &attrs, &store.location().join(node).display_path())
+    multiscale_from_attributes(format, &attrs, &store.location().join(node))
 }
 
 #[cfg(test)]

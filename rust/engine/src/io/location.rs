@@ -9,7 +9,8 @@ const REMOTE_SCHEMES: [&str; 4] = ["s3", "gs", "http", "https"];
 
 /// A local folder (a path, or a `file://` URL) or an object-store URL (`s3://`, `gs://`,
 /// `http(s)://`, kept without a trailing slash).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(from = "String")]
 pub enum Location {
     /// A local path.
     Local(PathBuf),
@@ -136,6 +137,44 @@ impl fmt::Display for Location {
             Location::Local(path) => write!(f, "{}", path.display()),
             Location::Remote(url) => f.write_str(url),
         }
+    }
+}
+
+/// The location `text` names (see [`Location::parse`]).
+impl From<&str> for Location {
+    fn from(text: &str) -> Location {
+        Location::parse(text)
+    }
+}
+
+/// Configuration names locations as text (a path or a URL).
+impl From<String> for Location {
+    fn from(text: String) -> Location {
+        Location::parse(&text)
+    }
+}
+
+impl From<&Path> for Location {
+    fn from(path: &Path) -> Location {
+        Location::of_path(path)
+    }
+}
+
+impl From<&PathBuf> for Location {
+    fn from(path: &PathBuf) -> Location {
+        Location::of_path(path)
+    }
+}
+
+impl From<PathBuf> for Location {
+    fn from(path: PathBuf) -> Location {
+        Location::of_path(&path)
+    }
+}
+
+impl From<&Location> for Location {
+    fn from(location: &Location) -> Location {
+        location.clone()
     }
 }
 

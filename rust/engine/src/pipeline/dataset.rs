@@ -1,13 +1,13 @@
 //! One training dataset: a raw volume plus one crop's per-class label volumes, the arrays
 //! requested from them, the boxes where samples may be centred, and the per-sample read.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::geometry::{tile_starts, WorldBox, AXES, MAX_VOXEL_COORDINATE};
+use crate::io::location::Location;
 use crate::pipeline::values::ValuePipeline;
 use crate::sample::augment::{Interpolation, SpatialConfig, SpatialDraw, SpatialJson};
 use crate::sample::extract::{
@@ -97,12 +97,12 @@ pub struct DatasetConfig {
     /// Crop label (e.g. the label group path), recorded with every sample.
     pub crop: String,
     /// Raw multiscale group.
-    pub raw_path: PathBuf,
+    pub raw_path: Location,
     /// Requested classes with the label group of each annotated one (`None` = unannotated).
-    pub classes: Vec<(String, Option<PathBuf>)>,
+    pub classes: Vec<(String, Option<Location>)>,
     /// Per requested class, label groups of annotated classes mutually exclusive with it
     /// (used only when the class itself is not annotated).
-    pub exclusive_with: Vec<Vec<PathBuf>>,
+    pub exclusive_with: Vec<Vec<Location>>,
     /// Input arrays (read from raw).
     pub inputs: Vec<ArraySpec>,
     /// Target arrays (one channel per class).
@@ -195,7 +195,7 @@ impl Dataset {
         }
         let raw = Arc::new(Volume::open(&config.raw_path, cache.clone())?);
         let mut sources = Vec::with_capacity(config.classes.len());
-        let open_labels = |class: &str, p: &PathBuf| -> Result<Arc<Volume>> {
+        let open_labels = |class: &str, p: &Location| -> Result<Arc<Volume>> {
             let vol = Volume::open(p, cache.clone()).map_err(|e| match e {
                 Error::NotFound { path, .. } => Error::NotFound {
                     path,
@@ -244,8 +244,7 @@ impl Dataset {
                 bbox = bbox.intersect(&v.levels[0].world_box()).ok_or_else(|| {
                     Error::invalid(format!(
                         "labels of class '{class}' at {} do not overlap the raw volume {}",
-                        v.path.display(),
-                        raw.path.display()
+                        v.path, raw.path
                     ))
                 })?;
             }
@@ -268,7 +267,7 @@ impl Dataset {
                     return Err(Error::invalid(format!(
                         "array '{}': the data ({} and its labels) reaches {reach:e} nm on axis '{axis}', {far:e} of its {} nm voxels from the origin; at most 2^52 are supported",
                         a.name,
-                        raw.path.display(),
+                        raw.path,
                         a.patch.voxel_size[k]
                     )));
                 }
@@ -338,12 +337,9 @@ impl Dataset {
 
     /// World centre of grid sample `index` (centred grid over the sampling box).
     pub fn centre(&self, index: usize) -> Result<[f64; 3]> {
-        let b = self.sampling_box.ok_or_else(|| {
-            Error::invalid(format!(
-                "{}: no sample fits in this dataset (pad=False)",
-                self.config.raw_path.display()
-            ))
-        })?;
+        let b = self
+            .sampling_box
+            .ok_or_else(|| Error::invalid(format!("{}: no sample fits in this dataset (pad=False)", self.config.raw_path)))?;
         if index >= self.len() {
             return Err(Error::invalid(format!(
                 "sample index {index} is out of range for a dataset of {} samples",
@@ -675,7 +671,7 @@ struct ArrayJson {
 /// One requested class: name, label group (null: not annotated here), label groups of the
 /// annotated classes mutually exclusive with it.
 #[derive(Debug, Deserialize)]
-struct ClassJson(String, Option<PathBuf>, #[serde(default)] Vec<PathBuf>);
+struct ClassJson(String, Option<Location>, #[serde(default)] Vec<Location>);
 
 fn default_pad() -> bool {
     true
@@ -694,7 +690,7 @@ struct DatasetJson {
     name: Option<String>,
     #[serde(default)]
     crop: String,
-    raw_path: PathBuf,
+    raw_path: Location,
     #[serde(default)]
     classes: Vec<ClassJson>,
     #[serde(default)]
@@ -736,7 +732,7 @@ impl ArraySpec {
 impl DatasetConfig {
     /// The display name: `label` or the raw path.
     pub fn name(&self) -> String {
-        self.label.clone().unwrap_or_else(|| self.raw_path.display().to_string())
+        self.label.clone().unwrap_or_else(|| self.raw_path.to_string())
     }
 
     /// Parses the configuration the Python layer sends (see `cellmap_data/dataset.py`); each
@@ -791,6 +787,7 @@ mod tests {
     use crate::test_fixtures::{assert_same, c_order, ImageSpec, TempDir};
     use serde_json::{json, Value};
     use std::path::Path;
+    use std::path::PathBuf;
 
     /// A raw volume of 16³ float32 voxels of 4 nm from the origin, voxel (z, y, x) holding
     /// 256 z + 16 y + x, and one crop of 8 × 8 × 9 uint8 voxels from (16, 16, 16) nm with two

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::format::zarr_node::read_attributes;
 use crate::geometry::WorldBox;
+use crate::io::location::Location;
 use crate::source::cache::{with_chunk_values, Chunk, ChunkCache};
 use crate::source::volume::Volume;
 
@@ -140,11 +141,11 @@ impl CountSource {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClassCounts {
     /// The label (image) group.
-    pub path: PathBuf,
+    pub path: Location,
     /// Index of the level the counts were taken at.
     pub level: usize,
-    /// Path of that level's array.
-    pub level_path: PathBuf,
+    /// Where that level's array is.
+    pub level_path: Location,
     /// Voxel size (z, y, x) of that level, nm.
     pub voxel_size: [f64; 3],
     /// Shape (z, y, x) of that level, voxels.
@@ -248,7 +249,7 @@ impl Default for CountOptions {
 /// Opens the label group at `path` (through a private, small chunk cache) and counts it at
 /// `training_voxel_size`; see the module documentation for where counts come from.
 pub fn count_label_group(
-    path: &Path,
+    path: impl Into<Location>,
     training_voxel_size: [f64; 3],
     options: &CountOptions,
     progress: Option<&Progress>,
@@ -487,7 +488,7 @@ struct CacheEntryJson {
 impl CacheKey {
     fn of(volume: &Volume, level: usize) -> Option<CacheKey> {
         let lvl = &volume.levels[level];
-        let canonical = std::fs::canonicalize(&lvl.path).ok()?;
+        let canonical = std::fs::canonicalize(lvl.path.local()?).ok()?;
         let meta_file = ["zarr.json", ".zarray"].iter().map(|f| canonical.join(f)).find(|p| p.is_file())?;
         let meta = std::fs::metadata(&meta_file).ok()?;
         let mtime = meta.modified().ok()?.duration_since(UNIX_EPOCH).ok()?.as_nanos();

@@ -3,7 +3,6 @@
 //! interface, without copying).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use arrow_array::{ArrayRef, BooleanArray, Float64Array, Int32Array, RecordBatch, StringArray, UInt64Array};
@@ -12,6 +11,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::geometry::AXES;
+use crate::io::location::Location;
 use crate::pipeline::labels::{count_label_group, ClassCounts, CountOptions, Progress};
 
 /// One row request of the class statistics table.
@@ -24,7 +24,7 @@ pub struct StatsEntry {
     /// Class name.
     pub class: String,
     /// Label group of the class in this crop; `None` when the crop does not annotate it.
-    pub label_path: Option<PathBuf>,
+    pub label_path: Option<Location>,
     /// Voxel size (z, y, x, nm) training reads the class at; counts are in these voxels.
     pub training_voxel_size: [f64; 3],
 }
@@ -41,9 +41,9 @@ pub struct StatsRow {
 /// Counts every entry, each distinct (label group, training voxel size) once, in parallel (run
 /// it inside a rayon pool). Fails on the first label volume that cannot be read, naming it.
 pub fn compute_class_stats(entries: &[StatsEntry], options: &CountOptions, progress: Option<&Progress>) -> Result<Vec<StatsRow>> {
-    type Key = (PathBuf, [u64; 3]);
-    let key = |path: &PathBuf, vs: [f64; 3]| -> Key { (path.clone(), vs.map(f64::to_bits)) };
-    let mut unique: Vec<(PathBuf, [f64; 3])> = Vec::new();
+    type Key = (Location, [u64; 3]);
+    let key = |path: &Location, vs: [f64; 3]| -> Key { (path.clone(), vs.map(f64::to_bits)) };
+    let mut unique: Vec<(Location, [f64; 3])> = Vec::new();
     let mut index: HashMap<Key, usize> = HashMap::new();
     for e in entries {
         if let Some(p) = &e.label_path {
@@ -100,10 +100,7 @@ pub fn class_stats_table(rows: &[StatsRow]) -> Result<RecordBatch> {
         "annotated".into(),
         Arc::new(rows.iter().map(|r| Some(r.counts.is_some())).collect::<BooleanArray>()),
     );
-    push(
-        "label_path".into(),
-        text(&|r| r.entry.label_path.as_ref().map(|p| p.display().to_string())),
-    );
+    push("label_path".into(), text(&|r| r.entry.label_path.as_ref().map(|p| p.to_string())));
     push(
         "level".into(),
         Arc::new(
@@ -197,7 +194,7 @@ mod tests {
             dataset: "/d/raw".into(),
             crop: "/d/crop1".into(),
             class: class.into(),
-            label_path: path.map(PathBuf::from),
+            label_path: path.map(Location::from),
             training_voxel_size: [8.0; 3],
         }
     }

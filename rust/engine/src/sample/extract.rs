@@ -100,7 +100,7 @@ pub fn read_patch(
     let lvl = volume.levels.get(level).ok_or_else(|| {
         Error::invalid(format!(
             "{}: level {level} does not exist ({} levels)",
-            volume.path.display(),
+            volume.path,
             volume.levels.len()
         ))
     })?;
@@ -330,7 +330,7 @@ fn check_source_reach(affine: &Affine, shift: Option<&SourceShift>, lvl: &crate:
     }
     Err(Error::invalid(format!(
         "{}: a patch of {:?} voxels of {:?} nm spans source voxels {lo:?} to {hi:?} of this level (voxel size {:?} nm, {voxels:e} voxels); the level's voxel size or translation, or the requested scale, is out of range",
-        lvl.path.display(),
+        lvl.path,
         spec.shape,
         spec.voxel_size,
         lvl.voxel_size

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::num::NonZeroU64;
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+
 use std::sync::{Arc, Mutex};
 
 use zarrs::array::codec::ShardingCodec;
@@ -23,6 +23,7 @@ use zarrs::storage::byte_range::ByteRange;
 use zarrs::storage::{ReadableStorageTraits, StoreKey};
 
 use crate::error::{Error, Result};
+use crate::io::location::Location;
 use crate::io::store::storage_read_error;
 
 /// Shard indexes a level keeps before it forgets them all (an index of 8³ inner chunks is 8 KiB).
@@ -50,15 +51,15 @@ pub struct ShardedReads {
     index_range: ByteRange,
     /// Indexes read so far, by shard.
     indexes: Mutex<HashMap<Vec<u64>, ShardIndex>>,
-    /// The store's root (path or URL), which errors name a shard's key under.
-    root: PathBuf,
+    /// The store's root, which errors name a shard's key under.
+    root: Location,
 }
 
 impl ShardedReads {
     /// The inner-chunk reader of `array`, when it is sharded and nothing wraps the shards (a
     /// codec around the sharding codec means a shard can only be read whole).
     /// `root` is the store's root, `path` the array's.
-    pub fn of(array: &Array<dyn ReadableStorageTraits>, root: &Path, path: &Path) -> Result<Option<ShardedReads>> {
+    pub fn of(array: &Array<dyn ReadableStorageTraits>, root: &Location, path: &Location) -> Result<Option<ShardedReads>> {
         if !array.is_exclusively_sharded() {
             return Ok(None);
         }
@@ -109,7 +110,7 @@ impl ShardedReads {
             per_shard,
             index_range,
             indexes: Mutex::new(HashMap::new()),
-            root: root.to_path_buf(),
+            root: root.clone(),
         }))
     }
 
@@ -125,7 +126,7 @@ impl ShardedReads {
             return Ok(known.clone());
         }
         let key = array.chunk_key(shard);
-        let where_ = || format!("{} (shard index)", self.root.join(key.as_str()).display());
+        let where_ = || format!("{} (shard index)", self.root.join(key.as_str()));
         // Read outside the lock: two threads may read one index, neither waits on the other.
         let encoded = storage
             .get_partial(&key, self.index_range)
@@ -171,7 +172,7 @@ impl ShardedReads {
         match offset.checked_add(size) {
             Some(end) => Ok(Some((key, offset..end))),
             None => Err(Error::decode(
-                format!("{} (shard index)", self.root.join(key.as_str()).display()),
+                format!("{} (shard index)", self.root.join(key.as_str())),
                 format!("inner chunk {inner:?} has offset {offset} and size {size}, beyond any shard"),
             )),
         }
@@ -189,7 +190,7 @@ impl ShardedReads {
             return Ok(None);
         };
         let expected = range.end - range.start;
-        let where_ = || format!("{} bytes {range:?}", self.root.join(key.as_str()).display());
+        let where_ = || format!("{} bytes {range:?}", self.root.join(key.as_str()));
         let bytes = storage
             .get_partial(&key, ByteRange::new(range.clone()))
             .map_err(|e| storage_read_error(where_(), e))?;

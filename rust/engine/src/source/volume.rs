@@ -1,7 +1,6 @@
 //! One multiscale image (raw EM or one label class): every level opened with zarrs, the level
 //! choice for a requested voxel size, world boxes, and region reads through the chunk cache.
 
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -34,8 +33,8 @@ pub enum ValueMode {
 pub struct Level {
     /// Cache identity of this level.
     pub id: u64,
-    /// Path (or URL) of the level's array (for messages).
-    pub path: PathBuf,
+    /// Where the level's array is (for messages and the count cache).
+    pub path: Location,
     array: Array<dyn ReadableStorageTraits>,
     /// What the encoded chunks are checked for before decoding (decompression bombs).
     guard: DecodeGuard,
@@ -83,8 +82,8 @@ impl Level {
     pub(crate) fn decode_chunk(&self, index: [u64; 3]) -> Result<Chunk> {
         let mut full_index = vec![0u64; self.leading];
         full_index.extend_from_slice(&index);
-        let where_ = || format!("{} chunk {:?}", self.path.display(), index);
-        crate::io::faults::check(&self.path).map_err(|e| e.with_context(format!("chunk {index:?}")))?;
+        let where_ = || format!("{} chunk {:?}", self.path, index);
+        crate::io::faults::check(self.path.as_ref()).map_err(|e| e.with_context(format!("chunk {index:?}")))?;
         let (chunk_shape, encoded) = match &self.sharded {
             // An inner chunk: its byte range from the shard's index, then those bytes only.
             Some(sharded) => (
@@ -165,7 +164,7 @@ pub const MAX_CHUNK_BYTES: u64 = 256 << 20;
 pub const WHOLE_REMOTE_SHARD_BYTES: u64 = 16 << 20;
 
 /// Decoded bytes of one (outer) chunk of `array`.
-fn chunk_bytes(array: &Array<dyn ReadableStorageTraits>, path: &Path) -> Result<u64> {
+fn chunk_bytes(array: &Array<dyn ReadableStorageTraits>, path: &Location) -> Result<u64> {
     let shape = array
         .chunk_shape(&vec![0; array.dimensionality()])
         .map_err(|e| Error::metadata(path, e))?;
@@ -178,7 +177,14 @@ const SMALL_ARRAY_CHUNK_BYTES: u64 = 64 << 20;
 
 /// Rejects a level whose chunks could not be held in memory or whose world box, in its own
 /// voxels, is beyond what the sampling arithmetic represents (metadata written in error).
-fn check_level_geometry(path: &Path, shape: [u64; 3], chunk: [u64; 3], dtype: DType, voxel_size: [f64; 3], origin: [f64; 3]) -> Result<()> {
+fn check_level_geometry(
+    path: &Location,
+    shape: [u64; 3],
+    chunk: [u64; 3],
+    dtype: DType,
+    voxel_size: [f64; 3],
+    origin: [f64; 3],
+) -> Result<()> {
     let bytes_of = |extent: [u64; 3]| {
         extent
             .iter()
@@ -217,8 +223,8 @@ static NEXT_LEVEL_ID: AtomicU64 = AtomicU64::new(1);
 
 /// A multiscale image with all its levels open.
 pub struct Volume {
-    /// The image group path (or URL).
-    pub path: PathBuf,
+    /// The image group's location.
+    pub path: Location,
     /// Its parsed metadata.
     pub multiscale: Multiscale,
     /// Levels in metadata order (finest first in CellMap data).
@@ -237,7 +243,7 @@ impl std::fmt::Debug for Volume {
     }
 }
 
-fn data_type_of(array: &Array<dyn ReadableStorageTraits>, path: &Path) -> Result<DType> {
+fn data_type_of(array: &Array<dyn ReadableStorageTraits>, path: &Location) -> Result<DType> {
     let dt = array.data_type();
     DType::from_zarrs(dt).ok_or_else(|| {
         Error::metadata(
@@ -250,18 +256,18 @@ fn data_type_of(array: &Array<dyn ReadableStorageTraits>, path: &Path) -> Result
 impl Volume {
     /// Opens the image group at `path` and every level its multiscales metadata lists, reading
     /// translations in the process-wide [`CoordinateFrame`].
-    pub fn open(path: impl AsRef<Path>, cache: Arc<ChunkCache>) -> Result<Volume> {
-        Self::open_in_frame(path, cache, CoordinateFrame::current())
+    pub fn open(location: impl Into<Location>, cache: Arc<ChunkCache>) -> Result<Volume> {
+        Self::open_in_frame(location, cache, CoordinateFrame::current())
     }
 
     /// Like [`Volume::open`], reading translations in `frame`.
-    pub fn open_in_frame(path: impl AsRef<Path>, cache: Arc<ChunkCache>, frame: CoordinateFrame) -> Result<Volume> {
-        let store = Store::open(&Location::of_path(path.as_ref()))?;
+    pub fn open_in_frame(location: impl Into<Location>, cache: Arc<ChunkCache>, frame: CoordinateFrame) -> Result<Volume> {
+        let store = Store::open(&location.into())?;
         // A volume is named by its path, or by its URL (no trailing slash).
-        let path = store.location().display_path();
+        let path = store.location().clone();
         let remote = store.remote().cloned();
-        if remote.is_none() && !path.exists() {
-            return Err(Error::not_found(&path));
+        if let Some(local) = path.local().filter(|p| !p.exists()) {
+            return Err(Error::not_found(local));
         }
         let multiscale = read_multiscale(&store, "")?;
         let spatial: Vec<usize> = (0..multiscale.axes.len()).filter(|&i| multiscale.axes[i].is_spatial()).collect();
@@ -291,10 +297,10 @@ impl Volume {
             let missing = || {
                 Error::not_found_because(
                     &level_path,
-                    format!("listed as level '{}' in the multiscales metadata of {}", meta.path, path.display()),
+                    format!("listed as level '{}' in the multiscales metadata of {path}", meta.path),
                 )
             };
-            if remote.is_none() && !level_path.exists() {
+            if level_path.local().is_some_and(|p| !p.exists()) {
                 return Err(missing());
             }
             let key = format!("/{}", meta.path.trim_matches('/'));
@@ -919,6 +925,7 @@ fn copy_typed<T: ToF32, O: OutputElement>(
 mod tests {
     use super::*;
     use crate::test_fixtures::{assert_same, c_order, ImageSpec, TempDir};
+    use std::path::{Path, PathBuf};
 
     /// A pyramid of voxel sizes (8, 2, 2), (16, 4, 4), (32, 8, 8), (32, 16, 16) nm: the single z
     /// voxel of the third level is never halved again, so the levels are anisotropic.
