@@ -59,23 +59,31 @@ def default_configs(batches: int) -> list[Config]:
     ]
 
 
-def bench_data(directory: Path | None, size: str) -> Any:
-    """Generates the benchmark dataset once (deterministic, seed 0) and reuses it afterwards."""
+def _generated_once(root: Path, **options: Any) -> Any:
+    """Synthetic data (seed 0, ``options`` for :func:`make_synthetic_data`) generated at ``root``
+    once and reused afterwards (its description is pickled beside it)."""
     import pickle
 
     from .synthetic import make_synthetic_data
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cellmap-data" / f"bench-data-{size}"
-    root = Path(directory) if directory else cache
     description = root / "description.pickle"
     if description.exists():
         try:
             return pickle.loads(description.read_bytes())
         except Exception:  # an older layout: regenerate
             pass
-    data = make_synthetic_data(root, size=size, seed=0)
+    data = make_synthetic_data(root, seed=0, **options)
     description.write_bytes(pickle.dumps(data))
     return data
+
+
+def _cache_folder(name: str) -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cellmap-data" / name
+
+
+def bench_data(directory: Path | None, size: str) -> Any:
+    """Generates the benchmark dataset once (deterministic, seed 0) and reuses it afterwards."""
+    return _generated_once(Path(directory) if directory else _cache_folder(f"bench-data-{size}"), size=size)
 
 
 def build_datasets(data: Any, config: Config, location: Callable[[str], str] = str) -> list[Any]:
@@ -570,20 +578,8 @@ with DirectoryServer(root) as server, tempfile.TemporaryDirectory() as folder:
 def sharded_bench_data(chunks_per_shard: int = 4) -> Any:
     """The bench data (640³ raw, 64³ chunks) written as zarr v3 with shards of
     ``chunks_per_shard``³ chunks, generated once (deterministic) and reused."""
-    import pickle
-
-    from .synthetic import make_synthetic_data
-
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cellmap-data" / f"bench-data-sharded-{chunks_per_shard}"
-    description = root / "description.pickle"
-    if description.exists():
-        try:
-            return pickle.loads(description.read_bytes())
-        except Exception:  # an older layout: regenerate
-            pass
-    data = make_synthetic_data(root, size="bench", seed=0, zarr_format=3, sharded=True, chunks_per_shard=chunks_per_shard)
-    description.write_bytes(pickle.dumps(data))
-    return data
+    return _generated_once(_cache_folder(f"bench-data-sharded-{chunks_per_shard}"), size="bench", zarr_format=3,
+                           sharded=True, chunks_per_shard=chunks_per_shard)
 
 
 def bench_remote_sharded(other: Path | None, data: Any, repeat: int = 3, batches: int = 12, threads: int = 2,

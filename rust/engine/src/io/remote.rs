@@ -327,6 +327,29 @@ struct Prefetched {
     order: VecDeque<String>,
 }
 
+/// What one request needs, owned by the task that runs it.
+#[derive(Clone)]
+struct Request {
+    client: Arc<dyn ObjectStore>,
+    path: ObjectPath,
+    url: String,
+    limit: Arc<Semaphore>,
+    disk: Option<Arc<DiskCache>>,
+    retry: object_store::RetryConfig,
+}
+
+impl Request {
+    /// One GET (of a range, with `options`) within the process's request limit, retried as
+    /// [`get_whole`] retries.
+    async fn get(&self, options: GetOptions) -> object_store::Result<Bytes> {
+        let _permit = self.limit.clone().acquire_owned().await.map_err(|e| object_store::Error::Generic {
+            store: "HTTP",
+            source: Box::new(e),
+        })?;
+        get_whole(self.client.as_ref(), &self.path, options, &self.retry).await
+    }
+}
+
 /// A zarrs store over one remote location.
 pub struct RemoteStore {
     /// The location's URL (no trailing slash), for messages.
@@ -461,22 +484,29 @@ impl RemoteStore {
         self.block_on(self.fetch_future(key.to_string()))
     }
 
+    /// What a request for `key` needs, owned (requests run as tasks of their own).
+    fn request(&self, key: &str) -> Request {
+        Request {
+            client: self.client.clone(),
+            path: self.object_path(key),
+            url: self.key_url(key),
+            limit: self.state.in_flight.clone(),
+            disk: self.state.disk.clone(),
+            retry: retry_config(&self.state.options),
+        }
+    }
+
     /// A request for `key` through the disk cache, within the process's request limit.
     fn fetch_future(&self, key: String) -> impl Future<Output = Result<Option<Bytes>>> + Send + 'static {
-        let client = self.client.clone();
-        let path = self.object_path(&key);
-        let url = self.key_url(&key);
-        let limit = self.state.in_flight.clone();
-        let disk = self.state.disk.clone();
-        let retry = retry_config(&self.state.options);
+        let request = self.request(&key);
         async move {
-            if let Some(bytes) = disk.as_ref().and_then(|d| d.get(&url)) {
+            let disk = request.disk.clone();
+            if let Some(bytes) = disk.as_ref().and_then(|d| d.get(&request.url)) {
                 return Ok(Some(bytes));
             }
-            let _permit = limit.acquire_owned().await.map_err(|e| Error::invalid(format!("{url}: {e}")))?;
-            let fetched = absent_as_none(&url, get_whole(client.as_ref(), &path, GetOptions::default(), &retry).await)?;
+            let fetched = absent_as_none(&request.url, request.get(GetOptions::default()).await)?;
             if let (Some(d), Some(bytes)) = (&disk, &fetched) {
-                d.put(&url, bytes);
+                d.put(&request.url, bytes);
             }
             Ok(fetched)
         }
@@ -526,14 +556,10 @@ impl RemoteStore {
     /// gap of 0 asks for each on its own), each request within the process's request limit and
     /// retried like a whole read. `None` when the key is absent.
     fn ranges_future(&self, key: String, ranges: Vec<Range<u64>>) -> impl Future<Output = Result<Option<Vec<Bytes>>>> + Send + 'static {
-        let client = self.client.clone();
-        let path = self.object_path(&key);
-        let url = self.key_url(&key);
-        let limit = self.state.in_flight.clone();
-        let disk = self.state.disk.clone();
-        let retry = retry_config(&self.state.options);
+        let request = self.request(&key);
         let gap = self.state.options.range_gap;
         async move {
+            let (url, disk) = (request.url.clone(), request.disk.clone());
             let cached: Option<Vec<Bytes>> = disk
                 .as_ref()
                 .and_then(|d| ranges.iter().map(|r| d.get(&range_key(&url, r))).collect());
@@ -541,15 +567,8 @@ impl RemoteStore {
                 return Ok(Some(parts));
             }
             let fetch = |range: Range<u64>| {
-                let (client, path, limit, retry) = (client.clone(), path.clone(), limit.clone(), retry.clone());
-                async move {
-                    let _permit = limit.acquire_owned().await.map_err(|e| object_store::Error::Generic {
-                        store: "HTTP",
-                        source: Box::new(e),
-                    })?;
-                    let options = GetOptions::new().with_range(Some(GetRange::Bounded(range)));
-                    get_whole(client.as_ref(), &path, options, &retry).await
-                }
+                let request = request.clone();
+                async move { request.get(GetOptions::new().with_range(Some(GetRange::Bounded(range)))).await }
             };
             let fetched = if gap == 0 {
                 futures::future::try_join_all(ranges.iter().cloned().map(fetch)).await
