@@ -366,6 +366,20 @@ def test_disk_cache_serves_chunks_without_the_server(crop, http_server_factory, 
     assert server.count(pattern=r"/s0/\d+\.\d+\.\d+$") == 0
 
 
+def test_disk_cache_serves_shard_indexes_and_inner_chunks_without_the_server(sharded_crop, crop, http_server_factory, tmp_path):
+    server = http_server_factory(sharded_crop.parent)
+    configure_remote(disk_cache=tmp_path / "cache", disk_cache_bytes=1 << 30, retries=0, timeout=1)
+    local = dataset(str(crop / "raw"), str(crop / "crop"))
+    assert_same_samples(dataset(served(server, sharded_crop / "raw"), served(server, sharded_crop / "crop")), local)
+    # A new dataset (its shard indexes not yet read) in an emptied decoded cache, with every
+    # shard refused by the server: indexes and inner chunks come from the disk.
+    _engine.clear_cache()
+    server.add_fault(r"/c/\d+/\d+/\d+$", "status", status=500)
+    server.reset_log()
+    assert_same_samples(dataset(served(server, sharded_crop / "raw"), served(server, sharded_crop / "crop")), local)
+    assert server.count(pattern=r"/c/\d+/\d+/\d+$") == 0
+
+
 @pytest.mark.parametrize("variable, value", [("CELLMAP_REMOTE_TIMEOUT", "soon"), ("CELLMAP_REMOTE_IN_FLIGHT", "0"),
                                              ("CELLMAP_REMOTE_ANONYMOUS", "perhaps")])
 def test_a_bad_environment_value_is_an_error_naming_its_variable(variable, value):

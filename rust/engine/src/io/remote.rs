@@ -690,23 +690,27 @@ impl RemoteStore {
             .collect())
     }
 
+    /// One byte range of `key` that is not a bounded one (a shard index at the end of its shard,
+    /// or an open end), through the disk cache like every other read.
     fn get_range(&self, key: &StoreKey, range: ByteRange) -> Result<Option<Bytes>> {
-        let url = self.key_url(key.as_str());
-        let range = match range {
+        let (range, name) = match range {
             ByteRange::FromStart(0, None) => return self.read(key.as_str()),
-            ByteRange::FromStart(offset, None) => GetRange::Offset(offset),
-            ByteRange::FromStart(offset, Some(length)) => GetRange::Bounded(offset..offset + length),
-            ByteRange::Suffix(length) => GetRange::Suffix(length),
+            ByteRange::FromStart(offset, None) => (GetRange::Offset(offset), format!("{offset}-")),
+            ByteRange::FromStart(offset, Some(length)) => {
+                (GetRange::Bounded(offset..offset + length), format!("{offset}-{}", offset + length))
+            }
+            ByteRange::Suffix(length) => (GetRange::Suffix(length), format!("-{length}")),
         };
-        let options = GetOptions::new().with_range(Some(range));
-        let path = self.object_path(key.as_str());
-        let limit = self.state.in_flight.clone();
-        let retry = retry_config(&self.state.options);
-        let result = self.block_on(async {
-            let _permit = limit.acquire_owned().await.ok();
-            get_whole(self.client.as_ref(), &path, options, &retry).await
-        });
-        absent_as_none(&url, result)
+        let request = self.request(key.as_str());
+        let cached_as = format!("{}#bytes={name}", request.url);
+        if let Some(bytes) = request.disk.as_ref().and_then(|d| d.get(&cached_as)) {
+            return Ok(Some(bytes));
+        }
+        let fetched = absent_as_none(&request.url, self.block_on(request.get(GetOptions::new().with_range(Some(range)))))?;
+        if let (Some(d), Some(bytes)) = (&request.disk, &fetched) {
+            d.put(&cached_as, bytes);
+        }
+        Ok(fetched)
     }
 }
 
