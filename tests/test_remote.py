@@ -417,10 +417,11 @@ def test_predictions_written_to_s3_equal_a_local_write(crop, s3_server, monkeypa
         monkeypatch.setenv(key, value)
     configure_remote(endpoint_url="", anonymous="auto")
 
-    def write(target: str) -> None:
+    def write(target: str, **options) -> None:
         writer = CellMapDatasetWriter(str(crop / "raw"), target, ["mito", "er"],
                                       {"input": {"shape": (8, 8, 8), "scale": VOXEL}},
-                                      {"output": {"shape": (8, 8, 8), "scale": VOXEL}}, overlap=overlap, downsample_levels=1)
+                                      {"output": {"shape": (8, 8, 8), "scale": VOXEL}}, overlap=overlap, downsample_levels=1,
+                                      **options)
         with writer:
             for batch in writer.loader(batch_size=4):
                 x = batch["input"]
@@ -447,6 +448,15 @@ def test_predictions_written_to_s3_equal_a_local_write(crop, s3_server, monkeypa
 
     with pytest.raises(OutputExistsError, match=f"s3://{bucket}/out.zarr/pred/mito"):
         write(f"s3://{bucket}/out.zarr/pred")
+    # overwrite=True clears the old image first (one listing, deletes in bulk): a stale object
+    # under it is gone and the new image equals the local one.
+    s3_server.client().put_object(Bucket=bucket, Key="out.zarr/pred/mito/s0/stale", Body=b"old")
+    write(f"s3://{bucket}/out.zarr/pred", overwrite=True)
+    keys = s3_server.keys(bucket)
+    assert "out.zarr/pred/mito/s0/stale" not in keys and "out.zarr/pred/mito/.zattrs" in keys
+    image = CellMapImage(f"s3://{bucket}/out.zarr/pred/mito", "mito", VOXEL, (8, 8, 8))
+    local = CellMapImage(str(tmp_path / "local.zarr" / "pred" / "mito"), "mito", VOXEL, (8, 8, 8))
+    assert torch.equal(image[{"z": 50.0, "y": 30.0, "x": 70.0}], local[{"z": 50.0, "y": 30.0, "x": 70.0}])
 
 
 def test_datasplit_csv_rows_may_be_urls(tiny_data, http_server_factory, tmp_path):

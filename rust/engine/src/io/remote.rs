@@ -775,9 +775,21 @@ impl WritableStorageTraits for RemoteStore {
         self.delete(key.as_str()).map_err(|e| storage_error(&e))
     }
 
+    /// Deletes every key below `prefix`: one listing streamed into object_store's
+    /// `delete_stream` (bulk deletes where the store has them, e.g. 1000 keys per S3 request).
     fn erase_prefix(&self, prefix: &StorePrefix) -> std::result::Result<(), StorageError> {
-        for key in self.list_keys(prefix.as_str()).map_err(|e| storage_error(&e))? {
-            self.delete(&key).map_err(|e| storage_error(&e))?;
+        use futures::{StreamExt, TryStreamExt};
+        let url = self.key_url(prefix.as_str());
+        let listed = self
+            .client
+            .list(Some(&self.object_path(prefix.as_str())))
+            .map_ok(|m| m.location)
+            .boxed();
+        let deleted: Vec<object_store::Result<ObjectPath>> = self.block_on(self.client.delete_stream(listed).collect());
+        for result in deleted {
+            if let Err(e) = absent_as_none(&url, result) {
+                return Err(storage_error(&e));
+            }
         }
         Ok(())
     }
