@@ -622,8 +622,9 @@ def _stored_chunks(array: _Node, read_chunks: Sequence[int]) -> str:
     return _shape(layout.chunks[-3:]) if layout is not None else _shape(read_chunks)
 
 
-def _summary(node: _Node) -> tuple[str, str, str, str, str]:
-    """(levels, s0 shape, chunks, dtype, voxel size) of an image group, or an error note."""
+def _summary(node: _Node, first: _Node | None = None) -> tuple[str, str, str, str, str]:
+    """(levels, s0 shape, chunks, dtype, voxel size) of an image group, or an error note; the
+    chunks as stored when its described first level ``first`` is given."""
     from cellmap_data import _engine
     from cellmap_data.exceptions import CellMapError
 
@@ -634,7 +635,7 @@ def _summary(node: _Node) -> tuple[str, str, str, str, str]:
         s0 = volume.levels[0]
     except (CellMapError, OSError, ValueError, IndexError) as error:
         return ("error", _first_line(error), "", "", "")
-    chunks = _stored_chunks(_first_level(node), s0["chunks"])
+    chunks = _stored_chunks(first, s0["chunks"]) if first is not None else _shape(s0["chunks"])
     return (f"{len(volume.levels)} ({volume.ngff_version})", _shape(s0["shape"]), chunks,
             str(s0["dtype"]), triple_text(s0["voxel_size"], ","))
 
@@ -648,8 +649,9 @@ def _container_report(path: str, max_depth: int) -> list[str]:
     if images:
         rows = []
         for image in _progress(images, "reading image metadata", "group"):
-            levels, shape, chunks, dtype, voxel = _summary(image)
-            rows.append([rel(image.path), levels, shape, chunks, dtype, voxel, _array_codecs(_first_level(image))])
+            first = _first_level(image)
+            levels, shape, chunks, dtype, voxel = _summary(image, first)
+            rows.append([rel(image.path), levels, shape, chunks, dtype, voxel, _array_codecs(first)])
         lines.append("image groups:")
         lines.append(text_table(["path", "levels (ngff)", "s0 shape", "s0 chunks", "dtype", "s0 voxel size (nm)",
                              "codecs"], rows))

@@ -582,6 +582,17 @@ def sharded_bench_data(chunks_per_shard: int = 4) -> Any:
                            sharded=True, chunks_per_shard=chunks_per_shard)
 
 
+def _other_build_environment(other: Path | str) -> dict[str, str]:
+    """The environment that imports the build of cellmap_data installed in the folder ``other``
+    (``pip install --target OTHER WHEEL``) ahead of this one."""
+    other = Path(other).resolve()
+    if not (other / "cellmap_data").is_dir():
+        raise FileNotFoundError(f"{other}: no cellmap_data package installed there (pip install --target {other} WHEEL)")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(other), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
 def bench_remote_sharded(other: Path | None, data: Any, repeat: int = 3, batches: int = 12, threads: int = 2,
                          latency: float = 0.02) -> dict[str, Any]:
     """The loader (64³ input and targets at 8 nm, 4 classes, augmented, batches of 8) reading a
@@ -599,12 +610,7 @@ def bench_remote_sharded(other: Path | None, data: Any, repeat: int = 3, batches
     # (what a sharded read costs without coalescing: one request per inner chunk).
     builds: dict[str, dict[str, str]] = {"this": dict(os.environ), "this, range_gap=0": {**os.environ, "CELLMAP_REMOTE_RANGE_GAP": "0"}}
     if other is not None:
-        other = Path(other).resolve()
-        if not (other / "cellmap_data").is_dir():
-            raise FileNotFoundError(f"{other}: no cellmap_data package installed there (pip install --target {other} WHEEL)")
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(other), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        builds = {"other": env, **builds}
+        builds = {"other": _other_build_environment(other), **builds}
     args = [str(data.root), str(data.csv_path), str(batches), str(threads), str(latency), json.dumps(AUGMENT), json.dumps(BENCH_CLASSES)]
     runs: dict[str, list[dict[str, Any]]] = {which: [] for which in builds}
     for _ in range(repeat):
@@ -801,15 +807,11 @@ def compare_builds(other: Path, data: Any, repeat: int = 5, batches: int = 20, t
     import sys
 
     other = Path(other).resolve()
-    if not (other / "cellmap_data").is_dir():
-        raise FileNotFoundError(f"{other}: no cellmap_data package installed there (pip install --target {other} WHEEL)")
+    environments = {"other": _other_build_environment(other), "this": dict(os.environ)}
     args = [str(data.csv_path), str(batches), str(threads), json.dumps(AUGMENT), json.dumps(classes or BENCH_CLASSES)]
     runs: dict[str, list[dict[str, Any]]] = {"other": [], "this": []}
     for _ in range(repeat):
-        for which in ("other", "this"):
-            env = dict(os.environ)
-            if which == "other":
-                env["PYTHONPATH"] = os.pathsep.join([str(other), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        for which, env in environments.items():
             done = subprocess.run([sys.executable, "-c", _BUILD_WORKLOAD, *args], env=env, capture_output=True,
                                   text=True, check=False, cwd=str(other.parent))
             if done.returncode != 0:

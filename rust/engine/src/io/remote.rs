@@ -308,7 +308,16 @@ type Fetched = std::result::Result<MaybeBytes, Arc<Error>>;
 
 /// The name a byte range of `key` is prefetched and disk-cached under.
 fn range_key(key: &str, range: &Range<u64>) -> String {
-    format!("{key}#bytes={}-{}", range.start, range.end)
+    open_range_key(key, &GetRange::Bounded(range.clone()))
+}
+
+/// [`range_key`] for any range, open or suffix ones included.
+fn open_range_key(key: &str, range: &GetRange) -> String {
+    match range {
+        GetRange::Bounded(r) => format!("{key}#bytes={}-{}", r.start, r.end),
+        GetRange::Offset(offset) => format!("{key}#bytes={offset}-"),
+        GetRange::Suffix(length) => format!("{key}#bytes=-{length}"),
+    }
 }
 
 /// A range with both ends known (the form inner chunks of a shard are asked for in).
@@ -693,16 +702,14 @@ impl RemoteStore {
     /// One byte range of `key` that is not a bounded one (a shard index at the end of its shard,
     /// or an open end), through the disk cache like every other read.
     fn get_range(&self, key: &StoreKey, range: ByteRange) -> Result<Option<Bytes>> {
-        let (range, name) = match range {
+        let range = match range {
             ByteRange::FromStart(0, None) => return self.read(key.as_str()),
-            ByteRange::FromStart(offset, None) => (GetRange::Offset(offset), format!("{offset}-")),
-            ByteRange::FromStart(offset, Some(length)) => {
-                (GetRange::Bounded(offset..offset + length), format!("{offset}-{}", offset + length))
-            }
-            ByteRange::Suffix(length) => (GetRange::Suffix(length), format!("-{length}")),
+            ByteRange::FromStart(offset, None) => GetRange::Offset(offset),
+            ByteRange::FromStart(offset, Some(length)) => GetRange::Bounded(offset..offset + length),
+            ByteRange::Suffix(length) => GetRange::Suffix(length),
         };
         let request = self.request(key.as_str());
-        let cached_as = format!("{}#bytes={name}", request.url);
+        let cached_as = open_range_key(&request.url, &range);
         if let Some(bytes) = request.disk.as_ref().and_then(|d| d.get(&cached_as)) {
             return Ok(Some(bytes));
         }

@@ -163,13 +163,13 @@ pub const MAX_CHUNK_BYTES: u64 = 256 << 20;
 /// (one request, no index request); larger shards by inner chunk.
 pub const WHOLE_REMOTE_SHARD_BYTES: u64 = 16 << 20;
 
-/// Decoded bytes of one (outer) chunk of `array`.
-fn chunk_bytes(array: &Array<dyn ReadableStorageTraits>, path: &Location) -> Result<u64> {
-    let shape = array
-        .chunk_shape(&vec![0; array.dimensionality()])
-        .map_err(|e| Error::metadata(path, e))?;
-    let size = DType::from_zarrs(array.data_type()).map_or(8, |d| d.size() as u64);
-    Ok(shape.iter().fold(size, |n, s| n.saturating_mul(s.get())))
+/// Decoded bytes of a block of `extent` voxels of `dtype` (saturating: a block beyond any
+/// memory is `u64::MAX`).
+fn decoded_bytes(extent: &[u64], dtype: DType) -> u64 {
+    extent
+        .iter()
+        .try_fold(dtype.size() as u64, |n, &c| n.checked_mul(c))
+        .unwrap_or(u64::MAX)
 }
 
 /// Largest decoded chunk of an array smaller than that: 64 MiB.
@@ -185,16 +185,10 @@ fn check_level_geometry(
     voxel_size: [f64; 3],
     origin: [f64; 3],
 ) -> Result<()> {
-    let bytes_of = |extent: [u64; 3]| {
-        extent
-            .iter()
-            .try_fold(dtype.size() as u64, |n, &c| n.checked_mul(c))
-            .unwrap_or(u64::MAX)
-    };
-    let chunk_bytes = bytes_of(chunk);
+    let chunk_bytes = decoded_bytes(&chunk, dtype);
     // A chunk far larger than its whole array is bad metadata, and would still be allocated
     // whole (an absent chunk is a full chunk of the fill value).
-    let array_bytes = bytes_of(shape);
+    let array_bytes = decoded_bytes(&shape, dtype);
     let limit = MAX_CHUNK_BYTES.min(array_bytes.max(SMALL_ARRAY_CHUNK_BYTES));
     if chunk_bytes > limit {
         return Err(Error::metadata(
@@ -332,32 +326,35 @@ impl Volume {
             }
             // A sharded level is read by inner chunk, except a remote one whose shards are small:
             // one request for a whole shard then costs about what the index request alone would.
-            let whole_shards = remote.is_some() && chunk_bytes(&array, &level_path)? <= WHOLE_REMOTE_SHARD_BYTES;
+            let dtype = data_type_of(&array, &level_path)?;
+            let outer: Vec<u64> = array
+                .chunk_shape(&vec![0; full_shape.len()])
+                .map_err(|e| Error::metadata(&level_path, e))?
+                .iter()
+                .map(|c| c.get())
+                .collect();
+            let whole_shards = remote.is_some() && decoded_bytes(&outer, dtype) <= WHOLE_REMOTE_SHARD_BYTES;
             let sharded = if whole_shards {
                 None
             } else {
                 ShardedReads::of(&array, &path, &level_path)?
             };
-            let chunk0 = match &sharded {
-                Some(reads) => reads.inner_shape.clone(),
-                None => array
-                    .chunk_shape(&vec![0; full_shape.len()])
-                    .map_err(|e| Error::metadata(&level_path, e))?
-                    .to_vec(),
+            let chunk0: Vec<u64> = match &sharded {
+                Some(reads) => reads.inner_shape.iter().map(|c| c.get()).collect(),
+                None => outer,
             };
-            let dtype = data_type_of(&array, &level_path)?;
             let s = |v: &[f64]| [v[leading], v[leading + 1], v[leading + 2]];
             let voxel_size = s(&meta.scale);
             let origin = s(&meta.translation);
             let spatial_shape = [full_shape[leading], full_shape[leading + 1], full_shape[leading + 2]];
-            let spatial_chunk = [chunk0[leading].get(), chunk0[leading + 1].get(), chunk0[leading + 2].get()];
+            let spatial_chunk = [chunk0[leading], chunk0[leading + 1], chunk0[leading + 2]];
             check_level_geometry(&level_path, spatial_shape, spatial_chunk, dtype, voxel_size, origin)?;
             levels.push(Level {
                 id: NEXT_LEVEL_ID.fetch_add(1, Ordering::Relaxed),
                 path: level_path,
                 leading,
-                shape: [full_shape[leading], full_shape[leading + 1], full_shape[leading + 2]],
-                chunk_shape: [chunk0[leading].get(), chunk0[leading + 1].get(), chunk0[leading + 2].get()],
+                shape: spatial_shape,
+                chunk_shape: spatial_chunk,
                 voxel_size,
                 translation: std::array::from_fn(|k| origin[k] + frame.centre_offset(voxel_size[k])),
                 origin,
